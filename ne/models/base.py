@@ -1,0 +1,79 @@
+"""The one interface every back end implements: a model with MLP layers.
+
+`h` is the pre-MLP embedding: exactly the input of the MLP's first linear map (after its LayerNorm, with
+the LayerNorm's weight and bias folded into `W_in`/`b_in` where the back end can fold them), so that
+`act == act_fn(h @ W_in + b_in)` holds for every back end.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+@dataclass
+class LayerOutput:
+    h: Float[Tensor, "batch pos d_model"]
+    """Pre-MLP embedding: the input of W_in."""
+    act: Float[Tensor, "batch pos d_mlp"]
+    """Neuron activations: act_fn(h @ W_in + b_in)."""
+
+
+class MLPModel(ABC):
+    """A model with MLP layers, seen only through what neuron embeddings need."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    n_ctx_max: int
+    """Longest context the model accepts."""
+    act_fn: Callable[[Tensor], Tensor]
+    """The MLP's activation function, applied to the pre-activation h @ W_in + b_in."""
+    bos_token_id: int | None
+    """Token prepended to every context, or None when the model uses none."""
+    pad_token_id: int
+    """Token used to pad short contexts; padded positions are never key tokens."""
+    device: torch.device
+
+    @abstractmethod
+    def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+        """Input weights of layer `layer`; column j is neuron j's w_j."""
+
+    @abstractmethod
+    def b_in(self, layer: int) -> Float[Tensor, "d_mlp"]:
+        """Input biases of layer `layer`."""
+
+    @abstractmethod
+    def run(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"],
+        layers: list[int],
+    ) -> dict[int, LayerOutput]:
+        """Forward pass that returns h and activations for `layers` only, stopping after the last one."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS or any special token."""
+
+    @abstractmethod
+    def decode_tokens(self, ids: list[int]) -> list[str]:
+        """One display string per token id (for the viewer and the CLI)."""
+
+    def check_layers(self, layers: list[int] | None) -> list[int]:
+        from ne.errors import ConfigError
+
+        if layers is None:
+            return list(range(self.n_layers))
+        for layer in layers:
+            if not 0 <= layer < self.n_layers:
+                raise ConfigError(
+                    f"harvest.layers has layer {layer}, but {self.name} has layers 0..{self.n_layers - 1}"
+                )
+        return sorted(set(layers))

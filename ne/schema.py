@@ -1,0 +1,69 @@
+"""Paths and Arrow schemas of the run directory: the one language all stages speak.
+
+```
+RUN/
+  manifest.json                      config as run, versions, per-stage status and row counts
+  contexts/part-NNNNN.parquet        ctx_id, doc_id, tokens (BOS first where the model uses one; no padding)
+  maxima.parquet                     layer, neuron, max_act
+  examples/layer=L/part-NNNNN.parquet  one row per (neuron, example), sorted by neuron then rank
+  h/layer=L/part-NNNNN.parquet       one row per (ctx_id, pos) used by any example of layer L
+  clusters/layer=L/part-NNNNN.parquet  one row per (neuron, example): its cluster
+  dendrograms/layer=L/part-NNNNN.parquet  one row per neuron: the scipy linkage matrix, flattened
+  metrics.parquet                    one row per neuron: polysemy metrics
+  index/                             faiss.index, ids.parquet
+  report/                            report.md and PNG plots
+```
+`h_id = ctx_id * n_ctx + pos` is global and deterministic, so shards never need to agree on ids.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+CONTEXTS_DIR = "contexts"
+MAXIMA = "maxima.parquet"
+EXAMPLES_DIR = "examples"
+H_DIR = "h"
+CLUSTERS_DIR = "clusters"
+DENDROGRAMS_DIR = "dendrograms"
+METRICS = "metrics.parquet"
+INDEX_DIR = "index"
+REPORT_DIR = "report"
+
+
+def part_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def layer_dir(kind: str, layer: int) -> str:
+    return f"{kind}/layer={layer}"
+
+
+def h_id(ctx_id, pos, n_ctx: int):
+    return ctx_id * n_ctx + pos
+
+
+CONTEXTS = pa.schema([("ctx_id", pa.int64()), ("doc_id", pa.int64()), ("tokens", pa.list_(pa.int32()))])
+
+MAXIMA_SCHEMA = pa.schema([("layer", pa.int16()), ("neuron", pa.int32()), ("max_act", pa.float32())])
+
+EXAMPLES = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("rank", pa.int16()),  # 0..k-1, in corpus order
+        ("ctx_id", pa.int64()),
+        ("pos", pa.int16()),  # the key token: where the neuron peaks in the context
+        ("act", pa.float32()),  # the peak activation
+        ("window_start", pa.int16()),  # position of window[0]
+        ("window", pa.list_(pa.float32())),  # activations from window_start to pos + window_after
+        ("h_id", pa.int64()),
+    ]
+)
+
+
+def h_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [("h_id", pa.int64()), ("ctx_id", pa.int64()), ("pos", pa.int16()), ("h", pa.list_(value, d_model))]
+    )
