@@ -67,3 +67,42 @@ def h_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
     return pa.schema(
         [("h_id", pa.int64()), ("ctx_id", pa.int64()), ("pos", pa.int16()), ("h", pa.list_(value, d_model))]
     )
+
+CLUSTERS = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("rank", pa.int16()),  # the example's rank in examples/
+        ("cluster", pa.int32()),  # 0 is the largest cluster
+        ("is_central", pa.bool_()),  # the member with the highest mean cosine similarity to the others
+        ("outlier", pa.bool_()),  # its cluster is smaller than cluster.min_cluster_size
+    ]
+)
+
+DENDROGRAMS = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("linkage", pa.list_(pa.float64())),  # scipy linkage matrix [(n-1), 4], row-major
+        ("threshold", pa.float32()),
+    ]
+)
+
+_METRIC_NAMES = ["n_clusters", "max_dist", "mean_dist", "intra_dist", "inter_dist", "silhouette"]
+METRICS_SCHEMA = pa.schema(
+    [("layer", pa.int16()), ("neuron", pa.int32()), ("n_examples", pa.int32())]
+    + [(name, pa.int32() if name == "n_clusters" else pa.float32()) for name in _METRIC_NAMES]
+    + [(f"raw_{name}", pa.int32() if name == "n_clusters" else pa.float32()) for name in _METRIC_NAMES]
+)
+
+INDEX_IDS = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("rank", pa.int16()),
+        ("ctx_id", pa.int64()),
+        ("pos", pa.int16()),
+    ]
+)
