@@ -101,7 +101,8 @@ class HarvestConfig:
     batch_size: int = 8
     """Contexts per forward pass."""
     num_workers: int = 1
-    """Ray actors, each with one model replica (and one GPU when `use_gpu`)."""
+    """Ray actors, each with one model replica (and one GPU when `use_gpu`). 0 runs in this process,
+    without Ray, for debugging and memory measurements."""
     use_gpu: bool = False
     """Give each actor one GPU. Needs a Ray cluster with GPUs."""
     h_dtype: str = "float32"
@@ -114,7 +115,7 @@ class HarvestConfig:
         _at_least("harvest.window_before", self.window_before, 0)
         _at_least("harvest.window_after", self.window_after, 0)
         _at_least("harvest.batch_size", self.batch_size, 1)
-        _at_least("harvest.num_workers", self.num_workers, 1)
+        _at_least("harvest.num_workers", self.num_workers, 0)
         _choice("harvest.h_dtype", self.h_dtype, ("float32", "float16"))
 
 
@@ -153,6 +154,29 @@ class IndexConfig:
 
 
 @dataclass
+class ViewerConfig:
+    mask_token: int | None = None
+    """Token id that replaces one token at a time for token importance. None: the tokenizer's pad token,
+    or its EOS token when it has no pad token; never an arbitrary id, which would be a real word."""
+    window_before: int = 20
+    """Tokens shown before the key token of each example."""
+    window_after: int = 5
+    """Tokens shown after the key token, for context (they do not affect a causal model's activation)."""
+    host: str = "127.0.0.1"
+    """Address `ne view` binds to; 127.0.0.1 keeps the viewer private to this machine."""
+    port: int = 8501
+    """Port `ne view` listens on."""
+
+    def __post_init__(self):
+        if self.mask_token is not None:
+            _at_least("viewer.mask_token", self.mask_token, 0, "a token id, or null for the pad/EOS token")
+        _at_least("viewer.window_before", self.window_before, 0)
+        _at_least("viewer.window_after", self.window_after, 0)
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"viewer.port is {self.port}; choose a port in 1..65535, for example 8501")
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/demo"
     """Where outputs go: a local path or any fsspec URL (`s3://bucket/run`, `gs://bucket/run`)."""
@@ -163,6 +187,7 @@ class RunConfig:
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    viewer: ViewerConfig = field(default_factory=ViewerConfig)
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

@@ -45,7 +45,7 @@ class RunDir:
         names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False)]
         return sorted(n for n in names if n.endswith(suffix) and ".tmp-" not in n)
 
-    def _atomic_write(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data: bytes) -> None:
         final = self.path(rel)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
@@ -56,7 +56,7 @@ class RunDir:
     def write_parquet(self, rel: str, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        self._atomic_write(rel, buf.getvalue())
+        self.write_bytes(rel, buf.getvalue())
 
     def read_parquet(self, rel: str, columns: list[str] | None = None, filters=None) -> pa.Table:
         path = self.path(rel)
@@ -68,7 +68,7 @@ class RunDir:
             return pq.read_table(f, columns=columns, filters=filters)
 
     def write_json(self, rel: str, obj: Any) -> None:
-        self._atomic_write(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
     def read_json(self, rel: str) -> Any:
         with self.fs.open(self.path(rel), "rb") as f:
@@ -87,7 +87,7 @@ class RunDir:
         try:
             return self.read_json(MANIFEST)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{self.path(MANIFEST)} is corrupt ({exc}); remove it to start the run afresh")
+            raise DataError(f"{self.path(MANIFEST)} is corrupt ({exc}); remove it to start the run afresh") from None
 
     def stage(self, name: str) -> dict | None:
         return self.manifest()["stages"].get(name)

@@ -8,8 +8,8 @@ the LayerNorm's weight and bias folded into `W_in`/`b_in` where the back end can
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -46,7 +46,7 @@ class MLPModel(ABC):
         """Input weights of layer `layer`; column j is neuron j's w_j."""
 
     @abstractmethod
-    def b_in(self, layer: int) -> Float[Tensor, "d_mlp"]:
+    def b_in(self, layer: int) -> Float[Tensor, " d_mlp"]:
         """Input biases of layer `layer`."""
 
     @abstractmethod

@@ -1,0 +1,296 @@
+"""The harvest job: Ray actors, one model replica each, process the corpus part by part.
+
+Stages, each recorded in the manifest and skipped when finished:
+  contexts  the corpus tokenised into `contexts/part-*.parquet` (the parts are the shards)
+  weights   W_in and b_in of every harvested layer, so later stages never load the model
+  maxima    pass 1: each neuron's exact maximum (or the table given as harvest.maxima_file)
+  examples  pass 2: per neuron the first k contexts reaching frac × max, with h and activation windows
+Workers write one file set per part under `_work/` and a `.done` marker last; an interrupted job reruns only
+the parts without a marker, and the merge keeps the first k per neuron, so nothing is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import safetensors.torch
+import torch
+from ne.data import write_contexts
+from tqdm.auto import tqdm
+
+from jobs.ray_utils import cpus_per_worker, init_ray
+from ne import harvest, schema
+from ne.config import HarvestConfig, ModelConfig, RunConfig, to_dict
+from ne.errors import ConfigError, DataError
+from ne.models import load_model
+from ne.store import RunDir, fingerprint
+
+log = logging.getLogger(__name__)
+
+WORK = "_work"
+H_ROWS_PER_PART = 65_536
+
+
+def weights_path(layer: int) -> str:
+    return f"weights/layer={layer}.safetensors"
+
+
+class PartProcessor:
+    """One model replica; reads a contexts part from the run directory and writes its results there."""
+
+    def __init__(self, model_cfg: ModelConfig, run_url: str, threads: int):
+        torch.set_num_threads(threads)
+        self.model = load_model(model_cfg)
+        self.run = RunDir(run_url)
+
+    def _contexts(self, part: str) -> list[harvest.Context]:
+        table = self.run.read_parquet(f"{schema.CONTEXTS_DIR}/{part}", columns=["ctx_id", "tokens"])
+        return list(zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist()))
+
+    def maxima(self, part: str, layers: list[int], batch_size: int) -> int:
+        contexts = self._contexts(part)
+        maxima = harvest.shard_maxima(self.model, contexts, layers, batch_size)
+        self.run.write_parquet(f"{WORK}/maxima/{part}", maxima_table(maxima))
+        return sum(len(t) for _, t in contexts)
+
+    def examples(self, part: str, thresholds: dict, hcfg: HarvestConfig, n_ctx: int) -> int:
+        contexts = self._contexts(part)
+        window = (hcfg.window_before, hcfg.window_after)
+        results = harvest.shard_examples(
+            self.model, contexts, thresholds, hcfg.k, window, n_ctx, hcfg.batch_size, hcfg.h_dtype
+        )
+        for layer, (examples, h) in results.items():
+            self.run.write_parquet(f"{WORK}/examples/layer={layer}/{part}", examples)
+            self.run.write_parquet(f"{WORK}/h/layer={layer}/{part}", h)
+        self.run.write_json(f"{WORK}/examples/{part}.done", {"contexts": len(contexts)})
+        return sum(len(t) for _, t in contexts)
+
+
+HarvestWorker = ray.remote(PartProcessor)
+
+
+def maxima_table(maxima: dict[int, torch.Tensor]) -> pa.Table:
+    layers = sorted(maxima)
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.concatenate([np.full(len(maxima[i]), i, np.int16) for i in layers])),
+            pa.array(np.concatenate([np.arange(len(maxima[i]), dtype=np.int32) for i in layers])),
+            pa.array(np.concatenate([maxima[i].numpy().astype(np.float32) for i in layers])),
+        ],
+        schema=schema.MAXIMA_SCHEMA,
+    )
+
+
+@dataclass
+class HarvestSummary:
+    run_dir: str
+    n_contexts: int
+    layers: list[int]
+    neurons: int
+    """Neurons per layer."""
+    with_examples: dict[int, int] = field(default_factory=dict)
+    examples: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        total_with = sum(self.with_examples.values())
+        total_examples = sum(self.examples.values())
+        lines = [
+            f"harvest done in {self.seconds:.1f} s: {self.n_contexts} contexts, layers {self.layers}",
+            f"outputs: {self.run_dir}/ (manifest.json, maxima.parquet, examples/, h/, contexts/)",
+            f"neurons with examples: {total_with} of {self.neurons * len(self.layers)}; "
+            f"examples per such neuron: {total_examples / max(total_with, 1):.1f} on average",
+        ]
+        for layer in self.layers:
+            n = self.with_examples.get(layer, 0)
+            lines.append(
+                f"  layer {layer}: {n}/{self.neurons} neurons, {self.examples.get(layer, 0)} examples"
+            )
+        return "\n".join(lines)
+
+
+def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary:
+    """Run (or resume) the harvest stages of `cfg` into cfg.run_dir and summarise the result."""
+    start = time.perf_counter()
+    run = RunDir(cfg.run_dir)
+    model = load_model(cfg.model)
+    layers = model.check_layers(cfg.harvest.layers)
+    if cfg.data.n_ctx > model.n_ctx_max:
+        raise ConfigError(f"data.n_ctx is {cfg.data.n_ctx} but {model.name} takes at most {model.n_ctx_max} tokens")
+    for stage in force:
+        _forget(run, stage)
+    run.record("config", to_dict(cfg))
+    run.record("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
+                         "d_mlp": model.d_mlp, "bos_token_id": model.bos_token_id,
+                         "pad_token_id": model.pad_token_id})
+
+    n_contexts = write_contexts(run, cfg.data, model)
+    parts = run.ls(schema.CONTEXTS_DIR, suffix=".parquet")
+    _write_weights(run, model, layers, fingerprint(to_dict(cfg.model), layers))
+
+    maxima_fp = fingerprint(to_dict(cfg.model), to_dict(cfg.data), layers, cfg.harvest.maxima_file)
+    if not run.is_done("maxima", maxima_fp):
+        if cfg.harvest.maxima_file:
+            table = read_maxima_file(cfg.harvest.maxima_file, layers, model.d_mlp)
+        else:
+            _map_parts(cfg, run, "maxima", parts, layers, cfg.harvest.batch_size)
+            table = merge_maxima(run, parts)
+        run.write_parquet(schema.MAXIMA, table)
+        run.mark("maxima", "done", maxima_fp, rows=table.num_rows)
+        run.remove(WORK, "maxima")
+
+    examples_fp = fingerprint(maxima_fp, to_dict(cfg.harvest))
+    summary = HarvestSummary(run.url, n_contexts, layers, model.d_mlp)
+    if not run.is_done("examples", examples_fp):
+        maxima = run.read_parquet(schema.MAXIMA).to_pandas()
+        thresholds = {
+            layer: harvest.thresholds_from_maxima(
+                torch.as_tensor(maxima[maxima.layer == layer].sort_values("neuron").max_act.to_numpy()),
+                cfg.harvest.frac,
+            )
+            for layer in layers
+        }
+        done = {p.removesuffix(".done") for p in run.ls(WORK, "examples", suffix=".done")}
+        todo = [p for p in parts if p not in done]
+        _map_parts(cfg, run, "examples", todo, thresholds, cfg.harvest, cfg.data.n_ctx)
+        rows = {}
+        for layer in layers:
+            rows[layer] = _merge_layer(run, layer, parts, cfg.harvest.k, model.d_mlp)
+        run.mark("examples", "done", examples_fp, rows=sum(rows.values()))
+        run.remove(WORK)
+    for layer in layers:
+        neurons = run.read_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}", columns=["neuron"])
+        summary.examples[layer] = neurons.num_rows
+        summary.with_examples[layer] = len(pc.unique(neurons.column("neuron")))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _forget(run: RunDir, stage: str) -> None:
+    outputs = {"contexts": [schema.CONTEXTS_DIR], "weights": ["weights"], "maxima": [schema.MAXIMA],
+               "examples": [schema.EXAMPLES_DIR, schema.H_DIR, WORK]}
+    if stage not in outputs:
+        return
+    run.mark(stage, "forced", "")
+    for rel in outputs[stage]:
+        run.remove(rel)
+
+
+def _write_weights(run: RunDir, model, layers: list[int], fp: str) -> None:
+    if run.is_done("weights", fp):
+        return
+    for layer in layers:
+        tensors = {"W_in": model.W_in(layer).float().cpu().contiguous(),
+                   "b_in": model.b_in(layer).float().cpu().contiguous()}
+        run.write_bytes(weights_path(layer), safetensors.torch.save(tensors))
+    run.mark("weights", "done", fp, layers=layers)
+
+
+def _map_parts(cfg: RunConfig, run: RunDir, method: str, parts: list[str], *args) -> None:
+    """Run `HarvestWorker.<method>(part, *args)` over parts on a pool of actors, with a progress bar."""
+    if not parts:
+        return
+    if cfg.harvest.num_workers == 0:
+        processor = PartProcessor(cfg.model, run.url, torch.get_num_threads())
+        for part in tqdm(parts, unit="part", desc=f"harvest {method} (in process)"):
+            getattr(processor, method)(part, *args)
+        return
+    init_ray()
+    n_workers = min(cfg.harvest.num_workers, len(parts))
+    threads = 1 if cfg.harvest.use_gpu else cpus_per_worker(n_workers)
+    resources = {"num_gpus": 1, "num_cpus": 1} if cfg.harvest.use_gpu else {"num_cpus": threads}
+    workers = [
+        HarvestWorker.options(max_restarts=2, max_task_retries=2, **resources).remote(cfg.model, run.url, threads)
+        for _ in range(n_workers)
+    ]
+    shared = [ray.put(a) for a in args]
+    queue, running = list(parts), {}
+    bar = tqdm(total=len(parts), unit="part", desc=f"harvest {method}")
+    tokens, started = 0, time.perf_counter()
+    try:
+        for worker in workers:
+            if queue:
+                running[getattr(worker, method).remote(queue.pop(0), *shared)] = worker
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            worker = running.pop(ref)
+            tokens += ray.get(ref)
+            bar.update(1)
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tok/s")
+            if queue:
+                running[getattr(worker, method).remote(queue.pop(0), *shared)] = worker
+    finally:
+        bar.close()
+        for worker in workers:
+            ray.kill(worker)
+
+
+def merge_maxima(run: RunDir, parts: list[str]) -> pa.Table:
+    merged: dict[tuple, np.ndarray] = {}
+    for part in parts:
+        table = run.read_parquet(f"{WORK}/maxima/{part}").to_pandas()
+        for layer, group in table.groupby("layer"):
+            values = group.sort_values("neuron").max_act.to_numpy()
+            merged[layer] = values if layer not in merged else np.maximum(merged[layer], values)
+    return maxima_table({layer: torch.as_tensor(v) for layer, v in merged.items()})
+
+
+def read_maxima_file(path: str, layers: list[int], d_mlp: int) -> pa.Table:
+    need = "a Parquet file with columns layer, neuron, max_act"
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.isfile(fs_path):
+        raise DataError(f"harvest.maxima_file {path!r} does not exist; give {need}")
+    with fs.open(fs_path, "rb") as f:
+        table = pq.read_table(f)
+    missing = {"layer", "neuron", "max_act"} - set(table.column_names)
+    if missing:
+        raise DataError(f"harvest.maxima_file {path!r} lacks columns {sorted(missing)}; give {need}")
+    df = table.to_pandas()
+    out = {}
+    for layer in layers:
+        rows = df[df.layer == layer].drop_duplicates("neuron").sort_values("neuron")
+        if len(rows) != d_mlp or not np.array_equal(rows.neuron.to_numpy(), np.arange(d_mlp)):
+            raise DataError(
+                f"harvest.maxima_file {path!r} has {len(rows)} neurons for layer {layer}; it needs all {d_mlp}"
+            )
+        out[layer] = torch.as_tensor(rows.max_act.to_numpy(np.float32))
+    return maxima_table(out)
+
+
+def _merge_layer(run: RunDir, layer: int, parts: list[str], k: int, d_mlp: int) -> int:
+    """Stream the parts in corpus order, keeping the first k examples per neuron and their h rows once.
+
+    Memory holds at most k rows per neuron plus one part, however long the corpus.
+    """
+    ex_dir, h_dir = f"{WORK}/examples/layer={layer}", f"{WORK}/h/layer={layer}"
+    counts = np.zeros(d_mlp, dtype=np.int64)
+    kept_examples, kept_h = [], []
+    for part in parts:
+        examples = harvest.merge_examples(run.read_parquet(f"{ex_dir}/{part}"), k)
+        neurons = examples.column("neuron").to_numpy()
+        rank = examples.column("rank").to_numpy() + counts[neurons]
+        keep = rank < k
+        examples = examples.set_column(
+            examples.schema.get_field_index("rank"), "rank", pa.array(rank.astype(np.int16))
+        ).filter(pa.array(keep))
+        np.add.at(counts, examples.column("neuron").to_numpy(), 1)
+        kept_examples.append(examples)
+        kept_h.append(harvest.select_h(run.read_parquet(f"{h_dir}/{part}"), examples))
+    examples = harvest.sort_examples(harvest.concat_or_empty(kept_examples, schema.EXAMPLES))
+    h = pa.concat_tables(kept_h).sort_by("h_id")
+    out_ex = schema.layer_dir(schema.EXAMPLES_DIR, layer)
+    out_h = schema.layer_dir(schema.H_DIR, layer)
+    run.remove(out_ex)
+    run.remove(out_h)
+    run.write_parquet(f"{out_ex}/{schema.part_name(0)}", examples)
+    for i, start in enumerate(range(0, max(h.num_rows, 1), H_ROWS_PER_PART)):
+        run.write_parquet(f"{out_h}/{schema.part_name(i)}", h.slice(start, H_ROWS_PER_PART))
+    return examples.num_rows

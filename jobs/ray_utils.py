@@ -1,0 +1,31 @@
+"""Starting Ray the same way on a laptop and on a cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start a local one.
+
+    `NE_RAY_NUM_CPUS` caps a local cluster's CPUs (tests use it to stay small).
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+    if not os.environ.get("RAY_ADDRESS") and os.environ.get("NE_RAY_NUM_CPUS"):
+        kwargs["num_cpus"] = int(os.environ["NE_RAY_NUM_CPUS"])
+    ray.init(**kwargs)
+    log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def cpus_per_worker(num_workers: int) -> int:
+    """Split the cluster's CPUs between CPU workers, so torch gets that many threads in each."""
+    total = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, total // max(1, num_workers))
