@@ -23,13 +23,13 @@ import pyarrow.parquet as pq
 import ray
 import safetensors.torch
 import torch
-from ne.data import write_contexts
 from tqdm.auto import tqdm
 
-from jobs.ray_utils import cpus_per_worker, init_ray
+from jobs.ray_utils import cpu_workers, init_ray
 from ne import harvest, schema
 from ne.config import HarvestConfig, ModelConfig, RunConfig, to_dict
-from ne.errors import ConfigError, DataError
+from ne.data import context_parts, read_contexts, write_contexts
+from ne.errors import DataError
 from ne.models import load_model
 from ne.store import RunDir, fingerprint
 
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 WORK = "_work"
 H_ROWS_PER_PART = 65_536
+EXECUTION_ONLY = ("num_workers", "use_gpu", "batch_size")
+"""Harvest settings that change how the work runs, never its result."""
 
 
 def weights_path(layer: int) -> str:
@@ -51,26 +53,22 @@ class PartProcessor:
         self.model = load_model(model_cfg)
         self.run = RunDir(run_url)
 
-    def _contexts(self, part: str) -> list[harvest.Context]:
-        table = self.run.read_parquet(f"{schema.CONTEXTS_DIR}/{part}", columns=["ctx_id", "tokens"])
-        return list(zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist()))
-
-    def maxima(self, part: str, layers: list[int], batch_size: int) -> int:
-        contexts = self._contexts(part)
+    def maxima(self, part: int, layers: list[int], batch_size: int) -> int:
+        contexts = read_contexts(self.run, part)
         maxima = harvest.shard_maxima(self.model, contexts, layers, batch_size)
-        self.run.write_parquet(f"{WORK}/maxima/{part}", maxima_table(maxima))
+        self.run.write_parquet(f"{WORK}/maxima/{schema.part_name(part)}", maxima_table(maxima))
         return sum(len(t) for _, t in contexts)
 
-    def examples(self, part: str, thresholds: dict, hcfg: HarvestConfig, n_ctx: int) -> int:
-        contexts = self._contexts(part)
+    def examples(self, part: int, thresholds: dict, hcfg: HarvestConfig, n_ctx: int) -> int:
+        contexts = read_contexts(self.run, part)
         window = (hcfg.window_before, hcfg.window_after)
         results = harvest.shard_examples(
             self.model, contexts, thresholds, hcfg.k, window, n_ctx, hcfg.batch_size, hcfg.h_dtype
         )
         for layer, (examples, h) in results.items():
-            self.run.write_parquet(f"{WORK}/examples/layer={layer}/{part}", examples)
-            self.run.write_parquet(f"{WORK}/h/layer={layer}/{part}", h)
-        self.run.write_json(f"{WORK}/examples/{part}.done", {"contexts": len(contexts)})
+            self.run.write_parquet(f"{WORK}/examples/layer={layer}/{schema.part_name(part)}", examples)
+            self.run.write_parquet(f"{WORK}/h/layer={layer}/{schema.part_name(part)}", h)
+        self.run.write_json(f"{WORK}/examples/{schema.part_name(part)}.done", {"contexts": len(contexts)})
         return sum(len(t) for _, t in contexts)
 
 
@@ -123,8 +121,6 @@ def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary
     run = RunDir(cfg.run_dir)
     model = load_model(cfg.model)
     layers = model.check_layers(cfg.harvest.layers)
-    if cfg.data.n_ctx > model.n_ctx_max:
-        raise ConfigError(f"data.n_ctx is {cfg.data.n_ctx} but {model.name} takes at most {model.n_ctx_max} tokens")
     for stage in force:
         _forget(run, stage)
     run.record("config", to_dict(cfg))
@@ -133,45 +129,65 @@ def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary
                          "pad_token_id": model.pad_token_id})
 
     n_contexts = write_contexts(run, cfg.data, model)
-    parts = run.ls(schema.CONTEXTS_DIR, suffix=".parquet")
+    parts = context_parts(run)
     _write_weights(run, model, layers, fingerprint(to_dict(cfg.model), layers))
 
     maxima_fp = fingerprint(to_dict(cfg.model), to_dict(cfg.data), layers, cfg.harvest.maxima_file)
-    if not run.is_done("maxima", maxima_fp):
-        if cfg.harvest.maxima_file:
-            table = read_maxima_file(cfg.harvest.maxima_file, layers, model.d_mlp)
-        else:
-            _map_parts(cfg, run, "maxima", parts, layers, cfg.harvest.batch_size)
-            table = merge_maxima(run, parts)
-        run.write_parquet(schema.MAXIMA, table)
-        run.mark("maxima", "done", maxima_fp, rows=table.num_rows)
-        run.remove(WORK, "maxima")
-
-    examples_fp = fingerprint(maxima_fp, to_dict(cfg.harvest))
+    outputs = {k: v for k, v in to_dict(cfg.harvest).items() if k not in EXECUTION_ONLY}
+    examples_fp = fingerprint(maxima_fp, outputs)
+    pool = WorkerPool(cfg, run)
+    try:
+        if _begin(run, "maxima", maxima_fp):
+            _maxima_stage(run, cfg, pool, parts, layers, model.d_mlp, maxima_fp)
+        if _begin(run, "examples", examples_fp):
+            _examples_stage(run, cfg, pool, parts, layers, model.d_mlp, examples_fp)
+    finally:
+        pool.close()
     summary = HarvestSummary(run.url, n_contexts, layers, model.d_mlp)
-    if not run.is_done("examples", examples_fp):
-        maxima = run.read_parquet(schema.MAXIMA).to_pandas()
-        thresholds = {
-            layer: harvest.thresholds_from_maxima(
-                torch.as_tensor(maxima[maxima.layer == layer].sort_values("neuron").max_act.to_numpy()),
-                cfg.harvest.frac,
-            )
-            for layer in layers
-        }
-        done = {p.removesuffix(".done") for p in run.ls(WORK, "examples", suffix=".done")}
-        todo = [p for p in parts if p not in done]
-        _map_parts(cfg, run, "examples", todo, thresholds, cfg.harvest, cfg.data.n_ctx)
-        rows = {}
-        for layer in layers:
-            rows[layer] = _merge_layer(run, layer, parts, cfg.harvest.k, model.d_mlp)
-        run.mark("examples", "done", examples_fp, rows=sum(rows.values()))
-        run.remove(WORK)
     for layer in layers:
         neurons = run.read_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}", columns=["neuron"])
         summary.examples[layer] = neurons.num_rows
         summary.with_examples[layer] = len(pc.unique(neurons.column("neuron")))
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _begin(run: RunDir, stage: str, fp: str) -> bool:
+    """True when `stage` must run; clears half-done work of other settings so it is never resumed."""
+    if run.is_done(stage, fp):
+        return False
+    entry = run.stage(stage)
+    if entry and entry.get("fingerprint") != fp:
+        run.remove(WORK, stage)
+    run.mark(stage, "running", fp)
+    return True
+
+
+def _maxima_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, fp: str) -> None:
+    if cfg.harvest.maxima_file:
+        table = read_maxima_file(cfg.harvest.maxima_file, layers, d_mlp)
+    else:
+        pool.map("maxima", parts, layers, cfg.harvest.batch_size)
+        table = merge_maxima(run, parts)
+    run.write_parquet(schema.MAXIMA, table)
+    run.mark("maxima", "done", fp, rows=table.num_rows)
+    run.remove(WORK, "maxima")
+
+
+def _examples_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, fp: str) -> None:
+    maxima = run.read_parquet(schema.MAXIMA).to_pandas()
+    thresholds = {
+        layer: harvest.thresholds_from_maxima(
+            torch.tensor(maxima[maxima.layer == layer].sort_values("neuron").max_act.to_numpy()), cfg.harvest.frac
+        )
+        for layer in layers
+    }
+    done = set(run.ls(WORK, "examples", suffix=".done"))
+    todo = [p for p in parts if f"{schema.part_name(p)}.done" not in done]
+    pool.map("examples", todo, thresholds, cfg.harvest, cfg.data.n_ctx)
+    rows = sum(_merge_layer(run, layer, parts, cfg.harvest.k, d_mlp) for layer in layers)
+    run.mark("examples", "done", fp, rows=rows)
+    run.remove(WORK)
 
 
 def _forget(run: RunDir, stage: str) -> None:
@@ -194,29 +210,50 @@ def _write_weights(run: RunDir, model, layers: list[int], fp: str) -> None:
     run.mark("weights", "done", fp, layers=layers)
 
 
-def _map_parts(cfg: RunConfig, run: RunDir, method: str, parts: list[str], *args) -> None:
-    """Run `HarvestWorker.<method>(part, *args)` over parts on a pool of actors, with a progress bar."""
-    if not parts:
-        return
-    if cfg.harvest.num_workers == 0:
-        processor = PartProcessor(cfg.model, run.url, torch.get_num_threads())
-        for part in tqdm(parts, unit="part", desc=f"harvest {method} (in process)"):
-            getattr(processor, method)(part, *args)
-        return
-    init_ray()
-    n_workers = min(cfg.harvest.num_workers, len(parts))
-    threads = 1 if cfg.harvest.use_gpu else cpus_per_worker(n_workers)
-    resources = {"num_gpus": 1, "num_cpus": 1} if cfg.harvest.use_gpu else {"num_cpus": threads}
-    workers = [
-        HarvestWorker.options(max_restarts=2, max_task_retries=2, **resources).remote(cfg.model, run.url, threads)
-        for _ in range(n_workers)
-    ]
-    shared = [ray.put(a) for a in args]
-    queue, running = list(parts), {}
-    bar = tqdm(total=len(parts), unit="part", desc=f"harvest {method}")
-    tokens, started = 0, time.perf_counter()
-    try:
-        for worker in workers:
+class WorkerPool:
+    """Harvest workers, started on first use and kept for both passes: each loads the model once."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir):
+        self.cfg, self.run = cfg, run
+        self.workers: list = []
+        self.local: PartProcessor | None = None
+
+    def map(self, method: str, parts: list[int], *args) -> None:
+        """Run `<method>(part, *args)` over parts, in process or on the actors, with a progress bar."""
+        if not parts:
+            return
+        bar = tqdm(total=len(parts), unit="part", desc=f"harvest {method}")
+        try:
+            if self.cfg.harvest.num_workers == 0:
+                self._map_local(method, parts, args, bar)
+            else:
+                self._map_ray(method, parts, args, bar)
+        finally:
+            bar.close()
+
+    def _map_local(self, method, parts, args, bar) -> None:
+        if self.local is None:
+            self.local = PartProcessor(self.cfg.model, self.run.url, torch.get_num_threads())
+        for part in parts:
+            getattr(self.local, method)(part, *args)
+            bar.update(1)
+
+    def _map_ray(self, method, parts, args, bar) -> None:
+        if not self.workers:
+            init_ray()
+            hcfg = self.cfg.harvest
+            n, threads = (min(hcfg.num_workers, len(parts)), 1)
+            if not hcfg.use_gpu:
+                n, threads = cpu_workers(n)
+            resources = {"num_gpus": 1, "num_cpus": 1} if hcfg.use_gpu else {"num_cpus": threads}
+            options = dict(max_restarts=2, max_task_retries=2, **resources)
+            self.workers = [
+                HarvestWorker.options(**options).remote(self.cfg.model, self.run.url, threads) for _ in range(n)
+            ]
+        shared = [ray.put(a) for a in args]
+        queue, running = list(parts), {}
+        tokens, started = 0, time.perf_counter()
+        for worker in self.workers:
             if queue:
                 running[getattr(worker, method).remote(queue.pop(0), *shared)] = worker
         while running:
@@ -227,16 +264,17 @@ def _map_parts(cfg: RunConfig, run: RunDir, method: str, parts: list[str], *args
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tok/s")
             if queue:
                 running[getattr(worker, method).remote(queue.pop(0), *shared)] = worker
-    finally:
-        bar.close()
-        for worker in workers:
+
+    def close(self) -> None:
+        for worker in self.workers:
             ray.kill(worker)
+        self.workers = []
 
 
-def merge_maxima(run: RunDir, parts: list[str]) -> pa.Table:
+def merge_maxima(run: RunDir, parts: list[int]) -> pa.Table:
     merged: dict[tuple, np.ndarray] = {}
     for part in parts:
-        table = run.read_parquet(f"{WORK}/maxima/{part}").to_pandas()
+        table = run.read_parquet(f"{WORK}/maxima/{schema.part_name(part)}").to_pandas()
         for layer, group in table.groupby("layer"):
             values = group.sort_values("neuron").max_act.to_numpy()
             merged[layer] = values if layer not in merged else np.maximum(merged[layer], values)
@@ -265,7 +303,7 @@ def read_maxima_file(path: str, layers: list[int], d_mlp: int) -> pa.Table:
     return maxima_table(out)
 
 
-def _merge_layer(run: RunDir, layer: int, parts: list[str], k: int, d_mlp: int) -> int:
+def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) -> int:
     """Stream the parts in corpus order, keeping the first k examples per neuron and their h rows once.
 
     Memory holds at most k rows per neuron plus one part, however long the corpus.
@@ -274,7 +312,7 @@ def _merge_layer(run: RunDir, layer: int, parts: list[str], k: int, d_mlp: int) 
     counts = np.zeros(d_mlp, dtype=np.int64)
     kept_examples, kept_h = [], []
     for part in parts:
-        examples = harvest.merge_examples(run.read_parquet(f"{ex_dir}/{part}"), k)
+        examples = harvest.merge_examples(run.read_parquet(f"{ex_dir}/{schema.part_name(part)}"), k)
         neurons = examples.column("neuron").to_numpy()
         rank = examples.column("rank").to_numpy() + counts[neurons]
         keep = rank < k
@@ -283,7 +321,7 @@ def _merge_layer(run: RunDir, layer: int, parts: list[str], k: int, d_mlp: int) 
         ).filter(pa.array(keep))
         np.add.at(counts, examples.column("neuron").to_numpy(), 1)
         kept_examples.append(examples)
-        kept_h.append(harvest.select_h(run.read_parquet(f"{h_dir}/{part}"), examples))
+        kept_h.append(harvest.select_h(run.read_parquet(f"{h_dir}/{schema.part_name(part)}"), examples))
     examples = harvest.sort_examples(harvest.concat_or_empty(kept_examples, schema.EXAMPLES))
     h = pa.concat_tables(kept_h).sort_by("h_id")
     out_ex = schema.layer_dir(schema.EXAMPLES_DIR, layer)

@@ -25,7 +25,18 @@ def init_ray() -> None:
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
+def cpu_workers(num_workers: int) -> tuple[int, int]:
+    """(workers, CPUs each): the cluster's CPUs split between CPU workers, so torch gets that many threads.
+
+    More workers than CPUs could never all be scheduled, so their number is capped at the CPUs.
+    """
+    total = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = min(num_workers, total)
+    if workers < num_workers:
+        log.warning("%d workers asked for but the cluster has %d CPUs; using %d", num_workers, total, workers)
+    return workers, total // workers
+
+
 def cpus_per_worker(num_workers: int) -> int:
-    """Split the cluster's CPUs between CPU workers, so torch gets that many threads in each."""
-    total = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, total // max(1, num_workers))
+    """CPUs (torch threads) for each of `num_workers` CPU workers."""
+    return cpu_workers(num_workers)[1]

@@ -18,6 +18,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ne import schema
+from ne.data import pad_batch
 from ne.models.base import MLPModel
 
 Context = tuple[int, Sequence[int]]
@@ -28,12 +29,7 @@ def batches(contexts: Sequence[Context], batch_size: int, pad_id: int) -> Iterat
     """Yield (ctx_ids [b], tokens [b, p], attention_mask [b, p]) with right padding."""
     for start in range(0, len(contexts), batch_size):
         chunk = contexts[start : start + batch_size]
-        width = max(len(t) for _, t in chunk)
-        tokens = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (_, toks) in enumerate(chunk):
-            tokens[row, : len(toks)] = torch.as_tensor(np.asarray(toks), dtype=torch.long)
-            mask[row, : len(toks)] = 1
+        tokens, mask = pad_batch([t for _, t in chunk], pad_id)
         yield torch.tensor([c for c, _ in chunk], dtype=torch.long), tokens, mask
 
 

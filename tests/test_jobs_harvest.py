@@ -5,6 +5,7 @@ import pydoc_data.topics
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,9 +40,10 @@ def corpus(tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ray")
+def local_ray():
+    tmp = tempfile.mkdtemp(prefix="ray")
     os.environ["RAY_TMPDIR"] = str(tmp)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp))
     yield
     ray.shutdown()
@@ -154,7 +156,7 @@ def test_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_cfg
     cfg.data.contexts_per_part = 2
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))
-    ray_tmp = tmp_path / "raykill"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray"))  # Ray's socket paths must stay short
     env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), NE_RAY_NUM_CPUS="1", RAY_AUTH_MODE="disabled")
     cmd = [sys.executable, "-m", "ne.cli", "harvest", "--config", str(config)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
@@ -169,7 +171,7 @@ def test_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_cfg
 
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    env_ref = dict(env, RAY_TMPDIR=str(tmp_path / "rayref"))
+    env_ref = dict(env, RAY_TMPDIR=tempfile.mkdtemp(prefix="ray"), NE_RAY_NUM_CPUS="2")
     ref_cfg = tmp_path / "ref.yaml"
     ref_cfg.write_text(yaml.safe_dump(to_dict(reference)))
     subprocess.run([*cmd[:-1], str(ref_cfg)], cwd=REPO, env=env_ref, check=True, timeout=300,

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny GPT-2-shaped model with random weights, and the shared data directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ne.config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_ARCH = {
+    "n_layers": 2, "d_model": 64, "d_mlp": 256, "n_heads": 4, "d_head": 16, "n_ctx": 128,
+    "d_vocab": 50257, "act_fn": "gelu_new", "normalization_type": "LN",
+}
+"""GPT-2's architecture, shrunk; the vocabulary stays GPT-2's so real text tokenises."""
+
+
+def gpt2_state_dict(arch: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random TransformerLens GPT-2 state dict, written from the format's definition (not from TL).
+
+    LayerNorm weights and all biases are random too, so that folding them into W_in is really tested.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d, m, heads, dh = arch["d_model"], arch["d_mlp"], arch["n_heads"], arch["d_head"]
+
+    def rand(*shape, mean=0.0, std=0.1):
+        return mean + std * torch.randn(*shape, generator=g)
+
+    state = {"embed.W_E": rand(arch["d_vocab"], d), "pos_embed.W_pos": rand(arch["n_ctx"], d)}
+    for i in range(arch["n_layers"]):
+        b = f"blocks.{i}."
+        for ln in ("ln1", "ln2"):
+            state[b + ln + ".w"], state[b + ln + ".b"] = rand(d, mean=1.0), rand(d)
+        for w in "QKV":
+            state[b + f"attn.W_{w}"], state[b + f"attn.b_{w}"] = rand(heads, d, dh, std=0.2), rand(heads, dh)
+        state[b + "attn.W_O"], state[b + "attn.b_O"] = rand(heads, dh, d, std=0.2), rand(d)
+        state[b + "mlp.W_in"], state[b + "mlp.b_in"] = rand(d, m, std=0.2), rand(m)
+        state[b + "mlp.W_out"], state[b + "mlp.b_out"] = rand(m, d, std=0.1), rand(d)
+    state["ln_final.w"], state["ln_final.b"] = rand(d, mean=1.0), rand(d)
+    state["unembed.W_U"], state["unembed.b_U"] = rand(d, arch["d_vocab"]), rand(arch["d_vocab"])
+    return state
+
+
+def write_tiny_model(folder: Path, arch: dict = TINY_ARCH, seed: int = 0) -> ModelConfig:
+    """Save a random GPT-2-shaped model as safetensors in `folder`; return its config."""
+    weights = Path(folder) / "tiny-gpt2.safetensors"
+    save_file(gpt2_state_dict(arch, seed), str(weights))
+    return ModelConfig(
+        backend="safetensors", name="tiny-gpt2", weights=str(weights), architecture=dict(arch),
+        tokenizer="gpt2", device="cpu", dtype="float32",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg(tmp_path_factory) -> ModelConfig:
+    """A 2-layer GPT-2-shaped model (d_model 64, d_mlp 256, n_ctx 128, GPT-2 tokenizer), random and seeded."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def shared_data_dir() -> Path:
+    """NE_DATA_DIR, else <repo>/../shared/data."""
+    return Path(os.environ.get("NE_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+def require_shared(sub: str) -> Path:
+    """The shared data folder `sub`, or skip the test saying how to provide it."""
+    path = shared_data_dir() / sub
+    if not path.exists():
+        pytest.skip(f"shared data {path} is absent; set NE_DATA_DIR to the folder holding {sub!r}")
+    return path
