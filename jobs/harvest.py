@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 WORK = "_work"
 H_ROWS_PER_PART = 65_536
+NEURONS_PER_ROW_GROUP = 64
 EXECUTION_ONLY = ("num_workers", "use_gpu", "batch_size")
 """Harvest settings that change how the work runs, never its result."""
 
@@ -328,7 +329,7 @@ def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) 
     out_h = schema.layer_dir(schema.H_DIR, layer)
     run.remove(out_ex)
     run.remove(out_h)
-    run.write_parquet(f"{out_ex}/{schema.part_name(0)}", examples)
+    run.write_parquet(f"{out_ex}/{schema.part_name(0)}", examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
     for i, start in enumerate(range(0, max(h.num_rows, 1), H_ROWS_PER_PART)):
         run.write_parquet(f"{out_h}/{schema.part_name(i)}", h.slice(start, H_ROWS_PER_PART))
     return examples.num_rows

@@ -35,6 +35,171 @@ def cmd_harvest(args) -> None:
     print(summary.describe())
 
 
+def cmd_view(args) -> None:
+    import subprocess
+
+    from ne.viewer import launch_command
+
+    cmd = launch_command(args.run_dir, host=args.host, port=args.port)
+    print(f"ne view: serving {args.run_dir} at http://{cmd[cmd.index('--server.address') + 1]}:"
+          f"{cmd[cmd.index('--server.port') + 1]} (Ctrl-C stops it)")
+    try:
+        subprocess.run(cmd, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_cluster(args) -> None:
+    from jobs.cluster import run_cluster
+
+    print(run_cluster(_load(args), force=args.force).describe())
+
+
+def cmd_index(args) -> None:
+    from index.build import run_index
+
+    print(run_index(_load(args), force=args.force).describe())
+
+
+def cmd_importance(args) -> None:
+    from jobs.importance import run_importance
+
+    print(run_importance(_load(args), layers=args.layer, neurons=args.neuron, force=args.force).describe())
+
+
+def cmd_similar(args) -> None:
+    from index.query import SimilarFeatures
+    from ne.store import RunDir
+
+    run = RunDir(args.run_dir)
+    index = SimilarFeatures.load(run)
+    hits = index.query(args.layer, args.neuron, args.cluster, args.k, exclude_same_neuron=not args.include_self)
+    own = index.ids.iloc[index.row_of(args.layer, args.neuron, args.cluster)]
+    texts = _central_texts(run, [own] + hits)
+    print(f"query: layer {args.layer}, neuron {args.neuron}, cluster {args.cluster}: {texts.pop(0)}")
+    print(f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'similarity':>10}  central example (key token in [[ ]])")
+    for hit, text in zip(hits, texts):
+        print(f"{hit.layer:>5} {hit.neuron:>6} {hit.cluster:>7} {hit.similarity:>10.4f}  {text}")
+
+
+def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
+    """The text around each hit's key token, decoded with the run's model tokenizer (token ids without one)."""
+    import pyarrow.compute as pc
+
+    from ne import schema
+    from ne.config import ModelConfig, from_dict
+    from ne.models import load_model
+
+    if not hits:
+        return []
+    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
+                             filters=pc.field("ctx_id").isin([h.ctx_id for h in hits]))
+    tokens = dict(zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist()))
+    try:
+        model_cfg = from_dict(ModelConfig, {**run.manifest()["config"]["model"], "device": "cpu"}, "model")
+        decode = load_model(model_cfg).decode_tokens
+    except Exception as exc:  # the model is only needed for display: fall back to token ids
+        logging.getLogger(__name__).warning("cannot load the run's model to decode tokens (%s); showing ids", exc)
+        decode = lambda ids: [f"<{i}>" for i in ids]  # noqa: E731
+    out = []
+    for h in hits:
+        toks = tokens.get(h.ctx_id, [])
+        lo, hi = max(0, h.pos - before), min(len(toks), h.pos + after + 1)
+        pieces = decode(toks[lo:hi]) if toks else []
+        key = h.pos - lo
+        if key < len(pieces):
+            pieces[key] = pieces[key].replace(pieces[key].lstrip(" #"), "[[" + pieces[key].lstrip(" #") + "]]", 1)
+        out.append(_join_tokens(pieces).replace("\n", "⏎"))
+    return out
+
+
+def _join_tokens(pieces: list[str]) -> str:
+    """Byte-level BPE pieces carry their spaces; WordPiece ones (no piece starts with a space) do not:
+    they are joined with spaces, gluing `##` continuations."""
+    if any(p[:1].isspace() for p in pieces):
+        return "".join(pieces)
+    text = ""
+    for p in pieces:
+        text += p[2:] if p.startswith("##") else (" " + p if text else p)
+    return text
+
+
+def cmd_run(args) -> None:
+    """Harvest, clusters and index in one go; then the most polysemantic neurons and one example query."""
+    from index.build import run_index
+    from index.query import SimilarFeatures
+    from jobs.cluster import run_cluster
+    from jobs.harvest import run_harvest
+    from ne.summary import most_polysemantic, example_query
+
+    cfg = _load(args)
+    print(run_harvest(cfg, force=args.force).describe())
+    print(run_cluster(cfg, force=args.force).describe())
+    print(run_index(cfg, force=args.force).describe())
+    print(most_polysemantic(cfg.run_dir, n=10))
+    print(example_query(SimilarFeatures.load(cfg.run_dir), k=5))
+    print(f"browse it: ne view {cfg.run_dir}")
+
+
+def _mnist_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/mnist-sae.yaml", help="MNIST experiment config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set sae.ne_coeff=3 --set trainer.num_workers=2")
+
+
+def _load_mnist(args):
+    from ne.config import load_config
+    from ne.mnist_config import MnistRunConfig
+
+    return load_config(args.config, args.overrides, cls=MnistRunConfig)
+
+
+def cmd_train(args) -> None:
+    """The MNIST MLP and both SAEs on Ray Train, then Tables 2 and 3."""
+    from jobs.train import run_train
+    from ne.sae_eval import to_markdown
+
+    summary = run_train(_load_mnist(args), force=args.force)
+    print(summary.describe())
+    if summary.metrics:
+        print(to_markdown({k: vars(m) for k, m in summary.metrics.items()}))
+
+
+def cmd_sae_eval(args) -> None:
+    """Tables 2 and 3 for a directory of weights in the authors' layout (default: the run's mnist/)."""
+    from jobs.train import load_splits, url
+    from ne.sae_eval import evaluate_dir, with_paper, write_tables
+    from ne.store import RunDir
+
+    cfg = _load_mnist(args)
+    weights = args.weights or url(RunDir(cfg.run_dir), "mnist")
+    out = args.out or (f"{cfg.run_dir.rstrip('/')}/sae-eval" if args.weights else weights)
+    metrics = evaluate_dir(weights, *load_splits(cfg), cfg.eval)
+    rows = {k: vars(m) for k, m in metrics.items()}
+    print(write_tables(RunDir(out), with_paper(rows) if args.paper else rows))
+    print(f"written: {out}/sae_eval.md and .csv")
+
+
+def cmd_figure(args) -> None:
+    """Figure 5 PNGs for MLP or SAE neurons."""
+    from jobs.train import load_splits, url
+    from ne.figures import figure5
+    from ne.mnist import MLP
+    from ne.sae import SAE
+    from ne.store import RunDir
+
+    cfg = _load_mnist(args)
+    weights = (args.weights or url(RunDir(cfg.run_dir), "mnist")).rstrip("/")
+    mlp = MLP.load(f"{weights}/mlp.safetensors")
+    sae = None if args.model == "mlp" else SAE.load(f"{weights}/{args.model}.safetensors", mlp.hidden_size)
+    _, test = load_splits(cfg)
+    out = RunDir(args.out or f"{cfg.run_dir.rstrip('/')}/mnist/figures")
+    for neuron in args.neuron:
+        name = f"{args.model}_{neuron}.png"
+        out.write_bytes(name, figure5(mlp, sae, neuron, test, max_examples=cfg.eval.max_examples))
+        print(f"written: {out.url.rstrip('/')}/{name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ne", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -43,6 +208,60 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("harvest", help="find every neuron's dataset examples (passes 1 and 2)")
     _config_args(p)
     p.set_defaults(func=cmd_harvest)
+
+    p = sub.add_parser("cluster", help="feature clusters, polysemy metrics and the run report")
+    _config_args(p)
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("index", help="the FAISS index of similar features across neurons")
+    _config_args(p)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("importance", help="precompute token importance of every example for the viewer")
+    _config_args(p)
+    p.add_argument("--layer", type=int, action="append", help="only this layer (repeatable); default all")
+    p.add_argument("--neuron", type=int, action="append", help="only this neuron (repeatable); default all")
+    p.set_defaults(func=cmd_importance)
+
+    p = sub.add_parser("similar", help="feature clusters of other neurons most similar to one cluster")
+    p.add_argument("run_dir", help="run directory (local path or fsspec URL)")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--neuron", type=int, required=True)
+    p.add_argument("--cluster", type=int, default=0, help="cluster of the neuron (0 is its largest)")
+    p.add_argument("-k", type=int, default=20, help="how many similar features to print")
+    p.add_argument("--include-self", action="store_true", help="keep the query neuron's own clusters")
+    p.set_defaults(func=cmd_similar)
+
+    p = sub.add_parser("run", help="harvest, cluster and index in one go (the demo)")
+    _config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="MNIST: train the MLP and the SAEs with and without the NE loss (Ray Train)")
+    _mnist_args(p)
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo a finished stage: mnist_mlp, mnist_sae_standard, mnist_sae_ne_loss, mnist_eval")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sae-eval", help="MNIST: the paper's Tables 2 and 3 for a directory of SAE weights")
+    _mnist_args(p)
+    p.add_argument("--weights", help="directory with mlp.safetensors and sae_*.safetensors; default RUN/mnist")
+    p.add_argument("--out", help="where sae_eval.md/.csv go; default the weights' run directory")
+    p.add_argument("--paper", action="store_true", help="add the paper's rows to the table")
+    p.set_defaults(func=cmd_sae_eval)
+
+    p = sub.add_parser("figure", help="MNIST: Figure 5 (activation and importance maps, feature clusters)")
+    _mnist_args(p)
+    p.add_argument("--weights", help="directory with mlp.safetensors and sae_*.safetensors; default RUN/mnist")
+    p.add_argument("--model", default="sae_ne_loss", help="mlp, sae_standard or sae_ne_loss")
+    p.add_argument("--neuron", type=int, action="append", required=True, help="neuron index (repeatable)")
+    p.add_argument("--out", help="output directory; default RUN/mnist/figures")
+    p.set_defaults(func=cmd_figure)
+
+    p = sub.add_parser("view", help="browse neurons, feature clusters and similar features in a browser")
+    p.add_argument("run_dir", help="run directory (local path or fsspec URL)")
+    p.add_argument("--host", default=None, help="address to bind; default the run's viewer.host, 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="port; default the run's viewer.port, 8501")
+    p.set_defaults(func=cmd_view)
     return parser
 
 

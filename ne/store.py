@@ -53,9 +53,10 @@ class RunDir:
             f.write(data)
         self.fs.mv(tmp, final)
 
-    def write_parquet(self, rel: str, table: pa.Table) -> None:
+    def write_parquet(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> None:
+        """Write atomically; small row groups let readers skip to one neuron's rows via statistics."""
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
         self.write_bytes(rel, buf.getvalue())
 
     def read_parquet(self, rel: str, columns: list[str] | None = None, filters=None) -> pa.Table:

@@ -40,6 +40,8 @@ class MLPModel(ABC):
     pad_token_id: int
     """Token used to pad short contexts; padded positions are never key tokens."""
     device: torch.device
+    is_causal: bool
+    """True when a token sees only earlier tokens, so whatever follows a key token cannot change it."""
 
     @abstractmethod
     def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:

@@ -65,6 +65,7 @@ class HFModel(MLPModel):
         eos = tokenizer.eos_token_id
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
         self.bos_token_id = tokenizer.cls_token_id if is_encoder else bos
+        self.is_causal = not is_encoder
         self.pad_token_id = next(i for i in (tokenizer.pad_token_id, eos, 0) if i is not None)
         self.device = next(model.parameters()).device
 

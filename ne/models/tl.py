@@ -56,6 +56,7 @@ class TLModel(MLPModel):
         self.bos_token_id = bos if cfg.default_prepend_bos else None
         self.pad_token_id = next(i for i in (tokenizer.pad_token_id, eos, 0) if i is not None)
         self.device = next(model.parameters()).device
+        self.is_causal = cfg.attention_dir == "causal"
 
     def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
         return self.model.blocks[layer].mlp.W_in.detach()

@@ -31,7 +31,11 @@ def load_tokenizer(spec: str | None) -> PreTrainedTokenizerBase:
 
 
 def decode_each(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
-    """One display string per token id."""
+    """One display string per token id, spaced as in the text: WordPiece marks word pieces with `##`
+    (joined without a space) where byte-level BPE carries its spaces inside the tokens."""
+    pieces = tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+    if any(p.startswith("##") for p in pieces if p) or getattr(tokenizer, "do_lower_case", False):
+        return [p[2:] if p.startswith("##") else " " + p for p in pieces]
     return tokenizer.batch_decode([[int(i)] for i in ids])
 
 

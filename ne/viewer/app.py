@@ -1,0 +1,395 @@
+"""The Streamlit app. Started by `ne view RUN_DIR`, i.e. `streamlit run ne/viewer/app.py -- RUN_DIR`.
+
+Pages: one neuron (metrics, dendrogram, one tab per feature cluster, similar features), a table of neurons
+sorted by a polysemy metric, and MNIST models. Only the selected cluster tab is computed. Every problem
+with the run directory is shown as a message in the page, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import streamlit as st
+
+from ne.config import ModelConfig, from_dict
+from ne.errors import NeError
+from ne.viewer import render
+from ne.viewer.data import Example, NeuronData, RunData
+
+log = logging.getLogger("ne.viewer")
+N_SIMILAR = 5
+ON_DEMAND = 20  # examples per cluster whose importance is computed when the page asks (a forward pass each)
+
+
+def run_dir_arg() -> str | None:
+    args = [a for a in sys.argv[1:] if a != "--"]
+    return args[0] if args else os.environ.get("NE_RUN_DIR")
+
+
+# --- cached resources -------------------------------------------------------------------------------------
+
+
+@st.cache_resource(show_spinner=False)
+def get_data(url: str) -> RunData:
+    return RunData(url)
+
+
+@st.cache_resource(show_spinner="Loading the model to decode tokens…")
+def get_model(model_json: str):
+    """(model, None) or (None, why it could not be loaded): the page then falls back to token ids."""
+    try:
+        from ne.models import load_model
+
+        return load_model(from_dict(ModelConfig, json.loads(model_json))), None
+    except Exception as exc:  # any failure (no hub, missing weights) only costs the decoded text
+        log.warning("model not loaded: %s", exc)
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def get_neuron(url: str, layer: int, neuron: int) -> NeuronData:
+    return get_data(url).neuron(layer, neuron)
+
+
+@st.cache_resource(show_spinner=False)
+def get_importance(model_json: str, mask_token: int | None):
+    from ne.importance import ImportanceCache
+
+    model, _ = get_model(model_json)
+    return ImportanceCache(model, mask_token) if model is not None else None
+
+
+@st.cache_resource(show_spinner=False)
+def get_index(url: str):
+    """(SimilarFeatures, None) or (None, why there is no similar-features list)."""
+    data = get_data(url)
+    if not data.run.exists("index"):
+        return None, "this run has no index/ yet: run the index stage to see similar features"
+    try:
+        from index.query import SimilarFeatures
+
+        return SimilarFeatures.load(url), None
+    except (ImportError, NeError, OSError, RuntimeError) as exc:
+        return None, f"the FAISS index of this run cannot be used ({exc})"
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def dendrogram_png(url: str, layer: int, neuron: int) -> bytes | None:
+    data = get_neuron(url, layer, neuron)
+    if data.linkage is None or len(data.linkage) == 0:
+        return None
+    leaves = [e.cluster if e.cluster is not None else -1 for e in data.examples]
+    return render.dendrogram_png(data.linkage, leaves, data.threshold)
+
+
+# --- navigation: the current neuron lives in st.session_state.nav (widget state is dropped off-page) -------
+
+
+def go(layer: int, neuron: int, cluster: int | None = None, push: bool = True) -> None:
+    """Open (layer, neuron[, cluster]); with `push`, record it in the back/forward history."""
+    ss = st.session_state
+    if push:
+        i = ss.get("hist_i", -1)
+        ss.history = ss.get("history", [])[: i + 1] + [(layer, neuron, cluster)]
+        ss.hist_i = len(ss.history) - 1
+    ss.nav = (layer, neuron)
+    ss.layer_pick, ss.neuron_pick, ss.cluster_target = layer, neuron, cluster
+    ss.page = "Neuron"
+
+
+def step(delta: int) -> None:
+    ss = st.session_state
+    i = ss.get("hist_i", 0) + delta
+    if 0 <= i < len(ss.get("history", [])):
+        ss.hist_i = i
+        go(*ss.history[i], push=False)
+
+
+def picked() -> None:
+    go(st.session_state.layer_pick, int(st.session_state.neuron_pick))
+
+
+def go_random(data: RunData) -> None:
+    layer = random.choice(data.layers())
+    neurons = data.neurons(layer)
+    if len(neurons):
+        go(layer, int(random.choice(neurons)))
+
+
+def init_state(data: RunData) -> None:
+    ss = st.session_state
+    if "nav" in ss:
+        return
+    layers = data.layers()
+    params = st.query_params
+    try:
+        layer = int(params.get("layer", layers[0]))
+        neuron = int(params["neuron"]) if "neuron" in params else int(next(iter(data.neurons(layer)), 0))
+        cluster = int(params["cluster"]) if "cluster" in params else None
+    except ValueError:
+        layer, neuron, cluster = layers[0], 0, None
+    go(layer if layer in layers else layers[0], neuron, cluster)
+
+
+# --- token decoding ---------------------------------------------------------------------------------------
+
+
+class Decoder:
+    """Token ids to display strings, through the run's model, or `[id]` when the model cannot be loaded."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, {}
+
+    def __call__(self, ids):
+        missing = [i for i in dict.fromkeys(ids) if i not in self.cache]
+        if missing:
+            texts = self.model.decode_tokens(missing) if self.model is not None else [f"[{i}]" for i in missing]
+            self.cache.update(zip(missing, texts))
+        return [self.cache[i] for i in ids]
+
+
+@st.cache_resource(show_spinner=False)
+def get_decoder(model_json: str) -> Decoder:
+    return Decoder(get_model(model_json)[0])
+
+
+# --- pages ------------------------------------------------------------------------------------------------
+
+
+def sidebar_navigation(data: RunData) -> None:
+    ss = st.session_state
+    layers = data.layers()
+    ss.layer_pick, ss.neuron_pick = ss.nav  # the widgets forget their state while another page is shown
+    st.sidebar.selectbox("Layer", layers, key="layer_pick", on_change=picked)
+    st.sidebar.number_input("Neuron", min_value=0, step=1, key="neuron_pick", on_change=picked)
+    back, fwd = st.sidebar.columns(2)
+    hist_i, n_hist = ss.get("hist_i", 0), len(ss.get("history", []))
+    back.button("◀ Back", on_click=step, args=(-1,), disabled=hist_i <= 0, width="stretch")
+    fwd.button("Forward ▶", on_click=step, args=(1,), disabled=hist_i >= n_hist - 1, width="stretch")
+    st.sidebar.button("Random neuron", on_click=go_random, args=(data,), width="stretch")
+
+
+def neuron_page(data: RunData, url: str) -> None:
+    ss = st.session_state
+    cfg = data.config()
+    layer, neuron = ss.nav
+    st.query_params.update(layer=str(layer), neuron=str(neuron))
+    st.header(f"Layer {layer} · Neuron {neuron}")
+    d_mlp = data.model_info().get("d_mlp")
+    if d_mlp is not None and neuron >= d_mlp:
+        st.error(f"Neuron {neuron} does not exist: layer {layer} has neurons 0 to {d_mlp - 1}.")
+        return
+    nd = get_neuron(url, layer, neuron)
+    if not nd.examples:
+        top = f" (its maximum activation is {nd.max_act:.4g})" if nd.max_act is not None else ""
+        st.info(
+            f"Neuron {neuron} of layer {layer} has no dataset examples{top}: no context reached "
+            f"{cfg.harvest.frac} × its maximum, or its maximum is not positive. "
+            "Pick another neuron, press Random, or sort the neuron table by a metric."
+        )
+        return
+    model_json = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
+    model, model_error = get_model(model_json)
+    if model is None:
+        st.warning(f"The run's model could not be loaded, so tokens are shown as ids and importance is off: "
+                   f"{model_error}")
+    decode = get_decoder(model_json)
+
+    metrics_panel(nd)
+    png = dendrogram_png(url, layer, neuron)
+    if png is not None:
+        st.image(png, caption=f"Dendrogram of the {len(nd.examples)} examples; dashed line: the cut at "
+                 f"cosine distance {nd.threshold:.3g}; leaves labelled and coloured by cluster")
+    elif not nd.clustered:
+        st.info("This run has no clusters yet: run the cluster stage to split the examples into features.")
+
+    before = st.sidebar.number_input("Tokens before the key token", 0, 200, cfg.viewer.window_before)
+    after = st.sidebar.number_input("Tokens after the key token", 0, 200, cfg.viewer.window_after)
+    show_importance = st.toggle("Token importance", key="importance",
+                                help="1 − act_masked / act_key, masking one earlier token at a time with "
+                                     f"token {mask_label(data, cfg)}", disabled=model is None and not nd.importance)
+
+    clusters = nd.clusters()
+    labels = {c: render.cluster_label(c, len(m), any(e.outlier for e in m)) for c, m in clusters.items()}
+    tab_key = f"tabs_{layer}_{neuron}"
+    target = ss.pop("cluster_target", None)
+    if target in labels:
+        ss[tab_key] = labels[target]
+    tabs = st.tabs(list(labels.values()), key=tab_key, on_change="rerun")
+    for (c, members), tab in zip(clusters.items(), tabs):
+        if tab.open is False:
+            continue
+        with tab:
+            left, right = st.columns([3, 2], gap="large")
+            if c >= 0:
+                st.query_params["cluster"] = str(c)
+                with right:
+                    similar_features(data, url, layer, neuron, c, decode, before, after)
+            imp = importance_for(nd, members, model_json, cfg, before) if show_importance else None
+            left.caption("Central example first. Hover a token for its activation; the outlined token is the key "
+                       "token." + (" Blue: masking the token lowers the activation; red: raises it."
+                                   if show_importance else ""))
+            rows = [render.example_html(e, decode, nd.scale, before, after, imp.get(e.rank) if imp else None)
+                    for e in members]
+            left.html(render.EXAMPLE_CSS + f'<div class="ne-cluster" data-cluster="{c}">' + "".join(rows) + "</div>")
+
+
+def mask_label(data: RunData, cfg) -> str:
+    token = cfg.viewer.mask_token
+    if token is None:
+        token = data.model_info().get("pad_token_id")
+        return f"{token} (the tokenizer's pad/EOS token)" if token is not None else "pad/EOS"
+    return str(token)
+
+
+def importance_for(nd: NeuronData, members: list[Example], model_json: str, cfg, before: int):
+    """Importance by rank: precomputed where the run has it, else computed now (one forward per example)."""
+    out = {e.rank: nd.importance[e.rank] for e in members if e.rank in nd.importance}
+    todo = [e for e in members if e.rank not in out]
+    if not todo:
+        return out
+    if len(todo) > ON_DEMAND:
+        st.info(f"Importance is computed on demand for the first {ON_DEMAND} examples of a cluster; the rest keep "
+                "their activation colours. `ne importance` precomputes it for every example of a run.")
+        todo = todo[:ON_DEMAND]
+    compute = get_importance(model_json, cfg.viewer.mask_token)
+    if compute is None:
+        st.warning("Token importance needs the model, which could not be loaded.")
+        return out
+    with st.spinner(f"Computing token importance of {len(todo)} examples…"):
+        for e in todo:
+            start = max(0, e.pos - before)
+            out[e.rank] = (start, compute(e.tokens, e.ctx_id, e.pos, nd.layer, nd.neuron, start))
+    return out
+
+
+def metrics_panel(nd: NeuronData) -> None:
+    m = nd.metrics
+    cols = st.columns(4)
+    cols[0].metric("examples", len(nd.examples))
+    cols[1].metric("clusters", len({e.cluster for e in nd.examples if e.cluster is not None}) or "–")
+    cols[2].metric("max activation", f"{nd.max_act:.4g}" if nd.max_act is not None else "–")
+    sil = _num(m.get("silhouette")) if m else None
+    cols[3].metric("silhouette", f"{sil:.3f}" if sil is not None else "–")
+    if m:
+        names = [k for k in m if f"raw_{k}" in m]
+        with st.expander("Polysemy metrics: neuron embeddings vs raw pre-MLP embeddings"):
+            st.dataframe(
+                {"metric": names, "neuron embedding": [_num(m[k]) for k in names],
+                 "raw h": [_num(m[f"raw_{k}"]) for k in names]},
+                hide_index=True,
+            )
+
+
+def _num(v):
+    return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
+
+
+def similar_features(data, url, layer, neuron, cluster, decode, before, after) -> None:
+    index, why = get_index(url)
+    st.markdown("**Similar features**")
+    if index is None:
+        st.caption(why)
+        return
+    try:
+        hits = similar_hits(index, layer, neuron, cluster, N_SIMILAR)
+    except NeError as exc:
+        st.caption(str(exc))
+        return
+    if not hits:
+        st.caption("No similar feature found in the index.")
+        return
+    st.caption("Feature clusters of other neurons whose central example is closest (cosine similarity); "
+               "click one to open it.")
+    for i, (l2, n2, c2, sim) in enumerate(hits):
+        st.button(f"L{l2} · N{n2} · C{c2} — similarity {sim:.3f}", key=f"sim_{layer}_{neuron}_{cluster}_{i}",
+                  on_click=go, args=(l2, n2, c2), width="stretch")
+        central = data.central_example(l2, n2, c2)
+        if central is not None:
+            nd2 = get_neuron(url, l2, n2)
+            st.html(render.EXAMPLE_CSS + render.example_html(central, decode, nd2.scale, before, after))
+
+
+def similar_hits(index, layer: int, neuron: int, cluster: int, k: int) -> list[tuple[int, int, int, float]]:
+    """(layer, neuron, cluster, similarity) of the k nearest feature clusters of other neurons."""
+    return [(h.layer, h.neuron, h.cluster, h.similarity) for h in index.query(layer, neuron, cluster, k)]
+
+
+def table_page(data: RunData) -> None:
+    st.header("Neurons by polysemy")
+    try:
+        table = data.metrics_table().to_pandas()
+    except NeError as exc:
+        st.error(str(exc))
+        return
+    metric_names = [c for c in table.columns if c not in ("layer", "neuron")]
+    c1, c2, c3 = st.columns(3)
+    metric = c1.selectbox("Sort by", metric_names, index=metric_names.index("n_clusters")
+                          if "n_clusters" in metric_names else 0)
+    descending = c2.toggle("Largest first", value=True)
+    layers = c3.multiselect("Layers", sorted(table.layer.unique().tolist()))
+    if layers:
+        table = table[table.layer.isin(layers)]
+    table = table.sort_values(metric, ascending=not descending, kind="stable").head(1000)
+    event = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row", key="ntable")
+    rows = event.selection.rows if event else []
+    if rows:
+        row = table.iloc[rows[0]]
+        st.button(f"Open layer {int(row.layer)} neuron {int(row.neuron)}", on_click=go,
+                  args=(int(row.layer), int(row.neuron)))
+    else:
+        st.caption("Select a row to open its neuron (the first 1,000 rows are shown).")
+
+
+def main() -> None:
+    st.set_page_config(page_title="neuron-embeddings viewer", layout="wide")
+    url = run_dir_arg()
+    st.sidebar.title("neuron-embeddings")
+    if not url:
+        st.error("No run directory given: start the viewer with `ne view RUN_DIR`.")
+        return
+    st.sidebar.caption(f"run: `{url}`")
+    data = get_data(url)
+    status = data.status()
+    for message in status.errors:
+        st.error(message)
+    if not status.kind:
+        return
+    for message in status.warnings:
+        st.sidebar.caption(f"⚠ {message}")
+    pages = (["Neuron", "Neuron table"] if "lm" in status.kind else []) + (["MNIST"] if "mnist" in status.kind else [])
+    if "lm" in status.kind:
+        init_state(data)
+    if st.session_state.get("page") not in pages:
+        st.session_state.page = pages[0]
+    page = st.sidebar.radio("Page", pages, key="page")
+    if page == "Neuron":
+        sidebar_navigation(data)
+    if page == "Neuron":
+        neuron_page(data, url)
+    elif page == "Neuron table":
+        table_page(data)
+    else:
+        from ne.viewer.mnist_page import mnist_page
+
+        mnist_page(data)
+
+
+def _guarded() -> None:
+    try:
+        main()
+    except NeError as exc:
+        st.error(str(exc))
+    except Exception as exc:  # a bug: log the traceback for us, show one readable line to the user
+        log.exception("viewer error")
+        st.error(f"The viewer hit an unexpected error ({type(exc).__name__}: {exc}); details are in the "
+                 "terminal that runs `ne view`.")
+
+
+_guarded()

@@ -1,0 +1,413 @@
+"""Per-neuron reads of a run directory for the viewer: open a neuron, read only its rows.
+
+Examples, clusters, dendrograms and importance are sorted by neuron inside each layer's part files, and
+contexts by ctx_id. `SortedParts` keeps the key range of every Parquet row group (read from the file
+footers, once) and decodes only the row groups that can hold the wanted keys. Decoded row groups stay in a
+small LRU cache, so neighbouring neurons and repeated visits cost no second decode. Nothing is read before
+it is asked for: building a `RunData` touches no file.
+
+Every problem a user can cause (a wrong path, a run whose harvest has not finished, a truncated file)
+comes out as a `DataError` whose message says what is wrong and what to run; the app shows it in the page.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ne import schema
+from ne.config import RunConfig, from_dict
+from ne.errors import DataError, NeError
+from ne.store import MANIFEST, RunDir
+
+log = logging.getLogger(__name__)
+
+IMPORTANCE_DIR = "importance"
+MNIST_DIR = "mnist"
+_CACHE_BYTES = 256 * 2**20
+
+
+class SortedParts:
+    """The Parquet parts of one folder, read by key through row-group statistics."""
+
+    def __init__(self, run: RunDir, folder: str, key: str, cache: _RowGroupCache):
+        self.run, self.folder, self.key, self.cache = run, folder, key, cache
+        self.groups: list[tuple[str, pq.FileMetaData, int, int, int]] = []
+        """(path, footer, row group, min key, max key), one per row group of every part."""
+        for name in run.ls(folder, suffix=".parquet"):
+            path = run.path(folder, name)
+            meta = _read_footer(run, path)
+            for i in range(meta.num_row_groups):
+                lo, hi = _key_range(meta.row_group(i), key)
+                self.groups.append((path, meta, i, lo, hi))
+
+    def read(self, keys: Iterable[int], columns: list[str] | None = None) -> pa.Table:
+        """Rows whose key is in `keys`, in file order."""
+        wanted = np.unique(np.asarray(list(keys), dtype=np.int64))
+        pieces = []
+        for path, meta, i, lo, hi in self.groups:
+            if not len(wanted) or not _overlaps(wanted, lo, hi):
+                continue
+            table = self.cache.get((path, i), lambda path=path, meta=meta, i=i: _read_group(self.run, path, meta, i))
+            mask = pc.is_in(table.column(self.key), value_set=pa.array(wanted, type=table.schema.field(self.key).type))
+            rows = table.filter(mask)
+            pieces.append(rows.select(columns) if columns else rows)
+        if not pieces:
+            return pa.table({})
+        return pa.concat_tables(pieces)
+
+    def column(self, name: str) -> np.ndarray:
+        """One column of every row (small columns only: used to list a layer's neurons)."""
+        out = []
+        for path, meta, i, _, _ in self.groups:
+            with self.run.fs.open(path, "rb") as f:
+                try:
+                    out.append(pq.ParquetFile(f, metadata=meta).read_row_group(i, columns=[name]).column(0))
+                except (OSError, pa.ArrowException) as exc:
+                    raise _unreadable(self.run, path, exc) from None
+        return np.concatenate([c.to_numpy() for c in out]) if out else np.zeros(0, np.int64)
+
+
+class _RowGroupCache:
+    """Decoded row groups, least recently used first, bounded by their size in bytes."""
+
+    def __init__(self, max_bytes: int = _CACHE_BYTES):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.tables: OrderedDict[tuple, pa.Table] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple, load) -> pa.Table:
+        with self.lock:
+            if key in self.tables:
+                self.tables.move_to_end(key)
+                return self.tables[key]
+        table = load()
+        with self.lock:
+            self.tables[key] = table
+            self.bytes += table.nbytes
+            while self.bytes > self.max_bytes and len(self.tables) > 1:
+                _, old = self.tables.popitem(last=False)
+                self.bytes -= old.nbytes
+        return table
+
+    def clear(self) -> None:
+        with self.lock:
+            self.tables.clear()
+            self.bytes = 0
+
+
+def _read_footer(run: RunDir, path: str) -> pq.FileMetaData:
+    try:
+        with run.fs.open(path, "rb") as f:
+            return pq.read_metadata(f)
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable(run, path, exc) from None
+
+
+def _read_group(run: RunDir, path: str, meta: pq.FileMetaData, i: int) -> pa.Table:
+    try:
+        with run.fs.open(path, "rb") as f:
+            return pq.ParquetFile(f, metadata=meta).read_row_group(i)
+    except (OSError, pa.ArrowException) as exc:
+        raise _unreadable(run, path, exc) from None
+
+
+def _unreadable(run: RunDir, path: str, exc: Exception) -> DataError:
+    return DataError(
+        f"{path} cannot be read ({exc}); the run directory {run.url} may be half-written or damaged: "
+        "rerun the stage that writes it (with --force STAGE)"
+    )
+
+
+def _key_range(group: pq.RowGroupMetaData, key: str) -> tuple[float, float]:
+    for j in range(group.num_columns):
+        col = group.column(j)
+        if col.path_in_schema == key:
+            stats = col.statistics
+            if stats is not None and stats.has_min_max:
+                return stats.min, stats.max
+    return -np.inf, np.inf
+
+
+def _overlaps(sorted_keys: np.ndarray, lo, hi) -> bool:
+    i = np.searchsorted(sorted_keys, lo, side="left")
+    return i < len(sorted_keys) and sorted_keys[i] <= hi
+
+
+@dataclass
+class Example:
+    """One dataset example of a neuron, with what the page needs to draw it."""
+
+    rank: int
+    ctx_id: int
+    pos: int
+    """Position of the key token in the context."""
+    act: float
+    window_start: int
+    window: np.ndarray
+    """Stored activations from `window_start` on."""
+    tokens: np.ndarray
+    """The whole context's token ids."""
+    cluster: int | None = None
+    is_central: bool = False
+    outlier: bool = False
+
+    def act_at(self, i: int) -> float | None:
+        """Activation at context position i, or None when the harvest did not store it."""
+        j = i - self.window_start
+        return float(self.window[j]) if 0 <= j < len(self.window) else None
+
+
+@dataclass
+class NeuronData:
+    layer: int
+    neuron: int
+    examples: list[Example]
+    """In rank (corpus) order."""
+    max_act: float | None = None
+    """The neuron's maximum over the corpus (maxima.parquet), which scales the highlighting."""
+    linkage: np.ndarray | None = None
+    """scipy linkage matrix [(n - 1), 4] over the examples in rank order; None before clustering."""
+    threshold: float | None = None
+    metrics: dict | None = None
+    importance: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
+    """Precomputed token importance by rank: (first position, values up to the key token)."""
+
+    @property
+    def clustered(self) -> bool:
+        return any(e.cluster is not None for e in self.examples)
+
+    def clusters(self) -> dict[int, list[Example]]:
+        """Examples by cluster, clusters in id order (0 is the largest), the central example first."""
+        out: dict[int, list[Example]] = {}
+        for e in self.examples:
+            out.setdefault(-1 if e.cluster is None else e.cluster, []).append(e)
+        for members in out.values():
+            members.sort(key=lambda e: (not e.is_central, e.rank))
+        return dict(sorted(out.items()))
+
+    @property
+    def scale(self) -> float:
+        """Activation that maps to full colour."""
+        top = max((e.act for e in self.examples), default=0.0)
+        return float(self.max_act) if self.max_act and self.max_act > 0 else max(top, 1e-9)
+
+
+@dataclass
+class RunStatus:
+    kind: list[str]
+    """`lm` when the run has language-model examples, `mnist` when it has MNIST models."""
+    errors: list[str]
+    """Problems that leave nothing to show."""
+    warnings: list[str]
+    """Stages missing or unfinished: the pages that need them say so."""
+
+
+class RunData:
+    """Lazy, thread-safe reader of one run directory; share one per run (st.cache_resource)."""
+
+    def __init__(self, url: str, cache_bytes: int = _CACHE_BYTES):
+        self.url = str(url)
+        self.run = RunDir(self.url)
+        self.cache = _RowGroupCache(cache_bytes)
+        self._parts: dict[tuple[str, int | None], SortedParts] = {}
+        self._neurons: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    # --- the run as a whole -----------------------------------------------------------------------------
+
+    def manifest(self) -> dict:
+        if not self.run.fs.exists(self.run.root):
+            raise DataError(
+                f"run directory {self.url} does not exist; pass the run_dir of a finished run, "
+                "e.g. `ne view runs/demo` after `ne run --config configs/demo.yaml`"
+            )
+        if not self.run.exists(MANIFEST):
+            raise DataError(
+                f"{self.url} has no manifest.json, so it is not a run directory or its harvest never started; "
+                "run `ne harvest` with run_dir set to it"
+            )
+        try:
+            return self.run.read_json(MANIFEST)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{self.url}/manifest.json is corrupt ({exc}); rerun the run into a new run_dir") from None
+
+    def status(self) -> RunStatus:
+        try:
+            manifest = self.manifest()
+        except DataError as exc:
+            return RunStatus([], [str(exc)], [])
+        stages = manifest.get("stages", {})
+        kind, errors, warnings = [], [], []
+        if self.run.exists(MNIST_DIR):
+            kind.append("mnist")
+        examples = stages.get("examples")
+        if examples or self.run.exists(schema.EXAMPLES_DIR):
+            if not examples or examples.get("status") != "done":
+                state = examples.get("status") if examples else "not recorded"
+                errors.append(
+                    f"the harvest of {self.url} has not finished (stage 'examples' is {state}), so its "
+                    "examples may be half-written; rerun `ne harvest` with the same config to finish it"
+                )
+            elif not self.layers():
+                errors.append(f"{self.url}/examples/ holds no layer; rerun the harvest with --force examples")
+            else:
+                kind.append("lm")
+        for name, entry in sorted(stages.items()):
+            if name != "examples" and entry.get("status") != "done":
+                warnings.append(f"stage '{name}' is {entry.get('status')}: its outputs may be missing")
+        if "lm" in kind:
+            for folder, stage in ((schema.CLUSTERS_DIR, "cluster"), (schema.DENDROGRAMS_DIR, "cluster"),
+                                  (schema.METRICS, "cluster"), (schema.INDEX_DIR, "index")):
+                if not self.run.exists(folder):
+                    warnings.append(f"{folder} is missing: run the {stage} stage to see it")
+        if not kind and not errors:
+            errors.append(
+                f"{self.url} holds neither language-model examples (examples/) nor MNIST models (mnist/); "
+                "run `ne harvest` or the MNIST training into it first"
+            )
+        return RunStatus(kind, errors, warnings)
+
+    def config(self) -> RunConfig:
+        """The config the run was made with (defaults where the manifest has none)."""
+        raw = self.manifest().get("config")
+        if not raw:
+            return RunConfig(run_dir=self.url)
+        try:
+            return from_dict(RunConfig, raw)
+        except NeError as exc:
+            log.warning("manifest config of %s not understood (%s); using defaults", self.url, exc)
+            return RunConfig(run_dir=self.url)
+
+    def model_info(self) -> dict:
+        """What the harvest recorded about the model: n_layers, d_mlp, bos_token_id, pad_token_id."""
+        return self.manifest().get("model", {})
+
+    def layers(self) -> list[int]:
+        names = self.run.ls(schema.EXAMPLES_DIR)
+        return sorted(int(n.split("=", 1)[1]) for n in names if n.startswith("layer=") and n[6:].isdigit())
+
+    def neurons(self, layer: int) -> np.ndarray:
+        """Sorted ids of the neurons of `layer` that have examples (reads one int column)."""
+        with self._lock:
+            if layer in self._neurons:
+                return self._neurons[layer]
+        ids = np.unique(self._sorted(schema.EXAMPLES_DIR, layer, "neuron").column("neuron"))
+        with self._lock:
+            self._neurons[layer] = ids
+        return ids
+
+    def _sorted(self, kind: str, layer: int | None, key: str) -> SortedParts:
+        name = (kind, layer)
+        with self._lock:
+            parts = self._parts.get(name)
+        if parts is None:
+            folder = kind if layer is None else schema.layer_dir(kind, layer)
+            parts = SortedParts(self.run, folder, key, self.cache)
+            with self._lock:
+                self._parts[name] = parts
+        return parts
+
+    # --- one neuron ---------------------------------------------------------------------------------------
+
+    def neuron(self, layer: int, neuron: int) -> NeuronData:
+        """Everything the neuron page shows, read from the neuron's own rows."""
+        if layer not in self.layers():
+            raise DataError(f"layer {layer} is not in {self.url}; it has layers {self.layers()}")
+        rows = self._sorted(schema.EXAMPLES_DIR, layer, "neuron").read([neuron])
+        data = NeuronData(layer, neuron, [], max_act=self._max_act(layer, neuron))
+        if rows.num_rows == 0:
+            return data
+        rows = rows.sort_by("rank").to_pydict()
+        tokens = self.tokens(rows["ctx_id"])
+        for i, rank in enumerate(rows["rank"]):
+            ctx = rows["ctx_id"][i]
+            if ctx not in tokens:
+                raise DataError(
+                    f"context {ctx} of layer {layer} neuron {neuron} is missing from {self.url}/contexts/; "
+                    "the run is half-written: rerun `ne harvest` with --force contexts"
+                )
+            data.examples.append(
+                Example(rank, ctx, rows["pos"][i], rows["act"][i], rows["window_start"][i],
+                        np.asarray(rows["window"][i], np.float32), tokens[ctx])
+            )
+        self._add_clusters(data)
+        self._add_dendrogram(data)
+        data.metrics = self.metrics(layer, neuron)
+        data.importance = self.precomputed_importance(layer, neuron)
+        return data
+
+    def tokens(self, ctx_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        table = self._sorted(schema.CONTEXTS_DIR, None, "ctx_id").read(ctx_ids, ["ctx_id", "tokens"])
+        if table.num_rows == 0:
+            return {}
+        return {c: np.asarray(t, np.int64) for c, t in zip(table.column("ctx_id").to_pylist(),
+                                                          table.column("tokens").to_pylist())}
+
+    def _max_act(self, layer: int, neuron: int) -> float | None:
+        if not self.run.exists(schema.MAXIMA):
+            return None
+        table = self._read_small(schema.MAXIMA, [("layer", "=", layer), ("neuron", "=", neuron)], ["max_act"])
+        return float(table.column(0)[0].as_py()) if table.num_rows else None
+
+    def _add_clusters(self, data: NeuronData) -> None:
+        if not self.run.exists(schema.layer_dir(schema.CLUSTERS_DIR, data.layer)):
+            return
+        table = self._sorted(schema.CLUSTERS_DIR, data.layer, "neuron").read([data.neuron]).to_pydict()
+        by_rank = {r: i for i, r in enumerate(table.get("rank", []))}
+        for e in data.examples:
+            i = by_rank.get(e.rank)
+            if i is not None:
+                e.cluster, e.is_central, e.outlier = table["cluster"][i], table["is_central"][i], table["outlier"][i]
+
+    def _add_dendrogram(self, data: NeuronData) -> None:
+        if not self.run.exists(schema.layer_dir(schema.DENDROGRAMS_DIR, data.layer)):
+            return
+        table = self._sorted(schema.DENDROGRAMS_DIR, data.layer, "neuron").read([data.neuron]).to_pydict()
+        if table.get("linkage"):
+            data.linkage = np.asarray(table["linkage"][0], np.float64).reshape(-1, 4)
+            data.threshold = float(table["threshold"][0])
+
+    def metrics(self, layer: int, neuron: int) -> dict | None:
+        if not self.run.exists(schema.METRICS):
+            return None
+        table = self._read_small(schema.METRICS, [("layer", "=", layer), ("neuron", "=", neuron)])
+        return table.to_pylist()[0] if table.num_rows else None
+
+    def metrics_table(self) -> pa.Table:
+        """Every neuron's metrics (one small row each), for the sortable neuron table."""
+        if not self.run.exists(schema.METRICS):
+            raise DataError(f"{self.url} has no {schema.METRICS}; run the cluster stage to get polysemy metrics")
+        return self._read_small(schema.METRICS)
+
+    def precomputed_importance(self, layer: int, neuron: int) -> dict[int, tuple[int, np.ndarray]]:
+        if not self.run.exists(schema.layer_dir(IMPORTANCE_DIR, layer)):
+            return {}
+        table = self._sorted(IMPORTANCE_DIR, layer, "neuron").read([neuron]).to_pydict()
+        return {r: (s, np.asarray(v, np.float32))
+                for r, s, v in zip(table.get("rank", []), table.get("start", []), table.get("importance", []))}
+
+    def central_example(self, layer: int, neuron: int, cluster: int) -> Example | None:
+        """The central example of one feature cluster (for the similar-features list)."""
+        try:
+            data = self.neuron(layer, neuron)
+        except DataError as exc:
+            log.warning("similar feature L%s N%s unreadable: %s", layer, neuron, exc)
+            return None
+        members = data.clusters().get(cluster, [])
+        return members[0] if members else None
+
+    def _read_small(self, rel: str, filters=None, columns=None) -> pa.Table:
+        try:
+            return self.run.read_parquet(rel, columns=columns, filters=filters)
+        except (OSError, pa.ArrowException) as exc:
+            raise _unreadable(self.run, self.run.path(rel), exc) from None
