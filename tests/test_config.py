@@ -1,0 +1,72 @@
+"""ne/config.py: strict YAML configs; every bad value gets a one-line error naming it."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ne.cli import main
+from ne.config import RunConfig, load_config
+from ne.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, data) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+LM_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("mnist"))
+
+
+@pytest.mark.parametrize("name", LM_CONFIGS)
+def test_shipped_configs_load(name):
+    assert isinstance(load_config(REPO / "configs" / name), RunConfig)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"harvest": {"kk": 3}}, "unknown config key 'harvest.kk'"),
+        ({"modle": {}}, "unknown config key 'modle'"),
+        ({"harvest": {"frac": 0}}, "harvest.frac is 0.0; it must lie in (0, 1]"),
+        ({"harvest": {"frac": 1.5}}, "harvest.frac is 1.5"),
+        ({"harvest": {"k": 0}}, "harvest.k is 0; it must be at least 1"),
+        ({"harvest": {"k": "ten"}}, "harvest.k must be of type int, got 'ten'"),
+        ({"model": {"backend": "onnx"}}, "model.backend is 'onnx'"),
+        ({"data": {"source": "files"}}, "data.source 'files' needs data.paths"),
+        ({"cluster": {"method": "ward"}}, "cluster.method is 'ward'"),
+    ],
+)
+def test_bad_values_name_themselves(tmp_path, data, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, data))
+    assert message in str(err.value)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, {}), ["harvest.k=7", "harvest.layers=[0, 2]", "run_dir=s3://b/r"])
+    assert cfg.harvest.k == 7 and cfg.harvest.layers == [0, 2] and cfg.run_dir == "s3://b/r"
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(write(tmp_path, {}), ["harvest.k"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="nowhere.yaml' does not exist"):
+        load_config("nowhere.yaml")
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    code = main(["harvest", "--config", str(write(tmp_path, {"harvest": {"frac": 2}}))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.splitlines() == ["ne harvest: error: harvest.frac is 2.0; it must lie in (0, 1], for example 0.75"]
+
+
+def test_cli_unknown_model_is_one_line(tmp_path, capsys):
+    cfg = {"model": {"backend": "transformer_lens", "name": "gpt2-smal"}}
+    assert main(["harvest", "--config", str(write(tmp_path, cfg))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gpt2-smal" in err and "gpt2-small" in err
