@@ -1,0 +1,167 @@
+"""Cluster-stage throughput, and the measurements behind the default cut threshold.
+
+    python benchmarks/cluster.py                      # neurons/s: batched path vs a naive per-neuron loop
+    python benchmarks/cluster.py --thresholds         # ARI vs threshold on planted features
+    python benchmarks/cluster.py --thresholds --run runs/demo   # ... and cluster statistics on a real run
+
+Throughput uses GPT2-small's shape (d_model 768, 100 examples per neuron) and one torch thread per
+process, as a Ray task has; the projection for all 36,864 GPT2-small neurons assumes one such process per
+core (`--cores`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ne.cluster import cluster_examples  # noqa: E402
+from ne.config import ClusterConfig  # noqa: E402
+from ne.embed import cosine_distances, pad_rows  # noqa: E402
+from ne.metrics import analyse_neurons  # noqa: E402
+
+GPT2_NEURONS = 12 * 3072
+
+
+def synthetic(n_neurons: int, n_examples: int, d_model: int, seed: int = 0):
+    """A pool of h rows shared by neurons (as real example positions are) and one w per neuron."""
+    rng = np.random.default_rng(seed)
+    pool = rng.normal(size=(20_000, d_model)).astype(np.float32) + rng.normal(size=d_model).astype(np.float32)
+    members = [rng.choice(len(pool), n_examples, replace=False) for _ in range(n_neurons)]
+    w = rng.normal(size=(n_neurons, d_model)).astype(np.float32)
+    return pool, members, w
+
+
+def naive(pool, members, w, threshold: float) -> float:
+    start = time.perf_counter()
+    for ix, w_j in zip(members, w):
+        e = pool[ix].astype(np.float64) * w_j
+        fcluster(linkage(pdist(e, "cosine"), "average"), t=threshold, criterion="distance")
+    return time.perf_counter() - start
+
+
+def batched(pool, members, w, cfg: ClusterConfig, full: bool) -> float:
+    """`full`: the whole stage's work (neuron-embedding and raw clusters, central examples, metrics)."""
+    start = time.perf_counter()
+    for lo in range(0, len(members), cfg.neurons_per_task):
+        chunk = members[lo : lo + cfg.neurons_per_task]
+        h_bnd, counts = pad_rows(pool, chunk)
+        w_bd = torch.from_numpy(w[lo : lo + len(chunk)])
+        if full:
+            analyse_neurons(h_bnd, counts, w_bd, cfg, device="cpu")
+        else:
+            dist = cosine_distances(h_bnd, w_bd, device="cpu").numpy()
+            for b, n in enumerate(counts):
+                cluster_examples(dist[b, :n, :n], cfg.threshold, cfg.method)
+    return time.perf_counter() - start
+
+
+def throughput(args) -> None:
+    torch.set_num_threads(1)
+    cfg = ClusterConfig()
+    pool, members, w = synthetic(args.neurons, args.examples, args.d_model)
+    n_naive = min(args.neurons, args.naive_neurons)
+    t_naive = naive(pool, members[:n_naive], w[:n_naive], cfg.threshold)
+    t_core = batched(pool, members, w, cfg, full=False)
+    t_full = batched(pool, members, w, cfg, full=True)
+    rate_naive, rate_core, rate_full = n_naive / t_naive, args.neurons / t_core, args.neurons / t_full
+    print(f"{args.examples} examples per neuron, d_model {args.d_model}, 1 torch thread per process")
+    print(f"naive loop (numpy embeddings, pdist, linkage, fcluster): {rate_naive:8.0f} neurons/s ({n_naive} neurons)")
+    print(f"batched, same work (bmm distances, linkage, cut, centres): {rate_core:8.0f} neurons/s  "
+          f"= {rate_core / rate_naive:.2f}x naive")
+    print(f"batched, whole stage (+ raw-h clusters and all metrics):  {rate_full:8.0f} neurons/s")
+    for name, rate in (("naive", rate_naive), ("batched same work", rate_core), ("batched whole stage", rate_full)):
+        print(f"projected for {GPT2_NEURONS:,} neurons on {args.cores} cores, {name}: "
+              f"{GPT2_NEURONS / rate / args.cores:6.1f} s (target < 60 s)")
+
+
+def threshold_sweep(args) -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.planted import planted_features
+
+    grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    print("planted features (4 features of 40/30/20/10 examples; 20 seeds x 3 spreads): mean ARI")
+    print("threshold " + " ".join(f"{t:6.2f}" for t in grid))
+    for spread in (0.1, 0.2, 0.3):
+        ari_ne, ari_raw = np.zeros(len(grid)), np.zeros(len(grid))
+        for seed in range(20):
+            h, w, truth = planted_features(seed, spread=spread)
+            d_ne = cosine_distances(torch.from_numpy(h)[None], torch.from_numpy(w)[None], device="cpu")[0].numpy()
+            d_raw = cosine_distances(torch.from_numpy(h)[None], None, device="cpu")[0].numpy()
+            for i, t in enumerate(grid):
+                ari_ne[i] += adjusted_rand_score(truth, cluster_examples(d_ne, t).labels) / 20
+                ari_raw[i] += adjusted_rand_score(truth, cluster_examples(d_raw, t).labels) / 20
+        print(f"NE  s={spread} " + " ".join(f"{a:6.3f}" for a in ari_ne))
+        print(f"raw s={spread} " + " ".join(f"{a:6.3f}" for a in ari_raw))
+    if args.run:
+        real_sweep(args.run, grid, args.sample)
+
+
+def real_sweep(url: str, grid: list[float], sample: int) -> None:
+    """Cluster statistics of a real run's neurons at each threshold (no labels: shape, not accuracy)."""
+    from jobs.cluster import harvested_layers
+    from ne import schema
+    from ne.embed import read_h, read_w_in
+    from ne.metrics import neuron_metrics
+    from ne.store import RunDir
+
+    run = RunDir(url)
+    rng = np.random.default_rng(0)
+    dists = []
+    for layer in harvested_layers(run):
+        ex = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer), columns=["neuron", "rank", "h_id"])
+        ex = ex.to_pandas().sort_values(["neuron", "rank"])
+        groups = {n: g.h_id.to_numpy() for n, g in ex.groupby("neuron") if len(g) >= 10}
+        picked = rng.choice(sorted(groups), min(sample, len(groups)), replace=False)
+        w_in = read_w_in(run, layer)
+        for neuron in picked:
+            h = read_h(run, layer, groups[neuron])
+            d_ne = cosine_distances(torch.from_numpy(h)[None], torch.from_numpy(w_in[:, neuron])[None], device="cpu")
+            d_raw = cosine_distances(torch.from_numpy(h)[None], None, device="cpu")
+            dists.append((d_ne[0].numpy(), d_raw[0].numpy()))
+    print(f"\n{url}: {len(dists)} neurons with >= 10 examples, sampled over layers; medians over neurons")
+    print(f"median pairwise distance: neuron embedding {np.median([np.median(a) for a, _ in dists]):.3f}, "
+          f"pre-MLP {np.median([np.median(b) for _, b in dists]):.3f}")
+    print("threshold  clusters(NE)  singleton-share(NE)  largest-share(NE)  silhouette(NE)  silhouette(raw)  "
+          "NE>raw")
+    for t in grid:
+        rows = []
+        for d_ne, d_raw in dists:
+            c_ne, c_raw = cluster_examples(d_ne, t), cluster_examples(d_raw, t)
+            sizes = np.bincount(c_ne.labels)
+            m_ne, m_raw = neuron_metrics(d_ne, c_ne), neuron_metrics(d_raw, c_raw)
+            rows.append((c_ne.n_clusters, np.mean(sizes == 1) if len(sizes) > 1 else 0.0, sizes[0] / sizes.sum(),
+                         m_ne["silhouette"], m_raw["silhouette"]))
+        r = np.array(rows, dtype=float)
+        both = ~np.isnan(r[:, 3]) & ~np.isnan(r[:, 4])
+        better = np.mean(r[both, 3] > r[both, 4]) if both.any() else float("nan")
+        print(f"{t:9.2f}  {np.median(r[:, 0]):12.0f}  {np.mean(r[:, 1]):19.3f}  {np.median(r[:, 2]):17.3f}  "
+              f"{np.nanmedian(r[:, 3]):14.3f}  {np.nanmedian(r[:, 4]):15.3f}  {better:6.3f} (n={both.sum()})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--neurons", type=int, default=1024)
+    p.add_argument("--naive-neurons", type=int, default=512)
+    p.add_argument("--examples", type=int, default=100)
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--thresholds", action="store_true", help="measure cluster quality across thresholds instead")
+    p.add_argument("--run", help="with --thresholds: a run directory with a finished harvest")
+    p.add_argument("--sample", type=int, default=150, help="with --run: neurons sampled per layer")
+    args = p.parse_args()
+    threshold_sweep(args) if args.thresholds else throughput(args)
+
+
+if __name__ == "__main__":
+    main()

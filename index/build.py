@@ -1,0 +1,149 @@
+"""The FAISS index of similar features: one vector per cluster, its central example's embedding.
+
+Vectors are L2-normalised, so inner product is cosine similarity. Below `index.exact_below` vectors the
+index is exact (Flat); above, it is an IVF index with nlist ≈ 4·√n lists whose nprobe is the smallest
+that reaches `index.target_recall` on sampled queries. Recall@k against exact search is measured on
+queries not used for that choice and stored in the manifest (stage "index").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ne import schema
+from ne.config import IndexConfig, RunConfig, to_dict
+from ne.embed import read_h, read_w_in
+from ne.errors import DataError
+from ne.store import RunDir, fingerprint
+
+log = logging.getLogger(__name__)
+
+STAGE = "index"
+INDEX_FILE = f"{schema.INDEX_DIR}/faiss.index"
+IDS_FILE = f"{schema.INDEX_DIR}/ids.parquet"
+TRAIN_PER_LIST = 32
+"""k-means training points per IVF list: FAISS asks for 39; 32 keeps recall (measured) and saves time."""
+
+
+def normalise(x_nd: np.ndarray) -> np.ndarray:
+    x_nd = np.ascontiguousarray(x_nd, dtype=np.float32)
+    return x_nd / np.maximum(np.linalg.norm(x_nd, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+
+
+def central_vectors(run: RunDir, layer: int, vectors: str) -> tuple[pa.Table, np.ndarray]:
+    """INDEX_IDS rows (without `row`) and normalised vectors of every central example of one layer."""
+    central = run.read_parquet(
+        schema.layer_dir(schema.CLUSTERS_DIR, layer), columns=["neuron", "rank", "cluster", "is_central"],
+        filters=pc.field("is_central"),
+    )
+    examples = run.read_parquet(
+        schema.layer_dir(schema.EXAMPLES_DIR, layer), columns=["neuron", "rank", "ctx_id", "pos", "h_id"]
+    )
+    ids = central.join(examples, keys=["neuron", "rank"]).sort_by(
+        [("neuron", "ascending"), ("cluster", "ascending")]
+    )
+    if ids.num_rows != central.num_rows:
+        raise DataError(f"{run.url}: clusters/layer={layer} names examples missing from examples/; rerun `ne cluster`")
+    h = read_h(run, layer, ids.column("h_id").to_numpy())
+    if vectors == "neuron":
+        h *= read_w_in(run, layer)[:, ids.column("neuron").to_numpy()].T
+    ids = ids.drop_columns(["h_id"]).append_column(
+        "layer", pa.array(np.full(ids.num_rows, layer, np.int16))
+    )
+    return ids, normalise(h)
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of the exact top-k found by the approximate search."""
+    k = exact.shape[1]
+    return float(np.mean([len(set(a[a >= 0]) & set(b)) / k for a, b in zip(found, exact)]))
+
+
+def build_index(x_nd: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tuple[faiss.Index, dict]:
+    """An index over normalised vectors `x_nd`, and what was measured while building it."""
+    n, d = x_nd.shape
+    k = min(cfg.recall_k, n)
+    info: dict = {"n_vectors": n, "d": d, "recall_k": k}
+    if n < cfg.exact_below:
+        index = faiss.IndexFlatIP(d)
+        index.add(x_nd)
+        return index, {**info, "type": "Flat", "recall": 1.0}
+    rng = np.random.default_rng(seed)
+    nlist = max(1, int(round(4 * math.sqrt(n))))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed, index.cp.niter, index.cp.min_points_per_centroid = seed, 10, 1
+    index.train(x_nd[np.sort(rng.choice(n, min(n, TRAIN_PER_LIST * nlist), replace=False))])
+    index.add(x_nd)
+    queries = x_nd[rng.choice(n, min(n, 2 * cfg.recall_queries), replace=False)]
+    exact = faiss.IndexFlatIP(d)
+    exact.add(x_nd)
+    _, truth = exact.search(queries, k)
+    tune, held = (slice(0, None, 2), slice(1, None, 2)) if len(queries) > 1 else (slice(None), slice(None))
+    nprobe = 1
+    while True:  # the smallest power of two that reaches the target on the tuning half
+        index.nprobe = nprobe
+        if nprobe >= nlist or recall_at_k(index.search(queries[tune], k)[1], truth[tune]) >= cfg.target_recall:
+            break
+        nprobe = min(2 * nprobe, nlist)
+    recall = recall_at_k(index.search(queries[held], k)[1], truth[held])
+    return index, {**info, "type": f"IVF{nlist},Flat", "nlist": nlist, "nprobe": nprobe, "recall": recall,
+                   "recall_queries": len(truth[held])}
+
+
+@dataclass
+class IndexSummary:
+    run_dir: str
+    info: dict
+
+    def describe(self) -> str:
+        i = self.info
+        return (
+            f"index done: {i['n_vectors']} feature clusters ({i['vectors']} vectors, d={i['d']}) in a "
+            f"{i['type']} index" + (f", nprobe {i['nprobe']}" if "nprobe" in i else "")
+            + f"; recall@{i['recall_k']} vs exact search {i['recall']:.4f}\noutputs: {self.run_dir}/{INDEX_FILE}"
+        )
+
+
+def run_index(cfg: RunConfig, force: list[str] | tuple = ()) -> IndexSummary:
+    """Build (or keep) the similar-features index of cfg.run_dir; needs a finished cluster stage."""
+    start = time.perf_counter()
+    run = RunDir(cfg.run_dir)
+    cluster = run.stage("cluster")
+    if not cluster or cluster.get("status") != "done":
+        raise DataError(
+            f"{run.url} has no finished cluster stage in manifest.json; run `ne cluster --config CONFIG` first"
+        )
+    fp = fingerprint(cluster["fingerprint"], to_dict(cfg.index), cfg.seed)
+    if STAGE in force:
+        run.remove(schema.INDEX_DIR)
+        run.mark(STAGE, "forced", "")
+    if run.is_done(STAGE, fp):
+        return IndexSummary(run.url, run.stage(STAGE))
+    layers = cluster["layers"]
+    parts = [central_vectors(run, layer, cfg.index.vectors) for layer in layers]
+    x = np.concatenate([v for _, v in parts]) if parts else np.zeros((0, 0), np.float32)
+    if len(x) == 0:
+        raise DataError(f"{run.url}: no feature clusters to index (no neuron has examples); check the harvest")
+    ids = pa.concat_tables([t for t, _ in parts])
+    ids = ids.append_column("row", pa.array(np.arange(ids.num_rows, dtype=np.int64)))
+    ids = ids.select(schema.INDEX_IDS.names).cast(schema.INDEX_IDS)
+    index, info = build_index(x, cfg.index, cfg.seed)
+    run.write_parquet(IDS_FILE, ids)
+    _write_index(run, index)
+    d_mlp = {str(layer): int(read_w_in(run, layer).shape[1]) for layer in layers}
+    info.update(vectors=cfg.index.vectors, d_mlp=d_mlp, seconds=time.perf_counter() - start)
+    run.mark(STAGE, "done", fp, **info)
+    log.info("index of %d vectors built, recall@%d %.4f", info["n_vectors"], info["recall_k"], info["recall"])
+    return IndexSummary(run.url, run.stage(STAGE))
+
+
+def _write_index(run: RunDir, index: faiss.Index) -> None:
+    run.write_bytes(INDEX_FILE, faiss.serialize_index(index).tobytes())

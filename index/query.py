@@ -1,0 +1,129 @@
+"""Queries of the similar-features index: by (layer, neuron, cluster) or by a raw vector."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from index.build import IDS_FILE, INDEX_FILE, STAGE, normalise
+from ne.errors import ConfigError, DataError
+from ne.store import RunDir
+
+_REBUILD = "rebuild it with `ne index --config CONFIG --force index`"
+
+
+@dataclass
+class SimilarFeature:
+    """One feature cluster found by a query, identified by its central example."""
+
+    layer: int
+    neuron: int
+    cluster: int
+    similarity: float
+    """Cosine similarity of its central example's vector to the query."""
+    ctx_id: int
+    pos: int
+    """The central example: its context and key token."""
+    rank: int
+    """The central example's rank among the neuron's examples."""
+
+
+class SimilarFeatures:
+    """The index of a run directory with its row ids; `load` it once, query it many times."""
+
+    def __init__(self, index: faiss.Index, ids: pd.DataFrame, info: dict):
+        self.index, self.ids, self.info = index, ids, info
+        self.d_mlp = {int(k): v for k, v in info["d_mlp"].items()}
+        self._row = pd.Series(ids.index.to_numpy(), index=pd.MultiIndex.from_frame(ids[["layer", "neuron", "cluster"]]))
+        self._clusters = ids.groupby(["layer", "neuron"]).size()
+        if "nprobe" in info:
+            faiss.extract_index_ivf(index).nprobe = int(info["nprobe"])
+            faiss.extract_index_ivf(index).make_direct_map()
+
+    @classmethod
+    def load(cls, run_dir: str | RunDir) -> SimilarFeatures:
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        info = run.stage(STAGE)
+        if not info or info.get("status") != "done":
+            raise DataError(f"{run.url} has no finished index stage; build it with `ne index --config CONFIG`")
+        for rel in (INDEX_FILE, IDS_FILE):
+            if not run.exists(rel):
+                raise DataError(f"{run.path(rel)} is missing; {_REBUILD}")
+        with run.fs.open(run.path(INDEX_FILE), "rb") as f:
+            data = f.read()
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError as exc:
+            raise DataError(f"{run.path(INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); {_REBUILD}") \
+                from exc
+        ids = run.read_parquet(IDS_FILE).to_pandas().sort_values("row").reset_index(drop=True)
+        if index.ntotal != len(ids) or index.d != info["d"] or not np.array_equal(ids.row, np.arange(len(ids))):
+            raise DataError(
+                f"{run.path(INDEX_FILE)} holds {index.ntotal} vectors of dimension {index.d} but ids.parquet "
+                f"has {len(ids)} rows and the manifest says d={info['d']}; {_REBUILD}"
+            )
+        return cls(index, ids, info)
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def _check_k(self, k: int) -> int:
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ConfigError(f"k is {k!r}; ask for at least one similar feature, for example k=20")
+        return int(k)
+
+    def row_of(self, layer: int, neuron: int, cluster: int) -> int:
+        """The index row of a feature cluster; an error naming the valid range when it does not exist."""
+        if layer not in self.d_mlp:
+            raise ConfigError(f"layer {layer} is not in this index; it holds layers {sorted(self.d_mlp)}")
+        if not 0 <= neuron < self.d_mlp[layer]:
+            raise ConfigError(f"neuron {neuron} is out of range; layer {layer} has neurons 0..{self.d_mlp[layer] - 1}")
+        n_clusters = int(self._clusters.get((layer, neuron), 0))
+        if n_clusters == 0:
+            raise ConfigError(f"neuron {neuron} of layer {layer} has no examples, hence no clusters; pick another")
+        if not 0 <= cluster < n_clusters:
+            raise ConfigError(f"cluster {cluster} is out of range; neuron {neuron} of layer {layer} has clusters "
+                              f"0..{n_clusters - 1}")
+        return int(self._row[(layer, neuron, cluster)])
+
+    def query(
+        self, layer: int, neuron: int, cluster: int, k: int = 20, exclude_same_neuron: bool = True
+    ) -> list[SimilarFeature]:
+        """The k feature clusters most similar to (layer, neuron, cluster), by their central examples.
+
+        With `exclude_same_neuron` (the default) the query neuron's own clusters are left out.
+        """
+        k = self._check_k(k)
+        row = self.row_of(layer, neuron, cluster)
+        vec = self.index.reconstruct(row)[None]
+        skip = int(self._clusters[(layer, neuron)]) if exclude_same_neuron else 0
+        hits = self._search(vec, k + skip)
+        if exclude_same_neuron:
+            hits = [h for h in hits if (h.layer, h.neuron) != (layer, neuron)]
+        return hits[:k]
+
+    def query_vector(self, vec, k: int = 20) -> list[SimilarFeature]:
+        """The k feature clusters most similar to a vector in the indexed space (it is L2-normalised here)."""
+        k = self._check_k(k)
+        vec = np.asarray(vec, dtype=np.float32).reshape(1, -1) if np.ndim(vec) == 1 else np.asarray(vec)
+        if vec.shape != (1, self.dim):
+            raise ConfigError(f"the query vector has shape {tuple(np.shape(vec))}; this index holds vectors of "
+                              f"dimension {self.dim} ({self.info.get('vectors')} embeddings of d_model)")
+        if not np.all(np.isfinite(vec)) or not np.any(vec):
+            raise ConfigError("the query vector is zero or not finite; give a vector with a direction")
+        return self._search(normalise(vec), k)
+
+    def _search(self, vec: np.ndarray, k: int) -> list[SimilarFeature]:
+        sims, rows = self.index.search(vec, min(k, self.index.ntotal))
+        out = []
+        for sim, row in zip(sims[0], rows[0]):
+            if row < 0:
+                continue
+            r = self.ids.iloc[row]
+            out.append(SimilarFeature(int(r.layer), int(r.neuron), int(r.cluster), float(sim), int(r.ctx_id),
+                                      int(r.pos), int(r["rank"])))
+        return out

@@ -1,0 +1,222 @@
+"""The cluster job: Ray tasks over batches of neurons turn the harvest into feature clusters and metrics.
+
+Batch b of layer L holds neurons [b × n, (b + 1) × n) with n = cluster.neurons_per_task. It writes
+`clusters/layer=L/part-b`, `dendrograms/layer=L/part-b` and, last, its metrics under `_work/cluster/`;
+a batch whose three files exist is finished, so a rerun after an interruption redoes only the others.
+When every batch is done, the metrics are merged into `metrics.parquet`, the report is written and the
+stage "cluster" is marked done in the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from jobs.ray_utils import init_ray
+from ne import schema
+from ne.config import ClusterConfig, RunConfig, to_dict
+from ne.embed import pad_rows, read_h, read_w_in
+from ne.errors import DataError
+from ne.metrics import NeuronResult, analyse_neurons
+from ne.report import separation, write_report
+from ne.store import RunDir, fingerprint
+
+log = logging.getLogger(__name__)
+
+STAGE = "cluster"
+WORK = "_work/cluster"
+OUTPUTS = (schema.CLUSTERS_DIR, schema.DENDROGRAMS_DIR, schema.METRICS, schema.REPORT_DIR, WORK)
+
+
+@dataclass(frozen=True)
+class Batch:
+    layer: int
+    index: int
+    lo: int
+    hi: int
+
+    @property
+    def files(self) -> tuple[str, str, str]:
+        name = schema.part_name(self.index)
+        return (
+            f"{schema.layer_dir(schema.CLUSTERS_DIR, self.layer)}/{name}",
+            f"{schema.layer_dir(schema.DENDROGRAMS_DIR, self.layer)}/{name}",
+            f"{WORK}/metrics/layer={self.layer}/{name}",  # written last: the batch's "done" marker
+        )
+
+
+def harvested_layers(run: RunDir) -> list[int]:
+    """Layers with examples in the run directory; an error when the harvest has not finished."""
+    entry = run.stage("examples")
+    if not entry or entry.get("status") != "done":
+        raise DataError(
+            f"{run.url} has no finished harvest (no 'examples' stage done in manifest.json); "
+            f"run `ne harvest --config CONFIG` with run_dir {run.url} first"
+        )
+    names = run.ls(schema.EXAMPLES_DIR)
+    return sorted(int(n.split("=", 1)[1]) for n in names if n.startswith("layer="))
+
+
+def cluster_batch(run_url: str, batch: Batch, cfg: ClusterConfig) -> int:
+    """Cluster one batch of neurons and write its three files; returns the number of examples."""
+    run = RunDir(run_url)
+    examples = run.read_parquet(
+        schema.layer_dir(schema.EXAMPLES_DIR, batch.layer),
+        columns=["neuron", "rank", "h_id"],
+        filters=[("neuron", ">=", batch.lo), ("neuron", "<", batch.hi)],
+    ).sort_by([("neuron", "ascending"), ("rank", "ascending")])
+    neuron = examples.column("neuron").to_numpy()
+    rank = examples.column("rank").to_numpy()
+    h_ids = examples.column("h_id").to_numpy()
+    w_bd = torch.from_numpy(np.ascontiguousarray(read_w_in(run, batch.layer)[:, batch.lo : batch.hi].T))
+    rows = read_h(run, batch.layer, h_ids) if len(h_ids) else np.zeros((0, w_bd.shape[1]), np.float32)
+    bounds = np.searchsorted(neuron, np.arange(batch.lo, batch.hi + 1))
+    members = [np.arange(bounds[i], bounds[i + 1]) for i in range(batch.hi - batch.lo)]
+    h_bnd, counts = pad_rows(rows, members)
+    results = analyse_neurons(h_bnd, counts, w_bd.float(), cfg)
+    clusters_rel, dendro_rel, metrics_rel = batch.files
+    run.write_parquet(clusters_rel, _clusters_table(batch, members, rank, results))
+    run.write_parquet(dendro_rel, _dendrograms_table(batch, results, cfg.threshold))
+    run.write_parquet(metrics_rel, _metrics_table(batch, results))
+    return len(h_ids)
+
+
+def _clusters_table(batch: Batch, members: list[np.ndarray], rank: np.ndarray, results: list) -> pa.Table:
+    cols: dict[str, list[np.ndarray]] = {name: [] for name in schema.CLUSTERS.names}
+    for i, (ix, res) in enumerate(zip(members, results)):
+        c = res.clusters
+        central = np.zeros(len(ix), dtype=bool)
+        central[c.central] = True
+        cols["layer"].append(np.full(len(ix), batch.layer, np.int16))
+        cols["neuron"].append(np.full(len(ix), batch.lo + i, np.int32))
+        cols["rank"].append(rank[ix].astype(np.int16))
+        cols["cluster"].append(c.labels.astype(np.int32))
+        cols["is_central"].append(central)
+        cols["outlier"].append(c.outlier.astype(bool))
+    return pa.Table.from_arrays(
+        [pa.array(np.concatenate(cols[f.name]).astype(f.type.to_pandas_dtype())) for f in schema.CLUSTERS],
+        schema=schema.CLUSTERS,
+    )
+
+
+def _dendrograms_table(batch: Batch, results: list[NeuronResult], threshold: float) -> pa.Table:
+    kept = [(batch.lo + i, r) for i, r in enumerate(results) if len(r.clusters.labels)]
+    return pa.Table.from_pydict(
+        {
+            "layer": [batch.layer] * len(kept),
+            "neuron": [n for n, _ in kept],
+            "linkage": [r.clusters.linkage.ravel().tolist() for _, r in kept],
+            "threshold": [threshold] * len(kept),
+        },
+        schema=schema.DENDROGRAMS,
+    )
+
+
+def _metrics_table(batch: Batch, results: list[NeuronResult]) -> pa.Table:
+    data = {"layer": [batch.layer] * len(results), "neuron": list(range(batch.lo, batch.hi))}
+    for name in schema.METRICS_SCHEMA.names[2:]:
+        data[name] = [r.metrics[name] for r in results]
+    return pa.Table.from_pydict(data, schema=schema.METRICS_SCHEMA)
+
+
+@dataclass
+class ClusterSummary:
+    run_dir: str
+    neurons: int
+    with_examples: int
+    median_clusters: float
+    share_ne_better: float
+    """Share of neurons, among those with both silhouettes defined, whose neuron-embedding clusters
+    have a higher silhouette than the pre-MLP-embedding clusters."""
+    seconds: float
+
+    def describe(self) -> str:
+        return (
+            f"cluster done in {self.seconds:.1f} s: {self.with_examples} of {self.neurons} neurons have examples; "
+            f"median clusters per such neuron {self.median_clusters:g}; neuron-embedding silhouette beats "
+            f"pre-MLP silhouette for {100 * self.share_ne_better:.1f}% of neurons\n"
+            f"outputs: {self.run_dir}/ (clusters/, dendrograms/, metrics.parquet, report/report.md)"
+        )
+
+
+def run_cluster(cfg: RunConfig, force: list[str] | tuple = (), in_process: bool = False) -> ClusterSummary:
+    """Run (or resume) the cluster stage of `cfg`: Ray tasks, or one process when `in_process`."""
+    start = time.perf_counter()
+    run = RunDir(cfg.run_dir)
+    layers = harvested_layers(run)
+    fp = fingerprint(run.stage("examples")["fingerprint"], to_dict(cfg.cluster))
+    entry = run.stage(STAGE)
+    if STAGE in force or (entry and entry.get("fingerprint") != fp and entry.get("status") != "done"):
+        for rel in OUTPUTS:  # stale partial outputs of other settings must not be resumed
+            run.remove(rel)
+        run.mark(STAGE, "forced", "")
+    if not run.is_done(STAGE, fp):
+        run.mark(STAGE, "running", fp)
+        todo = [b for b in _batches(run, layers, cfg.cluster.neurons_per_task) if not _finished(run, b)]
+        _map_batches(run, todo, cfg.cluster, in_process)
+        metrics = pa.concat_tables(
+            [run.read_parquet(f"{WORK}/metrics/layer={layer}") for layer in layers]
+        ).sort_by([("layer", "ascending"), ("neuron", "ascending")])
+        run.write_parquet(schema.METRICS, metrics)
+        write_report(run, metrics)
+        run.mark(STAGE, "done", fp, neurons=metrics.num_rows, layers=layers, seconds=time.perf_counter() - start)
+        run.remove(WORK)
+        if not run.ls("_work"):
+            run.remove("_work")
+    return _summary(run, time.perf_counter() - start)
+
+
+def _batches(run: RunDir, layers: list[int], per_task: int) -> list[Batch]:
+    out = []
+    for layer in layers:
+        d_mlp = read_w_in(run, layer).shape[1]
+        for b in range(math.ceil(d_mlp / per_task)):
+            out.append(Batch(layer, b, b * per_task, min(d_mlp, (b + 1) * per_task)))
+    return out
+
+
+def _finished(run: RunDir, batch: Batch) -> bool:
+    return all(run.exists(rel) for rel in batch.files)
+
+
+def _map_batches(run: RunDir, todo: list[Batch], cfg: ClusterConfig, in_process: bool) -> None:
+    if not todo:
+        return
+    bar = tqdm(total=len(todo), unit="batch", desc="cluster")
+    try:
+        if in_process:
+            for batch in todo:
+                cluster_batch(run.url, batch, cfg)
+                bar.update(1)
+            return
+        init_ray()
+        task = ray.remote(num_cpus=1, max_retries=2)(cluster_batch)
+        cfg_ref = ray.put(cfg)
+        pending = [task.remote(run.url, batch, cfg_ref) for batch in todo]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _summary(run: RunDir, seconds: float) -> ClusterSummary:
+    m = run.read_parquet(schema.METRICS).to_pandas()
+    active = m[m.n_examples > 0]
+    return ClusterSummary(
+        run_dir=run.url,
+        neurons=len(m),
+        with_examples=len(active),
+        median_clusters=float(active.n_clusters.median()) if len(active) else 0.0,
+        share_ne_better=separation(active)["share"],
+        seconds=seconds,
+    )

@@ -1,0 +1,107 @@
+"""Neuron embeddings and their cosine distances, for a whole batch of neurons at once.
+
+The neuron embedding of an example for neuron j is `e = h ⊙ w_j`. The cosine of two embeddings of the
+same neuron is `Σ h_a h_b w² / (‖h_a ⊙ w‖ ‖h_b ⊙ w‖)`: a Gram matrix of the rows of `h ⊙ w`, so one
+batched matrix product (`torch.bmm`) serves every neuron of a batch. Neurons with fewer examples are
+zero-padded; padded rows never touch the real block `[:n, :n]`, which is all a caller reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow.compute as pc
+import safetensors.numpy
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ne import schema
+from ne.errors import DataError
+from ne.store import RunDir
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """`auto`/None: CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def neuron_embeddings(
+    h: Float[Tensor, "*batch n d_model"], w: Float[Tensor, "*batch d_model"]
+) -> Float[Tensor, "*batch n d_model"]:
+    """e = h ⊙ w: each example's pre-MLP embedding weighted by its neuron's input weights."""
+    if h.shape[-1] != w.shape[-1]:
+        raise ValueError(f"h has d_model {h.shape[-1]} but w has {w.shape[-1]}")
+    return h * w.unsqueeze(-2)
+
+
+def cosine_distances(
+    h_bnd: Float[Tensor, "b n d_model"],
+    w_bd: Float[Tensor, "b d_model"] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = "auto",
+) -> Float[Tensor, "b n n"]:
+    """1 - cos(e_a, e_b) for every pair of examples of every neuron in the batch.
+
+    `w_bd=None` gives the distances of the raw pre-MLP embeddings (w = 1). Rows are normalised before
+    the product, so float32 stays within 1e-6 of scipy's float64 `pdist(..., 'cosine')`. An all-zero
+    embedding (padding, or a neuron whose weights vanish) has cosine 0 with everything: distance 1.
+    """
+    dev = resolve_device(device)
+    e = h_bnd.to(device=dev, dtype=dtype)
+    if w_bd is not None:
+        e = neuron_embeddings(e, w_bd.to(device=dev, dtype=dtype))
+    norms = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+    unit = e / norms.clamp_min(torch.finfo(dtype).tiny)
+    dist = 1.0 - torch.bmm(unit, unit.transpose(1, 2))
+    dist.clamp_(0.0, 2.0)
+    dist.diagonal(dim1=1, dim2=2).zero_()
+    return dist
+
+
+def pad_rows(
+    rows_nd: np.ndarray, index_lists: Sequence[np.ndarray]
+) -> tuple[Float[Tensor, "b n_max d_model"], np.ndarray]:
+    """Gather `rows_nd[idx]` for each neuron into one zero-padded tensor; returns it and the counts."""
+    counts = np.array([len(ix) for ix in index_lists], dtype=np.int64)
+    n_max = int(counts.max()) if len(counts) else 0
+    out = np.zeros((len(index_lists), max(n_max, 1), rows_nd.shape[1]), dtype=np.float32)
+    for b, ix in enumerate(index_lists):
+        out[b, : len(ix)] = rows_nd[ix]
+    return torch.from_numpy(out), counts
+
+
+def read_w_in(run: RunDir, layer: int) -> Float[np.ndarray, "d_model d_mlp"]:
+    """W_in of a harvested layer, from the run's `weights/layer=L.safetensors` (no model needed)."""
+    rel = f"weights/layer={layer}.safetensors"  # as jobs.harvest.weights_path writes it
+    if not run.exists(rel):
+        raise DataError(f"{run.url}: {rel} is missing; the harvest writes it (rerun `ne harvest`)")
+    with run.fs.open(run.path(rel), "rb") as f:
+        return safetensors.numpy.load(f.read())["W_in"]
+
+
+def read_h(run: RunDir, layer: int, h_ids: np.ndarray) -> Float[np.ndarray, "len(h_ids) d_model"]:
+    """The pre-MLP embeddings of layer `layer` for `h_ids`, in that order, as float32.
+
+    Only the requested rows are kept while the parts stream past, so memory follows `len(h_ids)`.
+    """
+    wanted = np.unique(h_ids)
+    # the range lets Parquet statistics skip whole parts: examples are the first k in corpus order, so
+    # most of a batch's rows sit in the first parts of h/ (sorted by h_id)
+    keep = pc.field("h_id").isin(wanted)
+    if len(wanted):
+        keep = (pc.field("h_id") >= int(wanted[0])) & (pc.field("h_id") <= int(wanted[-1])) & keep
+    table = run.read_parquet(schema.layer_dir(schema.H_DIR, layer), columns=["h_id", "h"], filters=keep)
+    got = table.column("h_id").to_numpy()
+    order = np.argsort(got)
+    got = got[order]
+    pos = np.searchsorted(got, h_ids)
+    if len(got) == 0 or np.any(pos >= len(got)) or np.any(got[np.minimum(pos, len(got) - 1)] != h_ids):
+        missing = np.setdiff1d(wanted, got)[:5].tolist()
+        raise DataError(f"{run.url}: h/layer={layer} lacks h_ids {missing}; the harvest is incomplete, rerun it")
+    h = table.column("h").combine_chunks()
+    rows = h.flatten().to_numpy(zero_copy_only=False).reshape(len(h), h.type.list_size)
+    return rows[order][pos].astype(np.float32, copy=False)

@@ -1,0 +1,93 @@
+"""Batched neuron-embedding distances against scipy's pdist, one neuron at a time."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import pdist, squareform
+
+from ne.embed import cosine_distances, neuron_embeddings, pad_rows
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    d_model = 768
+    rows = rng.normal(size=(500, d_model)).astype(np.float32) + rng.normal(size=d_model).astype(np.float32)
+    counts = [100, 37, 2, 1, 100, 64]
+    index_lists = [rng.choice(len(rows), size=c, replace=False) for c in counts]
+    w = rng.normal(size=(len(counts), d_model)).astype(np.float32) * rng.exponential(size=d_model)
+    return rows, index_lists, w
+
+
+def test_neuron_embeddings_is_hadamard_product():
+    h = torch.randn(3, 5, 7)
+    w = torch.randn(3, 7)
+    e = neuron_embeddings(h, w)
+    assert torch.equal(e[1, 2], h[1, 2] * w[1])
+    with pytest.raises(ValueError, match="d_model 7 but w has 6"):
+        neuron_embeddings(h, torch.randn(3, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_distances_equal_scipy_pdist(batch, dtype):
+    rows, index_lists, w = batch
+    h_bnd, counts = pad_rows(rows, index_lists)
+    assert list(counts) == [len(ix) for ix in index_lists]
+    dist = cosine_distances(h_bnd, torch.from_numpy(w), dtype=dtype, device="cpu").numpy()
+    for b, ix in enumerate(index_lists):
+        n = len(ix)
+        e = rows[ix].astype(np.float64) * w[b].astype(np.float64)
+        expected = squareform(pdist(e, "cosine")) if n > 1 else np.zeros((1, 1))
+        np.testing.assert_allclose(dist[b, :n, :n], expected, atol=1e-5, rtol=0)
+        assert np.all(np.diag(dist[b, :n, :n]) == 0)
+
+
+def test_w_none_gives_raw_pre_mlp_distances(batch):
+    rows, index_lists, _ = batch
+    h_bnd, _ = pad_rows(rows, index_lists[:1])
+    dist = cosine_distances(h_bnd, None, device="cpu")[0].numpy()
+    np.testing.assert_allclose(dist, squareform(pdist(rows[index_lists[0]].astype(np.float64), "cosine")),
+                               atol=1e-5, rtol=0)
+    ones = torch.ones(1, rows.shape[1])
+    assert torch.allclose(cosine_distances(h_bnd, ones, device="cpu")[0], torch.from_numpy(dist))
+
+
+def test_distances_do_not_depend_on_padding_or_batch_mates(batch):
+    rows, index_lists, w = batch
+    alone, _ = pad_rows(rows, index_lists[2:3])
+    together, _ = pad_rows(rows, index_lists)
+    d_alone = cosine_distances(alone, torch.from_numpy(w[2:3]), device="cpu")[0]
+    d_together = cosine_distances(together, torch.from_numpy(w), device="cpu")[2, :2, :2]
+    assert torch.allclose(d_alone, d_together, atol=1e-6)
+
+
+def test_zero_embedding_is_at_distance_one():
+    h = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [2.0, 4.0]]])
+    dist = cosine_distances(h, None, device="cpu")[0]
+    assert dist[0, 1] == 1.0 and dist[1, 2] == 1.0
+    assert abs(float(dist[0, 2])) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_read_h_returns_requested_rows_in_order(tmp_path, dtype):
+    import pyarrow as pa
+
+    from ne import schema
+    from ne.embed import read_h
+    from ne.errors import DataError
+    from ne.store import RunDir
+
+    run = RunDir(str(tmp_path))
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(30, 6)).astype(dtype)
+    ids = np.arange(30) * 7 + 3
+    for part, sl in enumerate((slice(0, 12), slice(12, 30))):
+        table = pa.table({"h_id": ids[sl], "ctx_id": ids[sl] // 16, "pos": ids[sl] % 16, "h": list(rows[sl])},
+                         schema=schema.h_schema(6, dtype))
+        run.write_parquet(f"{schema.layer_dir(schema.H_DIR, 1)}/{schema.part_name(part)}", table)
+    want = ids[[25, 3, 3, 14, 0]]
+    got = read_h(run, 1, want)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, rows[[25, 3, 3, 14, 0]].astype(np.float32))
+    with pytest.raises(DataError, match=r"h/layer=1 lacks h_ids \[4\]"):
+        read_h(run, 1, np.array([3, 4]))

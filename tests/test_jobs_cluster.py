@@ -1,0 +1,148 @@
+"""The cluster job on a synthetic run directory: outputs against direct computation, resume, Ray."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial.distance import pdist, squareform
+
+import jobs.cluster as job
+from ne import schema
+from ne.cluster import cluster_examples
+from ne.config import RunConfig
+from ne.embed import read_w_in
+from ne.errors import DataError
+from ne.store import RunDir
+from tests.planted import write_synthetic_run
+
+
+def _cfg(path, per_task=3):
+    cfg = RunConfig(run_dir=str(path))
+    cfg.cluster.neurons_per_task = per_task
+    return cfg
+
+
+def _outputs(path) -> dict[str, pd.DataFrame]:
+    run = RunDir(str(path))
+    keys = {"clusters": ["layer", "neuron", "rank"], "dendrograms": ["layer", "neuron"]}
+    out = {}
+    for name, k in keys.items():
+        tables = [run.read_parquet(schema.layer_dir(name, layer)).to_pandas() for layer in (0, 2)]
+        out[name] = pd.concat(tables).sort_values(k).reset_index(drop=True)
+    out["metrics"] = run.read_parquet(schema.METRICS).to_pandas()
+    return out
+
+
+def _assert_same(a, b):
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "run"
+    truth = write_synthetic_run(str(path))
+    summary = job.run_cluster(_cfg(path), in_process=True)
+    return path, truth, summary
+
+
+def test_run_without_harvest_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="no finished harvest.*ne harvest"):
+        job.run_cluster(_cfg(tmp_path / "empty"), in_process=True)
+
+
+def test_outputs_equal_direct_clustering(reference):
+    path, truth, summary = reference
+    out = _outputs(path)
+    cfg = _cfg(path).cluster
+    assert summary.neurons == 14 and summary.with_examples == 10
+    assert len(out["metrics"]) == 14
+    for (layer, neuron), (_, h) in truth.items():
+        rows = out["clusters"].query("layer == @layer and neuron == @neuron")
+        assert rows["rank"].tolist() == list(range(len(h)))
+        if len(h) == 0:
+            continue
+        e = h.astype(np.float64) * read_w_in(RunDir(str(path)), layer)[:, neuron]
+        dist = squareform(pdist(e, "cosine")) if len(h) > 1 else np.zeros((1, 1))
+        ref = cluster_examples(dist, cfg.threshold, cfg.method, cfg.min_cluster_size)
+        assert rows["cluster"].tolist() == ref.labels.tolist()
+        assert np.flatnonzero(rows["is_central"]).tolist() == sorted(ref.central.tolist())
+        dendro = out["dendrograms"].query("layer == @layer and neuron == @neuron")
+        np.testing.assert_allclose(np.asarray(dendro["linkage"].iloc[0]).reshape(-1, 4), ref.linkage, atol=1e-5)
+        metrics = out["metrics"].query("layer == @layer and neuron == @neuron").iloc[0]
+        assert metrics["n_examples"] == len(h)
+        assert metrics["n_clusters"] == len(set(ref.labels[~ref.outlier].tolist()))
+        assert rows["outlier"].tolist() == ref.outlier.tolist()
+    report = (path / "report" / "report.md").read_text()
+    assert "most polysemantic" in report and (path / "report" / "separation.png").stat().st_size > 1000
+    stage = RunDir(str(path)).stage("cluster")
+    assert stage["status"] == "done" and stage["neurons"] == 14
+    assert not (path / "_work").exists()
+
+
+def test_interrupted_run_resumes_per_batch(reference, tmp_path, monkeypatch):
+    path = tmp_path / "run"
+    write_synthetic_run(str(path))
+    real, calls = job.cluster_batch, []
+
+    def failing(url, batch, cfg):
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        calls.append(batch)
+        return real(url, batch, cfg)
+
+    monkeypatch.setattr(job, "cluster_batch", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        job.run_cluster(_cfg(path), in_process=True)
+    assert RunDir(str(path)).stage("cluster")["status"] == "running"
+    first = calls[0]
+    (path / first.files[0]).unlink()  # a lost part: that batch must be redone too
+    calls.clear()
+    monkeypatch.setattr(job, "cluster_batch", lambda *a: (calls.append(a[1]), real(*a))[1])
+    job.run_cluster(_cfg(path), in_process=True)
+    assert len(calls) == 6 - 3 + 1 and first in calls
+    _assert_same(_outputs(path), _outputs(reference[0]))
+    calls.clear()
+    job.run_cluster(_cfg(path), in_process=True)  # finished: nothing to redo
+    assert calls == []
+
+
+def test_changed_settings_need_force(reference, tmp_path):
+    path = tmp_path / "run"
+    write_synthetic_run(str(path))
+    job.run_cluster(_cfg(path), in_process=True)
+    other = _cfg(path)
+    other.cluster.threshold = 0.2
+    with pytest.raises(DataError, match="--force cluster"):
+        job.run_cluster(other, in_process=True)
+    summary = job.run_cluster(other, force=["cluster"], in_process=True)
+    assert summary.median_clusters >= reference[2].median_clusters
+
+
+@pytest.mark.ray
+def test_ray_run_equals_in_process(reference, tmp_path, tmp_path_factory, monkeypatch):
+    import ray
+
+    short = str(tmp_path_factory.mktemp("ray"))  # Ray's socket paths must stay under 108 bytes
+    monkeypatch.setenv("RAY_TMPDIR", short)
+    monkeypatch.setenv("TMPDIR", short)
+    monkeypatch.setenv("NE_RAY_NUM_CPUS", "1")
+    path = tmp_path / "run"
+    write_synthetic_run(str(path))
+    try:
+        job.run_cluster(_cfg(path, per_task=4))
+    finally:
+        ray.shutdown()
+    _assert_same(_outputs(path), _outputs(reference[0]))
+
+
+def test_incomplete_harvest_files_are_named(tmp_path):
+    path = tmp_path / "run"
+    write_synthetic_run(str(path))
+    run = RunDir(str(path))
+    h = run.read_parquet(schema.layer_dir(schema.H_DIR, 2))
+    run.write_parquet(f"{schema.layer_dir(schema.H_DIR, 2)}/{schema.part_name(0)}", h.slice(0, h.num_rows - 1))
+    with pytest.raises(DataError, match=r"h/layer=2 lacks h_ids \[\d+\]; the harvest is incomplete"):
+        job.run_cluster(_cfg(path), in_process=True)
+    (path / "weights" / "layer=0.safetensors").unlink()
+    with pytest.raises(DataError, match=r"weights/layer=0.safetensors is missing"):
+        job.run_cluster(_cfg(path), in_process=True)

@@ -1,0 +1,93 @@
+"""Polysemy metrics against scikit-learn and naive loops; degenerate cases are NaN."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import pdist, squareform
+from sklearn.metrics import silhouette_score
+
+from ne.cluster import cluster_examples
+from ne.config import ClusterConfig
+from ne.embed import pad_rows
+from ne.metrics import analyse_neurons, neuron_metrics, silhouette
+from tests.planted import planted_features
+
+
+def _random_case(seed, n=60, n_labels=5):
+    rng = np.random.default_rng(seed)
+    dist = squareform(pdist(rng.normal(size=(n, 8)), "cosine"))
+    labels = rng.integers(0, n_labels, size=n)
+    labels[0] = 0
+    labels[1] = n_labels - 1  # guarantee two distinct labels
+    return dist, np.unique(labels, return_inverse=True)[1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_silhouette_equals_sklearn(seed):
+    dist, labels = _random_case(seed)
+    assert silhouette(dist, labels) == pytest.approx(silhouette_score(dist, labels, metric="precomputed"),
+                                                     abs=1e-12)
+
+
+def test_silhouette_with_singleton_clusters_equals_sklearn():
+    dist, labels = _random_case(9, n=12, n_labels=3)
+    labels = labels.copy()
+    labels[5] = labels.max() + 1  # a singleton cluster scores 0 in sklearn
+    assert silhouette(dist, labels) == pytest.approx(silhouette_score(dist, labels, metric="precomputed"))
+
+
+def test_silhouette_degenerate_cases_are_nan():
+    dist, _ = _random_case(0, n=6)
+    assert math.isnan(silhouette(dist, np.zeros(6, dtype=int)))  # one cluster
+    assert math.isnan(silhouette(dist, np.arange(6)))  # all singletons
+    assert math.isnan(silhouette(np.zeros((1, 1)), np.zeros(1, dtype=int)))
+
+
+def test_metrics_equal_naive_loops():
+    h, w, _ = planted_features(0, spread=0.4)
+    e = h.astype(np.float64) * w
+    dist = squareform(pdist(e, "cosine"))
+    clusters = cluster_examples(dist, 0.3)
+    got = neuron_metrics(dist, clusters)
+    intra, inter, every = [], [], []
+    for i in range(len(e)):
+        for j in range(i + 1, len(e)):
+            every.append(dist[i, j])
+            (intra if clusters.labels[i] == clusters.labels[j] else inter).append(dist[i, j])
+    assert got["n_examples"] == len(e)
+    assert got["n_clusters"] == len(set(clusters.labels.tolist())) > 1
+    assert got["max_dist"] == pytest.approx(max(every))
+    assert got["mean_dist"] == pytest.approx(np.mean(every))
+    assert got["intra_dist"] == pytest.approx(np.mean(intra))
+    assert got["inter_dist"] == pytest.approx(np.mean(inter))
+    assert got["silhouette"] == pytest.approx(silhouette_score(dist, clusters.labels, metric="precomputed"))
+
+
+def test_metrics_of_degenerate_neurons():
+    one = neuron_metrics(np.zeros((1, 1)), cluster_examples(np.zeros((1, 1)), 0.5))
+    assert one["n_examples"] == 1 and one["n_clusters"] == 1
+    assert all(math.isnan(one[k]) for k in ("max_dist", "mean_dist", "intra_dist", "inter_dist", "silhouette"))
+    tight = np.full((4, 4), 0.1) - 0.1 * np.eye(4)
+    single = neuron_metrics(tight, cluster_examples(tight, 0.5))
+    assert single["n_clusters"] == 1 and single["intra_dist"] == pytest.approx(0.1)
+    assert math.isnan(single["inter_dist"]) and math.isnan(single["silhouette"])
+    spread = np.full((3, 3), 0.9) - 0.9 * np.eye(3)
+    apart = neuron_metrics(spread, cluster_examples(spread, 0.5, min_cluster_size=2))
+    assert apart["n_clusters"] == 0  # three outlier singletons
+    assert math.isnan(apart["intra_dist"]) and apart["inter_dist"] == pytest.approx(0.9)
+
+
+def test_analyse_neurons_separates_planted_features_better_than_raw():
+    cases = [planted_features(s) for s in range(3)]
+    rows = np.concatenate([h for h, _, _ in cases])
+    starts = np.cumsum([0] + [len(h) for h, _, _ in cases])
+    h_bnd, counts = pad_rows(rows, [np.arange(starts[i], starts[i + 1]) for i in range(3)])
+    w_bd = torch.from_numpy(np.stack([w for _, w, _ in cases]))
+    results = analyse_neurons(h_bnd, counts, w_bd, ClusterConfig(), device="cpu")
+    for (h, w, _), res in zip(cases, results):
+        assert res.metrics["n_clusters"] == 4
+        assert res.metrics["silhouette"] > res.metrics["raw_silhouette"] or math.isnan(res.metrics["raw_silhouette"])
+        solo = cluster_examples(squareform(pdist(h.astype(np.float64) * w, "cosine")), ClusterConfig().threshold)
+        assert np.array_equal(solo.labels, res.clusters.labels)
