@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import faiss
@@ -127,3 +128,53 @@ class SimilarFeatures:
             out.append(SimilarFeature(int(r.layer), int(r.neuron), int(r.cluster), float(sim), int(r.ctx_id),
                                       int(r.pos), int(r["rank"])))
         return out
+
+
+def describe_similar(run_dir: str, layer: int, neuron: int, cluster: int, k: int = 20,
+                     include_self: bool = False) -> str:
+    """The query's central example, then one line per similar feature: what `ne similar` prints."""
+    run = RunDir(run_dir)
+    index = SimilarFeatures.load(run)
+    hits = index.query(layer, neuron, cluster, k, exclude_same_neuron=not include_self)
+    own = index.ids.iloc[index.row_of(layer, neuron, cluster)]
+    texts = _central_texts(run, [own] + hits)
+    lines = [
+        f"query: layer {layer}, neuron {neuron}, cluster {cluster}: {texts.pop(0)}",
+        f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'similarity':>10}  central example (key token in [[ ]])",
+    ]
+    for hit, text in zip(hits, texts):
+        lines.append(f"{hit.layer:>5} {hit.neuron:>6} {hit.cluster:>7} {hit.similarity:>10.4f}  {text}")
+    return "\n".join(lines)
+
+
+def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
+    """The text around each hit's key token, decoded with the run's model tokenizer (token ids without one)."""
+    import pyarrow.compute as pc
+
+    from ne import schema
+    from ne.config import ModelConfig, from_dict
+    from ne.models import load_model
+
+    if not hits:
+        return []
+    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
+                             filters=pc.field("ctx_id").isin([h.ctx_id for h in hits]))
+    tokens = dict(zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist()))
+    try:
+        model_cfg = from_dict(ModelConfig, {**run.manifest()["config"]["model"], "device": "cpu"}, "model")
+        decode = load_model(model_cfg).decode_tokens
+    except Exception as exc:  # the model is only needed for display: fall back to token ids
+        logging.getLogger(__name__).warning("cannot load the run's model to decode tokens (%s); showing ids", exc)
+        decode = lambda ids: [f"<{i}>" for i in ids]  # noqa: E731
+    out = []
+    for h in hits:
+        toks = tokens.get(h.ctx_id, [])
+        lo, hi = max(0, h.pos - before), min(len(toks), h.pos + after + 1)
+        pieces = decode(toks[lo:hi]) if toks else []
+        key = h.pos - lo
+        if key < len(pieces):
+            pieces[key] = pieces[key].replace(pieces[key].lstrip(" #"), "[[" + pieces[key].lstrip(" #") + "]]", 1)
+        out.append("".join(pieces).strip().replace("\n", "⏎"))
+    return out
+
+

@@ -68,77 +68,34 @@ def cmd_importance(args) -> None:
 
 
 def cmd_similar(args) -> None:
-    from index.query import SimilarFeatures
-    from ne.store import RunDir
+    from index.query import describe_similar
 
-    run = RunDir(args.run_dir)
-    index = SimilarFeatures.load(run)
-    hits = index.query(args.layer, args.neuron, args.cluster, args.k, exclude_same_neuron=not args.include_self)
-    own = index.ids.iloc[index.row_of(args.layer, args.neuron, args.cluster)]
-    texts = _central_texts(run, [own] + hits)
-    print(f"query: layer {args.layer}, neuron {args.neuron}, cluster {args.cluster}: {texts.pop(0)}")
-    print(f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'similarity':>10}  central example (key token in [[ ]])")
-    for hit, text in zip(hits, texts):
-        print(f"{hit.layer:>5} {hit.neuron:>6} {hit.cluster:>7} {hit.similarity:>10.4f}  {text}")
-
-
-def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
-    """The text around each hit's key token, decoded with the run's model tokenizer (token ids without one)."""
-    import pyarrow.compute as pc
-
-    from ne import schema
-    from ne.config import ModelConfig, from_dict
-    from ne.models import load_model
-
-    if not hits:
-        return []
-    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
-                             filters=pc.field("ctx_id").isin([h.ctx_id for h in hits]))
-    tokens = dict(zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist()))
-    try:
-        model_cfg = from_dict(ModelConfig, {**run.manifest()["config"]["model"], "device": "cpu"}, "model")
-        decode = load_model(model_cfg).decode_tokens
-    except Exception as exc:  # the model is only needed for display: fall back to token ids
-        logging.getLogger(__name__).warning("cannot load the run's model to decode tokens (%s); showing ids", exc)
-        decode = lambda ids: [f"<{i}>" for i in ids]  # noqa: E731
-    out = []
-    for h in hits:
-        toks = tokens.get(h.ctx_id, [])
-        lo, hi = max(0, h.pos - before), min(len(toks), h.pos + after + 1)
-        pieces = decode(toks[lo:hi]) if toks else []
-        key = h.pos - lo
-        if key < len(pieces):
-            pieces[key] = pieces[key].replace(pieces[key].lstrip(" #"), "[[" + pieces[key].lstrip(" #") + "]]", 1)
-        out.append(_join_tokens(pieces).replace("\n", "⏎"))
-    return out
-
-
-def _join_tokens(pieces: list[str]) -> str:
-    """Byte-level BPE pieces carry their spaces; WordPiece ones (no piece starts with a space) do not:
-    they are joined with spaces, gluing `##` continuations."""
-    if any(p[:1].isspace() for p in pieces):
-        return "".join(pieces)
-    text = ""
-    for p in pieces:
-        text += p[2:] if p.startswith("##") else (" " + p if text else p)
-    return text
+    print(describe_similar(args.run_dir, args.layer, args.neuron, args.cluster, args.k, args.include_self))
 
 
 def cmd_run(args) -> None:
     """Harvest, clusters and index in one go; then the most polysemantic neurons and one example query."""
     from index.build import run_index
-    from index.query import SimilarFeatures
+    from index.query import describe_similar
     from jobs.cluster import run_cluster
     from jobs.harvest import run_harvest
-    from ne.summary import most_polysemantic, example_query
+    from ne import schema
+    from ne.report import most_polysemantic
+    from ne.store import RunDir
 
     cfg = _load(args)
-    print(run_harvest(cfg, force=args.force).describe())
-    print(run_cluster(cfg, force=args.force).describe())
-    print(run_index(cfg, force=args.force).describe())
-    print(most_polysemantic(cfg.run_dir, n=10))
-    print(example_query(SimilarFeatures.load(cfg.run_dir), k=5))
-    print(f"browse it: ne view {cfg.run_dir}")
+    print(run_harvest(cfg, force=args.force).describe(), end="\n\n")
+    print(run_cluster(cfg, force=args.force).describe(), end="\n\n")
+    print(run_index(cfg, force=args.force).describe(), end="\n\n")
+    metrics = RunDir(cfg.run_dir).read_parquet(schema.METRICS).to_pandas()
+    top = most_polysemantic(metrics[metrics.n_examples > 0], 10)
+    print("The 10 most polysemantic neurons:")
+    print(top[["layer", "neuron", "n_examples", "n_clusters", "mean_dist", "silhouette"]].to_string(index=False))
+    layer, neuron = int(top.iloc[0].layer), int(top.iloc[0].neuron)
+    print(f"\nFeatures most similar to cluster 0 of layer {layer}, neuron {neuron} "
+          f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster 0 -k 5):")
+    print(describe_similar(cfg.run_dir, layer, neuron, 0, 5))
+    print(f"\nreport: {cfg.run_dir}/report/report.md; browse it: ne view {cfg.run_dir}")
 
 
 def _mnist_args(p: argparse.ArgumentParser) -> None:
