@@ -47,11 +47,6 @@ def mask_token_id(model: MLPModel, mask_token: int | None = None) -> int:
     return int(token)
 
 
-def is_causal(model: MLPModel) -> bool:
-    """Whether a position only sees earlier ones; unknown back ends are treated as bidirectional (exact)."""
-    return model.is_causal
-
-
 @torch.inference_mode()
 def token_importance(
     model: MLPModel,
@@ -70,7 +65,7 @@ def token_importance(
     if not 0 <= pos < len(tokens):
         raise ValueError(f"key position {pos} outside a context of {len(tokens)} tokens")
     start = max(0, min(start, pos))
-    context = torch.as_tensor(np.asarray(tokens[: pos + 1] if is_causal(model) else tokens), dtype=torch.long)
+    context = torch.as_tensor(np.asarray(tokens[: pos + 1] if model.is_causal else tokens), dtype=torch.long)
     skip_bos = model.bos_token_id is not None and int(context[0]) == model.bos_token_id
     masked = [i for i in range(start, pos + 1) if not (i == 0 and skip_bos)]
 

@@ -58,12 +58,12 @@ def test_causal_cut_is_exact(model, context):
     """For a causal model the context is cut after the key token; that must not change any value."""
     pos, layer, neuron = 9, 0, 3
     mask = mask_token_id(model)
-    full = token_importance(model, context, pos, layer, neuron, mask)
-    model.is_causal = True
+    model.is_causal = False
     try:
-        cut = token_importance(model, context, pos, layer, neuron, mask)
+        full = token_importance(model, context, pos, layer, neuron, mask)
     finally:
-        del model.is_causal
+        model.is_causal = True
+    cut = token_importance(model, context, pos, layer, neuron, mask)
     np.testing.assert_allclose(cut, full, rtol=1e-4, atol=1e-5, equal_nan=True)
     np.testing.assert_allclose(cut[1:], brute_force(model, context, pos, layer, neuron, mask)[1:], atol=1e-4,
                                rtol=1e-4)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -140,6 +141,7 @@ def model_path(name: str) -> str:
 
 def load_hf(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> HFModel:
     path = model_path(cfg.name)
+    transformers.utils.logging.disable_progress_bar()  # one bar per tensor loaded, in every worker
     model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or path)
     return HFModel(model, tokenizer, cfg.name)

@@ -1,0 +1,243 @@
+"""The MNIST training job: the MLP, then the standard SAE and the NE-loss SAE, on Ray Train.
+
+One `TorchTrainer` runs all three models in sequence on N workers (CPU or GPU). Each worker takes rows
+`rank::N` of every global batch and gradients are summed (`ne.parallel`), so N workers follow the one-worker
+trajectory up to float rounding. A worker start costs ~16 s and a report ~2 s, so one trainer serves every
+model and reports a checkpoint only every `trainer.checkpoint_every` epochs.
+
+Resume: Ray Train V2 restores the latest reported checkpoint when a run with the same storage path and name
+starts again, and the name carries the settings' fingerprint, so an interrupted job picks up at its last
+checkpoint and a changed config starts afresh. Stages recorded as done in the manifest are not retrained:
+    mnist_mlp, mnist_sae_standard, mnist_sae_ne_loss   ->  RUN/mnist/{mlp,sae_standard,sae_ne_loss}.safetensors
+    mnist_eval                                         ->  RUN/mnist/sae_eval.{md,csv}
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ne import mnist
+from ne.config import from_dict, to_dict
+from ne.mnist_config import MnistRunConfig
+from ne.parallel import Shard, make_optimizer
+from ne.sae import SAE, NeuronEmbeddingLoss, train_sae_epoch
+from ne.sae_eval import SAEMetrics, evaluate_dir, write_tables
+from ne.store import RunDir, fingerprint
+
+SAE_KINDS = ("standard", "ne_loss")
+STATE = "state.pt"
+
+
+def weights_rel(model: str) -> str:
+    """Run-directory path of a model's weights: `mlp`, `sae_standard` or `sae_ne_loss`."""
+    return f"mnist/{model}.safetensors"
+
+
+def url(run: RunDir, rel: str) -> str:
+    """A file of the run directory as a URL fsspec opens anywhere (run.path drops the protocol)."""
+    return f"{run.url.rstrip('/')}/{rel}"
+
+
+def stage_fingerprints(cfg: MnistRunConfig) -> dict[str, str]:
+    """Settings each stage's output depends on (not the number of workers: that changes only rounding)."""
+    mlp = fingerprint(cfg.seed, to_dict(cfg.data), to_dict(cfg.mlp))
+    sae = {f"sae_{k}": fingerprint(mlp, to_dict(cfg.sae), k) for k in SAE_KINDS}
+    return {"mlp": mlp, **sae, "eval": fingerprint(*sae.values(), to_dict(cfg.eval))}
+
+
+@dataclass
+class TrainSummary:
+    trained: list[str] = field(default_factory=list)
+    """Models trained by this call (others were finished before)."""
+    steps: int = 0
+    """Optimiser steps taken by this call (0 when everything resumed from a checkpoint)."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per model, measured inside worker 0."""
+    metrics: dict[str, SAEMetrics] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        lines = [f"trained: {', '.join(self.trained) or 'nothing (all done)'}; steps this call: {self.steps}"]
+        lines += [f"  {k}: {v:.1f} s" for k, v in self.seconds.items()]
+        return "\n".join(lines)
+
+
+# --- inside each Ray Train worker ------------------------------------------------------------------------
+
+
+def _save_state(state: dict, metrics: dict) -> None:
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, os.path.join(d, STATE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _load_state() -> dict:
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return {"done": {}, "current": None}
+    with ckpt.as_directory() as d:
+        return torch.load(os.path.join(d, STATE), weights_only=True)
+
+
+def train_loop(config: dict) -> None:
+    """Train every model in `config["todo"]`, resuming from Ray's latest checkpoint when there is one."""
+    import ray.train.torch
+
+    cfg: MnistRunConfig = from_dict(MnistRunConfig, config["cfg"])
+    torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
+    shard = Shard.current()
+    state = _load_state()
+    train = mnist.load_mnist(cfg.data.source, cfg.data.dir, "train").head(cfg.data.train_subset)
+    train = mnist.MnistSplit(train.images.to(device), train.labels.to(device))
+    steps, seconds = 0, {}
+
+    def resume(name: str, model: torch.nn.Module, opt, extra: torch.nn.Module | None = None) -> tuple[int, int]:
+        cur = state["current"]
+        if not cur or cur["name"] != name:
+            return 0, 0
+        model.load_state_dict(cur["model"])
+        opt.load_state_dict(cur["opt"])
+        if extra is not None:
+            extra.load_state_dict(cur["extra"])
+        return cur["epoch"], cur["step"]
+
+    def checkpoint(name, model, opt, epoch, step, last, t0, extra=None, **metrics):
+        if last:
+            state["done"][name] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            state["current"] = None
+            seconds[name] = time.time() - t0
+        else:
+            state["current"] = {"name": name, "epoch": epoch, "step": step, "model": model.state_dict(),
+                                "opt": opt.state_dict(), "extra": extra.state_dict() if extra else {}}
+        # The driver reads the latest checkpoint and its metrics, so the summary travels with every one.
+        _save_state(state, {"model": name, "epoch": epoch, "steps_this_attempt": steps, "seconds": dict(seconds),
+                            **metrics})
+
+    # The MLP
+    if "mlp" in state["done"] or "mlp" not in config["todo"]:
+        mlp = mnist.MLP(cfg.mlp.hidden)
+        mlp.load_state_dict(state["done"].get("mlp") or mnist.MLP.load(config["mlp_path"]).state_dict())
+        mlp.to(device)
+    else:
+        t0 = time.time()
+        mlp = mnist.MLP(cfg.mlp.hidden, torch.Generator().manual_seed(cfg.seed)).to(device)
+        opt = make_optimizer(cfg.mlp.optimizer, mlp.parameters(), cfg.mlp.lr, cfg.mlp.momentum)
+        start, _ = resume("mlp", mlp, opt)
+        for epoch in range(start, cfg.mlp.epochs):
+            loss = mnist.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch, shard)
+            steps += -(-len(train) // cfg.mlp.batch_size)
+            last = epoch + 1 == cfg.mlp.epochs
+            if last or (epoch + 1) % cfg.trainer.checkpoint_every == 0:
+                checkpoint("mlp", mlp, opt, epoch + 1, 0, last, t0, loss=loss)
+
+    acts = mnist.hidden_acts(mlp, train.images)
+    for kind in SAE_KINDS:
+        name = f"sae_{kind}"
+        if name in state["done"] or name not in config["todo"]:
+            continue
+        t0 = time.time()
+        # Both SAEs start from the same weights and see the same batches: only the loss differs.
+        sae = SAE(mlp.hidden_size, cfg.sae.expansion * mlp.hidden_size,
+                  torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+        opt = make_optimizer(cfg.sae.optimizer, sae.parameters(), cfg.sae.lr)
+        ne_loss = None
+        if kind == "ne_loss":
+            ne_loss = NeuronEmbeddingLoss(sae.n_neurons, mlp.hidden_size, cfg.sae.ne_momentum,
+                                          only_active=cfg.sae.ne_examples == "active").to(device)
+        start, step = resume(name, sae, opt, ne_loss)
+        for epoch in range(start, cfg.sae.epochs):
+            step0 = step
+            step, losses = train_sae_epoch(sae, opt, acts, cfg.sae, cfg.seed + 1, epoch, step, ne_loss, shard)
+            steps += step - step0
+            last = epoch + 1 == cfg.sae.epochs
+            if last or (epoch + 1) % cfg.trainer.checkpoint_every == 0:
+                checkpoint(name, sae, opt, epoch + 1, step, last, t0, ne_loss, **losses)
+    if steps == 0:  # everything came from the restored checkpoint: report it, so the driver gets it
+        _save_state(state, {"seconds": seconds, "steps_this_attempt": 0})
+
+
+# --- the driver ------------------------------------------------------------------------------------------
+
+
+def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str]) -> tuple[dict, dict]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.ray_utils import cpus_per_worker, init_ray
+
+    init_ray()
+    threads = cfg.trainer.threads_per_worker or cpus_per_worker(cfg.trainer.num_workers)
+    storage = run.url if "://" in run.url else os.path.abspath(run.url)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": to_dict(cfg), "todo": todo, "threads": threads,
+                           "mlp_path": url(run, weights_rel("mlp"))},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=f"train-{fingerprint(fps)}", storage_path=os.path.join(storage, "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=1),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE), weights_only=True)
+    return state["done"], result.metrics
+
+
+def run_train(cfg: MnistRunConfig, force: list[str] | tuple = ()) -> TrainSummary:
+    """Train what is not finished yet, write the weights in the authors' format, then evaluate."""
+    if cfg.data.source == "idx":
+        if "://" not in cfg.data.dir:  # Ray workers do not share the driver's working directory
+            cfg = replace(cfg, data=replace(cfg.data, dir=os.path.abspath(cfg.data.dir)))
+        mnist.check_idx_dir(cfg.data.dir)
+    run = RunDir(cfg.run_dir)
+    run.record("mnist_config", to_dict(cfg))
+    fps = stage_fingerprints(cfg)
+    summary = TrainSummary()
+    forced = set(force)
+    todo = [m for m in ("mlp", *(f"sae_{k}" for k in SAE_KINDS))
+            if f"mnist_{m}" in forced or not run.is_done(f"mnist_{m}", fps[m])]
+    if "mlp" in todo:  # new MLP weights make both SAEs stale
+        todo = ["mlp", *(f"sae_{k}" for k in SAE_KINDS)]
+    if todo:
+        done, metrics = _fit(cfg, run, todo, fps)
+        for name in todo:
+            hidden = cfg.mlp.hidden
+            model = mnist.MLP(hidden) if name == "mlp" else SAE(hidden, cfg.sae.expansion * hidden)
+            model.load_state_dict(done[name])
+            run.write_bytes(weights_rel(name), mnist.tensors_bytes(model))
+            run.mark(f"mnist_{name}", "done", fps[name])
+        summary.trained, summary.steps = todo, int(metrics.get("steps_this_attempt", 0))
+        summary.seconds = dict(metrics.get("seconds", {}))
+    if todo or "mnist_eval" in forced or not run.is_done("mnist_eval", fps["eval"]):
+        t0 = time.time()
+        summary.metrics = evaluate_run(cfg, run)
+        summary.seconds["eval"] = time.time() - t0
+        run.mark("mnist_eval", "done", fps["eval"])
+    return summary
+
+
+def evaluate_run(cfg: MnistRunConfig, run: RunDir) -> dict[str, SAEMetrics]:
+    """Tables 2 and 3 for the run's two SAEs, written to RUN/mnist/sae_eval.{md,csv}."""
+    train, test = load_splits(cfg)
+    metrics = evaluate_dir(url(run, "mnist"), train, test, cfg.eval)
+    write_tables(RunDir(url(run, "mnist")), {k: vars(m) for k, m in metrics.items()})
+    return metrics
+
+
+def load_splits(cfg: MnistRunConfig) -> tuple[mnist.MnistSplit, mnist.MnistSplit]:
+    train = mnist.load_mnist(cfg.data.source, cfg.data.dir, "train").head(cfg.data.train_subset)
+    test = mnist.load_mnist(cfg.data.source, cfg.data.dir, "test").head(cfg.data.test_subset)
+    return train, test

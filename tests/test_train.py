@@ -1,0 +1,112 @@
+"""The MNIST training job: config, stage fingerprints, and one small Ray Train run (format, skip, resume)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import replace
+
+import pytest
+import torch
+
+from jobs.train import stage_fingerprints
+from ne import mnist
+from ne.config import load_config
+from ne.errors import ConfigError
+from ne.mnist_config import MnistRunConfig
+from ne.parallel import make_optimizer
+from ne.sae import SAE, NeuronEmbeddingLoss, train_sae_epoch
+from ne.store import RunDir
+from tests.conftest import REPO, require_shared
+
+CONFIG = REPO / "configs" / "mnist-sae.yaml"
+MLP_SHAPES = {"W1": (64, 784), "b1": (64,), "W2": (10, 64), "b2": (10,)}
+SAE_SHAPES = {"W_enc": (512, 64), "b_enc": (512,), "W_dec": (64, 512), "b_dec": (64,)}
+
+
+def test_config_is_strict():
+    cfg = load_config(CONFIG, cls=MnistRunConfig)
+    assert (cfg.sae.expansion * cfg.mlp.hidden, cfg.sae.ne_start_step, cfg.sae.ne_momentum) == (512, 200, 0.9)
+    with pytest.raises(ConfigError, match="unknown config key 'sae.lamda1'"):
+        load_config(CONFIG, ["sae.lamda1=0.1"], cls=MnistRunConfig)
+    with pytest.raises(ConfigError, match="sae.ne_examples is 'some'"):
+        load_config(CONFIG, ["sae.ne_examples=some"], cls=MnistRunConfig)
+    with pytest.raises(ConfigError, match="sae.ne_momentum is 1.0"):
+        load_config(CONFIG, ["sae.ne_momentum=1.0"], cls=MnistRunConfig)
+
+
+def test_fingerprints_follow_what_each_stage_depends_on():
+    cfg = load_config(CONFIG, cls=MnistRunConfig)
+    base = stage_fingerprints(cfg)
+    workers = stage_fingerprints(replace(cfg, trainer=replace(cfg.trainer, num_workers=2)))
+    l1 = stage_fingerprints(replace(cfg, sae=replace(cfg.sae, l1_coeff=0.5)))
+    seed = stage_fingerprints(replace(cfg, seed=1))
+    assert workers == base
+    assert l1["mlp"] == base["mlp"] and l1["sae_standard"] != base["sae_standard"]
+    assert all(seed[k] != base[k] for k in base)
+
+
+def library_run(cfg: MnistRunConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """The same training, in this process, straight from the library: what one Ray worker must produce."""
+    train = mnist.load_idx(cfg.data.dir, "train").head(cfg.data.train_subset)
+    mlp = mnist.MLP(64, torch.Generator().manual_seed(cfg.seed))
+    opt = make_optimizer(cfg.mlp.optimizer, mlp.parameters(), cfg.mlp.lr, cfg.mlp.momentum)
+    for epoch in range(cfg.mlp.epochs):
+        mnist.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch)
+    acts = mnist.hidden_acts(mlp, train.images)
+    out = {"mlp": mlp.state_dict()}
+    for kind in ("standard", "ne_loss"):
+        sae = SAE(64, 512, torch.Generator().manual_seed(cfg.seed + 1))
+        opt = make_optimizer(cfg.sae.optimizer, sae.parameters(), cfg.sae.lr)
+        ne = NeuronEmbeddingLoss(512, 64, cfg.sae.ne_momentum) if kind == "ne_loss" else None
+        train_sae_epoch(sae, opt, acts, cfg.sae, cfg.seed + 1, 0, 0, ne)
+        out[f"sae_{kind}"] = sae.state_dict()
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    tmp = tempfile.mkdtemp(prefix="ray")
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_train_writes_authors_format_skips_and_resumes(tmp_path, local_ray):
+    from jobs.train import run_train
+
+    data = require_shared("mnist")
+    cfg = load_config(CONFIG, [
+        f"run_dir={tmp_path / 'run'}", f"data.dir={data}", "data.train_subset=640", "data.test_subset=300",
+        "mlp.epochs=1", "sae.batch_size=64", "sae.ne_start_step=4", "trainer.threads_per_worker=1",
+    ], cls=MnistRunConfig)
+    first = run_train(cfg)
+    assert first.trained == ["mlp", "sae_standard", "sae_ne_loss"] and first.steps == 10 + 10 + 10
+    folder = f"{tmp_path / 'run'}/mnist"
+    written = {"mlp": mnist.read_tensors(f"{folder}/mlp.safetensors", MLP_SHAPES)}
+    for name in ("sae_standard", "sae_ne_loss"):
+        written[name] = mnist.read_tensors(f"{folder}/{name}.safetensors", SAE_SHAPES)
+    expected = library_run(cfg)
+    for model, tensors in expected.items():
+        for k, v in tensors.items():
+            torch.testing.assert_close(written[model][k], v, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(written["sae_standard"]["W_enc"], written["sae_ne_loss"]["W_enc"])
+    assert (tmp_path / "run" / "mnist" / "sae_eval.md").read_text().count("\n") == 4
+
+    assert run_train(cfg).trained == []  # everything done: nothing retrained, nothing re-evaluated
+
+    run = RunDir(str(tmp_path / "run"))
+    manifest = run.manifest()
+    for stage in ("mnist_sae_standard", "mnist_sae_ne_loss", "mnist_eval"):
+        del manifest["stages"][stage]
+    run.write_json("manifest.json", manifest)
+    (tmp_path / "run" / "mnist" / "sae_ne_loss.safetensors").unlink()
+    resumed = run_train(cfg)  # Ray Train restores its latest checkpoint: no step is taken again
+    assert resumed.trained == ["sae_standard", "sae_ne_loss"] and resumed.steps == 0
+    again = mnist.read_tensors(f"{folder}/sae_ne_loss.safetensors", SAE_SHAPES)
+    for k, v in written["sae_ne_loss"].items():
+        assert torch.equal(again[k], v)
