@@ -158,21 +158,22 @@ def cmd_figure(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ne", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ne", description="neuron-embeddings: find the distinct behaviours inside polysemantic neurons."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("harvest", help="find every neuron's dataset examples (passes 1 and 2)")
-    _config_args(p)
-    p.set_defaults(func=cmd_harvest)
-
-    p = sub.add_parser("cluster", help="feature clusters, polysemy metrics and the run report")
-    _config_args(p)
-    p.set_defaults(func=cmd_cluster)
-
-    p = sub.add_parser("index", help="the FAISS index of similar features across neurons")
-    _config_args(p)
-    p.set_defaults(func=cmd_index)
+    config_commands = [
+        ("run", "harvest, cluster and index in one go (the demo)", cmd_run),
+        ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest),
+        ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster),
+        ("index", "the FAISS index of similar features across neurons", cmd_index),
+    ]
+    for name, help_text, func in config_commands:
+        p = sub.add_parser(name, help=help_text)
+        _config_args(p)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("importance", help="precompute token importance of every example for the viewer")
     _config_args(p)
@@ -188,10 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=20, help="how many similar features to print")
     p.add_argument("--include-self", action="store_true", help="keep the query neuron's own clusters")
     p.set_defaults(func=cmd_similar)
-
-    p = sub.add_parser("run", help="harvest, cluster and index in one go (the demo)")
-    _config_args(p)
-    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="MNIST: train the MLP and the SAEs with and without the NE loss (Ray Train)")
     _mnist_args(p)

@@ -78,7 +78,8 @@ def test_window_is_a_slice_and_one_forward(model, context, monkeypatch):
     monkeypatch.setattr(model, "run", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     part = token_importance(model, context, pos, layer, neuron, mask, start=start)
     np.testing.assert_allclose(part, full[start:], rtol=1e-5, atol=1e-6)
-    assert calls == [(pos - start + 2, len(context))], "all maskings (and the unmasked row) in one batch"
+    # Causal model: the context is cut after the key token.
+    assert calls == [(pos - start + 2, pos + 1)], "all maskings (and the unmasked row) in one batch"
 
 
 def test_mask_token_is_pad_or_eos_never_an_arbitrary_id(model):
@@ -101,7 +102,7 @@ class _Silent(MLPModel):
     """A model whose neurons never fire, and that has no pad token."""
 
     name, n_layers, d_model, d_mlp, n_ctx_max = "silent", 1, 2, 3, 16
-    bos_token_id, pad_token_id, device = None, None, torch.device("cpu")
+    bos_token_id, pad_token_id, device, is_causal = None, None, torch.device("cpu"), False
     act_fn = staticmethod(torch.relu)
 
     def W_in(self, layer):
