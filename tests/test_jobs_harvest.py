@@ -2,6 +2,7 @@
 
 import os
 import pydoc_data.topics
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp))
     yield
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_cfg(run_dir, model_cfg, corpus, **harvest_kwargs) -> RunConfig:
@@ -176,6 +178,8 @@ def test_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_cfg
     ref_cfg.write_text(yaml.safe_dump(to_dict(reference)))
     subprocess.run([*cmd[:-1], str(ref_cfg)], cwd=REPO, env=env_ref, check=True, timeout=300,
                    capture_output=True)
+    for folder in (ray_tmp, env_ref["RAY_TMPDIR"]):
+        shutil.rmtree(folder, ignore_errors=True)
     got, expected = read_examples(cfg.run_dir, [0, 1]), read_examples(reference.run_dir, [0, 1])
     assert_same_rows(got, expected)
     assert not (tmp_path / "run" / "_work").exists()
