@@ -124,10 +124,6 @@ def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary
     layers = model.check_layers(cfg.harvest.layers)
     for stage in force:
         _forget(run, stage)
-    run.record("config", to_dict(cfg))
-    run.record("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
-                         "d_mlp": model.d_mlp, "bos_token_id": model.bos_token_id,
-                         "pad_token_id": model.pad_token_id})
 
     n_contexts = write_contexts(run, cfg.data, model)
     parts = context_parts(run)
@@ -144,6 +140,11 @@ def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary
             _examples_stage(run, cfg, pool, parts, layers, model.d_mlp, examples_fp)
     finally:
         pool.close()
+    # Recorded once every stage has finished, so the manifest always describes the outputs beside it.
+    run.record("config", to_dict(cfg))
+    run.record("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
+                         "d_mlp": model.d_mlp, "bos_token_id": model.bos_token_id,
+                         "pad_token_id": model.pad_token_id})
     summary = HarvestSummary(run.url, n_contexts, layers, model.d_mlp)
     for layer in layers:
         neurons = run.read_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}", columns=["neuron"])
