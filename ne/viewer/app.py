@@ -72,6 +72,7 @@ def get_index(url: str):
     if not data.run.exists("index"):
         return None, "this run has no index/ yet: run the index stage to see similar features"
     try:
+        # The app is an entry point like the CLI, so it may reach into index/; the library never does.
         from index.query import SimilarFeatures
 
         return SimilarFeatures.load(url), None
