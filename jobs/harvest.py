@@ -42,10 +42,6 @@ EXECUTION_ONLY = ("num_workers", "use_gpu", "batch_size")
 """Harvest settings that change how the work runs, never its result."""
 
 
-def weights_path(layer: int) -> str:
-    return f"weights/layer={layer}.safetensors"
-
-
 class PartProcessor:
     """One model replica; reads a contexts part from the run directory and writes its results there."""
 
@@ -208,7 +204,7 @@ def _write_weights(run: RunDir, model, layers: list[int], fp: str) -> None:
     for layer in layers:
         tensors = {"W_in": model.W_in(layer).float().cpu().contiguous(),
                    "b_in": model.b_in(layer).float().cpu().contiguous()}
-        run.write_bytes(weights_path(layer), safetensors.torch.save(tensors))
+        run.write_bytes(schema.weights_path(layer), safetensors.torch.save(tensors))
     run.mark("weights", "done", fp, layers=layers)
 
 

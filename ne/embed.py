@@ -76,7 +76,7 @@ def pad_rows(
 
 def read_w_in(run: RunDir, layer: int) -> Float[np.ndarray, "d_model d_mlp"]:
     """W_in of a harvested layer, from the run's `weights/layer=L.safetensors` (no model needed)."""
-    rel = f"weights/layer={layer}.safetensors"  # as jobs.harvest.weights_path writes it
+    rel = schema.weights_path(layer)
     if not run.exists(rel):
         raise DataError(f"{run.url}: {rel} is missing; the harvest writes it (rerun `ne harvest`)")
     with run.fs.open(run.path(rel), "rb") as f:

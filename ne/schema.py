@@ -39,6 +39,11 @@ def layer_dir(kind: str, layer: int) -> str:
     return f"{kind}/layer={layer}"
 
 
+def weights_path(layer: int) -> str:
+    """W_in [d_model, d_mlp] and b_in [d_mlp] of a harvested layer, as safetensors."""
+    return f"weights/layer={layer}.safetensors"
+
+
 def h_id(ctx_id, pos, n_ctx: int):
     return ctx_id * n_ctx + pos
 

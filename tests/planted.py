@@ -101,7 +101,7 @@ def write_synthetic_run(
             pa.table({"h_id": hids, "ctx_id": [i // n_ctx for i in hids], "pos": [i % n_ctx for i in hids],
                       "h": [h_rows[i].tolist() for i in hids]}, schema=schema.h_schema(d_model)),
         )
-        run.write_bytes(f"weights/layer={layer}.safetensors",
+        run.write_bytes(schema.weights_path(layer),
                         safetensors.numpy.save({"W_in": w_in, "b_in": np.zeros(d_mlp, np.float32)}))
     tokens = [rng.integers(0, vocab, size=n_ctx).astype(np.int32).tolist() for _ in range(next_ctx)]
     run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(0)}",

@@ -76,7 +76,7 @@ def build_lm_run(
         run.write_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}", examples)
         run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(0)}",
                           harvest.select_h(h, examples))
-        run.write_bytes(f"weights/layer={layer}.safetensors", safetensors.numpy.save(
+        run.write_bytes(schema.weights_path(layer), safetensors.numpy.save(
             {"W_in": model.W_in(layer).float().numpy(), "b_in": model.b_in(layer).float().numpy()}))
     run.mark("weights", "done", "test")
     run.mark("examples", "done", "test")
