@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from ne import schema
@@ -33,20 +33,21 @@ def batches(contexts: Sequence[Context], batch_size: int, pad_id: int) -> Iterat
         yield torch.tensor([c for c, _ in chunk], dtype=torch.long), tokens, mask
 
 
-def key_token_mask(attention_mask: Int[Tensor, "b p"], has_bos: bool) -> Bool[Tensor, "b p"]:
-    """Positions that may be a key token: real tokens, never padding and never BOS."""
-    valid = attention_mask.bool().clone()
-    if has_bos:
-        valid[:, 0] = False
-    return valid
+def key_activations(act: Float[Tensor, "b p n"], attention_mask: Int[Tensor, "b p"], has_bos: bool) -> Tensor:
+    """Activations from position 1 (0 without BOS) on, with padding at -inf: never BOS, never padding."""
+    start = int(has_bos)
+    act = act[:, start:]
+    if not bool(attention_mask.all()):  # only ragged batches pay for a masked copy
+        act = act.masked_fill(~attention_mask[:, start:, None].bool(), float("-inf"))
+    return act
 
 
 def masked_peaks(
-    act: Float[Tensor, "b p n"], valid: Bool[Tensor, "b p"]
+    act: Float[Tensor, "b p n"], attention_mask: Int[Tensor, "b p"], has_bos: bool
 ) -> tuple[Float[Tensor, "b n"], Int[Tensor, "b n"]]:
-    """Per context and neuron: the peak activation over valid positions and where it is (first on ties)."""
-    masked = act.float().masked_fill(~valid[:, :, None], float("-inf"))
-    return masked.max(dim=1)
+    """Per context and neuron: the peak activation and its position (first on ties), BOS and padding excluded."""
+    peak, pos = key_activations(act, attention_mask, has_bos).max(dim=1)
+    return peak.float(), pos + int(has_bos)
 
 
 def thresholds_from_maxima(max_act: Float[Tensor, " n"], frac: float) -> Float[Tensor, " n"]:
@@ -80,10 +81,11 @@ def shard_maxima(
     """Pass 1: each neuron's maximum activation over the valid positions of these contexts."""
     maxima = {layer: torch.full((model.d_mlp,), float("-inf")) for layer in layers}
     for _, tokens, mask in batches(contexts, batch_size, model.pad_token_id):
-        valid = key_token_mask(mask, model.bos_token_id is not None).to(model.device)
-        out = model.run(tokens.to(model.device), mask.to(model.device), layers)
+        mask = mask.to(model.device)
+        out = model.run(tokens.to(model.device), mask, layers)
         for layer in layers:
-            peak = masked_peaks(out[layer].act, valid)[0].amax(dim=0).cpu()
+            act = key_activations(out[layer].act, mask, model.bos_token_id is not None)
+            peak = act.amax(dim=(0, 1)).float().cpu()
             maxima[layer] = torch.maximum(maxima[layer], peak)
     return maxima
 
@@ -97,8 +99,8 @@ class ExampleCollector:
         self.example_tables: list[pa.Table] = []
         self.h_tables: list[pa.Table] = []
 
-    def add(self, ctx_ids: Tensor, act: Tensor, h: Tensor, valid: Tensor, lengths: Tensor) -> None:
-        peak, peak_pos = masked_peaks(act, valid)
+    def add(self, ctx_ids: Tensor, act: Tensor, h: Tensor, mask: Tensor, has_bos: bool) -> None:
+        peak, peak_pos = masked_peaks(act, mask, has_bos)
         row, neuron, rank = self.first_k.select(peak)
         if len(row) == 0:
             return
@@ -106,7 +108,7 @@ class ExampleCollector:
         before, after = self.window
         offsets = torch.arange(-before, after + 1, device=act.device)
         grid = pos[:, None] + offsets[None, :]
-        inside = (grid >= 0) & (grid < lengths[row][:, None])
+        inside = (grid >= 0) & (grid < mask.sum(dim=1)[row][:, None])
         values = act[row[:, None], grid.clamp(0, act.shape[1] - 1), neuron[:, None]].float()
         ctx = ctx_ids.to(act.device)[row]
         hid = schema.h_id(ctx, pos, self.n_ctx)
@@ -150,9 +152,9 @@ class ExampleCollector:
         )
 
     def tables(self, d_model: int) -> tuple[pa.Table, pa.Table]:
+        """(examples, h) in arrival order; h rows are unique because batches never share a context."""
         examples = concat_or_empty(self.example_tables, schema.EXAMPLES)
-        h = concat_or_empty(self.h_tables, schema.h_schema(d_model, self.h_dtype))
-        return sort_examples(examples), dedupe_h(h)
+        return examples, concat_or_empty(self.h_tables, schema.h_schema(d_model, self.h_dtype))
 
 
 @torch.inference_mode()
@@ -166,18 +168,19 @@ def shard_examples(
     batch_size: int,
     h_dtype: str = "float32",
 ) -> dict[int, tuple[pa.Table, pa.Table]]:
-    """Pass 2 over one shard: per layer, (examples, h) tables with ranks local to the shard."""
+    """Pass 2 over one shard: per layer, (examples, h) tables with ranks local to the shard.
+
+    Examples come in arrival order; `merge_examples` sorts them by neuron and corpus order."""
     layers = sorted(thresholds)
     collectors = {
         layer: ExampleCollector(layer, thresholds[layer].to(model.device), k, window, n_ctx, h_dtype)
         for layer in layers
     }
     for ctx_ids, tokens, mask in batches(contexts, batch_size, model.pad_token_id):
-        valid = key_token_mask(mask, model.bos_token_id is not None).to(model.device)
-        lengths = mask.sum(dim=1).to(model.device)
-        out = model.run(tokens.to(model.device), mask.to(model.device), layers)
+        mask = mask.to(model.device)
+        out = model.run(tokens.to(model.device), mask, layers)
         for layer in layers:
-            collectors[layer].add(ctx_ids, out[layer].act, out[layer].h, valid, lengths)
+            collectors[layer].add(ctx_ids, out[layer].act, out[layer].h, mask, model.bos_token_id is not None)
     return {layer: c.tables(model.d_model) for layer, c in collectors.items()}
 
 

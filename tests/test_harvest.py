@@ -34,9 +34,11 @@ def test_first_k_over_batches_matches_naive_loop():
 def test_masked_peaks_ignores_bos_and_padding():
     act = torch.tensor([[[9.0], [1.0], [3.0], [7.0]], [[9.0], [2.0], [2.0], [8.0]]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    peak, pos = harvest.masked_peaks(act, harvest.key_token_mask(mask, has_bos=True))
+    peak, pos = harvest.masked_peaks(act, mask, has_bos=True)
     assert peak[:, 0].tolist() == [7.0, 2.0]
     assert pos[:, 0].tolist() == [3, 1]  # first of the tied maxima, never BOS (9.0) or padding (8.0)
+    peak, pos = harvest.masked_peaks(act, torch.ones_like(mask), has_bos=False)
+    assert peak[:, 0].tolist() == [9.0, 9.0] and pos[:, 0].tolist() == [0, 0]
 
 
 def test_thresholds_skip_neurons_that_never_fire():
