@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,17 @@ def require_shared(sub: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data {path} is absent; set NE_DATA_DIR to the folder holding {sub!r}")
     return path
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One small local Ray cluster shared by every test that needs one: each start costs seconds."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="ray")  # Ray's socket paths must stay under 108 bytes
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp)
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)

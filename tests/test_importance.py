@@ -130,32 +130,23 @@ def test_zero_activation_gives_nan_and_missing_pad_is_a_config_error():
 
 
 @pytest.mark.ray
-def test_ray_job_precomputes_and_resumes(tiny_model_cfg, tmp_path, tmp_path_factory, monkeypatch):
-    import ray
-
+def test_ray_job_precomputes_and_resumes(tiny_model_cfg, tmp_path, local_ray):
     from jobs.importance import run_importance
     from ne.viewer.data import RunData
     from tests.viewer_run import build_lm_run
 
-    short = str(tmp_path_factory.mktemp("ray"))  # Ray's socket paths must stay under 108 bytes
-    monkeypatch.setenv("RAY_TMPDIR", short)
-    monkeypatch.setenv("TMPDIR", short)
-    monkeypatch.setenv("NE_RAY_NUM_CPUS", "1")
     cfg = build_lm_run(tmp_path / "run", tiny_model_cfg, n_contexts=16, k=4, layers=(1,), with_index=False)
     cfg.viewer.window_before = 6
     neurons = [0, 1, 2, 3, 4]
-    try:
-        summary = run_importance(cfg, neurons=neurons, neurons_per_task=3)
-        parts = sorted((tmp_path / "run" / "importance" / "layer=1").glob("part-*.parquet"))
-        assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet"]
-        stamps = {p: p.stat().st_mtime_ns for p in parts}
-        parts[1].unlink()  # an interrupted job: one batch missing, the stage not done
-        run = RunData(cfg.run_dir).run
-        run.mark("importance", "running", run.stage("importance")["fingerprint"])
-        run_importance(cfg, neurons=neurons, neurons_per_task=3)
-        assert parts[1].exists() and parts[0].stat().st_mtime_ns == stamps[parts[0]]
-    finally:
-        ray.shutdown()
+    summary = run_importance(cfg, neurons=neurons, neurons_per_task=3)
+    parts = sorted((tmp_path / "run" / "importance" / "layer=1").glob("part-*.parquet"))
+    assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet"]
+    stamps = {p: p.stat().st_mtime_ns for p in parts}
+    parts[1].unlink()  # an interrupted job: one batch missing, the stage not done
+    run = RunData(cfg.run_dir).run
+    run.mark("importance", "running", run.stage("importance")["fingerprint"])
+    run_importance(cfg, neurons=neurons, neurons_per_task=3)
+    assert parts[1].exists() and parts[0].stat().st_mtime_ns == stamps[parts[0]]
 
     data = RunData(cfg.run_dir)
     model = load_model(tiny_model_cfg)

@@ -119,19 +119,10 @@ def test_changed_settings_need_force(reference, tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_run_equals_in_process(reference, tmp_path, tmp_path_factory, monkeypatch):
-    import ray
-
-    short = str(tmp_path_factory.mktemp("ray"))  # Ray's socket paths must stay under 108 bytes
-    monkeypatch.setenv("RAY_TMPDIR", short)
-    monkeypatch.setenv("TMPDIR", short)
-    monkeypatch.setenv("NE_RAY_NUM_CPUS", "1")
+def test_ray_run_equals_in_process(reference, tmp_path, local_ray):
     path = tmp_path / "run"
     write_synthetic_run(str(path))
-    try:
-        job.run_cluster(_cfg(path, per_task=4))
-    finally:
-        ray.shutdown()
+    job.run_cluster(_cfg(path, per_task=4))
     _assert_same(_outputs(path), _outputs(reference[0]))
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import ray
 import torch
 import yaml
 
@@ -38,17 +37,6 @@ def corpus(tmp_path_factory) -> list[str]:
         path.write_text(topics[key])
         paths.append(str(path))
     return paths
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    tmp = tempfile.mkdtemp(prefix="ray")
-    os.environ["RAY_TMPDIR"] = str(tmp)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp))
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_cfg(run_dir, model_cfg, corpus, **harvest_kwargs) -> RunConfig:

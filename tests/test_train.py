@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import replace
 
 import pytest
@@ -62,17 +60,6 @@ def library_run(cfg: MnistRunConfig) -> dict[str, dict[str, torch.Tensor]]:
         train_sae_epoch(sae, opt, acts, cfg.sae, cfg.seed + 1, 0, 0, ne)
         out[f"sae_{kind}"] = sae.state_dict()
     return out
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    tmp = tempfile.mkdtemp(prefix="ray")
-    os.environ["RAY_TMPDIR"] = tmp
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.ray
