@@ -61,11 +61,15 @@ def test_minilm_identity_and_h_is_the_mlp_input(minilm):
     assert (minilm.n_layers, minilm.d_model, minilm.d_mlp, minilm.n_ctx_max) == (6, 384, 1536, 512)
     out = minilm.run(tokens, mask, list(range(6)))
     assert_identity(minilm, out, mask)
-    # Independent check: BERT's own layer output is LayerNorm(act @ W_out + b_out + h).
+    # Independent check: BERT's own layer output is LayerNorm(act @ W_out + b_out + residual), where the
+    # residual is the attention LayerNorm's output γ ⊙ h + β (h is that LayerNorm's normalised input).
     hidden = minilm.model(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states
     valid = mask.bool()
     for layer, o in out.items():
-        block_out = minilm.model.encoder.layer[layer].output(o.act, o.h)
+        norm = minilm.model.encoder.layer[layer].attention.output.LayerNorm
+        residual = o.h * norm.weight + norm.bias
+        assert o.h[valid].mean(-1).abs().max() < 1e-4 and (o.h[valid].var(-1, unbiased=False) - 1).abs().max() < 1e-2
+        block_out = minilm.model.encoder.layer[layer].output(o.act, residual)
         torch.testing.assert_close(block_out[valid], hidden[layer + 1][valid], atol=1e-5, rtol=1e-4)
 
 

@@ -1,7 +1,9 @@
 """A local Hugging Face model directory: BERT-family encoders and GPT-2, through plain forward hooks.
 
-`h` is exactly the input of the MLP's first linear map (after the block's LayerNorm, whose weights stay
-unfolded here), and `act` the output of its activation function.
+As for TransformerLens models, the LayerNorm before the MLP is folded into it: `h` is the normalised input
+(x - mean) / std, and `W_in = diag(γ) W`, `b_in = b + β W`, so `h @ W_in + b_in` is exactly the MLP's
+pre-activation. Unfolded, every neuron embedding would carry the same offset β ⊙ w, which pulls all of a
+neuron's examples together and blurs the clusters. `act` is the output of the activation function.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ MINILM = "all-MiniLM-L6-v2"
 class _MLPSite:
     """Where one layer's MLP lives: `h` is the input of `linear`, `act` the output of `act_module`."""
 
+    norm: nn.LayerNorm
+    """The LayerNorm whose output feeds `linear`; folded into W_in and b_in."""
     linear: nn.Module
     act_module: nn.Module
     transposed: bool
@@ -42,10 +46,13 @@ def _mlp_sites(model: PreTrainedModel) -> tuple[list[_MLPSite], bool]:
     encoder = getattr(model, "encoder", None)
     if encoder is not None and hasattr(encoder, "layer") and hasattr(encoder.layer[0], "intermediate"):
         layers = encoder.layer
-        sites = [_MLPSite(lay.intermediate.dense, lay.intermediate.intermediate_act_fn, True) for lay in layers]
+        sites = [
+            _MLPSite(lay.attention.output.LayerNorm, lay.intermediate.dense, lay.intermediate.intermediate_act_fn, True)
+            for lay in layers
+        ]
         return sites, True
     if hasattr(model, "h") and hasattr(model.h[0], "mlp") and hasattr(model.h[0].mlp, "c_fc"):
-        return [_MLPSite(block.mlp.c_fc, block.mlp.act, False) for block in model.h], False
+        return [_MLPSite(block.ln_2, block.mlp.c_fc, block.mlp.act, False) for block in model.h], False
     raise ConfigError(
         f"model type {model.config.model_type!r} is not supported by the hf back end; use a BERT-family "
         "encoder or GPT-2, or a TransformerLens model (model.backend: transformer_lens or safetensors)"
@@ -70,13 +77,17 @@ class HFModel(MLPModel):
         self.pad_token_id = next(i for i in (tokenizer.pad_token_id, eos, 0) if i is not None)
         self.device = next(model.parameters()).device
 
-    def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+    def _raw_W(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
         site = self.sites[layer]
         w = site.linear.weight.detach()
         return w.T if site.transposed else w
 
+    def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+        return self.sites[layer].norm.weight.detach()[:, None] * self._raw_W(layer)
+
     def b_in(self, layer: int) -> Float[Tensor, " d_mlp"]:
-        return self.sites[layer].linear.bias.detach()
+        site = self.sites[layer]
+        return site.linear.bias.detach() + site.norm.bias.detach() @ self._raw_W(layer)
 
     def run(
         self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], layers: list[int]
@@ -86,8 +97,9 @@ class HFModel(MLPModel):
         last = max(layers)
 
         def keep_h(layer: int):
-            def hook(module, args) -> None:
-                out[layer]["h"] = args[0]
+            def hook(module: nn.LayerNorm, args) -> None:
+                x = args[0]
+                out[layer]["h"] = nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
 
             return hook
 
@@ -102,7 +114,7 @@ class HFModel(MLPModel):
         handles = []
         for layer in layers:
             site = self.sites[layer]
-            handles.append(site.linear.register_forward_pre_hook(keep_h(layer)))
+            handles.append(site.norm.register_forward_pre_hook(keep_h(layer)))
             handles.append(site.act_module.register_forward_hook(keep_act(layer)))
         try:
             with torch.no_grad():
