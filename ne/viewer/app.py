@@ -7,6 +7,7 @@ with the run directory is shown as a message in the page, never as a traceback.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -205,8 +206,12 @@ def neuron_page(data: RunData, url: str) -> None:
     metrics_panel(nd)
     png = dendrogram_png(url, layer, neuron)
     if png is not None:
-        st.image(png, caption=f"Dendrogram of the {len(nd.examples)} examples; dashed line: the cut at "
-                 f"cosine distance {nd.threshold:.3g}; leaves labelled and coloured by cluster")
+        # Inline, not st.image: a media URL from an earlier rerun can be deleted before the browser fetches it,
+        # which leaves a broken image when neurons are switched quickly.
+        st.markdown(f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" '
+                    f'alt="dendrogram" style="max-width:100%">', unsafe_allow_html=True)
+        st.caption(f"Dendrogram of the {len(nd.examples)} examples; dashed line: the cut at "
+                   f"cosine distance {nd.threshold:.3g}; leaves labelled and coloured by cluster")
     elif not nd.clustered:
         st.info("This run has no clusters yet: run the cluster stage to split the examples into features.")
 
