@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from jobs.ray_utils import cpu_workers, init_ray
+from jobs.ray_utils import init_ray, model_actor_options
 from ne import harvest, schema
 from ne.config import HarvestConfig, ModelConfig, RunConfig, to_dict
 from ne.data import context_parts, read_contexts, write_contexts
@@ -239,12 +239,9 @@ class WorkerPool:
     def _map_ray(self, method, parts, args, bar) -> None:
         if not self.workers:
             init_ray()
-            hcfg = self.cfg.harvest
-            n, threads = (min(hcfg.num_workers, len(parts)), 1)
-            if not hcfg.use_gpu:
-                n, threads = cpu_workers(n)
-            resources = {"num_gpus": 1, "num_cpus": 1} if hcfg.use_gpu else {"num_cpus": threads}
-            options = dict(max_restarts=2, max_task_retries=2, **resources)
+            n, threads, options = model_actor_options(
+                min(self.cfg.harvest.num_workers, len(parts)), self.cfg.harvest.use_gpu
+            )
             self.workers = [
                 HarvestWorker.options(**options).remote(self.cfg.model, self.run.url, threads) for _ in range(n)
             ]

@@ -19,7 +19,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from jobs.ray_utils import cpus_per_worker, init_ray
+from jobs.ray_utils import init_ray, model_actor_options
 from ne import schema
 from ne.config import RunConfig, to_dict
 from ne.errors import DataError
@@ -126,11 +126,10 @@ def _map(cfg: RunConfig, todo: list[Batch]) -> None:
     if not todo:
         return
     init_ray()
-    n_workers = min(cfg.harvest.num_workers, len(todo))
-    threads = 1 if cfg.harvest.use_gpu else cpus_per_worker(n_workers)
-    resources = {"num_gpus": 1, "num_cpus": 1} if cfg.harvest.use_gpu else {"num_cpus": threads}
-    workers = [ImportanceWorker.options(max_restarts=2, max_task_retries=2, **resources).remote(cfg, threads)
-               for _ in range(n_workers)]
+    n_workers, threads, options = model_actor_options(
+        min(max(cfg.harvest.num_workers, 1), len(todo)), cfg.harvest.use_gpu
+    )
+    workers = [ImportanceWorker.options(**options).remote(cfg, threads) for _ in range(n_workers)]
     queue, running = list(todo), {}
     bar = tqdm(total=len(todo), unit="batch", desc="importance")
     try:

@@ -40,3 +40,19 @@ def cpu_workers(num_workers: int) -> tuple[int, int]:
 def cpus_per_worker(num_workers: int) -> int:
     """CPUs (torch threads) for each of `num_workers` CPU workers."""
     return cpu_workers(num_workers)[1]
+
+
+def model_actor_options(num_workers: int, use_gpu: bool | None) -> tuple[int, int, dict]:
+    """(actors, torch threads each, Ray options) for actors that each hold one model replica.
+
+    With GPUs (asked for, or found in the cluster when `use_gpu` is None) each actor takes one; on CPUs the
+    cluster's cores are split between the actors. A killed actor is restarted and its task retried.
+    """
+    gpu = use_gpu if use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    if gpu:
+        n, threads, resources = num_workers, 1, {"num_gpus": 1, "num_cpus": 1}
+    else:
+        n, threads = cpu_workers(num_workers)
+        resources = {"num_cpus": threads}
+    return n, threads, {"max_restarts": 2, "max_task_retries": 2, **resources}
+

@@ -103,8 +103,8 @@ class HarvestConfig:
     num_workers: int = 1
     """Ray actors, each with one model replica (and one GPU when `use_gpu`). 0 runs in this process,
     without Ray, for debugging and memory measurements."""
-    use_gpu: bool = False
-    """Give each actor one GPU. Needs a Ray cluster with GPUs."""
+    use_gpu: bool | None = None
+    """Give each actor one GPU: None (the default) when the Ray cluster has GPUs, or true / false."""
     h_dtype: str = "float32"
     """Storage dtype of the pre-MLP embeddings: `float32` or `float16` (half the disk)."""
 
