@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -171,3 +172,23 @@ def test_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_cfg
     got, expected = read_examples(cfg.run_dir, [0, 1]), read_examples(reference.run_dir, [0, 1])
     assert_same_rows(got, expected)
     assert not (tmp_path / "run" / "_work").exists()
+
+
+def test_killed_worker_is_restarted_and_nothing_is_lost(tmp_path, tiny_model_cfg, corpus, local_ray):
+    cfg = make_cfg(tmp_path / "run", tiny_model_cfg, corpus, batch_size=1)
+    cfg.data.contexts_per_part = 2
+    result = {}
+    job = threading.Thread(target=lambda: result.setdefault("summary", run_harvest(cfg)))
+    job.start()
+    work = tmp_path / "run" / "_work" / "examples"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob("*.done"))) < 3:
+        time.sleep(0.01)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "PartProcessor" in " ".join(p.info["cmdline"] or [])]
+    done_at_kill = len(list(work.glob("*.done")))
+    workers[0].kill()
+    job.join(timeout=300)
+    assert 3 <= done_at_kill < 20 and workers, "a worker must die in the middle of pass 2"
+    assert "summary" in result, "the job must finish despite the killed worker"
+    run_harvest(reference := make_cfg(tmp_path / "reference", tiny_model_cfg, corpus))
+    assert_same_rows(read_examples(cfg.run_dir, [0, 1]), read_examples(reference.run_dir, [0, 1]))
