@@ -5,7 +5,9 @@
     python benchmarks/harvest.py --device cuda --dtype bfloat16 --contexts 2048 --batch-size 64   # on a GPU
 
 Prints tokens/s for each, the ratios harvest / (2 × forward) (target <= 1.3) and naive / harvest (target >= 10),
-and the peak memory of the whole harvest job (in process) for two corpus sizes 4x apart.
+and the peak memory of the whole harvest job (in process) for two corpus sizes 4x apart. The outputs grow until
+every neuron has its k examples (at most k x neurons rows), so the check uses k=10 and 1,024 vs 4,096 contexts,
+where both runs keep about the same outputs and only the corpus differs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -117,21 +120,35 @@ def run_with_cache(model, tokens, mask, layers):
     return {i: (out[i].h, out[i].act) for i in layers}
 
 
-def peak_memory_mb(n_contexts: int) -> float:
-    """Peak RSS of a whole in-process harvest job (contexts, both passes, merge) in a fresh process."""
+def peak_memory_mb(n_contexts: int, corpus: str, k: int) -> tuple[float, int]:
+    """Peak RSS of a whole in-process harvest job (contexts, both passes, merge) in a fresh process.
+
+    Read from VmHWM: Linux's ru_maxrss would also count this parent's memory at fork time. Returns
+    (MB, examples kept): the kept examples, at most k per neuron, are the one output allowed to grow."""
     code = f"""
-import json, resource, tempfile
+import json, tempfile
 from jobs.harvest import run_harvest
 from ne.config import *
 with tempfile.TemporaryDirectory() as d:
     cfg = RunConfig(run_dir=d, model=ModelConfig(backend="hf", name="all-MiniLM-L6-v2"),
-                    data=DataConfig(source="pydoc", max_contexts={n_contexts}, contexts_per_part=64),
-                    harvest=HarvestConfig(num_workers=0, batch_size=16))
-    run_harvest(cfg)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+                    data=DataConfig(source="files", paths=[{corpus!r}], max_contexts={n_contexts},
+                                    contexts_per_part=64),
+                    harvest=HarvestConfig(num_workers=0, batch_size=16, k={k}))
+    kept = sum(run_harvest(cfg).examples.values())
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps([int(hwm.split()[1]) / 1024, kept]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def repeated_pydoc(path: str, times: int) -> str:
+    """The pydoc corpus `times` over, as JSONL: enough text for corpora larger than pydoc's ~1,050 contexts."""
+    with open(path, "w") as f:
+        for _ in range(times):
+            for text in iter_documents(DataConfig(source="pydoc")):
+                f.write(json.dumps({"text": text}) + "\n")
+    return path
 
 
 def main() -> None:
@@ -144,12 +161,15 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--memory", type=int, default=256, help="small corpus for the memory check (0: skip)")
+    parser.add_argument("--memory", type=int, default=1024, help="smaller corpus of the memory check (0: skip)")
+    parser.add_argument("--memory-k", type=int, default=10,
+                        help="k for the memory check: small enough that every neuron's k examples are found in both "
+                             "corpora, so the outputs (bounded by k per neuron) are the same size")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads, dtype {args.dtype}, batch {args.batch_size} x {args.n_ctx}")
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         if name == "gpt2-shape":
             model = gpt2_small_shaped(args.device, args.dtype)
         else:
@@ -173,9 +193,14 @@ def main() -> None:
         print(f"  harvest / (2 x forward) {ours / (2 * forward):10.2f}   (target <= 1.3)")
         print(f"  naive / harvest         {(tokens / ours) / naive_tps:10.1f}x  (target >= 10)")
     if args.memory:
-        small, large = peak_memory_mb(args.memory), peak_memory_mb(4 * args.memory)
-        print(f"\npeak memory of the harvest job (MiniLM, in process): {args.memory} contexts {small:,.0f} MB, "
-              f"{4 * args.memory} contexts {large:,.0f} MB, ratio {large / small:.2f}")
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = repeated_pydoc(f"{tmp}/pydoc.jsonl", times=max(1, 4 * args.memory // 1000 + 1))
+            small, kept_small = peak_memory_mb(args.memory, corpus, args.memory_k)
+            large, kept_large = peak_memory_mb(4 * args.memory, corpus, args.memory_k)
+        print(f"\npeak memory of the whole harvest job (MiniLM, k={args.memory_k}, in process, VmHWM): "
+              f"{args.memory} contexts "
+              f"{small:,.0f} MB ({kept_small:,} examples kept), {4 * args.memory} contexts {large:,.0f} MB "
+              f"({kept_large:,} kept), ratio {large / small:.2f}")
 
 
 if __name__ == "__main__":
