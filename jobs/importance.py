@@ -1,7 +1,7 @@
 """The importance job: token importance of every example of a run, precomputed for the viewer.
 
 Ray actors, each with one model replica, take one batch of neurons of one layer at a time and write
-`importance/layer=L/part-B.parquet` (schema `ne.importance.IMPORTANCE_SCHEMA`), with importance for the
+`importance/layer=L/part-B.parquet` (schema `ne.schema.IMPORTANCE`), with importance for the
 `viewer.window_before` tokens before each key token and the key token itself. A part is written atomically,
 so a rerun after an interruption computes only the missing parts; the stage "importance" is marked done
 in the manifest at the end. Other settings (model, masking token, window, neurons) start afresh.
@@ -23,10 +23,10 @@ from jobs.ray_utils import init_ray, model_actor_options
 from ne import schema
 from ne.config import RunConfig, to_dict
 from ne.errors import DataError
-from ne.importance import IMPORTANCE_SCHEMA, mask_token_id, token_importance
+from ne.importance import mask_token_id, token_importance
 from ne.models import load_model
 from ne.store import RunDir, fingerprint
-from ne.viewer.data import IMPORTANCE_DIR, RunData
+from ne.viewer.data import RunData
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Batch:
 
     @property
     def file(self) -> str:
-        return f"{schema.layer_dir(IMPORTANCE_DIR, self.layer)}/{schema.part_name(self.index)}"
+        return f"{schema.layer_dir(schema.IMPORTANCE_DIR, self.layer)}/{schema.part_name(self.index)}"
 
 
 @ray.remote
@@ -61,15 +61,15 @@ class ImportanceWorker:
 
 def importance_table(data: RunData, model, batch: Batch, mask: int, before: int) -> pa.Table:
     """Importance of every example of the batch's neurons, sorted by neuron then rank."""
-    rows = {name: [] for name in IMPORTANCE_SCHEMA.names}
+    rows = {name: [] for name in schema.IMPORTANCE.names}
     for neuron in batch.neurons:
         for e in data.neuron(batch.layer, neuron).examples:
             start = max(0, e.pos - before)
             values = token_importance(model, e.tokens, e.pos, batch.layer, neuron, mask, start)
-            for name, value in zip(IMPORTANCE_SCHEMA.names,
+            for name, value in zip(schema.IMPORTANCE.names,
                                    (batch.layer, neuron, e.rank, e.ctx_id, e.pos, start, values.tolist())):
                 rows[name].append(value)
-    return pa.Table.from_pydict(rows, schema=IMPORTANCE_SCHEMA)
+    return pa.Table.from_pydict(rows, schema=schema.IMPORTANCE)
 
 
 @dataclass
@@ -80,7 +80,7 @@ class ImportanceSummary:
 
     def describe(self) -> str:
         return (f"importance done in {self.seconds:.1f} s: {self.examples} examples\n"
-                f"outputs: {self.run_dir}/{IMPORTANCE_DIR}/")
+                f"outputs: {self.run_dir}/{schema.IMPORTANCE_DIR}/")
 
 
 def run_importance(
@@ -103,7 +103,7 @@ def run_importance(
                      layers, neurons)
     entry = run.stage(STAGE)
     if STAGE in force or (entry and entry.get("fingerprint") != fp):
-        run.remove(IMPORTANCE_DIR)  # parts of other settings must not be mixed in
+        run.remove(schema.IMPORTANCE_DIR)  # parts of other settings must not be mixed in
         run.mark(STAGE, "forced", "")
     if not run.is_done(STAGE, fp):
         run.mark(STAGE, "running", fp)

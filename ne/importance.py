@@ -16,25 +16,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 from jaxtyping import Float
 
 from ne.errors import ConfigError
 from ne.models.base import MLPModel
-
-IMPORTANCE_SCHEMA = pa.schema(
-    [
-        ("layer", pa.int16()),
-        ("neuron", pa.int32()),
-        ("rank", pa.int16()),
-        ("ctx_id", pa.int64()),
-        ("pos", pa.int16()),
-        ("start", pa.int16()),  # position of importance[0]
-        ("importance", pa.list_(pa.float32())),  # from start to pos; NaN where not measured (BOS)
-    ]
-)
-"""importance/layer=L/part-NNNNN.parquet, sorted by neuron then rank, like examples/."""
 
 
 def mask_token_id(model: MLPModel, mask_token: int | None = None) -> int:

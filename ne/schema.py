@@ -11,6 +11,7 @@ RUN/
   dendrograms/layer=L/part-NNNNN.parquet  one row per neuron: the scipy linkage matrix, flattened
   metrics.parquet                    one row per neuron: polysemy metrics
   index/                             faiss.index, ids.parquet
+  importance/layer=L/part-NNNNN.parquet  token importance of examples, precomputed for the viewer
   report/                            report.md and PNG plots
 ```
 `h_id = ctx_id * n_ctx + pos` is global and deterministic, so shards never need to agree on ids.
@@ -28,6 +29,7 @@ CLUSTERS_DIR = "clusters"
 DENDROGRAMS_DIR = "dendrograms"
 METRICS = "metrics.parquet"
 INDEX_DIR = "index"
+IMPORTANCE_DIR = "importance"
 REPORT_DIR = "report"
 
 
@@ -111,3 +113,16 @@ INDEX_IDS = pa.schema(
         ("pos", pa.int16()),
     ]
 )
+
+IMPORTANCE = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("rank", pa.int16()),
+        ("ctx_id", pa.int64()),
+        ("pos", pa.int16()),
+        ("start", pa.int16()),  # position of importance[0]
+        ("importance", pa.list_(pa.float32())),  # from start to pos; NaN where not measured (BOS)
+    ]
+)
+"""importance/layer=L/part-NNNNN.parquet, sorted by neuron then rank, like examples/."""

@@ -31,7 +31,6 @@ from ne.store import MANIFEST, RunDir
 
 log = logging.getLogger(__name__)
 
-IMPORTANCE_DIR = "importance"
 MNIST_DIR = "mnist"
 _CACHE_BYTES = 256 * 2**20
 
@@ -390,9 +389,9 @@ class RunData:
         return self._read_small(schema.METRICS)
 
     def precomputed_importance(self, layer: int, neuron: int) -> dict[int, tuple[int, np.ndarray]]:
-        if not self.run.exists(schema.layer_dir(IMPORTANCE_DIR, layer)):
+        if not self.run.exists(schema.layer_dir(schema.IMPORTANCE_DIR, layer)):
             return {}
-        table = self._sorted(IMPORTANCE_DIR, layer, "neuron").read([neuron]).to_pydict()
+        table = self._sorted(schema.IMPORTANCE_DIR, layer, "neuron").read([neuron]).to_pydict()
         return {r: (s, np.asarray(v, np.float32))
                 for r, s, v in zip(table.get("rank", []), table.get("start", []), table.get("importance", []))}
 
