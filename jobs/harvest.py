@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from jobs.ray_utils import init_ray, model_actor_options
+from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
 from ne import harvest, schema
 from ne.config import HarvestConfig, ModelConfig, RunConfig, to_dict
 from ne.data import context_parts, read_contexts, write_contexts
@@ -245,20 +245,15 @@ class WorkerPool:
             self.workers = [
                 HarvestWorker.options(**options).remote(self.cfg.model, self.run.url, threads) for _ in range(n)
             ]
-        shared = [ray.put(a) for a in args]
-        queue, running = list(parts), {}
         tokens, started = 0, time.perf_counter()
-        for worker in self.workers:
-            if queue:
-                running[getattr(worker, method).remote(queue.pop(0), *shared)] = worker
-        while running:
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            worker = running.pop(ref)
-            tokens += ray.get(ref)
+
+        def done(n_tokens: int) -> None:
+            nonlocal tokens
+            tokens += n_tokens
             bar.update(1)
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tok/s")
-            if queue:
-                running[getattr(worker, method).remote(queue.pop(0), *shared)] = worker
+
+        run_on_actors(self.workers, method, parts, *[ray.put(a) for a in args], on_done=done)
 
     def close(self) -> None:
         for worker in self.workers:
@@ -318,7 +313,7 @@ def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) 
         kept_examples.append(examples)
         kept_h.append(harvest.select_h(run.read_parquet(f"{h_dir}/{schema.part_name(part)}"), examples))
     examples = harvest.sort_examples(harvest.concat_or_empty(kept_examples, schema.EXAMPLES))
-    h = pa.concat_tables(kept_h).sort_by("h_id")
+    h = pa.concat_tables(kept_h)  # sorted: parts come in corpus order, and h_id grows with ctx_id
     out_ex = schema.layer_dir(schema.EXAMPLES_DIR, layer)
     out_h = schema.layer_dir(schema.H_DIR, layer)
     run.remove(out_ex)

@@ -19,7 +19,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from jobs.ray_utils import init_ray, model_actor_options
+from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
 from ne import schema
 from ne.config import RunConfig, to_dict
 from ne.errors import DataError
@@ -130,19 +130,9 @@ def _map(cfg: RunConfig, todo: list[Batch]) -> None:
         min(max(cfg.harvest.num_workers, 1), len(todo)), cfg.harvest.use_gpu
     )
     workers = [ImportanceWorker.options(**options).remote(cfg, threads) for _ in range(n_workers)]
-    queue, running = list(todo), {}
     bar = tqdm(total=len(todo), unit="batch", desc="importance")
     try:
-        for worker in workers:
-            if queue:
-                running[worker.run.remote(queue.pop(0))] = worker
-        while running:
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            worker = running.pop(ref)
-            ray.get(ref)
-            bar.update(1)
-            if queue:
-                running[worker.run.remote(queue.pop(0))] = worker
+        run_on_actors(workers, "run", todo, on_done=lambda _: bar.update(1))
     finally:
         bar.close()
         for worker in workers:

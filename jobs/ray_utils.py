@@ -56,3 +56,22 @@ def model_actor_options(num_workers: int, use_gpu: bool | None) -> tuple[int, in
         resources = {"num_cpus": threads}
     return n, threads, {"max_restarts": 2, "max_task_retries": 2, **resources}
 
+
+def run_on_actors(workers: list, method: str, items: list, *args, on_done=None) -> None:
+    """Give `items` one at a time to whichever actor is free (`actor.<method>(item, *args)`), calling
+    `on_done(result)` as each finishes: a slow item never holds up the others."""
+    queue, running = list(items), {}
+
+    def submit(worker) -> None:
+        if queue:
+            running[getattr(worker, method).remote(queue.pop(0), *args)] = worker
+
+    for worker in workers:
+        submit(worker)
+    while running:
+        (ref,), _ = ray.wait(list(running), num_returns=1)
+        worker = running.pop(ref)
+        result = ray.get(ref)
+        if on_done is not None:
+            on_done(result)
+        submit(worker)

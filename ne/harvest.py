@@ -201,14 +201,6 @@ def sort_examples(examples: pa.Table) -> pa.Table:
     return examples.sort_by([("neuron", "ascending"), ("ctx_id", "ascending")])
 
 
-def dedupe_h(h: pa.Table) -> pa.Table:
-    if h.num_rows == 0:
-        return h
-    ids = h.column("h_id").to_numpy()
-    _, first = np.unique(ids, return_index=True)
-    return h.take(pa.array(first))
-
-
 def merge_examples(examples: pa.Table, k: int) -> pa.Table:
     """Keep the first k examples per neuron in corpus order, and rank them 0..k-1."""
     examples = sort_examples(examples)
@@ -226,8 +218,7 @@ def merge_examples(examples: pa.Table, k: int) -> pa.Table:
 
 
 def select_h(h: pa.Table, examples: pa.Table) -> pa.Table:
-    """The h rows the kept examples refer to, each once, sorted by h_id."""
+    """The h rows the kept examples refer to, sorted by h_id. A shard's h rows are already unique: its
+    batches never share a context."""
     needed = np.unique(examples.column("h_id").to_numpy())
-    h = dedupe_h(h)
-    ids = h.column("h_id").to_numpy()
-    return h.filter(pa.array(np.isin(ids, needed))).sort_by("h_id")
+    return h.filter(pa.array(np.isin(h.column("h_id").to_numpy(), needed))).sort_by("h_id")
