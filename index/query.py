@@ -172,8 +172,10 @@ def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
         lo, hi = max(0, h.pos - before), min(len(toks), h.pos + after + 1)
         pieces = decode(toks[lo:hi]) if toks else []
         key = h.pos - lo
-        if key < len(pieces):
-            pieces[key] = pieces[key].replace(pieces[key].lstrip(" #"), "[[" + pieces[key].lstrip(" #") + "]]", 1)
+        if key < len(pieces):  # mark the key token, leaving its leading space outside the brackets
+            text = pieces[key]
+            stripped = text.lstrip()
+            pieces[key] = f"{text[: len(text) - len(stripped)]}[[{stripped}]]"
         out.append("".join(pieces).strip().replace("\n", "⏎"))
     return out
 
