@@ -42,16 +42,6 @@ def key_activations(act: Float[Tensor, "b p n"], attention_mask: Int[Tensor, "b 
     return act
 
 
-def masked_peaks(
-    act: Float[Tensor, "b p n"], attention_mask: Int[Tensor, "b p"], has_bos: bool
-) -> tuple[Float[Tensor, "b n"], Int[Tensor, "b n"]]:
-    """Per context and neuron: the peak activation and its position (first on ties), BOS and padding excluded."""
-    key = key_activations(act, attention_mask, has_bos)
-    peak = key.amax(dim=1)
-    rows, neurons = torch.meshgrid(torch.arange(act.shape[0]), torch.arange(act.shape[2]), indexing="ij")
-    return peak.float(), peak_positions(key, rows.ravel(), neurons.ravel(), has_bos).view(peak.shape)
-
-
 def peak_positions(key: Tensor, row: Tensor, neuron: Tensor, has_bos: bool) -> Tensor:
     """Where each (context, neuron) pair peaks. Taken only for the pairs kept: `max` with indices over
     a whole batch costs about ten times `amax`."""

@@ -31,13 +31,20 @@ def test_first_k_over_batches_matches_naive_loop():
     assert sorted(got) == naive_first_k(peaks.numpy(), thresholds.numpy(), 4)
 
 
+def peaks(act, mask, has_bos):
+    """Every (context, neuron) pair's peak and its position, the way the collector takes them."""
+    key = harvest.key_activations(act, mask, has_bos)
+    rows, neurons = torch.meshgrid(torch.arange(act.shape[0]), torch.arange(act.shape[2]), indexing="ij")
+    return key.amax(dim=1), harvest.peak_positions(key, rows.ravel(), neurons.ravel(), has_bos).view(act.shape[0], -1)
+
+
 def test_masked_peaks_ignores_bos_and_padding():
     act = torch.tensor([[[9.0], [1.0], [3.0], [7.0]], [[9.0], [2.0], [2.0], [8.0]]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    peak, pos = harvest.masked_peaks(act, mask, has_bos=True)
+    peak, pos = peaks(act, mask, has_bos=True)
     assert peak[:, 0].tolist() == [7.0, 2.0]
     assert pos[:, 0].tolist() == [3, 1]  # first of the tied maxima, never BOS (9.0) or padding (8.0)
-    peak, pos = harvest.masked_peaks(act, torch.ones_like(mask), has_bos=False)
+    peak, pos = peaks(act, torch.ones_like(mask), has_bos=False)
     assert peak[:, 0].tolist() == [9.0, 9.0] and pos[:, 0].tolist() == [0, 0]
 
 
