@@ -3,6 +3,7 @@
     python benchmarks/cluster.py                      # neurons/s: batched path vs a naive per-neuron loop
     python benchmarks/cluster.py --thresholds         # ARI vs threshold on planted features
     python benchmarks/cluster.py --thresholds --run runs/demo   # ... and cluster statistics on a real run
+    python benchmarks/cluster.py --stage              # the whole cluster job, reads included, at GPT2-small scale
 
 Throughput uses GPT2-small's shape (d_model 768, 100 examples per neuron) and one torch thread per
 process, as a Ray task has; the projection for all 36,864 GPT2-small neurons assumes one such process per
@@ -83,6 +84,75 @@ def throughput(args) -> None:
               f"{GPT2_NEURONS / rate / args.cores:6.1f} s (target < 60 s)")
 
 
+def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, unique_h: int, n_ctx: int = 128) -> None:
+    """A run directory as the harvest leaves it, at paper scale: `unique_h` h rows per layer in h_id order and
+    k examples per neuron drawn from them, in corpus (h_id) order."""
+    import pyarrow as pa
+    import safetensors.numpy
+
+    from jobs.harvest import H_ROWS_PER_PART, NEURONS_PER_ROW_GROUP
+    from ne import schema
+    from ne.store import RunDir
+
+    run = RunDir(url)
+    rng = np.random.default_rng(0)
+    for layer in range(layers):
+        h_ids = np.unique(rng.integers(1, n_ctx, unique_h * 2) + n_ctx * rng.integers(0, 10_000, unique_h * 2))
+        h_ids = np.sort(rng.choice(h_ids, unique_h, replace=False))
+        picks = np.sort(np.stack([rng.choice(unique_h, k, replace=False) for _ in range(d_mlp)]), axis=1)
+        ex_h = h_ids[picks.ravel()]
+        run.write_parquet(
+            f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}",
+            pa.table({"layer": np.full(len(ex_h), layer, np.int16), "neuron": np.repeat(np.arange(d_mlp), k),
+                      "rank": np.tile(np.arange(k), d_mlp).astype(np.int16), "ctx_id": ex_h // n_ctx,
+                      "pos": (ex_h % n_ctx).astype(np.int16), "act": np.ones(len(ex_h), np.float32),
+                      "window_start": (ex_h % n_ctx).astype(np.int16),
+                      "window": pa.array([[1.0]] * len(ex_h), pa.list_(pa.float32())), "h_id": ex_h},
+                     schema=schema.EXAMPLES),
+            row_group_size=NEURONS_PER_ROW_GROUP * k,
+        )
+        for i, lo in enumerate(range(0, unique_h, H_ROWS_PER_PART)):
+            ids = h_ids[lo : lo + H_ROWS_PER_PART]
+            rows = rng.normal(size=(len(ids), d_model)).astype(np.float32) + 1.0
+            h = pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), d_model)
+            run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(i)}",
+                              pa.table({"h_id": ids, "ctx_id": ids // n_ctx, "pos": (ids % n_ctx).astype(np.int16),
+                                        "h": h}, schema=schema.h_schema(d_model)))
+        w_in = rng.normal(size=(d_model, d_mlp)).astype(np.float32)
+        run.write_bytes(schema.weights_path(layer),
+                        safetensors.numpy.save({"W_in": w_in, "b_in": np.zeros(d_mlp, np.float32)}))
+    run.record("model", {"name": "synthetic", "n_layers": layers, "d_model": d_model, "d_mlp": d_mlp})
+    run.mark("examples", "done", "synthetic-scale")
+
+
+def stage(args) -> None:
+    """The cluster job end to end (Parquet reads, Ray tasks, writes, report) on a synthetic GPT2-scale run."""
+    import tempfile
+
+    from jobs.cluster import run_cluster
+    from ne.config import RunConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        write_scale_run(tmp, args.layers, 3072, args.d_model, args.examples, args.unique_h)
+        print(f"synthetic run: {args.layers} layers x 3072 neurons x {args.examples} examples, {args.unique_h:,} "
+              f"h rows per layer of d_model {args.d_model} (written in {time.perf_counter() - start:.0f} s)")
+        cfg = RunConfig(run_dir=tmp)
+        if not args.in_process:  # started once per job, whatever its size: timed on its own
+            from jobs.ray_utils import init_ray
+
+            start = time.perf_counter()
+            init_ray()
+            print(f"Ray started in {time.perf_counter() - start:.1f} s")
+        start = time.perf_counter()
+        run_cluster(cfg, in_process=args.in_process)
+        seconds = time.perf_counter() - start
+    neurons = args.layers * 3072
+    print(f"cluster stage ({'one process' if args.in_process else f'Ray tasks, {args.cores} cores'}): "
+          f"{seconds:.1f} s, {neurons / seconds:.0f} neurons/s; projected for {GPT2_NEURONS:,} neurons: "
+          f"{GPT2_NEURONS / neurons * seconds:.0f} s (target < 60 s)")
+
+
 def threshold_sweep(args) -> None:
     from sklearn.metrics import adjusted_rand_score
 
@@ -157,10 +227,17 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--thresholds", action="store_true", help="measure cluster quality across thresholds instead")
+    p.add_argument("--stage", action="store_true", help="time the whole cluster job on a synthetic run instead")
+    p.add_argument("--layers", type=int, default=2, help="with --stage: layers of 3072 neurons")
+    p.add_argument("--unique-h", type=int, default=200_000, help="with --stage: distinct h rows per layer")
+    p.add_argument("--in-process", action="store_true", help="with --stage: one process, no Ray")
     p.add_argument("--run", help="with --thresholds: a run directory with a finished harvest")
     p.add_argument("--sample", type=int, default=150, help="with --run: neurons sampled per layer")
     args = p.parse_args()
-    threshold_sweep(args) if args.thresholds else throughput(args)
+    if args.stage:
+        stage(args)
+    else:
+        threshold_sweep(args) if args.thresholds else throughput(args)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
 
     from ne import schema
     from ne.config import ModelConfig, from_dict
-    from ne.models import load_model
+    from ne.models import load_token_decoder
 
     if not hits:
         return []
@@ -161,10 +161,10 @@ def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
                              filters=pc.field("ctx_id").isin([h.ctx_id for h in hits]))
     tokens = dict(zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist()))
     try:
-        model_cfg = from_dict(ModelConfig, {**run.manifest()["config"]["model"], "device": "cpu"}, "model")
-        decode = load_model(model_cfg).decode_tokens
-    except Exception as exc:  # the model is only needed for display: fall back to token ids
-        logging.getLogger(__name__).warning("cannot load the run's model to decode tokens (%s); showing ids", exc)
+        model_cfg = from_dict(ModelConfig, run.manifest()["config"]["model"], "model")
+        decode = load_token_decoder(model_cfg)
+    except Exception as exc:  # the tokenizer is only needed for display: fall back to token ids
+        logging.getLogger(__name__).warning("cannot load the run's tokenizer (%s); showing token ids", exc)
         decode = lambda ids: [f"<{i}>" for i in ids]  # noqa: E731
     out = []
     for h in hits:

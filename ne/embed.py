@@ -9,6 +9,7 @@ zero-padded; padded rows never touch the real block `[:n, :n]`, which is all a c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.compute as pc
@@ -83,25 +84,50 @@ def read_w_in(run: RunDir, layer: int) -> Float[np.ndarray, "d_model d_mlp"]:
         return safetensors.numpy.load(f.read())["W_in"]
 
 
-def read_h(run: RunDir, layer: int, h_ids: np.ndarray) -> Float[np.ndarray, "len(h_ids) d_model"]:
-    """The pre-MLP embeddings of layer `layer` for `h_ids`, in that order, as float32.
+@dataclass(frozen=True)
+class LayerH:
+    """Pre-MLP embeddings of one layer keyed by h_id: read once, then shared by every batch of its neurons."""
 
-    Only the requested rows are kept while the parts stream past, so memory follows `len(h_ids)`.
-    """
-    wanted = np.unique(h_ids)
-    # the range lets Parquet statistics skip whole parts: examples are the first k in corpus order, so
-    # most of a batch's rows sit in the first parts of h/ (sorted by h_id)
-    keep = pc.field("h_id").isin(wanted)
-    if len(wanted):
-        keep = (pc.field("h_id") >= int(wanted[0])) & (pc.field("h_id") <= int(wanted[-1])) & keep
+    url: str
+    layer: int
+    h_ids: np.ndarray
+    """Sorted int64 ids, one per row."""
+    rows: np.ndarray
+    """[len(h_ids), d_model] in the stored dtype (float16 or float32)."""
+
+    def positions(self, h_ids: np.ndarray) -> np.ndarray:
+        """Row index of each of `h_ids`; an error naming the missing ones."""
+        pos = np.searchsorted(self.h_ids, h_ids)
+        found = pos < len(self.h_ids)
+        found[found] = self.h_ids[pos[found]] == h_ids[found]
+        if not found.all():
+            missing = np.unique(h_ids[~found])[:5].tolist()
+            raise DataError(f"{self.url}: h/layer={self.layer} lacks h_ids {missing}; the harvest is incomplete, "
+                            "rerun it")
+        return pos
+
+    def take(self, h_ids: np.ndarray) -> Float[np.ndarray, "len(h_ids) d_model"]:
+        return self.rows[self.positions(h_ids)].astype(np.float32, copy=False)
+
+
+def load_h(run: RunDir, layer: int, h_ids: np.ndarray | None = None) -> LayerH:
+    """The h rows of a layer: all of them, or only those of `h_ids` (then memory follows `len(h_ids)`)."""
+    keep = None
+    if h_ids is not None:
+        wanted = np.unique(h_ids)
+        keep = pc.field("h_id").isin(wanted)
+        if len(wanted):  # the range lets Parquet statistics skip whole parts, which are in h_id order
+            keep = (pc.field("h_id") >= int(wanted[0])) & (pc.field("h_id") <= int(wanted[-1])) & keep
     table = run.read_parquet(schema.layer_dir(schema.H_DIR, layer), columns=["h_id", "h"], filters=keep)
-    got = table.column("h_id").to_numpy()
-    order = np.argsort(got)
-    got = got[order]
-    pos = np.searchsorted(got, h_ids)
-    if len(got) == 0 or np.any(pos >= len(got)) or np.any(got[np.minimum(pos, len(got) - 1)] != h_ids):
-        missing = np.setdiff1d(wanted, got)[:5].tolist()
-        raise DataError(f"{run.url}: h/layer={layer} lacks h_ids {missing}; the harvest is incomplete, rerun it")
+    ids = table.column("h_id").to_numpy()
     h = table.column("h").combine_chunks()
     rows = h.flatten().to_numpy(zero_copy_only=False).reshape(len(h), h.type.list_size)
-    return rows[order][pos].astype(np.float32, copy=False)
+    if np.any(ids[1:] < ids[:-1]):
+        order = np.argsort(ids, kind="stable")
+        ids, rows = ids[order], rows[order]
+    return LayerH(run.url, layer, ids, rows)
+
+
+def read_h(run: RunDir, layer: int, h_ids: np.ndarray) -> Float[np.ndarray, "len(h_ids) d_model"]:
+    """The pre-MLP embeddings of layer `layer` for `h_ids`, in that order, as float32."""
+    return load_h(run, layer, h_ids).take(h_ids)

@@ -73,7 +73,7 @@ def test_read_h_returns_requested_rows_in_order(tmp_path, dtype):
     import pyarrow as pa
 
     from ne import schema
-    from ne.embed import read_h
+    from ne.embed import load_h, read_h
     from ne.errors import DataError
     from ne.store import RunDir
 
@@ -91,3 +91,8 @@ def test_read_h_returns_requested_rows_in_order(tmp_path, dtype):
     np.testing.assert_array_equal(got, rows[[25, 3, 3, 14, 0]].astype(np.float32))
     with pytest.raises(DataError, match=r"h/layer=1 lacks h_ids \[4\]"):
         read_h(run, 1, np.array([3, 4]))
+    whole = load_h(run, 1)  # all rows, shared by a layer's batches: same rows, same errors
+    np.testing.assert_array_equal(whole.h_ids, ids)
+    np.testing.assert_array_equal(whole.take(want), got)
+    with pytest.raises(DataError, match=r"h/layer=1 lacks h_ids \[4, 500\]"):
+        whole.positions(np.array([500, 3, 4]))

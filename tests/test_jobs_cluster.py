@@ -21,12 +21,12 @@ def _cfg(path, per_task=3):
     return cfg
 
 
-def _outputs(path) -> dict[str, pd.DataFrame]:
+def _outputs(path, layers=(0, 2)) -> dict[str, pd.DataFrame]:
     run = RunDir(str(path))
     keys = {"clusters": ["layer", "neuron", "rank"], "dendrograms": ["layer", "neuron"]}
     out = {}
     for name, k in keys.items():
-        tables = [run.read_parquet(schema.layer_dir(name, layer)).to_pandas() for layer in (0, 2)]
+        tables = [run.read_parquet(schema.layer_dir(name, layer)).to_pandas() for layer in layers]
         out[name] = pd.concat(tables).sort_values(k).reset_index(drop=True)
     out["metrics"] = run.read_parquet(schema.METRICS).to_pandas()
     return out
@@ -84,11 +84,11 @@ def test_interrupted_run_resumes_per_batch(reference, tmp_path, monkeypatch):
     write_synthetic_run(str(path))
     real, calls = job.cluster_batch, []
 
-    def failing(url, batch, cfg):
+    def failing(url, batch, cfg, layer_h):
         if len(calls) == 3:
             raise RuntimeError("simulated crash")
         calls.append(batch)
-        return real(url, batch, cfg)
+        return real(url, batch, cfg, layer_h)
 
     monkeypatch.setattr(job, "cluster_batch", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -124,6 +124,17 @@ def test_ray_run_equals_in_process(reference, tmp_path, local_ray):
     write_synthetic_run(str(path))
     job.run_cluster(_cfg(path, per_task=4))
     _assert_same(_outputs(path), _outputs(reference[0]))
+
+
+@pytest.mark.ray
+def test_ray_over_more_layers_than_it_holds_at_once(tmp_path, local_ray):
+    """Four layers, of which at most two are held: every batch still gets its own layer's h."""
+    layers = (0, 1, 2, 3)
+    for name in ("ray", "one"):
+        write_synthetic_run(str(tmp_path / name), layers=layers)
+    job.run_cluster(_cfg(tmp_path / "ray", per_task=2))
+    job.run_cluster(_cfg(tmp_path / "one", per_task=5), in_process=True)
+    _assert_same(_outputs(tmp_path / "ray", layers), _outputs(tmp_path / "one", layers))
 
 
 def test_incomplete_harvest_files_are_named(tmp_path):

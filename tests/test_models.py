@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from ne.config import ModelConfig
 from ne.data import pad_batch
 from ne.errors import ConfigError, DataError
-from ne.models import load_model, resolve_device
+from ne.models import load_model, load_token_decoder, resolve_device
 from ne.models.tokenizers import gpt2_tokenizer
 from tests.conftest import TINY_ARCH, gpt2_state_dict
 
@@ -251,3 +251,44 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="model.device is 'cuda:1' but this machine has no CUDA GPU"):
             resolve_device("cuda:1")
+
+
+# --- tokenizers alone, for display ------------------------------------------------------------------------
+
+
+def _no_weights(monkeypatch):
+    """Loading any weights fails the test: decoding must need the tokenizer only."""
+    import transformers
+    from transformer_lens import HookedTransformer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", refuse)
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", refuse)
+    monkeypatch.setattr(HookedTransformer, "__init__", refuse)
+
+
+@pytest.mark.parametrize("which", ["minilm", "tiny"])
+def test_token_decoder_matches_the_model_without_loading_weights(which, request, monkeypatch, tiny_model_cfg):
+    model = request.getfixturevalue(which)
+    cfg = tiny_model_cfg if which == "tiny" else ModelConfig(backend="hf", name="all-MiniLM-L6-v2")
+    ids = batch(model)[0][0].tolist()
+    _no_weights(monkeypatch)
+    assert load_token_decoder(cfg)(ids) == model.decode_tokens(ids)
+
+
+def test_token_decoder_by_name(monkeypatch):
+    """GPT-2 family names decode with the offline BPE; other names ask the hub (or its cache) for the tokenizer."""
+    import transformers
+
+    asked = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kw: asked.append(name) or
+                        gpt2_tokenizer())
+    _no_weights(monkeypatch)
+    ids = gpt2_tokenizer()("Hello world, again")["input_ids"]
+    assert "".join(load_token_decoder(ModelConfig(backend="transformer_lens", name="gpt2-small"))(ids)) == \
+        "Hello world, again"
+    assert asked == []
+    load_token_decoder(ModelConfig(backend="transformer_lens", name="pythia-70m"))
+    assert asked == ["EleutherAI/pythia-70m"]

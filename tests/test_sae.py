@@ -133,6 +133,7 @@ def _worker(rank, world, init_file, result_file):
         if rank == 0:
             torch.save({f"{i}.{k}": v for i, (s, _, _) in enumerate(pairs) for k, v in s.state_dict().items()},
                        result_file)
+        dist.barrier()  # tear gloo down only when both ranks are done: an early teardown can abort the other
     finally:
         dist.destroy_process_group()
 

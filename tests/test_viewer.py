@@ -184,17 +184,31 @@ def test_app_explains_neuron_without_examples(lm_run, monkeypatch):
     assert f"Neuron {SILENT[1]} of layer {SILENT[0]} has no dataset examples" in _texts(at)
 
 
-def test_app_falls_back_to_token_ids_without_the_model(lm_run, tmp_path, monkeypatch):
+def _break_model(lm_run, tmp_path, **model_fields) -> str:
     run = tmp_path / "run"
     shutil.copytree(lm_run, run)
     manifest = RunDir(str(run)).manifest()
-    manifest["config"]["model"]["weights"] = str(tmp_path / "gone.safetensors")
+    manifest["config"]["model"].update(model_fields)
     RunDir(str(run)).write_json("manifest.json", manifest)
-    at = _app_test(str(run), monkeypatch)
+    return str(run)
+
+
+def test_app_falls_back_to_token_ids_without_the_tokenizer(lm_run, tmp_path, monkeypatch):
+    at = _app_test(_break_model(lm_run, tmp_path, tokenizer=str(tmp_path / "gone")), monkeypatch)
     assert not at.exception and not at.error
     assert "tokens are shown as ids" in _texts(at)
     html = " ".join(str(el.proto) for el in at.get("html"))
     assert re.search(r"&gt;\[\d+\]&lt;|>\[\d+\]<", html), "token ids in place of text"
+
+
+def test_app_decodes_without_the_weights_and_says_importance_needs_them(lm_run, tmp_path, monkeypatch):
+    at = _app_test(_break_model(lm_run, tmp_path, weights=str(tmp_path / "gone.safetensors")), monkeypatch)
+    assert not at.exception and "tokens are shown as ids" not in _texts(at)
+    html = " ".join(str(el.proto) for el in at.get("html"))
+    assert not re.search(r"&gt;\[\d+\]&lt;|>\[\d+\]<", html), "decoded text, not ids"
+    at.toggle(key="importance").set_value(True).run()
+    assert not at.exception
+    assert "needs the run's model, which could not be loaded" in _texts(at)
 
 
 def test_app_history_back_forward_and_random(lm_run, monkeypatch):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+
 import torch
 
 from ne.config import ModelConfig
@@ -36,4 +39,40 @@ def load_model(cfg: ModelConfig) -> MLPModel:
     return loader(cfg, device, dtype)
 
 
-__all__ = ["LayerOutput", "MLPModel", "load_model", "resolve_device", "DTYPES"]
+# TransformerLens models whose tokenizer is GPT-2's BPE, which ships offline: no hub round trip to decode them.
+GPT2_BPE_MODELS = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
+
+
+def load_model_tokenizer(cfg: ModelConfig):
+    """The tokenizer a run's model uses, without loading its weights."""
+    from ne.models.tokenizers import gpt2_tokenizer, load_tokenizer
+
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.backend == "hf":
+        from transformers import AutoTokenizer
+
+        from ne.models.hf import model_path
+
+        return AutoTokenizer.from_pretrained(model_path(cfg.name))
+    if cfg.backend == "transformer_lens":
+        from ne.models.tl import check_model_name
+
+        official = check_model_name(cfg.name)
+        if official in GPT2_BPE_MODELS:
+            return gpt2_tokenizer()
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(official)
+    return load_tokenizer(cfg.tokenizer)  # a safetensors model names its tokenizer; this says so if it doesn't
+
+
+def load_token_decoder(cfg: ModelConfig) -> Callable[[Sequence[int]], list[str]]:
+    """Token ids to display strings (one per token) with the run's tokenizer: viewing never needs the weights."""
+    from ne.models.tokenizers import decode_each
+
+    return functools.partial(decode_each, load_model_tokenizer(cfg))
+
+
+__all__ = ["LayerOutput", "MLPModel", "load_model", "load_model_tokenizer", "load_token_decoder",
+           "resolve_device", "DTYPES"]

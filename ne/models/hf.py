@@ -15,7 +15,7 @@ import torch
 import transformers
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from ne.config import ModelConfig
 from ne.errors import ConfigError, DataError
@@ -152,8 +152,10 @@ def model_path(name: str) -> str:
 
 
 def load_hf(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> HFModel:
+    from ne.models import load_model_tokenizer
+
     path = model_path(cfg.name)
     transformers.utils.logging.disable_progress_bar()  # one bar per tensor loaded, in every worker
     model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or path)
+    tokenizer = load_model_tokenizer(cfg)
     return HFModel(model, tokenizer, cfg.name)

@@ -41,14 +41,14 @@ def get_data(url: str) -> RunData:
     return RunData(url)
 
 
-@st.cache_resource(show_spinner="Loading the model to decode tokens…")
+@st.cache_resource(show_spinner="Loading the model for token importance…")
 def get_model(model_json: str):
-    """(model, None) or (None, why it could not be loaded): the page then falls back to token ids."""
+    """(model, None) or (None, why it could not be loaded); only token importance computed now needs it."""
     try:
         from ne.models import load_model
 
         return load_model(from_dict(ModelConfig, json.loads(model_json))), None
-    except Exception as exc:  # any failure (no hub, missing weights) only costs the decoded text
+    except Exception as exc:  # any failure (no hub, missing weights) only costs on-demand importance
         log.warning("model not loaded: %s", exc)
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -143,22 +143,28 @@ def init_state(data: RunData) -> None:
 
 
 class Decoder:
-    """Token ids to display strings, through the run's model, or `[id]` when the model cannot be loaded."""
+    """Token ids to display strings with the run's tokenizer, or `[id]` when it cannot be loaded; memoised."""
 
-    def __init__(self, model):
-        self.model, self.cache = model, {}
+    def __init__(self, decode, error: str | None):
+        self.decode, self.error, self.cache = decode, error, {}
 
     def __call__(self, ids):
         missing = [i for i in dict.fromkeys(ids) if i not in self.cache]
         if missing:
-            texts = self.model.decode_tokens(missing) if self.model is not None else [f"[{i}]" for i in missing]
+            texts = self.decode(missing) if self.decode is not None else [f"[{i}]" for i in missing]
             self.cache.update(zip(missing, texts))
         return [self.cache[i] for i in ids]
 
 
-@st.cache_resource(show_spinner=False)
+@st.cache_resource(show_spinner="Loading the tokenizer…")
 def get_decoder(model_json: str) -> Decoder:
-    return Decoder(get_model(model_json)[0])
+    try:
+        from ne.models import load_token_decoder
+
+        return Decoder(load_token_decoder(from_dict(ModelConfig, json.loads(model_json))), None)
+    except Exception as exc:  # any failure (no hub, missing files) only costs the decoded text
+        log.warning("tokenizer not loaded: %s", exc)
+        return Decoder(None, f"{type(exc).__name__}: {exc}")
 
 
 # --- pages ------------------------------------------------------------------------------------------------
@@ -197,11 +203,9 @@ def neuron_page(data: RunData, url: str) -> None:
         )
         return
     model_json = json.dumps(dataclasses.asdict(cfg.model), sort_keys=True)
-    model, model_error = get_model(model_json)
-    if model is None:
-        st.warning(f"The run's model could not be loaded, so tokens are shown as ids and importance is off: "
-                   f"{model_error}")
     decode = get_decoder(model_json)
+    if decode.error:
+        st.warning(f"The run's tokenizer could not be loaded, so tokens are shown as ids: {decode.error}")
 
     metrics_panel(nd)
     png = dendrogram_png(url, layer, neuron)
@@ -219,7 +223,7 @@ def neuron_page(data: RunData, url: str) -> None:
     after = st.sidebar.number_input("Tokens after the key token", 0, 200, cfg.viewer.window_after)
     show_importance = st.toggle("Token importance", key="importance",
                                 help="1 − act_masked / act_key, masking one earlier token at a time with "
-                                     f"token {mask_label(data, cfg)}", disabled=model is None and not nd.importance)
+                                     f"token {mask_label(data, cfg)}")
 
     clusters = nd.clusters()
     labels = {c: render.cluster_label(c, len(m), any(e.outlier for e in m)) for c, m in clusters.items()}
@@ -266,7 +270,7 @@ def importance_for(nd: NeuronData, members: list[Example], model_json: str, cfg,
         todo = todo[:ON_DEMAND]
     compute = get_importance(model_json, cfg.viewer.mask_token)
     if compute is None:
-        st.warning("Token importance needs the model, which could not be loaded.")
+        st.warning(f"Token importance needs the run's model, which could not be loaded: {get_model(model_json)[1]}")
         return out
     with st.spinner(f"Computing token importance of {len(todo)} examples…"):
         for e in todo:
