@@ -21,13 +21,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.build import build_index, normalise, recall_at_k  # noqa: E402
+from index.build import build_index, recall_at_k, unit_rows  # noqa: E402
 from ne.config import IndexConfig  # noqa: E402
 
 
 def mixture(n: int, d: int, centers: np.ndarray, rng) -> np.ndarray:
     x = centers[rng.integers(0, len(centers), n)] + 0.5 * rng.normal(size=(n, d)).astype(np.float32)
-    return normalise(x)
+    return unit_rows(x)
 
 
 def run_vectors(url: str) -> np.ndarray:

@@ -26,12 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.train import SAE_KINDS, evaluate_run, load_splits, run_train  # noqa: E402
-from ne import mnist  # noqa: E402
 from ne.config import load_config  # noqa: E402
-from ne.mnist_config import MnistRunConfig  # noqa: E402
+from ne.mnist import model as mnist_model  # noqa: E402
+from ne.mnist.config import MnistRunConfig  # noqa: E402
+from ne.mnist.eval import COLUMNS, PAPER, evaluate, evaluate_dir, summarise, to_markdown, with_paper  # noqa: E402
 from ne.parallel import make_optimizer  # noqa: E402
 from ne.sae import SAE, NeuronEmbeddingLoss, train_sae_epoch  # noqa: E402
-from ne.sae_eval import COLUMNS, PAPER, evaluate, evaluate_dir, summarise, to_markdown, with_paper  # noqa: E402
 from ne.store import RunDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,12 +102,12 @@ def sweep(cfg: MnistRunConfig) -> None:
     """In-process grid over λ1 (standard SAE) then λ2 (NE loss), seed 0, on the trained MLP."""
     torch.manual_seed(0)
     train, test = load_splits(cfg)
-    mlp = mnist.MLP(cfg.mlp.hidden, torch.Generator().manual_seed(cfg.seed))
+    mlp = mnist_model.MLP(cfg.mlp.hidden, torch.Generator().manual_seed(cfg.seed))
     opt = make_optimizer(cfg.mlp.optimizer, mlp.parameters(), cfg.mlp.lr, cfg.mlp.momentum)
     for epoch in range(cfg.mlp.epochs):
-        mnist.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch)
-    print(f"MLP test accuracy {100 * mnist.accuracy(mlp, test):.2f}% (paper 94.0)")
-    acts = mnist.hidden_acts(mlp, train.images)
+        mnist_model.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch)
+    print(f"MLP test accuracy {100 * mnist_model.accuracy(mlp, test):.2f}% (paper 94.0)")
+    acts = mnist_model.hidden_acts(mlp, train.images)
     grid = [("standard", {"l1_coeff": v}) for v in (0.005, 0.01, 0.02, 0.03)]
     grid += [(f"ne_{ex}", {"ne_coeff": v, "ne_examples": ex}) for ex in ("active", "all") for v in (1.0, 3.0, 10.0)]
     rows = {}

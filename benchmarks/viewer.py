@@ -21,8 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ne.errors import NeError  # noqa: E402
+from ne.reader import RunData  # noqa: E402
 from ne.viewer import render  # noqa: E402
-from ne.viewer.data import RunData  # noqa: E402
 
 
 def open_neuron(data: RunData, layer: int, neuron: int, decode) -> dict[str, float]:

@@ -3,7 +3,7 @@
 Vectors are L2-normalised, so inner product is cosine similarity. Below `index.exact_below` vectors the
 index is exact (Flat); above, it is an IVF index with nlist ≈ 4·√n lists whose nprobe is the smallest
 that reaches `index.target_recall` on sampled queries. Recall@k against exact search is measured on
-queries not used for that choice and stored in the manifest (stage "index").
+queries not used for that choice and stored in the manifest (stage "index", `ne.stages`).
 """
 
 from __future__ import annotations
@@ -19,21 +19,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ne import schema
-from ne.config import IndexConfig, RunConfig, to_dict
+from ne.config import IndexConfig, RunConfig
 from ne.embed import read_h, read_w_in
 from ne.errors import DataError
-from ne.store import RunDir, fingerprint
+from ne.stages import Stage, check_force
+from ne.store import RunDir
 
 log = logging.getLogger(__name__)
 
-STAGE = "index"
 INDEX_FILE = f"{schema.INDEX_DIR}/faiss.index"
 IDS_FILE = f"{schema.INDEX_DIR}/ids.parquet"
 TRAIN_PER_LIST = 32
 """k-means training points per IVF list: FAISS asks for 39; 32 keeps recall (measured) and saves time."""
 
 
-def normalise(x_nd: np.ndarray) -> np.ndarray:
+def unit_rows(x_nd: np.ndarray) -> np.ndarray:
     x_nd = np.ascontiguousarray(x_nd, dtype=np.float32)
     return x_nd / np.maximum(np.linalg.norm(x_nd, axis=1, keepdims=True), np.finfo(np.float32).tiny)
 
@@ -58,7 +58,7 @@ def central_vectors(run: RunDir, layer: int, vectors: str) -> tuple[pa.Table, np
     ids = ids.drop_columns(["h_id"]).append_column(
         "layer", pa.array(np.full(ids.num_rows, layer, np.int16))
     )
-    return ids, normalise(h)
+    return ids, unit_rows(h)
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
@@ -114,20 +114,19 @@ class IndexSummary:
 
 def run_index(cfg: RunConfig, force: list[str] | tuple = ()) -> IndexSummary:
     """Build (or keep) the similar-features index of cfg.run_dir; needs a finished cluster stage."""
-    start = time.perf_counter()
+    force = check_force(force, ("index",))
     run = RunDir(cfg.run_dir)
-    cluster = run.stage("cluster")
-    if not cluster or cluster.get("status") != "done":
-        raise DataError(
-            f"{run.url} has no finished cluster stage in manifest.json; run `ne cluster --config CONFIG` first"
-        )
-    fp = fingerprint(cluster["fingerprint"], to_dict(cfg.index), cfg.seed)
-    if STAGE in force:
-        run.remove(schema.INDEX_DIR)
-        run.mark(STAGE, "forced", "")
-    if run.is_done(STAGE, fp):
-        return IndexSummary(run.url, run.stage(STAGE))
-    layers = cluster["layers"]
+    with run.lock("ne index"):
+        stage = Stage(run, "index", cfg, force)
+        if stage.needed():
+            stage.begin()
+            stage.done(**_build(run, cfg))
+        return IndexSummary(run.url, stage.info)
+
+
+def _build(run: RunDir, cfg: RunConfig) -> dict:
+    start = time.perf_counter()
+    layers = run.manifest()["stages"]["cluster"]["info"]["layers"]
     parts = [central_vectors(run, layer, cfg.index.vectors) for layer in layers]
     x = np.concatenate([v for _, v in parts]) if parts else np.zeros((0, 0), np.float32)
     if len(x) == 0:
@@ -140,9 +139,8 @@ def run_index(cfg: RunConfig, force: list[str] | tuple = ()) -> IndexSummary:
     _write_index(run, index)
     d_mlp = {str(layer): int(read_w_in(run, layer).shape[1]) for layer in layers}
     info.update(vectors=cfg.index.vectors, d_mlp=d_mlp, seconds=time.perf_counter() - start)
-    run.mark(STAGE, "done", fp, **info)
     log.info("index of %d vectors built, recall@%d %.4f", info["n_vectors"], info["recall_k"], info["recall"])
-    return IndexSummary(run.url, run.stage(STAGE))
+    return info
 
 
 def _write_index(run: RunDir, index: faiss.Index) -> None:

@@ -9,8 +9,9 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from index.build import IDS_FILE, INDEX_FILE, STAGE, normalise
+from index.build import IDS_FILE, INDEX_FILE, unit_rows
 from ne.errors import ConfigError, DataError
+from ne.stages import require_done
 from ne.store import RunDir
 
 _REBUILD = "rebuild it with `ne index --config CONFIG --force index`"
@@ -47,14 +48,11 @@ class SimilarFeatures:
     @classmethod
     def load(cls, run_dir: str | RunDir) -> SimilarFeatures:
         run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        info = run.stage(STAGE)
-        if not info or info.get("status") != "done":
-            raise DataError(f"{run.url} has no finished index stage; build it with `ne index --config CONFIG`")
-        for rel in (INDEX_FILE, IDS_FILE):
-            if not run.exists(rel):
-                raise DataError(f"{run.path(rel)} is missing; {_REBUILD}")
-        with run.fs.open(run.path(INDEX_FILE), "rb") as f:
-            data = f.read()
+        entry = require_done(run, "index", run.require_manifest())
+        info = entry["info"]
+        if IDS_FILE in entry["files"]:
+            run.verify(IDS_FILE, entry["files"][IDS_FILE])
+        data = run.read_bytes(INDEX_FILE)
         try:
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as exc:
@@ -116,7 +114,7 @@ class SimilarFeatures:
                               f"dimension {self.dim} ({self.info.get('vectors')} embeddings of d_model)")
         if not np.all(np.isfinite(vec)) or not np.any(vec):
             raise ConfigError("the query vector is zero or not finite; give a vector with a direction")
-        return self._search(normalise(vec), k)
+        return self._search(unit_rows(vec), k)
 
     def _search(self, vec: np.ndarray, k: int) -> list[SimilarFeature]:
         sims, rows = self.index.search(vec, min(k, self.index.ntotal))

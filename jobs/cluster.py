@@ -5,13 +5,12 @@ Batch b of layer L holds neurons [b × n, (b + 1) × n) with n = cluster.neurons
 a batch whose three files exist is finished, so a rerun after an interruption redoes only the others.
 A layer's h rows are read once and shared by its batches (zero-copy through Ray's object store).
 When every batch is done, the metrics are merged into `metrics.parquet`, the report is written and the
-stage "cluster" is marked done in the manifest.
+stage "cluster" is marked done (`ne.stages`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,52 +20,27 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from jobs.ray_utils import init_ray
+from jobs.ray_utils import get, init_ray
 from ne import schema
-from ne.config import ClusterConfig, RunConfig, to_dict
+from ne.config import ClusterConfig, RunConfig
 from ne.embed import LayerH, load_h, pad_rows, read_w_in
-from ne.errors import DataError
 from ne.metrics import NeuronResult, analyse_neurons
 from ne.report import separation, write_report
-from ne.store import RunDir, fingerprint
+from ne.schema import NeuronBatch, neuron_batches
+from ne.stages import Stage, check_force
+from ne.store import RunDir
 
 log = logging.getLogger(__name__)
 
-STAGE = "cluster"
 WORK = "_work/cluster"
-OUTPUTS = (schema.CLUSTERS_DIR, schema.DENDROGRAMS_DIR, schema.METRICS, schema.REPORT_DIR, WORK)
 
 
-@dataclass(frozen=True)
-class Batch:
-    layer: int
-    index: int
-    lo: int
-    hi: int
-
-    @property
-    def files(self) -> tuple[str, str, str]:
-        name = schema.part_name(self.index)
-        return (
-            f"{schema.layer_dir(schema.CLUSTERS_DIR, self.layer)}/{name}",
-            f"{schema.layer_dir(schema.DENDROGRAMS_DIR, self.layer)}/{name}",
-            f"{WORK}/metrics/layer={self.layer}/{name}",  # written last: the batch's "done" marker
-        )
+def batch_files(batch: NeuronBatch) -> tuple[str, str, str]:
+    """The batch's clusters and dendrograms parts, and its metrics, written last as its "done" marker."""
+    return (batch.file(schema.CLUSTERS_DIR), batch.file(schema.DENDROGRAMS_DIR), batch.file(f"{WORK}/metrics"))
 
 
-def harvested_layers(run: RunDir) -> list[int]:
-    """Layers with examples in the run directory; an error when the harvest has not finished."""
-    entry = run.stage("examples")
-    if not entry or entry.get("status") != "done":
-        raise DataError(
-            f"{run.url} has no finished harvest (no 'examples' stage done in manifest.json); "
-            f"run `ne harvest --config CONFIG` with run_dir {run.url} first"
-        )
-    names = run.ls(schema.EXAMPLES_DIR)
-    return sorted(int(n.split("=", 1)[1]) for n in names if n.startswith("layer="))
-
-
-def cluster_batch(run_url: str, batch: Batch, cfg: ClusterConfig, layer_h: LayerH | None = None) -> int:
+def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h: LayerH | None = None) -> int:
     """Cluster one batch of neurons and write its three files; returns the number of examples.
 
     `layer_h`: the layer's h rows, shared by its batches; without it, the batch reads only its own rows."""
@@ -86,14 +60,14 @@ def cluster_batch(run_url: str, batch: Batch, cfg: ClusterConfig, layer_h: Layer
     members = [np.arange(bounds[i], bounds[i + 1]) for i in range(batch.hi - batch.lo)]
     h_bnd, counts = pad_rows(layer_h.rows, [rows[m] for m in members])
     results = analyse_neurons(h_bnd, counts, w_bd.float(), cfg)
-    clusters_rel, dendro_rel, metrics_rel = batch.files
+    clusters_rel, dendro_rel, metrics_rel = batch_files(batch)
     run.write_parquet(clusters_rel, _clusters_table(batch, members, rank, results))
     run.write_parquet(dendro_rel, _dendrograms_table(batch, results, cfg.threshold))
     run.write_parquet(metrics_rel, _metrics_table(batch, results))
     return len(h_ids)
 
 
-def _clusters_table(batch: Batch, members: list[np.ndarray], rank: np.ndarray, results: list) -> pa.Table:
+def _clusters_table(batch: NeuronBatch, members: list[np.ndarray], rank: np.ndarray, results: list) -> pa.Table:
     cols: dict[str, list[np.ndarray]] = {name: [] for name in schema.CLUSTERS.names}
     for i, (ix, res) in enumerate(zip(members, results)):
         c = res.clusters
@@ -111,7 +85,7 @@ def _clusters_table(batch: Batch, members: list[np.ndarray], rank: np.ndarray, r
     )
 
 
-def _dendrograms_table(batch: Batch, results: list[NeuronResult], threshold: float) -> pa.Table:
+def _dendrograms_table(batch: NeuronBatch, results: list[NeuronResult], threshold: float) -> pa.Table:
     kept = [(batch.lo + i, r) for i, r in enumerate(results) if len(r.clusters.labels)]
     return pa.Table.from_pydict(
         {
@@ -124,7 +98,7 @@ def _dendrograms_table(batch: Batch, results: list[NeuronResult], threshold: flo
     )
 
 
-def _metrics_table(batch: Batch, results: list[NeuronResult]) -> pa.Table:
+def _metrics_table(batch: NeuronBatch, results: list[NeuronResult]) -> pa.Table:
     data = {"layer": [batch.layer] * len(results), "neuron": list(range(batch.lo, batch.hi))}
     for name in schema.METRICS_SCHEMA.names[2:]:
         data[name] = [r.metrics[name] for r in results]
@@ -153,50 +127,39 @@ class ClusterSummary:
 
 def run_cluster(cfg: RunConfig, force: list[str] | tuple = (), in_process: bool = False) -> ClusterSummary:
     """Run (or resume) the cluster stage of `cfg`: Ray tasks, or one process when `in_process`."""
-    start = time.perf_counter()
+    force = check_force(force, ("cluster",))
     run = RunDir(cfg.run_dir)
-    layers = harvested_layers(run)
-    fp = fingerprint(run.stage("examples")["fingerprint"], to_dict(cfg.cluster))
-    entry = run.stage(STAGE)
-    if STAGE in force or (entry and entry.get("fingerprint") != fp and entry.get("status") != "done"):
-        for rel in OUTPUTS:  # stale partial outputs of other settings must not be resumed
-            run.remove(rel)
-        run.mark(STAGE, "forced", "")
-    if not run.is_done(STAGE, fp):
-        run.mark(STAGE, "running", fp)
-        todo = [b for b in _batches(run, layers, cfg.cluster.neurons_per_task) if not _finished(run, b)]
-        _map_batches(run, todo, cfg.cluster, in_process)
-        metrics = pa.concat_tables(
-            [run.read_parquet(f"{WORK}/metrics/layer={layer}") for layer in layers]
-        ).sort_by([("layer", "ascending"), ("neuron", "ascending")])
-        run.write_parquet(schema.METRICS, metrics)
-        write_report(run, metrics)
-        run.mark(STAGE, "done", fp, neurons=metrics.num_rows, layers=layers, seconds=time.perf_counter() - start)
-        run.remove(WORK)
-        if not run.ls("_work"):
-            run.remove("_work")
-    return _summary(run, time.perf_counter() - start)
+    with run.lock("ne cluster"):
+        start = time.perf_counter()
+        stage = Stage(run, "cluster", cfg, force)
+        if stage.needed():
+            stage.begin()
+            layers = run.manifest()["stages"]["examples"]["info"]["layers"]
+            todo = [b for b in _batches(run, layers, cfg.cluster.neurons_per_task) if not _finished(run, b)]
+            _map_batches(run, todo, cfg.cluster, in_process)
+            metrics = pa.concat_tables(
+                [run.read_parquet(f"{WORK}/metrics/layer={layer}") for layer in layers]
+            ).sort_by([("layer", "ascending"), ("neuron", "ascending")])
+            run.write_parquet(schema.METRICS, metrics)
+            write_report(run, metrics)
+            stage.done(neurons=metrics.num_rows, layers=layers, seconds=time.perf_counter() - start)
+        return _summary(run, time.perf_counter() - start)
 
 
-def _batches(run: RunDir, layers: list[int], per_task: int) -> list[Batch]:
-    out = []
-    for layer in layers:
-        d_mlp = read_w_in(run, layer).shape[1]
-        for b in range(math.ceil(d_mlp / per_task)):
-            out.append(Batch(layer, b, b * per_task, min(d_mlp, (b + 1) * per_task)))
-    return out
+def _batches(run: RunDir, layers: list[int], per_task: int) -> list[NeuronBatch]:
+    return [b for layer in layers for b in neuron_batches(layer, range(read_w_in(run, layer).shape[1]), per_task)]
 
 
-def _finished(run: RunDir, batch: Batch) -> bool:
-    return all(run.exists(rel) for rel in batch.files)
+def _finished(run: RunDir, batch: NeuronBatch) -> bool:
+    return all(run.exists(rel) for rel in batch_files(batch))
 
 
-def _map_batches(run: RunDir, todo: list[Batch], cfg: ClusterConfig, in_process: bool) -> None:
+def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_process: bool) -> None:
     """Each layer's h is read once and shared by its batches: in the object store, zero-copy, for Ray tasks.
     At most two layers are held at a time, so the next layer loads while the last batches of one finish."""
     if not todo:
         return
-    by_layer: dict[int, list[Batch]] = {}
+    by_layer: dict[int, list[NeuronBatch]] = {}
     for batch in todo:
         by_layer.setdefault(batch.layer, []).append(batch)
     bar = tqdm(total=len(todo), unit="batch", desc="cluster")
@@ -216,7 +179,7 @@ def _map_batches(run: RunDir, todo: list[Batch], cfg: ClusterConfig, in_process:
 
         def finish_one() -> None:
             done, _ = ray.wait(list(pending), num_returns=1)
-            ray.get(done)
+            get(done[0])
             pending.pop(done[0])
             bar.update(1)
 

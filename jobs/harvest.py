@@ -31,15 +31,14 @@ from ne.config import HarvestConfig, ModelConfig, RunConfig, to_dict
 from ne.data import context_parts, read_contexts, write_contexts
 from ne.errors import DataError
 from ne.models import load_model
-from ne.store import RunDir, fingerprint
+from ne.stages import HARVEST, Stage, check_force
+from ne.store import RunDir
 
 log = logging.getLogger(__name__)
 
 WORK = "_work"
 H_ROWS_PER_PART = 65_536
 NEURONS_PER_ROW_GROUP = 64
-EXECUTION_ONLY = ("num_workers", "use_gpu", "batch_size")
-"""Harvest settings that change how the work runs, never its result."""
 
 
 class PartProcessor:
@@ -114,33 +113,35 @@ class HarvestSummary:
 
 def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary:
     """Run (or resume) the harvest stages of `cfg` into cfg.run_dir and summarise the result."""
-    start = time.perf_counter()
+    force = check_force(force, HARVEST)
     run = RunDir(cfg.run_dir)
+    with run.lock("ne harvest"):
+        return _harvest(run, cfg, force)
+
+
+def _harvest(run: RunDir, cfg: RunConfig, force: set[str]) -> HarvestSummary:
+    start = time.perf_counter()
     model = load_model(cfg.model)
     layers = model.check_layers(cfg.harvest.layers)
-    for stage in force:
-        _forget(run, stage)
-
-    n_contexts = write_contexts(run, cfg.data, model)
-    parts = context_parts(run)
-    _write_weights(run, model, layers, fingerprint(to_dict(cfg.model), layers))
-
-    maxima_fp = fingerprint(to_dict(cfg.model), to_dict(cfg.data), layers, cfg.harvest.maxima_file)
-    outputs = {k: v for k, v in to_dict(cfg.harvest).items() if k not in EXECUTION_ONLY}
-    examples_fp = fingerprint(maxima_fp, outputs)
-    pool = WorkerPool(cfg, run)
-    try:
-        if _begin(run, "maxima", maxima_fp):
-            _maxima_stage(run, cfg, pool, parts, layers, model.d_mlp, maxima_fp)
-        if _begin(run, "examples", examples_fp):
-            _examples_stage(run, cfg, pool, parts, layers, model.d_mlp, examples_fp)
-    finally:
-        pool.close()
-    # Recorded once every stage has finished, so the manifest always describes the outputs beside it.
-    run.record("config", to_dict(cfg))
     run.record("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
                          "d_mlp": model.d_mlp, "bos_token_id": model.bos_token_id,
                          "pad_token_id": model.pad_token_id})
+    n_contexts = write_contexts(run, cfg, model, force)
+    parts = context_parts(run)
+    _write_weights(run, cfg, model, layers, force)
+    pool = WorkerPool(cfg, run)
+    try:
+        maxima = Stage(run, "maxima", cfg, force)
+        if maxima.needed():
+            maxima.begin()
+            _maxima_stage(run, cfg, pool, parts, layers, model.d_mlp, maxima)
+        examples = Stage(run, "examples", cfg, force)
+        if examples.needed():
+            examples.begin()
+            _examples_stage(run, cfg, pool, parts, layers, model.d_mlp, examples)
+    finally:
+        pool.close()
+    run.record("config", to_dict(cfg))
     summary = HarvestSummary(run.url, n_contexts, layers, model.d_mlp)
     for layer in layers:
         neurons = run.read_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}", columns=["neuron"])
@@ -150,29 +151,19 @@ def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary
     return summary
 
 
-def _begin(run: RunDir, stage: str, fp: str) -> bool:
-    """True when `stage` must run; clears half-done work of other settings so it is never resumed."""
-    if run.is_done(stage, fp):
-        return False
-    entry = run.stage(stage)
-    if entry and entry.get("fingerprint") != fp:
-        run.remove(WORK, stage)
-    run.mark(stage, "running", fp)
-    return True
-
-
-def _maxima_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, fp: str) -> None:
+def _maxima_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, stage: Stage) -> None:
     if cfg.harvest.maxima_file:
         table = read_maxima_file(cfg.harvest.maxima_file, layers, d_mlp)
     else:
         pool.map("maxima", parts, layers, cfg.harvest.batch_size)
         table = merge_maxima(run, parts)
     run.write_parquet(schema.MAXIMA, table)
-    run.mark("maxima", "done", fp, rows=table.num_rows)
-    run.remove(WORK, "maxima")
+    stage.done(rows=table.num_rows, layers=layers)
 
 
-def _examples_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, fp: str) -> None:
+def _examples_stage(
+    run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, stage: Stage
+) -> None:
     maxima = run.read_parquet(schema.MAXIMA).to_pandas()
     thresholds = {
         layer: harvest.thresholds_from_maxima(
@@ -184,28 +175,19 @@ def _examples_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers
     todo = [p for p in parts if f"{schema.part_name(p)}.done" not in done]
     pool.map("examples", todo, thresholds, cfg.harvest, cfg.data.n_ctx)
     rows = sum(_merge_layer(run, layer, parts, cfg.harvest.k, d_mlp) for layer in layers)
-    run.mark("examples", "done", fp, rows=rows)
-    run.remove(WORK)
+    stage.done(rows=rows, layers=layers)
 
 
-def _forget(run: RunDir, stage: str) -> None:
-    outputs = {"contexts": [schema.CONTEXTS_DIR], "weights": ["weights"], "maxima": [schema.MAXIMA],
-               "examples": [schema.EXAMPLES_DIR, schema.H_DIR, WORK]}
-    if stage not in outputs:
+def _write_weights(run: RunDir, cfg: RunConfig, model, layers: list[int], force: set[str]) -> None:
+    stage = Stage(run, "weights", cfg, force)
+    if not stage.needed():
         return
-    run.mark(stage, "forced", "")
-    for rel in outputs[stage]:
-        run.remove(rel)
-
-
-def _write_weights(run: RunDir, model, layers: list[int], fp: str) -> None:
-    if run.is_done("weights", fp):
-        return
+    stage.begin()
     for layer in layers:
         tensors = {"W_in": model.W_in(layer).float().cpu().contiguous(),
                    "b_in": model.b_in(layer).float().cpu().contiguous()}
         run.write_bytes(schema.weights_path(layer), safetensors.torch.save(tensors))
-    run.mark("weights", "done", fp, layers=layers)
+    stage.done(layers=layers)
 
 
 class WorkerPool:

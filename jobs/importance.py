@@ -1,10 +1,11 @@
-"""The importance job: token importance of every example of a run, precomputed for the viewer.
+"""The importance job: token importance of a run's examples, precomputed for the viewer.
 
 Ray actors, each with one model replica, take one batch of neurons of one layer at a time and write
-`importance/layer=L/part-B.parquet` (schema `ne.schema.IMPORTANCE`), with importance for the
-`viewer.window_before` tokens before each key token and the key token itself. A part is written atomically,
-so a rerun after an interruption computes only the missing parts; the stage "importance" is marked done
-in the manifest at the end. Other settings (model, masking token, window, neurons) start afresh.
+`importance/layer=L/part-B.parquet` (schema `ne.schema.IMPORTANCE`): importance of the
+`importance.window_before` tokens before each key token and of the key token itself. Runs add to what is
+there: a neuron already computed is skipped, new neurons go to new parts, and nothing is ever deleted
+unless the stage is forced or its settings (mask token, window) are changed with `--force importance`.
+A part is written atomically, so an interrupted run resumes with the neurons it had not finished.
 """
 
 from __future__ import annotations
@@ -13,35 +14,24 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 from tqdm.auto import tqdm
 
 from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
 from ne import schema
-from ne.config import RunConfig, to_dict
-from ne.errors import DataError
+from ne.config import RunConfig
+from ne.errors import ConfigError
 from ne.importance import mask_token_id, token_importance
 from ne.models import load_model
-from ne.store import RunDir, fingerprint
-from ne.viewer.data import RunData
+from ne.reader import RunData
+from ne.schema import NeuronBatch, neuron_batches
+from ne.stages import Stage, check_force
+from ne.store import RunDir
 
 log = logging.getLogger(__name__)
-
-STAGE = "importance"
-
-
-@dataclass(frozen=True)
-class Batch:
-    layer: int
-    index: int
-    neurons: tuple[int, ...]
-
-    @property
-    def file(self) -> str:
-        return f"{schema.layer_dir(schema.IMPORTANCE_DIR, self.layer)}/{schema.part_name(self.index)}"
 
 
 @ray.remote
@@ -49,17 +39,17 @@ class ImportanceWorker:
     def __init__(self, cfg: RunConfig, threads: int):
         torch.set_num_threads(threads)
         self.model = load_model(cfg.model)
-        self.mask = mask_token_id(self.model, cfg.viewer.mask_token)
-        self.before = cfg.viewer.window_before
+        self.mask = mask_token_id(self.model, cfg.importance.mask_token)
+        self.before = cfg.importance.window_before
         self.data = RunData(cfg.run_dir)
 
-    def run(self, batch: Batch) -> int:
+    def run(self, batch: NeuronBatch) -> int:
         table = importance_table(self.data, self.model, batch, self.mask, self.before)
-        self.data.run.write_parquet(batch.file, table)
+        self.data.run.write_parquet(batch.file(schema.IMPORTANCE_DIR), table)
         return table.num_rows
 
 
-def importance_table(data: RunData, model, batch: Batch, mask: int, before: int) -> pa.Table:
+def importance_table(data: RunData, model, batch: NeuronBatch, mask: int, before: int) -> pa.Table:
     """Importance of every example of the batch's neurons, sorted by neuron then rank."""
     rows = {name: [] for name in schema.IMPORTANCE.names}
     for neuron in batch.neurons:
@@ -75,60 +65,82 @@ def importance_table(data: RunData, model, batch: Batch, mask: int, before: int)
 @dataclass
 class ImportanceSummary:
     run_dir: str
-    examples: int
+    new_neurons: int
+    """Neurons computed by this call (the others were there already)."""
+    neurons: dict[int, int]
+    """Neurons with importance, per layer, after this call."""
     seconds: float
 
     def describe(self) -> str:
-        return (f"importance done in {self.seconds:.1f} s: {self.examples} examples\n"
+        total = sum(self.neurons.values())
+        return (f"importance done in {self.seconds:.1f} s: {self.new_neurons} neurons computed now, {total} in all "
+                f"({', '.join(f'layer {k}: {v}' for k, v in sorted(self.neurons.items()))})\n"
                 f"outputs: {self.run_dir}/{schema.IMPORTANCE_DIR}/")
 
 
 def run_importance(
-    cfg: RunConfig, layers: list[int] | None = None, neurons: list[int] | None = None, neurons_per_task: int = 64,
-    force: list[str] | tuple = (),
+    cfg: RunConfig, layers: list[int] | None = None, neurons: list[int] | None = None, force: list[str] | tuple = (),
 ) -> ImportanceSummary:
-    """Precompute (or resume) token importance for `layers` (default: all) and `neurons` (default: all)."""
-    start = time.perf_counter()
+    """Add token importance for `layers` (default: all) and `neurons` (default: all with examples)."""
+    force = check_force(force, ("importance",))
     run = RunDir(cfg.run_dir)
-    data = RunData(cfg.run_dir)
-    examples = run.stage("examples")
-    if not examples or examples.get("status") != "done":
-        raise DataError(f"{run.url} has no finished harvest; run `ne harvest` with run_dir {run.url} first")
-    have = data.layers()
-    layers = have if layers is None else layers
+    with run.lock("ne importance"):
+        start = time.perf_counter()
+        stage = Stage(run, "importance", cfg, force)
+        needed = stage.needed()
+        layers, wanted = _check_request(run, layers, neurons)
+        if needed:
+            stage.begin()
+        data = RunData(run.url)
+        batches: list[NeuronBatch] = []
+        for layer in layers:
+            have = covered(run, layer)
+            todo = [int(n) for n in data.neurons(layer) if (wanted is None or int(n) in wanted) and int(n) not in have]
+            parts = run.ls(schema.layer_dir(schema.IMPORTANCE_DIR, layer), suffix=".parquet")
+            first = max((int(name[5:10]) for name in parts), default=-1) + 1
+            batches += neuron_batches(layer, todo, cfg.importance.neurons_per_task, first)
+        if batches or needed:
+            if not needed:
+                stage.begin(extend=True)
+            _map(cfg, batches)
+            per_layer = {layer: len(covered(run, layer)) for layer in run.layers(schema.IMPORTANCE_DIR)}
+            stage.done(neurons={str(k): v for k, v in per_layer.items()})
+        per_layer = {int(k): v for k, v in stage.info.get("neurons", {}).items()}
+        return ImportanceSummary(run.url, sum(len(b.neurons) for b in batches), per_layer,
+                                 time.perf_counter() - start)
+
+
+def _check_request(run: RunDir, layers: list[int] | None, neurons: list[int] | None):
+    """(layers, neuron set or None), each checked against the run's range."""
+    m = run.manifest()
+    have = m["stages"]["examples"]["info"]["layers"]
+    layers = have if layers is None else sorted(set(layers))
     missing = sorted(set(layers) - set(have))
     if missing:
-        raise DataError(f"layers {missing} are not in {run.url}; it has layers {have}")
-    fp = fingerprint(examples["fingerprint"], to_dict(cfg.model), cfg.viewer.mask_token, cfg.viewer.window_before,
-                     layers, neurons)
-    entry = run.stage(STAGE)
-    if STAGE in force or (entry and entry.get("fingerprint") != fp):
-        run.remove(schema.IMPORTANCE_DIR)  # parts of other settings must not be mixed in
-        run.mark(STAGE, "forced", "")
-    if not run.is_done(STAGE, fp):
-        run.mark(STAGE, "running", fp)
-        batches = []
-        for layer in layers:
-            ids = [int(n) for n in data.neurons(layer) if neurons is None or int(n) in set(neurons)]
-            for i in range(0, len(ids), neurons_per_task):
-                batches.append(Batch(layer, i // neurons_per_task, tuple(ids[i : i + neurons_per_task])))
-        todo = [b for b in batches if not run.exists(b.file)]
-        _map(cfg, todo)
-        rows = 0
-        for b in batches:
-            with run.fs.open(run.path(b.file), "rb") as f:
-                rows += pq.read_metadata(f).num_rows
-        run.mark(STAGE, "done", fp, rows=rows, layers=layers)
-    return ImportanceSummary(run.url, run.stage(STAGE).get("rows", 0), time.perf_counter() - start)
+        raise ConfigError(f"--layer {missing[0]} is not in {run.url}; it has layers {have}")
+    if neurons is None:
+        return layers, None
+    d_mlp = m.get("model", {}).get("d_mlp")
+    bad = [n for n in neurons if n < 0 or (d_mlp is not None and n >= d_mlp)]
+    if bad:
+        raise ConfigError(f"--neuron {bad[0]} is out of range; the layers of {run.url} have neurons 0..{d_mlp - 1}")
+    return layers, set(neurons)
 
 
-def _map(cfg: RunConfig, todo: list[Batch]) -> None:
+def covered(run: RunDir, layer: int) -> set[int]:
+    """Neurons of `layer` whose importance is stored."""
+    folder = schema.layer_dir(schema.IMPORTANCE_DIR, layer)
+    if not run.ls(folder, suffix=".parquet"):
+        return set()
+    return set(np.unique(run.read_parquet(folder, columns=["neuron"]).column("neuron").to_numpy()).tolist())
+
+
+def _map(cfg: RunConfig, todo: list[NeuronBatch]) -> None:
     if not todo:
         return
     init_ray()
-    n_workers, threads, options = model_actor_options(
-        min(max(cfg.harvest.num_workers, 1), len(todo)), cfg.harvest.use_gpu
-    )
+    n_workers, threads, options = model_actor_options(min(cfg.importance.num_workers, len(todo)),
+                                                      cfg.importance.use_gpu)
     workers = [ImportanceWorker.options(**options).remote(cfg, threads) for _ in range(n_workers)]
     bar = tqdm(total=len(todo), unit="batch", desc="importance")
     try:
@@ -137,4 +149,3 @@ def _map(cfg: RunConfig, todo: list[Batch]) -> None:
         bar.close()
         for worker in workers:
             ray.kill(worker)
-

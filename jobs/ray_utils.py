@@ -7,7 +7,19 @@ import os
 
 import ray
 
+from ne.errors import NeError
+
 log = logging.getLogger(__name__)
+
+
+def get(ref: ray.ObjectRef):
+    """`ray.get`, with our own errors raised as themselves: one line for the user, not a remote traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, NeError):
+            raise exc.cause from None
+        raise
 
 
 def init_ray() -> None:
@@ -71,7 +83,7 @@ def run_on_actors(workers: list, method: str, items: list, *args, on_done=None) 
     while running:
         (ref,), _ = ray.wait(list(running), num_returns=1)
         worker = running.pop(ref)
-        result = ray.get(ref)
+        result = get(ref)
         if on_done is not None:
             on_done(result)
         submit(worker)

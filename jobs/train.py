@@ -21,12 +21,16 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ne import mnist
+from ne import store
 from ne.config import from_dict, to_dict
-from ne.mnist_config import MnistRunConfig
+from ne.errors import ConfigError
+from ne.mnist import data as mnist_data
+from ne.mnist import model as mnist_model
+from ne.mnist.config import MnistRunConfig
+from ne.mnist.eval import SAEMetrics, evaluate_dir, write_tables
 from ne.parallel import Shard, make_optimizer
 from ne.sae import SAE, NeuronEmbeddingLoss, train_sae_epoch
-from ne.sae_eval import SAEMetrics, evaluate_dir, write_tables
+from ne.stages import MNIST_STAGES, Stage, check_force
 from ne.store import RunDir, fingerprint
 
 SAE_KINDS = ("standard", "ne_loss")
@@ -41,13 +45,6 @@ def weights_rel(model: str) -> str:
 def url(run: RunDir, rel: str) -> str:
     """A file of the run directory as a URL fsspec opens anywhere (run.path drops the protocol)."""
     return f"{run.url.rstrip('/')}/{rel}"
-
-
-def stage_fingerprints(cfg: MnistRunConfig) -> dict[str, str]:
-    """Settings each stage's output depends on (not the number of workers: that changes only rounding)."""
-    mlp = fingerprint(cfg.seed, to_dict(cfg.data), to_dict(cfg.mlp))
-    sae = {f"sae_{k}": fingerprint(mlp, to_dict(cfg.sae), k) for k in SAE_KINDS}
-    return {"mlp": mlp, **sae, "eval": fingerprint(*sae.values(), to_dict(cfg.eval))}
 
 
 @dataclass
@@ -99,8 +96,8 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
     shard = Shard.current()
     state = _load_state()
-    train = mnist.load_mnist(cfg.data.source, cfg.data.dir, "train").head(cfg.data.train_subset)
-    train = mnist.MnistSplit(train.images.to(device), train.labels.to(device))
+    train = mnist_data.load_mnist(cfg.data.source, cfg.data.dir, "train").head(cfg.data.train_subset)
+    train = mnist_data.MnistSplit(train.images.to(device), train.labels.to(device))
     steps, seconds = 0, {}
 
     def resume(name: str, model: torch.nn.Module, opt, extra: torch.nn.Module | None = None) -> tuple[int, int]:
@@ -127,22 +124,22 @@ def train_loop(config: dict) -> None:
 
     # The MLP
     if "mlp" in state["done"] or "mlp" not in config["todo"]:
-        mlp = mnist.MLP(cfg.mlp.hidden)
-        mlp.load_state_dict(state["done"].get("mlp") or mnist.MLP.load(config["mlp_path"]).state_dict())
+        mlp = mnist_model.MLP(cfg.mlp.hidden)
+        mlp.load_state_dict(state["done"].get("mlp") or mnist_model.MLP.load(config["mlp_path"]).state_dict())
         mlp.to(device)
     else:
         t0 = time.time()
-        mlp = mnist.MLP(cfg.mlp.hidden, torch.Generator().manual_seed(cfg.seed)).to(device)
+        mlp = mnist_model.MLP(cfg.mlp.hidden, torch.Generator().manual_seed(cfg.seed)).to(device)
         opt = make_optimizer(cfg.mlp.optimizer, mlp.parameters(), cfg.mlp.lr, cfg.mlp.momentum)
         start, _ = resume("mlp", mlp, opt)
         for epoch in range(start, cfg.mlp.epochs):
-            loss = mnist.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch, shard)
+            loss = mnist_model.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch, shard)
             steps += -(-len(train) // cfg.mlp.batch_size)
             last = epoch + 1 == cfg.mlp.epochs
             if last or (epoch + 1) % cfg.trainer.checkpoint_every == 0:
                 checkpoint("mlp", mlp, opt, epoch + 1, 0, last, t0, loss=loss)
 
-    acts = mnist.hidden_acts(mlp, train.images)
+    acts = mnist_model.hidden_acts(mlp, train.images)
     for kind in SAE_KINDS:
         name = f"sae_{kind}"
         if name in state["done"] or name not in config["todo"]:
@@ -198,35 +195,64 @@ def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str])
 
 def run_train(cfg: MnistRunConfig, force: list[str] | tuple = ()) -> TrainSummary:
     """Train what is not finished yet, write the weights in the authors' format, then evaluate."""
+    force = check_force(force, MNIST_STAGES)
     if cfg.data.source == "idx":
         if "://" not in cfg.data.dir:  # Ray workers do not share the driver's working directory
             cfg = replace(cfg, data=replace(cfg.data, dir=os.path.abspath(cfg.data.dir)))
-        mnist.check_idx_dir(cfg.data.dir)
+        mnist_data.check_idx_dir(cfg.data.dir)
+    check_ne_loss_starts(cfg, train_size(cfg))
     run = RunDir(cfg.run_dir)
-    run.record("mnist_config", to_dict(cfg))
-    fps = stage_fingerprints(cfg)
-    summary = TrainSummary()
-    forced = set(force)
-    todo = [m for m in ("mlp", *(f"sae_{k}" for k in SAE_KINDS))
-            if f"mnist_{m}" in forced or not run.is_done(f"mnist_{m}", fps[m])]
-    if "mlp" in todo:  # new MLP weights make both SAEs stale
-        todo = ["mlp", *(f"sae_{k}" for k in SAE_KINDS)]
-    if todo:
-        done, metrics = _fit(cfg, run, todo, fps)
-        for name in todo:
-            hidden = cfg.mlp.hidden
-            model = mnist.MLP(hidden) if name == "mlp" else SAE(hidden, cfg.sae.expansion * hidden)
-            model.load_state_dict(done[name])
-            run.write_bytes(weights_rel(name), mnist.tensors_bytes(model))
-            run.mark(f"mnist_{name}", "done", fps[name])
-        summary.trained, summary.steps = todo, int(metrics.get("steps_this_attempt", 0))
-        summary.seconds = dict(metrics.get("seconds", {}))
-    if todo or "mnist_eval" in forced or not run.is_done("mnist_eval", fps["eval"]):
-        t0 = time.time()
-        summary.metrics = evaluate_run(cfg, run)
-        summary.seconds["eval"] = time.time() - t0
-        run.mark("mnist_eval", "done", fps["eval"])
-    return summary
+    with run.lock("ne train"):
+        run.record("mnist_config", to_dict(cfg))
+        summary = TrainSummary()
+        todo = []
+        for name in ("mlp", *(f"sae_{k}" for k in SAE_KINDS)):
+            stage = Stage(run, f"mnist_{name}", cfg, force)
+            # A new MLP makes both SAEs stale (its begin marks them so): they are retrained in the same fit.
+            if "mlp" in todo or stage.needed():
+                stage.begin()
+                todo.append(name)
+        if todo:
+            stages = run.manifest()["stages"]
+            fps = {name: stages[f"mnist_{name}"]["fingerprint"] for name in ("mlp", *(f"sae_{k}" for k in SAE_KINDS))}
+            done, metrics = _fit(cfg, run, todo, fps)
+            for name in todo:
+                hidden = cfg.mlp.hidden
+                model = mnist_model.MLP(hidden) if name == "mlp" else SAE(hidden, cfg.sae.expansion * hidden)
+                model.load_state_dict(done[name])
+                run.write_bytes(weights_rel(name), store.tensors_bytes(model))
+                Stage(run, f"mnist_{name}", cfg, force).done()
+            summary.trained, summary.steps = todo, int(metrics.get("steps_this_attempt", 0))
+            summary.seconds = dict(metrics.get("seconds", {}))
+        stage = Stage(run, "mnist_eval", cfg, force)
+        if stage.needed():
+            stage.begin()
+            t0 = time.time()
+            summary.metrics = evaluate_run(cfg, run)
+            summary.seconds["eval"] = time.time() - t0
+            stage.done()
+        return summary
+
+
+def train_size(cfg: MnistRunConfig) -> int:
+    """Training images used: the subset, or the whole training split (the labels file's length)."""
+    if cfg.data.source == "idx":
+        full = len(mnist_data.read_idx(mnist_data.find_file(cfg.data.dir, mnist_data.FILES[("train", "labels")])))
+    else:
+        full = mnist_data.TRAIN_SIZE
+    return min(full, cfg.data.train_subset or full)
+
+
+def check_ne_loss_starts(cfg: MnistRunConfig, n_train: int) -> None:
+    """The NE loss switches on at `ne_start_step`; a run shorter than that would train two equal SAEs."""
+    steps = cfg.sae.epochs * -(-n_train // cfg.sae.batch_size)
+    if cfg.sae.ne_coeff > 0 and steps <= cfg.sae.ne_start_step:
+        raise ConfigError(
+            f"sae.ne_start_step is {cfg.sae.ne_start_step} but the SAEs train for only {steps} steps ({n_train} "
+            f"images, sae.batch_size {cfg.sae.batch_size}, sae.epochs {cfg.sae.epochs}), so the neuron-embedding "
+            "loss would never switch on and sae_ne_loss would equal sae_standard; lower sae.ne_start_step or "
+            "train longer"
+        )
 
 
 def evaluate_run(cfg: MnistRunConfig, run: RunDir) -> dict[str, SAEMetrics]:
@@ -237,7 +263,7 @@ def evaluate_run(cfg: MnistRunConfig, run: RunDir) -> dict[str, SAEMetrics]:
     return metrics
 
 
-def load_splits(cfg: MnistRunConfig) -> tuple[mnist.MnistSplit, mnist.MnistSplit]:
-    train = mnist.load_mnist(cfg.data.source, cfg.data.dir, "train").head(cfg.data.train_subset)
-    test = mnist.load_mnist(cfg.data.source, cfg.data.dir, "test").head(cfg.data.test_subset)
+def load_splits(cfg: MnistRunConfig) -> tuple[mnist_data.MnistSplit, mnist_data.MnistSplit]:
+    train = mnist_data.load_mnist(cfg.data.source, cfg.data.dir, "train").head(cfg.data.train_subset)
+    test = mnist_data.load_mnist(cfg.data.source, cfg.data.dir, "test").head(cfg.data.test_subset)
     return train, test

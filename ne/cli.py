@@ -11,14 +11,17 @@ import sys
 
 from ne.errors import NeError
 
+RUN_STAGES = ("contexts", "weights", "maxima", "examples", "cluster", "index")
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+
+def _config_args(p: argparse.ArgumentParser, stages: tuple[str, ...]) -> None:
     p.add_argument("--config", default="configs/demo.yaml", help="YAML experiment config (configs/*.yaml)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set harvest.k=50 --set run_dir=s3://bucket/run",
     )
-    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo a finished stage")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help=f"redo a finished stage ({', '.join(stages)}) and mark every stage after it stale")
 
 
 def _load(args):
@@ -38,9 +41,12 @@ def cmd_harvest(args) -> None:
 def cmd_view(args) -> None:
     import subprocess
 
-    from ne.viewer import launch_command
+    from ne.store import RunDir
+    from ne.viewer import check_address, launch_command
 
+    RunDir(args.run_dir).require_manifest()
     cmd = launch_command(args.run_dir, host=args.host, port=args.port)
+    check_address(cmd[cmd.index("--server.address") + 1], int(cmd[cmd.index("--server.port") + 1]))
     print(f"ne view: serving {args.run_dir} at http://{cmd[cmd.index('--server.address') + 1]}:"
           f"{cmd[cmd.index('--server.port') + 1]} (Ctrl-C stops it)")
     try:
@@ -67,6 +73,13 @@ def cmd_importance(args) -> None:
     print(run_importance(_load(args), layers=args.layer, neurons=args.neuron, force=args.force).describe())
 
 
+def cmd_status(args) -> None:
+    from ne.stages import describe_status
+    from ne.store import RunDir
+
+    print(describe_status(RunDir(args.run_dir)))
+
+
 def cmd_similar(args) -> None:
     from index.query import describe_similar
 
@@ -81,13 +94,17 @@ def cmd_run(args) -> None:
     from jobs.harvest import run_harvest
     from ne import schema
     from ne.report import most_polysemantic
+    from ne.stages import HARVEST, check_force
     from ne.store import RunDir
 
     cfg = _load(args)
-    print(run_harvest(cfg, force=args.force).describe(), end="\n\n")
-    print(run_cluster(cfg, force=args.force).describe(), end="\n\n")
-    print(run_index(cfg, force=args.force).describe(), end="\n\n")
-    metrics = RunDir(cfg.run_dir).read_parquet(schema.METRICS).to_pandas()
+    force = check_force(args.force, RUN_STAGES)
+    run = RunDir(cfg.run_dir)
+    with run.lock("ne run"):
+        print(run_harvest(cfg, force=force & set(HARVEST)).describe(), end="\n\n")
+        print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
+        print(run_index(cfg, force=force & {"index"}).describe(), end="\n\n")
+        metrics = run.read_parquet(schema.METRICS).to_pandas()
     top = most_polysemantic(metrics[metrics.n_examples > 0], 10)
     print("The 10 most polysemantic neurons:")
     print(top[["layer", "neuron", "n_examples", "n_clusters", "mean_dist", "silhouette"]].to_string(index=False))
@@ -106,7 +123,7 @@ def _mnist_args(p: argparse.ArgumentParser) -> None:
 
 def _load_mnist(args):
     from ne.config import load_config
-    from ne.mnist_config import MnistRunConfig
+    from ne.mnist.config import MnistRunConfig
 
     return load_config(args.config, args.overrides, cls=MnistRunConfig)
 
@@ -114,7 +131,7 @@ def _load_mnist(args):
 def cmd_train(args) -> None:
     """The MNIST MLP and both SAEs on Ray Train, then Tables 2 and 3."""
     from jobs.train import run_train
-    from ne.sae_eval import to_markdown
+    from ne.mnist.eval import to_markdown
 
     summary = run_train(_load_mnist(args), force=args.force)
     print(summary.describe())
@@ -125,7 +142,7 @@ def cmd_train(args) -> None:
 def cmd_sae_eval(args) -> None:
     """Tables 2 and 3 for a directory of weights in the authors' layout (default: the run's mnist/)."""
     from jobs.train import load_splits, url
-    from ne.sae_eval import evaluate_dir, with_paper, write_tables
+    from ne.mnist.eval import evaluate_dir, with_paper, write_tables
     from ne.store import RunDir
 
     cfg = _load_mnist(args)
@@ -140,8 +157,8 @@ def cmd_sae_eval(args) -> None:
 def cmd_figure(args) -> None:
     """Figure 5 PNGs for MLP or SAE neurons."""
     from jobs.train import load_splits, url
-    from ne.figures import figure5
-    from ne.mnist import MLP
+    from ne.mnist.figures import figure5
+    from ne.mnist.model import MLP
     from ne.sae import SAE
     from ne.store import RunDir
 
@@ -165,18 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     config_commands = [
-        ("run", "harvest, cluster and index in one go (the demo)", cmd_run),
-        ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest),
-        ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster),
-        ("index", "the FAISS index of similar features across neurons", cmd_index),
+        ("run", "harvest, cluster and index in one go (the demo)", cmd_run, RUN_STAGES),
+        ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest,
+         ("contexts", "weights", "maxima", "examples")),
+        ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster, ("cluster",)),
+        ("index", "the FAISS index of similar features across neurons", cmd_index, ("index",)),
     ]
-    for name, help_text, func in config_commands:
+    for name, help_text, func, stages in config_commands:
         p = sub.add_parser(name, help=help_text)
-        _config_args(p)
+        _config_args(p, stages)
         p.set_defaults(func=func)
 
-    p = sub.add_parser("importance", help="precompute token importance of every example for the viewer")
-    _config_args(p)
+    p = sub.add_parser("status", help="each stage of a run: done, stale, running or missing, with its settings")
+    p.add_argument("run_dir", help="run directory (local path or fsspec URL)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("importance", help="precompute token importance of examples for the viewer (adds to it)")
+    _config_args(p, ("importance",))
     p.add_argument("--layer", type=int, action="append", help="only this layer (repeatable); default all")
     p.add_argument("--neuron", type=int, action="append", help="only this neuron (repeatable); default all")
     p.set_defaults(func=cmd_importance)
@@ -193,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="MNIST: train the MLP and the SAEs with and without the NE loss (Ray Train)")
     _mnist_args(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="redo a finished stage: mnist_mlp, mnist_sae_standard, mnist_sae_ne_loss, mnist_eval")
+                   help="redo a finished stage (mnist_mlp, mnist_sae_standard, mnist_sae_ne_loss, mnist_eval) "
+                        "and every stage after it")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sae-eval", help="MNIST: the paper's Tables 2 and 3 for a directory of SAE weights")
@@ -206,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figure", help="MNIST: Figure 5 (activation and importance maps, feature clusters)")
     _mnist_args(p)
     p.add_argument("--weights", help="directory with mlp.safetensors and sae_*.safetensors; default RUN/mnist")
-    p.add_argument("--model", default="sae_ne_loss", help="mlp, sae_standard or sae_ne_loss")
+    p.add_argument("--model", default="sae_ne_loss", choices=("mlp", "sae_standard", "sae_ne_loss"),
+                   help="mlp, sae_standard or sae_ne_loss")
     p.add_argument("--neuron", type=int, action="append", required=True, help="neuron index (repeatable)")
     p.add_argument("--out", help="output directory; default RUN/mnist/figures")
     p.set_defaults(func=cmd_figure)

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -21,7 +21,7 @@ from ne.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    backend: str = "hf"
+    backend: Literal["transformer_lens", "safetensors", "hf"] = "hf"
     """Which loader builds the model: `transformer_lens` (a model name TransformerLens knows, such as
     `gpt2-small`), `safetensors` (a TransformerLens architecture given in `architecture` plus local
     weights in `weights`), or `hf` (a local Hugging Face model directory)."""
@@ -37,12 +37,11 @@ class ModelConfig:
     tokenizer directory. Required by the safetensors back end; the others default to the model's own."""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """`float32`, `bfloat16` or `float16`. Maxima and selection are exact for the dtype chosen."""
 
     def __post_init__(self):
-        _choice("model.backend", self.backend, ("transformer_lens", "safetensors", "hf"))
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check_choices(self, "model")
         if self.backend == "safetensors" and (not self.weights or not self.architecture):
             raise ConfigError(
                 "model.backend 'safetensors' needs model.weights (a .safetensors file) and "
@@ -52,7 +51,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "pydoc"
+    source: Literal["pydoc", "hf", "files"] = "pydoc"
     """`pydoc` (Python's own `pydoc_data.topics`, offline), `hf` (a Hugging Face dataset, streamed) or
     `files` (local or remote text, JSONL or Parquet files, through fsspec)."""
     name: str = "Skylion007/openwebtext"
@@ -75,7 +74,7 @@ class DataConfig:
     """Contexts per Parquet part file in `contexts/`; a part is also the unit of work of the harvest."""
 
     def __post_init__(self):
-        _choice("data.source", self.source, ("pydoc", "hf", "files"))
+        check_choices(self, "data")
         _at_least("data.n_ctx", self.n_ctx, 2)
         _at_least("data.contexts_per_part", self.contexts_per_part, 1)
         if self.max_contexts is not None:
@@ -89,7 +88,8 @@ class HarvestConfig:
     layers: list[int] | None = None
     """MLP layers to harvest; None: every layer."""
     k: int = 100
-    """Examples kept per neuron: the first k contexts, in corpus order, that reach `frac` of its maximum."""
+    """Examples kept per neuron: the first k contexts, in corpus order, that reach `frac` of its maximum
+    (at most 32,767: ranks are stored as int16)."""
     frac: float = 0.75
     """A context is an example when its peak activation is at least frac × the neuron's maximum."""
     maxima_file: str | None = None
@@ -105,23 +105,26 @@ class HarvestConfig:
     without Ray, for debugging and memory measurements."""
     use_gpu: bool | None = None
     """Give each actor one GPU: None (the default) when the Ray cluster has GPUs, or true / false."""
-    h_dtype: str = "float32"
+    h_dtype: Literal["float32", "float16"] = "float32"
     """Storage dtype of the pre-MLP embeddings: `float32` or `float16` (half the disk)."""
 
     def __post_init__(self):
+        check_choices(self, "harvest")
+        if self.layers is not None:
+            check_layer_list("harvest.layers", self.layers)
         _at_least("harvest.k", self.k, 1, "keep at least one example per neuron")
+        _at_most("harvest.k", self.k, MAX_K, "ranks are stored as int16")
         if not (0.0 < float(self.frac) <= 1.0):
             raise ConfigError(f"harvest.frac is {self.frac}; it must lie in (0, 1], for example 0.75")
         _at_least("harvest.window_before", self.window_before, 0)
         _at_least("harvest.window_after", self.window_after, 0)
         _at_least("harvest.batch_size", self.batch_size, 1)
         _at_least("harvest.num_workers", self.num_workers, 0)
-        _choice("harvest.h_dtype", self.h_dtype, ("float32", "float16"))
 
 
 @dataclass
 class ClusterConfig:
-    method: str = "average"
+    method: Literal["average", "single", "complete"] = "average"
     """Linkage method: `average` (the paper's dendrogram), `single` or `complete`."""
     threshold: float = 0.5
     """Cosine distance at which the dendrogram is cut into clusters. 0.5 is measured: it recovers
@@ -134,7 +137,7 @@ class ClusterConfig:
     """Neurons per Ray task; a task is also the unit of resume."""
 
     def __post_init__(self):
-        _choice("cluster.method", self.method, ("average", "single", "complete"))
+        check_choices(self, "cluster")
         if not (0.0 < float(self.threshold) <= 2.0):
             raise ConfigError(f"cluster.threshold is {self.threshold}; a cosine distance lies in (0, 2]")
         _at_least("cluster.min_cluster_size", self.min_cluster_size, 1)
@@ -143,7 +146,7 @@ class ClusterConfig:
 
 @dataclass
 class IndexConfig:
-    vectors: str = "neuron"
+    vectors: Literal["neuron", "pre_mlp"] = "neuron"
     """Vectors indexed per cluster's central example: `neuron` (its neuron embedding) or `pre_mlp` (h)."""
     exact_below: int = 100_000
     """Use an exact (Flat) index below this many vectors, an approximate one above."""
@@ -155,7 +158,7 @@ class IndexConfig:
     """Indexed vectors, sampled with the run's seed, used as queries to measure recall at build time."""
 
     def __post_init__(self):
-        _choice("index.vectors", self.vectors, ("neuron", "pre_mlp"))
+        check_choices(self, "index")
         _at_least("index.exact_below", self.exact_below, 0)
         _at_least("index.recall_k", self.recall_k, 1)
         _at_least("index.recall_queries", self.recall_queries, 1)
@@ -164,10 +167,30 @@ class IndexConfig:
 
 
 @dataclass
-class ViewerConfig:
+class ImportanceConfig:
     mask_token: int | None = None
-    """Token id that replaces one token at a time for token importance. None: the tokenizer's pad token,
-    or its EOS token when it has no pad token; never an arbitrary id, which would be a real word."""
+    """Token id that replaces one token at a time for token importance (here and in the viewer). None: the
+    tokenizer's pad token, or its EOS token when it has no pad token; never an arbitrary id, which would be
+    a real word."""
+    window_before: int = 20
+    """Tokens before each key token whose importance `ne importance` computes (the key token too)."""
+    neurons_per_task: int = 64
+    """Neurons per Ray task; a task writes one part file and is the unit of resume."""
+    num_workers: int = 1
+    """Ray actors, each with one model replica (and one GPU when `use_gpu`)."""
+    use_gpu: bool | None = None
+    """Give each actor one GPU: None (the default) when the Ray cluster has GPUs, or true / false."""
+
+    def __post_init__(self):
+        if self.mask_token is not None:
+            _at_least("importance.mask_token", self.mask_token, 0, "a token id, or null for the pad/EOS token")
+        _at_least("importance.window_before", self.window_before, 0)
+        _at_least("importance.neurons_per_task", self.neurons_per_task, 1)
+        _at_least("importance.num_workers", self.num_workers, 1)
+
+
+@dataclass
+class ViewerConfig:
     window_before: int = 20
     """Tokens shown before the key token of each example."""
     window_after: int = 5
@@ -178,8 +201,6 @@ class ViewerConfig:
     """Port `ne view` listens on."""
 
     def __post_init__(self):
-        if self.mask_token is not None:
-            _at_least("viewer.mask_token", self.mask_token, 0, "a token id, or null for the pad/EOS token")
         _at_least("viewer.window_before", self.window_before, 0)
         _at_least("viewer.window_after", self.window_after, 0)
         if not 1 <= self.port <= 65535:
@@ -197,17 +218,59 @@ class RunConfig:
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     viewer: ViewerConfig = field(default_factory=ViewerConfig)
 
+    def __post_init__(self):
+        _at_least("seed", self.seed, 0, "seeds are non-negative integers")
 
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
+
+MAX_K = 2**15 - 1
+INT64 = 2**63
+
+
+def check_choices(section: Any, name: str) -> None:
+    """Every `Literal[...]` field of a config section holds one of its values."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        allowed = _literal_values(hints[f.name])
+        if allowed is not None:
+            _check_literal(f"{name}.{f.name}", getattr(section, f.name), allowed)
+
+
+def _literal_values(tp: Any) -> tuple | None:
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if typing.get_origin(arg) is Literal:
+                return typing.get_args(arg) + ((None,) if type(None) in typing.get_args(tp) else ())
+    return None
+
+
+def _check_literal(key: str, value: Any, allowed: tuple) -> None:
+    if not any(value == a and type(value) is type(a) for a in allowed):
         raise ConfigError(f"{key} is {value!r}; choose one of {', '.join(map(repr, allowed))}")
+
+
+def check_layer_list(key: str, layers: list[int]) -> None:
+    if not layers:
+        raise ConfigError(f"{key} is empty; list the layers to use, e.g. [0, 3], or null for every layer")
+    for layer in layers:
+        _at_least(key, layer, 0, "layers are numbered from 0")
+    twice = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if twice:
+        raise ConfigError(f"{key} lists layer {twice[0]} more than once ({layers}); list each layer once")
 
 
 def _at_least(key: str, value: Any, low: int, hint: str = "") -> None:
     if value < low:
         raise ConfigError(f"{key} is {value}; it must be at least {low}" + (f" ({hint})" if hint else ""))
+
+
+def _at_most(key: str, value: Any, high: int, hint: str = "") -> None:
+    if value > high:
+        raise ConfigError(f"{key} is {value}; it must be at most {high:,}" + (f" ({hint})" if hint else ""))
 
 
 def from_dict(cls: type, data: Any, where: str = ""):
@@ -236,6 +299,9 @@ def _coerce(tp: Any, value: Any, key: str):
         if value is None:
             return None
         return _coerce(args[0], value, key)
+    if origin is Literal:
+        _check_literal(key, value, typing.get_args(tp))
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -245,6 +311,8 @@ def _coerce(tp: Any, value: Any, key: str):
         return float(value)
     if tp in (int, float, str, bool, dict) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be of type {tp.__name__}, got {value!r}")
+    if tp is int and not -INT64 <= value < INT64:
+        raise ConfigError(f"{key} is {value}, beyond a 64-bit integer; give a sensible value")
     return value
 
 
@@ -266,10 +334,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file, e.g. configs/demo.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise ConfigError(f"config file {str(path)!r} is binary, not YAML text; give a YAML file (configs/*.yaml)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -22,14 +22,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ne import schema
-from ne.config import DataConfig
+from ne.config import DataConfig, RunConfig
 from ne.errors import ConfigError, DataError
 from ne.models.base import MLPModel
-from ne.store import RunDir, fingerprint
+from ne.stages import Stage
+from ne.store import RunDir
 
 log = logging.getLogger(__name__)
 
-STAGE = "contexts"
 PARQUET_BATCH_ROWS = 1024
 Context = tuple[int, np.ndarray]
 """(ctx_id, token ids as int64): BOS first where the model uses one, no padding."""
@@ -62,10 +62,17 @@ def _hf_documents(cfg: DataConfig) -> Iterator[str]:
         yield _field(row, cfg.text_field, f"dataset {cfg.name!r}")
 
 
-def _field(row: dict, field: str, where: str) -> str:
+def _field(row: object, field: str, where: str) -> str:
+    if not isinstance(row, dict):
+        raise DataError(f"{where} is a JSON {type(row).__name__}, not an object; each row must be an object with a "
+                        f"{field!r} field")
     if field not in row:
         raise DataError(f"{where} has no field {field!r} (it has {', '.join(row)}); set data.text_field")
-    return row[field] or ""
+    text = row[field]
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{where}: field {field!r} holds a {type(text).__name__} ({str(text)[:40]!r}), not text; "
+                        "point data.text_field at a string field")
+    return text or ""
 
 
 def _expand_paths(paths: Sequence[str]) -> Iterator[tuple[fsspec.AbstractFileSystem, str]]:
@@ -76,6 +83,9 @@ def _expand_paths(paths: Sequence[str]) -> Iterator[tuple[fsspec.AbstractFileSys
             matches = sorted(fs.glob(path))
         else:
             matches = [path] if fs.exists(path) else []
+            if matches and fs.isdir(path):
+                raise DataError(f"data.paths entry {url!r} is a directory; give files or a glob such as "
+                                f"'{url.rstrip('/')}/*.txt'")
         if not matches:
             raise DataError(f"data.paths entry {url!r} matches no file; check the path or glob")
         yield from ((fs, m) for m in matches if not fs.isdir(m))
@@ -85,10 +95,15 @@ def _file_documents(fs: fsspec.AbstractFileSystem, path: str, text_field: str) -
     ext = posixpath.splitext(path)[1].lower()
     if ext == ".txt":
         with fs.open(path, "rb") as f:
-            yield f.read().decode("utf-8", errors="replace")
+            yield _decode_text(f.read(), path)
     elif ext == ".jsonl":
-        with fs.open(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with fs.open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path} line {n} is not UTF-8 (byte {raw[exc.start]:#04x}); save the file as "
+                                    "UTF-8 JSON lines") from None
                 if not line.strip():
                     continue
                 try:
@@ -102,10 +117,28 @@ def _file_documents(fs: fsspec.AbstractFileSystem, path: str, text_field: str) -
             names = pf.schema_arrow.names
             if text_field not in names:
                 raise DataError(f"{path} has no column {text_field!r} (it has {', '.join(names)}); set data.text_field")
+            kind = pf.schema_arrow.field(text_field).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise DataError(f"{path}: column {text_field!r} holds {kind}, not text; point data.text_field at a "
+                                "string column")
             for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
                 yield from (text or "" for text in batch.column(0).to_pylist())
     else:
         raise DataError(f"{path}: unsupported file type {ext!r}; data.paths takes .txt, .jsonl or .parquet files")
+
+
+def _decode_text(data: bytes, path: str) -> str:
+    """UTF-8 text; invalid bytes become U+FFFD with a warning that counts them. Binary files are refused."""
+    if b"\x00" in data:
+        raise DataError(f"{path} holds NUL bytes, so it is binary, not text; data.paths takes text files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = data.decode("utf-8", errors="replace")
+        replaced = text.count("\ufffd") - data.count("\ufffd".encode())
+        log.warning("%s is not valid UTF-8: %d invalid byte sequences replaced by U+FFFD (the first at byte %d)",
+                    path, replaced, exc.start)
+        return text
 
 
 # --- contexts ----------------------------------------------------------------------------------------
@@ -136,26 +169,24 @@ def iter_contexts(
             ctx_id += 1
 
 
-def contexts_fingerprint(cfg: DataConfig, model: MLPModel) -> str:
-    """Settings the contexts depend on, plus a tokenizer probe so a changed tokenizer is noticed."""
-    probe = model.encode("Neuron embeddings: 0123 ÄÖü, tokens!")
-    return fingerprint(vars(cfg), model.name, model.bos_token_id, probe)
+def tokenizer_probe(model: MLPModel) -> dict:
+    """What the contexts depend on beyond the config: a changed tokenizer is noticed."""
+    return {"bos_token_id": model.bos_token_id, "probe": model.encode("Neuron embeddings: 0123 ÄÖü, tokens!")}
 
 
-def write_contexts(run: RunDir, cfg: DataConfig, model: MLPModel, force: bool = False) -> int:
+def write_contexts(run: RunDir, run_cfg: RunConfig, model: MLPModel, force: set[str] | tuple = ()) -> int:
     """Tokenise the corpus into `contexts/`; returns the number of contexts. Skipped when already done.
 
     An interrupted run resumes: the corpus is re-read (deterministically) and the parts already written
     are kept, so no context is lost or written twice.
     """
+    cfg = run_cfg.data
     if cfg.n_ctx > model.n_ctx_max:
         raise ConfigError(f"data.n_ctx is {cfg.n_ctx} but {model.name} takes at most {model.n_ctx_max} tokens")
-    fp = contexts_fingerprint(cfg, model)
-    if not force and run.is_done(STAGE, fp):
-        return run.stage(STAGE)["n_contexts"]
-    if force or (run.stage(STAGE) or {}).get("fingerprint") != fp:
-        run.remove(schema.CONTEXTS_DIR)  # parts of other settings, or of unknown origin
-    run.mark(STAGE, "running", fp)
+    stage = Stage(run, "contexts", run_cfg, force, measured=tokenizer_probe(model))
+    if not stage.needed():
+        return stage.info["n_contexts"]
+    stage.begin()
     done = set(run.ls(schema.CONTEXTS_DIR, suffix=".parquet"))
     rows: list[tuple[int, int, list[int]]] = []
     n = n_parts = 0
@@ -186,7 +217,7 @@ def write_contexts(run: RunDir, cfg: DataConfig, model: MLPModel, force: bool = 
             f"corpus {_describe(cfg)} produced no contexts; check that it holds non-empty text in "
             f"data.text_field {cfg.text_field!r}"
         )
-    run.mark(STAGE, "done", fp, n_contexts=n, n_parts=n_parts, n_ctx=cfg.n_ctx)
+    stage.done(n_contexts=n, n_parts=n_parts, n_ctx=cfg.n_ctx)
     log.info("wrote %d contexts in %d parts to %s", n, n_parts, run.path(schema.CONTEXTS_DIR))
     return n
 

@@ -19,15 +19,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ne import schema
+from ne.device import resolve_device
 from ne.errors import DataError
 from ne.store import RunDir
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """`auto`/None: CUDA when present, else CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def neuron_embeddings(
@@ -77,11 +71,7 @@ def pad_rows(
 
 def read_w_in(run: RunDir, layer: int) -> Float[np.ndarray, "d_model d_mlp"]:
     """W_in of a harvested layer, from the run's `weights/layer=L.safetensors` (no model needed)."""
-    rel = schema.weights_path(layer)
-    if not run.exists(rel):
-        raise DataError(f"{run.url}: {rel} is missing; the harvest writes it (rerun `ne harvest`)")
-    with run.fs.open(run.path(rel), "rb") as f:
-        return safetensors.numpy.load(f.read())["W_in"]
+    return safetensors.numpy.load(run.read_bytes(schema.weights_path(layer)))["W_in"]
 
 
 @dataclass(frozen=True)

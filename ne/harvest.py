@@ -18,11 +18,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ne import schema
-from ne.data import pad_batch
+from ne.data import Context, pad_batch
 from ne.models.base import MLPModel
-
-Context = tuple[int, Sequence[int]]
-"""(ctx_id, token ids); BOS first where the model uses one, no padding."""
 
 
 def batches(contexts: Sequence[Context], batch_size: int, pad_id: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

@@ -28,7 +28,7 @@ def mask_token_id(model: MLPModel, mask_token: int | None = None) -> int:
     token = model.pad_token_id if mask_token is None else mask_token
     if token is None or token < 0:
         raise ConfigError(
-            f"{model.name} has no pad or EOS token to mask with; set viewer.mask_token to a neutral token id"
+            f"{model.name} has no pad or EOS token to mask with; set importance.mask_token to a neutral token id"
         )
     return int(token)
 

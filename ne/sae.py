@@ -10,17 +10,66 @@ which keeps a training step a few small matmuls.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from ne.errors import DataError
-from ne.mnist import read_tensors
-from ne.mnist_config import SAEConfig
+from ne.config import _at_least, check_choices
+from ne.errors import ConfigError, DataError
 from ne.parallel import SINGLE, Shard, epoch_batches
+from ne.store import read_tensors
 
 EPS = 1e-12
+
+
+@dataclass
+class SAEConfig:
+    expansion: int = 8
+    """SAE width as a multiple of the MLP's hidden width (the paper: 8, so 512 neurons)."""
+    epochs: int = 1
+    """Training epochs over the training set (the paper: 1)."""
+    batch_size: int = 128
+    """Global batch size, split evenly between the Ray workers."""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """`adam` or `sgd`."""
+    lr: float = 1e-3
+    """Learning rate."""
+    l1_coeff: float = 1e-3
+    """λ1: weight of the L1 term, the mean over the batch of Σ_j |f_j|."""
+    ne_coeff: float = 1.0
+    """λ2: weight of the neuron-embedding loss L_N (used by the `ne_loss` SAE only)."""
+    ne_momentum: float = 0.9
+    """m of eq. 6: weight of the running average embedding against the batch's (the paper: 0.9)."""
+    ne_examples: Literal["active", "all"] = "active"
+    """Which (example, neuron) pairs L_N averages over: `active` (f > 0: the definition of the issue and,
+    as we read it, the paper) or `all` (every example of the batch, active or not). `all` pulls inactive
+    examples towards each neuron's feature, so neurons fire more; see the report for its measured effects."""
+    ne_start_step: int = 200
+    """Optimiser step at which L_N is switched on (the paper: 200). The running averages are tracked from
+    step 0, so they are warm when L_N starts."""
+
+    def __post_init__(self):
+        _at_least("sae.expansion", self.expansion, 1)
+        _at_least("sae.epochs", self.epochs, 1)
+        _at_least("sae.batch_size", self.batch_size, 1)
+        check_choices(self, "sae")
+        positive("sae.lr", self.lr)
+        if self.l1_coeff < 0 or self.ne_coeff < 0:
+            raise ConfigError(f"sae.l1_coeff ({self.l1_coeff}) and sae.ne_coeff ({self.ne_coeff}) must be >= 0")
+        if not 0.0 <= self.ne_momentum < 1.0:
+            raise ConfigError(f"sae.ne_momentum is {self.ne_momentum}; it must lie in [0, 1), e.g. 0.9")
+        _at_least("sae.ne_start_step", self.ne_start_step, 0)
+
+
+
+def positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} is {value}; it must be > 0")
+
 
 
 class SAE(nn.Module):

@@ -19,6 +19,9 @@ RUN/
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 CONTEXTS_DIR = "contexts"
@@ -126,3 +129,31 @@ IMPORTANCE = pa.schema(
     ]
 )
 """importance/layer=L/part-NNNNN.parquet, sorted by neuron then rank, like examples/."""
+
+
+@dataclass(frozen=True)
+class NeuronBatch:
+    """Neurons of one layer handled by one task, which writes part `index` of each of its output folders."""
+
+    layer: int
+    index: int
+    neurons: tuple[int, ...]
+
+    def file(self, kind: str) -> str:
+        return f"{layer_dir(kind, self.layer)}/{part_name(self.index)}"
+
+    @property
+    def lo(self) -> int:
+        return self.neurons[0]
+
+    @property
+    def hi(self) -> int:
+        """One past the last neuron."""
+        return self.neurons[-1] + 1
+
+
+def neuron_batches(layer: int, neurons: Sequence[int], per_batch: int, first_index: int = 0) -> list[NeuronBatch]:
+    """`neurons` (sorted) cut into batches of `per_batch`, numbered from `first_index`."""
+    neurons = [int(n) for n in neurons]
+    return [NeuronBatch(layer, first_index + i // per_batch, tuple(neurons[i : i + per_batch]))
+            for i in range(0, len(neurons), per_batch)]

@@ -57,10 +57,14 @@ def write_synthetic_run(
     import safetensors.numpy
 
     from ne import schema
+    from ne.config import RunConfig
     from ne.store import RunDir
+    from tests.viewer_run import stage
 
     run = RunDir(url)
+    cfg = RunConfig(run_dir=url)
     rng = np.random.default_rng(seed)
+    files = {}
     splits = [(), (1,), (1, 1), (12, 8, 5), (20, 15, 10, 5), (30, 10)]
     truth, next_ctx, contexts = {}, 0, []
     for layer in layers:
@@ -90,23 +94,30 @@ def write_synthetic_run(
                 examples.append((layer, neuron, rank, ctx, pos, 1.0, max(0, pos - 3), [0.5, 1.0], hid))
             prev = keys
         cols = list(zip(*examples))
-        run.write_parquet(
-            f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}",
+        hids = sorted(h_rows)
+        files[layer] = (
             pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema.EXAMPLES)],
                                  schema=schema.EXAMPLES),
-        )
-        hids = sorted(h_rows)
-        run.write_parquet(
-            f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(0)}",
             pa.table({"h_id": hids, "ctx_id": [i // n_ctx for i in hids], "pos": [i % n_ctx for i in hids],
                       "h": [h_rows[i].tolist() for i in hids]}, schema=schema.h_schema(d_model)),
+            safetensors.numpy.save({"W_in": w_in, "b_in": np.zeros(d_mlp, np.float32)}),
         )
-        run.write_bytes(schema.weights_path(layer),
-                        safetensors.numpy.save({"W_in": w_in, "b_in": np.zeros(d_mlp, np.float32)}))
     tokens = [rng.integers(0, vocab, size=n_ctx).astype(np.int32).tolist() for _ in range(next_ctx)]
-    run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(0)}",
-                      pa.table({"ctx_id": list(range(next_ctx)), "doc_id": list(range(next_ctx)),
-                                "tokens": tokens}, schema=schema.CONTEXTS))
     run.record("model", {"name": "synthetic", "n_layers": max(layers) + 1, "d_model": d_model, "d_mlp": d_mlp})
-    run.mark("examples", "done", f"synthetic-{seed}", rows=sum(len(v[1]) for v in truth.values()))
+    layers = list(layers)
+    with stage(run, "contexts", cfg, n_contexts=next_ctx):
+        run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(0)}",
+                          pa.table({"ctx_id": list(range(next_ctx)), "doc_id": list(range(next_ctx)),
+                                    "tokens": tokens}, schema=schema.CONTEXTS))
+    with stage(run, "weights", cfg, layers=layers):
+        for layer in layers:
+            run.write_bytes(schema.weights_path(layer), files[layer][2])
+    with stage(run, "maxima", cfg, layers=layers):
+        run.write_parquet(schema.MAXIMA, pa.table(
+            {"layer": np.repeat(layers, d_mlp), "neuron": np.tile(np.arange(d_mlp), len(layers)),
+             "max_act": np.ones(len(layers) * d_mlp)}, schema=schema.MAXIMA_SCHEMA))
+    with stage(run, "examples", cfg, layers=layers, rows=sum(len(v[1]) for v in truth.values())):
+        for layer in layers:
+            run.write_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}", files[layer][0])
+            run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(0)}", files[layer][1])
     return truth

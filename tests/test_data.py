@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ne import schema
-from ne.config import DataConfig
+from ne.config import DataConfig, RunConfig
 from ne.data import (
     iter_context_parts,
     iter_contexts,
@@ -166,6 +166,10 @@ def corpus(tmp_path):
     return files_cfg(tmp_path / "c.jsonl", n_ctx=3, contexts_per_part=4)
 
 
+def as_run(run: RunDir, data: DataConfig) -> RunConfig:
+    return RunConfig(run_dir=run.url, data=data)
+
+
 def written(run: RunDir) -> list[tuple[int, int, list[int]]]:
     rows = []
     for name in run.ls(schema.CONTEXTS_DIR, suffix=".parquet"):
@@ -176,7 +180,7 @@ def written(run: RunDir) -> list[tuple[int, int, list[int]]]:
 def test_write_and_read_contexts(tmp_path, corpus):
     run = RunDir(str(tmp_path / "run"))
     expected = list(iter_contexts(DOCS * 3, encode_words, 0, 3))
-    assert write_contexts(run, corpus, fake_model()) == len(expected) == 39
+    assert write_contexts(run, as_run(run, corpus), fake_model()) == len(expected) == 39
     assert written(run) == expected
     assert run.ls(schema.CONTEXTS_DIR) == [schema.part_name(i) for i in range(10)]  # 4 per part, last 3
     assert run.read_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(0)}").schema == schema.CONTEXTS
@@ -184,12 +188,12 @@ def test_write_and_read_contexts(tmp_path, corpus):
     assert [p for p, _ in parts] == list(range(10))
     assert [(c, t.tolist()) for _, ctxs in parts for c, t in ctxs] == [(c, t) for c, _, t in expected]
     assert [c for c, _ in read_contexts(run, 9)] == [36, 37, 38]
-    assert run.stage("contexts")["status"] == "done"
+    assert run.manifest()["stages"]["contexts"]["status"] == "done"
 
 
 def test_rerun_skips_and_resume_neither_loses_nor_duplicates(tmp_path, corpus, monkeypatch):
     reference = RunDir(str(tmp_path / "ref"))
-    write_contexts(reference, corpus, fake_model())
+    write_contexts(reference, as_run(reference, corpus), fake_model())
 
     run = RunDir(str(tmp_path / "run"))
     calls = []
@@ -201,12 +205,12 @@ def test_rerun_skips_and_resume_neither_loses_nor_duplicates(tmp_path, corpus, m
         return encode_words(text)
 
     with pytest.raises(KeyboardInterrupt):
-        write_contexts(run, corpus, fake_model(encode=dies_midway))
+        write_contexts(run, as_run(run, corpus), fake_model(encode=dies_midway))
     partial = run.ls(schema.CONTEXTS_DIR)
-    assert 0 < len(partial) < 10 and run.stage("contexts")["status"] == "running"
+    assert 0 < len(partial) < 10 and run.manifest()["stages"]["contexts"]["status"] == "running"
     mtimes = {n: os.path.getmtime(run.path(schema.CONTEXTS_DIR, n)) for n in partial}
 
-    assert write_contexts(run, corpus, fake_model()) == 39
+    assert write_contexts(run, as_run(run, corpus), fake_model()) == 39
     assert written(run) == written(reference)
     assert {n: os.path.getmtime(run.path(schema.CONTEXTS_DIR, n)) for n in partial} == mtimes  # kept
 
@@ -214,17 +218,18 @@ def test_rerun_skips_and_resume_neither_loses_nor_duplicates(tmp_path, corpus, m
         raise AssertionError("a finished stage must not re-read the corpus")
 
     monkeypatch.setattr("ne.data.iter_documents", never)
-    assert write_contexts(run, corpus, fake_model()) == 39
+    assert write_contexts(run, as_run(run, corpus), fake_model()) == 39
 
 
 def test_changed_settings_are_refused_unless_forced(tmp_path, corpus):
     run = RunDir(str(tmp_path / "run"))
-    write_contexts(run, corpus, fake_model())
+    write_contexts(run, as_run(run, corpus), fake_model())
     longer = dataclasses.replace(corpus, n_ctx=5)
-    with pytest.raises(DataError, match="stage 'contexts' finished with other settings"):
-        write_contexts(run, longer, fake_model())
+    with pytest.raises(ConfigError, match="data.n_ctx is 5 in this config but was 3 when stage 'contexts'.*"
+                                          "--force contexts"):
+        write_contexts(run, as_run(run, longer), fake_model())
     expected = list(iter_contexts(DOCS * 3, encode_words, 0, 5))
-    assert write_contexts(run, longer, fake_model(), force=True) == len(expected)
+    assert write_contexts(run, as_run(run, longer), fake_model(), force={"contexts"}) == len(expected)
     assert written(run) == expected  # no stale part left over
 
 
@@ -232,9 +237,9 @@ def test_empty_corpus_and_too_long_contexts(tmp_path):
     (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"text": "   "}\n')
     run = RunDir(str(tmp_path / "run"))
     with pytest.raises(DataError, match=r"corpus data.paths \['.*empty.jsonl'\] produced no contexts"):
-        write_contexts(run, files_cfg(tmp_path / "empty.jsonl", n_ctx=8), fake_model())
+        write_contexts(run, as_run(run, files_cfg(tmp_path / "empty.jsonl", n_ctx=8)), fake_model())
     with pytest.raises(ConfigError, match="data.n_ctx is 128 but fake takes at most 64 tokens"):
-        write_contexts(run, files_cfg(tmp_path / "empty.jsonl"), fake_model())
+        write_contexts(run, as_run(run, files_cfg(tmp_path / "empty.jsonl")), fake_model())
 
 
 def test_pydoc_with_the_gpt2_tokenizer(tmp_path):
@@ -245,7 +250,7 @@ def test_pydoc_with_the_gpt2_tokenizer(tmp_path):
     model = fake_model(bos=50256, n_ctx_max=1024, encode=lambda t: encode_plain(tok, t))
     cfg = DataConfig(source="pydoc", n_ctx=128, max_contexts=300, contexts_per_part=128)
     run = RunDir(str(tmp_path / "run"))
-    assert write_contexts(run, cfg, model) == 300
+    assert write_contexts(run, as_run(run, cfg), model) == 300
     rows = written(run)
     assert [r[0] for r in rows] == list(range(300)) and all(r[2][0] == 50256 for r in rows)
     for (_, doc, toks), nxt in zip(rows, rows[1:] + [(None, None, None)]):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -125,33 +128,42 @@ class _Silent(MLPModel):
 def test_zero_activation_gives_nan_and_missing_pad_is_a_config_error():
     m = _Silent()
     assert np.isnan(token_importance(m, [1, 2, 3], 2, 0, 0, mask_token=0)).all()
-    with pytest.raises(ConfigError, match="viewer.mask_token"):
+    with pytest.raises(ConfigError, match="importance.mask_token"):
         mask_token_id(m)
 
 
 @pytest.mark.ray
-def test_ray_job_precomputes_and_resumes(tiny_model_cfg, tmp_path, local_ray):
+def test_ray_job_precomputes_adds_and_resumes(tiny_model_cfg, tmp_path, local_ray):
     from jobs.importance import run_importance
-    from ne.viewer.data import RunData
+    from ne.reader import RunData
+    from tests.test_viewer import set_status
     from tests.viewer_run import build_lm_run
 
     cfg = build_lm_run(tmp_path / "run", tiny_model_cfg, n_contexts=16, k=4, layers=(1,), with_index=False)
-    cfg.viewer.window_before = 6
-    neurons = [0, 1, 2, 3, 4]
-    summary = run_importance(cfg, neurons=neurons, neurons_per_task=3)
-    parts = sorted((tmp_path / "run" / "importance" / "layer=1").glob("part-*.parquet"))
+    cfg.importance.window_before = 6
+    cfg.importance.neurons_per_task = 3
+    folder = tmp_path / "run" / "importance" / "layer=1"
+    summary = run_importance(cfg, neurons=[0, 1, 2, 3])
+    assert summary.new_neurons == 4 and summary.neurons == {1: 4}
+    parts = sorted(folder.glob("part-*.parquet"))
     assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet"]
     stamps = {p: p.stat().st_mtime_ns for p in parts}
-    parts[1].unlink()  # an interrupted job: one batch missing, the stage not done
-    run = RunData(cfg.run_dir).run
-    run.mark("importance", "running", run.stage("importance")["fingerprint"])
-    run_importance(cfg, neurons=neurons, neurons_per_task=3)
-    assert parts[1].exists() and parts[0].stat().st_mtime_ns == stamps[parts[0]]
+
+    # A later run for another neuron adds a part and keeps the earlier ones.
+    assert run_importance(cfg, neurons=[4, 2]).new_neurons == 1
+    assert sorted(p.name for p in folder.glob("part-*.parquet"))[-1] == "part-00002.parquet"
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in parts)
+
+    # An interrupted run (one part lost, the stage not done) redoes only what is missing.
+    parts[1].unlink()
+    set_status(tmp_path / "run", "importance", "running")
+    assert run_importance(cfg, neurons=[0, 1, 2, 3, 4]).new_neurons == 1  # neuron 3: the lost part's
+    assert parts[0].stat().st_mtime_ns == stamps[parts[0]]
 
     data = RunData(cfg.run_dir)
     model = load_model(tiny_model_cfg)
     n_examples = 0
-    for neuron in neurons:
+    for neuron in [0, 1, 2, 3, 4]:
         nd = data.neuron(1, neuron)
         assert set(nd.importance) == {e.rank for e in nd.examples}
         for e in nd.examples:
@@ -160,4 +172,15 @@ def test_ray_job_precomputes_and_resumes(tiny_model_cfg, tmp_path, local_ray):
             want = token_importance(model, e.tokens, e.pos, 1, neuron, mask_token_id(model), start)
             np.testing.assert_allclose(values, want, rtol=1e-5, atol=1e-6, equal_nan=True)
             n_examples += 1
-    assert summary.examples == n_examples > 0
+    assert n_examples > 0
+    table = pd.concat(pd.read_parquet(p) for p in folder.glob("*.parquet"))
+    assert not table.duplicated(["neuron", "rank"]).any()
+
+    with pytest.raises(ConfigError, match=r"--neuron 99999 is out of range; the layers of .* have neurons 0\.\.255"):
+        run_importance(cfg, neurons=[99999])
+    with pytest.raises(ConfigError, match=r"--layer 0 is not in .*; it has layers \[1\]"):
+        run_importance(cfg, layers=[0])
+    other = copy.deepcopy(cfg)
+    other.importance.window_before = 3
+    with pytest.raises(ConfigError, match="importance.window_before is 3 in this config but was 6.*--force importance"):
+        run_importance(other, neurons=[0])

@@ -127,31 +127,32 @@ def test_missing_or_corrupt_index_files(run_dir, tmp_path):
     shutil.copytree(run_dir, path)
     good = (path / "index" / "faiss.index").read_bytes()
     (path / "index" / "faiss.index").write_bytes(b"not a faiss index")
-    with pytest.raises(DataError, match=r"faiss.index is not a readable FAISS index.*--force index"):
+    with pytest.raises(DataError, match=r"faiss.index is corrupt.*redo stage 'index'.*--force index"):
         SimilarFeatures.load(str(path))
     (path / "index" / "faiss.index").write_bytes(good[:200])
-    with pytest.raises(DataError, match="not a readable FAISS index"):
+    with pytest.raises(DataError, match="faiss.index is corrupt"):
         SimilarFeatures.load(str(path))  # truncated
     (path / "index" / "faiss.index").unlink()
-    with pytest.raises(DataError, match=r"faiss.index is missing; rebuild it"):
+    with pytest.raises(DataError, match=r"faiss.index is missing; redo stage 'index'"):
         SimilarFeatures.load(str(path))
-    with pytest.raises(DataError, match="no finished index stage"):
+    with pytest.raises(DataError, match=r"run directory .*nothing does not exist"):
         SimilarFeatures.load(str(tmp_path / "nothing"))
 
 
 def test_index_needs_clusters(tmp_path):
     path = str(tmp_path / "run")
     write_synthetic_run(path)
-    with pytest.raises(DataError, match="no finished cluster stage.*ne cluster"):
+    with pytest.raises(DataError, match="stage 'cluster' is missing, and 'index' needs it; run `ne cluster"):
         run_index(RunConfig(run_dir=path))
 
 
 def test_rebuild_skips_and_force_redoes(run_dir):
     cfg = RunConfig(run_dir=run_dir)
-    before = RunDir(run_dir).stage("index")["time"]
-    assert run_index(cfg).info["time"] == before
+    before = RunDir(run_dir).manifest()["stages"]["index"]["finished"]
+    assert run_index(cfg).info["seconds"] > 0
+    assert RunDir(run_dir).manifest()["stages"]["index"]["finished"] == before
     changed = dataclasses.replace(cfg, index=IndexConfig(vectors="pre_mlp"))
-    with pytest.raises(DataError, match="--force index"):
+    with pytest.raises(ConfigError, match="index.vectors is 'pre_mlp' in this config but was 'neuron'.*--force index"):
         run_index(changed)
 
 
@@ -172,7 +173,7 @@ def test_cli_similar_cluster_and_index(run_dir, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(f"run_dir: {tmp_path / 'none'}\n")
     assert main(["cluster", "--config", str(config)]) == 2
-    assert "no finished harvest" in capsys.readouterr().err
+    assert "stage 'contexts' is missing, and 'cluster' needs it" in capsys.readouterr().err
     config.write_text(f"run_dir: {run_dir}\n")
     assert main(["index", "--config", str(config)]) == 0
     assert "Flat index" in capsys.readouterr().out

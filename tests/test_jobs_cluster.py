@@ -10,7 +10,7 @@ from ne import schema
 from ne.cluster import cluster_examples
 from ne.config import RunConfig
 from ne.embed import read_w_in
-from ne.errors import DataError
+from ne.errors import ConfigError, DataError
 from ne.store import RunDir
 from tests.planted import write_synthetic_run
 
@@ -46,7 +46,7 @@ def reference(tmp_path_factory):
 
 
 def test_run_without_harvest_is_an_error(tmp_path):
-    with pytest.raises(DataError, match="no finished harvest.*ne harvest"):
+    with pytest.raises(DataError, match="stage .contexts. is missing.*ne harvest"):
         job.run_cluster(_cfg(tmp_path / "empty"), in_process=True)
 
 
@@ -74,8 +74,8 @@ def test_outputs_equal_direct_clustering(reference):
         assert rows["outlier"].tolist() == ref.outlier.tolist()
     report = (path / "report" / "report.md").read_text()
     assert "most polysemantic" in report and (path / "report" / "separation.png").stat().st_size > 1000
-    stage = RunDir(str(path)).stage("cluster")
-    assert stage["status"] == "done" and stage["neurons"] == 14
+    stage = RunDir(str(path)).manifest()["stages"]["cluster"]
+    assert stage["status"] == "done" and stage["info"]["neurons"] == 14
     assert not (path / "_work").exists()
 
 
@@ -93,9 +93,9 @@ def test_interrupted_run_resumes_per_batch(reference, tmp_path, monkeypatch):
     monkeypatch.setattr(job, "cluster_batch", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         job.run_cluster(_cfg(path), in_process=True)
-    assert RunDir(str(path)).stage("cluster")["status"] == "running"
+    assert RunDir(str(path)).manifest()["stages"]["cluster"]["status"] == "running"
     first = calls[0]
-    (path / first.files[0]).unlink()  # a lost part: that batch must be redone too
+    (path / job.batch_files(first)[0]).unlink()  # a lost part: that batch must be redone too
     calls.clear()
     monkeypatch.setattr(job, "cluster_batch", lambda *a: (calls.append(a[1]), real(*a))[1])
     job.run_cluster(_cfg(path), in_process=True)
@@ -112,7 +112,7 @@ def test_changed_settings_need_force(reference, tmp_path):
     job.run_cluster(_cfg(path), in_process=True)
     other = _cfg(path)
     other.cluster.threshold = 0.2
-    with pytest.raises(DataError, match="--force cluster"):
+    with pytest.raises(ConfigError, match="cluster.threshold is 0.2 in this config but was 0.5.*--force cluster"):
         job.run_cluster(other, in_process=True)
     summary = job.run_cluster(other, force=["cluster"], in_process=True)
     assert summary.median_clusters >= reference[2].median_clusters
@@ -143,8 +143,11 @@ def test_incomplete_harvest_files_are_named(tmp_path):
     run = RunDir(str(path))
     h = run.read_parquet(schema.layer_dir(schema.H_DIR, 2))
     run.write_parquet(f"{schema.layer_dir(schema.H_DIR, 2)}/{schema.part_name(0)}", h.slice(0, h.num_rows - 1))
-    with pytest.raises(DataError, match=r"h/layer=2 lacks h_ids \[\d+\]; the harvest is incomplete"):
+    with pytest.raises(DataError, match=r"h/layer=2/part-00000.parquet has \d+ bytes where \d+ were written.*"
+                                        r"redo stage 'examples'"):
         job.run_cluster(_cfg(path), in_process=True)
+    path = tmp_path / "other"
+    write_synthetic_run(str(path))
     (path / "weights" / "layer=0.safetensors").unlink()
-    with pytest.raises(DataError, match=r"weights/layer=0.safetensors is missing"):
+    with pytest.raises(DataError, match=r"weights/layer=0.safetensors is missing; redo stage 'weights'"):
         job.run_cluster(_cfg(path), in_process=True)

@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ne import mnist
+from ne import store
 from ne.errors import DataError
-from ne.mnist_config import MLPConfig
+from ne.mnist import data as mnist_data
+from ne.mnist import model as mnist_model
+from ne.mnist.config import MLPConfig
 from ne.parallel import make_optimizer
 from tests.conftest import require_shared
 
@@ -31,7 +33,7 @@ def write_mnist_dir(folder, n_train=20, n_test=10, gz=True, seed=0):
     for split, n in (("train", n_train), ("test", n_test)):
         data[split] = (rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n))
         for kind, arr in zip(("images", "labels"), data[split]):
-            name = mnist.FILES[(split, kind)]
+            name = mnist_data.FILES[(split, kind)]
             raw = idx_bytes(arr)
             if gz:
                 (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
@@ -44,49 +46,49 @@ def write_mnist_dir(folder, n_train=20, n_test=10, gz=True, seed=0):
 def test_load_idx_reads_gz_and_raw(tmp_path, gz):
     data = write_mnist_dir(tmp_path, gz=gz)
     for split in ("train", "test"):
-        got = mnist.load_idx(str(tmp_path), split)
+        got = mnist_data.load_idx(str(tmp_path), split)
         images, labels = data[split]
         assert got.images.dtype == torch.uint8 and got.images.shape == (len(labels), 784)
         np.testing.assert_array_equal(got.images.numpy(), images.reshape(len(labels), 784))
         np.testing.assert_array_equal(got.labels.numpy(), labels)
 
 
-def test_normalise_matches_formula():
+def test_scale_pixels_matches_formula():
     x = torch.tensor([[0, 1, 128, 255]], dtype=torch.uint8)
     expected = [[(v / 255 - 0.1307) / 0.3081 for v in (0, 1, 128, 255)]]
-    np.testing.assert_allclose(mnist.normalise(x).numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(mnist_data.scale_pixels(x).numpy(), expected, rtol=1e-6)
 
 
 def test_missing_directory_names_it(tmp_path):
     with pytest.raises(DataError, match="nowhere.*does not exist.*data.dir"):
-        mnist.load_idx(str(tmp_path / "nowhere"), "train")
+        mnist_data.load_idx(str(tmp_path / "nowhere"), "train")
 
 
 def test_missing_file_names_it(tmp_path):
     write_mnist_dir(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
-        mnist.load_idx(str(tmp_path), "test")
+        mnist_data.load_idx(str(tmp_path), "test")
 
 
 def test_wrong_magic_number(tmp_path):
     path = tmp_path / "x-idx3-ubyte"
     path.write_bytes(b"\x00\x00\x0d\x03" + idx_bytes(np.zeros((1, 28, 28)))[4:])
     with pytest.raises(DataError, match="magic number 0x00000d03"):
-        mnist.read_idx(str(path))
+        mnist_data.read_idx(str(path))
 
 
 def test_truncated_raw_and_gz(tmp_path):
     raw = idx_bytes(np.zeros((3, 28, 28)))
     (tmp_path / "a").write_bytes(raw[:-10])
     with pytest.raises(DataError, match="truncated"):
-        mnist.read_idx(str(tmp_path / "a"))
+        mnist_data.read_idx(str(tmp_path / "a"))
     (tmp_path / "b").write_bytes(raw[:9])
     with pytest.raises(DataError, match="truncated inside its header"):
-        mnist.read_idx(str(tmp_path / "b"))
+        mnist_data.read_idx(str(tmp_path / "b"))
     (tmp_path / "c.gz").write_bytes(gzip.compress(raw)[:-30])
     with pytest.raises(DataError, match="damaged gzip"):
-        mnist.read_idx(str(tmp_path / "c.gz"))
+        mnist_data.read_idx(str(tmp_path / "c.gz"))
 
 
 def test_from_hf_converts_pil_rows():
@@ -99,19 +101,19 @@ def test_from_hf_converts_pil_rows():
         {"image": [Image.fromarray(a) for a in arrays], "label": [3, 1, 4]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}),
     )
-    split = mnist.from_hf(ds)
+    split = mnist_data.from_hf(ds)
     np.testing.assert_array_equal(split.images.numpy(), arrays.reshape(3, 784))
     assert split.labels.tolist() == [3, 1, 4]
 
 
 def test_mlp_matches_formula_and_round_trips(tmp_path):
-    model = mnist.MLP(16, torch.Generator().manual_seed(0))
+    model = mnist_model.MLP(16, torch.Generator().manual_seed(0))
     x = torch.randn(5, 784)
     expected = torch.relu(x @ model.W1.T + model.b1) @ model.W2.T + model.b2
     torch.testing.assert_close(model(x), expected)
     path = tmp_path / "mlp.safetensors"
-    path.write_bytes(mnist.tensors_bytes(model))
-    again = mnist.MLP.load(str(path))
+    path.write_bytes(store.tensors_bytes(model))
+    again = mnist_model.MLP.load(str(path))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(again.state_dict()[k], v)
 
@@ -120,18 +122,18 @@ def test_bad_weights_files(tmp_path):
     good = {"W1": torch.zeros(8, 784), "b1": torch.zeros(8), "W2": torch.zeros(10, 8), "b2": torch.zeros(10)}
     save_file({**good, "extra": torch.zeros(1)}, str(tmp_path / "names.safetensors"))
     with pytest.raises(DataError, match="expected exactly \\['W1', 'W2', 'b1', 'b2'\\]"):
-        mnist.MLP.load(str(tmp_path / "names.safetensors"))
+        mnist_model.MLP.load(str(tmp_path / "names.safetensors"))
     save_file({**good, "W1": torch.zeros(8, 783)}, str(tmp_path / "shape.safetensors"))
     with pytest.raises(DataError, match="W1 has shape \\[8, 783\\], expected \\[None, 784\\]"):
-        mnist.MLP.load(str(tmp_path / "shape.safetensors"))
+        mnist_model.MLP.load(str(tmp_path / "shape.safetensors"))
     save_file({**good, "b1": torch.zeros(9)}, str(tmp_path / "hidden.safetensors"))
     with pytest.raises(DataError, match="disagree on the hidden width"):
-        mnist.MLP.load(str(tmp_path / "hidden.safetensors"))
+        mnist_model.MLP.load(str(tmp_path / "hidden.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DataError, match="not a readable safetensors"):
-        mnist.MLP.load(str(tmp_path / "junk.safetensors"))
+        mnist_model.MLP.load(str(tmp_path / "junk.safetensors"))
     with pytest.raises(DataError, match="does not exist"):
-        mnist.MLP.load(str(tmp_path / "absent.safetensors"))
+        mnist_model.MLP.load(str(tmp_path / "absent.safetensors"))
 
 
 def test_training_is_deterministic_and_learns():
@@ -141,13 +143,13 @@ def test_training_is_deterministic_and_learns():
     images = rng.integers(0, 60, (600, 784))
     for i, y in enumerate(labels):
         images[i, y * 78 : y * 78 + 78] += 180
-    split = mnist.MnistSplit(torch.tensor(images, dtype=torch.uint8), torch.tensor(labels))
+    split = mnist_data.MnistSplit(torch.tensor(images, dtype=torch.uint8), torch.tensor(labels))
     cfg = MLPConfig(hidden=16, batch_size=32, optimizer="sgd", lr=0.05)
 
     def train(seed):
-        model = mnist.MLP(16, torch.Generator().manual_seed(seed))
+        model = mnist_model.MLP(16, torch.Generator().manual_seed(seed))
         opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
-        losses = [mnist.train_mlp_epoch(model, opt, split, cfg, seed, e) for e in range(2)]
+        losses = [mnist_model.train_mlp_epoch(model, opt, split, cfg, seed, e) for e in range(2)]
         return model, losses
 
     a, losses = train(0)
@@ -156,14 +158,14 @@ def test_training_is_deterministic_and_learns():
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert not torch.equal(a.W1, c.W1)
     assert losses[1] < losses[0] < np.log(10)
-    assert mnist.accuracy(a, split) > 0.9
+    assert mnist_model.accuracy(a, split) > 0.9
 
 
 def test_real_mnist_and_authors_mlp():
     data = require_shared("mnist")
-    test = mnist.load_idx(str(data), "test")
+    test = mnist_data.load_idx(str(data), "test")
     assert test.images.shape == (10_000, 784) and test.labels.bincount().tolist()[1] == 1135
     weights = require_shared("mechmnistic") / "mlp.safetensors"
-    model = mnist.MLP.load(str(weights))
+    model = mnist_model.MLP.load(str(weights))
     assert model.hidden_size == 64
-    assert mnist.accuracy(model, test) == pytest.approx(0.9399, abs=1e-4)  # the README's 93.99%
+    assert mnist_model.accuracy(model, test) == pytest.approx(0.9399, abs=1e-4)  # the README's 93.99%

@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from ne.config import ModelConfig
 from ne.data import pad_batch
+from ne.device import resolve_device
 from ne.errors import ConfigError, DataError
-from ne.models import load_model, load_token_decoder, resolve_device
+from ne.models import load_model, load_token_decoder
 from ne.models.tokenizers import gpt2_tokenizer
 from tests.conftest import TINY_ARCH, gpt2_state_dict
 

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ne.errors import DataError
-from ne.mnist_config import SAEConfig
 from ne.parallel import SINGLE, Shard, make_optimizer
-from ne.sae import SAE, NeuronEmbeddingLoss, train_sae_epoch
+from ne.sae import SAE, NeuronEmbeddingLoss, SAEConfig, train_sae_epoch
 from tests.conftest import require_shared
 
 torch.set_num_threads(1)

@@ -13,11 +13,12 @@ from scipy.spatial.distance import pdist
 from ne.cluster import cluster_examples
 from ne.config import ClusterConfig
 from ne.errors import ConfigError, DataError
-from ne.figures import activation_map, dataset_examples, feature_clusters, figure5
-from ne.mnist import MLP, MnistSplit, load_idx, normalise
-from ne.mnist_config import SAEEvalConfig
+from ne.mnist.config import SAEEvalConfig
+from ne.mnist.data import MnistSplit, load_idx, scale_pixels
+from ne.mnist.eval import PAPER, evaluate, evaluate_dir, summarise, to_csv, to_markdown
+from ne.mnist.figures import activation_map, dataset_examples, feature_clusters, figure5
+from ne.mnist.model import MLP
 from ne.sae import SAE
-from ne.sae_eval import PAPER, evaluate, evaluate_dir, summarise, to_csv, to_markdown
 from tests.conftest import require_shared
 
 torch.set_num_threads(1)
@@ -160,7 +161,7 @@ def test_activation_map_of_sae_neuron_is_a_one_pixel_forward_pass():
     one[0, p] = 255
 
     def pre(img):
-        a = torch.relu(normalise(img) @ mlp.W1.T + mlp.b1)
+        a = torch.relu(scale_pixels(img) @ mlp.W1.T + mlp.b1)
         return ((a - sae.b_dec) @ sae.W_enc[j] + sae.b_enc[j]).item()
 
     assert activation_map(mlp, sae, j)[p].item() == pytest.approx(max(0.0, pre(one) - pre(black)), abs=1e-5)
@@ -171,7 +172,7 @@ def test_feature_clusters_use_neuron_embeddings_and_png_is_written():
 
     mlp, sae = toy_models()
     test = toy_split(200, 3)
-    a = torch.relu(normalise(test.images) @ mlp.W1.T + mlp.b1).detach()
+    a = torch.relu(scale_pixels(test.images) @ mlp.W1.T + mlp.b1).detach()
     f = sae.encode(a).detach()
     j = int(np.flatnonzero(((f > 0).sum(0) >= 10).numpy())[0])
     idx, h, w = dataset_examples(mlp, sae, j, test, max_examples=30)

@@ -7,13 +7,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from jobs.train import stage_fingerprints
-from ne import mnist
+from ne import store
 from ne.config import load_config
 from ne.errors import ConfigError
-from ne.mnist_config import MnistRunConfig
+from ne.mnist import data as mnist_data
+from ne.mnist import model as mnist_model
+from ne.mnist.config import MnistRunConfig
 from ne.parallel import make_optimizer
 from ne.sae import SAE, NeuronEmbeddingLoss, train_sae_epoch
+from ne.stages import GRAPH, MNIST_STAGES, settings_of
 from ne.store import RunDir
 from tests.conftest import REPO, require_shared
 
@@ -33,25 +35,45 @@ def test_config_is_strict():
         load_config(CONFIG, ["sae.ne_momentum=1.0"], cls=MnistRunConfig)
 
 
-def test_fingerprints_follow_what_each_stage_depends_on():
+def test_settings_follow_what_each_stage_depends_on():
+    def settings(c: MnistRunConfig) -> dict:
+        return {name: settings_of(c, GRAPH[name].settings) for name in MNIST_STAGES}
+
     cfg = load_config(CONFIG, cls=MnistRunConfig)
-    base = stage_fingerprints(cfg)
-    workers = stage_fingerprints(replace(cfg, trainer=replace(cfg.trainer, num_workers=2)))
-    l1 = stage_fingerprints(replace(cfg, sae=replace(cfg.sae, l1_coeff=0.5)))
-    seed = stage_fingerprints(replace(cfg, seed=1))
-    assert workers == base
-    assert l1["mlp"] == base["mlp"] and l1["sae_standard"] != base["sae_standard"]
-    assert all(seed[k] != base[k] for k in base)
+    base = settings(cfg)
+    assert settings(replace(cfg, trainer=replace(cfg.trainer, num_workers=2))) == base
+    l1 = settings(replace(cfg, sae=replace(cfg.sae, l1_coeff=0.5)))
+    assert l1["mnist_mlp"] == base["mnist_mlp"] and l1["mnist_sae_standard"] != base["mnist_sae_standard"]
+    ne = settings(replace(cfg, sae=replace(cfg.sae, ne_coeff=5.0)))
+    assert ne["mnist_sae_standard"] == base["mnist_sae_standard"]
+    assert ne["mnist_sae_ne_loss"] != base["mnist_sae_ne_loss"]
+    assert settings(replace(cfg, seed=1))["mnist_mlp"] != base["mnist_mlp"]
+    assert settings(replace(cfg, data=replace(cfg.data, test_subset=5)))["mnist_eval"] != base["mnist_eval"]
+
+
+def test_unknown_force_and_a_loss_that_never_starts_are_errors(tmp_path):
+    from jobs.train import run_train
+
+    data = require_shared("mnist")
+    cfg = load_config(CONFIG, [f"run_dir={tmp_path / 'run'}", f"data.dir={data}"], cls=MnistRunConfig)
+    with pytest.raises(ConfigError, match="--force 'mlp' names no stage; this command's stages are: mnist_mlp, "
+                                          "mnist_sae_standard, mnist_sae_ne_loss, mnist_eval"):
+        run_train(cfg, force=["mlp"])
+    short = replace(cfg, data=replace(cfg.data, train_subset=2000))
+    with pytest.raises(ConfigError, match="sae.ne_start_step is 200 but the SAEs train for only 16 steps .*would "
+                                          "never switch on"):
+        run_train(short)
+    assert not (tmp_path / "run").exists()
 
 
 def library_run(cfg: MnistRunConfig) -> dict[str, dict[str, torch.Tensor]]:
     """The same training, in this process, straight from the library: what one Ray worker must produce."""
-    train = mnist.load_idx(cfg.data.dir, "train").head(cfg.data.train_subset)
-    mlp = mnist.MLP(64, torch.Generator().manual_seed(cfg.seed))
+    train = mnist_data.load_idx(cfg.data.dir, "train").head(cfg.data.train_subset)
+    mlp = mnist_model.MLP(64, torch.Generator().manual_seed(cfg.seed))
     opt = make_optimizer(cfg.mlp.optimizer, mlp.parameters(), cfg.mlp.lr, cfg.mlp.momentum)
     for epoch in range(cfg.mlp.epochs):
-        mnist.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch)
-    acts = mnist.hidden_acts(mlp, train.images)
+        mnist_model.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch)
+    acts = mnist_model.hidden_acts(mlp, train.images)
     out = {"mlp": mlp.state_dict()}
     for kind in ("standard", "ne_loss"):
         sae = SAE(64, 512, torch.Generator().manual_seed(cfg.seed + 1))
@@ -74,9 +96,9 @@ def test_ray_train_writes_authors_format_skips_and_resumes(tmp_path, local_ray):
     first = run_train(cfg)
     assert first.trained == ["mlp", "sae_standard", "sae_ne_loss"] and first.steps == 10 + 10 + 10
     folder = f"{tmp_path / 'run'}/mnist"
-    written = {"mlp": mnist.read_tensors(f"{folder}/mlp.safetensors", MLP_SHAPES)}
+    written = {"mlp": store.read_tensors(f"{folder}/mlp.safetensors", MLP_SHAPES)}
     for name in ("sae_standard", "sae_ne_loss"):
-        written[name] = mnist.read_tensors(f"{folder}/{name}.safetensors", SAE_SHAPES)
+        written[name] = store.read_tensors(f"{folder}/{name}.safetensors", SAE_SHAPES)
     expected = library_run(cfg)
     for model, tensors in expected.items():
         for k, v in tensors.items():
@@ -90,10 +112,10 @@ def test_ray_train_writes_authors_format_skips_and_resumes(tmp_path, local_ray):
     manifest = run.manifest()
     for stage in ("mnist_sae_standard", "mnist_sae_ne_loss", "mnist_eval"):
         del manifest["stages"][stage]
-    run.write_json("manifest.json", manifest)
+    run.write_manifest(manifest)
     (tmp_path / "run" / "mnist" / "sae_ne_loss.safetensors").unlink()
     resumed = run_train(cfg)  # Ray Train restores its latest checkpoint: no step is taken again
     assert resumed.trained == ["sae_standard", "sae_ne_loss"] and resumed.steps == 0
-    again = mnist.read_tensors(f"{folder}/sae_ne_loss.safetensors", SAE_SHAPES)
+    again = store.read_tensors(f"{folder}/sae_ne_loss.safetensors", SAE_SHAPES)
     for k, v in written["sae_ne_loss"].items():
         assert torch.equal(again[k], v)

@@ -18,9 +18,9 @@ import pytest
 
 from ne import schema
 from ne.errors import DataError
+from ne.reader import Example, RunData, SortedParts, _RowGroupCache
 from ne.store import RunDir
 from ne.viewer import launch_command, render
-from ne.viewer.data import Example, RunData, SortedParts, _RowGroupCache
 from tests.viewer_run import SILENT, build_lm_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,15 +101,23 @@ def test_status_messages_for_bad_run_dirs(lm_run, tmp_path):
 
     half = tmp_path / "half"
     shutil.copytree(lm_run, half)
-    RunDir(str(half)).mark("examples", "running", "x")
-    assert "has not finished" in RunData(str(half)).status().errors[0]
+    set_status(half, "examples", "running")
+    assert "stage 'examples' is running" in RunData(str(half)).status().errors[0]
 
     broken = tmp_path / "broken"
     shutil.copytree(lm_run, broken)
     part = broken / schema.layer_dir(schema.EXAMPLES_DIR, 0) / schema.part_name(0)
     part.write_bytes(part.read_bytes()[: len(part.read_bytes()) // 2])
-    with pytest.raises(DataError, match="half-written"):
+    with pytest.raises(DataError, match="part-00000.parquet has .* bytes .* truncated.*redo stage 'examples'"):
         RunData(str(broken)).neuron(0, 1)
+
+
+def set_status(path, stage: str, status: str) -> None:
+    """Edit the manifest as an interrupted job would leave it."""
+    run = RunDir(str(path))
+    m = run.manifest()
+    m["stages"][stage]["status"] = status
+    run.write_manifest(m)
 
 
 def test_example_html_marks_key_token_newlines_and_hover():
@@ -168,9 +176,9 @@ def test_app_explains_missing_and_half_written_runs(tmp_path, lm_run, monkeypatc
     assert not at.exception and "does not exist" in _texts(at)
     half = tmp_path / "half"
     shutil.copytree(lm_run, half)
-    RunDir(str(half)).mark("examples", "running", "x")
+    set_status(half, "examples", "running")
     at = _app_test(str(half), monkeypatch)
-    assert not at.exception and "has not finished" in _texts(at)
+    assert not at.exception and "stage 'examples' is running" in _texts(at)
 
 
 def test_app_explains_neuron_without_examples(lm_run, monkeypatch):
@@ -359,7 +367,7 @@ def test_mnist_neuron_against_naive_loops(mnist_run, kind):
     from scipy.spatial.distance import pdist
 
     from ne.config import ClusterConfig
-    from ne.mnist import MnistSplit, load_idx
+    from ne.mnist.data import MnistSplit, load_idx
     from ne.viewer import mnist_page as mp
 
     mlp, sae = mp.load_models(RunDir(mnist_run), kind)

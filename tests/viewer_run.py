@@ -7,6 +7,7 @@ the cluster stage run in-process, and the index stage.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ from jobs.cluster import run_cluster
 from ne import harvest, schema
 from ne.config import ClusterConfig, DataConfig, HarvestConfig, ModelConfig, RunConfig, to_dict
 from ne.models import load_model
+from ne.stages import Stage
 from ne.store import RunDir
 
 SILENT = (0, 5)
@@ -53,35 +55,46 @@ def build_lm_run(
                          "pad_token_id": model.pad_token_id})
     contexts = pydoc_contexts(model, n_contexts, n_ctx)
     per_part = cfg.data.contexts_per_part
-    for p in range(0, n_contexts, per_part):
-        chunk = contexts[p : p + per_part]
-        run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(p // per_part)}", pa.Table.from_pydict(
-            {"ctx_id": [c for c, _ in chunk], "doc_id": [0] * len(chunk), "tokens": [t for _, t in chunk]},
-            schema=schema.CONTEXTS))
-    run.mark("contexts", "done", "test")
+    with stage(run, "contexts", cfg, n_contexts=n_contexts):
+        for p in range(0, n_contexts, per_part):
+            chunk = contexts[p : p + per_part]
+            run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(p // per_part)}", pa.Table.from_pydict(
+                {"ctx_id": [c for c, _ in chunk], "doc_id": [0] * len(chunk), "tokens": [t for _, t in chunk]},
+                schema=schema.CONTEXTS))
+    with stage(run, "weights", cfg, layers=list(layers)):
+        for layer in layers:
+            run.write_bytes(schema.weights_path(layer), safetensors.numpy.save(
+                {"W_in": model.W_in(layer).float().numpy(), "b_in": model.b_in(layer).float().numpy()}))
 
     maxima = harvest.shard_maxima(model, contexts, list(layers), 16)
     rows = [(layer, n, float(v)) for layer in layers for n, v in enumerate(maxima[layer].tolist())]
-    run.write_parquet(schema.MAXIMA, pa.Table.from_pydict(
-        {"layer": [r[0] for r in rows], "neuron": [r[1] for r in rows], "max_act": [r[2] for r in rows]},
-        schema=schema.MAXIMA_SCHEMA))
+    with stage(run, "maxima", cfg, layers=list(layers)):
+        run.write_parquet(schema.MAXIMA, pa.Table.from_pydict(
+            {"layer": [r[0] for r in rows], "neuron": [r[1] for r in rows], "max_act": [r[2] for r in rows]},
+            schema=schema.MAXIMA_SCHEMA))
     thresholds = {layer: harvest.thresholds_from_maxima(maxima[layer], cfg.harvest.frac) for layer in layers}
     if SILENT[0] in thresholds:
         thresholds[SILENT[0]][SILENT[1]] = float("inf")
     window = (cfg.harvest.window_before, cfg.harvest.window_after)
     tables = harvest.shard_examples(model, contexts, thresholds, k, window, n_ctx, 16)
-    for layer in layers:
-        examples, h = tables[layer]
-        examples = harvest.merge_examples(examples, k)
-        run.write_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}", examples)
-        run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(0)}",
-                          harvest.select_h(h, examples))
-        run.write_bytes(schema.weights_path(layer), safetensors.numpy.save(
-            {"W_in": model.W_in(layer).float().numpy(), "b_in": model.b_in(layer).float().numpy()}))
-    run.mark("weights", "done", "test")
-    run.mark("examples", "done", "test")
+    with stage(run, "examples", cfg, layers=list(layers)):
+        for layer in layers:
+            examples, h = tables[layer]
+            examples = harvest.merge_examples(examples, k)
+            run.write_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}", examples)
+            run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(0)}",
+                              harvest.select_h(h, examples))
 
     run_cluster(cfg, in_process=True)
     if with_index:
         run_index(cfg)
     return cfg
+
+
+@contextlib.contextmanager
+def stage(run: RunDir, name: str, cfg: RunConfig, **info):
+    """Write a stage's outputs by hand, inside its lifecycle (as the jobs do), and record it done."""
+    st = Stage(run, name, cfg)
+    st.begin()
+    yield
+    st.done(**info)

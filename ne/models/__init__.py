@@ -8,23 +8,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ne.config import ModelConfig
-from ne.errors import ConfigError
+from ne.device import resolve_device
 from ne.models.base import LayerOutput, MLPModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"model.device is {spec!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device is {spec!r} but this machine has no CUDA GPU; use auto or cpu")
-    return device
 
 
 def load_model(cfg: ModelConfig) -> MLPModel:
@@ -74,5 +61,4 @@ def load_token_decoder(cfg: ModelConfig) -> Callable[[Sequence[int]], list[str]]
     return functools.partial(decode_each, load_model_tokenizer(cfg))
 
 
-__all__ = ["LayerOutput", "MLPModel", "load_model", "load_model_tokenizer", "load_token_decoder",
-           "resolve_device", "DTYPES"]
+__all__ = ["LayerOutput", "MLPModel", "load_model", "load_model_tokenizer", "load_token_decoder", "DTYPES"]

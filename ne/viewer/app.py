@@ -20,8 +20,8 @@ import streamlit as st
 
 from ne.config import ModelConfig, from_dict
 from ne.errors import NeError
+from ne.reader import Example, NeuronData, RunData
 from ne.viewer import render
-from ne.viewer.data import Example, NeuronData, RunData
 
 log = logging.getLogger("ne.viewer")
 N_SIMILAR = 5
@@ -70,8 +70,12 @@ def get_importance(model_json: str, mask_token: int | None):
 def get_index(url: str):
     """(SimilarFeatures, None) or (None, why there is no similar-features list)."""
     data = get_data(url)
-    if not data.run.exists("index"):
-        return None, "this run has no index/ yet: run the index stage to see similar features"
+    if not data.ready("index"):
+        from ne.stages import redo_command, state_of
+
+        state, why = state_of(data.manifest(), "index")
+        return None, (f"the index of this run is {state}{why}: run {redo_command('index', False)} to see "
+                      "similar features")
     try:
         # The app is an entry point like the CLI, so it may reach into index/; the library never does.
         from index.query import SimilarFeatures
@@ -251,7 +255,7 @@ def neuron_page(data: RunData, url: str) -> None:
 
 
 def mask_label(data: RunData, cfg) -> str:
-    token = cfg.viewer.mask_token
+    token = cfg.importance.mask_token
     if token is None:
         token = data.model_info().get("pad_token_id")
         return f"{token} (the tokenizer's pad/EOS token)" if token is not None else "pad/EOS"
@@ -268,7 +272,7 @@ def importance_for(nd: NeuronData, members: list[Example], model_json: str, cfg,
         st.info(f"Importance is computed on demand for the first {ON_DEMAND} examples of a cluster; the rest keep "
                 "their activation colours. `ne importance` precomputes it for every example of a run.")
         todo = todo[:ON_DEMAND]
-    compute = get_importance(model_json, cfg.viewer.mask_token)
+    compute = get_importance(model_json, cfg.importance.mask_token)
     if compute is None:
         st.warning(f"Token importance needs the run's model, which could not be loaded: {get_model(model_json)[1]}")
         return out

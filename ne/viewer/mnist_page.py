@@ -1,6 +1,6 @@
 """The MNIST page: one neuron of the MLP's hidden layer or of an SAE trained on it.
 
-The definitions are `ne.figures`' (Figure 5): dataset examples are the first 100 test images that activate
+The definitions are `ne.mnist.figures`' (Figure 5): dataset examples are the first 100 test images that activate
 the neuron (as in the paper's Table 3), their neuron embeddings are x ⊙ W1[j] (MLP) or (a − b_dec) ⊙ W_enc[j]
 (SAE), and their feature clusters come from `ne.cluster`. The page adds the logit effects and the
 activation distribution, and draws each cluster as an image grid with its central example first.
@@ -17,11 +17,12 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from ne import figures
 from ne.cluster import Clusters
 from ne.config import ClusterConfig
 from ne.errors import DataError
-from ne.mnist import MLP, MnistSplit, load_idx, normalise
+from ne.mnist import figures
+from ne.mnist.data import MnistSplit, load_idx, scale_pixels
+from ne.mnist.model import MLP
 from ne.sae import SAE
 from ne.store import RunDir
 from ne.viewer import render
@@ -34,7 +35,7 @@ class MnistNeuron:
     acts: np.ndarray
     """The neuron's activation on every test image."""
     examples: np.ndarray
-    """Indices of its dataset examples in the test set (`ne.figures.dataset_examples`)."""
+    """Indices of its dataset examples in the test set (`ne.mnist.figures.dataset_examples`)."""
     clusters: Clusters | None
     """Feature clusters of the examples (None with fewer than two)."""
     logit_effect: np.ndarray
@@ -42,9 +43,9 @@ class MnistNeuron:
     input_weights: np.ndarray | None
     """W1[j] as 28×28 for an MLP neuron; None for an SAE neuron, which does not read pixels directly."""
     activation_map: np.ndarray
-    """`ne.figures.activation_map`, 28×28."""
+    """`ne.mnist.figures.activation_map`, 28×28."""
     importance_map: np.ndarray
-    """The mean example scaled by the activation map normalised to [0, 1], 28×28 (as in `ne.figures`)."""
+    """The mean example scaled by the activation map normalised to [0, 1], 28×28 (as in `ne.mnist.figures`)."""
 
 
 def mnist_dir(manifest: dict) -> Path:
@@ -80,11 +81,10 @@ def load_models(run, kind: str) -> tuple[MLP, SAE | None]:
 def analyse(
     mlp: MLP, sae: SAE | None, neuron: int, split: MnistSplit, cluster_cfg: ClusterConfig, max_examples: int = 100
 ) -> MnistNeuron:
-    """Everything the page shows for one neuron, computed with `ne.figures`' definitions."""
-    acts = torch.relu(figures.pre_activation(mlp, sae, neuron, normalise(split.images))).numpy()
+    """Everything the page shows for one neuron, computed with `ne.mnist.figures`' definitions."""
+    acts = torch.relu(figures.pre_activation(mlp, sae, neuron, scale_pixels(split.images))).numpy()
     idx, h, w = figures.dataset_examples(mlp, sae, neuron, split, max_examples)
     amap = figures.activation_map(mlp, sae, neuron)
-    mean_img = split.images[idx].float().mean(0) / 255.0 if len(idx) else torch.zeros(784)
     effect = mlp.W2[:, neuron] if sae is None else mlp.W2 @ sae.W_dec[:, neuron]
     return MnistNeuron(
         acts=acts, examples=idx,
@@ -92,7 +92,7 @@ def analyse(
         logit_effect=effect.numpy(),
         input_weights=mlp.W1[neuron].numpy().reshape(28, 28) if sae is None else None,
         activation_map=amap.numpy().reshape(28, 28),
-        importance_map=(mean_img * amap / amap.max().clamp_min(1e-12)).numpy().reshape(28, 28),
+        importance_map=figures.importance_map(split, idx, amap).numpy().reshape(28, 28),
     )
 
 
@@ -197,6 +197,6 @@ def _cached_models(url: str, kind: str):
 
 @st.cache_resource(show_spinner="Reading the MNIST test set…")
 def _cached_test(url: str) -> MnistSplit:
-    from ne.viewer.data import RunData
+    from ne.reader import RunData
 
     return load_idx(str(mnist_dir(RunData(url).manifest())), "test")

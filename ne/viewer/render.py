@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ne.viewer.data import Example
+from ne.reader import Example
 
 CLUSTER_COLOURS = [("blue", "#1c83e1"), ("orange", "#ff8c00"), ("green", "#21c354"), ("red", "#ff4b4b"),
                    ("violet", "#803df5")]

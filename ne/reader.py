@@ -1,4 +1,4 @@
-"""Per-neuron reads of a run directory for the viewer: open a neuron, read only its rows.
+"""Per-neuron reads of a run directory (the viewer, importance): open a neuron, read only its rows.
 
 Examples, clusters, dendrograms and importance are sorted by neuron inside each layer's part files, and
 contexts by ctx_id. `SortedParts` keeps the key range of every Parquet row group (read from the file
@@ -6,13 +6,14 @@ footers, once) and decodes only the row groups that can hold the wanted keys. De
 small LRU cache, so neighbouring neurons and repeated visits cost no second decode. Nothing is read before
 it is asked for: building a `RunData` touches no file.
 
-Every problem a user can cause (a wrong path, a run whose harvest has not finished, a truncated file)
-comes out as a `DataError` whose message says what is wrong and what to run; the app shows it in the page.
+Only the outputs of finished stages are read (`ne.stages.state_of`): a stage left stale by redoing one
+upstream of it is shown as missing, with what to run. Every problem a user can cause (a wrong path, a run
+whose harvest has not finished, a damaged file) comes out as a `DataError` whose message says what is
+wrong and what to run; the app shows it in the page.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -27,7 +28,8 @@ import pyarrow.parquet as pq
 from ne import schema
 from ne.config import RunConfig, from_dict
 from ne.errors import DataError, NeError
-from ne.store import MANIFEST, RunDir
+from ne.stages import GRAPH, redo_command, state_of
+from ne.store import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,16 @@ class SortedParts:
     def __init__(self, run: RunDir, folder: str, key: str, cache: _RowGroupCache):
         self.run, self.folder, self.key, self.cache = run, folder, key, cache
         self.groups: list[tuple[str, pq.FileMetaData, int, int, int]] = []
-        """(path, footer, row group, min key, max key), one per row group of every part."""
+        """(run-relative path, footer, row group, min key, max key), one per row group of every part."""
         for name in run.ls(folder, suffix=".parquet"):
-            path = run.path(folder, name)
-            meta = _read_footer(run, path)
+            rel = f"{folder}/{name}"
+            record = run.record_of(rel)
+            if record is not None:
+                run.verify(rel, record)
+            meta = run.read_footer(rel)
             for i in range(meta.num_row_groups):
                 lo, hi = _key_range(meta.row_group(i), key)
-                self.groups.append((path, meta, i, lo, hi))
+                self.groups.append((rel, meta, i, lo, hi))
 
     def read(self, keys: Iterable[int], columns: list[str] | None = None) -> pa.Table:
         """Rows whose key is in `keys`, in file order."""
@@ -56,7 +61,7 @@ class SortedParts:
         for path, meta, i, lo, hi in self.groups:
             if not len(wanted) or not _overlaps(wanted, lo, hi):
                 continue
-            table = self.cache.get((path, i), lambda path=path, meta=meta, i=i: _read_group(self.run, path, meta, i))
+            table = self.cache.get((path, i), lambda path=path, meta=meta, i=i: self.run.read_row_group(path, meta, i))
             mask = pc.is_in(table.column(self.key), value_set=pa.array(wanted, type=table.schema.field(self.key).type))
             rows = table.filter(mask)
             pieces.append(rows.select(columns) if columns else rows)
@@ -66,13 +71,7 @@ class SortedParts:
 
     def column(self, name: str) -> np.ndarray:
         """One column of every row (small columns only: used to list a layer's neurons)."""
-        out = []
-        for path, meta, i, _, _ in self.groups:
-            with self.run.fs.open(path, "rb") as f:
-                try:
-                    out.append(pq.ParquetFile(f, metadata=meta).read_row_group(i, columns=[name]).column(0))
-                except (OSError, pa.ArrowException) as exc:
-                    raise _unreadable(self.run, path, exc) from None
+        out = [self.run.read_row_group(path, meta, i, columns=[name]).column(0) for path, meta, i, _, _ in self.groups]
         return np.concatenate([c.to_numpy() for c in out]) if out else np.zeros(0, np.int64)
 
 
@@ -102,29 +101,6 @@ class _RowGroupCache:
         with self.lock:
             self.tables.clear()
             self.bytes = 0
-
-
-def _read_footer(run: RunDir, path: str) -> pq.FileMetaData:
-    try:
-        with run.fs.open(path, "rb") as f:
-            return pq.read_metadata(f)
-    except (OSError, pa.ArrowException) as exc:
-        raise _unreadable(run, path, exc) from None
-
-
-def _read_group(run: RunDir, path: str, meta: pq.FileMetaData, i: int) -> pa.Table:
-    try:
-        with run.fs.open(path, "rb") as f:
-            return pq.ParquetFile(f, metadata=meta).read_row_group(i)
-    except (OSError, pa.ArrowException) as exc:
-        raise _unreadable(run, path, exc) from None
-
-
-def _unreadable(run: RunDir, path: str, exc: Exception) -> DataError:
-    return DataError(
-        f"{path} cannot be read ({exc}); the run directory {run.url} may be half-written or damaged: "
-        "rerun the stage that writes it (with --force STAGE)"
-    )
 
 
 def _key_range(group: pq.RowGroupMetaData, key: str) -> tuple[float, float]:
@@ -225,50 +201,36 @@ class RunData:
     # --- the run as a whole -----------------------------------------------------------------------------
 
     def manifest(self) -> dict:
-        if not self.run.fs.exists(self.run.root):
-            raise DataError(
-                f"run directory {self.url} does not exist; pass the run_dir of a finished run, "
-                "e.g. `ne view runs/demo` after `ne run --config configs/demo.yaml`"
-            )
-        if not self.run.exists(MANIFEST):
-            raise DataError(
-                f"{self.url} has no manifest.json, so it is not a run directory or its harvest never started; "
-                "run `ne harvest` with run_dir set to it"
-            )
-        try:
-            return self.run.read_json(MANIFEST)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{self.url}/manifest.json is corrupt ({exc}); rerun the run into a new run_dir") from None
+        return self.run.require_manifest()
+
+    def ready(self, stage: str) -> bool:
+        """True when `stage` finished and nothing upstream of it was redone since: its outputs may be read."""
+        return state_of(self.manifest(), stage)[0] == "done"
 
     def status(self) -> RunStatus:
         try:
             manifest = self.manifest()
         except DataError as exc:
             return RunStatus([], [str(exc)], [])
-        stages = manifest.get("stages", {})
+        stages = manifest["stages"]
         kind, errors, warnings = [], [], []
         if self.run.exists(MNIST_DIR):
             kind.append("mnist")
-        examples = stages.get("examples")
-        if examples or self.run.exists(schema.EXAMPLES_DIR):
-            if not examples or examples.get("status") != "done":
-                state = examples.get("status") if examples else "not recorded"
-                errors.append(
-                    f"the harvest of {self.url} has not finished (stage 'examples' is {state}), so its "
-                    "examples may be half-written; rerun `ne harvest` with the same config to finish it"
-                )
+        if "examples" in stages or self.run.exists(schema.EXAMPLES_DIR):
+            state, why = state_of(manifest, "examples")
+            if state != "done":
+                errors.append(f"the harvest of {self.url} is not usable: stage 'examples' is {state}{why}; run "
+                              f"{redo_command('examples', force=False)} to finish it")
             elif not self.layers():
                 errors.append(f"{self.url}/examples/ holds no layer; rerun the harvest with --force examples")
             else:
                 kind.append("lm")
-        for name, entry in sorted(stages.items()):
-            if name != "examples" and entry.get("status") != "done":
-                warnings.append(f"stage '{name}' is {entry.get('status')}: its outputs may be missing")
         if "lm" in kind:
-            for folder, stage in ((schema.CLUSTERS_DIR, "cluster"), (schema.DENDROGRAMS_DIR, "cluster"),
-                                  (schema.METRICS, "cluster"), (schema.INDEX_DIR, "index")):
-                if not self.run.exists(folder):
-                    warnings.append(f"{folder} is missing: run the {stage} stage to see it")
+            for stage in ("cluster", "index"):
+                state, why = state_of(manifest, stage)
+                if state != "done":
+                    warnings.append(f"{GRAPH[stage].outputs[0]} is {state}{why}: run "
+                                    f"{redo_command(stage, force=False)} to see it")
         if not kind and not errors:
             errors.append(
                 f"{self.url} holds neither language-model examples (examples/) nor MNIST models (mnist/); "
@@ -292,8 +254,7 @@ class RunData:
         return self.manifest().get("model", {})
 
     def layers(self) -> list[int]:
-        names = self.run.ls(schema.EXAMPLES_DIR)
-        return sorted(int(n.split("=", 1)[1]) for n in names if n.startswith("layer=") and n[6:].isdigit())
+        return self.run.layers(schema.EXAMPLES_DIR)
 
     def neurons(self, layer: int) -> np.ndarray:
         """Sorted ids of the neurons of `layer` that have examples (reads one int column)."""
@@ -320,6 +281,9 @@ class RunData:
 
     def neuron(self, layer: int, neuron: int) -> NeuronData:
         """Everything the neuron page shows, read from the neuron's own rows."""
+        if not self.ready("examples"):
+            state, why = state_of(self.manifest(), "examples")
+            raise DataError(f"the examples of {self.url} are {state}{why}; run {redo_command('examples', False)}")
         if layer not in self.layers():
             raise DataError(f"layer {layer} is not in {self.url}; it has layers {self.layers()}")
         rows = self._sorted(schema.EXAMPLES_DIR, layer, "neuron").read([neuron])
@@ -353,13 +317,13 @@ class RunData:
                                                           table.column("tokens").to_pylist())}
 
     def _max_act(self, layer: int, neuron: int) -> float | None:
-        if not self.run.exists(schema.MAXIMA):
+        if not self.ready("maxima"):
             return None
         table = self._read_small(schema.MAXIMA, [("layer", "=", layer), ("neuron", "=", neuron)], ["max_act"])
         return float(table.column(0)[0].as_py()) if table.num_rows else None
 
     def _add_clusters(self, data: NeuronData) -> None:
-        if not self.run.exists(schema.layer_dir(schema.CLUSTERS_DIR, data.layer)):
+        if not self.ready("cluster"):
             return
         table = self._sorted(schema.CLUSTERS_DIR, data.layer, "neuron").read([data.neuron]).to_pydict()
         by_rank = {r: i for i, r in enumerate(table.get("rank", []))}
@@ -369,7 +333,7 @@ class RunData:
                 e.cluster, e.is_central, e.outlier = table["cluster"][i], table["is_central"][i], table["outlier"][i]
 
     def _add_dendrogram(self, data: NeuronData) -> None:
-        if not self.run.exists(schema.layer_dir(schema.DENDROGRAMS_DIR, data.layer)):
+        if not self.ready("cluster"):
             return
         table = self._sorted(schema.DENDROGRAMS_DIR, data.layer, "neuron").read([data.neuron]).to_pydict()
         if table.get("linkage"):
@@ -377,19 +341,21 @@ class RunData:
             data.threshold = float(table["threshold"][0])
 
     def metrics(self, layer: int, neuron: int) -> dict | None:
-        if not self.run.exists(schema.METRICS):
+        if not self.ready("cluster"):
             return None
         table = self._read_small(schema.METRICS, [("layer", "=", layer), ("neuron", "=", neuron)])
         return table.to_pylist()[0] if table.num_rows else None
 
     def metrics_table(self) -> pa.Table:
         """Every neuron's metrics (one small row each), for the sortable neuron table."""
-        if not self.run.exists(schema.METRICS):
-            raise DataError(f"{self.url} has no {schema.METRICS}; run the cluster stage to get polysemy metrics")
+        if not self.ready("cluster"):
+            state, why = state_of(self.manifest(), "cluster")
+            raise DataError(f"the clusters of {self.url} are {state}{why}; run {redo_command('cluster', False)} to "
+                            "get polysemy metrics")
         return self._read_small(schema.METRICS)
 
     def precomputed_importance(self, layer: int, neuron: int) -> dict[int, tuple[int, np.ndarray]]:
-        if not self.run.exists(schema.layer_dir(schema.IMPORTANCE_DIR, layer)):
+        if not self.ready("importance") or not self.run.exists(schema.layer_dir(schema.IMPORTANCE_DIR, layer)):
             return {}
         table = self._sorted(schema.IMPORTANCE_DIR, layer, "neuron").read([neuron]).to_pydict()
         return {r: (s, np.asarray(v, np.float32))
@@ -406,7 +372,4 @@ class RunData:
         return members[0] if members else None
 
     def _read_small(self, rel: str, filters=None, columns=None) -> pa.Table:
-        try:
-            return self.run.read_parquet(rel, columns=columns, filters=filters)
-        except (OSError, pa.ArrowException) as exc:
-            raise _unreadable(self.run, self.run.path(rel), exc) from None
+        return self.run.read_parquet(rel, columns=columns, filters=filters)

@@ -7,16 +7,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from ne.config import _at_least, _choice
-from ne.errors import ConfigError
-
-OPTIMIZERS = ("adam", "sgd")
+from ne.config import _at_least, check_choices
+from ne.sae import SAEConfig, positive
 
 
 @dataclass
 class MnistDataConfig:
-    source: str = "idx"
+    source: Literal["idx", "hf"] = "idx"
     """`idx`: the four IDX files (gzipped or not) in `dir`. `hf`: the Hugging Face dataset `ylecun/mnist`
     through `datasets` (needs the hub, or its local cache)."""
     dir: str = "../shared/data/mnist"
@@ -28,7 +27,7 @@ class MnistDataConfig:
     """Use only the first n test images. None: all 10,000."""
 
     def __post_init__(self):
-        _choice("data.source", self.source, ("idx", "hf"))
+        check_choices(self, "data")
         for key in ("train_subset", "test_subset"):
             value = getattr(self, key)
             if value is not None:
@@ -43,7 +42,7 @@ class MLPConfig:
     """Training epochs (the paper: 3, "until the loss converges")."""
     batch_size: int = 64
     """Global batch size, split evenly between the Ray workers."""
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adam"] = "sgd"
     """`sgd` or `adam`."""
     lr: float = 0.01
     """Learning rate."""
@@ -54,48 +53,8 @@ class MLPConfig:
         _at_least("mlp.hidden", self.hidden, 1)
         _at_least("mlp.epochs", self.epochs, 1)
         _at_least("mlp.batch_size", self.batch_size, 1)
-        _choice("mlp.optimizer", self.optimizer, OPTIMIZERS)
-        _positive("mlp.lr", self.lr)
-
-
-@dataclass
-class SAEConfig:
-    expansion: int = 8
-    """SAE width as a multiple of the MLP's hidden width (the paper: 8, so 512 neurons)."""
-    epochs: int = 1
-    """Training epochs over the training set (the paper: 1)."""
-    batch_size: int = 128
-    """Global batch size, split evenly between the Ray workers."""
-    optimizer: str = "adam"
-    """`adam` or `sgd`."""
-    lr: float = 1e-3
-    """Learning rate."""
-    l1_coeff: float = 1e-3
-    """λ1: weight of the L1 term, the mean over the batch of Σ_j |f_j|."""
-    ne_coeff: float = 1.0
-    """λ2: weight of the neuron-embedding loss L_N (used by the `ne_loss` SAE only)."""
-    ne_momentum: float = 0.9
-    """m of eq. 6: weight of the running average embedding against the batch's (the paper: 0.9)."""
-    ne_examples: str = "active"
-    """Which (example, neuron) pairs L_N averages over: `active` (f > 0: the definition of the issue and,
-    as we read it, the paper) or `all` (every example of the batch, active or not). `all` pulls inactive
-    examples towards each neuron's feature, so neurons fire more; see the report for its measured effects."""
-    ne_start_step: int = 200
-    """Optimiser step at which L_N is switched on (the paper: 200). The running averages are tracked from
-    step 0, so they are warm when L_N starts."""
-
-    def __post_init__(self):
-        _at_least("sae.expansion", self.expansion, 1)
-        _at_least("sae.epochs", self.epochs, 1)
-        _at_least("sae.batch_size", self.batch_size, 1)
-        _choice("sae.optimizer", self.optimizer, OPTIMIZERS)
-        _positive("sae.lr", self.lr)
-        if self.l1_coeff < 0 or self.ne_coeff < 0:
-            raise ConfigError(f"sae.l1_coeff ({self.l1_coeff}) and sae.ne_coeff ({self.ne_coeff}) must be >= 0")
-        if not 0.0 <= self.ne_momentum < 1.0:
-            raise ConfigError(f"sae.ne_momentum is {self.ne_momentum}; it must lie in [0, 1), e.g. 0.9")
-        _choice("sae.ne_examples", self.ne_examples, ("active", "all"))
-        _at_least("sae.ne_start_step", self.ne_start_step, 0)
+        check_choices(self, "mlp")
+        positive("mlp.lr", self.lr)
 
 
 @dataclass
@@ -144,7 +103,6 @@ class MnistRunConfig:
     eval: SAEEvalConfig = field(default_factory=SAEEvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+    def __post_init__(self):
+        _at_least("seed", self.seed, 0, "seeds are non-negative integers")
 
-def _positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key} is {value}; it must be > 0")

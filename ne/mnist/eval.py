@@ -26,8 +26,9 @@ from torch import Tensor
 
 from ne.embed import cosine_distances, pad_rows
 from ne.errors import DataError
-from ne.mnist import MLP, MnistSplit, accuracy, hidden_acts
-from ne.mnist_config import SAEEvalConfig
+from ne.mnist.config import SAEEvalConfig
+from ne.mnist.data import MnistSplit
+from ne.mnist.model import MLP, accuracy, hidden_acts
 from ne.sae import SAE
 from ne.store import RunDir
 

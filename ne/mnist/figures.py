@@ -26,7 +26,8 @@ from ne.cluster import Clusters, cluster_examples  # noqa: E402
 from ne.config import ClusterConfig  # noqa: E402
 from ne.embed import cosine_distances  # noqa: E402
 from ne.errors import ConfigError  # noqa: E402
-from ne.mnist import MLP, N_PIXELS, MnistSplit, hidden_acts, normalise  # noqa: E402
+from ne.mnist.data import N_PIXELS, MnistSplit, scale_pixels  # noqa: E402
+from ne.mnist.model import MLP, hidden_acts  # noqa: E402
 from ne.sae import SAE  # noqa: E402
 
 
@@ -45,8 +46,8 @@ def pre_activation(mlp: MLP, sae: SAE | None, neuron: int, x: Float[Tensor, "n 7
 @torch.no_grad()
 def activation_map(mlp: MLP, sae: SAE | None, neuron: int) -> Float[Tensor, " 784"]:
     """Per pixel, relu(pre-activation with that pixel white - pre-activation of the black image)."""
-    black = normalise(torch.zeros(1, N_PIXELS, dtype=torch.uint8))
-    single = normalise((torch.eye(N_PIXELS) * 255).to(torch.uint8))
+    black = scale_pixels(torch.zeros(1, N_PIXELS, dtype=torch.uint8))
+    single = scale_pixels((torch.eye(N_PIXELS) * 255).to(torch.uint8))
     return torch.relu(pre_activation(mlp, sae, neuron, single) - pre_activation(mlp, sae, neuron, black))
 
 
@@ -55,7 +56,7 @@ def dataset_examples(
     mlp: MLP, sae: SAE | None, neuron: int, split: MnistSplit, max_examples: int = 100
 ) -> tuple[np.ndarray, Float[Tensor, "k d"], Float[Tensor, " d"]]:
     """Indices of the first activating examples, their pre-layer embeddings h and the neuron's w_j."""
-    x = normalise(split.images)
+    x = scale_pixels(split.images)
     if sae is None:
         h, w, act = x, mlp.W1[neuron], torch.relu(pre_activation(mlp, None, neuron, x))
     else:
@@ -63,6 +64,12 @@ def dataset_examples(
         h, w, act = a - sae.b_dec, sae.W_enc[neuron], sae.encode(a)[:, neuron]
     idx = np.flatnonzero((act > 0).numpy())[:max_examples]
     return idx, h[idx], w
+
+
+def importance_map(split: MnistSplit, idx: np.ndarray, amap: Float[Tensor, " 784"]) -> Float[Tensor, " 784"]:
+    """The mean of the examples `idx` (pixels in [0, 1]) scaled by the activation map normalised to [0, 1]."""
+    mean_img = split.images[idx].float().mean(0) / 255.0 if len(idx) else torch.zeros(N_PIXELS)
+    return mean_img * amap / amap.max().clamp_min(1e-12)
 
 
 def feature_clusters(h: Float[Tensor, "k d"], w: Float[Tensor, " d"], cfg: ClusterConfig) -> Clusters:
@@ -85,8 +92,7 @@ def figure5(
         panels.append(("input weights", weights, "coolwarm"))
     panels.append(("activation map", amap.numpy(), "viridis"))
     if len(idx):
-        mean_img = split.images[idx].float().mean(0) / 255.0
-        panels.append(("importance map", (mean_img * amap / amap.max().clamp_min(1e-12)).numpy(), "viridis"))
+        panels.append(("importance map", importance_map(split, idx, amap).numpy(), "viridis"))
     clusters = feature_clusters(h, w, cluster_cfg) if len(idx) else None
     n_rows = 1 + (min(clusters.n_clusters, max_clusters) if clusters else 0)
     n_cols = max(per_cluster, len(panels))

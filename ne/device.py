@@ -1,0 +1,22 @@
+"""Where tensors go: one rule for every stage."""
+
+from __future__ import annotations
+
+import torch
+
+from ne.errors import ConfigError
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """`auto` (or None) is CUDA when present, else CPU; anything else must name a device this machine has."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"model.device is {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {spec!r} but this machine has no CUDA GPU; use auto or cpu")
+    return device
