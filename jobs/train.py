@@ -237,7 +237,8 @@ def run_train(cfg: MnistRunConfig, force: list[str] | tuple = ()) -> TrainSummar
 def train_size(cfg: MnistRunConfig) -> int:
     """Training images used: the subset, or the whole training split (the labels file's length)."""
     if cfg.data.source == "idx":
-        full = len(mnist_data.read_idx(mnist_data.find_file(cfg.data.dir, mnist_data.FILES[("train", "labels")])))
+        mnist_data.read_labels(cfg.data.dir, "test")  # fail here, not inside a Ray worker
+        full = len(mnist_data.read_labels(cfg.data.dir, "train"))
     else:
         full = mnist_data.TRAIN_SIZE
     return min(full, cfg.data.train_subset or full)

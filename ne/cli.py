@@ -12,6 +12,7 @@ import sys
 from ne.errors import NeError
 
 RUN_STAGES = ("contexts", "weights", "maxima", "examples", "cluster", "index")
+FIGURE_MODELS = ("mlp", "sae_standard", "sae_ne_loss")
 
 
 def _config_args(p: argparse.ArgumentParser, stages: tuple[str, ...]) -> None:
@@ -157,11 +158,15 @@ def cmd_sae_eval(args) -> None:
 def cmd_figure(args) -> None:
     """Figure 5 PNGs for MLP or SAE neurons."""
     from jobs.train import load_splits, url
+    from ne.errors import ConfigError
     from ne.mnist.figures import figure5
     from ne.mnist.model import MLP
     from ne.sae import SAE
     from ne.store import RunDir
 
+    if args.model not in FIGURE_MODELS:
+        raise ConfigError(f"--model {args.model!r} is not a model of the MNIST run; choose one of "
+                          f"{', '.join(FIGURE_MODELS)}")
     cfg = _load_mnist(args)
     weights = (args.weights or url(RunDir(cfg.run_dir), "mnist")).rstrip("/")
     mlp = MLP.load(f"{weights}/mlp.safetensors")
@@ -229,8 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figure", help="MNIST: Figure 5 (activation and importance maps, feature clusters)")
     _mnist_args(p)
     p.add_argument("--weights", help="directory with mlp.safetensors and sae_*.safetensors; default RUN/mnist")
-    p.add_argument("--model", default="sae_ne_loss", choices=("mlp", "sae_standard", "sae_ne_loss"),
-                   help="mlp, sae_standard or sae_ne_loss")
+    p.add_argument("--model", default="sae_ne_loss", help=f"one of {', '.join(FIGURE_MODELS)}")
     p.add_argument("--neuron", type=int, action="append", required=True, help="neuron index (repeatable)")
     p.add_argument("--out", help="output directory; default RUN/mnist/figures")
     p.set_defaults(func=cmd_figure)

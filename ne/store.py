@@ -225,6 +225,7 @@ class RunDir:
 
     def require_manifest(self) -> dict:
         """The manifest of an existing run; an error saying what to run when there is none."""
+        self.check_is_directory()
         if not self.fs.exists(self.root):
             raise DataError(f"run directory {self.url} does not exist; give the run_dir of a run, e.g. runs/demo "
                             "after `ne run --config configs/demo.yaml`")

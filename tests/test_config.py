@@ -37,7 +37,16 @@ def test_shipped_configs_load(name):
         ({"harvest": {"k": "ten"}}, "harvest.k must be of type int, got 'ten'"),
         ({"model": {"backend": "onnx"}}, "model.backend is 'onnx'"),
         ({"data": {"source": "files"}}, "data.source 'files' needs data.paths"),
-        ({"cluster": {"method": "ward"}}, "cluster.method is 'ward'"),
+        ({"cluster": {"method": "ward"}}, "cluster.method is 'ward'; choose one of 'average', 'single', 'complete'"),
+        ({"harvest": {"layers": []}}, "harvest.layers is empty; list the layers to use, e.g. [0, 3], or null"),
+        ({"harvest": {"layers": [1, 1]}}, "harvest.layers lists layer 1 more than once ([1, 1]); list each layer once"),
+        ({"harvest": {"layers": [-1]}}, "harvest.layers is -1; it must be at least 0"),
+        ({"harvest": {"k": 2**70}}, f"harvest.k is {2**70}, beyond a 64-bit integer"),
+        ({"harvest": {"k": 40_000}}, "harvest.k is 40000; it must be at most 32,767 (ranks are stored as int16)"),
+        ({"seed": -1}, "seed is -1; it must be at least 0 (seeds are non-negative integers)"),
+        ({"seed": -1, "index": {"exact_below": 0}}, "seed is -1; it must be at least 0"),
+        ({"harvest": {"h_dtype": "int8"}}, "harvest.h_dtype is 'int8'; choose one of 'float32', 'float16'"),
+        ({"importance": {"window_before": -2}}, "importance.window_before is -2; it must be at least 0"),
     ],
 )
 def test_bad_values_name_themselves(tmp_path, data, message):
@@ -70,3 +79,24 @@ def test_cli_unknown_model_is_one_line(tmp_path, capsys):
     assert main(["harvest", "--config", str(write(tmp_path, cfg))]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "gpt2-smal" in err and "gpt2-small" in err
+
+
+def test_config_files_that_are_not_yaml_text(tmp_path):
+    (tmp_path / "bin.yaml").write_bytes(b"run_dir: x\n\x00\x01\x02")
+    with pytest.raises(ConfigError, match=r"bin.yaml' is binary, not YAML text"):
+        load_config(tmp_path / "bin.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("run_dir: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml' is not UTF-8 text \(byte 0xe9 at offset 12\); save it as "
+                                          r"UTF-8"):
+        load_config(tmp_path / "latin1.yaml")
+    with pytest.raises(ConfigError, match=r"is a directory; give a YAML file"):
+        load_config(tmp_path)
+
+
+def test_literal_choices_are_checked_by_the_loader_and_the_dataclass():
+    from ne.config import HarvestConfig, ModelConfig
+
+    with pytest.raises(ConfigError, match="model.dtype is 'fp8'; choose one of 'float32', 'bfloat16', 'float16'"):
+        ModelConfig(dtype="fp8")
+    with pytest.raises(ConfigError, match="harvest.layers lists layer 2 more than once"):
+        HarvestConfig(layers=[2, 0, 2])

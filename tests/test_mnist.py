@@ -169,3 +169,31 @@ def test_real_mnist_and_authors_mlp():
     model = mnist_model.MLP.load(str(weights))
     assert model.hidden_size == 64
     assert mnist_model.accuracy(model, test) == pytest.approx(0.9399, abs=1e-4)  # the README's 93.99%
+
+
+@pytest.mark.parametrize("command", ["train", "sae-eval"])
+def test_labels_outside_0_to_9_are_one_line_errors(tmp_path, command, capsys):
+    from ne.cli import main
+
+    write_mnist_dir(tmp_path)
+    labels = np.arange(20) % 10
+    labels[7] = 11
+    (tmp_path / f"{mnist_data.FILES[('train', 'labels')]}.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    with pytest.raises(DataError, match=r"train labels: label 11 at index 7 \(1 such\) lies outside 0..9"):
+        mnist_data.load_idx(str(tmp_path), "train")
+    args = [command, "--set", f"data.dir={tmp_path}", "--set", f"run_dir={tmp_path / 'run'}",
+            "--set", "sae.ne_start_step=0"]
+    if command == "sae-eval":
+        args += ["--weights", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "label 11 at index 7" in err
+
+
+def test_figure_with_an_unknown_model_lists_the_valid_ones(capsys):
+    from ne.cli import main
+
+    assert main(["figure", "--model", "bogus", "--neuron", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("ne figure: error: --model 'bogus' is not a model of the MNIST run; choose one of mlp, "
+                   "sae_standard, sae_ne_loss")

@@ -157,6 +157,34 @@ def test_launch_command_binds_localhost(lm_run):
     assert args.func.__name__ == "cmd_view" and args.port == 9000 and args.host is None
 
 
+def test_view_refuses_busy_or_bad_addresses_with_the_reason(lm_run, tmp_path, capsys):
+    import socket
+
+    from ne.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["view", lm_run, "--port", str(port)]) == 2
+        assert f"port {port} on 127.0.0.1 is in use (another viewer?); pass --port" in capsys.readouterr().err
+    assert main(["view", lm_run, "--port", "70000"]) == 2
+    assert "--port 70000 is not a port; choose one in 1..65535" in capsys.readouterr().err
+    assert main(["view", lm_run, "--host", "no-such-host.invalid"]) == 2
+    assert "--host 'no-such-host.invalid' is not an address this machine knows" in capsys.readouterr().err
+    assert main(["view", lm_run, "--host", "203.0.113.7"]) == 2  # TEST-NET-3: no interface has it
+    assert "cannot listen on 203.0.113.7" in capsys.readouterr().err
+    assert main(["view", str(tmp_path / "absent")]) == 2
+    assert "run directory" in capsys.readouterr().err
+
+
+def test_similar_on_a_missing_directory(tmp_path, capsys):
+    from ne.cli import main
+
+    assert main(["similar", str(tmp_path / "absent"), "--layer", "0", "--neuron", "0"]) == 2
+    assert f"run directory {tmp_path / 'absent'} does not exist" in capsys.readouterr().err
+
+
 # --- the app, in process (Streamlit's AppTest) ----------------------------------------------------------------
 
 
