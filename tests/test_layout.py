@@ -1,0 +1,32 @@
+"""The layers run one way: ruff's banned imports (ne/, jobs/ and index/ each have a ruff.toml) enforce it."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("path, source, banned", [
+    ("ne/new_module.py", "import jobs.harvest\n", "jobs"),
+    ("ne/new_module.py", "from index.query import SimilarFeatures\n", "index"),
+    ("ne/new_module.py", "import ray\n", "ray"),
+    ("jobs/new_module.py", "from index.build import run_index\n", "index"),
+    ("index/new_module.py", "from jobs.cluster import run_cluster\n", "jobs"),
+])
+def test_imports_against_the_layers_are_lint_errors(path, source, banned):
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--stdin-filename", path, "-"], input=source,
+                            text=True, capture_output=True, cwd=REPO)
+    assert result.returncode == 1 and f"TID251 `{banned}` is banned" in result.stdout
+
+
+@pytest.mark.parametrize("path, source", [
+    ("ne/cli.py", "import jobs.harvest\nimport index.query\n"),
+    ("ne/viewer/new_page.py", "from index.query import SimilarFeatures\n"),
+    ("jobs/new_module.py", "import ray\nfrom ne.stages import Stage\n"),
+])
+def test_imports_down_the_layers_are_fine(path, source):
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--stdin-filename", path, "-", "--select",
+                             "TID251"], input=source, text=True, capture_output=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout
