@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import textwrap
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -299,11 +300,14 @@ def describe_status(run: RunDir) -> str:
                 try:
                     for rel, record in entry.get("files", {}).items():
                         run.verify(rel, record)
-                    note = f"{len(entry.get('files', {}))} files intact"
+                    n = len(entry.get("files", {}))
+                    note = f"{n} file{'s' * (n != 1)} intact"
                 except DataError as exc:
                     state, note = "damaged", str(exc)
             lines.append(f"  {name:<19} {state:<8} {when:<20} {note or why.strip(' ()')}".rstrip())
             settings = entry.get("settings", {})
             if settings:
-                lines.append("      " + ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items()))
+                text = ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+                lines += textwrap.wrap(text, 116, initial_indent="      ", subsequent_indent="      ",
+                                       break_on_hyphens=False, break_long_words=False)
     return "\n".join(lines)
