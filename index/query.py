@@ -152,6 +152,7 @@ def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
     from ne import schema
     from ne.config import ModelConfig, from_dict
     from ne.models import load_token_decoder
+    from ne.reader import key_token_snippet
 
     if not hits:
         return []
@@ -164,17 +165,4 @@ def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
     except Exception as exc:  # the tokenizer is only needed for display: fall back to token ids
         logging.getLogger(__name__).warning("cannot load the run's tokenizer (%s); showing token ids", exc)
         decode = lambda ids: [f"<{i}>" for i in ids]  # noqa: E731
-    out = []
-    for h in hits:
-        toks = tokens.get(h.ctx_id, [])
-        lo, hi = max(0, h.pos - before), min(len(toks), h.pos + after + 1)
-        pieces = decode(toks[lo:hi]) if toks else []
-        key = h.pos - lo
-        if key < len(pieces):  # mark the key token, leaving its leading space outside the brackets
-            text = pieces[key]
-            stripped = text.lstrip()
-            pieces[key] = f"{text[: len(text) - len(stripped)]}[[{stripped}]]"
-        out.append("".join(pieces).strip().replace("\n", "⏎"))
-    return out
-
-
+    return [key_token_snippet(tokens.get(h.ctx_id, []), h.pos, decode, before, after) for h in hits]

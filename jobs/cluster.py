@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from jobs.ray_utils import get, init_ray
 from ne import schema
 from ne.config import ClusterConfig, RunConfig
-from ne.embed import LayerH, load_h, pad_rows, read_w_in
+from ne.embed import LayerH, load_h, neuron_embeddings, pad_rows, read_w_in
+from ne.explain import cluster_vectors
 from ne.metrics import NeuronResult, analyse_neurons
 from ne.report import separation, write_report
 from ne.schema import NeuronBatch, neuron_batches
@@ -33,15 +34,19 @@ from ne.store import RunDir
 log = logging.getLogger(__name__)
 
 WORK = "_work/cluster"
+CENTROID_ROWS = 512
+"""Rows per row group of centroids/: a reader decodes a few neurons' worth to get one."""
 
 
-def batch_files(batch: NeuronBatch) -> tuple[str, str, str]:
-    """The batch's clusters and dendrograms parts, and its metrics, written last as its "done" marker."""
-    return (batch.file(schema.CLUSTERS_DIR), batch.file(schema.DENDROGRAMS_DIR), batch.file(f"{WORK}/metrics"))
+def batch_files(batch: NeuronBatch) -> tuple[str, ...]:
+    """The batch's clusters, dendrograms and centroids parts, and its metrics, written last as its "done"
+    marker."""
+    return (batch.file(schema.CLUSTERS_DIR), batch.file(schema.DENDROGRAMS_DIR), batch.file(schema.CENTROIDS_DIR),
+            batch.file(f"{WORK}/metrics"))
 
 
 def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h: LayerH | None = None) -> int:
-    """Cluster one batch of neurons and write its three files; returns the number of examples.
+    """Cluster one batch of neurons and write its four files; returns the number of examples.
 
     `layer_h`: the layer's h rows, shared by its batches; without it, the batch reads only its own rows."""
     run = RunDir(run_url)
@@ -60,9 +65,11 @@ def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h:
     members = [np.arange(bounds[i], bounds[i + 1]) for i in range(batch.hi - batch.lo)]
     h_bnd, counts = pad_rows(layer_h.rows, [rows[m] for m in members])
     results = analyse_neurons(h_bnd, counts, w_bd.float(), cfg)
-    clusters_rel, dendro_rel, metrics_rel = batch_files(batch)
+    clusters_rel, dendro_rel, centroids_rel, metrics_rel = batch_files(batch)
     run.write_parquet(clusters_rel, _clusters_table(batch, members, rank, results))
     run.write_parquet(dendro_rel, _dendrograms_table(batch, results, cfg.threshold))
+    run.write_parquet(centroids_rel, _centroids_table(batch, results, h_bnd, w_bd.float(), counts),
+                      row_group_size=CENTROID_ROWS)
     run.write_parquet(metrics_rel, _metrics_table(batch, results))
     return len(h_ids)
 
@@ -83,6 +90,22 @@ def _clusters_table(batch: NeuronBatch, members: list[np.ndarray], rank: np.ndar
         [pa.array(np.concatenate(cols[f.name]).astype(f.type.to_pandas_dtype())) for f in schema.CLUSTERS],
         schema=schema.CLUSTERS,
     )
+
+
+def _centroids_table(
+    batch: NeuronBatch, results: list[NeuronResult], h_bnd: torch.Tensor, w_bd: torch.Tensor, counts: np.ndarray
+) -> pa.Table:
+    rows: dict[str, list] = {name: [] for name in schema.CENTROIDS.names}
+    for i, (res, n) in enumerate(zip(results, counts)):
+        if n == 0:
+            continue
+        c = res.clusters
+        vectors = cluster_vectors(neuron_embeddings(h_bnd[i, :n], w_bd[i]).numpy(), c.labels, c.central)
+        for cluster, (size, vector) in enumerate(zip(np.bincount(c.labels), vectors)):
+            values = (batch.layer, batch.neurons[i], cluster, int(size), vector.astype(np.float16))
+            for name, value in zip(rows, values):
+                rows[name].append(value)
+    return pa.Table.from_pydict(rows, schema=schema.CENTROIDS)
 
 
 def _dendrograms_table(batch: NeuronBatch, results: list[NeuronResult], threshold: float) -> pa.Table:

@@ -81,6 +81,15 @@ def cmd_status(args) -> None:
     print(describe_status(RunDir(args.run_dir)))
 
 
+def cmd_explain(args) -> None:
+    import json
+
+    from ne.explain import Explainer, describe, to_records
+
+    tokens = Explainer.load(args.run_dir).explain(args.text, top=args.top)
+    print(json.dumps(to_records(tokens), indent=1) if args.json else describe(tokens))
+
+
 def cmd_similar(args) -> None:
     from index.query import describe_similar
 
@@ -207,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, action="append", help="only this layer (repeatable); default all")
     p.add_argument("--neuron", type=int, action="append", help="only this neuron (repeatable); default all")
     p.set_defaults(func=cmd_importance)
+
+    p = sub.add_parser("explain", help="which units fire on a text, and as which of their feature clusters")
+    p.add_argument("run_dir", help="run directory with finished clusters (local path or fsspec URL)")
+    p.add_argument("--text", required=True, help="the text to explain")
+    p.add_argument("--top", type=int, default=10, help="units listed per token, strongest first")
+    p.add_argument("--json", action="store_true", help="print JSON records instead of text")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("similar", help="feature clusters of other neurons most similar to one cluster")
     p.add_argument("run_dir", help="run directory (local path or fsspec URL)")

@@ -361,6 +361,17 @@ class RunData:
         return {r: (s, np.asarray(v, np.float32))
                 for r, s, v in zip(table.get("rank", []), table.get("start", []), table.get("importance", []))}
 
+    def centroids(self, layer: int, neuron: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cluster ids, sizes, unit vectors [C, d]) of a neuron's feature clusters; empty without clusters."""
+        if not self.ready("cluster"):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        table = self._sorted(schema.CENTROIDS_DIR, layer, "neuron").read([neuron]).to_pydict()
+        if not table.get("cluster"):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        order = np.argsort(table["cluster"])
+        vectors = np.asarray(table["vector"], np.float32)[order]
+        return np.asarray(table["cluster"])[order], np.asarray(table["size"])[order], vectors
+
     def central_example(self, layer: int, neuron: int, cluster: int) -> Example | None:
         """The central example of one feature cluster (for the similar-features list)."""
         try:
@@ -373,3 +384,16 @@ class RunData:
 
     def _read_small(self, rel: str, filters=None, columns=None) -> pa.Table:
         return self.run.read_parquet(rel, columns=columns, filters=filters)
+
+
+def key_token_snippet(tokens, pos: int, decode, before: int = 12, after: int = 4) -> str:
+    """The text around position `pos` of a context on one line, the key token in [[ ]] (its leading space
+    left outside the brackets, newlines shown as ⏎)."""
+    lo, hi = max(0, pos - before), min(len(tokens), pos + after + 1)
+    pieces = list(decode(list(tokens[lo:hi]))) if len(tokens) else []
+    key = pos - lo
+    if key < len(pieces):
+        text = pieces[key]
+        stripped = text.lstrip()
+        pieces[key] = f"{text[: len(text) - len(stripped)]}[[{stripped}]]"
+    return "".join(pieces).strip().replace("\n", "⏎")

@@ -9,6 +9,7 @@ RUN/
   h/layer=L/part-NNNNN.parquet       one row per (ctx_id, pos) used by any example of layer L
   clusters/layer=L/part-NNNNN.parquet  one row per (neuron, example): its cluster
   dendrograms/layer=L/part-NNNNN.parquet  one row per neuron: the scipy linkage matrix, flattened
+  centroids/layer=L/part-NNNNN.parquet    one row per feature cluster: its mean unit neuron embedding
   metrics.parquet                    one row per neuron: polysemy metrics
   index/                             faiss.index, ids.parquet
   importance/layer=L/part-NNNNN.parquet  token importance of examples, precomputed for the viewer
@@ -30,6 +31,7 @@ EXAMPLES_DIR = "examples"
 H_DIR = "h"
 CLUSTERS_DIR = "clusters"
 DENDROGRAMS_DIR = "dendrograms"
+CENTROIDS_DIR = "centroids"
 METRICS = "metrics.parquet"
 INDEX_DIR = "index"
 IMPORTANCE_DIR = "importance"
@@ -97,6 +99,17 @@ DENDROGRAMS = pa.schema(
         ("threshold", pa.float32()),
     ]
 )
+
+CENTROIDS = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("size", pa.int32()),
+        ("vector", pa.list_(pa.float16())),  # unit length: the mean of the members' unit neuron embeddings
+    ]
+)
+"""centroids/layer=L/part-NNNNN.parquet, sorted by neuron then cluster: what `ne explain` assigns to."""
 
 _METRIC_NAMES = ["n_clusters", "max_dist", "mean_dist", "intra_dist", "inter_dist", "silhouette"]
 METRICS_SCHEMA = pa.schema(

@@ -61,7 +61,7 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
              ("examples", "h", "_work/examples", "_work/h")),
     StageDef("cluster", "ne cluster", ("examples", "weights"),
              ("cluster.method", "cluster.threshold", "cluster.min_cluster_size"),
-             ("clusters", "dendrograms", "metrics.parquet", "report", "_work/cluster"),
+             ("clusters", "dendrograms", "centroids", "metrics.parquet", "report", "_work/cluster"),
              layout=("cluster.neurons_per_task",)),
     StageDef("index", "ne index", ("cluster",), ("index.*", "seed"), ("index",)),
     StageDef("importance", "ne importance", ("examples",), ("importance.mask_token", "importance.window_before"),

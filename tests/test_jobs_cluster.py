@@ -23,7 +23,8 @@ def _cfg(path, per_task=3):
 
 def _outputs(path, layers=(0, 2)) -> dict[str, pd.DataFrame]:
     run = RunDir(str(path))
-    keys = {"clusters": ["layer", "neuron", "rank"], "dendrograms": ["layer", "neuron"]}
+    keys = {"clusters": ["layer", "neuron", "rank"], "dendrograms": ["layer", "neuron"],
+            "centroids": ["layer", "neuron", "cluster"]}
     out = {}
     for name, k in keys.items():
         tables = [run.read_parquet(schema.layer_dir(name, layer)).to_pandas() for layer in layers]
@@ -72,6 +73,14 @@ def test_outputs_equal_direct_clustering(reference):
         assert metrics["n_examples"] == len(h)
         assert metrics["n_clusters"] == len(set(ref.labels[~ref.outlier].tolist()))
         assert rows["outlier"].tolist() == ref.outlier.tolist()
+        # Each cluster's centroid: the mean of its members' unit embeddings, made unit length.
+        cents = out["centroids"].query("layer == @layer and neuron == @neuron").sort_values("cluster")
+        assert cents.cluster.tolist() == list(range(ref.n_clusters))
+        assert cents["size"].tolist() == np.bincount(ref.labels).tolist()
+        unit = e / np.linalg.norm(e, axis=1, keepdims=True)
+        for c, vector in zip(cents.cluster, cents.vector):
+            mean = unit[ref.labels == c].mean(axis=0)
+            np.testing.assert_allclose(np.asarray(vector, np.float64), mean / np.linalg.norm(mean), atol=2e-3)
     report = (path / "report" / "report.md").read_text()
     assert "most polysemantic" in report and (path / "report" / "separation.png").stat().st_size > 1000
     stage = RunDir(str(path)).manifest()["stages"]["cluster"]

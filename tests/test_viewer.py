@@ -295,6 +295,9 @@ def _settle(page) -> None:
     expect(page.locator('[data-testid="stStatusWidget"]')).to_have_count(0, timeout=60_000)
 
 
+EXPLAIN_TEXT = "The for statement is used to iterate over the elements of a sequence, such as a string."
+
+
 def test_browser_walkthrough(lm_run):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium and chromium-driver to run the browser test")
@@ -366,6 +369,20 @@ def test_browser_walkthrough(lm_run):
             # 5. back returns to the neuron we came from
             page.get_by_role("button", name="◀ Back").click()
             expect(page.get_by_text(f"Layer {layer} · Neuron {neuron}")).to_be_visible(timeout=30_000)
+
+            # 6. explain a typed text: coloured tokens, then the firing units per token; one opens its cluster
+            page.get_by_text("Explain text", exact=True).click()
+            page.get_by_role("textbox", name="Text to explain").fill(EXPLAIN_TEXT)
+            page.get_by_role("button", name="Explain").click()
+            expect(page.locator(".ne-explained .ne-tok").first).to_be_visible(timeout=90_000)
+            unit = page.get_by_role("button", name=re.compile(r"^L\d+ · N\d+ · .* → C\d+")).first
+            expect(unit).to_be_visible(timeout=30_000)
+            _settle(page)
+            page.screenshot(path=ARTIFACTS / "6-explain.png", full_page=True)
+            l3, n3, c3 = (int(x) for x in re.match(r"L(\d+) · N(\d+) · .* → C(\d+)", unit.inner_text()).groups())
+            unit.click()
+            expect(page.get_by_text(f"Layer {l3} · Neuron {n3}")).to_be_visible(timeout=30_000)
+            expect(page.locator(f'.ne-cluster[data-cluster="{c3}"] .ne-ex').first).to_be_visible(timeout=30_000)
             browser.close()
     finally:
         server.terminate()

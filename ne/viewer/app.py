@@ -335,6 +335,58 @@ def similar_hits(index, layer: int, neuron: int, cluster: int, k: int) -> list[t
     return [(h.layer, h.neuron, h.cluster, h.similarity) for h in index.query(layer, neuron, cluster, k)]
 
 
+@st.cache_resource(show_spinner="Loading the run's model and clusters…")
+def get_explainer(url: str, model_json: str):
+    """(Explainer, None) or (None, why texts cannot be explained)."""
+    from ne.explain import Explainer
+
+    model, why = get_model(model_json)
+    if model is None:
+        return None, f"explaining a text needs the run's model, which could not be loaded: {why}"
+    try:
+        return Explainer.load(url, model=model), None
+    except NeError as exc:
+        return None, str(exc)
+
+
+def explain_page(data: RunData, url: str) -> None:
+    st.header("Explain text")
+    st.caption("Which units fire on each token (activation ≥ the run's frac × their maximum), and as which of "
+               "their feature clusters: the one whose mean neuron embedding is nearest.")
+    text = st.text_area("Text to explain", key="explain_text", height=120, placeholder="Type or paste a text to explain")
+    top = st.number_input("Units per token", 1, 50, 5, key="explain_top")
+    if not st.button("Explain", type="primary") and not st.session_state.get("explained"):
+        return
+    st.session_state.explained = True
+    cfg = data.config()
+    explainer, why = get_explainer(url, json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
+    if explainer is None:
+        st.error(why)
+        return
+    try:
+        tokens = explainer.explain(text, top=int(top))
+    except NeError as exc:
+        st.error(str(exc))
+        return
+    st.html(render.EXAMPLE_CSS + render.explain_html(tokens))
+    firing = [t for t in tokens if t.units]
+    if not firing:
+        st.info("No unit reaches its threshold on this text.")
+        return
+    st.caption(f"{len(firing)} of {len(tokens)} tokens have firing units; click one to open its neuron on that "
+               "feature cluster.")
+    for t in firing:
+        st.markdown(f"**{t.pos}** `{t.token.strip() or repr(t.token)}`")
+        for i, u in enumerate(t.units):
+            label = f"L{u.layer} · N{u.neuron} · {u.of_max:.2f}× max"
+            if u.cluster is not None:
+                label += f" → C{u.cluster} ({u.cluster_size} examples, similarity {u.similarity:.2f})"
+            left, right = st.columns([2, 3])
+            left.button(label, key=f"explain_{t.pos}_{i}", on_click=go, args=(u.layer, u.neuron, u.cluster),
+                        width="stretch")
+            right.caption(u.central_text or "")
+
+
 def table_page(data: RunData) -> None:
     st.header("Neurons by polysemy")
     try:
@@ -377,7 +429,8 @@ def main() -> None:
         return
     for message in status.warnings:
         st.sidebar.caption(f"⚠ {message}")
-    pages = (["Neuron", "Neuron table"] if "lm" in status.kind else []) + (["MNIST"] if "mnist" in status.kind else [])
+    pages = (["Neuron", "Neuron table", "Explain text"] if "lm" in status.kind else []) + (
+        ["MNIST"] if "mnist" in status.kind else [])
     if "lm" in status.kind:
         init_state(data)
     if st.session_state.get("page") not in pages:
@@ -389,6 +442,8 @@ def main() -> None:
         neuron_page(data, url)
     elif page == "Neuron table":
         table_page(data)
+    elif page == "Explain text":
+        explain_page(data, url)
     else:
         from ne.viewer.mnist_page import mnist_page
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ne.explain import TokenUnits
 from ne.reader import Example
 
 CLUSTER_COLOURS = [("blue", "#1c83e1"), ("orange", "#ff8c00"), ("green", "#21c354"), ("red", "#ff4b4b"),
@@ -69,6 +70,19 @@ def example_html(
         spans.append(f'<span class="{cls}" title="{html.escape(tip)}" style="background:{colour}">'
                      f"{token_text(text)}</span>")
     return f'<div class="ne-ex" data-rank="{example.rank}">{"".join(spans)}</div>'
+
+
+def explain_html(tokens: Sequence[TokenUnits]) -> str:
+    """A text as a line of tokens, each coloured by its strongest firing unit (activation / its maximum);
+    hovering a token lists its units and their feature clusters."""
+    spans = []
+    for t in tokens:
+        strongest = t.units[0].of_max if t.units else 0.0
+        tip = "; ".join(f"L{u.layer} N{u.neuron} {u.of_max:.2f}× max" + (f", cluster {u.cluster}" if u.cluster is not
+                                                                      None else "") for u in t.units[:5])
+        spans.append(f'<span class="ne-tok" data-pos="{t.pos}" title="{html.escape(tip or "no unit fires")}" '
+                     f'style="background:{_activation_colour(strongest, 1.0)}">{token_text(t.token)}</span>')
+    return f'<div class="ne-ex ne-explained">{"".join(spans)}</div>'
 
 
 EXAMPLE_CSS = """<style>
