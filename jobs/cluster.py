@@ -24,11 +24,12 @@ from jobs.ray_utils import get, init_ray
 from ne import schema
 from ne.config import ClusterConfig, RunConfig
 from ne.embed import LayerH, load_h, neuron_embeddings, pad_rows, read_w_in
+from ne.errors import NeError
 from ne.explain import cluster_vectors
 from ne.metrics import NeuronResult, analyse_neurons
 from ne.report import separation, write_report
 from ne.schema import NeuronBatch, neuron_batches
-from ne.stages import Stage, check_force
+from ne.stages import Stage, check_force, require_done
 from ne.store import RunDir
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,28 @@ def run_cluster(cfg: RunConfig, force: list[str] | tuple = (), in_process: bool 
                 [run.read_parquet(f"{WORK}/metrics/layer={layer}") for layer in layers]
             ).sort_by([("layer", "ascending"), ("neuron", "ascending")])
             run.write_parquet(schema.METRICS, metrics)
-            write_report(run, metrics)
+            write_report(run, metrics, compare=comparison(cfg, metrics))
             stage.done(neurons=metrics.num_rows, layers=layers, seconds=time.perf_counter() - start)
         return _summary(run, time.perf_counter() - start)
+
+
+def comparison(cfg: RunConfig, metrics: pa.Table) -> dict | None:
+    """An SAE run's latents beside the MLP neurons of the same layers in `sae.compare_with`, for the report."""
+    if not (cfg.sae.active and cfg.sae.compare_with):
+        return None
+    mine = metrics.to_pandas()
+    other = RunDir(cfg.sae.compare_with)
+    try:
+        require_done(other, "cluster")
+        theirs = other.read_parquet(schema.METRICS).to_pandas()
+    except NeError as exc:
+        log.warning("the report cannot compare with %s: %s", cfg.sae.compare_with, exc)
+        return None
+    theirs = theirs[theirs.layer.isin(mine.layer.unique())]
+    if theirs.empty:
+        log.warning("%s has no neurons of layers %s to compare with", cfg.sae.compare_with, sorted(mine.layer.unique()))
+        return None
+    return {f"MLP neurons ({cfg.sae.compare_with})": theirs, "SAE latents (this run)": mine}
 
 
 def _batches(run: RunDir, layers: list[int], per_task: int) -> list[NeuronBatch]:

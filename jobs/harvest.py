@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 
 from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
 from ne import harvest, schema
-from ne.config import HarvestConfig, ModelConfig, RunConfig, to_dict
+from ne.config import HarvestConfig, RunConfig, to_dict
 from ne.data import context_parts, read_contexts, write_contexts
 from ne.errors import DataError
-from ne.models import load_model
+from ne.models import load_model, load_units, sae_path
+from ne.models.sae_units import SAEUnits, check_reachable, load_sae, sae_fingerprint
+from ne.residual_sae import SAE_DIR, saelens_files, sample_activations, train_sae
 from ne.stages import HARVEST, Stage, check_force
 from ne.store import RunDir
 
@@ -42,12 +44,13 @@ NEURONS_PER_ROW_GROUP = 64
 
 
 class PartProcessor:
-    """One model replica; reads a contexts part from the run directory and writes its results there."""
+    """One model replica (its MLP neurons or an SAE's latents); reads a contexts part from the run directory
+    and writes its results there."""
 
-    def __init__(self, model_cfg: ModelConfig, run_url: str, threads: int):
+    def __init__(self, cfg: RunConfig, threads: int):
         torch.set_num_threads(threads)
-        self.model = load_model(model_cfg)
-        self.run = RunDir(run_url)
+        self.model = load_units(cfg)
+        self.run = RunDir(cfg.run_dir)
 
     def maxima(self, part: int, layers: list[int], batch_size: int) -> int:
         contexts = read_contexts(self.run, part)
@@ -121,13 +124,17 @@ def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary
 
 def _harvest(run: RunDir, cfg: RunConfig, force: set[str]) -> HarvestSummary:
     start = time.perf_counter()
-    model = load_model(cfg.model)
+    base = load_model(cfg.model)
+    if not cfg.sae.active:
+        base.check_layers(cfg.harvest.layers)  # before the corpus is read: a bad layer fails at once
+    n_contexts = write_contexts(run, cfg, base, force)
+    parts = context_parts(run)
+    model = _units(run, cfg, base, force)
     layers = model.check_layers(cfg.harvest.layers)
     run.record("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
                          "d_mlp": model.d_mlp, "bos_token_id": model.bos_token_id,
-                         "pad_token_id": model.pad_token_id})
-    n_contexts = write_contexts(run, cfg, model, force)
-    parts = context_parts(run)
+                         "pad_token_id": model.pad_token_id, "sae": sae_path(cfg),
+                         "sae_hook": getattr(model, "hook", None)})
     _write_weights(run, cfg, model, layers, force)
     pool = WorkerPool(cfg, run)
     try:
@@ -178,6 +185,26 @@ def _examples_stage(
     stage.done(rows=rows, layers=layers)
 
 
+def _units(run: RunDir, cfg: RunConfig, base, force: set[str]):
+    """Stage "sae": train the run's own SAE when sae.train_hook asks for one; then the units to harvest."""
+    path = sae_path(cfg)
+    measured = sae_fingerprint(path) if cfg.sae.path else {}
+    stage = Stage(run, "sae", cfg, force, measured=measured)
+    if stage.needed():
+        stage.begin()
+        info = {}
+        if cfg.sae.train_hook:
+            check_reachable(base, cfg.sae.train_hook)
+            acts = sample_activations(base, run, cfg.sae.train_hook, cfg.sae.train_tokens, cfg.harvest.batch_size)
+            sae, info = train_sae(acts, cfg.sae.train, cfg.seed)
+            files = saelens_files(sae, cfg.sae.train_hook, base.name, cfg.data.n_ctx, base.bos_token_id is not None)
+            for name, data in files.items():
+                run.write_bytes(f"{SAE_DIR}/{name}", data)
+            info.update(rows=len(acts))
+        stage.done(**info)
+    return SAEUnits(base, load_sae(path), path) if path else base
+
+
 def _write_weights(run: RunDir, cfg: RunConfig, model, layers: list[int], force: set[str]) -> None:
     stage = Stage(run, "weights", cfg, force)
     if not stage.needed():
@@ -213,7 +240,7 @@ class WorkerPool:
 
     def _map_local(self, method, parts, args, bar) -> None:
         if self.local is None:
-            self.local = PartProcessor(self.cfg.model, self.run.url, torch.get_num_threads())
+            self.local = PartProcessor(self.cfg, torch.get_num_threads())
         for part in parts:
             getattr(self.local, method)(part, *args)
             bar.update(1)
@@ -225,7 +252,7 @@ class WorkerPool:
                 min(self.cfg.harvest.num_workers, len(parts)), self.cfg.harvest.use_gpu
             )
             self.workers = [
-                HarvestWorker.options(**options).remote(self.cfg.model, self.run.url, threads) for _ in range(n)
+                HarvestWorker.options(**options).remote(self.cfg, threads) for _ in range(n)
             ]
         tokens, started = 0, time.perf_counter()
 

@@ -25,7 +25,7 @@ from ne import schema
 from ne.config import RunConfig
 from ne.errors import ConfigError
 from ne.importance import mask_token_id, token_importance
-from ne.models import load_model
+from ne.models import load_units
 from ne.reader import RunData
 from ne.schema import NeuronBatch, neuron_batches
 from ne.stages import Stage, check_force
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class ImportanceWorker:
     def __init__(self, cfg: RunConfig, threads: int):
         torch.set_num_threads(threads)
-        self.model = load_model(cfg.model)
+        self.model = load_units(cfg)
         self.mask = mask_token_id(self.model, cfg.importance.mask_token)
         self.before = cfg.importance.window_before
         self.data = RunData(cfg.run_dir)

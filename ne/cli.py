@@ -98,12 +98,14 @@ def cmd_similar(args) -> None:
 
 def cmd_run(args) -> None:
     """Harvest, clusters and index in one go; then the most polysemantic neurons and one example query."""
+    import pyarrow as pa
+
     from index.build import run_index
     from index.query import describe_similar
-    from jobs.cluster import run_cluster
+    from jobs.cluster import comparison, run_cluster
     from jobs.harvest import run_harvest
     from ne import schema
-    from ne.report import most_polysemantic
+    from ne.report import most_polysemantic, unit_comparison
     from ne.stages import HARVEST, check_force
     from ne.store import RunDir
 
@@ -115,6 +117,10 @@ def cmd_run(args) -> None:
         print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
         print(run_index(cfg, force=force & {"index"}).describe(), end="\n\n")
         metrics = run.read_parquet(schema.METRICS).to_pandas()
+    compared = comparison(cfg, pa.Table.from_pandas(metrics, preserve_index=False))
+    if compared:
+        print("SAE latents vs MLP neurons of the same layer:")
+        print(unit_comparison(compared).to_string(index=False), end="\n\n")
     top = most_polysemantic(metrics[metrics.n_examples > 0], 10)
     print("The 10 most polysemantic neurons:")
     print(top[["layer", "neuron", "n_examples", "n_clusters", "mean_dist", "silhouette"]].to_string(index=False))

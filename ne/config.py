@@ -16,7 +16,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ne.checks import at_least, at_most, check_choices, check_layer_list, check_literal
 from ne.errors import ConfigError
+from ne.sae import SAEConfig
 
 
 @dataclass
@@ -75,10 +77,10 @@ class DataConfig:
 
     def __post_init__(self):
         check_choices(self, "data")
-        _at_least("data.n_ctx", self.n_ctx, 2)
-        _at_least("data.contexts_per_part", self.contexts_per_part, 1)
+        at_least("data.n_ctx", self.n_ctx, 2)
+        at_least("data.contexts_per_part", self.contexts_per_part, 1)
         if self.max_contexts is not None:
-            _at_least("data.max_contexts", self.max_contexts, 1)
+            at_least("data.max_contexts", self.max_contexts, 1)
         if self.source == "files" and not self.paths:
             raise ConfigError("data.source 'files' needs data.paths: a list of files or globs")
 
@@ -112,14 +114,14 @@ class HarvestConfig:
         check_choices(self, "harvest")
         if self.layers is not None:
             check_layer_list("harvest.layers", self.layers)
-        _at_least("harvest.k", self.k, 1, "keep at least one example per neuron")
-        _at_most("harvest.k", self.k, MAX_K, "ranks are stored as int16")
+        at_least("harvest.k", self.k, 1, "keep at least one example per neuron")
+        at_most("harvest.k", self.k, MAX_K, "ranks are stored as int16")
         if not (0.0 < float(self.frac) <= 1.0):
             raise ConfigError(f"harvest.frac is {self.frac}; it must lie in (0, 1], for example 0.75")
-        _at_least("harvest.window_before", self.window_before, 0)
-        _at_least("harvest.window_after", self.window_after, 0)
-        _at_least("harvest.batch_size", self.batch_size, 1)
-        _at_least("harvest.num_workers", self.num_workers, 0)
+        at_least("harvest.window_before", self.window_before, 0)
+        at_least("harvest.window_after", self.window_after, 0)
+        at_least("harvest.batch_size", self.batch_size, 1)
+        at_least("harvest.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -140,8 +142,8 @@ class ClusterConfig:
         check_choices(self, "cluster")
         if not (0.0 < float(self.threshold) <= 2.0):
             raise ConfigError(f"cluster.threshold is {self.threshold}; a cosine distance lies in (0, 2]")
-        _at_least("cluster.min_cluster_size", self.min_cluster_size, 1)
-        _at_least("cluster.neurons_per_task", self.neurons_per_task, 1)
+        at_least("cluster.min_cluster_size", self.min_cluster_size, 1)
+        at_least("cluster.neurons_per_task", self.neurons_per_task, 1)
 
 
 @dataclass
@@ -159,11 +161,40 @@ class IndexConfig:
 
     def __post_init__(self):
         check_choices(self, "index")
-        _at_least("index.exact_below", self.exact_below, 0)
-        _at_least("index.recall_k", self.recall_k, 1)
-        _at_least("index.recall_queries", self.recall_queries, 1)
+        at_least("index.exact_below", self.exact_below, 0)
+        at_least("index.recall_k", self.recall_k, 1)
+        at_least("index.recall_queries", self.recall_queries, 1)
         if not (0.0 < float(self.target_recall) <= 1.0):
             raise ConfigError(f"index.target_recall is {self.target_recall}; it must lie in (0, 1], e.g. 0.95")
+
+
+@dataclass
+class UnitsSAEConfig:
+    path: str | None = None
+    """A SAELens SAE directory (cfg.json + sae_weights.safetensors), local or any fsspec URL. When set, the
+    units harvested are the SAE's latents at its hook point instead of the model's MLP neurons (needs the
+    `sae` extra: pip install -e ".[sae]")."""
+    train_hook: str | None = None
+    """Train an SAE of our own (ne/sae.py) on this hook's activations over the run's corpus, e.g.
+    `blocks.3.hook_resid_pre`, save it in SAELens format under RUN/sae/ and harvest its latents. Needs
+    path: null."""
+    train_tokens: int = 65_536
+    """Activation rows (tokens) sampled evenly from the corpus to train that SAE."""
+    train: SAEConfig = field(default_factory=SAEConfig)
+    """How that SAE is trained (`ne.sae.SAEConfig`): expansion, epochs, batch size, λ1 and the NE loss."""
+    compare_with: str | None = None
+    """A run of the same model's MLP neurons (e.g. runs/demo): the report then compares them with the SAE's
+    latents at the same layer."""
+
+    def __post_init__(self):
+        if self.path and self.train_hook:
+            raise ConfigError(f"sae.path ({self.path!r}) and sae.train_hook ({self.train_hook!r}) are both set; "
+                              "use an SAE from a directory or train one, not both")
+        at_least("sae.train_tokens", self.train_tokens, 1)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.path or self.train_hook)
 
 
 @dataclass
@@ -183,10 +214,10 @@ class ImportanceConfig:
 
     def __post_init__(self):
         if self.mask_token is not None:
-            _at_least("importance.mask_token", self.mask_token, 0, "a token id, or null for the pad/EOS token")
-        _at_least("importance.window_before", self.window_before, 0)
-        _at_least("importance.neurons_per_task", self.neurons_per_task, 1)
-        _at_least("importance.num_workers", self.num_workers, 1)
+            at_least("importance.mask_token", self.mask_token, 0, "a token id, or null for the pad/EOS token")
+        at_least("importance.window_before", self.window_before, 0)
+        at_least("importance.neurons_per_task", self.neurons_per_task, 1)
+        at_least("importance.num_workers", self.num_workers, 1)
 
 
 @dataclass
@@ -201,8 +232,8 @@ class ViewerConfig:
     """Port `ne view` listens on."""
 
     def __post_init__(self):
-        _at_least("viewer.window_before", self.window_before, 0)
-        _at_least("viewer.window_after", self.window_after, 0)
+        at_least("viewer.window_before", self.window_before, 0)
+        at_least("viewer.window_after", self.window_after, 0)
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"viewer.port is {self.port}; choose a port in 1..65535, for example 8501")
 
@@ -220,57 +251,14 @@ class RunConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     viewer: ViewerConfig = field(default_factory=ViewerConfig)
+    sae: UnitsSAEConfig = field(default_factory=UnitsSAEConfig)
 
     def __post_init__(self):
-        _at_least("seed", self.seed, 0, "seeds are non-negative integers")
+        at_least("seed", self.seed, 0, "seeds are non-negative integers")
 
 
 MAX_K = 2**15 - 1
 INT64 = 2**63
-
-
-def check_choices(section: Any, name: str) -> None:
-    """Every `Literal[...]` field of a config section holds one of its values."""
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        allowed = _literal_values(hints[f.name])
-        if allowed is not None:
-            _check_literal(f"{name}.{f.name}", getattr(section, f.name), allowed)
-
-
-def _literal_values(tp: Any) -> tuple | None:
-    if typing.get_origin(tp) is Literal:
-        return typing.get_args(tp)
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if typing.get_origin(arg) is Literal:
-                return typing.get_args(arg) + ((None,) if type(None) in typing.get_args(tp) else ())
-    return None
-
-
-def _check_literal(key: str, value: Any, allowed: tuple) -> None:
-    if not any(value == a and type(value) is type(a) for a in allowed):
-        raise ConfigError(f"{key} is {value!r}; choose one of {', '.join(map(repr, allowed))}")
-
-
-def check_layer_list(key: str, layers: list[int]) -> None:
-    if not layers:
-        raise ConfigError(f"{key} is empty; list the layers to use, e.g. [0, 3], or null for every layer")
-    for layer in layers:
-        _at_least(key, layer, 0, "layers are numbered from 0")
-    twice = sorted({layer for layer in layers if layers.count(layer) > 1})
-    if twice:
-        raise ConfigError(f"{key} lists layer {twice[0]} more than once ({layers}); list each layer once")
-
-
-def _at_least(key: str, value: Any, low: int, hint: str = "") -> None:
-    if value < low:
-        raise ConfigError(f"{key} is {value}; it must be at least {low}" + (f" ({hint})" if hint else ""))
-
-
-def _at_most(key: str, value: Any, high: int, hint: str = "") -> None:
-    if value > high:
-        raise ConfigError(f"{key} is {value}; it must be at most {high:,}" + (f" ({hint})" if hint else ""))
 
 
 def from_dict(cls: type, data: Any, where: str = ""):
@@ -300,7 +288,7 @@ def _coerce(tp: Any, value: Any, key: str):
             return None
         return _coerce(args[0], value, key)
     if origin is Literal:
-        _check_literal(key, value, typing.get_args(tp))
+        check_literal(key, value, typing.get_args(tp))
         return value
     if origin is list:
         if not isinstance(value, list):

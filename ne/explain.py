@@ -104,12 +104,12 @@ class Explainer:
     @classmethod
     def load(cls, run_dir: str, model: MLPModel | None = None) -> Explainer:
         """The run's explainer; `model` saves loading the run's model again (the viewer passes its own)."""
-        from ne.models import load_model
+        from ne.models import load_units
 
         data = RunData(run_dir)
         require_done(data.run, "cluster", data.manifest())
         cfg = data.config()
-        return cls(data, model or load_model(cfg.model), cfg.harvest.frac, cfg.data.n_ctx, cfg.cluster.min_cluster_size)
+        return cls(data, model or load_units(cfg), cfg.harvest.frac, cfg.data.n_ctx, cfg.cluster.min_cluster_size)
 
     def explain(self, text: str, top: int = 10) -> list[TokenUnits]:
         """The units firing at each token of `text`; a text longer than the run's contexts is explained in

@@ -244,7 +244,9 @@ class RunData:
         if not raw:
             return RunConfig(run_dir=self.url)
         try:
-            return from_dict(RunConfig, raw)
+            cfg = from_dict(RunConfig, raw)
+            cfg.run_dir = self.url  # where the run is read now, wherever it was written from
+            return cfg
         except NeError as exc:
             log.warning("manifest config of %s not understood (%s); using defaults", self.url, exc)
             return RunConfig(run_dir=self.url)

@@ -100,8 +100,23 @@ def _table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_report(run: RunDir, metrics: pa.Table, top: int = 20) -> str:
-    """Write report/report.md and its plots; returns the report's path."""
+def unit_comparison(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per kind of unit (name → metrics of one layer): how many have examples, the share with two or more
+    feature clusters, and the median mean distance and silhouette of their neuron embeddings."""
+    rows = []
+    for name, m in tables.items():
+        active = m[m.n_examples > 0]
+        rows.append({"units": name, "layers": ", ".join(map(str, sorted(m.layer.unique()))),
+                     "with examples": f"{len(active)} of {len(m)}",
+                     "≥ 2 clusters": float((active.n_clusters >= 2).mean()) if len(active) else float("nan"),
+                     "median mean_dist": float(active.mean_dist.median()),
+                     "median silhouette": float(active.silhouette.median())})
+    return pd.DataFrame(rows)
+
+
+def write_report(run: RunDir, metrics: pa.Table, top: int = 20, compare: dict[str, pd.DataFrame] | None = None) -> str:
+    """Write report/report.md and its plots; returns the report's path. `compare`: metrics of other kinds of
+    units at the same layers (name → table), set beside this run's."""
     m = metrics.to_pandas()
     active = m[m.n_examples > 0]
     sep = separation(active)
@@ -137,6 +152,7 @@ def write_report(run: RunDir, metrics: pa.Table, top: int = 20) -> str:
             "## Plots",
             "\n".join(f"![{name}]({name})" for name in plots),
         ]
+        + (["## Compared with other units at the same layer", _table(unit_comparison(compare))] if compare else [])
     )
     rel = f"{schema.REPORT_DIR}/report.md"
     run.write_bytes(rel, (text + "\n").encode())

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from ne.config import _at_least, check_choices
+from ne.checks import at_least, check_choices, positive
 from ne.errors import ConfigError, DataError
 from ne.parallel import SINGLE, Shard, epoch_batches
 from ne.store import read_tensors
@@ -53,22 +53,17 @@ class SAEConfig:
     step 0, so they are warm when L_N starts."""
 
     def __post_init__(self):
-        _at_least("sae.expansion", self.expansion, 1)
-        _at_least("sae.epochs", self.epochs, 1)
-        _at_least("sae.batch_size", self.batch_size, 1)
+        at_least("sae.expansion", self.expansion, 1)
+        at_least("sae.epochs", self.epochs, 1)
+        at_least("sae.batch_size", self.batch_size, 1)
         check_choices(self, "sae")
         positive("sae.lr", self.lr)
         if self.l1_coeff < 0 or self.ne_coeff < 0:
             raise ConfigError(f"sae.l1_coeff ({self.l1_coeff}) and sae.ne_coeff ({self.ne_coeff}) must be >= 0")
         if not 0.0 <= self.ne_momentum < 1.0:
             raise ConfigError(f"sae.ne_momentum is {self.ne_momentum}; it must lie in [0, 1), e.g. 0.9")
-        _at_least("sae.ne_start_step", self.ne_start_step, 0)
+        at_least("sae.ne_start_step", self.ne_start_step, 0)
 
-
-
-def positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key} is {value}; it must be > 0")
 
 
 

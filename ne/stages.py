@@ -1,10 +1,15 @@
 """The stage graph: every stage of a run, what it reads, and the one lifecycle every stage follows.
 
 ```
-contexts ──▶ maxima ──▶ examples ──┬──▶ cluster ──▶ index
-weights ───────────────────────────┘└─▶ importance
-mnist_mlp ──┬──▶ mnist_sae_standard ──┬──▶ mnist_eval
-            └──▶ mnist_sae_ne_loss ───┘
+contexts                            the corpus, tokenised
+sae        <- contexts              an SAE trained on the corpus (a no-op unless sae.train_hook is set)
+weights    <- sae                   W_in and b_in of every harvested layer
+maxima     <- contexts, sae         pass 1: each unit's maximum
+examples   <- contexts, maxima      pass 2: each unit's dataset examples and their h
+cluster    <- examples, weights     feature clusters, centroids, metrics, the report
+index      <- cluster               FAISS index of the clusters' central examples
+importance <- examples              token importance (adds neurons run by run)
+mnist_mlp <- ; mnist_sae_standard, mnist_sae_ne_loss <- mnist_mlp ; mnist_eval <- both SAEs
 ```
 
 A stage records in the manifest the settings its outputs depend on, its upstream stages' fingerprints and
@@ -53,8 +58,10 @@ MODEL_KEYS = ("model.backend", "model.name", "model.weights", "model.architectur
 GRAPH: dict[str, StageDef] = {d.name: d for d in (
     StageDef("contexts", "ne harvest", (), ("data.*", "model.backend", "model.name", "model.tokenizer"),
              ("contexts",)),
-    StageDef("weights", "ne harvest", (), (*MODEL_KEYS, "harvest.layers"), ("weights",)),
-    StageDef("maxima", "ne harvest", ("contexts",), (*MODEL_KEYS, "harvest.layers", "harvest.maxima_file"),
+    StageDef("sae", "ne harvest", ("contexts",), ("sae.path", "sae.train_hook", "sae.train_tokens", "sae.train.*"),
+             ("sae",)),
+    StageDef("weights", "ne harvest", ("sae",), (*MODEL_KEYS, "harvest.layers"), ("weights",)),
+    StageDef("maxima", "ne harvest", ("contexts", "sae"), (*MODEL_KEYS, "harvest.layers", "harvest.maxima_file"),
              ("maxima.parquet", "_work/maxima")),
     StageDef("examples", "ne harvest", ("contexts", "maxima"),
              ("harvest.k", "harvest.frac", "harvest.window_before", "harvest.window_after", "harvest.h_dtype"),
@@ -74,7 +81,7 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
     StageDef("mnist_eval", "ne train", ("mnist_sae_standard", "mnist_sae_ne_loss"), ("eval.*", "data.test_subset"),
              ("mnist/sae_eval.md", "mnist/sae_eval.csv")),
 )}
-HARVEST = ("contexts", "weights", "maxima", "examples")
+HARVEST = ("contexts", "sae", "weights", "maxima", "examples")
 LM_STAGES = (*HARVEST, "cluster", "index", "importance")
 MNIST_STAGES = ("mnist_mlp", "mnist_sae_standard", "mnist_sae_ne_loss", "mnist_eval")
 
@@ -131,13 +138,13 @@ def settings_of(cfg: Any, keys: Sequence[str]) -> dict[str, Any]:
             out = {k: v for k, v in out.items() if not k.startswith(key[1:])}
             continue
         section, _, name = key.rpartition(".")
-        if not section:
-            out[key] = getattr(cfg, key)
-        elif name == "*":
-            obj = getattr(cfg, section)
+        obj = cfg
+        for part in section.split(".") if section else ():
+            obj = getattr(obj, part)
+        if name == "*":
             out.update({f"{section}.{f.name}": getattr(obj, f.name) for f in dataclasses.fields(obj)})
         else:
-            out[key] = getattr(getattr(cfg, section), name)
+            out[key] = getattr(obj, name)
     return json.loads(json.dumps(out, default=str))
 
 

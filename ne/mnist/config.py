@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ne.config import _at_least, check_choices
-from ne.sae import SAEConfig, positive
+from ne.checks import at_least, check_choices, positive
+from ne.sae import SAEConfig
 
 
 @dataclass
@@ -31,7 +31,7 @@ class MnistDataConfig:
         for key in ("train_subset", "test_subset"):
             value = getattr(self, key)
             if value is not None:
-                _at_least(f"data.{key}", value, 1, "or null for the whole split")
+                at_least(f"data.{key}", value, 1, "or null for the whole split")
 
 
 @dataclass
@@ -50,9 +50,9 @@ class MLPConfig:
     """SGD momentum (ignored by adam)."""
 
     def __post_init__(self):
-        _at_least("mlp.hidden", self.hidden, 1)
-        _at_least("mlp.epochs", self.epochs, 1)
-        _at_least("mlp.batch_size", self.batch_size, 1)
+        at_least("mlp.hidden", self.hidden, 1)
+        at_least("mlp.epochs", self.epochs, 1)
+        at_least("mlp.batch_size", self.batch_size, 1)
         check_choices(self, "mlp")
         positive("mlp.lr", self.lr)
 
@@ -67,9 +67,9 @@ class SAEEvalConfig:
     """Rows per forward pass during evaluation (memory only; results do not depend on it)."""
 
     def __post_init__(self):
-        _at_least("eval.max_examples", self.max_examples, 2, "distances need pairs")
-        _at_least("eval.paper_batch_size", self.paper_batch_size, 1)
-        _at_least("eval.batch_size", self.batch_size, 1)
+        at_least("eval.max_examples", self.max_examples, 2, "distances need pairs")
+        at_least("eval.paper_batch_size", self.paper_batch_size, 1)
+        at_least("eval.batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -85,10 +85,10 @@ class TrainerConfig:
     """Ray checkpoint after every n-th epoch of each model (each report costs about 2 s)."""
 
     def __post_init__(self):
-        _at_least("trainer.num_workers", self.num_workers, 1)
-        _at_least("trainer.checkpoint_every", self.checkpoint_every, 1)
+        at_least("trainer.num_workers", self.num_workers, 1)
+        at_least("trainer.checkpoint_every", self.checkpoint_every, 1)
         if self.threads_per_worker is not None:
-            _at_least("trainer.threads_per_worker", self.threads_per_worker, 1)
+            at_least("trainer.threads_per_worker", self.threads_per_worker, 1)
 
 
 @dataclass
@@ -104,5 +104,5 @@ class MnistRunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self):
-        _at_least("seed", self.seed, 0, "seeds are non-negative integers")
+        at_least("seed", self.seed, 0, "seeds are non-negative integers")
 

@@ -26,6 +26,24 @@ def load_model(cfg: ModelConfig) -> MLPModel:
     return loader(cfg, device, dtype)
 
 
+def sae_path(cfg) -> str | None:
+    """The SAE whose latents a run harvests: sae.path, or the one trained into RUN/sae/, or None."""
+    if cfg.sae.path:
+        return cfg.sae.path
+    return f"{cfg.run_dir.rstrip('/')}/sae" if cfg.sae.train_hook else None
+
+
+def load_units(cfg) -> MLPModel:
+    """The units a run (`RunConfig`) harvests: the model's MLP neurons, or an SAE's latents on the model."""
+    model = load_model(cfg.model)
+    path = sae_path(cfg)
+    if path is None:
+        return model
+    from ne.models.sae_units import SAEUnits, load_sae
+
+    return SAEUnits(model, load_sae(path), path)
+
+
 # TransformerLens models whose tokenizer is GPT-2's BPE, which ships offline: no hub round trip to decode them.
 GPT2_BPE_MODELS = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2"}
 
@@ -61,4 +79,5 @@ def load_token_decoder(cfg: ModelConfig) -> Callable[[Sequence[int]], list[str]]
     return functools.partial(decode_each, load_model_tokenizer(cfg))
 
 
-__all__ = ["LayerOutput", "MLPModel", "load_model", "load_model_tokenizer", "load_token_decoder", "DTYPES"]
+__all__ = ["LayerOutput", "MLPModel", "load_model", "load_units", "sae_path", "load_model_tokenizer",
+           "load_token_decoder", "DTYPES"]

@@ -42,12 +42,12 @@ def get_data(url: str) -> RunData:
 
 
 @st.cache_resource(show_spinner="Loading the model for token importance…")
-def get_model(model_json: str):
+def get_model(url: str):
     """(model, None) or (None, why it could not be loaded); only token importance computed now needs it."""
     try:
-        from ne.models import load_model
+        from ne.models import load_units
 
-        return load_model(from_dict(ModelConfig, json.loads(model_json))), None
+        return load_units(get_data(url).config()), None
     except Exception as exc:  # any failure (no hub, missing weights) only costs on-demand importance
         log.warning("model not loaded: %s", exc)
         return None, f"{type(exc).__name__}: {exc}"
@@ -59,10 +59,10 @@ def get_neuron(url: str, layer: int, neuron: int) -> NeuronData:
 
 
 @st.cache_resource(show_spinner=False)
-def get_importance(model_json: str, mask_token: int | None):
+def get_importance(url: str, mask_token: int | None):
     from ne.importance import ImportanceCache
 
-    model, _ = get_model(model_json)
+    model, _ = get_model(url)
     return ImportanceCache(model, mask_token) if model is not None else None
 
 
@@ -245,7 +245,7 @@ def neuron_page(data: RunData, url: str) -> None:
                 st.query_params["cluster"] = str(c)
                 with right:
                     similar_features(data, url, layer, neuron, c, decode, before, after)
-            imp = importance_for(nd, members, model_json, cfg, before) if show_importance else None
+            imp = importance_for(nd, members, url, cfg, before) if show_importance else None
             left.caption("Central example first. Hover a token for its activation; the outlined token is the key "
                        "token." + (" Blue: masking the token lowers the activation; red: raises it."
                                    if show_importance else ""))
@@ -262,7 +262,7 @@ def mask_label(data: RunData, cfg) -> str:
     return str(token)
 
 
-def importance_for(nd: NeuronData, members: list[Example], model_json: str, cfg, before: int):
+def importance_for(nd: NeuronData, members: list[Example], url: str, cfg, before: int):
     """Importance by rank: precomputed where the run has it, else computed now (one forward per example)."""
     out = {e.rank: nd.importance[e.rank] for e in members if e.rank in nd.importance}
     todo = [e for e in members if e.rank not in out]
@@ -272,9 +272,9 @@ def importance_for(nd: NeuronData, members: list[Example], model_json: str, cfg,
         st.info(f"Importance is computed on demand for the first {ON_DEMAND} examples of a cluster; the rest keep "
                 "their activation colours. `ne importance` precomputes it for every example of a run.")
         todo = todo[:ON_DEMAND]
-    compute = get_importance(model_json, cfg.importance.mask_token)
+    compute = get_importance(url, cfg.importance.mask_token)
     if compute is None:
-        st.warning(f"Token importance needs the run's model, which could not be loaded: {get_model(model_json)[1]}")
+        st.warning(f"Token importance needs the run's model, which could not be loaded: {get_model(url)[1]}")
         return out
     with st.spinner(f"Computing token importance of {len(todo)} examples…"):
         for e in todo:
@@ -336,11 +336,11 @@ def similar_hits(index, layer: int, neuron: int, cluster: int, k: int) -> list[t
 
 
 @st.cache_resource(show_spinner="Loading the run's model and clusters…")
-def get_explainer(url: str, model_json: str):
+def get_explainer(url: str):
     """(Explainer, None) or (None, why texts cannot be explained)."""
     from ne.explain import Explainer
 
-    model, why = get_model(model_json)
+    model, why = get_model(url)
     if model is None:
         return None, f"explaining a text needs the run's model, which could not be loaded: {why}"
     try:
@@ -353,13 +353,12 @@ def explain_page(data: RunData, url: str) -> None:
     st.header("Explain text")
     st.caption("Which units fire on each token (activation ≥ the run's frac × their maximum), and as which of "
                "their feature clusters: the one whose mean neuron embedding is nearest.")
-    text = st.text_area("Text to explain", key="explain_text", height=120, placeholder="Type or paste a text to explain")
+    text = st.text_area("Text to explain", key="explain_text", height=120, placeholder="Type or paste a text")
     top = st.number_input("Units per token", 1, 50, 5, key="explain_top")
     if not st.button("Explain", type="primary") and not st.session_state.get("explained"):
         return
     st.session_state.explained = True
-    cfg = data.config()
-    explainer, why = get_explainer(url, json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
+    explainer, why = get_explainer(url)
     if explainer is None:
         st.error(why)
         return

@@ -1,0 +1,59 @@
+"""Checks shared by every config dataclass: each failure is a one-line ConfigError naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+from ne.errors import ConfigError
+
+
+def check_choices(section: Any, name: str) -> None:
+    """Every `Literal[...]` field of a config section holds one of its values."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        allowed = _literal_values(hints[f.name])
+        if allowed is not None:
+            check_literal(f"{name}.{f.name}", getattr(section, f.name), allowed)
+
+
+def _literal_values(tp: Any) -> tuple | None:
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if typing.get_origin(arg) is Literal:
+                return typing.get_args(arg) + ((None,) if type(None) in typing.get_args(tp) else ())
+    return None
+
+
+def check_literal(key: str, value: Any, allowed: tuple) -> None:
+    if not any(value == a and type(value) is type(a) for a in allowed):
+        raise ConfigError(f"{key} is {value!r}; choose one of {', '.join(map(repr, allowed))}")
+
+
+def check_layer_list(key: str, layers: list[int]) -> None:
+    if not layers:
+        raise ConfigError(f"{key} is empty; list the layers to use, e.g. [0, 3], or null for every layer")
+    for layer in layers:
+        at_least(key, layer, 0, "layers are numbered from 0")
+    twice = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if twice:
+        raise ConfigError(f"{key} lists layer {twice[0]} more than once ({layers}); list each layer once")
+
+
+def at_least(key: str, value: Any, low: int, hint: str = "") -> None:
+    if value < low:
+        raise ConfigError(f"{key} is {value}; it must be at least {low}" + (f" ({hint})" if hint else ""))
+
+
+def at_most(key: str, value: Any, high: int, hint: str = "") -> None:
+    if value > high:
+        raise ConfigError(f"{key} is {value}; it must be at most {high:,}" + (f" ({hint})" if hint else ""))
+
+
+def positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} is {value}; it must be > 0")
