@@ -20,7 +20,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from jobs.ray_utils import get, init_ray
+from jobs.ray_utils import get, gpu_wanted, init_ray
 from ne import schema
 from ne.config import ClusterConfig, RunConfig
 from ne.embed import LayerH, load_h, neuron_embeddings, pad_rows, read_w_in
@@ -65,7 +65,7 @@ def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h:
     bounds = np.searchsorted(neuron, np.arange(batch.lo, batch.hi + 1))
     members = [np.arange(bounds[i], bounds[i + 1]) for i in range(batch.hi - batch.lo)]
     h_bnd, counts = pad_rows(layer_h.rows, [rows[m] for m in members])
-    results = analyse_neurons(h_bnd, counts, w_bd.float(), cfg)
+    results = analyse_neurons(h_bnd, counts, w_bd.float(), cfg, device="cpu" if cfg.use_gpu is False else "auto")
     clusters_rel, dendro_rel, centroids_rel, metrics_rel = batch_files(batch)
     run.write_parquet(clusters_rel, _clusters_table(batch, members, rank, results))
     run.write_parquet(dendro_rel, _dendrograms_table(batch, results, cfg.threshold))
@@ -216,7 +216,9 @@ def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_pr
             return
         init_ray()
         load = ray.remote(num_cpus=1, max_retries=2)(load_h)
-        task = ray.remote(num_cpus=1, max_retries=2)(cluster_batch)
+        gpu = gpu_wanted(cfg.use_gpu, "cluster.use_gpu")
+        share = {"num_gpus": 1 / cfg.tasks_per_gpu} if gpu else {}  # without a share a task sees no GPU
+        task = ray.remote(num_cpus=1, max_retries=2, **share)(cluster_batch)
         cfg_ref = ray.put(cfg)
         pending: dict[ray.ObjectRef, int] = {}
 

@@ -275,7 +275,7 @@ def merge_maxima(run: RunDir, parts: list[int]) -> pa.Table:
     for part in parts:
         table = run.read_parquet(f"{WORK}/maxima/{schema.part_name(part)}").to_pandas()
         for layer, group in table.groupby("layer"):
-            values = group.sort_values("neuron").max_act.to_numpy()
+            values = group.sort_values("neuron").max_act.to_numpy(copy=True)
             merged[layer] = values if layer not in merged else np.maximum(merged[layer], values)
     return maxima_table({layer: torch.as_tensor(v) for layer, v in merged.items()})
 

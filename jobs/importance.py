@@ -140,7 +140,7 @@ def _map(cfg: RunConfig, todo: list[NeuronBatch]) -> None:
         return
     init_ray()
     n_workers, threads, options = model_actor_options(min(cfg.importance.num_workers, len(todo)),
-                                                      cfg.importance.use_gpu)
+                                                      cfg.importance.use_gpu, "importance.use_gpu")
     workers = [ImportanceWorker.options(**options).remote(cfg, threads) for _ in range(n_workers)]
     bar = tqdm(total=len(todo), unit="batch", desc="importance")
     try:

@@ -7,7 +7,7 @@ import os
 
 import ray
 
-from ne.errors import NeError
+from ne.errors import ConfigError, NeError
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,22 @@ def cpus_per_worker(num_workers: int) -> int:
     return cpu_workers(num_workers)[1]
 
 
-def model_actor_options(num_workers: int, use_gpu: bool | None) -> tuple[int, int, dict]:
+def gpu_wanted(use_gpu: bool | None, key: str) -> bool:
+    """Whether tasks take GPUs: None when the cluster has any; true on a cluster without GPUs is an error,
+    as such tasks would wait forever."""
+    has = ray.cluster_resources().get("GPU", 0) > 0
+    if use_gpu and not has:
+        raise ConfigError(f"{key} is true but the Ray cluster has no GPU; set {key} to null or false")
+    return has if use_gpu is None else use_gpu
+
+
+def model_actor_options(num_workers: int, use_gpu: bool | None, key: str = "harvest.use_gpu") -> tuple[int, int, dict]:
     """(actors, torch threads each, Ray options) for actors that each hold one model replica.
 
     With GPUs (asked for, or found in the cluster when `use_gpu` is None) each actor takes one; on CPUs the
     cluster's cores are split between the actors. A killed actor is restarted and its task retried.
     """
-    gpu = use_gpu if use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    if gpu:
+    if gpu_wanted(use_gpu, key):
         n, threads, resources = num_workers, 1, {"num_gpus": 1, "num_cpus": 1}
     else:
         n, threads = cpu_workers(num_workers)

@@ -137,6 +137,11 @@ class ClusterConfig:
     2 keeps lone examples (a third of all clusters at threshold 0.5 on MiniLM) from counting as behaviours."""
     neurons_per_task: int = 256
     """Neurons per Ray task; a task is also the unit of resume."""
+    use_gpu: bool | None = None
+    """Compute the distance matrices on a GPU: None (the default) when the Ray cluster (or, in process, this
+    machine) has one, or true / false. Linkage and metrics stay on the CPU."""
+    tasks_per_gpu: int = 4
+    """Cluster tasks sharing one GPU (each takes 1/tasks_per_gpu of it), so linkage on the CPU overlaps."""
 
     def __post_init__(self):
         check_choices(self, "cluster")
@@ -144,6 +149,7 @@ class ClusterConfig:
             raise ConfigError(f"cluster.threshold is {self.threshold}; a cosine distance lies in (0, 2]")
         at_least("cluster.min_cluster_size", self.min_cluster_size, 1)
         at_least("cluster.neurons_per_task", self.neurons_per_task, 1)
+        at_least("cluster.tasks_per_gpu", self.tasks_per_gpu, 1)
 
 
 @dataclass
@@ -158,6 +164,9 @@ class IndexConfig:
     """An IVF index searches the fewest clusters (nprobe) whose measured recall@recall_k reaches this."""
     recall_queries: int = 1000
     """Indexed vectors, sampled with the run's seed, used as queries to measure recall at build time."""
+    device: str = "auto"
+    """Where the exact search behind the recall measurement runs: `auto` (CUDA when present), `cpu` or
+    `cuda`. The results do not depend on it."""
 
     def __post_init__(self):
         check_choices(self, "index")

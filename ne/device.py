@@ -7,8 +7,9 @@ import torch
 from ne.errors import ConfigError
 
 
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """`auto` (or None) is CUDA when present, else CPU; anything else must name a device this machine has."""
+def resolve_device(spec: str | torch.device | None = "auto", key: str = "model.device") -> torch.device:
+    """`auto` (or None) is CUDA when present, else CPU; anything else must name a device this machine has
+    (`key` names the setting in the error)."""
     if isinstance(spec, torch.device):
         return spec
     if spec in (None, "auto"):
@@ -16,7 +17,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"model.device is {spec!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{key} is {spec!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device is {spec!r} but this machine has no CUDA GPU; use auto or cpu")
+        raise ConfigError(f"{key} is {spec!r} but this machine has no CUDA GPU; use auto or cpu")
     return device

@@ -70,7 +70,7 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
              ("cluster.method", "cluster.threshold", "cluster.min_cluster_size"),
              ("clusters", "dendrograms", "centroids", "metrics.parquet", "report", "_work/cluster"),
              layout=("cluster.neurons_per_task",)),
-    StageDef("index", "ne index", ("cluster",), ("index.*", "seed"), ("index",)),
+    StageDef("index", "ne index", ("cluster",), ("index.*", "-index.device", "seed"), ("index",)),
     StageDef("importance", "ne importance", ("examples",), ("importance.mask_token", "importance.window_before"),
              ("importance",)),
     StageDef("mnist_mlp", "ne train", (), ("seed", "data.source", "data.train_subset", "mlp.*"),

@@ -109,6 +109,8 @@ def write_synthetic_run(
         run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(0)}",
                           pa.table({"ctx_id": list(range(next_ctx)), "doc_id": list(range(next_ctx)),
                                     "tokens": tokens}, schema=schema.CONTEXTS))
+    with stage(run, "sae", cfg):  # no SAE: the model's own neurons are the units
+        pass
     with stage(run, "weights", cfg, layers=layers):
         for layer in layers:
             run.write_bytes(schema.weights_path(layer), files[layer][2])

@@ -177,3 +177,13 @@ def test_cli_similar_cluster_and_index(run_dir, tmp_path, capsys):
     config.write_text(f"run_dir: {run_dir}\n")
     assert main(["index", "--config", str(config)]) == 0
     assert "Flat index" in capsys.readouterr().out
+
+
+def test_recall_credits_tied_vectors_and_counts_misses():
+    from index.build import recall_at_k
+
+    exact = np.array([[0.9, 0.8, 0.8], [0.7, 0.6, 0.5]])
+    # Query 0 found another of two tied vectors (same similarity 0.8): full recall. Query 1 missed its third.
+    found = np.array([[0.9, 0.8, 0.8], [0.7, 0.6, 0.4]])
+    assert recall_at_k(found, exact) == pytest.approx((3 / 3 + 2 / 3) / 2)
+    assert recall_at_k(np.array([[0.9, -3.4e38, -3.4e38]]), exact[:1]) == pytest.approx(1 / 3)  # FAISS's padding

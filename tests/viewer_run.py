@@ -61,6 +61,8 @@ def build_lm_run(
             run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(p // per_part)}", pa.Table.from_pydict(
                 {"ctx_id": [c for c, _ in chunk], "doc_id": [0] * len(chunk), "tokens": [t for _, t in chunk]},
                 schema=schema.CONTEXTS))
+    with stage(run, "sae", cfg):  # no SAE: the model's own neurons are the units
+        pass
     with stage(run, "weights", cfg, layers=list(layers)):
         for layer in layers:
             run.write_bytes(schema.weights_path(layer), safetensors.numpy.save(
