@@ -178,6 +178,18 @@ def test_a_run_on_latents_of_an_sae_trained_here(tmp_path, tiny_model_cfg):
             assert e.act == pytest.approx(act, rel=1e-4, abs=1e-5)
             checked += 1
     assert checked >= 10
+    # Token importance needs nothing but the units' run(): masking a token changes the latent's activation.
+    from ne.importance import mask_token_id, token_importance
+    from ne.models import load_units
+
+    units = load_units(cfg)
+    latent = int(data.neurons(1)[0])
+    e = data.neuron(1, latent).examples[0]
+    imp = token_importance(units, e.tokens, e.pos, 1, latent, mask_token_id(units), max(0, e.pos - 4))
+    masked = np.array(e.tokens)
+    masked[e.pos] = mask_token_id(units)
+    out = units.run(torch.as_tensor(masked[: e.pos + 1])[None], torch.ones(1, e.pos + 1, dtype=torch.long), [1])
+    assert imp[-1] == pytest.approx(1 - out[1].act[0, e.pos, latent].item() / e.act, rel=1e-4, abs=1e-5)
     run_cluster(cfg, in_process=True)
     run_index(cfg)
     tokens = Explainer.load(cfg.run_dir).explain("The for statement is used to iterate over a sequence.")
