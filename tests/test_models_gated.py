@@ -87,7 +87,8 @@ def test_hf_mixture_of_experts_is_refused_by_name(tmp_path):
     from tests.conftest import write_gated_hf
 
     path = write_gated_hf(tmp_path, "mixtral", num_local_experts=4, num_experts_per_tok=2)
-    with pytest.raises(ConfigError, match=r"model type 'mixtral' has mixture-of-experts MLPs \(MixtralSparseMoeBlock\)"):
+    msg = r"model type 'mixtral' has mixture-of-experts MLPs \(MixtralSparseMoeBlock\)"
+    with pytest.raises(ConfigError, match=msg):
         load_model(hf_config(path))
 
 
