@@ -1,9 +1,11 @@
 """The FAISS index of similar features: one vector per cluster, its central example's embedding.
 
-Vectors are L2-normalised, so inner product is cosine similarity. Below `index.exact_below` vectors the
-index is exact (Flat); above, it is an IVF index with nlist ≈ 4·√n lists whose nprobe is the smallest
-that reaches `index.target_recall` on sampled queries. Recall@k against exact search is measured on
-queries not used for that choice and stored in the manifest (stage "index", `ne.stages`).
+Vectors are L2-normalised, so inner product is cosine similarity. A gated model's neuron embeddings are
+`model.gated_embedding`'s (2 × d_model wide for `concat`), from `LayerWeights.embed`. Below
+`index.exact_below` vectors the index is exact (Flat); above, it is an IVF index with nlist ≈ 4·√n lists
+whose nprobe is the smallest that reaches `index.target_recall` on sampled queries. Recall@k against exact
+search is measured on queries not used for that choice and stored in the manifest (stage "index",
+`ne.stages`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import pyarrow.compute as pc
 
 from ne import schema
 from ne.config import IndexConfig, RunConfig
-from ne.embed import read_h, read_w_in
+from ne.embed import read_h
 from ne.errors import DataError
 from ne.stages import Stage, check_force
 from ne.store import RunDir
+from ne.weights import read_layer_weights
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ def unit_rows(x_nd: np.ndarray) -> np.ndarray:
     return x_nd / np.maximum(np.linalg.norm(x_nd, axis=1, keepdims=True), np.finfo(np.float32).tiny)
 
 
-def central_vectors(run: RunDir, layer: int, vectors: str) -> tuple[pa.Table, np.ndarray]:
+def central_vectors(run: RunDir, layer: int, vectors: str, gated_embedding: str = "concat"
+                    ) -> tuple[pa.Table, np.ndarray]:
     """INDEX_IDS rows (without `row`) and normalised vectors of every central example of one layer."""
     central = run.read_parquet(
         schema.layer_dir(schema.CLUSTERS_DIR, layer), columns=["neuron", "rank", "cluster", "is_central"],
@@ -54,7 +58,7 @@ def central_vectors(run: RunDir, layer: int, vectors: str) -> tuple[pa.Table, np
         raise DataError(f"{run.url}: clusters/layer={layer} names examples missing from examples/; rerun `ne cluster`")
     h = read_h(run, layer, ids.column("h_id").to_numpy())
     if vectors == "neuron":
-        h *= read_w_in(run, layer)[:, ids.column("neuron").to_numpy()].T
+        h = read_layer_weights(run, layer).embed(h, ids.column("neuron").to_numpy(), gated_embedding)
     ids = ids.drop_columns(["h_id"]).append_column(
         "layer", pa.array(np.full(ids.num_rows, layer, np.int16))
     )
@@ -127,7 +131,7 @@ def run_index(cfg: RunConfig, force: list[str] | tuple = ()) -> IndexSummary:
 def _build(run: RunDir, cfg: RunConfig) -> dict:
     start = time.perf_counter()
     layers = run.manifest()["stages"]["cluster"]["info"]["layers"]
-    parts = [central_vectors(run, layer, cfg.index.vectors) for layer in layers]
+    parts = [central_vectors(run, layer, cfg.index.vectors, cfg.model.gated_embedding) for layer in layers]
     x = np.concatenate([v for _, v in parts]) if parts else np.zeros((0, 0), np.float32)
     if len(x) == 0:
         raise DataError(f"{run.url}: no feature clusters to index (no neuron has examples); check the harvest")
@@ -137,7 +141,7 @@ def _build(run: RunDir, cfg: RunConfig) -> dict:
     index, info = build_index(x, cfg.index, cfg.seed)
     run.write_parquet(IDS_FILE, ids)
     _write_index(run, index)
-    d_mlp = {str(layer): int(read_w_in(run, layer).shape[1]) for layer in layers}
+    d_mlp = {str(layer): int(read_layer_weights(run, layer, 0, 0).d_mlp) for layer in layers}
     info.update(vectors=cfg.index.vectors, d_mlp=d_mlp, seconds=time.perf_counter() - start)
     log.info("index of %d vectors built, recall@%d %.4f", info["n_vectors"], info["recall_k"], info["recall"])
     return info
