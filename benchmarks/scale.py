@@ -267,7 +267,7 @@ def project(h_per_example, b_example, b_h16_per_dim, b_cluster, b_token, cluster
         print(f"| {m['name']} | {neurons:,} | {examples / 1e6:.1f}M | {disk / 1e9:,.0f} GB | "
               f"{TOKENS * b_token / 1e6:,.0f} MB | {weights / 1e9:.1f} GB | {host / 1e9:.1f} GB + model "
               f"(contexts_per_part {per_part}) | {cluster / 1e9:.1f} GB + {tasks * 100 * d * 16 / 1e9:.2f} GB per "
-              f"extra task (neurons_per_task {tasks}) | {index / 1e9:.1f} GB | {flops / GPU_FLOPS / 3600:.2f} GPU-h |")
+              f"extra task (neurons_per_task {tasks}) | {index / 1e9:.1f} GB | {flops / GPU_FLOPS / 3600:.3g} GPU-h |")
     print(f"Disk: one h row per example (the {TOKENS // 10**6}M-token corpus spreads each neuron's first k examples "
           f"over many contexts; this run shared rows at {h_per_example:.2f} per example); h in float16 from d_model "
           f"2048 (harvest.h_dtype auto), float32 below. Harvest RAM: the worst case of a part's h rows (every "
