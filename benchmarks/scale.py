@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -190,7 +191,7 @@ def _tail(text: str, n: int) -> str:
 def serve_check(run_dir: Path, port: int = 8765) -> None:
     """`ne view RUN`: the server starts and answers; the neuron page's reads are timed by the view stage."""
     proc = subprocess.Popen([sys.executable, "-m", "ne.cli", "view", str(run_dir), "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         for _ in range(60):
@@ -203,7 +204,7 @@ def serve_check(run_dir: Path, port: int = 8765) -> None:
                 time.sleep(1)
         print(f"--- ne view {run_dir}: no answer within 60 s")
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # `ne view` and the Streamlit server it started
         proc.wait()
 
 
