@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = f"{schema.INDEX_DIR}/faiss.index"
 IDS_FILE = f"{schema.INDEX_DIR}/ids.parquet"
+EMBED_ROWS = 4096
+"""Central examples embedded at a time."""
 TRAIN_PER_LIST = 32
 """k-means training points per IVF list: FAISS asks for 39; 32 keeps recall (measured) and saves time."""
 
@@ -58,11 +60,19 @@ def central_vectors(run: RunDir, layer: int, vectors: str, gated_embedding: str 
         raise DataError(f"{run.url}: clusters/layer={layer} names examples missing from examples/; rerun `ne cluster`")
     h = read_h(run, layer, ids.column("h_id").to_numpy())
     if vectors == "neuron":
-        h = read_layer_weights(run, layer).embed(h, ids.column("neuron").to_numpy(), gated_embedding)
+        weights, neurons = read_layer_weights(run, layer), ids.column("neuron").to_numpy()
+        width = h.shape[1] * (2 if weights.gated and gated_embedding == "concat" else 1)
+        out = np.empty((len(h), width), np.float32)
+        for lo in range(0, len(h), EMBED_ROWS):  # in chunks: no intermediate the size of all vectors
+            out[lo : lo + EMBED_ROWS] = unit_rows(weights.embed(h[lo : lo + EMBED_ROWS], neurons[lo : lo + EMBED_ROWS],
+                                                                gated_embedding))
+        del h
+    else:
+        out = unit_rows(h)
     ids = ids.drop_columns(["h_id"]).append_column(
         "layer", pa.array(np.full(ids.num_rows, layer, np.int16))
     )
-    return ids, unit_rows(h)
+    return ids, out
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
