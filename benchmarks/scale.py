@@ -143,6 +143,7 @@ def full_run(args) -> None:
         "data": {"source": "pydoc", "n_ctx": 128, "max_contexts": args.contexts, "contexts_per_part": 16},
         "harvest": {"k": 100, "frac": 0.75, "batch_size": 8, "num_workers": 0, "h_dtype": "float32"},
         "cluster": {"neurons_per_task": 256},
+        "index": {"exact_below": 1_000_000},  # Flat: an IVF over ~10^5 vectors of 8192 takes > 15 min on 2 cores
     }
     config = work / "scale.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -157,13 +158,15 @@ def full_run(args) -> None:
     ]
     measured = {}
     for name, code in stages:
-        if name != "view" and (run_dir / "manifest.json").exists() and _done(run_dir, name):
+        if name in args.redo:
+            code = code.replace("(cfg", f"(cfg, force=[{name!r}]" if name != "harvest" else "(cfg")
+        elif name != "view" and (run_dir / "manifest.json").exists() and _done(run_dir, name):
             print(f"{name}: already done in {run_dir}; remove it to measure again")
             continue
         seconds, rss, out = python(code)
         measured[name] = (seconds, rss)
+        (work / "measured.json").write_text(json.dumps({**_load(work), **measured}))
         print(f"--- {name}: {seconds:.1f} s, peak RSS {rss:,.0f} MB\n{_tail(out, 6)}", flush=True)
-    (work / "measured.json").write_text(json.dumps({**_load(work), **measured}))
     measured = {**_load(work), **measured}
     serve_check(run_dir)
     out = subprocess.run([sys.executable, "-m", "ne.cli", "run", "--config", str(config)], cwd=REPO,
@@ -360,6 +363,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--contexts", type=int, default=64)
     p.add_argument("--check-neurons", type=int, default=100_000, help="neurons per layer in the float16 check")
+    p.add_argument("--redo", action="append", default=[], help="measure this stage (cluster, index) again")
     p.add_argument("--flat", action="store_true", help="cluster-stage peak RSS at d_mlp and 4 × d_mlp instead")
     p.add_argument("--flat-k", type=int, default=20, help="with --flat: examples per neuron")
     p.add_argument("--flat-pool", type=int, default=60_000, help="with --flat: distinct h rows of the layer")

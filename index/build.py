@@ -142,13 +142,24 @@ def _build(run: RunDir, cfg: RunConfig) -> dict:
     start = time.perf_counter()
     layers = run.manifest()["stages"]["cluster"]["info"]["layers"]
     parts = [central_vectors(run, layer, cfg.index.vectors, cfg.model.gated_embedding) for layer in layers]
-    x = np.concatenate([v for _, v in parts]) if parts else np.zeros((0, 0), np.float32)
-    if len(x) == 0:
+    ids = pa.concat_tables([t for t, _ in parts]) if parts else None
+    if ids is None or ids.num_rows == 0:
         raise DataError(f"{run.url}: no feature clusters to index (no neuron has examples); check the harvest")
-    ids = pa.concat_tables([t for t, _ in parts])
     ids = ids.append_column("row", pa.array(np.arange(ids.num_rows, dtype=np.int64)))
     ids = ids.select(schema.INDEX_IDS.names).cast(schema.INDEX_IDS)
-    index, info = build_index(x, cfg.index, cfg.seed)
+    vectors = [v for _, v in parts]
+    del parts
+    if ids.num_rows < cfg.index.exact_below:  # exact: each layer's vectors go straight in, never concatenated
+        index = faiss.IndexFlatIP(vectors[0].shape[1])
+        while vectors:
+            index.add(vectors.pop(0))
+        info = {"n_vectors": index.ntotal, "d": index.d, "recall_k": min(cfg.index.recall_k, index.ntotal),
+                "type": "Flat", "recall": 1.0}
+    else:
+        x = np.concatenate(vectors)
+        del vectors
+        index, info = build_index(x, cfg.index, cfg.seed)
+        del x
     run.write_parquet(IDS_FILE, ids)
     _write_index(run, index)
     d_mlp = {str(layer): int(read_layer_weights(run, layer, 0, 0).d_mlp) for layer in layers}
@@ -158,4 +169,4 @@ def _build(run: RunDir, cfg: RunConfig) -> dict:
 
 
 def _write_index(run: RunDir, index: faiss.Index) -> None:
-    run.write_bytes(INDEX_FILE, faiss.serialize_index(index).tobytes())
+    run.write_bytes(INDEX_FILE, memoryview(faiss.serialize_index(index)))  # no second copy of the index
