@@ -336,7 +336,8 @@ def synthetic_run(url: str, d_model: int, d_mlp: int, k: int, pool: int) -> None
         per_part = 4096
         for i, lo in enumerate(range(0, d_mlp, per_part)):
             n = min(per_part, d_mlp - lo)
-            hid = np.sort(rng.choice(h_ids, (n, k), replace=False), axis=1).ravel()
+            spread = (rng.integers(0, pool, n)[:, None] + np.arange(k) * (pool // k)) % pool  # k distinct rows each
+            hid = np.sort(h_ids[spread], axis=1).ravel()
             table = pa.table({
                 "layer": np.zeros(n * k, np.int16), "neuron": np.repeat(np.arange(lo, lo + n, dtype=np.int32), k),
                 "rank": np.tile(np.arange(k, dtype=np.int16), n), "ctx_id": hid // n_ctx,
