@@ -56,9 +56,9 @@ def main() -> int:
         print(f"cannot benchmark {args.run_dir}: {' '.join(status.errors) or 'no language-model examples'}")
         return 2
     try:
-        from ne.models import load_model
+        from ne.models import load_token_decoder
 
-        decode = load_model(data.config().model).decode_tokens
+        decode = load_token_decoder(data.config().model)  # as the viewer: the tokenizer, never the weights
         decoder = "the run's tokenizer"
     except Exception as exc:  # benchmark the rest even without the model, as the viewer does
         decode, decoder = (lambda ids: [f"[{i}]" for i in ids]), f"token ids (model not loaded: {exc})"

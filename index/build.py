@@ -1,9 +1,11 @@
 """The FAISS index of similar features: one vector per cluster, its central example's embedding.
 
-Vectors are L2-normalised, so inner product is cosine similarity. Below `index.exact_below` vectors the
-index is exact (Flat); above, it is an IVF index with nlist ≈ 4·√n lists whose nprobe is the smallest
-that reaches `index.target_recall` on sampled queries. Recall@k against exact search is measured on
-queries not used for that choice and stored in the manifest (stage "index", `ne.stages`).
+Vectors are L2-normalised, so inner product is cosine similarity. A gated model's neuron embeddings are
+`model.gated_embedding`'s (2 × d_model wide for `concat`), from `LayerWeights.embed`. Below
+`index.exact_below` vectors the index is exact (Flat); above, it is an IVF index with nlist ≈ 4·√n lists
+whose nprobe is the smallest that reaches `index.target_recall` on sampled queries. Recall@k against exact
+search is measured on queries not used for that choice and stored in the manifest (stage "index",
+`ne.stages`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import pyarrow.compute as pc
 from index.exact import exact_search
 from ne import schema
 from ne.config import IndexConfig, RunConfig
-from ne.embed import read_h, read_w_in
+from ne.embed import read_h
 from ne.errors import DataError
 from ne.stages import Stage, check_force
 from ne.store import RunDir
+from ne.weights import read_layer_weights
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ INDEX_FILE = f"{schema.INDEX_DIR}/faiss.index"
 IDS_FILE = f"{schema.INDEX_DIR}/ids.parquet"
 TIE_TOLERANCE = 1e-5
 """Similarities this close count as equal when recall is measured (float32 products differ by rounding)."""
+EMBED_ROWS = 4096
+"""Central examples embedded at a time."""
 TRAIN_PER_LIST = 32
 """k-means training points per IVF list: FAISS asks for 39; 32 keeps recall (measured) and saves time."""
 
@@ -41,7 +46,8 @@ def unit_rows(x_nd: np.ndarray) -> np.ndarray:
     return x_nd / np.maximum(np.linalg.norm(x_nd, axis=1, keepdims=True), np.finfo(np.float32).tiny)
 
 
-def central_vectors(run: RunDir, layer: int, vectors: str) -> tuple[pa.Table, np.ndarray]:
+def central_vectors(run: RunDir, layer: int, vectors: str, gated_embedding: str = "concat"
+                    ) -> tuple[pa.Table, np.ndarray]:
     """INDEX_IDS rows (without `row`) and normalised vectors of every central example of one layer."""
     central = run.read_parquet(
         schema.layer_dir(schema.CLUSTERS_DIR, layer), columns=["neuron", "rank", "cluster", "is_central"],
@@ -57,11 +63,19 @@ def central_vectors(run: RunDir, layer: int, vectors: str) -> tuple[pa.Table, np
         raise DataError(f"{run.url}: clusters/layer={layer} names examples missing from examples/; rerun `ne cluster`")
     h = read_h(run, layer, ids.column("h_id").to_numpy())
     if vectors == "neuron":
-        h *= read_w_in(run, layer)[:, ids.column("neuron").to_numpy()].T
+        weights, neurons = read_layer_weights(run, layer), ids.column("neuron").to_numpy()
+        width = h.shape[1] * (2 if weights.gated and gated_embedding == "concat" else 1)
+        out = np.empty((len(h), width), np.float32)
+        for lo in range(0, len(h), EMBED_ROWS):  # in chunks: no intermediate the size of all vectors
+            out[lo : lo + EMBED_ROWS] = unit_rows(weights.embed(h[lo : lo + EMBED_ROWS], neurons[lo : lo + EMBED_ROWS],
+                                                                gated_embedding))
+        del h
+    else:
+        out = unit_rows(h)
     ids = ids.drop_columns(["h_id"]).append_column(
         "layer", pa.array(np.full(ids.num_rows, layer, np.int16))
     )
-    return ids, unit_rows(h)
+    return ids, out
 
 
 def recall_at_k(found_sims: np.ndarray, exact_sims: np.ndarray) -> float:
@@ -130,21 +144,32 @@ def run_index(cfg: RunConfig, force: list[str] | tuple = ()) -> IndexSummary:
 def _build(run: RunDir, cfg: RunConfig) -> dict:
     start = time.perf_counter()
     layers = run.manifest()["stages"]["cluster"]["info"]["layers"]
-    parts = [central_vectors(run, layer, cfg.index.vectors) for layer in layers]
-    x = np.concatenate([v for _, v in parts]) if parts else np.zeros((0, 0), np.float32)
-    if len(x) == 0:
+    parts = [central_vectors(run, layer, cfg.index.vectors, cfg.model.gated_embedding) for layer in layers]
+    ids = pa.concat_tables([t for t, _ in parts]) if parts else None
+    if ids is None or ids.num_rows == 0:
         raise DataError(f"{run.url}: no feature clusters to index (no neuron has examples); check the harvest")
-    ids = pa.concat_tables([t for t, _ in parts])
     ids = ids.append_column("row", pa.array(np.arange(ids.num_rows, dtype=np.int64)))
     ids = ids.select(schema.INDEX_IDS.names).cast(schema.INDEX_IDS)
-    index, info = build_index(x, cfg.index, cfg.seed)
+    vectors = [v for _, v in parts]
+    del parts
+    if ids.num_rows < cfg.index.exact_below:  # exact: each layer's vectors go straight in, never concatenated
+        index = faiss.IndexFlatIP(vectors[0].shape[1])
+        while vectors:
+            index.add(vectors.pop(0))
+        info = {"n_vectors": index.ntotal, "d": index.d, "recall_k": min(cfg.index.recall_k, index.ntotal),
+                "type": "Flat", "recall": 1.0}
+    else:
+        x = np.concatenate(vectors)
+        del vectors
+        index, info = build_index(x, cfg.index, cfg.seed)
+        del x
     run.write_parquet(IDS_FILE, ids)
     _write_index(run, index)
-    d_mlp = {str(layer): int(read_w_in(run, layer).shape[1]) for layer in layers}
+    d_mlp = {str(layer): int(read_layer_weights(run, layer, 0, 0).d_mlp) for layer in layers}
     info.update(vectors=cfg.index.vectors, d_mlp=d_mlp, seconds=time.perf_counter() - start)
     log.info("index of %d vectors built, recall@%d %.4f", info["n_vectors"], info["recall_k"], info["recall"])
     return info
 
 
 def _write_index(run: RunDir, index: faiss.Index) -> None:
-    run.write_bytes(INDEX_FILE, faiss.serialize_index(index).tobytes())
+    run.write_bytes(INDEX_FILE, memoryview(faiss.serialize_index(index)))  # no second copy of the index

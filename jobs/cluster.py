@@ -3,7 +3,9 @@
 Batch b of layer L holds neurons [b × n, (b + 1) × n) with n = cluster.neurons_per_task. It writes
 `clusters/layer=L/part-b`, `dendrograms/layer=L/part-b` and, last, its metrics under `_work/cluster/`;
 a batch whose three files exist is finished, so a rerun after an interruption redoes only the others.
-A layer's h rows are read once and shared by its batches (zero-copy through Ray's object store).
+A layer's h rows are read once and shared by its batches (zero-copy through Ray's object store); a layer
+whose h rows exceed half of `cluster.h_memory_mb` is read in slices, each the rows of consecutive batches,
+so the stage's memory follows that setting and `cluster.neurons_per_task`, never the model's size.
 When every batch is done, the metrics are merged into `metrics.parquet`, the report is written and the
 stage "cluster" is marked done (`ne.stages`).
 """
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from jobs.ray_utils import get, gpu_wanted, init_ray
 from ne import schema
 from ne.config import ClusterConfig, RunConfig
-from ne.embed import LayerH, load_h, neuron_embeddings, pad_rows, read_w_in
+from ne.embed import LayerH, load_h, neuron_embeddings, pad_rows
 from ne.errors import NeError
 from ne.explain import cluster_vectors
 from ne.metrics import NeuronResult, analyse_neurons
@@ -31,6 +33,7 @@ from ne.report import separation, write_report
 from ne.schema import NeuronBatch, neuron_batches
 from ne.stages import Stage, check_force, require_done
 from ne.store import RunDir
+from ne.weights import read_layer_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,12 @@ def batch_files(batch: NeuronBatch) -> tuple[str, ...]:
             batch.file(f"{WORK}/metrics"))
 
 
-def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h: LayerH | None = None) -> int:
+def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h: LayerH | None = None,
+                  gated_embedding: str = "concat") -> int:
     """Cluster one batch of neurons and write its four files; returns the number of examples.
 
-    `layer_h`: the layer's h rows, shared by its batches; without it, the batch reads only its own rows."""
+    `layer_h`: h rows shared by the layer's batches (all of them, or a slice holding this batch's); without
+    it, the batch reads only its own rows."""
     run = RunDir(run_url)
     examples = run.read_parquet(
         schema.layer_dir(schema.EXAMPLES_DIR, batch.layer),
@@ -59,7 +64,8 @@ def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h:
     neuron = examples.column("neuron").to_numpy()
     rank = examples.column("rank").to_numpy()
     h_ids = examples.column("h_id").to_numpy()
-    w_bd = torch.from_numpy(np.ascontiguousarray(read_w_in(run, batch.layer)[:, batch.lo : batch.hi].T))
+    weights = read_layer_weights(run, batch.layer, batch.lo, batch.hi)
+    w_bd = torch.from_numpy(weights.unit_weights(np.arange(batch.lo, batch.hi), gated_embedding))
     layer_h = layer_h if layer_h is not None else load_h(run, batch.layer, h_ids)
     rows = layer_h.positions(h_ids)
     bounds = np.searchsorted(neuron, np.arange(batch.lo, batch.hi + 1))
@@ -160,7 +166,7 @@ def run_cluster(cfg: RunConfig, force: list[str] | tuple = (), in_process: bool 
             stage.begin()
             layers = run.manifest()["stages"]["examples"]["info"]["layers"]
             todo = [b for b in _batches(run, layers, cfg.cluster.neurons_per_task) if not _finished(run, b)]
-            _map_batches(run, todo, cfg.cluster, in_process)
+            _map_batches(run, todo, cfg.cluster, in_process, cfg.model.gated_embedding)
             metrics = pa.concat_tables(
                 [run.read_parquet(f"{WORK}/metrics/layer={layer}") for layer in layers]
             ).sort_by([("layer", "ascending"), ("neuron", "ascending")])
@@ -190,29 +196,36 @@ def comparison(cfg: RunConfig, metrics: pa.Table) -> dict | None:
 
 
 def _batches(run: RunDir, layers: list[int], per_task: int) -> list[NeuronBatch]:
-    return [b for layer in layers for b in neuron_batches(layer, range(read_w_in(run, layer).shape[1]), per_task)]
+    return [b for layer in layers
+            for b in neuron_batches(layer, range(read_layer_weights(run, layer, 0, 0).d_mlp), per_task)]
 
 
 def _finished(run: RunDir, batch: NeuronBatch) -> bool:
     return all(run.exists(rel) for rel in batch_files(batch))
 
 
-def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_process: bool) -> None:
-    """Each layer's h is read once and shared by its batches: in the object store, zero-copy, for Ray tasks.
-    At most two layers are held at a time, so the next layer loads while the last batches of one finish."""
+def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_process: bool,
+                 gated_embedding: str = "concat") -> None:
+    """Each slice of h (a layer's rows, or those of consecutive batches: `h_slices`) is read once and shared by
+    its batches: in the object store, zero-copy, for Ray tasks. At most two slices are held at a time, so the
+    next one loads while the last batches of one finish: the stage holds at most `cluster.h_memory_mb` of h."""
     if not todo:
         return
     by_layer: dict[int, list[NeuronBatch]] = {}
     for batch in todo:
         by_layer.setdefault(batch.layer, []).append(batch)
+    budget = cfg.h_memory_mb * 2**20 // 2
+    units = [(layer, group, ids) for layer, batches in by_layer.items()
+             for group, ids in h_slices(run, layer, batches, budget)]
     bar = tqdm(total=len(todo), unit="batch", desc="cluster")
     try:
         if in_process:
-            for layer, batches in by_layer.items():
-                layer_h = load_h(run, layer)
+            for layer, batches, ids in units:
+                layer_h = load_h(run, layer, ids)
                 for batch in batches:
-                    cluster_batch(run.url, batch, cfg, layer_h)
+                    cluster_batch(run.url, batch, cfg, layer_h, gated_embedding)
                     bar.update(1)
+                del layer_h
             return
         init_ray()
         load = ray.remote(num_cpus=1, max_retries=2)(load_h)
@@ -228,16 +241,45 @@ def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_pr
             pending.pop(done[0])
             bar.update(1)
 
-        for layer, batches in by_layer.items():
+        for unit, (layer, batches, ids) in enumerate(units):
             while len(set(pending.values())) >= 2:
                 finish_one()
-            h_ref = load.remote(run, layer)  # freed by Ray once this layer's tasks are done
-            pending.update({task.remote(run.url, batch, cfg_ref, h_ref): layer for batch in batches})
+            h_ref = load.remote(run, layer, ids)  # freed by Ray once this slice's tasks are done
+            pending.update({task.remote(run.url, batch, cfg_ref, h_ref, gated_embedding): unit for batch in batches})
             del h_ref
         while pending:
             finish_one()
     finally:
         bar.close()
+
+
+def h_slices(run: RunDir, layer: int, batches: list[NeuronBatch], budget: int
+             ) -> list[tuple[list[NeuronBatch], np.ndarray | None]]:
+    """Consecutive groups of a layer's batches whose h rows take at most `budget` bytes, each with its h_ids;
+    one group with None (read the whole layer) when the layer fits. A batch alone over the budget is its own
+    group: `cluster.neurons_per_task` bounds it."""
+    folder = schema.layer_dir(schema.H_DIR, layer)
+    footers = [run.read_footer(f"{folder}/{name}") for name in run.ls(folder, suffix=".parquet")]
+    if not footers:
+        return [(batches, None)]
+    h_type = footers[0].schema.to_arrow_schema().field("h").type
+    row_bytes = h_type.list_size * h_type.value_type.bit_width // 8
+    if sum(f.num_rows for f in footers) * row_bytes <= budget:
+        return [(batches, None)]
+    examples = schema.layer_dir(schema.EXAMPLES_DIR, layer)
+    groups: list[tuple[list[NeuronBatch], np.ndarray]] = []
+    group, ids = [], np.zeros(0, np.int64)
+    for batch in batches:
+        mine = run.read_parquet(examples, columns=["h_id"],
+                                filters=[("neuron", ">=", batch.lo), ("neuron", "<", batch.hi)])
+        merged = np.union1d(ids, mine.column("h_id").to_numpy())
+        if group and len(merged) * row_bytes > budget:
+            groups.append((group, ids))
+            group, merged = [], np.unique(mine.column("h_id").to_numpy())
+        group.append(batch)
+        ids = merged
+    groups.append((group, ids))
+    return groups
 
 
 def _summary(run: RunDir, seconds: float) -> ClusterSummary:

@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
@@ -29,17 +28,21 @@ from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
 from ne import harvest, schema
 from ne.config import HarvestConfig, RunConfig, to_dict
 from ne.data import context_parts, read_contexts, write_contexts
-from ne.errors import DataError
-from ne.models import load_model, load_units, sae_path
+from ne.errors import ConfigError, DataError
+from ne.models import MLPModel, load_model, load_units, sae_path
 from ne.models.sae_units import SAEUnits, check_reachable, load_sae, sae_fingerprint
 from ne.residual_sae import SAE_DIR, saelens_files, sample_activations, train_sae
 from ne.stages import HARVEST, Stage, check_force
 from ne.store import RunDir
+from ne.weights import weights_file
 
 log = logging.getLogger(__name__)
 
 WORK = "_work"
-H_ROWS_PER_PART = 65_536
+H_PART_BYTES = 128 * 2**20
+"""Bytes of h per output part file: the merge holds at most one such part (plus one input part) in memory."""
+EXAMPLE_NEURONS_PER_PART = 4096
+"""Neurons per examples output part: the merge holds the final examples of at most this many neurons."""
 NEURONS_PER_ROW_GROUP = 64
 
 
@@ -47,14 +50,15 @@ class PartProcessor:
     """One model replica (its MLP neurons or an SAE's latents); reads a contexts part from the run directory
     and writes its results there."""
 
-    def __init__(self, cfg: RunConfig, threads: int):
+    def __init__(self, cfg: RunConfig, threads: int, n_devices: int = 1, model: MLPModel | None = None):
         torch.set_num_threads(threads)
-        self.model = load_units(cfg)
+        self.model = model if model is not None else load_units(cfg, n_devices)
         self.run = RunDir(cfg.run_dir)
 
-    def maxima(self, part: int, layers: list[int], batch_size: int) -> int:
+    def maxima(self, part: int, layers: list[int], batch_size: int, direction: str = "max") -> int:
+        """Writes each neuron's maximum of sign × act (sign -1 for `min`) over the part."""
         contexts = read_contexts(self.run, part)
-        maxima = harvest.shard_maxima(self.model, contexts, layers, batch_size)
+        maxima = harvest.shard_maxima(self.model, contexts, layers, batch_size, harvest.SIGNS[direction])
         self.run.write_parquet(f"{WORK}/maxima/{schema.part_name(part)}", maxima_table(maxima))
         return sum(len(t) for _, t in contexts)
 
@@ -62,7 +66,8 @@ class PartProcessor:
         contexts = read_contexts(self.run, part)
         window = (hcfg.window_before, hcfg.window_after)
         results = harvest.shard_examples(
-            self.model, contexts, thresholds, hcfg.k, window, n_ctx, hcfg.batch_size, hcfg.h_dtype
+            self.model, contexts, thresholds, hcfg.k, window, n_ctx, hcfg.batch_size,
+            harvest.resolve_h_dtype(hcfg.h_dtype, self.model.d_model), harvest.SIGNS[hcfg.direction],
         )
         for layer, (examples, h) in results.items():
             self.run.write_parquet(f"{WORK}/examples/layer={layer}/{schema.part_name(part)}", examples)
@@ -74,7 +79,8 @@ class PartProcessor:
 HarvestWorker = ray.remote(PartProcessor)
 
 
-def maxima_table(maxima: dict[int, torch.Tensor]) -> pa.Table:
+def maxima_table(maxima: dict[int, torch.Tensor], direction: str = "max") -> pa.Table:
+    """`maxima` as maxima.parquet's table; for `min`, the column `min_act` (values as given, signed)."""
     layers = sorted(maxima)
     return pa.Table.from_arrays(
         [
@@ -82,7 +88,7 @@ def maxima_table(maxima: dict[int, torch.Tensor]) -> pa.Table:
             pa.array(np.concatenate([np.arange(len(maxima[i]), dtype=np.int32) for i in layers])),
             pa.array(np.concatenate([maxima[i].numpy().astype(np.float32) for i in layers])),
         ],
-        schema=schema.MAXIMA_SCHEMA,
+        schema=schema.maxima_schema(direction),
     )
 
 
@@ -124,19 +130,21 @@ def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary
 
 def _harvest(run: RunDir, cfg: RunConfig, force: set[str]) -> HarvestSummary:
     start = time.perf_counter()
-    base = load_model(cfg.model)
-    if not cfg.sae.active:
-        base.check_layers(cfg.harvest.layers)  # before the corpus is read: a bad layer fails at once
+    base = load_model(cfg.model, cfg.harvest.gpus_per_worker if cfg.harvest.num_workers == 0 else 1)
+    if not cfg.sae.active:  # checked before the corpus is read, so bad settings fail at once
+        base.check_layers(cfg.harvest.layers)
+        check_direction(cfg.harvest.direction, base)
     n_contexts = write_contexts(run, cfg, base, force)
     parts = context_parts(run)
     model = _units(run, cfg, base, force)
     layers = model.check_layers(cfg.harvest.layers)
+    check_direction(cfg.harvest.direction, model)
     run.record("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
                          "d_mlp": model.d_mlp, "bos_token_id": model.bos_token_id,
                          "pad_token_id": model.pad_token_id, "sae": sae_path(cfg),
                          "sae_hook": getattr(model, "hook", None)})
     _write_weights(run, cfg, model, layers, force)
-    pool = WorkerPool(cfg, run)
+    pool = WorkerPool(cfg, run, model)
     try:
         maxima = Stage(run, "maxima", cfg, force)
         if maxima.needed():
@@ -158,12 +166,20 @@ def _harvest(run: RunDir, cfg: RunConfig, force: set[str]) -> HarvestSummary:
     return summary
 
 
+def check_direction(direction: str, model: MLPModel) -> None:
+    if direction == "min" and not model.signed():
+        act_fn = getattr(model.act_fn, "__name__", type(model.act_fn).__name__)
+        raise ConfigError(f"harvest.direction is 'min' but the activations of {model.name} ({act_fn}) are never "
+                          "negative; use harvest.direction: max")
+
+
 def _maxima_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, stage: Stage) -> None:
+    direction = cfg.harvest.direction
     if cfg.harvest.maxima_file:
-        table = read_maxima_file(cfg.harvest.maxima_file, layers, d_mlp)
+        table = read_maxima_file(cfg.harvest.maxima_file, layers, d_mlp, direction)
     else:
-        pool.map("maxima", parts, layers, cfg.harvest.batch_size)
-        table = merge_maxima(run, parts)
+        pool.map("maxima", parts, layers, cfg.harvest.batch_size, direction)
+        table = merge_maxima(run, parts, harvest.SIGNS[direction], direction)
     run.write_parquet(schema.MAXIMA, table)
     stage.done(rows=table.num_rows, layers=layers)
 
@@ -172,9 +188,11 @@ def _examples_stage(
     run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, stage: Stage
 ) -> None:
     maxima = run.read_parquet(schema.MAXIMA).to_pandas()
+    column, sign = schema.extreme_column(cfg.harvest.direction), harvest.SIGNS[cfg.harvest.direction]
     thresholds = {
         layer: harvest.thresholds_from_maxima(
-            torch.tensor(maxima[maxima.layer == layer].sort_values("neuron").max_act.to_numpy()), cfg.harvest.frac
+            sign * torch.tensor(maxima[maxima.layer == layer].sort_values("neuron")[column].to_numpy()),
+            cfg.harvest.frac,
         )
         for layer in layers
     }
@@ -182,7 +200,7 @@ def _examples_stage(
     todo = [p for p in parts if f"{schema.part_name(p)}.done" not in done]
     pool.map("examples", todo, thresholds, cfg.harvest, cfg.data.n_ctx)
     rows = sum(_merge_layer(run, layer, parts, cfg.harvest.k, d_mlp) for layer in layers)
-    stage.done(rows=rows, layers=layers)
+    stage.done(rows=rows, layers=layers, h_dtype=harvest.resolve_h_dtype(cfg.harvest.h_dtype, pool.model.d_model))
 
 
 def _units(run: RunDir, cfg: RunConfig, base, force: set[str]):
@@ -211,17 +229,17 @@ def _write_weights(run: RunDir, cfg: RunConfig, model, layers: list[int], force:
         return
     stage.begin()
     for layer in layers:
-        tensors = {"W_in": model.W_in(layer).float().cpu().contiguous(),
-                   "b_in": model.b_in(layer).float().cpu().contiguous()}
-        run.write_bytes(schema.weights_path(layer), safetensors.torch.save(tensors))
+        run.write_bytes(schema.weights_path(layer), weights_file(model.input_weights(layer)))
     stage.done(layers=layers)
 
 
 class WorkerPool:
-    """Harvest workers, started on first use and kept for both passes: each loads the model once."""
+    """Harvest workers, started on first use and kept for both passes: each loads the model once.
 
-    def __init__(self, cfg: RunConfig, run: RunDir):
-        self.cfg, self.run = cfg, run
+    With `harvest.num_workers: 0` the parts are processed here, with the driver's own model."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir, model: MLPModel):
+        self.cfg, self.run, self.model = cfg, run, model
         self.workers: list = []
         self.local: PartProcessor | None = None
 
@@ -240,7 +258,7 @@ class WorkerPool:
 
     def _map_local(self, method, parts, args, bar) -> None:
         if self.local is None:
-            self.local = PartProcessor(self.cfg, torch.get_num_threads())
+            self.local = PartProcessor(self.cfg, torch.get_num_threads(), model=self.model)
         for part in parts:
             getattr(self.local, method)(part, *args)
             bar.update(1)
@@ -248,11 +266,12 @@ class WorkerPool:
     def _map_ray(self, method, parts, args, bar) -> None:
         if not self.workers:
             init_ray()
-            n, threads, options = model_actor_options(
-                min(self.cfg.harvest.num_workers, len(parts)), self.cfg.harvest.use_gpu
-            )
+            hcfg = self.cfg.harvest
+            n, threads, options = model_actor_options(min(hcfg.num_workers, len(parts)), hcfg.use_gpu,
+                                                      hcfg.gpus_per_worker)
             self.workers = [
-                HarvestWorker.options(**options).remote(self.cfg, threads) for _ in range(n)
+                HarvestWorker.options(**options).remote(self.cfg, threads, int(options.get("num_gpus", 0)) or 1)
+                for _ in range(n)
             ]
         tokens, started = 0, time.perf_counter()
 
@@ -270,24 +289,26 @@ class WorkerPool:
         self.workers = []
 
 
-def merge_maxima(run: RunDir, parts: list[int]) -> pa.Table:
+def merge_maxima(run: RunDir, parts: list[int], sign: float = 1.0, direction: str = "max") -> pa.Table:
+    """The parts' maxima of sign × act combined; written as real maxima (or minima, for `min`)."""
     merged: dict[tuple, np.ndarray] = {}
     for part in parts:
         table = run.read_parquet(f"{WORK}/maxima/{schema.part_name(part)}").to_pandas()
         for layer, group in table.groupby("layer"):
             values = group.sort_values("neuron").max_act.to_numpy(copy=True)
             merged[layer] = values if layer not in merged else np.maximum(merged[layer], values)
-    return maxima_table({layer: torch.as_tensor(v) for layer, v in merged.items()})
+    return maxima_table({layer: sign * torch.as_tensor(v) for layer, v in merged.items()}, direction)
 
 
-def read_maxima_file(path: str, layers: list[int], d_mlp: int) -> pa.Table:
-    need = "a Parquet file with columns layer, neuron, max_act"
+def read_maxima_file(path: str, layers: list[int], d_mlp: int, direction: str = "max") -> pa.Table:
+    column = schema.extreme_column(direction)
+    need = f"a Parquet file with columns layer, neuron, {column}"
     fs, fs_path = fsspec.core.url_to_fs(path)
     if not fs.isfile(fs_path):
         raise DataError(f"harvest.maxima_file {path!r} does not exist; give {need}")
     with fs.open(fs_path, "rb") as f:
         table = pq.read_table(f)
-    missing = {"layer", "neuron", "max_act"} - set(table.column_names)
+    missing = {"layer", "neuron", column} - set(table.column_names)
     if missing:
         raise DataError(f"harvest.maxima_file {path!r} lacks columns {sorted(missing)}; give {need}")
     df = table.to_pandas()
@@ -298,18 +319,24 @@ def read_maxima_file(path: str, layers: list[int], d_mlp: int) -> pa.Table:
             raise DataError(
                 f"harvest.maxima_file {path!r} has {len(rows)} neurons for layer {layer}; it needs all {d_mlp}"
             )
-        out[layer] = torch.as_tensor(rows.max_act.to_numpy(np.float32))
-    return maxima_table(out)
+        out[layer] = torch.as_tensor(rows[column].to_numpy(np.float32))
+    return maxima_table(out, direction)
 
 
 def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) -> int:
     """Stream the parts in corpus order, keeping the first k examples per neuron and their h rows once.
 
-    Memory holds at most k rows per neuron plus one part, however long the corpus.
+    Which examples of a part are kept depends only on the parts before it, so its h rows go straight to
+    the output (`H_PART_BYTES` per file) and its kept examples to `_work/kept/`; the examples are then
+    written sorted by neuron, `EXAMPLE_NEURONS_PER_PART` neurons at a time. Memory holds one input part,
+    one h output part and one slice of neurons, whatever the corpus or the model.
     """
-    ex_dir, h_dir = f"{WORK}/examples/layer={layer}", f"{WORK}/h/layer={layer}"
+    ex_dir, h_dir, kept_dir = f"{WORK}/examples/layer={layer}", f"{WORK}/h/layer={layer}", f"{WORK}/kept/layer={layer}"
+    out_ex, out_h = schema.layer_dir(schema.EXAMPLES_DIR, layer), schema.layer_dir(schema.H_DIR, layer)
+    for folder in (out_ex, out_h, kept_dir):
+        run.remove(folder)
     counts = np.zeros(d_mlp, dtype=np.int64)
-    kept_examples, kept_h = [], []
+    h_out = _PartWriter(run, out_h)
     for part in parts:
         examples = harvest.merge_examples(run.read_parquet(f"{ex_dir}/{schema.part_name(part)}"), k)
         neurons = examples.column("neuron").to_numpy()
@@ -319,15 +346,50 @@ def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) 
             examples.schema.get_field_index("rank"), "rank", pa.array(rank.astype(np.int16))
         ).filter(pa.array(keep))
         np.add.at(counts, examples.column("neuron").to_numpy(), 1)
-        kept_examples.append(examples)
-        kept_h.append(harvest.select_h(run.read_parquet(f"{h_dir}/{schema.part_name(part)}"), examples))
-    examples = harvest.sort_examples(harvest.concat_or_empty(kept_examples, schema.EXAMPLES))
-    h = pa.concat_tables(kept_h)  # sorted: parts come in corpus order, and h_id grows with ctx_id
-    out_ex = schema.layer_dir(schema.EXAMPLES_DIR, layer)
-    out_h = schema.layer_dir(schema.H_DIR, layer)
-    run.remove(out_ex)
-    run.remove(out_h)
-    run.write_parquet(f"{out_ex}/{schema.part_name(0)}", examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
-    for i, start in enumerate(range(0, max(h.num_rows, 1), H_ROWS_PER_PART)):
-        run.write_parquet(f"{out_h}/{schema.part_name(i)}", h.slice(start, H_ROWS_PER_PART))
-    return examples.num_rows
+        run.write_parquet(f"{kept_dir}/{schema.part_name(part)}", examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
+        h_out.add(harvest.select_h(run.read_parquet(f"{h_dir}/{schema.part_name(part)}"), examples))
+    h_out.close()
+    rows = 0
+    for i, lo in enumerate(range(0, d_mlp, EXAMPLE_NEURONS_PER_PART)):
+        hi = min(lo + EXAMPLE_NEURONS_PER_PART, d_mlp)
+        if not counts[lo:hi].any() and i > 0:
+            continue  # part 0 is always written, so every layer has a (possibly empty) examples file
+        examples = run.read_parquet(kept_dir, filters=[("neuron", ">=", lo), ("neuron", "<", hi)])
+        examples = harvest.sort_examples(examples.cast(schema.EXAMPLES))
+        run.write_parquet(f"{out_ex}/{schema.part_name(i)}", examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
+        rows += examples.num_rows
+    return rows
+
+
+class _PartWriter:
+    """Appends h rows (in h_id order) and writes them as parts of at most `H_PART_BYTES` each."""
+
+    def __init__(self, run: RunDir, folder: str):
+        self.run, self.folder = run, folder
+        self.pending: list[pa.Table] = []
+        self.rows, self.parts, self.schema = 0, 0, None
+
+    def add(self, table: pa.Table) -> None:
+        self.schema = self.schema or table.schema
+        if table.num_rows:
+            self.pending.append(table)
+            self.rows += table.num_rows
+        per_part = self._rows_per_part()
+        while self.rows >= per_part:
+            merged = pa.concat_tables(self.pending)
+            self._write(merged.slice(0, per_part))
+            rest = merged.slice(per_part)
+            self.pending, self.rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self.rows or self.parts == 0:  # an empty layer still gets one (empty) part
+            self._write(pa.concat_tables(self.pending) if self.pending else self.schema.empty_table())
+        self.pending, self.rows = [], 0
+
+    def _rows_per_part(self) -> int:
+        h_type = self.schema.field("h").type
+        return max(1, H_PART_BYTES // (h_type.list_size * h_type.value_type.bit_width // 8))
+
+    def _write(self, table: pa.Table) -> None:
+        self.run.write_parquet(f"{self.folder}/{schema.part_name(self.parts)}", table.combine_chunks())
+        self.parts += 1

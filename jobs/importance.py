@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 @ray.remote
 class ImportanceWorker:
-    def __init__(self, cfg: RunConfig, threads: int):
+    def __init__(self, cfg: RunConfig, threads: int, n_devices: int = 1):
         torch.set_num_threads(threads)
-        self.model = load_units(cfg)
+        self.model = load_units(cfg, n_devices)
         self.mask = mask_token_id(self.model, cfg.importance.mask_token)
         self.before = cfg.importance.window_before
         self.data = RunData(cfg.run_dir)
@@ -140,8 +140,10 @@ def _map(cfg: RunConfig, todo: list[NeuronBatch]) -> None:
         return
     init_ray()
     n_workers, threads, options = model_actor_options(min(cfg.importance.num_workers, len(todo)),
-                                                      cfg.importance.use_gpu, "importance.use_gpu")
-    workers = [ImportanceWorker.options(**options).remote(cfg, threads) for _ in range(n_workers)]
+                                                      cfg.importance.use_gpu, cfg.harvest.gpus_per_worker,
+                                                      "importance.use_gpu")
+    n_devices = int(options.get("num_gpus", 0)) or 1  # a model split for the harvest is split here too
+    workers = [ImportanceWorker.options(**options).remote(cfg, threads, n_devices) for _ in range(n_workers)]
     bar = tqdm(total=len(todo), unit="batch", desc="importance")
     try:
         run_on_actors(workers, "run", todo, on_done=lambda _: bar.update(1))

@@ -63,14 +63,36 @@ def gpu_wanted(use_gpu: bool | None, key: str) -> bool:
     return has if use_gpu is None else use_gpu
 
 
-def model_actor_options(num_workers: int, use_gpu: bool | None, key: str = "harvest.use_gpu") -> tuple[int, int, dict]:
+def check_gpus_per_node(gpus_per_worker: int, node_gpus: list[float]) -> None:
+    """An actor's GPUs must all be on one node: `gpus_per_worker` no more than the largest node has."""
+    most = int(max(node_gpus, default=0))
+    if gpus_per_worker > most:
+        per_node = ", ".join(str(int(g)) for g in node_gpus) or "none"
+        raise ConfigError(
+            f"harvest.gpus_per_worker is {gpus_per_worker} but the Ray cluster's nodes have at most {most} GPUs "
+            f"(per node: {per_node}); one actor's GPUs must share a node: set harvest.gpus_per_worker to at most "
+            f"{max(most, 1)}"
+        )
+
+
+def node_gpus() -> list[float]:
+    """GPUs of every live node of the Ray cluster."""
+    return [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+
+
+def model_actor_options(
+    num_workers: int, use_gpu: bool | None, gpus_per_worker: int = 1, key: str = "harvest.use_gpu"
+) -> tuple[int, int, dict]:
     """(actors, torch threads each, Ray options) for actors that each hold one model replica.
 
-    With GPUs (asked for, or found in the cluster when `use_gpu` is None) each actor takes one; on CPUs the
-    cluster's cores are split between the actors. A killed actor is restarted and its task retried.
+    With GPUs (asked for, or found in the cluster when `use_gpu` is None) each actor takes `gpus_per_worker`
+    of one node and splits its model over them; on CPUs the cluster's cores are split between the actors.
+    A killed actor is restarted and its task retried.
     """
+    if gpus_per_worker > 1:
+        check_gpus_per_node(gpus_per_worker, node_gpus())
     if gpu_wanted(use_gpu, key):
-        n, threads, resources = num_workers, 1, {"num_gpus": 1, "num_cpus": 1}
+        n, threads, resources = num_workers, 1, {"num_gpus": gpus_per_worker, "num_cpus": 1}
     else:
         n, threads = cpu_workers(num_workers)
         resources = {"num_cpus": threads}

@@ -41,6 +41,10 @@ class ModelConfig:
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """`float32`, `bfloat16` or `float16`. Maxima and selection are exact for the dtype chosen."""
+    gated_embedding: Literal["concat", "gate"] = "concat"
+    """Gated MLPs, act_j = act_fn(h·g_j + c_j)·(h·u_j + d_j): the neuron embedding clustered and indexed.
+    `concat`, e = [h ⊙ g_j ; h ⊙ u_j], sees features in either input map; `gate`, e = h ⊙ g_j, is blind to
+    those of the up projection (planted features, README "Gated MLPs"). Plain MLPs ignore it."""
 
     def __post_init__(self):
         check_choices(self, "model")
@@ -107,8 +111,17 @@ class HarvestConfig:
     without Ray, for debugging and memory measurements."""
     use_gpu: bool | None = None
     """Give each actor one GPU: None (the default) when the Ray cluster has GPUs, or true / false."""
-    h_dtype: Literal["float32", "float16"] = "float32"
-    """Storage dtype of the pre-MLP embeddings: `float32` or `float16` (half the disk)."""
+    h_dtype: Literal["auto", "float32", "float16"] = "auto"
+    """Storage dtype of the pre-MLP embeddings: `float32`, `float16` (half the disk and memory), or `auto`:
+    float16 for models with d_model >= 2048, float32 below. float16 keeps every cosine distance within 1e-3
+    of float32 (each element's rounding error is at most 2^-11 relative; measured in README "Scale")."""
+    direction: Literal["max", "min"] = "max"
+    """Which firing to harvest: `max` (the paper's: contexts whose peak activation reaches frac × the maximum)
+    or `min` (contexts whose lowest activation is at or below frac × the minimum: strongly negative firing,
+    which a gated MLP's signed output has). `min` needs a model whose activations can be negative."""
+    gpus_per_worker: int = 1
+    """GPUs per Ray actor, with the model split over them (TransformerLens n_devices, or accelerate's device
+    map for Hugging Face directories): for models larger than one GPU. Needs `use_gpu`."""
 
     def __post_init__(self):
         check_choices(self, "harvest")
@@ -122,6 +135,10 @@ class HarvestConfig:
         at_least("harvest.window_after", self.window_after, 0)
         at_least("harvest.batch_size", self.batch_size, 1)
         at_least("harvest.num_workers", self.num_workers, 0)
+        at_least("harvest.gpus_per_worker", self.gpus_per_worker, 1)
+        if self.gpus_per_worker > 1 and self.use_gpu is False:
+            raise ConfigError(f"harvest.gpus_per_worker is {self.gpus_per_worker} but harvest.use_gpu is false; "
+                              "split a model over GPUs only with use_gpu true (or null)")
 
 
 @dataclass
@@ -137,6 +154,9 @@ class ClusterConfig:
     2 keeps lone examples (a third of all clusters at threshold 0.5 on MiniLM) from counting as behaviours."""
     neurons_per_task: int = 256
     """Neurons per Ray task; a task is also the unit of resume."""
+    h_memory_mb: int = 4096
+    """Memory for the h rows the stage shares between its tasks: at most two slices of half this each (a whole
+    layer when it fits, as GPT2-small's ~0.9 GB do). With `neurons_per_task` it bounds the stage's memory."""
     use_gpu: bool | None = None
     """Compute the distance matrices on a GPU: None (the default) when the Ray cluster (or, in process, this
     machine) has one, or true / false. Linkage and metrics stay on the CPU."""
@@ -149,6 +169,7 @@ class ClusterConfig:
             raise ConfigError(f"cluster.threshold is {self.threshold}; a cosine distance lies in (0, 2]")
         at_least("cluster.min_cluster_size", self.min_cluster_size, 1)
         at_least("cluster.neurons_per_task", self.neurons_per_task, 1)
+        at_least("cluster.h_memory_mb", self.h_memory_mb, 1)
         at_least("cluster.tasks_per_gpu", self.tasks_per_gpu, 1)
 
 

@@ -4,6 +4,11 @@ The neuron embedding of an example for neuron j is `e = h ⊙ w_j`. The cosine o
 same neuron is `Σ h_a h_b w² / (‖h_a ⊙ w‖ ‖h_b ⊙ w‖)`: a Gram matrix of the rows of `h ⊙ w`, so one
 batched matrix product (`torch.bmm`) serves every neuron of a batch. Neurons with fewer examples are
 zero-padded; padded rows never touch the real block `[:n, :n]`, which is all a caller reads.
+
+A gated neuron, act_fn(h·g_j + c_j)·(h·u_j + d_j), has two input vectors. `model.gated_embedding` says
+which embedding it gets: `gate`, e = h ⊙ g_j, or `concat`, e = [h ⊙ g_j ; h ⊙ u_j]. `LayerWeights.unit_weights`
+(ne/weights.py) is the one place that decides: it gives every neuron its weight vectors (one part, or two), and every
+consumer (clusters, the index, explanations) embeds with those.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.compute as pc
-import safetensors.numpy
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -22,15 +26,29 @@ from ne import schema
 from ne.device import resolve_device
 from ne.errors import DataError
 from ne.store import RunDir
+from ne.weights import GATED_EMBEDDINGS, LayerWeights, read_layer_weights, read_w_in  # noqa: F401
 
 
-def neuron_embeddings(
-    h: Float[Tensor, "*batch n d_model"], w: Float[Tensor, "*batch d_model"]
-) -> Float[Tensor, "*batch n d_model"]:
-    """e = h ⊙ w: each example's pre-MLP embedding weighted by its neuron's input weights."""
+def neuron_embeddings(h: Float[Tensor, "*batch n d_model"], w: Tensor) -> Float[Tensor, "*batch n e"]:
+    """e = h ⊙ w: each example's pre-MLP embedding weighted by its neuron's input weights.
+
+    `w` is [*batch, d_model], or [*batch, parts, d_model] from `LayerWeights.unit_weights`; with parts,
+    e = [h ⊙ w_0 ; h ⊙ w_1 ; ...] (e = parts × d_model)."""
     if h.shape[-1] != w.shape[-1]:
         raise ValueError(f"h has d_model {h.shape[-1]} but w has {w.shape[-1]}")
+    if w.dim() == h.dim():  # [*batch, parts, d]
+        e = h.unsqueeze(-2) * w.unsqueeze(-3)
+        return e.flatten(-2)
     return h * w.unsqueeze(-2)
+
+
+def gram_weights(w: Tensor) -> Tensor:
+    """One weight vector with the within-neuron cosines of `neuron_embeddings(h, w)` for every h.
+
+    For parts w_p: e_a · e_b = Σ_p Σ_i h_a,i h_b,i w_p,i² = Σ_i h_a,i h_b,i (√Σ_p w_p,i²)², and the norms
+    follow, so the concat embedding's distances need no copy twice the size of h (tests/test_embed.py
+    checks the identity against the explicit concatenation)."""
+    return w.pow(2).sum(-2).sqrt() if w.dim() == 3 else w
 
 
 def cosine_distances(
@@ -41,14 +59,15 @@ def cosine_distances(
 ) -> Float[Tensor, "b n n"]:
     """1 - cos(e_a, e_b) for every pair of examples of every neuron in the batch.
 
-    `w_bd=None` gives the distances of the raw pre-MLP embeddings (w = 1). Rows are normalised before
+    `w_bd` is [b, d_model] or [b, parts, d_model] (`LayerWeights.unit_weights`); `w_bd=None` gives the
+    distances of the raw pre-MLP embeddings (w = 1). Rows are normalised before
     the product, so float32 stays within 1e-6 of scipy's float64 `pdist(..., 'cosine')`. An all-zero
     embedding (padding, or a neuron whose weights vanish) has cosine 0 with everything: distance 1.
     """
     dev = resolve_device(device)
     e = h_bnd.to(device=dev, dtype=dtype)
     if w_bd is not None:
-        e = neuron_embeddings(e, w_bd.to(device=dev, dtype=dtype))
+        e = neuron_embeddings(e, gram_weights(w_bd.to(device=dev, dtype=dtype)))
     norms = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
     unit = e / norms.clamp_min(torch.finfo(dtype).tiny)
     dist = 1.0 - torch.bmm(unit, unit.transpose(1, 2))
@@ -67,11 +86,6 @@ def pad_rows(
     for b, ix in enumerate(index_lists):
         out[b, : len(ix)] = rows_nd[ix]
     return torch.from_numpy(out), counts
-
-
-def read_w_in(run: RunDir, layer: int) -> Float[np.ndarray, "d_model d_mlp"]:
-    """W_in of a harvested layer, from the run's `weights/layer=L.safetensors` (no model needed)."""
-    return safetensors.numpy.load(run.read_bytes(schema.weights_path(layer)))["W_in"]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 
 from ne import schema
-from ne.embed import neuron_embeddings, read_w_in
+from ne.embed import read_layer_weights
 from ne.errors import ConfigError
 from ne.harvest import thresholds_from_maxima
 from ne.models.base import MLPModel
@@ -90,15 +90,17 @@ class Explainer:
     `Explainer.load(run_dir).explain(text)` gives one `TokenUnits` per token of the text.
     """
 
-    def __init__(self, data: RunData, model: MLPModel, frac: float, n_ctx: int, min_cluster_size: int = 1):
+    def __init__(self, data: RunData, model: MLPModel, frac: float, n_ctx: int, min_cluster_size: int = 1,
+                 gated_embedding: str = "concat"):
         self.data, self.model, self.n_ctx, self.min_size = data, model, n_ctx, min_cluster_size
+        self.gated_embedding = gated_embedding
         self.layers = data.layers()
         maxima = data.run.read_parquet(schema.MAXIMA).to_pandas()
         self.max_act = {layer: maxima[maxima.layer == layer].sort_values("neuron").max_act.to_numpy(np.float32)
                         for layer in self.layers}
         self.thresholds = {layer: thresholds_from_maxima(torch.tensor(m), frac).numpy()
                            for layer, m in self.max_act.items()}
-        self.w_in = {layer: read_w_in(data.run, layer) for layer in self.layers}
+        self.weights = {layer: read_layer_weights(data.run, layer) for layer in self.layers}
         self._texts: dict[tuple[int, int, int], str | None] = {}
 
     @classmethod
@@ -109,7 +111,8 @@ class Explainer:
         data = RunData(run_dir)
         require_done(data.run, "cluster", data.manifest())
         cfg = data.config()
-        return cls(data, model or load_units(cfg), cfg.harvest.frac, cfg.data.n_ctx, cfg.cluster.min_cluster_size)
+        return cls(data, model or load_units(cfg), cfg.harvest.frac, cfg.data.n_ctx, cfg.cluster.min_cluster_size,
+                   cfg.model.gated_embedding)
 
     def explain(self, text: str, top: int = 10) -> list[TokenUnits]:
         """The units firing at each token of `text`; a text longer than the run's contexts is explained in
@@ -160,8 +163,8 @@ class Explainer:
         behaviours = sizes >= self.min_size  # outliers are lone examples, not behaviours to join
         if behaviours.any():
             clusters, sizes, vectors = clusters[behaviours], sizes[behaviours], vectors[behaviours]
-        e_1d = neuron_embeddings(torch.from_numpy(h_d[None]), torch.from_numpy(self.w_in[layer][:, neuron])).numpy()
-        best, sim = assign(e_1d, vectors)
+        e_1e = self.weights[layer].embed(h_d[None], np.array([neuron]), self.gated_embedding)
+        best, sim = assign(e_1e, vectors)
         cluster = int(clusters[best[0]])
         return FiringUnit(layer, neuron, act, of_max, cluster, float(sim[0]), int(sizes[best[0]]),
                           self.central_text(layer, neuron, cluster))

@@ -5,6 +5,10 @@ maxima of all shards combine by `max`. Pass 2 keeps, per neuron, the first k con
 peak activation reaches the threshold. Because shards are contiguous ranges of the corpus, concatenating
 shard results in shard order and keeping the first k per neuron (`merge_examples`) gives exactly the
 single-process answer.
+
+`direction: min` harvests strongly negative firing by the same code on `sign × act` with sign = -1: the
+"maximum" is then minus the minimum, and a context is an example when its lowest activation is at or below
+frac × the minimum. Stored activations (`act`, `window`) are always the real, signed values.
 """
 
 from __future__ import annotations
@@ -45,6 +49,22 @@ def peak_positions(key: Tensor, row: Tensor, neuron: Tensor, has_bos: bool) -> T
     return key[row, :, neuron].argmax(dim=1) + int(has_bos)
 
 
+SIGNS = {"max": 1.0, "min": -1.0}
+H_DTYPE_AUTO_D_MODEL = 2048
+"""`harvest.h_dtype: auto` stores h as float16 from this d_model on (8B-class models), float32 below."""
+
+
+def resolve_h_dtype(h_dtype: str, d_model: int) -> str:
+    if h_dtype != "auto":
+        return h_dtype
+    return "float16" if d_model >= H_DTYPE_AUTO_D_MODEL else "float32"
+
+
+def signed(act: Tensor, sign: float) -> Tensor:
+    """`act` as seen by the selection: itself for `max`, negated for `min` (no copy for `max`)."""
+    return act if sign > 0 else -act
+
+
 def thresholds_from_maxima(max_act: Float[Tensor, " n"], frac: float) -> Float[Tensor, " n"]:
     """frac × max; a neuron whose maximum is not positive never fires, so it gets no examples."""
     thr = max_act.float() * frac
@@ -71,15 +91,15 @@ class FirstK:
 
 @torch.inference_mode()
 def shard_maxima(
-    model: MLPModel, contexts: Sequence[Context], layers: list[int], batch_size: int
+    model: MLPModel, contexts: Sequence[Context], layers: list[int], batch_size: int, sign: float = 1.0
 ) -> dict[int, Float[Tensor, " d_mlp"]]:
-    """Pass 1: each neuron's maximum activation over the valid positions of these contexts."""
+    """Pass 1: each neuron's maximum of sign × activation over the valid positions of these contexts."""
     maxima = {layer: torch.full((model.d_mlp,), float("-inf")) for layer in layers}
     for _, tokens, mask in batches(contexts, batch_size, model.pad_token_id):
         mask = mask.to(model.device)
         out = model.run(tokens.to(model.device), mask, layers)
         for layer in layers:
-            act = key_activations(out[layer].act, mask, model.bos_token_id is not None)
+            act = key_activations(signed(out[layer].act, sign), mask, model.bos_token_id is not None)
             peak = act.amax(dim=1).amax(dim=0).float().cpu()  # 25x faster than amax(dim=(0, 1)) on CPU
             maxima[layer] = torch.maximum(maxima[layer], peak)
     return maxima
@@ -88,14 +108,15 @@ def shard_maxima(
 class ExampleCollector:
     """Pass 2 for one layer: accumulates the selected examples and their h rows as Arrow tables."""
 
-    def __init__(self, layer: int, thresholds: Tensor, k: int, window: tuple[int, int], n_ctx: int, h_dtype: str):
-        self.layer, self.window, self.n_ctx, self.h_dtype = layer, window, n_ctx, h_dtype
+    def __init__(self, layer: int, thresholds: Tensor, k: int, window: tuple[int, int], n_ctx: int, h_dtype: str,
+                 sign: float = 1.0):
+        self.layer, self.window, self.n_ctx, self.h_dtype, self.sign = layer, window, n_ctx, h_dtype, sign
         self.first_k = FirstK(thresholds, k)
         self.example_tables: list[pa.Table] = []
         self.h_tables: list[pa.Table] = []
 
     def add(self, ctx_ids: Tensor, act: Tensor, h: Tensor, mask: Tensor, has_bos: bool) -> None:
-        key = key_activations(act, mask, has_bos)
+        key = key_activations(signed(act, self.sign), mask, has_bos)
         peak = key.amax(dim=1).float()
         row, neuron, rank = self.first_k.select(peak)
         if len(row) == 0:
@@ -122,7 +143,7 @@ class ExampleCollector:
                     pa.array(rank.cpu().numpy().astype(np.int16)),
                     pa.array(ctx.cpu().numpy()),
                     pa.array(pos.cpu().numpy().astype(np.int16)),
-                    pa.array(peak[row, neuron].cpu().numpy().astype(np.float32)),
+                    pa.array(self.sign * peak[row, neuron].cpu().numpy().astype(np.float32)),
                     pa.array(start),
                     window,
                     pa.array(hid.cpu().numpy()),
@@ -163,13 +184,14 @@ def shard_examples(
     n_ctx: int,
     batch_size: int,
     h_dtype: str = "float32",
+    sign: float = 1.0,
 ) -> dict[int, tuple[pa.Table, pa.Table]]:
     """Pass 2 over one shard: per layer, (examples, h) tables with ranks local to the shard.
 
     Examples come in arrival order; `merge_examples` sorts them by neuron and corpus order."""
     layers = sorted(thresholds)
     collectors = {
-        layer: ExampleCollector(layer, thresholds[layer].to(model.device), k, window, n_ctx, h_dtype)
+        layer: ExampleCollector(layer, thresholds[layer].to(model.device), k, window, n_ctx, h_dtype, sign)
         for layer in layers
     }
     for ctx_ids, tokens, mask in batches(contexts, batch_size, model.pad_token_id):

@@ -149,7 +149,8 @@ class NeuronData:
     examples: list[Example]
     """In rank (corpus) order."""
     max_act: float | None = None
-    """The neuron's maximum over the corpus (maxima.parquet), which scales the highlighting."""
+    """The neuron's maximum over the corpus (maxima.parquet), which scales the highlighting; its minimum, a
+    negative number, in a `harvest.direction: min` run."""
     linkage: np.ndarray | None = None
     """scipy linkage matrix [(n - 1), 4] over the examples in rank order; None before clustering."""
     threshold: float | None = None
@@ -173,8 +174,10 @@ class NeuronData:
     @property
     def scale(self) -> float:
         """Activation that maps to full colour."""
-        top = max((e.act for e in self.examples), default=0.0)
-        return float(self.max_act) if self.max_act and self.max_act > 0 else max(top, 1e-9)
+        if self.max_act:  # signed: activations of the harvested sign are coloured
+            return float(self.max_act)
+        top = max((e.act for e in self.examples), key=abs, default=0.0)
+        return top if top < 0 else max(top, 1e-9)
 
 
 @dataclass
@@ -321,8 +324,8 @@ class RunData:
     def _max_act(self, layer: int, neuron: int) -> float | None:
         if not self.ready("maxima"):
             return None
-        table = self._read_small(schema.MAXIMA, [("layer", "=", layer), ("neuron", "=", neuron)], ["max_act"])
-        return float(table.column(0)[0].as_py()) if table.num_rows else None
+        table = self._read_small(schema.MAXIMA, [("layer", "=", layer), ("neuron", "=", neuron)])
+        return float(table.column(2)[0].as_py()) if table.num_rows else None  # max_act, or min_act
 
     def _add_clusters(self, data: NeuronData) -> None:
         if not self.ready("cluster"):

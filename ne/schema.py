@@ -4,7 +4,7 @@
 RUN/
   manifest.json                      config as run, versions, per-stage status and row counts
   contexts/part-NNNNN.parquet        ctx_id, doc_id, tokens (BOS first where the model uses one; no padding)
-  maxima.parquet                     layer, neuron, max_act
+  maxima.parquet                     layer, neuron, max_act (min_act with harvest.direction: min)
   examples/layer=L/part-NNNNN.parquet  one row per (neuron, example), sorted by neuron then rank
   h/layer=L/part-NNNNN.parquet       one row per (ctx_id, pos) used by any example of layer L
   clusters/layer=L/part-NNNNN.parquet  one row per (neuron, example): its cluster
@@ -58,6 +58,15 @@ def h_id(ctx_id, pos, n_ctx: int):
 CONTEXTS = pa.schema([("ctx_id", pa.int64()), ("doc_id", pa.int64()), ("tokens", pa.list_(pa.int32()))])
 
 MAXIMA_SCHEMA = pa.schema([("layer", pa.int16()), ("neuron", pa.int32()), ("max_act", pa.float32())])
+
+
+def extreme_column(direction: str) -> str:
+    """maxima.parquet's value column: `max_act`, or `min_act` for a `harvest.direction: min` run."""
+    return "min_act" if direction == "min" else "max_act"
+
+
+def maxima_schema(direction: str = "max") -> pa.Schema:
+    return pa.schema([("layer", pa.int16()), ("neuron", pa.int32()), (extreme_column(direction), pa.float32())])
 
 EXAMPLES = pa.schema(
     [

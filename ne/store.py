@@ -147,6 +147,14 @@ class RunDir:
                             f"{redo_hint(rel)}")
         return data
 
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes start..end-1 of a file (a batch of neurons of a weights file). Not checked against the
+        manifest's record, which covers the whole file: stages verify their inputs before reading them."""
+        try:
+            return self.fs.cat_file(self.path(rel), start=start, end=end)
+        except FileNotFoundError:
+            raise DataError(f"{self.url}: {rel} is missing; {redo_hint(rel)}") from None
+
     def _damaged(self, rel: str, exc: Exception) -> DataError:
         """Name the damaged file itself, not just its folder (a folder read stops at the first bad part)."""
         for part in self.files(rel) if self.fs.isdir(self.path(rel)) else []:

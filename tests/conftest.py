@@ -89,3 +89,33 @@ def local_ray():
     yield
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+GATED_SHAPE = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 128, "vocab_size": 50257}
+"""A 2-layer gated decoder, shrunk; GPT-2's vocabulary so that real text tokenises with the offline BPE."""
+
+
+def write_gated_hf(folder: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A random Hugging Face gated decoder (llama, gemma, mistral, qwen2, olmo, mixtral...) with GPT-2's BPE.
+
+    Norm weights are random too (HF initialises them to the identity), so folding them is really tested."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ne.models.tokenizers import gpt2_tokenizer
+
+    torch.manual_seed(seed)
+    extra = {"head_dim": 16} if model_type.startswith("gemma") else {}
+    config = AutoConfig.for_model(model_type, **GATED_SHAPE, **extra, **overrides, bos_token_id=50256,
+                                  eos_token_id=50256)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.randn_like(param) * 0.3 + (0.0 if model_type.startswith("gemma") else 1.0))
+            elif name.endswith("bias"):
+                param.copy_(torch.randn_like(param) * 0.1)
+    path = Path(folder) / f"tiny-{model_type}"
+    model.save_pretrained(path)
+    gpt2_tokenizer().save_pretrained(path)
+    return path

@@ -54,11 +54,12 @@ def write_synthetic_run(
     of each example and its h, in rank order.
     """
     import pyarrow as pa
-    import safetensors.numpy
+    import torch
 
     from ne import schema
     from ne.config import RunConfig
     from ne.store import RunDir
+    from ne.weights import weights_file
     from tests.viewer_run import stage
 
     run = RunDir(url)
@@ -100,7 +101,7 @@ def write_synthetic_run(
                                  schema=schema.EXAMPLES),
             pa.table({"h_id": hids, "ctx_id": [i // n_ctx for i in hids], "pos": [i % n_ctx for i in hids],
                       "h": [h_rows[i].tolist() for i in hids]}, schema=schema.h_schema(d_model)),
-            safetensors.numpy.save({"W_in": w_in, "b_in": np.zeros(d_mlp, np.float32)}),
+            weights_file({"W_in": torch.from_numpy(w_in), "b_in": torch.zeros(d_mlp)}),
         )
     tokens = [rng.integers(0, vocab, size=n_ctx).astype(np.int32).tolist() for _ in range(next_ctx)]
     run.record("model", {"name": "synthetic", "n_layers": max(layers) + 1, "d_model": d_model, "d_mlp": d_mlp})
@@ -123,3 +124,55 @@ def write_synthetic_run(
             run.write_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}", files[layer][0])
             run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(0)}", files[layer][1])
     return truth
+
+
+PLACEMENTS = ("gate", "up", "both")
+
+
+def planted_gated_features(
+    seed: int = 0,
+    where: str = "both",
+    sizes: tuple[int, ...] = (40, 30, 20, 10),
+    d_model: int = 64,
+    d_signal: int = 12,
+    spread: float = 0.15,
+    offset: float = 3.0,
+    noise: float = 3.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Planted features for a gated neuron act_fn(h·g)·(h·u). Returns h [n, d_model], g, u [d_model], truth [n].
+
+    Dimensions 0..d_signal-1 are read by the gate (g large, u small), the next d_signal by the up projection
+    (u large, g small); the rest carry the shared offset and noise of `planted_features`, with both weights
+    small. `where` puts the features' directions in the gate's block, the up block or across both; a block
+    without features holds one direction common to every example (the neuron still needs it to fire), plus
+    the same spread. So `gate` (h ⊙ g) is blind to features in the up projection, and `concat` sees both.
+    """
+    if where not in PLACEMENTS:
+        raise ValueError(f"where is {where!r}; one of {PLACEMENTS}")
+    rng = np.random.default_rng(seed)
+    truth = np.repeat(np.arange(len(sizes)), sizes)
+    rng.shuffle(truth)
+    n, k = len(truth), len(sizes)
+    gate_dims, up_dims = slice(0, d_signal), slice(d_signal, 2 * d_signal)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    h = np.empty((n, d_model))
+    if where == "both":
+        directions = unit(rng.normal(size=(k, 2 * d_signal))) * np.sqrt(2)
+        h[:, : 2 * d_signal] = directions[truth]
+    else:
+        featured, common = (gate_dims, up_dims) if where == "gate" else (up_dims, gate_dims)
+        h[:, featured] = unit(rng.normal(size=(k, d_signal)))[truth]
+        h[:, common] = unit(rng.normal(size=d_signal))
+    h[:, : 2 * d_signal] += spread * rng.normal(size=(n, 2 * d_signal))
+    d_noise = d_model - 2 * d_signal
+    shared = rng.normal(size=d_noise)
+    h[:, 2 * d_signal :] = offset * shared / np.linalg.norm(shared) + noise * rng.normal(size=(n, d_noise)) / np.sqrt(
+        d_noise
+    )
+    g, u = np.full(d_model, 0.02), np.full(d_model, 0.02)
+    g[gate_dims], u[up_dims] = rng.uniform(0.5, 1.5, size=d_signal), rng.uniform(0.5, 1.5, size=d_signal)
+    g[up_dims], u[gate_dims] = 0.1 * rng.normal(size=d_signal), 0.1 * rng.normal(size=d_signal)
+    return h.astype(np.float32), g.astype(np.float32), u.astype(np.float32), truth

@@ -45,7 +45,7 @@ def test_shipped_configs_load(name):
         ({"harvest": {"k": 40_000}}, "harvest.k is 40000; it must be at most 32,767 (ranks are stored as int16)"),
         ({"seed": -1}, "seed is -1; it must be at least 0 (seeds are non-negative integers)"),
         ({"seed": -1, "index": {"exact_below": 0}}, "seed is -1; it must be at least 0"),
-        ({"harvest": {"h_dtype": "int8"}}, "harvest.h_dtype is 'int8'; choose one of 'float32', 'float16'"),
+        ({"harvest": {"h_dtype": "int8"}}, "harvest.h_dtype is 'int8'; choose one of 'auto', 'float32', 'float16'"),
         ({"importance": {"window_before": -2}}, "importance.window_before is -2; it must be at least 0"),
     ],
 )

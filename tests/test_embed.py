@@ -96,3 +96,80 @@ def test_read_h_returns_requested_rows_in_order(tmp_path, dtype):
     np.testing.assert_array_equal(whole.take(want), got)
     with pytest.raises(DataError, match=r"h/layer=1 lacks h_ids \[4, 500\]"):
         whole.positions(np.array([500, 3, 4]))
+
+
+# --- gated MLPs: the concat embedding, the weights file, the planted-feature choice ------------------------
+
+
+def test_concat_distances_equal_those_of_the_explicit_concatenation(batch):
+    """cosine_distances takes [b, parts, d] weights without building the 2d-wide embedding; same numbers."""
+    rows, index_lists, w = batch
+    up = np.roll(w, 5, axis=1) * 0.7
+    h_bnd, _ = pad_rows(rows, index_lists)
+    w_bpd = torch.from_numpy(np.stack([w, up], axis=1))
+    dist = cosine_distances(h_bnd, w_bpd, dtype=torch.float64, device="cpu").numpy()
+    for b, ix in enumerate(index_lists):
+        if len(ix) < 2:
+            continue
+        h = rows[ix].astype(np.float64)
+        e = np.concatenate([h * w[b], h * up[b]], axis=1)
+        np.testing.assert_allclose(dist[b, : len(ix), : len(ix)], squareform(pdist(e, "cosine")), atol=1e-9)
+    explicit = neuron_embeddings(h_bnd[:1], w_bpd[:1])
+    assert explicit.shape == (1, h_bnd.shape[1], 2 * rows.shape[1])
+    assert torch.equal(explicit[0, 0, rows.shape[1]:], h_bnd[0, 0] * w_bpd[0, 1])
+
+
+def test_weights_file_is_read_by_neuron_range(tmp_path):
+    from ne import schema
+    from ne.errors import ConfigError
+    from ne.store import RunDir
+    from ne.weights import read_layer_weights, read_w_in, weights_file
+
+    g = torch.randn(16, 40)
+    u = torch.randn(16, 40)
+    run = RunDir(str(tmp_path))
+    run.write_bytes(schema.weights_path(3), weights_file({"W_gate": g, "b_gate": torch.zeros(40), "W_up": u,
+                                                          "b_up": torch.zeros(40)}))
+    part = read_layer_weights(run, 3, 10, 17)
+    assert part.gated and part.d_mlp == 40 and part.gate.shape == (7, 16)
+    np.testing.assert_array_equal(part.unit_weights(np.arange(10, 17), "gate")[:, 0], g.numpy()[:, 10:17].T)
+    both = part.unit_weights(np.array([12, 16]), "concat")
+    np.testing.assert_array_equal(both[:, 1], u.numpy()[:, [12, 16]].T)
+    np.testing.assert_array_equal(read_w_in(run, 3), g.numpy())
+    e = part.embed(np.ones((2, 16), np.float32), np.array([12, 16]), "concat")
+    np.testing.assert_array_equal(e, np.concatenate([both[:, 0], both[:, 1]], axis=1))
+    with pytest.raises(ConfigError, match="model.gated_embedding is 'gat'; choose one of 'concat', 'gate'"):
+        part.unit_weights(np.array([12]), "gat")
+
+
+def _planted_auc(where: str, mode: str, seeds: range, spread: float) -> tuple[float, float]:
+    """(mean ARI at the default cut, mean AUC of same-feature pairs being closer) over seeds."""
+    from sklearn.metrics import adjusted_rand_score, roc_auc_score
+
+    from ne.cluster import cluster_examples
+    from ne.config import ClusterConfig
+    from ne.weights import LayerWeights
+    from tests.planted import planted_gated_features
+
+    ari, auc = [], []
+    for seed in seeds:
+        h, g, u, truth = planted_gated_features(seed, where, spread=spread)
+        w = LayerWeights(g[None], u[None]).unit_weights(np.array([0]), mode)
+        d = cosine_distances(torch.from_numpy(h)[None], torch.from_numpy(w), device="cpu")[0].numpy()
+        ari.append(adjusted_rand_score(truth, cluster_examples(d, ClusterConfig().threshold).labels))
+        upper = np.triu_indices(len(truth), 1)
+        auc.append(roc_auc_score((truth[:, None] == truth[None])[upper], -d[upper]))
+    return float(np.mean(ari)), float(np.mean(auc))
+
+
+def test_planted_gated_features_concat_is_never_blind():
+    """The measurement behind model.gated_embedding's default (benchmarks/gated_embedding.py prints it all):
+    `gate` cannot see features that live in the up projection; `concat` sees features wherever they live."""
+    seeds, spread = range(5), 0.15
+    got = {(where, mode): _planted_auc(where, mode, seeds, spread) for where in ("gate", "up", "both")
+           for mode in ("gate", "concat")}
+    assert got["up", "gate"][1] < 0.6 and got["up", "gate"][0] < 0.1  # blind
+    for where in ("gate", "up", "both"):
+        assert got[where, "concat"][1] > 0.95, (where, got[where, "concat"])
+    assert got["both", "concat"][0] > 0.95 and got["both", "concat"][0] > got["both", "gate"][0]
+    assert got["gate", "gate"][1] > 0.95  # and gate does see its own features

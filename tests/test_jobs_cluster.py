@@ -93,11 +93,11 @@ def test_interrupted_run_resumes_per_batch(reference, tmp_path, monkeypatch):
     write_synthetic_run(str(path))
     real, calls = job.cluster_batch, []
 
-    def failing(url, batch, cfg, layer_h):
+    def failing(url, batch, cfg, layer_h, *rest):
         if len(calls) == 3:
             raise RuntimeError("simulated crash")
         calls.append(batch)
-        return real(url, batch, cfg, layer_h)
+        return real(url, batch, cfg, layer_h, *rest)
 
     monkeypatch.setattr(job, "cluster_batch", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -51,27 +51,39 @@ def make_cfg(run_dir, model_cfg, corpus, **harvest_kwargs) -> RunConfig:
     )
 
 
-def naive_harvest(model, contexts, layers, k, frac, before, after):
-    """Plain loops: one context at a time, one neuron at a time."""
+def naive_harvest(model, contexts, layers, k, frac, before, after, direction="max", capture=None):
+    """Plain loops: one context at a time, one neuron at a time. `capture(tokens)` gives {layer: (act, h)}
+    of one context by other means than `model.run` (forward hooks on the Hugging Face model itself).
+    `min`: the first k contexts whose lowest activation is at or below frac × the neuron's minimum."""
     acts, hs = {}, {}
     for ctx_id, tokens in contexts:
         t = torch.tensor([tokens])
-        out = model.run(t, torch.ones_like(t), layers)
+        if capture is None:
+            out = model.run(t, torch.ones_like(t), layers)
+            got = {layer: (out[layer].act[0], out[layer].h[0]) for layer in layers}
+        else:
+            got = capture(t)
         for layer in layers:
-            acts[layer, ctx_id] = out[layer].act[0].float().numpy()
-            hs[layer, ctx_id] = out[layer].h[0].float().numpy()
+            acts[layer, ctx_id] = got[layer][0].float().numpy()
+            hs[layer, ctx_id] = got[layer][1].float().numpy()
     first = 1 if model.bos_token_id is not None else 0
+    pick, better = (np.argmax, np.greater_equal) if direction == "max" else (np.argmin, np.less_equal)
     rows = []
     for layer in layers:
         for n in range(model.d_mlp):
-            maximum = max(acts[layer, c][first:, n].max() for c, _ in contexts)
+            if direction == "max":
+                extreme = max(acts[layer, c][first:, n].max() for c, _ in contexts)
+                fires = extreme > 0
+            else:
+                extreme = min(acts[layer, c][first:, n].min() for c, _ in contexts)
+                fires = extreme < 0
             kept = 0
             for ctx_id, tokens in contexts:
-                if kept == k or maximum <= 0:
+                if kept == k or not fires:
                     break
                 a = acts[layer, ctx_id][:, n]
-                pos = first + int(np.argmax(a[first:]))
-                if a[pos] >= frac * maximum:
+                pos = first + int(pick(a[first:]))
+                if better(a[pos], frac * extreme):
                     lo, hi = max(pos - before, 0), min(pos + after + 1, len(tokens))
                     rows.append((layer, n, kept, ctx_id, pos, a[pos], a[lo:hi], hs[layer, ctx_id][pos]))
                     kept += 1
@@ -192,3 +204,97 @@ def test_killed_worker_is_restarted_and_nothing_is_lost(tmp_path, tiny_model_cfg
     assert "summary" in result, "the job must finish despite the killed worker"
     run_harvest(reference := make_cfg(tmp_path / "reference", tiny_model_cfg, corpus))
     assert_same_rows(read_examples(cfg.run_dir, [0, 1]), read_examples(reference.run_dir, [0, 1]))
+
+
+# --- gated MLPs ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from tests.conftest import write_gated_hf
+
+    return write_gated_hf(tmp_path_factory.mktemp("llama"), "llama")
+
+
+def hf_hook_capture(hf_dir, layers):
+    """{layer: (act, h)} of one context from the Hugging Face model itself: act is what down_proj receives;
+    h is the MLP's input with the RMSNorm weight divided out (the norm's weight is folded into W_gate, W_up)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+
+    def capture(tokens):
+        seen = {}
+        hooks = []
+        for layer in layers:
+            block = hf.model.layers[layer]
+            hooks.append(block.mlp.down_proj.register_forward_pre_hook(
+                lambda m, a, layer=layer: seen.__setitem__(("act", layer), a[0][0])))
+            hooks.append(block.mlp.register_forward_pre_hook(
+                lambda m, a, layer=layer, w=block.post_attention_layernorm.weight: seen.__setitem__(
+                    ("h", layer), a[0][0] / w)))
+        try:
+            with torch.no_grad():
+                hf(input_ids=tokens)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {layer: (seen["act", layer], seen["h", layer]) for layer in layers}
+
+    return capture
+
+
+@pytest.mark.parametrize("direction", ["max", "min"])
+def test_gated_ray_harvest_equals_naive_loop_on_hook_activations(tmp_path, llama_dir, corpus, local_ray, direction):
+    """A random 2-layer Llama (HF directory), real text, 2 Ray workers: same rows, order and values as a naive
+    loop over activations read as the input of down_proj by a forward hook."""
+    from ne.config import ModelConfig
+    from ne.weights import read_layer_weights
+
+    model_cfg = ModelConfig(backend="hf", name=str(llama_dir), device="cpu")
+    cfg = make_cfg(tmp_path / "run", model_cfg, corpus, direction=direction)
+    summary = run_harvest(cfg)
+    run = RunDir(cfg.run_dir)
+    model = load_model(model_cfg)
+    ctx = run.read_parquet("contexts").to_pandas().sort_values("ctx_id")
+    contexts = list(zip(ctx.ctx_id.tolist(), ctx.tokens.map(list).tolist()))
+    expected = naive_harvest(model, contexts, [0, 1], k=5, frac=0.5, before=3, after=2, direction=direction,
+                             capture=hf_hook_capture(llama_dir, [0, 1]))
+    got = read_examples(cfg.run_dir, [0, 1])
+    assert_same_rows(got, expected)
+    assert sum(summary.examples.values()) == len(expected)
+    signs = np.sign([r[5] for r in got])
+    assert (signs > 0).all() if direction == "max" else (signs < 0).all()
+    extreme = run.read_parquet("maxima.parquet").to_pandas()
+    assert list(extreme.columns) == ["layer", "neuron", "min_act" if direction == "min" else "max_act"]
+    # The weights file carries both input maps; each stored h gives back its stored activation through them.
+    weights = read_layer_weights(run, 1)
+    assert weights.gated and weights.d_mlp == model.d_mlp
+    row = next(r for r in got if r[0] == 1)
+    h = torch.tensor(np.asarray(row[7], np.float32))
+    gate, up = torch.from_numpy(weights.gate[row[1]]), torch.from_numpy(weights.up[row[1]])
+    assert abs(float(model.act_fn(h @ gate) * (h @ up)) - row[5]) < 1e-5
+
+
+def test_direction_min_on_relu_model_is_refused(tmp_path, corpus):
+    from tests.conftest import TINY_ARCH, write_tiny_model
+
+    relu = write_tiny_model(tmp_path, {**TINY_ARCH, "act_fn": "relu"})
+    cfg = make_cfg(tmp_path / "run", relu, corpus, direction="min", num_workers=0)
+    with pytest.raises(ConfigError, match=r"harvest.direction is 'min' but the activations of tiny-gpt2 \(relu\) "
+                                          r"are never negative; use harvest.direction: max"):
+        run_harvest(cfg)
+
+
+def test_gpus_per_worker_above_the_clusters_gpus_per_node(tmp_path, tiny_model_cfg, corpus, local_ray):
+    from jobs.ray_utils import check_gpus_per_node
+
+    cfg = make_cfg(tmp_path / "run", tiny_model_cfg, corpus, gpus_per_worker=2)
+    with pytest.raises(ConfigError, match=r"harvest.gpus_per_worker is 2 but the Ray cluster's nodes have at most 0 "
+                                          r"GPUs \(per node: 0\)"):
+        run_harvest(cfg)
+    with pytest.raises(ConfigError, match=r"is 8 but .* at most 4 GPUs \(per node: 4, 4\).* at most 4"):
+        check_gpus_per_node(8, [4.0, 4.0])
+    check_gpus_per_node(8, [8.0, 4.0])  # an 8-GPU node takes it
+    with pytest.raises(ConfigError, match="harvest.gpus_per_worker is 2 but harvest.use_gpu is false"):
+        HarvestConfig(gpus_per_worker=2, use_gpu=False)

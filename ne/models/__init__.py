@@ -9,21 +9,36 @@ import torch
 
 from ne.config import ModelConfig
 from ne.device import resolve_device
+from ne.errors import ConfigError
 from ne.models.base import LayerOutput, MLPModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(cfg: ModelConfig) -> MLPModel:
+def load_model(cfg: ModelConfig, n_devices: int = 1) -> MLPModel:
+    """The model of `cfg`, on its device, or split over `n_devices` GPUs (`harvest.gpus_per_worker`)."""
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    check_devices(n_devices, device)
     if cfg.backend == "hf":
         from ne.models.hf import load_hf
 
-        return load_hf(cfg, device, dtype)
+        return load_hf(cfg, device, dtype, n_devices)
     from ne.models import tl
 
     loader = tl.load_by_name if cfg.backend == "transformer_lens" else tl.load_safetensors_model
-    return loader(cfg, device, dtype)
+    return loader(cfg, device, dtype, n_devices)
+
+
+def check_devices(n_devices: int, device: torch.device) -> None:
+    """A model split over `n_devices` needs that many CUDA GPUs visible here (Ray gives an actor its own)."""
+    if n_devices <= 1:
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type != "cuda" or visible < n_devices:
+        raise ConfigError(
+            f"harvest.gpus_per_worker is {n_devices} but this process sees {visible} CUDA GPUs (model.device "
+            f"{device}); split a model only over GPUs it can see, or set harvest.gpus_per_worker: 1"
+        )
 
 
 def sae_path(cfg) -> str | None:
@@ -33,9 +48,9 @@ def sae_path(cfg) -> str | None:
     return f"{cfg.run_dir.rstrip('/')}/sae" if cfg.sae.train_hook else None
 
 
-def load_units(cfg) -> MLPModel:
+def load_units(cfg, n_devices: int = 1) -> MLPModel:
     """The units a run (`RunConfig`) harvests: the model's MLP neurons, or an SAE's latents on the model."""
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, n_devices)
     path = sae_path(cfg)
     if path is None:
         return model

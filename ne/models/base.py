@@ -3,6 +3,11 @@
 `h` is the pre-MLP embedding: exactly the input of the MLP's first linear map (after its LayerNorm, with
 the LayerNorm's weight and bias folded into `W_in`/`b_in` where the back end can fold them), so that
 `act == act_fn(h @ W_in + b_in)` holds for every back end.
+
+A gated MLP (Llama, Mistral, Qwen, Gemma, OLMo) has two input maps: neuron j fires as
+`act_fn(h·g_j + c_j) · (h·u_j + d_j)`. There `W_in`/`b_in` are the gate (g, c: the input of act_fn) and
+`W_up`/`b_up` the up projection (u, d), each with the norm's weight folded in, and
+`act == act_fn(h @ W_in + b_in) * (h @ W_up + b_up)`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ class LayerOutput:
     h: Float[Tensor, "batch pos d_model"]
     """Pre-MLP embedding: the input of W_in."""
     act: Float[Tensor, "batch pos d_mlp"]
-    """Neuron activations: act_fn(h @ W_in + b_in)."""
+    """Neuron activations: act_fn(h @ W_in + b_in), times (h @ W_up + b_up) for a gated MLP."""
 
 
 class MLPModel(ABC):
@@ -42,6 +47,8 @@ class MLPModel(ABC):
     device: torch.device
     is_causal: bool
     """True when a token sees only earlier tokens, so whatever follows a key token cannot change it."""
+    gated: bool = False
+    """True for a gated MLP: `W_in`/`b_in` are then its gate and `W_up`/`b_up` its up projection."""
 
     @abstractmethod
     def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
@@ -50,6 +57,34 @@ class MLPModel(ABC):
     @abstractmethod
     def b_in(self, layer: int) -> Float[Tensor, " d_mlp"]:
         """Input biases of layer `layer`."""
+
+    def W_up(self, layer: int) -> Float[Tensor, "d_model d_mlp"] | None:
+        """Up-projection weights of a gated MLP (column j is u_j); None for a plain MLP."""
+        return None
+
+    def b_up(self, layer: int) -> Float[Tensor, " d_mlp"] | None:
+        return None
+
+    def input_weights(self, layer: int) -> dict[str, Tensor]:
+        """What `weights/layer=L.safetensors` keeps: W_in, b_in; or W_gate, b_gate, W_up, b_up when gated."""
+        if not self.gated:
+            return {"W_in": self.W_in(layer), "b_in": self.b_in(layer)}
+        return {"W_gate": self.W_in(layer), "b_gate": self.b_in(layer), "W_up": self.W_up(layer),
+                "b_up": self.b_up(layer)}
+
+    def mlp_activation(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_mlp"]:
+        """The activations the MLP computes from `h`, by the formula of the module docstring."""
+        act = self.act_fn(h @ self.W_in(layer) + self.b_in(layer))
+        return act * (h @ self.W_up(layer) + self.b_up(layer)) if self.gated else act
+
+    def signed(self) -> bool:
+        """Whether an activation can be negative: always for a gated MLP (its up projection is signed),
+        and for a plain one when act_fn goes below zero (GELU does, slightly; ReLU never)."""
+        if self.gated:
+            return True
+        probe = torch.linspace(-20.0, 20.0, 4001, device=self.device, dtype=self.W_in(0).dtype)
+        with torch.no_grad():
+            return bool((self.act_fn(probe) < 0).any())
 
     @abstractmethod
     def run(

@@ -1,9 +1,14 @@
-"""A local Hugging Face model directory: BERT-family encoders and GPT-2, through plain forward hooks.
+"""A local Hugging Face model directory, through plain forward hooks: BERT-family encoders and GPT-2, and the
+gated-MLP decoders Llama, Mistral, Qwen2/3, Gemma 1/2/3 and OLMo 1/2 (`gate_proj`, `up_proj`, `down_proj`).
 
 As for TransformerLens models, the LayerNorm before the MLP is folded into it: `h` is the normalised input
 (x - mean) / std, and `W_in = diag(γ) W`, `b_in = b + β W`, so `h @ W_in + b_in` is exactly the MLP's
 pre-activation. Unfolded, every neuron embedding would carry the same offset β ⊙ w, which pulls all of a
 neuron's examples together and blurs the clusters. `act` is the output of the activation function.
+
+Gated models: `h` is x / rms(x) (RMSNorm; Gemma's weight is 1 + w), the parameter-free LayerNorm of OLMo 1,
+or the raw residual for OLMo 2, which normalises after its MLP instead; the norm's weight is folded into
+both the gate and the up projection. `act` is what `down_proj` receives: act_fn(gate) * up.
 """
 
 from __future__ import annotations
@@ -37,12 +42,81 @@ class _MLPSite:
     """True for nn.Linear (weight [d_mlp, d_model]); GPT-2's Conv1D stores [d_model, d_mlp]."""
 
 
+@dataclass
+class _GatedSite:
+    """One layer's gated MLP: `h` is `norm`'s input normalised as `kind` says; `act` is `mlp.down_proj`'s input."""
+
+    norm: nn.Module | None
+    kind: str
+    """`rms`, `rms_offset` (Gemma: weight 1 + w), `layer` (no weight) or `none` (the MLP reads the residual)."""
+    mlp: nn.Module
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """h: the norm's output without its weight, computed in float32 as the models do."""
+        if self.kind == "none":
+            return x
+        xf = x.float()
+        if self.kind == "layer":
+            return nn.functional.layer_norm(xf, xf.shape[-1:], eps=1e-5).to(x.dtype)
+        eps = getattr(self.norm, "variance_epsilon", getattr(self.norm, "eps", 1e-6))
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def scale(self) -> Tensor | None:
+        """The norm's weight as it multiplies h, folded into both input maps (None: nothing to fold)."""
+        if self.kind in ("none", "layer"):
+            return None
+        w = self.norm.weight.detach()
+        return 1.0 + w if self.kind == "rms_offset" else w
+
+
+GATED_NORMS = {
+    "llama": ("post_attention_layernorm", "rms"), "mistral": ("post_attention_layernorm", "rms"),
+    "qwen2": ("post_attention_layernorm", "rms"), "qwen3": ("post_attention_layernorm", "rms"),
+    "gemma": ("post_attention_layernorm", "rms_offset"), "gemma2": ("pre_feedforward_layernorm", "rms_offset"),
+    "gemma3_text": ("pre_feedforward_layernorm", "rms_offset"), "olmo": ("post_attention_layernorm", "layer"),
+    "olmo2": (None, "none"), "olmo3": (None, "none"),
+}
+"""Per model type: the norm that feeds the MLP, and how it normalises (see `_GatedSite`)."""
+
+
 class _Stop(Exception):
     """Raised by the last requested layer's hook: nothing after it needs to run."""
 
 
-def _mlp_sites(model: PreTrainedModel) -> tuple[list[_MLPSite], bool]:
-    """The MLP of each layer, and whether the model is an encoder (BERT family) or GPT-2."""
+def _moe_name(model: PreTrainedModel) -> str | None:
+    """The class of the mixture-of-experts block when the model has one (Mixtral, Qwen-MoE, OLMoE...)."""
+    cfg = model.config
+    if any(getattr(cfg, key, 0) or 0 for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+        for module in model.modules():
+            if hasattr(module, "experts"):
+                return type(module).__name__
+        return f"{getattr(cfg, 'num_local_experts', None) or getattr(cfg, 'num_experts', None)} experts"
+    return None
+
+
+def _gated_sites(model: PreTrainedModel) -> list[_GatedSite]:
+    model_type = model.config.model_type
+    moe = _moe_name(model)
+    if moe is not None:
+        raise ConfigError(
+            f"model type {model_type!r} has mixture-of-experts MLPs ({moe}); neuron embeddings need one dense MLP "
+            "per layer: use a dense model (Llama, Mistral, Qwen2/3, Gemma, OLMo)"
+        )
+    if model_type not in GATED_NORMS:
+        raise ConfigError(
+            f"model type {model_type!r} has a gated MLP (gate_proj/up_proj) but the hf back end does not know which "
+            f"norm feeds it; supported gated types: {', '.join(GATED_NORMS)}"
+        )
+    norm_name, kind = GATED_NORMS[model_type]
+    return [_GatedSite(getattr(layer, norm_name) if norm_name else None, kind, layer.mlp) for layer in model.layers]
+
+
+def _mlp_sites(model: PreTrainedModel) -> tuple[list[_MLPSite] | list[_GatedSite], bool]:
+    """The MLP of each layer, and whether the model is an encoder (BERT family), GPT-2 or a gated decoder."""
+    layers = getattr(model, "layers", None)
+    if layers is not None and len(layers) and (hasattr(layers[0], "mlp") or _moe_name(model)):
+        if _moe_name(model) or hasattr(layers[0].mlp, "gate_proj"):
+            return _gated_sites(model), False
     encoder = getattr(model, "encoder", None)
     if encoder is not None and hasattr(encoder, "layer") and hasattr(encoder.layer[0], "intermediate"):
         layers = encoder.layer
@@ -55,7 +129,8 @@ def _mlp_sites(model: PreTrainedModel) -> tuple[list[_MLPSite], bool]:
         return [_MLPSite(block.ln_2, block.mlp.c_fc, block.mlp.act, False) for block in model.h], False
     raise ConfigError(
         f"model type {model.config.model_type!r} is not supported by the hf back end; use a BERT-family "
-        "encoder or GPT-2, or a TransformerLens model (model.backend: transformer_lens or safetensors)"
+        f"encoder, GPT-2 or a gated decoder ({', '.join(GATED_NORMS)}), or a TransformerLens model "
+        "(model.backend: transformer_lens or safetensors)"
     )
 
 
@@ -64,30 +139,51 @@ class HFModel(MLPModel):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        self.device = _first_device(model)
         self.sites, is_encoder = _mlp_sites(model)
+        self.gated = isinstance(self.sites[0], _GatedSite)
         self.n_layers = len(self.sites)
         self.d_model = model.config.hidden_size
         self.d_mlp = self.W_in(0).shape[1]
         self.n_ctx_max = model.config.max_position_embeddings
-        self.act_fn = self.sites[0].act_module
+        self.act_fn = self.sites[0].mlp.act_fn if self.gated else self.sites[0].act_module
         eos = tokenizer.eos_token_id
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
         self.bos_token_id = tokenizer.cls_token_id if is_encoder else bos
         self.is_causal = not is_encoder
         self.pad_token_id = next(i for i in (tokenizer.pad_token_id, eos, 0) if i is not None)
-        self.device = next(model.parameters()).device
 
     def _raw_W(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
         site = self.sites[layer]
         w = site.linear.weight.detach()
         return w.T if site.transposed else w
 
+    def _gated_map(self, layer: int, which: str) -> tuple[Tensor, Tensor]:
+        """(W, b) of `gate_proj` or `up_proj` with the norm's weight folded in, on the model's first device."""
+        linear = getattr(self.sites[layer].mlp, which)
+        w = linear.weight.detach().T.to(self.device)
+        scale = self.sites[layer].scale()
+        if scale is not None:
+            w = scale.to(self.device, w.dtype)[:, None] * w
+        b = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[1], dtype=w.dtype)
+        return w, b.to(self.device)
+
     def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
+        if self.gated:
+            return self._gated_map(layer, "gate_proj")[0]
         return self.sites[layer].norm.weight.detach()[:, None] * self._raw_W(layer)
 
     def b_in(self, layer: int) -> Float[Tensor, " d_mlp"]:
+        if self.gated:
+            return self._gated_map(layer, "gate_proj")[1]
         site = self.sites[layer]
         return site.linear.bias.detach() + site.norm.bias.detach() @ self._raw_W(layer)
+
+    def W_up(self, layer: int) -> Float[Tensor, "d_model d_mlp"] | None:
+        return self._gated_map(layer, "up_proj")[0] if self.gated else None
+
+    def b_up(self, layer: int) -> Float[Tensor, " d_mlp"] | None:
+        return self._gated_map(layer, "up_proj")[1] if self.gated else None
 
     def run(
         self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], layers: list[int]
@@ -97,15 +193,18 @@ class HFModel(MLPModel):
         last = max(layers)
 
         def keep_h(layer: int):
-            def hook(module: nn.LayerNorm, args) -> None:
+            def hook(module: nn.Module, args) -> None:
                 x = args[0]
-                out[layer]["h"] = nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
+                if self.gated:
+                    out[layer]["h"] = self.sites[layer].normalise(x)
+                else:
+                    out[layer]["h"] = nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
 
             return hook
 
         def keep_act(layer: int):
-            def hook(module, args, output) -> None:
-                out[layer]["act"] = output
+            def hook(module, args, output=None) -> None:
+                out[layer]["act"] = args[0] if self.gated else output  # gated: the input of down_proj
                 if layer == last:
                     raise _Stop
 
@@ -114,8 +213,12 @@ class HFModel(MLPModel):
         handles = []
         for layer in layers:
             site = self.sites[layer]
-            handles.append(site.norm.register_forward_pre_hook(keep_h(layer)))
-            handles.append(site.act_module.register_forward_hook(keep_act(layer)))
+            if self.gated:
+                handles.append((site.norm or site.mlp).register_forward_pre_hook(keep_h(layer)))
+                handles.append(site.mlp.down_proj.register_forward_pre_hook(keep_act(layer)))
+            else:
+                handles.append(site.norm.register_forward_pre_hook(keep_h(layer)))
+                handles.append(site.act_module.register_forward_hook(keep_act(layer)))
         try:
             with torch.no_grad():
                 self.model(input_ids=tokens.to(self.device), attention_mask=attention_mask.to(self.device))
@@ -124,7 +227,8 @@ class HFModel(MLPModel):
         finally:
             for handle in handles:
                 handle.remove()
-        return {layer: LayerOutput(**out[layer]) for layer in layers}
+        # A model split over several GPUs leaves each layer's tensors on its own device.
+        return {layer: LayerOutput(**{k: v.to(self.device) for k, v in out[layer].items()}) for layer in layers}
 
     def encode(self, text: str) -> list[int]:
         return encode_plain(self.tokenizer, text)
@@ -151,11 +255,21 @@ def model_path(name: str) -> str:
     return name
 
 
-def load_hf(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> HFModel:
+def _first_device(model: nn.Module) -> torch.device:
+    """Where the embeddings live, hence where inputs go and outputs are gathered."""
+    return next(model.parameters()).device
+
+
+def load_hf(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_devices: int = 1) -> HFModel:
+    """The model on `device`, or split over the first `n_devices` GPUs by accelerate's device map."""
     from ne.models import load_model_tokenizer
 
     path = model_path(cfg.name)
     transformers.utils.logging.disable_progress_bar()  # one bar per tensor loaded, in every worker
-    model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
+    if n_devices > 1:
+        memory = {i: torch.cuda.get_device_properties(i).total_memory for i in range(n_devices)}
+        model = AutoModel.from_pretrained(path, dtype=dtype, device_map="balanced", max_memory=memory)
+    else:
+        model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
     tokenizer = load_model_tokenizer(cfg)
     return HFModel(model, tokenizer, cfg.name)

@@ -2,6 +2,11 @@
 
 LayerNorm is folded into `W_in`/`b_in` (TransformerLens's `fold_ln`), so `h` is the normalised input of
 the MLP: the hook `blocks.L.ln2.hook_normalized`.
+
+A `GatedMLP` (Llama, Mistral, Qwen, Gemma, OLMo) computes act_fn(h @ W_gate) * (h @ W_in) + b_in, with the
+RMSNorm's weight folded into both W_gate and W_in. In this package's terms its gate is `W_in` and its up
+projection `W_up` (TransformerLens's W_in); TransformerLens adds its b_in after the product, which is no
+input bias of either map, so a gated model must have b_in = 0 (every converted model has).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.components.mlps.mlp import MLP
 from transformers import PreTrainedTokenizerBase
 
@@ -31,15 +37,25 @@ class TLModel(MLPModel):
 
     def __init__(self, model: HookedTransformer, name: str, tokenizer: PreTrainedTokenizerBase):
         cfg = model.cfg
+        kinds = {type(block.mlp) for block in model.blocks}
+        if kinds not in ({MLP}, {GatedMLP}):
+            names = ", ".join(sorted(k.__name__ for k in kinds))
+            raise ConfigError(
+                f"model {name} has {names} MLPs; only dense MLPs are supported, plain (MLP) or gated (GatedMLP), "
+                "not mixture-of-experts"
+            )
+        self.gated = kinds == {GatedMLP}
+        if self.gated:
+            for i, block in enumerate(model.blocks):
+                if bool(block.mlp.b_in.detach().any()):
+                    raise ConfigError(
+                        f"model {name} layer {i}: its GatedMLP adds a non-zero b_in after act_fn(gate) * up, which "
+                        "no input weight can carry; neuron embeddings need b_in = 0 (as every converted model has)"
+                    )
         if cfg.normalization_type not in FOLDED_NORMS:
             raise ConfigError(
                 f"model {name} has normalization_type {cfg.normalization_type!r}; neuron embeddings need "
                 f"LayerNorm folded into W_in ({' or '.join(FOLDED_NORMS)}): load it with fold_ln=True"
-            )
-        if not all(type(block.mlp) is MLP for block in model.blocks):
-            raise ConfigError(
-                f"model {name} has {type(model.blocks[0].mlp).__name__} MLPs; only plain act_fn(x @ W_in + b_in) "
-                "MLPs are supported (no gated or mixture-of-experts MLPs)"
             )
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -59,10 +75,18 @@ class TLModel(MLPModel):
         self.is_causal = cfg.attention_dir == "causal"
 
     def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
-        return self.model.blocks[layer].mlp.W_in.detach()
+        mlp = self.model.blocks[layer].mlp
+        return (mlp.W_gate if self.gated else mlp.W_in).detach().to(self.device)
 
     def b_in(self, layer: int) -> Float[Tensor, " d_mlp"]:
-        return self.model.blocks[layer].mlp.b_in.detach()
+        mlp = self.model.blocks[layer].mlp
+        return torch.zeros_like(mlp.b_in).to(self.device) if self.gated else mlp.b_in.detach().to(self.device)
+
+    def W_up(self, layer: int) -> Float[Tensor, "d_model d_mlp"] | None:
+        return self.model.blocks[layer].mlp.W_in.detach().to(self.device) if self.gated else None
+
+    def b_up(self, layer: int) -> Float[Tensor, " d_mlp"] | None:
+        return torch.zeros_like(self.model.blocks[layer].mlp.b_in).to(self.device) if self.gated else None
 
     def run(
         self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], layers: list[int]
@@ -72,8 +96,9 @@ class TLModel(MLPModel):
 
         def keep(layer: int, key: str):
             def hook(x: Tensor, hook) -> None:
-                # LayerNormPre's hook sees float32; the MLP gets it cast to the model's dtype.
-                out[layer][key] = x.to(self.model.cfg.dtype)
+                # LayerNormPre's hook sees float32; the MLP gets it cast to the model's dtype. A model split over
+                # several GPUs has each block on its own device: gather on the first.
+                out[layer][key] = x.to(self.model.cfg.dtype).to(self.device)
 
             return hook
 
@@ -121,7 +146,7 @@ def check_model_name(name: str) -> str:
         raise ConfigError(f"model.name {name!r} is not a TransformerLens model; {hint}") from None
 
 
-def load_by_name(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> TLModel:
+def load_by_name(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_devices: int = 1) -> TLModel:
     official = check_model_name(cfg.name)
     try:
         model = HookedTransformer.from_pretrained(
@@ -130,7 +155,7 @@ def load_by_name(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
     except OSError as exc:
         raise DataError(f"could not load model {cfg.name!r} from the Hugging Face hub: {exc}") from None
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    return wrap_hooked_transformer(_place(model, device, dtype), cfg.name, tokenizer)
+    return wrap_hooked_transformer(_place(model, device, dtype, n_devices), cfg.name, tokenizer)
 
 
 def read_state_dict(path: str) -> dict[str, Tensor]:
@@ -168,7 +193,7 @@ def check_state_dict(state: dict[str, Tensor], model: HookedTransformer, path: s
         )
 
 
-def load_safetensors_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> TLModel:
+def load_safetensors_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_devices: int = 1) -> TLModel:
     tokenizer = load_tokenizer(cfg.tokenizer)
     arch = {"d_vocab": len(tokenizer), **cfg.architecture, "device": "cpu"}
     try:
@@ -186,11 +211,18 @@ def load_safetensors_model(cfg: ModelConfig, device: torch.device, dtype: torch.
     model.load_and_process_state_dict(
         {k: v.float() for k, v in state.items()}, fold_ln=True, center_writing_weights=True, center_unembed=True
     )
-    return wrap_hooked_transformer(_place(model, device, dtype), cfg.name, tokenizer)
+    return wrap_hooked_transformer(_place(model, device, dtype, n_devices), cfg.name, tokenizer)
 
 
-def _place(model: HookedTransformer, device: torch.device, dtype: torch.dtype) -> HookedTransformer:
-    """Cast and move after folding, which is done in float32 for accuracy (TransformerLens advises so)."""
+def _place(model: HookedTransformer, device: torch.device, dtype: torch.dtype, n_devices: int = 1) -> HookedTransformer:
+    """Cast and move after folding, which is done in float32 for accuracy (TransformerLens advises so).
+
+    With `n_devices` > 1 the blocks are spread over that many GPUs by TransformerLens itself (`cfg.n_devices`)."""
+    model = model.to(dtype, print_details=False)
+    if n_devices > 1:
+        model.cfg.device, model.cfg.n_devices = "cuda", n_devices
+        model.move_model_modules_to_device()
+        return model
     # A string keeps the device index in model.cfg.device (a torch.device would keep only its type).
-    return model.to(dtype, print_details=False).to(str(device), print_details=False)
+    return model.to(str(device), print_details=False)
 

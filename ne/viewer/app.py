@@ -199,10 +199,11 @@ def neuron_page(data: RunData, url: str) -> None:
         return
     nd = get_neuron(url, layer, neuron)
     if not nd.examples:
-        top = f" (its maximum activation is {nd.max_act:.4g})" if nd.max_act is not None else ""
+        word = "minimum" if cfg.harvest.direction == "min" else "maximum"
+        top = f" (its {word} activation is {nd.max_act:.4g})" if nd.max_act is not None else ""
         st.info(
             f"Neuron {neuron} of layer {layer} has no dataset examples{top}: no context reached "
-            f"{cfg.harvest.frac} × its maximum, or its maximum is not positive. "
+            f"{cfg.harvest.frac} × its {word}, or its {word} is not of the harvested sign. "
             "Pick another neuron, press Random, or sort the neuron table by a metric."
         )
         return
@@ -288,7 +289,8 @@ def metrics_panel(nd: NeuronData) -> None:
     cols = st.columns(4)
     cols[0].metric("examples", len(nd.examples))
     cols[1].metric("clusters", len({e.cluster for e in nd.examples if e.cluster is not None}) or "–")
-    cols[2].metric("max activation", f"{nd.max_act:.4g}" if nd.max_act is not None else "–")
+    label = "min activation" if nd.max_act is not None and nd.max_act < 0 else "max activation"
+    cols[2].metric(label, f"{nd.max_act:.4g}" if nd.max_act is not None else "–")
     sil = _num(m.get("silhouette")) if m else None
     cols[3].metric("silhouette", f"{sil:.3f}" if sil is not None else "–")
     if m:

@@ -102,7 +102,9 @@ def _importance_at(importance: tuple[int, np.ndarray], i: int) -> float | None:
 
 
 def _activation_colour(act: float | None, scale: float) -> str:
-    if act is None or act <= 0:
+    """Orange in proportion to act / scale; scale is negative in a `direction: min` run, so strongly negative
+    activations are the coloured ones there."""
+    if act is None or act / scale <= 0:
         return "transparent"
     return f"rgba(255,140,0,{min(act / scale, 1.0):.3f})"
 
