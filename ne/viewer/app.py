@@ -218,8 +218,8 @@ def neuron_page(data: RunData, url: str) -> None:
         # which leaves a broken image when neurons are switched quickly.
         st.markdown(f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" '
                     f'alt="dendrogram" style="max-width:100%">', unsafe_allow_html=True)
-        st.caption(f"Dendrogram of the {len(nd.examples)} examples; dashed line: the cut at "
-                   f"cosine distance {nd.threshold:.3g}; leaves labelled and coloured by cluster")
+        st.caption(f"Dendrogram of the {len(nd.examples)} examples; dashed line: this neuron's cut, at cosine "
+                   f"distance {nd.threshold:.3g} ({cut_rule(data)}); leaves labelled and coloured by cluster")
     elif not nd.clustered:
         st.info("This run has no clusters yet: run the cluster stage to split the examples into features.")
 
@@ -281,6 +281,15 @@ def importance_for(nd: NeuronData, members: list[Example], url: str, cfg, before
             start = max(0, e.pos - before)
             out[e.rank] = (start, compute(e.tokens, e.ctx_id, e.pos, nd.layer, nd.neuron, start))
     return out
+
+
+def cut_rule(data: RunData) -> str:
+    """How the run's cluster stage cut its dendrograms, from the settings it recorded (runs made before
+    `cluster.cut` existed used the fixed cut)."""
+    settings = data.manifest()["stages"].get("cluster", {}).get("settings", {})
+    if settings.get("cluster.cut", "fixed") == "fixed":
+        return f"the run's fixed cut, cluster.threshold {settings.get('cluster.threshold', '?')}"
+    return "chosen for this neuron by the silhouette of its clusters"
 
 
 def metrics_panel(nd: NeuronData) -> None:
