@@ -93,45 +93,73 @@ def throughput(args) -> None:
               f"{GPT2_NEURONS / rate / args.cores:6.1f} s (target < 60 s)")
 
 
-def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, unique_h: int, n_ctx: int = 128) -> None:
-    """A run directory as the harvest leaves it, at paper scale: `unique_h` h rows per layer in h_id order and
-    k examples per neuron drawn from them, in corpus (h_id) order."""
+def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, unique_h: int, n_ctx: int = 128,
+                    n_contexts: int = 10_000) -> None:
+    """A run directory as the harvest leaves it, at paper scale, each stage recorded done with the default
+    config: `n_contexts` contexts of random tokens, `unique_h` h rows per layer in h_id order and k examples per
+    neuron drawn from them, in corpus (h_id) order."""
+    import contextlib
+
     import pyarrow as pa
     import safetensors.numpy
 
     from jobs.harvest import H_ROWS_PER_PART, NEURONS_PER_ROW_GROUP
     from ne import schema
+    from ne.config import RunConfig
+    from ne.stages import Stage
     from ne.store import RunDir
 
-    run = RunDir(url)
+    @contextlib.contextmanager
+    def stage(name: str, **info):
+        st = Stage(run, name, cfg)
+        st.begin()
+        yield
+        st.done(**info)
+
+    run, cfg = RunDir(url), RunConfig(run_dir=url)
     rng = np.random.default_rng(0)
-    for layer in range(layers):
-        h_ids = np.unique(rng.integers(1, n_ctx, unique_h * 2) + n_ctx * rng.integers(0, 10_000, unique_h * 2))
-        h_ids = np.sort(rng.choice(h_ids, unique_h, replace=False))
-        picks = np.sort(np.stack([rng.choice(unique_h, k, replace=False) for _ in range(d_mlp)]), axis=1)
-        ex_h = h_ids[picks.ravel()]
-        run.write_parquet(
-            f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}",
-            pa.table({"layer": np.full(len(ex_h), layer, np.int16), "neuron": np.repeat(np.arange(d_mlp), k),
-                      "rank": np.tile(np.arange(k), d_mlp).astype(np.int16), "ctx_id": ex_h // n_ctx,
-                      "pos": (ex_h % n_ctx).astype(np.int16), "act": np.ones(len(ex_h), np.float32),
-                      "window_start": (ex_h % n_ctx).astype(np.int16),
-                      "window": pa.array([[1.0]] * len(ex_h), pa.list_(pa.float32())), "h_id": ex_h},
-                     schema=schema.EXAMPLES),
-            row_group_size=NEURONS_PER_ROW_GROUP * k,
-        )
-        for i, lo in enumerate(range(0, unique_h, H_ROWS_PER_PART)):
-            ids = h_ids[lo : lo + H_ROWS_PER_PART]
-            rows = rng.normal(size=(len(ids), d_model)).astype(np.float32) + 1.0
-            h = pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), d_model)
-            run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(i)}",
-                              pa.table({"h_id": ids, "ctx_id": ids // n_ctx, "pos": (ids % n_ctx).astype(np.int16),
-                                        "h": h}, schema=schema.h_schema(d_model)))
-        w_in = rng.normal(size=(d_model, d_mlp)).astype(np.float32)
-        run.write_bytes(schema.weights_path(layer),
-                        safetensors.numpy.save({"W_in": w_in, "b_in": np.zeros(d_mlp, np.float32)}))
     run.record("model", {"name": "synthetic", "n_layers": layers, "d_model": d_model, "d_mlp": d_mlp})
-    run.mark("examples", "done", "synthetic-scale")
+    with stage("contexts", n_contexts=n_contexts):
+        per_part = cfg.data.contexts_per_part
+        for i, lo in enumerate(range(0, n_contexts, per_part)):
+            ids = np.arange(lo, min(lo + per_part, n_contexts))
+            tokens = pa.FixedSizeListArray.from_arrays(
+                pa.array(rng.integers(0, 50_000, len(ids) * n_ctx, dtype=np.int32)), n_ctx).cast(pa.list_(pa.int32()))
+            run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(i)}",
+                              pa.table({"ctx_id": ids, "doc_id": ids, "tokens": tokens}, schema=schema.CONTEXTS))
+    with stage("weights", layers=list(range(layers))):
+        for layer in range(layers):
+            w_in = rng.normal(size=(d_model, d_mlp)).astype(np.float32)
+            run.write_bytes(schema.weights_path(layer),
+                            safetensors.numpy.save({"W_in": w_in, "b_in": np.zeros(d_mlp, np.float32)}))
+    with stage("maxima", layers=list(range(layers))):
+        run.write_parquet(schema.MAXIMA, pa.table(
+            {"layer": np.repeat(np.arange(layers), d_mlp).astype(np.int16),
+             "neuron": np.tile(np.arange(d_mlp), layers).astype(np.int32),
+             "max_act": np.ones(layers * d_mlp, np.float32)}, schema=schema.MAXIMA_SCHEMA))
+    with stage("examples", layers=list(range(layers))):
+        for layer in range(layers):
+            h_ids = np.unique(rng.integers(1, n_ctx, unique_h * 2) + n_ctx * rng.integers(0, n_contexts, unique_h * 2))
+            h_ids = np.sort(rng.choice(h_ids, unique_h, replace=False))
+            picks = np.sort(np.stack([rng.choice(unique_h, k, replace=False) for _ in range(d_mlp)]), axis=1)
+            ex_h = h_ids[picks.ravel()]
+            run.write_parquet(
+                f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}",
+                pa.table({"layer": np.full(len(ex_h), layer, np.int16), "neuron": np.repeat(np.arange(d_mlp), k),
+                          "rank": np.tile(np.arange(k), d_mlp).astype(np.int16), "ctx_id": ex_h // n_ctx,
+                          "pos": (ex_h % n_ctx).astype(np.int16), "act": np.ones(len(ex_h), np.float32),
+                          "window_start": (ex_h % n_ctx).astype(np.int16),
+                          "window": pa.array([[1.0]] * len(ex_h), pa.list_(pa.float32())), "h_id": ex_h},
+                         schema=schema.EXAMPLES),
+                row_group_size=NEURONS_PER_ROW_GROUP * k,
+            )
+            for i, lo in enumerate(range(0, unique_h, H_ROWS_PER_PART)):
+                ids = h_ids[lo : lo + H_ROWS_PER_PART]
+                rows = rng.normal(size=(len(ids), d_model)).astype(np.float32) + 1.0
+                h = pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), d_model)
+                run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(i)}",
+                                  pa.table({"h_id": ids, "ctx_id": ids // n_ctx, "pos": (ids % n_ctx).astype(np.int16),
+                                            "h": h}, schema=schema.h_schema(d_model)))
 
 
 def stage(args) -> None:
@@ -200,22 +228,41 @@ EASY = 0.1
 """Spreads up to this are the easy cases, where the per-neuron cut may lose at most 0.02 ARI."""
 
 
+def largest_gap_cut(d: np.ndarray, cfg: ClusterConfig, min_share: float) -> np.ndarray:
+    """The criterion the per-neuron cut was measured against: cut in the largest gap between consecutive merge
+    heights, among cuts into 2..max_clusters clusters; one cluster when that gap is below `min_share` of the
+    top merge's height (a gap alone cannot say "one cluster")."""
+    from ne.cluster import cut_into, linkage_of
+
+    z = linkage_of(d, cfg.method)
+    n = len(z) + 1
+    ks = np.arange(2, min(cfg.max_clusters, n - 1) + 1)
+    if not len(ks):
+        return np.zeros(n, np.int64)
+    heights = z[:, 2]
+    gaps = heights[n - ks] - heights[n - ks - 1]
+    if gaps.max() < min_share * heights[-1]:
+        return np.zeros(n, np.int64)
+    return cut_into(z, int(ks[np.argmax(gaps)]))
+
+
 def cut_comparison(args) -> None:
     """ARI of the fixed and per-neuron cuts on planted features, per scenario and spread (noise level)."""
     from dataclasses import replace
 
     from sklearn.metrics import adjusted_rand_score
 
-    from ne.cluster import cluster_at_each_cut
     from tests.planted import planted_features
 
     base = ClusterConfig()
-    rules = {"fixed": (base, "fixed"), "per-neuron": (base, "silhouette")}
+    rules = {"fixed": replace(base, cut="fixed"), "per-neuron": replace(base, cut="silhouette")}
     if args.sensitivity:
         for key, values in (("min_separation", (0.3, 0.4)), ("silhouette_tolerance", (0.0, 0.1)),
                             ("min_silhouette", (0.15, 0.35))):
             for v in values:
-                rules[f"{key}={v}"] = (replace(base, **{key: v}), "silhouette")
+                rules[f"{key}={v}"] = replace(base, cut="silhouette", **{key: v})
+        for share in (0.1, 0.2):
+            rules[f"largest gap >= {share} x top"] = share
     print(f"planted features, {args.seeds} seeds per cell: mean adjusted Rand index of the clusters of h ⊙ w against "
           f"the true features\nfixed: every neuron at {base.threshold}; per-neuron: cluster.cut 'silhouette' "
           f"(min_separation {base.min_separation}, min_silhouette {base.min_silhouette}, silhouette_tolerance "
@@ -226,8 +273,9 @@ def cut_comparison(args) -> None:
             for seed in range(args.seeds):
                 h, w, truth = planted_features(seed, sizes=sizes, spread=spread, nuisance=nuisance)
                 d = cosine_distances(torch.from_numpy(h)[None], torch.from_numpy(w)[None], device="cpu")[0].numpy()
-                for name, (cfg, rule) in rules.items():
-                    labels = cluster_at_each_cut(d, cfg, (rule,))[rule].labels
+                for name, rule in rules.items():
+                    gap = isinstance(rule, float)
+                    labels = largest_gap_cut(d, base, rule) if gap else cluster_neuron(d, rule).labels
                     ari[name][i, j] += adjusted_rand_score(truth, labels) / args.seeds
     width = max(len(s) for s in SCENARIOS)
     print("ARI fixed / per-neuron, by the features' spread (the noise level):")

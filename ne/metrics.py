@@ -18,6 +18,7 @@ nearest neighbour in a space has the same key token (and the same token before i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -80,10 +81,20 @@ def neuron_metrics(dist_nn: Float[np.ndarray, "n n"], clusters: Clusters) -> dic
     return out
 
 
+class KnownCut(NamedTuple):
+    """Both spaces' clusters (labels 0..C-1) and silhouettes at cut `rule`, found before `figure4_metrics`."""
+
+    rule: str
+    labels_ne: Int[np.ndarray, " n"]
+    labels_raw: Int[np.ndarray, " n"]
+    silhouette_ne: float
+    silhouette_raw: float
+
+
 def figure4_metrics(
     dist_ne: Float[np.ndarray, "n n"], dist_raw: Float[np.ndarray, "n n"], z_ne: Float[np.ndarray, "n_minus_1 4"],
     z_raw: Float[np.ndarray, "n_minus_1 4"], cuts_ne: dict[str, float], cuts_raw: dict[str, float],
-    min_cluster_size: int, known: tuple[str, float, float] | None = None,
+    min_cluster_size: int, known: KnownCut | None = None,
 ) -> dict[str, float | int]:
     """Silhouettes of both spaces (their distances, linkages and `cut_thresholds`) at three kinds of cut:
 
@@ -92,21 +103,21 @@ def figure4_metrics(
       (outliers included) as the other's per-neuron cut gave, so neither space chooses the count for both;
     - `*_fixed`: both at the fixed cut, `cluster.threshold`.
     `n_clusters_*` counts the neuron-embedding clusters that are not outliers, as `n_clusters` does.
-    `known`: (rule, silhouette, raw silhouette) already measured at one of the cuts, not computed again.
+    `known`: the clusters and silhouettes already found at one of the cuts, not computed again.
     """
     n = len(dist_ne)
     out: dict[str, float | int] = {}
     k = {}
     for rule, name in (("fixed", "fixed"), ("silhouette", "per_neuron")):
-        ne = _cut_labels(z_ne, cuts_ne[rule], n)
-        raw = _cut_labels(z_raw, cuts_raw[rule], n)
-        sizes = np.bincount(ne)
-        out[f"n_clusters_{name}"] = int(np.count_nonzero(sizes >= min_cluster_size))
-        if known is not None and known[0] == rule:
-            out[f"silhouette_{name}"], out[f"raw_silhouette_{name}"] = known[1], known[2]
+        if known is not None and known.rule == rule:
+            ne, raw = known.labels_ne, known.labels_raw
+            out[f"silhouette_{name}"], out[f"raw_silhouette_{name}"] = known.silhouette_ne, known.silhouette_raw
         else:
+            ne, raw = _cut_labels(z_ne, cuts_ne[rule], n), _cut_labels(z_raw, cuts_raw[rule], n)
             out[f"silhouette_{name}"] = silhouette(dist_ne, ne)
             out[f"raw_silhouette_{name}"] = silhouette(dist_raw, raw)
+        sizes = np.bincount(ne)
+        out[f"n_clusters_{name}"] = int(np.count_nonzero(sizes >= min_cluster_size))
         k[name] = (len(sizes), int(raw.max()) + 1 if n else 0)
     k_ne, k_raw = k["per_neuron"]
     out["silhouette_at_raw_k"] = _silhouette_at_k(dist_ne, z_ne, k_raw)
@@ -190,7 +201,7 @@ def analyse_neurons(
         metrics = neuron_metrics(d_ne, ne)
         metrics.update({f"raw_{k}": v for k, v in neuron_metrics(d_raw, raw).items() if k != "n_examples"})
         metrics["threshold"], metrics["raw_threshold"] = ne.threshold, raw.threshold
-        known = (cfg.cut, metrics["silhouette"], metrics["raw_silhouette"])
+        known = KnownCut(cfg.cut, ne.labels, raw.labels, metrics["silhouette"], metrics["raw_silhouette"])
         metrics.update(figure4_metrics(d_ne, d_raw, z_ne, z_raw, cuts_ne, cuts_raw, cfg.min_cluster_size, known))
         metrics.update(_agreement_metrics(d_ne, d_raw, None if tokens_bn2 is None else tokens_bn2[b, :n]))
         results.append(NeuronResult(ne, metrics))

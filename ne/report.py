@@ -57,7 +57,7 @@ def figure4_table(m: pd.DataFrame, threshold: float | None = None) -> pd.DataFra
         sep = separation(m, ne, raw)
         both = m[ne].notna() & m[raw].notna()
         rows.append({"comparison": name, "neurons": sep["compared"], "NE higher": sep["ne_better"],
-                     "share NE higher": sep["share"], "median NE": float(m[ne][both].median()),
+                     "share NE higher": _pct(sep["share"]), "median NE": float(m[ne][both].median()),
                      "median pre-MLP": float(m[raw][both].median())})
     return pd.DataFrame(rows)
 
@@ -83,7 +83,7 @@ def cut_table(m: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
                       ("per-neuron (silhouette)", "n_clusters_per_neuron")):
         c = m[col]
         rows.append({"cut": name, "median clusters": float(c.median()), "mean clusters": float(c.mean()),
-                     "polysemantic (>= 2)": float((c >= 2).mean()), "one cluster": float((c == 1).mean())})
+                     "polysemantic (>= 2)": _pct((c >= 2).mean()), "one cluster": _pct((c == 1).mean())})
     return pd.DataFrame(rows)
 
 
@@ -140,6 +140,10 @@ def _plots(run: RunDir, m: pd.DataFrame) -> list[str]:
     return names
 
 
+def _pct(x) -> str:
+    return "–" if np.isnan(x) else f"{100 * float(x):.1f}%"
+
+
 def _fmt(x) -> str:
     if isinstance(x, float):
         return "–" if np.isnan(x) else f"{x:.3g}"
@@ -173,9 +177,9 @@ def _cut_text(active: pd.DataFrame, cut: str, threshold: float | None) -> str:
     return "\n\n".join([
         f"This run's clusters use {rule}. Clusters per neuron (outliers not counted) at either cut:",
         _table(cut_table(active, threshold)),
-        f"The per-neuron cut gives fewer clusters than the fixed cut for {_fmt(100 * float((own < fixed).mean()))}% "
-        f"of neurons, more for {_fmt(100 * float((own > fixed).mean()))}% (two outliers merged into a pair) and "
-        f"as many for {_fmt(100 * float((own == fixed).mean()))}%.",
+        f"The per-neuron cut gives fewer clusters than the fixed cut for {_pct((own < fixed).mean())} of neurons, "
+        f"more for {_pct((own > fixed).mean())} and as many for {_pct((own == fixed).mean())}. (A coarser cut can "
+        "count more clusters: outliers merged into a group of `min_cluster_size` are no longer outliers.)",
     ])
 
 
@@ -213,7 +217,7 @@ def write_report(run: RunDir, metrics: pa.Table, top: int = 20, compare: dict[st
             _cut_text(active, cut, threshold),
             "## Neuron embeddings vs pre-MLP embeddings (the paper's Figure 4)",
             f"At this run's cut, neuron-embedding clusters have the higher silhouette for **{sep['ne_better']} of "
-            f"{sep['compared']}** neurons ({_fmt(100 * sep['share'])}%) whose silhouette is defined both ways. Only "
+            f"{sep['compared']}** neurons ({_pct(sep['share'])}) whose silhouette is defined both ways. Only "
             f"the neuron-embedding silhouette is defined for {sep['only_ne_defined']} neurons, only the pre-MLP one "
             f"for {sep['only_raw_defined']} (a silhouette needs 2 to n - 1 clusters). A silhouette depends on the "
             "cut, and one cut for both spaces may favour either by accident, so the comparison is made three ways:",
