@@ -127,6 +127,8 @@ def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, uni
                 pa.array(rng.integers(0, 50_000, len(ids) * n_ctx, dtype=np.int32)), n_ctx).cast(pa.list_(pa.int32()))
             run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(i)}",
                               pa.table({"ctx_id": ids, "doc_id": ids, "tokens": tokens}, schema=schema.CONTEXTS))
+    with stage("sae"):  # no SAE: the model's own neurons are the units
+        pass
     with stage("weights", layers=list(range(layers))):
         for layer in range(layers):
             w_in = rng.normal(size=(d_model, d_mlp)).astype(np.float32)
