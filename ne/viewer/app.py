@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import logging
 import os
 import random
 import sys
+import threading
 
 import numpy as np
 import streamlit as st
@@ -47,10 +49,26 @@ def get_model(url: str):
     try:
         from ne.models import load_units
 
-        return load_units(get_data(url).config()), None
+        model = load_units(get_data(url).config())
+        model.run = one_at_a_time(model.run)
+        return model, None
     except Exception as exc:  # any failure (no hub, missing weights) only costs on-demand importance
         log.warning("model not loaded: %s", exc)
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def one_at_a_time(run):
+    """`run` behind a lock. Token importance and explain share the cached model from different script threads,
+    and a forward pass hooks modules every thread shares: run together, one pass's hooks fire (and stop) in the
+    other's, which then lacks its layers' outputs."""
+    lock = threading.Lock()
+
+    @functools.wraps(run)
+    def locked(*args, **kwargs):
+        with lock:
+            return run(*args, **kwargs)
+
+    return locked
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
