@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +27,7 @@ from jobs.ray_utils import get, gpu_wanted, init_ray
 from ne import schema
 from ne.config import ClusterConfig, RunConfig
 from ne.embed import LayerH, load_h, neuron_embeddings, pad_rows
-from ne.errors import NeError
+from ne.errors import DataError, NeError
 from ne.explain import cluster_vectors
 from ne.metrics import NeuronResult, analyse_neurons
 from ne.report import separation, write_report
@@ -58,12 +59,13 @@ def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h:
     run = RunDir(run_url)
     examples = run.read_parquet(
         schema.layer_dir(schema.EXAMPLES_DIR, batch.layer),
-        columns=["neuron", "rank", "h_id"],
+        columns=["neuron", "rank", "h_id", "ctx_id", "pos"],
         filters=[("neuron", ">=", batch.lo), ("neuron", "<", batch.hi)],
     ).sort_by([("neuron", "ascending"), ("rank", "ascending")])
     neuron = examples.column("neuron").to_numpy()
     rank = examples.column("rank").to_numpy()
     h_ids = examples.column("h_id").to_numpy()
+    tokens_n2 = key_tokens(run, examples.column("ctx_id").to_numpy(), examples.column("pos").to_numpy())
     weights = read_layer_weights(run, batch.layer, batch.lo, batch.hi)
     w_bd = torch.from_numpy(weights.unit_weights(np.arange(batch.lo, batch.hi), gated_embedding))
     layer_h = layer_h if layer_h is not None else load_h(run, batch.layer, h_ids)
@@ -71,14 +73,46 @@ def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h:
     bounds = np.searchsorted(neuron, np.arange(batch.lo, batch.hi + 1))
     members = [np.arange(bounds[i], bounds[i + 1]) for i in range(batch.hi - batch.lo)]
     h_bnd, counts = pad_rows(layer_h.rows, [rows[m] for m in members])
-    results = analyse_neurons(h_bnd, counts, w_bd.float(), cfg, device="cpu" if cfg.use_gpu is False else "auto")
+    tokens_bn2 = np.full((len(members), h_bnd.shape[1], 2), -1, np.int64)
+    for i, m in enumerate(members):
+        tokens_bn2[i, : len(m)] = tokens_n2[m]
+    results = analyse_neurons(h_bnd, counts, w_bd.float(), cfg, device="cpu" if cfg.use_gpu is False else "auto",
+                              tokens_bn2=tokens_bn2)
     clusters_rel, dendro_rel, centroids_rel, metrics_rel = batch_files(batch)
     run.write_parquet(clusters_rel, _clusters_table(batch, members, rank, results))
-    run.write_parquet(dendro_rel, _dendrograms_table(batch, results, cfg.threshold))
+    run.write_parquet(dendro_rel, _dendrograms_table(batch, results))
     run.write_parquet(centroids_rel, _centroids_table(batch, results, h_bnd, w_bd.float(), counts),
                       row_group_size=CENTROID_ROWS)
     run.write_parquet(metrics_rel, _metrics_table(batch, results))
     return len(h_ids)
+
+
+def key_tokens(run: RunDir, ctx_ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """[n, 2]: each example's key token and the token before it (-1 at position 0), from contexts/."""
+    out = np.full((len(ctx_ids), 2), -1, np.int64)
+    if not len(ctx_ids):
+        return out
+    wanted = np.unique(ctx_ids)
+    keep = (pc.field("ctx_id") >= int(wanted[0])) & (pc.field("ctx_id") <= int(wanted[-1]))  # skips whole parts
+    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
+                             filters=keep & pc.field("ctx_id").isin(wanted))
+    found = table.column("ctx_id").to_numpy()
+    order = np.argsort(found)
+    row = order[np.searchsorted(found, ctx_ids, sorter=order).clip(0, max(len(found) - 1, 0))]
+    if not len(found) or not np.array_equal(found[row], ctx_ids):
+        missing = np.setdiff1d(wanted, found)[:5].tolist()
+        raise DataError(f"{run.url}: contexts {missing} of the examples are missing from contexts/; the harvest "
+                        "is incomplete, rerun `ne harvest` with --force contexts")
+    tokens = table.column("tokens").combine_chunks()
+    flat, starts = tokens.flatten().to_numpy(), tokens.offsets.to_numpy()[:-1]
+    lengths = np.diff(tokens.offsets.to_numpy())
+    if np.any(pos >= lengths[row]):
+        raise DataError(f"{run.url}: an example's key token lies beyond its context in contexts/; the harvest "
+                        "is inconsistent, rerun it with --force contexts")
+    out[:, 0] = flat[starts[row] + pos]
+    has_prev = pos > 0
+    out[has_prev, 1] = flat[starts[row[has_prev]] + pos[has_prev] - 1]
+    return out
 
 
 def _clusters_table(batch: NeuronBatch, members: list[np.ndarray], rank: np.ndarray, results: list) -> pa.Table:
@@ -102,27 +136,37 @@ def _clusters_table(batch: NeuronBatch, members: list[np.ndarray], rank: np.ndar
 def _centroids_table(
     batch: NeuronBatch, results: list[NeuronResult], h_bnd: torch.Tensor, w_bd: torch.Tensor, counts: np.ndarray
 ) -> pa.Table:
-    rows: dict[str, list] = {name: [] for name in schema.CENTROIDS.names}
+    neurons, clusters, sizes, vectors = [], [], [], []
     for i, (res, n) in enumerate(zip(results, counts)):
         if n == 0:
             continue
         c = res.clusters
-        vectors = cluster_vectors(neuron_embeddings(h_bnd[i, :n], w_bd[i]).numpy(), c.labels, c.central)
-        for cluster, (size, vector) in enumerate(zip(np.bincount(c.labels), vectors)):
-            values = (batch.layer, batch.neurons[i], cluster, int(size), vector.astype(np.float16))
-            for name, value in zip(rows, values):
-                rows[name].append(value)
-    return pa.Table.from_pydict(rows, schema=schema.CENTROIDS)
+        vectors.append(cluster_vectors(neuron_embeddings(h_bnd[i, :n], w_bd[i]).numpy(), c.labels, c.central))
+        neurons.append(np.full(len(c.central), batch.neurons[i], np.int32))
+        clusters.append(np.arange(len(c.central), dtype=np.int32))
+        sizes.append(np.bincount(c.labels, minlength=len(c.central)).astype(np.int32))
+    if not vectors:
+        return schema.CENTROIDS.empty_table()
+    flat = np.concatenate(vectors).astype(np.float16)
+    width = flat.shape[1]
+    offsets = pa.array(np.arange(len(flat) + 1, dtype=np.int32) * width)
+    return pa.Table.from_arrays(
+        [pa.array(np.full(len(flat), batch.layer, np.int16)), pa.array(np.concatenate(neurons)),
+         pa.array(np.concatenate(clusters)), pa.array(np.concatenate(sizes)),
+         pa.ListArray.from_arrays(offsets, pa.array(flat.ravel()))],
+        schema=schema.CENTROIDS,
+    )
 
 
-def _dendrograms_table(batch: NeuronBatch, results: list[NeuronResult], threshold: float) -> pa.Table:
+def _dendrograms_table(batch: NeuronBatch, results: list[NeuronResult]) -> pa.Table:
+    """One row per neuron with examples: its linkage and its own cut, which the viewer draws."""
     kept = [(batch.lo + i, r) for i, r in enumerate(results) if len(r.clusters.labels)]
     return pa.Table.from_pydict(
         {
             "layer": [batch.layer] * len(kept),
             "neuron": [n for n, _ in kept],
             "linkage": [r.clusters.linkage.ravel().tolist() for _, r in kept],
-            "threshold": [threshold] * len(kept),
+            "threshold": [r.clusters.threshold for _, r in kept],
         },
         schema=schema.DENDROGRAMS,
     )
@@ -150,7 +194,8 @@ class ClusterSummary:
         return (
             f"cluster done in {self.seconds:.1f} s: {self.with_examples} of {self.neurons} neurons have examples; "
             f"median clusters per such neuron {self.median_clusters:g}; neuron-embedding silhouette beats "
-            f"pre-MLP silhouette for {100 * self.share_ne_better:.1f}% of neurons\n"
+            f"pre-MLP silhouette for {100 * self.share_ne_better:.1f}% of neurons at the run's cut (three other "
+            "comparisons in the report)\n"
             f"outputs: {self.run_dir}/ (clusters/, dendrograms/, metrics.parquet, report/report.md)"
         )
 
@@ -171,7 +216,8 @@ def run_cluster(cfg: RunConfig, force: list[str] | tuple = (), in_process: bool 
                 [run.read_parquet(f"{WORK}/metrics/layer={layer}") for layer in layers]
             ).sort_by([("layer", "ascending"), ("neuron", "ascending")])
             run.write_parquet(schema.METRICS, metrics)
-            write_report(run, metrics, compare=comparison(cfg, metrics))
+            write_report(run, metrics, compare=comparison(cfg, metrics), cut=cfg.cluster.cut,
+                         threshold=cfg.cluster.threshold)
             stage.done(neurons=metrics.num_rows, layers=layers, seconds=time.perf_counter() - start)
         return _summary(run, time.perf_counter() - start)
 

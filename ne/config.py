@@ -145,10 +145,29 @@ class HarvestConfig:
 class ClusterConfig:
     method: Literal["average", "single", "complete"] = "average"
     """Linkage method: `average` (the paper's dendrogram), `single` or `complete`."""
+    cut: Literal["silhouette", "fixed"] = "silhouette"
+    """Where each neuron's dendrogram is cut. `silhouette`: per neuron, the finest cut whose silhouette is
+    within `silhouette_tolerance` of its best (one cluster when no cut reaches `min_silhouette`), never
+    separating clusters closer than `min_separation`. `fixed`: every neuron at `threshold`. The per-neuron cut
+    recovers planted features better on average over noise, feature counts and sizes, and no worse in the
+    easy cases (benchmarks/cluster.py --cuts; see the README)."""
     threshold: float = 0.5
-    """Cosine distance at which the dendrogram is cut into clusters. 0.5 is measured: it recovers
-    planted features best across noise levels and gives the highest median silhouette on MiniLM's
-    neurons (benchmarks/cluster.py --thresholds; see the README)."""
+    """The fixed cut (cosine distance), used when `cut` is `fixed` and always reported beside the per-neuron
+    cut. 0.5 recovers planted features best of the fixed cuts (benchmarks/cluster.py --thresholds)."""
+    min_separation: float = 0.5
+    """Per-neuron cut: two clusters whose average cosine distance is at most this are never split apart. At
+    0.5, the fixed cut's threshold, the per-neuron cut is the fixed cut or coarser: it merges clusters that the
+    silhouette finds no better separated than one. Lower values also let it split what the fixed cut joins:
+    0.4 finds close features better but splits nuisance structure that leaks through w, and 0.3 splits single
+    tight features (benchmarks/cluster.py --cuts --sensitivity)."""
+    min_silhouette: float = 0.25
+    """Per-neuron cut: below this best silhouette the examples are one cluster (Kaufman and Rousseeuw's
+    bound under which "no substantial structure has been found")."""
+    silhouette_tolerance: float = 0.05
+    """Per-neuron cut: cuts whose silhouette is within this of the best count as equally good, and the
+    finest of them is taken."""
+    max_clusters: int = 20
+    """Per-neuron cut: the most clusters considered (the silhouette of every coarser cut is computed)."""
     min_cluster_size: int = 2
     """Clusters smaller than this are kept but marked as outliers and not counted in `n_clusters`.
     2 keeps lone examples (a third of all clusters at threshold 0.5 on MiniLM) from counting as behaviours."""
@@ -167,6 +186,16 @@ class ClusterConfig:
         check_choices(self, "cluster")
         if not (0.0 < float(self.threshold) <= 2.0):
             raise ConfigError(f"cluster.threshold is {self.threshold}; a cosine distance lies in (0, 2]")
+        if not (0.0 <= float(self.min_separation) < 2.0):
+            raise ConfigError(f"cluster.min_separation is {self.min_separation}; a cosine distance lies in [0, 2), "
+                              "for example 0.5")
+        if not (-1.0 <= float(self.min_silhouette) <= 1.0):
+            raise ConfigError(f"cluster.min_silhouette is {self.min_silhouette}; a silhouette lies in [-1, 1], "
+                              "for example 0.25")
+        if not (0.0 <= float(self.silhouette_tolerance) <= 2.0):
+            raise ConfigError(f"cluster.silhouette_tolerance is {self.silhouette_tolerance}; it must lie in [0, 2], "
+                              "for example 0.05")
+        at_least("cluster.max_clusters", self.max_clusters, 2, "the per-neuron cut chooses among 2 or more clusters")
         at_least("cluster.min_cluster_size", self.min_cluster_size, 1)
         at_least("cluster.neurons_per_task", self.neurons_per_task, 1)
         at_least("cluster.h_memory_mb", self.h_memory_mb, 1)

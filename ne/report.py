@@ -16,16 +16,17 @@ from ne.store import RunDir
 log = logging.getLogger(__name__)
 
 
-def separation(m: pd.DataFrame) -> dict[str, float | int]:
-    """How often neuron-embedding clusters separate better than pre-MLP clusters (paper, Figure 4).
+def separation(m: pd.DataFrame, ne: str = "silhouette", raw: str = "raw_silhouette") -> dict[str, float | int]:
+    """How often neuron-embedding clusters separate better than pre-MLP clusters (paper, Figure 4), comparing
+    columns `ne` and `raw` (silhouettes at the run's cut unless told otherwise).
 
     `share` counts neurons whose silhouette is defined for both (2 <= clusters <= n - 1 in each) and
     where the neuron-embedding one is higher. Neurons where only one clustering has a defined silhouette
     are counted apart, since no number compares them.
     """
-    ne_ok, raw_ok = m.silhouette.notna(), m.raw_silhouette.notna()
+    ne_ok, raw_ok = m[ne].notna(), m[raw].notna()
     both = ne_ok & raw_ok
-    better = int((m.silhouette[both] > m.raw_silhouette[both]).sum())
+    better = int((m[ne][both] > m[raw][both]).sum())
     return {
         "compared": int(both.sum()),
         "ne_better": better,
@@ -33,6 +34,57 @@ def separation(m: pd.DataFrame) -> dict[str, float | int]:
         "only_ne_defined": int((ne_ok & ~raw_ok).sum()),
         "only_raw_defined": int((~ne_ok & raw_ok).sum()),
     }
+
+
+FIGURE4 = (  # (comparison, neuron-embedding column, pre-MLP column)
+    ("each space at its own per-neuron cut", "silhouette_per_neuron", "raw_silhouette_per_neuron"),
+    ("same number of clusters: as many as the neuron-embedding cut gave", "silhouette_per_neuron",
+     "raw_silhouette_at_ne_k"),
+    ("same number of clusters: as many as the pre-MLP cut gave", "silhouette_at_raw_k", "raw_silhouette_per_neuron"),
+    ("both at the fixed cut", "silhouette_fixed", "raw_silhouette_fixed"),
+)
+AGREEMENT = (("the key token", "nn_same_token", "raw_nn_same_token", "pair_same_token"),
+             ("the key token and the token before it", "nn_same_bigram", "raw_nn_same_bigram", "pair_same_bigram"))
+
+
+def figure4_table(m: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
+    """The three Figure 4 comparisons (the same-count one both ways): per comparison, the neurons compared,
+    how many have the higher neuron-embedding silhouette, and the median silhouette in each space."""
+    rows = []
+    for name, ne, raw in FIGURE4:
+        if ne == "silhouette_fixed" and threshold is not None:
+            name = f"{name} ({threshold:g})"
+        sep = separation(m, ne, raw)
+        both = m[ne].notna() & m[raw].notna()
+        rows.append({"comparison": name, "neurons": sep["compared"], "NE higher": sep["ne_better"],
+                     "share NE higher": _pct(sep["share"]), "median NE": float(m[ne][both].median()),
+                     "median pre-MLP": float(m[raw][both].median())})
+    return pd.DataFrame(rows)
+
+
+def agreement_table(m: pd.DataFrame) -> pd.DataFrame:
+    """The cut-free comparison: how often an example's nearest neighbour shares its key token (and the token
+    before it) in each space, against a random other example of the neuron; and in how many neurons each
+    space agrees more often."""
+    rows = []
+    for name, ne, raw, chance in AGREEMENT:
+        d = m.dropna(subset=[ne, raw])
+        rows.append({"nearest neighbour shares": name, "neurons": len(d), "NE": float(d[ne].mean()),
+                     "pre-MLP": float(d[raw].mean()), "random example": float(d[chance].mean()),
+                     "NE more often": int((d[ne] > d[raw]).sum()), "pre-MLP more often": int((d[ne] < d[raw]).sum()),
+                     "equal": int((d[ne] == d[raw]).sum())})
+    return pd.DataFrame(rows)
+
+
+def cut_table(m: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
+    """Clusters per neuron (not outliers) at the fixed and the per-neuron cut."""
+    rows = []
+    for name, col in ((f"fixed ({threshold:g})" if threshold is not None else "fixed", "n_clusters_fixed"),
+                      ("per-neuron (silhouette)", "n_clusters_per_neuron")):
+        c = m[col]
+        rows.append({"cut": name, "median clusters": float(c.median()), "mean clusters": float(c.mean()),
+                     "polysemantic (>= 2)": _pct((c >= 2).mean()), "one cluster": _pct((c == 1).mean())})
+    return pd.DataFrame(rows)
 
 
 def most_polysemantic(m: pd.DataFrame, top: int = 20) -> pd.DataFrame:
@@ -88,6 +140,10 @@ def _plots(run: RunDir, m: pd.DataFrame) -> list[str]:
     return names
 
 
+def _pct(x) -> str:
+    return "–" if np.isnan(x) else f"{100 * float(x):.1f}%"
+
+
 def _fmt(x) -> str:
     if isinstance(x, float):
         return "–" if np.isnan(x) else f"{x:.3g}"
@@ -114,9 +170,24 @@ def unit_comparison(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_report(run: RunDir, metrics: pa.Table, top: int = 20, compare: dict[str, pd.DataFrame] | None = None) -> str:
+def _cut_text(active: pd.DataFrame, cut: str, threshold: float | None) -> str:
+    fixed, own = active.n_clusters_fixed, active.n_clusters_per_neuron
+    rule = ("each neuron's own cut (`cluster.cut: silhouette`)" if cut == "silhouette"
+            else f"the fixed cut (`cluster.cut: fixed`, {_fmt(threshold)})")
+    return "\n\n".join([
+        f"This run's clusters use {rule}. Clusters per neuron (outliers not counted) at either cut:",
+        _table(cut_table(active, threshold)),
+        f"The per-neuron cut gives fewer clusters than the fixed cut for {_pct((own < fixed).mean())} of neurons, "
+        f"more for {_pct((own > fixed).mean())} and as many for {_pct((own == fixed).mean())}. (A coarser cut can "
+        "count more clusters: outliers merged into a group of `min_cluster_size` are no longer outliers.)",
+    ])
+
+
+def write_report(run: RunDir, metrics: pa.Table, top: int = 20, compare: dict[str, pd.DataFrame] | None = None,
+                 cut: str = "silhouette", threshold: float | None = None) -> str:
     """Write report/report.md and its plots; returns the report's path. `compare`: metrics of other kinds of
-    units at the same layers (name → table), set beside this run's."""
+    units at the same layers (name → table), set beside this run's. `cut` and `threshold`: the run's
+    `cluster.cut` and `cluster.threshold`, which the text names."""
     m = metrics.to_pandas()
     active = m[m.n_examples > 0]
     sep = separation(active)
@@ -142,11 +213,21 @@ def write_report(run: RunDir, metrics: pa.Table, top: int = 20, compare: dict[st
             "`polysemantic` is the share with two or more clusters.",
             "## Per layer",
             _table(per_layer),
-            "## Neuron embeddings vs pre-MLP embeddings",
-            f"Neuron-embedding clusters have the higher silhouette for **{sep['ne_better']} of {sep['compared']}** "
-            f"neurons ({_fmt(100 * sep['share'])}%) whose silhouette is defined both ways. Only the "
-            f"neuron-embedding silhouette is defined for {sep['only_ne_defined']} neurons, only the pre-MLP one "
-            f"for {sep['only_raw_defined']} (a silhouette needs 2 to n - 1 clusters).",
+            "## Where each dendrogram is cut",
+            _cut_text(active, cut, threshold),
+            "## Neuron embeddings vs pre-MLP embeddings (the paper's Figure 4)",
+            f"At this run's cut, neuron-embedding clusters have the higher silhouette for **{sep['ne_better']} of "
+            f"{sep['compared']}** neurons ({_pct(sep['share'])}) whose silhouette is defined both ways. Only "
+            f"the neuron-embedding silhouette is defined for {sep['only_ne_defined']} neurons, only the pre-MLP one "
+            f"for {sep['only_raw_defined']} (a silhouette needs 2 to n - 1 clusters). A silhouette depends on the "
+            "cut, and one cut for both spaces may favour either by accident, so the comparison is made three ways:",
+            _table(figure4_table(active, threshold)),
+            "The same-count comparison is made both ways because a per-neuron cut is chosen to suit its own space. "
+            "Without any cut, how often an example's nearest neighbour (cosine distance) shares its key token, a "
+            "proxy for showing the same behaviour:",
+            _table(agreement_table(active)),
+            "A share near 50%, or agreement rates that match, means neither space groups this model's examples "
+            "better by that measure.",
             f"## The {top} most polysemantic neurons",
             _table(most_polysemantic(active, top)[cols]),
             "## Plots",

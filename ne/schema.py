@@ -105,7 +105,7 @@ DENDROGRAMS = pa.schema(
         ("layer", pa.int16()),
         ("neuron", pa.int32()),
         ("linkage", pa.list_(pa.float64())),  # scipy linkage matrix [(n-1), 4], row-major
-        ("threshold", pa.float32()),
+        ("threshold", pa.float64()),  # this neuron's cut: merges at heights <= threshold are joined
     ]
 )
 
@@ -121,11 +121,21 @@ CENTROIDS = pa.schema(
 """centroids/layer=L/part-NNNNN.parquet, sorted by neuron then cluster: what `ne explain` assigns to."""
 
 _METRIC_NAMES = ["n_clusters", "max_dist", "mean_dist", "intra_dist", "inter_dist", "silhouette"]
+_FIGURE4_NAMES = [
+    "threshold", "raw_threshold",  # each space's cut, at the run's cluster.cut
+    "n_clusters_fixed", "silhouette_fixed", "raw_silhouette_fixed",  # both at cluster.threshold
+    "n_clusters_per_neuron", "silhouette_per_neuron", "raw_silhouette_per_neuron",  # each at its own cut
+    "silhouette_at_raw_k", "raw_silhouette_at_ne_k",  # cut into as many clusters as the other space's own cut
+    "nn_same_token", "raw_nn_same_token", "nn_same_bigram", "raw_nn_same_bigram",  # nearest neighbour agrees
+    "pair_same_token", "pair_same_bigram",  # ... and a random other example does (chance)
+]
 METRICS_SCHEMA = pa.schema(
     [("layer", pa.int16()), ("neuron", pa.int32()), ("n_examples", pa.int32())]
     + [(name, pa.int32() if name == "n_clusters" else pa.float32()) for name in _METRIC_NAMES]
     + [(f"raw_{name}", pa.int32() if name == "n_clusters" else pa.float32()) for name in _METRIC_NAMES]
+    + [(name, pa.int32() if name.startswith("n_clusters") else pa.float32()) for name in _FIGURE4_NAMES]
 )
+"""metrics.parquet: `ne.metrics` defines each column (neuron_metrics, figure4_metrics, neighbour_agreement)."""
 
 INDEX_IDS = pa.schema(
     [

@@ -3,7 +3,9 @@
 Each example's h lies near one of a few feature directions in the first `d_signal` dimensions. The other
 dimensions carry large noise shared by every feature (a common offset plus per-example noise), and the
 neuron's weights w select the signal dimensions (w is small elsewhere). So h ⊙ w sees the features while
-raw h is dominated by the noise: the mechanism behind the paper's Figure 4.
+raw h is dominated by the noise: the mechanism behind the paper's Figure 4. `nuisance` adds structured
+variation that w ignores: a few discrete states in the noise dimensions (such as a context's topic or
+position), drawn independently of the features, strong enough to leak into h ⊙ w through w's small weights.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ def planted_features(
     spread: float = 0.15,
     offset: float = 3.0,
     noise: float = 3.0,
+    nuisance: float = 0.0,
+    nuisance_states: int = 3,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Returns h [n, d_model] float32, w [d_model] float32 and the true feature of each example [n]."""
+    """Returns h [n, d_model] float32, w [d_model] float32 and the true feature of each example [n].
+
+    `nuisance`: the norm of each of `nuisance_states` directions in the noise dimensions; every example gets
+    one at random (0: none, and the same draws as without it)."""
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(len(sizes), d_signal))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
@@ -35,6 +42,10 @@ def planted_features(
     )
     w = np.full(d_model, 0.02)
     w[:d_signal] = rng.uniform(0.5, 1.5, size=d_signal)
+    if nuisance:
+        states = rng.normal(size=(nuisance_states, d_noise))
+        states *= nuisance / np.linalg.norm(states, axis=1, keepdims=True)
+        h[:, d_signal:] += states[rng.integers(0, nuisance_states, n)]
     return h.astype(np.float32), w.astype(np.float32), truth
 
 

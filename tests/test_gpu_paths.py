@@ -12,7 +12,7 @@ from scipy.spatial.distance import pdist, squareform
 import index.exact as exact
 from index.exact import exact_search
 from jobs.ray_utils import gpu_wanted
-from ne.cluster import cluster_examples
+from ne.cluster import cluster_neuron
 from ne.config import ClusterConfig
 from ne.embed import cosine_distances
 from ne.errors import ConfigError
@@ -63,7 +63,7 @@ def test_distances_and_clusters_on_every_device_equal_scipy(device):
     np.testing.assert_allclose(dist, ref, atol=2e-6)
     cfg = ClusterConfig()
     [result] = analyse_neurons(h_t, np.array([len(h)]), w_t, cfg, device=device)
-    want = cluster_examples(ref, cfg.threshold, cfg.method, cfg.min_cluster_size)
+    want = cluster_neuron(ref, cfg)  # the run's cut, per neuron by default
     np.testing.assert_array_equal(result.clusters.labels, want.labels)
 
 

@@ -7,7 +7,7 @@ from scipy.spatial.distance import pdist, squareform
 
 import jobs.cluster as job
 from ne import schema
-from ne.cluster import cluster_examples
+from ne.cluster import cluster_neuron, cut, relabel_by_size
 from ne.config import RunConfig
 from ne.embed import read_w_in
 from ne.errors import ConfigError, DataError
@@ -57,6 +57,11 @@ def test_outputs_equal_direct_clustering(reference):
     cfg = _cfg(path).cluster
     assert summary.neurons == 14 and summary.with_examples == 10
     assert len(out["metrics"]) == 14
+    run = RunDir(str(path))
+    examples = pd.concat([run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer)).to_pandas()
+                          for layer in (0, 2)])
+    contexts = run.read_parquet(schema.CONTEXTS_DIR).to_pandas()
+    tokens = dict(zip(contexts.ctx_id, contexts.tokens))
     for (layer, neuron), (_, h) in truth.items():
         rows = out["clusters"].query("layer == @layer and neuron == @neuron")
         assert rows["rank"].tolist() == list(range(len(h)))
@@ -64,12 +69,28 @@ def test_outputs_equal_direct_clustering(reference):
             continue
         e = h.astype(np.float64) * read_w_in(RunDir(str(path)), layer)[:, neuron]
         dist = squareform(pdist(e, "cosine")) if len(h) > 1 else np.zeros((1, 1))
-        ref = cluster_examples(dist, cfg.threshold, cfg.method, cfg.min_cluster_size)
+        ref = cluster_neuron(dist, cfg)
         assert rows["cluster"].tolist() == ref.labels.tolist()
         assert np.flatnonzero(rows["is_central"]).tolist() == sorted(ref.central.tolist())
         dendro = out["dendrograms"].query("layer == @layer and neuron == @neuron")
-        np.testing.assert_allclose(np.asarray(dendro["linkage"].iloc[0]).reshape(-1, 4), ref.linkage, atol=1e-5)
+        z = np.asarray(dendro["linkage"].iloc[0]).reshape(-1, 4)
+        np.testing.assert_allclose(z, ref.linkage, atol=1e-5)
+        # The neuron's own cut is stored, and cutting its stored dendrogram there (as the viewer draws it)
+        # gives its stored clusters.
+        threshold = dendro["threshold"].iloc[0]
+        if len(h) > 1:
+            assert threshold == pytest.approx(ref.threshold, abs=1e-5)
+            assert relabel_by_size(cut(z, threshold)).tolist() == rows["cluster"].tolist()
         metrics = out["metrics"].query("layer == @layer and neuron == @neuron").iloc[0]
+        assert metrics["threshold"] == pytest.approx(threshold, abs=1e-6, nan_ok=True)
+        # Nearest-neighbour agreement on the key token, from the contexts, by a naive loop.
+        ex = examples.query("layer == @layer and neuron == @neuron").sort_values("rank")
+        key = [tokens[c][p] for c, p in zip(ex.ctx_id, ex.pos)]
+        if len(h) > 1:
+            nearest = [min((j for j in range(len(h)) if j != i), key=lambda j: (dist[i, j], j)) for i in range(len(h))]
+            assert metrics["nn_same_token"] == pytest.approx(np.mean([key[i] == key[j] for i, j in enumerate(nearest)]))
+        else:
+            assert np.isnan(metrics["nn_same_token"])
         assert metrics["n_examples"] == len(h)
         assert metrics["n_clusters"] == len(set(ref.labels[~ref.outlier].tolist()))
         assert rows["outlier"].tolist() == ref.outlier.tolist()
@@ -83,6 +104,7 @@ def test_outputs_equal_direct_clustering(reference):
             np.testing.assert_allclose(np.asarray(vector, np.float64), mean / np.linalg.norm(mean), atol=2e-3)
     report = (path / "report" / "report.md").read_text()
     assert "most polysemantic" in report and (path / "report" / "separation.png").stat().st_size > 1000
+    assert "each space at its own per-neuron cut" in report and "the key token and the token before it" in report
     stage = RunDir(str(path)).manifest()["stages"]["cluster"]
     assert stage["status"] == "done" and stage["info"]["neurons"] == 14
     assert not (path / "_work").exists()

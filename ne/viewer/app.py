@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import logging
 import os
 import random
 import sys
+import threading
 
 import numpy as np
 import streamlit as st
@@ -47,10 +49,26 @@ def get_model(url: str):
     try:
         from ne.models import load_units
 
-        return load_units(get_data(url).config()), None
+        model = load_units(get_data(url).config())
+        model.run = one_at_a_time(model.run)
+        return model, None
     except Exception as exc:  # any failure (no hub, missing weights) only costs on-demand importance
         log.warning("model not loaded: %s", exc)
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def one_at_a_time(run):
+    """`run` behind a lock. Token importance and explain share the cached model from different script threads,
+    and a forward pass hooks modules every thread shares: run together, one pass's hooks fire (and stop) in the
+    other's, which then lacks its layers' outputs."""
+    lock = threading.Lock()
+
+    @functools.wraps(run)
+    def locked(*args, **kwargs):
+        with lock:
+            return run(*args, **kwargs)
+
+    return locked
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
@@ -219,8 +237,8 @@ def neuron_page(data: RunData, url: str) -> None:
         # which leaves a broken image when neurons are switched quickly.
         st.markdown(f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" '
                     f'alt="dendrogram" style="max-width:100%">', unsafe_allow_html=True)
-        st.caption(f"Dendrogram of the {len(nd.examples)} examples; dashed line: the cut at "
-                   f"cosine distance {nd.threshold:.3g}; leaves labelled and coloured by cluster")
+        st.caption(f"Dendrogram of the {len(nd.examples)} examples; dashed line: this neuron's cut, at cosine "
+                   f"distance {nd.threshold:.3g} ({cut_rule(data)}); leaves labelled and coloured by cluster")
     elif not nd.clustered:
         st.info("This run has no clusters yet: run the cluster stage to split the examples into features.")
 
@@ -282,6 +300,15 @@ def importance_for(nd: NeuronData, members: list[Example], url: str, cfg, before
             start = max(0, e.pos - before)
             out[e.rank] = (start, compute(e.tokens, e.ctx_id, e.pos, nd.layer, nd.neuron, start))
     return out
+
+
+def cut_rule(data: RunData) -> str:
+    """How the run's cluster stage cut its dendrograms, from the settings it recorded (runs made before
+    `cluster.cut` existed used the fixed cut)."""
+    settings = data.manifest()["stages"].get("cluster", {}).get("settings", {})
+    if settings.get("cluster.cut", "fixed") == "fixed":
+        return f"the run's fixed cut, cluster.threshold {settings.get('cluster.threshold', '?')}"
+    return "chosen for this neuron by the silhouette of its clusters"
 
 
 def metrics_panel(nd: NeuronData) -> None:
