@@ -103,7 +103,7 @@ def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, uni
     import pyarrow as pa
     import safetensors.numpy
 
-    from jobs.harvest import H_ROWS_PER_PART, NEURONS_PER_ROW_GROUP
+    from jobs.harvest import H_PART_BYTES, NEURONS_PER_ROW_GROUP
     from ne import schema
     from ne.config import RunConfig
     from ne.stages import Stage
@@ -155,8 +155,9 @@ def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, uni
                          schema=schema.EXAMPLES),
                 row_group_size=NEURONS_PER_ROW_GROUP * k,
             )
-            for i, lo in enumerate(range(0, unique_h, H_ROWS_PER_PART)):
-                ids = h_ids[lo : lo + H_ROWS_PER_PART]
+            rows_per_part = max(1, H_PART_BYTES // (4 * d_model))  # float32 h, as the harvest sizes its parts
+            for i, lo in enumerate(range(0, unique_h, rows_per_part)):
+                ids = h_ids[lo : lo + rows_per_part]
                 rows = rng.normal(size=(len(ids), d_model)).astype(np.float32) + 1.0
                 h = pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), d_model)
                 run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(i)}",

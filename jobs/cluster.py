@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from jobs.ray_utils import get, gpu_wanted, init_ray
 from ne import schema
 from ne.config import ClusterConfig, RunConfig
-from ne.embed import LayerH, load_h, neuron_embeddings, pad_rows
+from ne.embed import LayerH, load_h, pad_rows
 from ne.errors import DataError, NeError
-from ne.explain import cluster_vectors
+from ne.explain import batch_cluster_vectors
 from ne.metrics import NeuronResult, analyse_neurons
 from ne.report import separation, write_report
 from ne.schema import NeuronBatch, neuron_batches
@@ -136,12 +136,13 @@ def _clusters_table(batch: NeuronBatch, members: list[np.ndarray], rank: np.ndar
 def _centroids_table(
     batch: NeuronBatch, results: list[NeuronResult], h_bnd: torch.Tensor, w_bd: torch.Tensor, counts: np.ndarray
 ) -> pa.Table:
-    neurons, clusters, sizes, vectors = [], [], [], []
+    neurons, clusters, sizes = [], [], []
+    vectors = [v for v, n in zip(batch_cluster_vectors(h_bnd, w_bd, [r.clusters.labels for r in results]), counts)
+               if n > 0]
     for i, (res, n) in enumerate(zip(results, counts)):
         if n == 0:
             continue
         c = res.clusters
-        vectors.append(cluster_vectors(neuron_embeddings(h_bnd[i, :n], w_bd[i]).numpy(), c.labels, c.central))
         neurons.append(np.full(len(c.central), batch.neurons[i], np.int32))
         clusters.append(np.arange(len(c.central), dtype=np.int32))
         sizes.append(np.bincount(c.labels, minlength=len(c.central)).astype(np.int32))

@@ -18,9 +18,10 @@ from typing import Literal
 import numpy as np
 import torch
 from jaxtyping import Float, Int
+from torch import Tensor
 
 from ne import schema
-from ne.embed import read_layer_weights
+from ne.embed import neuron_embeddings, read_layer_weights
 from ne.errors import ConfigError
 from ne.harvest import thresholds_from_maxima
 from ne.models.base import MLPModel
@@ -44,9 +45,34 @@ def cluster_vectors(
     unit = unit_rows(e_nd)
     if rule == "central":
         return unit[central]
-    sums = np.zeros((len(central), unit.shape[1]), np.float64)
-    np.add.at(sums, labels, unit)
-    return unit_rows(sums)
+    one_hot = np.zeros((len(central), len(unit)), np.float32)
+    one_hot[labels, np.arange(len(unit))] = 1.0
+    return unit_rows(one_hot @ unit)
+
+
+def batch_cluster_vectors(
+    h_bnd: Float[Tensor, "b n d_model"], w_bpd: Float[Tensor, "b parts d_model"], labels: list[np.ndarray],
+    max_bytes: int = 64 * 2**20,
+) -> list[Float[np.ndarray, "C e"]]:
+    """`cluster_vectors` (mean rule) of every neuron of a batch, as batched products over chunks of neurons
+    whose embeddings fit in `max_bytes`."""
+    b, n, d = h_bnd.shape
+    per_neuron = n * w_bpd.shape[1] * d * 4
+    step = max(1, max_bytes // max(per_neuron, 1))
+    out: list[np.ndarray] = []
+    for lo in range(0, b, step):
+        chunk = labels[lo : lo + step]
+        e = neuron_embeddings(h_bnd[lo : lo + step], w_bpd[lo : lo + step])
+        unit = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+        n_clusters = max((int(lab.max()) + 1 for lab in chunk if len(lab)), default=1)
+        one_hot = torch.zeros(len(chunk), n_clusters, n)
+        for i, lab in enumerate(chunk):
+            one_hot[i, torch.from_numpy(lab.astype(np.int64)), torch.arange(len(lab))] = 1.0
+        sums = torch.bmm(one_hot, unit)
+        vectors = sums / torch.linalg.vector_norm(sums, dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+        out += [vectors[i, : int(lab.max()) + 1].numpy() if len(lab) else vectors[i, :0].numpy()
+                for i, lab in enumerate(chunk)]
+    return out
 
 
 def assign(e_md: Float[np.ndarray, "m d"], vectors_cd: Float[np.ndarray, "C d"]) -> tuple[np.ndarray, np.ndarray]:
