@@ -48,6 +48,7 @@ def gated_run(tmp_path_factory, llama_dir, corpus):
     cfg = make_cfg(tmp_path_factory.mktemp("gated") / "run", ModelConfig(backend="hf", name=str(llama_dir),
                    device="cpu"), corpus, num_workers=0, k=8)
     cfg.cluster.neurons_per_task = 64
+    cfg.cluster.cut = "fixed"  # the reference below cuts every neuron at cluster.threshold
     harvest_job.run_harvest(cfg)
     return cfg
 
