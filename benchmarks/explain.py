@@ -24,9 +24,9 @@ from scipy.spatial.distance import pdist, squareform
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ne import schema  # noqa: E402
-from ne.cluster import cluster_examples  # noqa: E402
+from ne.cluster import cluster_neuron  # noqa: E402
 from ne.config import ClusterConfig, RunConfig, from_dict  # noqa: E402
-from ne.embed import load_h, read_w_in  # noqa: E402
+from ne.embed import load_h, read_layer_weights  # noqa: E402
 from ne.explain import assign, cluster_vectors  # noqa: E402
 from ne.store import RunDir  # noqa: E402
 
@@ -36,7 +36,7 @@ RULES = ("mean", "central")
 
 def clusters_of(e: np.ndarray, cfg: ClusterConfig):
     dist = squareform(pdist(e.astype(np.float64), "cosine")) if len(e) > 1 else np.zeros((1, 1))
-    return cluster_examples(np.nan_to_num(dist, nan=1.0), cfg.threshold, cfg.method, cfg.min_cluster_size)
+    return cluster_neuron(np.nan_to_num(dist, nan=1.0), cfg)
 
 
 def neuron_agreement(e: np.ndarray, cfg: ClusterConfig, rng: np.random.Generator) -> dict[str, tuple[int, int]]:
@@ -75,7 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     run = RunDir(args.run_dir)
-    cfg = from_dict(RunConfig, run.require_manifest()["config"]).cluster
+    run_cfg = from_dict(RunConfig, run.require_manifest()["config"])
+    cfg = run_cfg.cluster
     metrics = run.read_parquet(schema.METRICS).to_pandas()
     poly = metrics[metrics.n_clusters >= 2]
     rng = np.random.default_rng(args.seed)
@@ -84,15 +85,17 @@ def main() -> None:
     for layer, group in sample.groupby("layer"):
         examples = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, int(layer)),
                                     columns=["neuron", "rank", "h_id"]).to_pandas()
-        layer_h, w_in = load_h(run, int(layer)), read_w_in(run, int(layer))
+        layer_h, weights = load_h(run, int(layer)), read_layer_weights(run, int(layer))
         for neuron in group.neuron:
             rows = examples[examples.neuron == neuron].sort_values("rank")
-            e = layer_h.take(rows.h_id.to_numpy()) * w_in[:, neuron]
+            e = weights.embed(layer_h.take(rows.h_id.to_numpy()), np.full(len(rows), neuron),
+                              run_cfg.model.gated_embedding)
             for measure, (agree, counted) in neuron_agreement(e, cfg, rng).items():
                 totals[measure][0] += agree
                 totals[measure][1] += counted
+    cut = f"per-neuron cut ({cfg.cut})" if cfg.cut != "fixed" else f"cut {cfg.threshold}"
     print(f"{args.run_dir}: {len(sample)} neurons with >= 2 clusters (of {len(poly)}), {HOLD_OUT:.0%} of each "
-          f"neuron's examples held out, cut {cfg.threshold} ({cfg.method} linkage)")
+          f"neuron's examples held out, {cut}, {cfg.method} linkage")
     share = {k: a / max(c, 1) for k, (a, c) in totals.items()}
     print(f"  held-out examples counted: {totals['mean'][1]}")
     print(f"  assigned by the cluster's mean embedding: agreement {share['mean']:.3f}")
