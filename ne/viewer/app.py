@@ -396,7 +396,7 @@ def explain_page(data: RunData, url: str) -> None:
     except NeError as exc:
         st.error(str(exc))
         return
-    st.html(render.EXAMPLE_CSS + render.explain_html(tokens))
+    st.html(render.EXAMPLE_CSS + render.explain_html(tokens, data.config().harvest.frac))
     firing = [t for t in tokens if t.units]
     if not firing:
         st.info("No unit reaches its threshold on this text.")
@@ -409,7 +409,7 @@ def explain_page(data: RunData, url: str) -> None:
             label = f"L{u.layer} · N{u.neuron} · {u.of_max:.2f}× max"
             if u.cluster is not None:
                 label += f" → C{u.cluster} ({u.cluster_size} examples, similarity {u.similarity:.2f})"
-            left, right = st.columns([2, 3])
+            left, right = st.columns([3, 2])
             left.button(label, key=f"explain_{t.pos}_{i}", on_click=go, args=(u.layer, u.neuron, u.cluster),
                         width="stretch")
             right.caption(u.central_text or "")

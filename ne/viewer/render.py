@@ -72,12 +72,12 @@ def example_html(
     return f'<div class="ne-ex" data-rank="{example.rank}">{"".join(spans)}</div>'
 
 
-def explain_html(tokens: Sequence[TokenUnits]) -> str:
-    """A text as a line of tokens, each coloured by its strongest firing unit (activation / its maximum);
-    hovering a token lists its units and their feature clusters."""
+def explain_html(tokens: Sequence[TokenUnits], frac: float = 0.0) -> str:
+    """A text as a line of tokens, each coloured by its strongest firing unit: from faint at `frac` of the
+    unit's maximum (where units start to fire) to full at its maximum; hovering a token lists its units."""
     spans = []
     for t in tokens:
-        strongest = t.units[0].of_max if t.units else 0.0
+        strongest = 0.1 + 0.9 * max(0.0, t.units[0].of_max - frac) / max(1.0 - frac, 1e-9) if t.units else 0.0
         tip = "; ".join(f"L{u.layer} N{u.neuron} {u.of_max:.2f}× max" + (f", cluster {u.cluster}" if u.cluster is not
                                                                       None else "") for u in t.units[:5])
         spans.append(f'<span class="ne-tok" data-pos="{t.pos}" title="{html.escape(tip or "no unit fires")}" '
