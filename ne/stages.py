@@ -44,9 +44,9 @@ class StageDef:
     command: str
     """The `ne` command that runs the stage."""
     upstream: tuple[str, ...] = ()
-    settings: tuple[str, ...] = ()
+    settings: tuple = ()
     """Config keys the outputs depend on (`section.*`: every key of the section; `-prefix` drops the keys
-    that start with it)."""
+    that start with it; a function of the config gives keys that count only for some configs)."""
     outputs: tuple[str, ...] = ()
     """Run-relative files and folders the stage owns (`_work/...`: half-done work, never recorded)."""
     layout: tuple[str, ...] = ()
@@ -58,7 +58,7 @@ MODEL_KEYS = ("model.backend", "model.name", "model.weights", "model.architectur
 GRAPH: dict[str, StageDef] = {d.name: d for d in (
     StageDef("contexts", "ne harvest", (), ("data.*", "model.backend", "model.name", "model.tokenizer"),
              ("contexts",)),
-    StageDef("sae", "ne harvest", ("contexts",), ("sae.path", "sae.train_hook", "sae.train_tokens", "sae.train.*"),
+    StageDef("sae", "ne harvest", ("contexts",), ("sae.path", "sae.train_hook", lambda cfg: _sae_training(cfg)),
              ("sae",)),
     StageDef("weights", "ne harvest", ("sae",), (*MODEL_KEYS, "harvest.layers"), ("weights",)),
     StageDef("maxima", "ne harvest", ("contexts", "sae"),
@@ -135,10 +135,15 @@ def check_force(force: Collection[str], stages: Sequence[str]) -> set[str]:
     return set(force)
 
 
-def settings_of(cfg: Any, keys: Sequence[str]) -> dict[str, Any]:
+def _sae_training(cfg: Any) -> tuple[str, ...]:
+    """How the run's own SAE is trained matters only when the run trains one."""
+    return ("sae.train_tokens", "sae.train.*") if cfg.sae.train_hook else ()
+
+
+def settings_of(cfg: Any, keys: Sequence) -> dict[str, Any]:
     """{dotted key: value} of the config for `keys`, as JSON values (as the manifest keeps them)."""
     out: dict[str, Any] = {}
-    for key in keys:
+    for key in [k for entry in keys for k in (entry(cfg) if callable(entry) else (entry,))]:
         if key.startswith("-"):
             out = {k: v for k, v in out.items() if not k.startswith(key[1:])}
             continue
@@ -313,7 +318,7 @@ def describe_status(run: RunDir) -> str:
                     for rel, record in entry.get("files", {}).items():
                         run.verify(rel, record)
                     n = len(entry.get("files", {}))
-                    note = f"{n} file{'s' * (n != 1)} intact"
+                    note = f"{n} file{'s' * (n != 1)} intact" if n else "writes no file with these settings"
                 except DataError as exc:
                     state, note = "damaged", str(exc)
             lines.append(f"  {name:<19} {state:<8} {when:<20} {note or why.strip(' ()')}".rstrip())
