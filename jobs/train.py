@@ -28,8 +28,8 @@ from ne.mnist import data as mnist_data
 from ne.mnist import model as mnist_model
 from ne.mnist.config import MnistRunConfig
 from ne.mnist.eval import SAEMetrics, evaluate_dir, write_tables
-from ne.parallel import Shard, make_optimizer
-from ne.sae import SAE, NeuronEmbeddingLoss, train_sae_epoch
+from ne.parallel import Shard
+from ne.sae import SAE, NeuronEmbeddingLoss, build_sae, sae_optimizer, train_sae_epoch
 from ne.stages import MNIST_STAGES, Stage, check_force
 from ne.store import RunDir, fingerprint
 
@@ -130,7 +130,7 @@ def train_loop(config: dict) -> None:
     else:
         t0 = time.time()
         mlp = mnist_model.MLP(cfg.mlp.hidden, torch.Generator().manual_seed(cfg.seed)).to(device)
-        opt = make_optimizer(cfg.mlp.optimizer, mlp.parameters(), cfg.mlp.lr, cfg.mlp.momentum)
+        opt = mnist_model.mlp_optimizer(mlp, cfg.mlp)
         start, _ = resume("mlp", mlp, opt)
         for epoch in range(start, cfg.mlp.epochs):
             loss = mnist_model.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch, shard)
@@ -146,13 +146,11 @@ def train_loop(config: dict) -> None:
             continue
         t0 = time.time()
         # Both SAEs start from the same weights and see the same batches: only the loss differs.
-        sae = SAE(mlp.hidden_size, cfg.sae.expansion * mlp.hidden_size,
-                  torch.Generator().manual_seed(cfg.seed + 1)).to(device)
-        opt = make_optimizer(cfg.sae.optimizer, sae.parameters(), cfg.sae.lr)
+        sae = build_sae(cfg.sae, acts, torch.Generator().manual_seed(cfg.seed + 1))
+        opt = sae_optimizer(sae, cfg.sae)
         ne_loss = None
         if kind == "ne_loss":
-            ne_loss = NeuronEmbeddingLoss(sae.n_neurons, mlp.hidden_size, cfg.sae.ne_momentum,
-                                          only_active=cfg.sae.ne_examples == "active").to(device)
+            ne_loss = NeuronEmbeddingLoss.from_config(sae.n_neurons, mlp.hidden_size, cfg.sae).to(device)
         start, step = resume(name, sae, opt, ne_loss)
         for epoch in range(start, cfg.sae.epochs):
             step0 = step

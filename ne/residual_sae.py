@@ -23,8 +23,7 @@ from ne.data import iter_context_parts
 from ne.harvest import batches
 from ne.models.base import MLPModel
 from ne.models.sae_units import residual
-from ne.parallel import make_optimizer
-from ne.sae import SAE, NeuronEmbeddingLoss, SAEConfig, train_sae_epoch
+from ne.sae import SAE, NeuronEmbeddingLoss, SAEConfig, build_sae, sae_optimizer, train_sae_epoch
 from ne.store import RunDir
 
 log = logging.getLogger(__name__)
@@ -57,12 +56,9 @@ def sample_activations(
 
 def train_sae(acts: Float[Tensor, "n d"], cfg: SAEConfig, seed: int) -> tuple[SAE, dict[str, float]]:
     """An SAE with expansion × d latents trained on `acts` (with the NE loss when cfg.ne_coeff > 0)."""
-    sae = SAE(acts.shape[1], cfg.expansion * acts.shape[1], torch.Generator().manual_seed(seed))
-    opt = make_optimizer(cfg.optimizer, sae.parameters(), cfg.lr)
-    ne_loss = None
-    if cfg.ne_coeff > 0:
-        ne_loss = NeuronEmbeddingLoss(sae.n_neurons, acts.shape[1], cfg.ne_momentum,
-                                      only_active=cfg.ne_examples == "active")
+    sae = build_sae(cfg, acts, torch.Generator().manual_seed(seed))
+    opt = sae_optimizer(sae, cfg)
+    ne_loss = NeuronEmbeddingLoss.from_config(sae.n_neurons, acts.shape[1], cfg) if cfg.ne_coeff > 0 else None
     step, losses = 0, {}
     for epoch in range(cfg.epochs):
         step, losses = train_sae_epoch(sae, opt, acts, cfg, seed, epoch, step, ne_loss)

@@ -12,9 +12,8 @@ from ne.config import load_config
 from ne.errors import ConfigError
 from ne.mnist import data as mnist_data
 from ne.mnist import model as mnist_model
-from ne.mnist.config import MnistRunConfig
-from ne.parallel import make_optimizer
-from ne.sae import SAE, NeuronEmbeddingLoss, train_sae_epoch
+from ne.mnist.config import MLPConfig, MnistRunConfig
+from ne.sae import NeuronEmbeddingLoss, SAEConfig, build_sae, sae_optimizer, train_sae_epoch
 from ne.stages import GRAPH, MNIST_STAGES, settings_of
 from ne.store import RunDir
 from tests.conftest import REPO, require_shared
@@ -27,6 +26,11 @@ SAE_SHAPES = {"W_enc": (512, 64), "b_enc": (512,), "W_dec": (64, 512), "b_dec": 
 def test_config_is_strict():
     cfg = load_config(CONFIG, cls=MnistRunConfig)
     assert (cfg.sae.expansion * cfg.mlp.hidden, cfg.sae.ne_start_step, cfg.sae.ne_momentum) == (512, 200, 0.9)
+    # The recipe is the default twice over: the YAML file and the dataclasses agree.
+    assert cfg.sae == SAEConfig() and cfg.mlp == MLPConfig()
+    assert (cfg.sae.optimizer, cfg.sae.weight_decay) == (cfg.mlp.optimizer, cfg.mlp.weight_decay) == ("adam", 0.01)
+    with pytest.raises(ConfigError, match="mlp.weight_decay is -1.0; it must be >= 0"):
+        load_config(CONFIG, ["mlp.weight_decay=-1.0"], cls=MnistRunConfig)
     with pytest.raises(ConfigError, match="unknown config key 'sae.lamda1'"):
         load_config(CONFIG, ["sae.lamda1=0.1"], cls=MnistRunConfig)
     with pytest.raises(ConfigError, match="sae.ne_examples is 'some'"):
@@ -44,9 +48,15 @@ def test_settings_follow_what_each_stage_depends_on():
     assert settings(replace(cfg, trainer=replace(cfg.trainer, num_workers=2))) == base
     l1 = settings(replace(cfg, sae=replace(cfg.sae, l1_coeff=0.5)))
     assert l1["mnist_mlp"] == base["mnist_mlp"] and l1["mnist_sae_standard"] != base["mnist_sae_standard"]
-    ne = settings(replace(cfg, sae=replace(cfg.sae, ne_coeff=5.0)))
-    assert ne["mnist_sae_standard"] == base["mnist_sae_standard"]
-    assert ne["mnist_sae_ne_loss"] != base["mnist_sae_ne_loss"]
+    for change in ({"ne_coeff": 5.0}, {"ne_aggregate": "neurons"}, {"ne_distance": "euclidean"}):
+        ne = settings(replace(cfg, sae=replace(cfg.sae, **change)))
+        assert ne["mnist_sae_standard"] == base["mnist_sae_standard"]
+        assert ne["mnist_sae_ne_loss"] != base["mnist_sae_ne_loss"]
+    for change in ({"weight_decay": 0.0}, {"decoder_norm": "unit"}, {"b_dec_init": "mean"}):
+        both = settings(replace(cfg, sae=replace(cfg.sae, **change)))
+        assert both["mnist_sae_standard"] != base["mnist_sae_standard"]
+        assert both["mnist_sae_ne_loss"] != base["mnist_sae_ne_loss"]
+    assert settings(replace(cfg, mlp=replace(cfg.mlp, weight_decay=0.0)))["mnist_mlp"] != base["mnist_mlp"]
     assert settings(replace(cfg, seed=1))["mnist_mlp"] != base["mnist_mlp"]
     assert settings(replace(cfg, data=replace(cfg.data, test_subset=5)))["mnist_eval"] != base["mnist_eval"]
 
@@ -70,15 +80,15 @@ def library_run(cfg: MnistRunConfig) -> dict[str, dict[str, torch.Tensor]]:
     """The same training, in this process, straight from the library: what one Ray worker must produce."""
     train = mnist_data.load_idx(cfg.data.dir, "train").head(cfg.data.train_subset)
     mlp = mnist_model.MLP(64, torch.Generator().manual_seed(cfg.seed))
-    opt = make_optimizer(cfg.mlp.optimizer, mlp.parameters(), cfg.mlp.lr, cfg.mlp.momentum)
+    opt = mnist_model.mlp_optimizer(mlp, cfg.mlp)
     for epoch in range(cfg.mlp.epochs):
         mnist_model.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch)
     acts = mnist_model.hidden_acts(mlp, train.images)
     out = {"mlp": mlp.state_dict()}
     for kind in ("standard", "ne_loss"):
-        sae = SAE(64, 512, torch.Generator().manual_seed(cfg.seed + 1))
-        opt = make_optimizer(cfg.sae.optimizer, sae.parameters(), cfg.sae.lr)
-        ne = NeuronEmbeddingLoss(512, 64, cfg.sae.ne_momentum) if kind == "ne_loss" else None
+        sae = build_sae(cfg.sae, acts, torch.Generator().manual_seed(cfg.seed + 1))
+        opt = sae_optimizer(sae, cfg.sae)
+        ne = NeuronEmbeddingLoss.from_config(512, 64, cfg.sae) if kind == "ne_loss" else None
         train_sae_epoch(sae, opt, acts, cfg.sae, cfg.seed + 1, 0, 0, ne)
         out[f"sae_{kind}"] = sae.state_dict()
     return out

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ne.checks import at_least, check_choices, positive
+from ne.errors import ConfigError
 from ne.sae import SAEConfig
 
 
@@ -42,12 +43,17 @@ class MLPConfig:
     """Training epochs (the paper: 3, "until the loss converges")."""
     batch_size: int = 64
     """Global batch size, split evenly between the Ray workers."""
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    """`sgd` or `adam`."""
-    lr: float = 0.01
+    optimizer: Literal["sgd", "adam"] = "adam"
+    """`adam` or `sgd`."""
+    lr: float = 2e-4
     """Learning rate."""
     momentum: float = 0.0
     """SGD momentum (ignored by adam)."""
+    weight_decay: float = 0.01
+    """L2 weight decay added to the gradient (torch's `weight_decay`). Adam, lr 2e-4, 0.01 gives an MLP like
+    the authors': 93.7% test accuracy (theirs 94.0), |W1| 3.9 (4.2), |W2| 2.8 (2.6), mean hidden-vector norm
+    14.4 (14.6), and the same decay of the weights on always-blank pixels (6% of their initial spread, theirs
+    6%; without decay it stays 100%)."""
 
     def __post_init__(self):
         at_least("mlp.hidden", self.hidden, 1)
@@ -55,6 +61,8 @@ class MLPConfig:
         at_least("mlp.batch_size", self.batch_size, 1)
         check_choices(self, "mlp")
         positive("mlp.lr", self.lr)
+        if self.weight_decay < 0:
+            raise ConfigError(f"mlp.weight_decay is {self.weight_decay}; it must be >= 0")
 
 
 @dataclass

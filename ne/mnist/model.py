@@ -14,6 +14,7 @@ from ne.errors import DataError
 from ne.mnist.config import MLPConfig
 from ne.mnist.data import N_CLASSES, N_PIXELS, MnistSplit, scale_pixels
 from ne.parallel import SINGLE, Shard, epoch_batches
+from ne.sae import build_optimizer
 from ne.store import read_tensors
 
 
@@ -58,6 +59,10 @@ def _uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator | N
     """nn.Linear's default initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from a given generator."""
     bound = fan_in**-0.5
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def mlp_optimizer(model: MLP, cfg: MLPConfig) -> torch.optim.Optimizer:
+    return build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
 
 
 def train_mlp_epoch(
