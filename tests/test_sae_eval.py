@@ -179,7 +179,7 @@ def test_feature_clusters_use_neuron_embeddings_and_png_is_written():
     np.testing.assert_array_equal(idx, np.flatnonzero((f[:, j] > 0).numpy())[:30])
     e = ((a[idx] - sae.b_dec) * sae.W_enc[j]).detach().double().numpy()
     want = cluster_examples(squareform(pdist(e, "cosine")), 0.05)
-    got = feature_clusters(h.detach(), w.detach(), ClusterConfig(threshold=0.05))
+    got = feature_clusters(h.detach(), w.detach(), ClusterConfig(cut="fixed", threshold=0.05))
     assert want.n_clusters > 1
     np.testing.assert_array_equal(got.labels, want.labels)
     png = figure5(mlp, sae, j, test, ClusterConfig(threshold=0.05), max_examples=30)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from jaxtyping import Float  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from ne.cluster import Clusters, cluster_examples  # noqa: E402
+from ne.cluster import Clusters, cluster_neuron  # noqa: E402
 from ne.config import ClusterConfig  # noqa: E402
 from ne.embed import cosine_distances  # noqa: E402
 from ne.errors import ConfigError  # noqa: E402
@@ -74,7 +74,7 @@ def importance_map(split: MnistSplit, idx: np.ndarray, amap: Float[Tensor, " 784
 
 def feature_clusters(h: Float[Tensor, "k d"], w: Float[Tensor, " d"], cfg: ClusterConfig) -> Clusters:
     dist = cosine_distances(h[None].detach(), w[None].detach(), device="cpu")[0].numpy()
-    return cluster_examples(dist, cfg.threshold, cfg.method, cfg.min_cluster_size)
+    return cluster_neuron(dist, cfg)
 
 
 def figure5(

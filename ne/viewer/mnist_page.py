@@ -136,7 +136,7 @@ def mnist_page(data) -> None:
     neuron = int(c2.number_input(f"Neuron (0–{n - 1})", 0, n - 1, 0, key=f"mnist_neuron_{kind}"))
     threshold = c3.slider("Cluster cut (cosine distance)", 0.05, 1.5, ClusterConfig().threshold, 0.05)
     max_examples = c4.number_input("Examples (first active test images)", 2, 1000, 100, 10)
-    view = analyse(mlp, sae, neuron, split, ClusterConfig(threshold=threshold), int(max_examples))
+    view = analyse(mlp, sae, neuron, split, ClusterConfig(cut="fixed", threshold=threshold), int(max_examples))
     images, labels = split.images, split.labels
 
     st.subheader(f"{label} · neuron {neuron}")
