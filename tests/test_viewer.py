@@ -427,7 +427,7 @@ def test_mnist_neuron_against_naive_loops(mnist_run, kind):
         W_enc, b_enc, b_dec = (t.detach().numpy().astype(np.float64) for t in (sae.W_enc, sae.b_enc, sae.b_dec))
         acts_all = np.maximum((hidden - b_dec) @ W_enc.T + b_enc, 0)
     neuron = int(np.argmax((acts_all > 0).sum(0)))  # the neuron that fires most often
-    view = mp.analyse(mlp, sae, neuron, split, ClusterConfig(threshold=0.5), max_examples=40)
+    view = mp.analyse(mlp, sae, neuron, split, ClusterConfig(cut="fixed", threshold=0.5), max_examples=40)
 
     a = acts_all[:, neuron]
     np.testing.assert_allclose(view.acts, a, rtol=1e-4, atol=1e-4)
