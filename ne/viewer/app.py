@@ -210,7 +210,8 @@ def neuron_page(data: RunData, url: str) -> None:
     cfg = data.config()
     layer, neuron = ss.nav
     st.query_params.update(layer=str(layer), neuron=str(neuron))
-    st.header(f"Layer {layer} · Neuron {neuron}")
+    unit = "SAE latent" if data.model_info().get("sae") else "Neuron"
+    st.header(f"Layer {layer} · {unit} {neuron}")
     d_mlp = data.model_info().get("d_mlp")
     if d_mlp is not None and neuron >= d_mlp:
         st.error(f"Neuron {neuron} does not exist: layer {layer} has neurons 0 to {d_mlp - 1}.")
