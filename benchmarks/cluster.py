@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ne.cluster import cluster_examples, cluster_neuron  # noqa: E402
 from ne.config import ClusterConfig  # noqa: E402
-from ne.embed import cosine_distances, pad_rows  # noqa: E402
+from ne.embed import cosine_distances, neuron_distances, pad_rows  # noqa: E402
 from ne.metrics import analyse_neurons  # noqa: E402
 
 GPT2_NEURONS = 12 * 3072
@@ -63,12 +63,12 @@ def batched(pool, members, w, cfg: ClusterConfig, work: str) -> float:
         if work == "stage":
             analyse_neurons(h_bnd, counts, w_bd, cfg, device="cpu")
             continue
-        dist = cosine_distances(h_bnd, w_bd, device="cpu").numpy()
-        for b, n in enumerate(counts):
-            if work == "fixed":
-                cluster_examples(dist[b, :n, :n], cfg.threshold, cfg.method)
-            else:
-                cluster_neuron(dist[b, :n, :n], cfg)
+        for first, dist in neuron_distances(h_bnd, w_bd, device="cpu"):
+            for b, n in enumerate(counts[first : first + len(dist)]):
+                if work == "fixed":
+                    cluster_examples(dist[b, :n, :n], cfg.threshold, cfg.method)
+                else:
+                    cluster_neuron(dist[b, :n, :n], cfg)
     return time.perf_counter() - start
 
 

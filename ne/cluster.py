@@ -151,25 +151,26 @@ def silhouette_by_clusters(
     member_jlc = member_jlc.astype(np.float64)  # [finest j, level, cluster]: j belongs to the cluster
     n_levels = len(groups_lj)
     sums_n_j = np.asarray(dist_nn, dtype=np.float64) @ one_hot(labels)
-    sums_lnc = (sums_n_j @ member_jlc.reshape(k_top, -1)).reshape(n, n_levels, k_top).transpose(1, 0, 2)
+    sums_lcn = np.ascontiguousarray((sums_n_j @ member_jlc.reshape(k_top, -1)).T).reshape(n_levels, k_top, n)
     sizes_lc = (np.bincount(labels, minlength=k_top) @ member_jlc.reshape(k_top, -1)).reshape(n_levels, k_top)
-    out[k_top - np.arange(n_levels)] = silhouettes(sums_lnc, sizes_lc, groups_lj[:, labels])
+    out[k_top - np.arange(n_levels)] = silhouettes(sums_lcn, sizes_lc, groups_lj[:, labels])
     return out
 
 
 def silhouettes(
-    sums_lnc: Float[np.ndarray, "L n C"], sizes_lc: Float[np.ndarray, "L C"], labels_ln: Int[np.ndarray, "L n"]
+    sums_lcn: Float[np.ndarray, "L C n"], sizes_lc: Float[np.ndarray, "L C"], labels_ln: Int[np.ndarray, "L n"]
 ) -> Float[np.ndarray, " L"]:
     """Mean silhouette (scikit-learn's: a singleton scores 0) of L labellings of the same n examples, from each
     example's summed distance to each cluster (its own included); clusters of size 0 are absent. The caller
-    ensures 2 <= clusters <= n - 1."""
+    ensures 2 <= clusters <= n - 1. Examples run along the last axis so that the minimum over clusters is
+    taken across rows, which numpy vectorises, rather than along 20-element rows, which it does not."""
     lvl, ex = np.arange(labels_ln.shape[0])[:, None], np.arange(labels_ln.shape[1])[None, :]
     own_size = sizes_lc[lvl, labels_ln]
-    a = sums_lnc[lvl, ex, labels_ln] / np.maximum(own_size - 1, 1)
-    mean_to = np.full_like(sums_lnc, np.inf)
-    np.divide(sums_lnc, sizes_lc[:, None, :], out=mean_to, where=sizes_lc[:, None, :] > 0)
-    mean_to[lvl, ex, labels_ln] = np.inf
-    b = mean_to.min(axis=2)
+    a = sums_lcn[lvl, labels_ln, ex] / np.maximum(own_size - 1, 1)
+    mean_to = sums_lcn / np.where(sizes_lc > 0, sizes_lc, 1.0)[:, :, None]
+    mean_to += np.where(sizes_lc > 0, 0.0, np.inf)[:, :, None]
+    mean_to[lvl, labels_ln, ex] = np.inf
+    b = mean_to.min(axis=1)
     denom = np.maximum(a, b)
     s = np.where(denom > 0, (b - a) / np.where(denom > 0, denom, 1.0), 0.0)
     s[own_size == 1] = 0.0

@@ -6,6 +6,10 @@ import torch
 
 from ne.errors import ConfigError
 
+CPU_CHUNK_BYTES = 4 * 2**20
+"""Bytes of embeddings per batched product on a CPU: a few neurons' worth stays in cache, while a
+batch-sized copy of h does not and makes the product about twice as slow (benchmarks/cluster.py)."""
+
 
 def resolve_device(spec: str | torch.device | None = "auto", key: str = "model.device") -> torch.device:
     """`auto` (or None) is CUDA when present, else CPU; anything else must name a device this machine has

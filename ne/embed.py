@@ -13,7 +13,7 @@ consumer (clusters, the index, explanations) embeds with those.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ne import schema
-from ne.device import resolve_device
+from ne.device import CPU_CHUNK_BYTES, resolve_device
 from ne.errors import DataError
 from ne.store import RunDir
 from ne.weights import GATED_EMBEDDINGS, LayerWeights, read_layer_weights, read_w_in  # noqa: F401
@@ -74,6 +74,19 @@ def cosine_distances(
     dist.clamp_(0.0, 2.0)
     dist.diagonal(dim1=1, dim2=2).zero_()
     return dist
+
+
+def neuron_distances(
+    h_bnd: Float[Tensor, "b n d_model"], w_bd: Tensor | None = None, device: str | torch.device | None = "auto"
+) -> Iterator[tuple[int, Float[np.ndarray, "chunk n n"]]]:
+    """`cosine_distances` of a batch as float64 arrays, yielded with the index of their first neuron: on a CPU a
+    few neurons at a time (`CPU_CHUNK_BYTES` of embeddings, which stay in cache), on a GPU the whole batch.
+    float64 once here, because every consumer (linkage, cuts, metrics) computes in it."""
+    dev = resolve_device(device)
+    chunk = len(h_bnd) if dev.type == "cuda" else max(1, CPU_CHUNK_BYTES // max(4 * h_bnd[0].numel(), 1))
+    for lo in range(0, len(h_bnd), chunk):
+        w = None if w_bd is None else w_bd[lo : lo + chunk]
+        yield lo, cosine_distances(h_bnd[lo : lo + chunk], w, device=dev).cpu().double().numpy()
 
 
 def pad_rows(

@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ne import schema
+from ne.device import CPU_CHUNK_BYTES
 from ne.embed import neuron_embeddings, read_layer_weights
 from ne.errors import ConfigError
 from ne.harvest import thresholds_from_maxima
@@ -52,7 +53,7 @@ def cluster_vectors(
 
 def batch_cluster_vectors(
     h_bnd: Float[Tensor, "b n d_model"], w_bpd: Float[Tensor, "b parts d_model"], labels: list[np.ndarray],
-    max_bytes: int = 64 * 2**20,
+    max_bytes: int = CPU_CHUNK_BYTES,
 ) -> list[Float[np.ndarray, "C e"]]:
     """`cluster_vectors` (mean rule) of every neuron of a batch, as batched products over chunks of neurons
     whose embeddings fit in `max_bytes`."""

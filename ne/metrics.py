@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ne.cluster import Clusters, cluster_examples, cut, cut_into, cut_thresholds, linkage_of, one_hot, silhouettes
 from ne.config import ClusterConfig
-from ne.embed import cosine_distances
+from ne.embed import neuron_distances
 
 NAN = float("nan")
 
@@ -44,7 +44,7 @@ def _silhouette(sums_nc: Float[np.ndarray, "n C"], labels: Int[np.ndarray, " n"]
     if not 2 <= n_clusters <= n - 1:
         return NAN
     sizes = np.bincount(labels, minlength=n_clusters).astype(np.float64)
-    return float(silhouettes(sums_nc[None], sizes[None], np.asarray(labels)[None])[0])
+    return float(silhouettes(sums_nc.T[None], sizes[None], np.asarray(labels)[None])[0])
 
 
 def neuron_metrics(dist_nn: Float[np.ndarray, "n n"], clusters: Clusters) -> dict[str, float | int]:
@@ -189,23 +189,28 @@ def analyse_neurons(
     """Cluster a batch of neurons (zero-padded examples, `counts` real ones each) and measure them.
 
     `tokens_bn2`: each example's key token and the token before it, for `neighbour_agreement` (NaN without)."""
-    ne_dist = cosine_distances(h_bnd, w_bd, device=device).cpu().numpy()
-    raw_dist = cosine_distances(h_bnd, None, device=device).cpu().numpy()
     results = []
-    for b, n in enumerate(counts):
-        d_ne, d_raw = ne_dist[b, :n, :n], raw_dist[b, :n, :n]
-        z_ne, z_raw = linkage_of(d_ne, cfg.method), linkage_of(d_raw, cfg.method)
-        cuts_ne, cuts_raw = cut_thresholds(d_ne, z_ne, cfg), cut_thresholds(d_raw, z_raw, cfg)
-        ne = cluster_examples(d_ne, cuts_ne[cfg.cut], cfg.method, cfg.min_cluster_size, z=z_ne)
-        raw = cluster_examples(d_raw, cuts_raw[cfg.cut], cfg.method, cfg.min_cluster_size, z=z_raw)
-        metrics = neuron_metrics(d_ne, ne)
-        metrics.update({f"raw_{k}": v for k, v in neuron_metrics(d_raw, raw).items() if k != "n_examples"})
-        metrics["threshold"], metrics["raw_threshold"] = ne.threshold, raw.threshold
-        known = KnownCut(cfg.cut, ne.labels, raw.labels, metrics["silhouette"], metrics["raw_silhouette"])
-        metrics.update(figure4_metrics(d_ne, d_raw, z_ne, z_raw, cuts_ne, cuts_raw, cfg.min_cluster_size, known))
-        metrics.update(_agreement_metrics(d_ne, d_raw, None if tokens_bn2 is None else tokens_bn2[b, :n]))
-        results.append(NeuronResult(ne, metrics))
+    spaces = zip(neuron_distances(h_bnd, w_bd, device), neuron_distances(h_bnd, None, device))
+    for (lo, ne_dist), (_, raw_dist) in spaces:
+        for b, n in enumerate(counts[lo : lo + len(ne_dist)]):
+            d_ne, d_raw = np.ascontiguousarray(ne_dist[b, :n, :n]), np.ascontiguousarray(raw_dist[b, :n, :n])
+            results.append(_analyse_neuron(d_ne, d_raw, cfg, None if tokens_bn2 is None else tokens_bn2[lo + b, :n]))
     return results
+
+
+def _analyse_neuron(d_ne: Float[np.ndarray, "n n"], d_raw: Float[np.ndarray, "n n"], cfg: ClusterConfig,
+                    tokens_n2: Int[np.ndarray, "n 2"] | None) -> NeuronResult:
+    z_ne, z_raw = linkage_of(d_ne, cfg.method), linkage_of(d_raw, cfg.method)
+    cuts_ne, cuts_raw = cut_thresholds(d_ne, z_ne, cfg), cut_thresholds(d_raw, z_raw, cfg)
+    ne = cluster_examples(d_ne, cuts_ne[cfg.cut], cfg.method, cfg.min_cluster_size, z=z_ne)
+    raw = cluster_examples(d_raw, cuts_raw[cfg.cut], cfg.method, cfg.min_cluster_size, z=z_raw)
+    metrics = neuron_metrics(d_ne, ne)
+    metrics.update({f"raw_{k}": v for k, v in neuron_metrics(d_raw, raw).items() if k != "n_examples"})
+    metrics["threshold"], metrics["raw_threshold"] = ne.threshold, raw.threshold
+    known = KnownCut(cfg.cut, ne.labels, raw.labels, metrics["silhouette"], metrics["raw_silhouette"])
+    metrics.update(figure4_metrics(d_ne, d_raw, z_ne, z_raw, cuts_ne, cuts_raw, cfg.min_cluster_size, known))
+    metrics.update(_agreement_metrics(d_ne, d_raw, tokens_n2))
+    return NeuronResult(ne, metrics)
 
 
 def _agreement_metrics(

@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy.spatial.distance import pdist, squareform
 
-from ne.embed import cosine_distances, neuron_embeddings, pad_rows
+from ne import embed
+from ne.embed import cosine_distances, neuron_distances, neuron_embeddings, pad_rows
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,25 @@ def test_distances_do_not_depend_on_padding_or_batch_mates(batch):
     d_alone = cosine_distances(alone, torch.from_numpy(w[2:3]), device="cpu")[0]
     d_together = cosine_distances(together, torch.from_numpy(w), device="cpu")[2, :2, :2]
     assert torch.allclose(d_alone, d_together, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 100 * 768 * 4, 2**40])
+def test_chunked_distances_cover_the_batch_and_equal_one_product(batch, monkeypatch, chunk_bytes):
+    """One neuron, two, or the whole batch per product: the same numbers, every neuron once, in order."""
+    rows, index_lists, w = batch
+    h_bnd, _ = pad_rows(rows, index_lists)
+    w_bd = torch.from_numpy(w)
+    monkeypatch.setattr(embed, "CPU_CHUNK_BYTES", chunk_bytes)
+    for weights in (w_bd, None):
+        chunks = list(neuron_distances(h_bnd, weights, device="cpu"))
+        expected_step = {1: 1, 2 * 100 * 768 * 4: 2, 2**40: len(index_lists)}[chunk_bytes]
+        assert [lo for lo, _ in chunks] == list(range(0, len(index_lists), expected_step))
+        whole = np.concatenate([d for _, d in chunks])
+        assert whole.dtype == np.float64
+        one_product = cosine_distances(h_bnd, weights, device="cpu").double().numpy()
+        for b, ix in enumerate(index_lists):  # padded rows may differ; the real block may not
+            n = len(ix)
+            np.testing.assert_allclose(whole[b, :n, :n], one_product[b, :n, :n], atol=1e-6, rtol=0)
 
 
 def test_zero_embedding_is_at_distance_one():
