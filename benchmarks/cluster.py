@@ -98,28 +98,19 @@ def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, uni
     """A run directory as the harvest leaves it, at paper scale, each stage recorded done with the default
     config: `n_contexts` contexts of random tokens, `unique_h` h rows per layer in h_id order and k examples per
     neuron drawn from them, in corpus (h_id) order."""
-    import contextlib
-
     import pyarrow as pa
     import safetensors.numpy
 
     from jobs.harvest import H_PART_BYTES, NEURONS_PER_ROW_GROUP
     from ne import schema
     from ne.config import RunConfig
-    from ne.stages import Stage
     from ne.store import RunDir
-
-    @contextlib.contextmanager
-    def stage(name: str, **info):
-        st = Stage(run, name, cfg)
-        st.begin()
-        yield
-        st.done(**info)
+    from tests.viewer_run import stage as recorded_stage
 
     run, cfg = RunDir(url), RunConfig(run_dir=url)
     rng = np.random.default_rng(0)
     run.record("model", {"name": "synthetic", "n_layers": layers, "d_model": d_model, "d_mlp": d_mlp})
-    with stage("contexts", n_contexts=n_contexts):
+    with recorded_stage(run, "contexts", cfg, n_contexts=n_contexts):
         per_part = cfg.data.contexts_per_part
         for i, lo in enumerate(range(0, n_contexts, per_part)):
             ids = np.arange(lo, min(lo + per_part, n_contexts))
@@ -127,19 +118,19 @@ def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, uni
                 pa.array(rng.integers(0, 50_000, len(ids) * n_ctx, dtype=np.int32)), n_ctx).cast(pa.list_(pa.int32()))
             run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(i)}",
                               pa.table({"ctx_id": ids, "doc_id": ids, "tokens": tokens}, schema=schema.CONTEXTS))
-    with stage("sae"):  # no SAE: the model's own neurons are the units
+    with recorded_stage(run, "sae", cfg):  # no SAE: the model's own neurons are the units
         pass
-    with stage("weights", layers=list(range(layers))):
+    with recorded_stage(run, "weights", cfg, layers=list(range(layers))):
         for layer in range(layers):
             w_in = rng.normal(size=(d_model, d_mlp)).astype(np.float32)
             run.write_bytes(schema.weights_path(layer),
                             safetensors.numpy.save({"W_in": w_in, "b_in": np.zeros(d_mlp, np.float32)}))
-    with stage("maxima", layers=list(range(layers))):
+    with recorded_stage(run, "maxima", cfg, layers=list(range(layers))):
         run.write_parquet(schema.MAXIMA, pa.table(
             {"layer": np.repeat(np.arange(layers), d_mlp).astype(np.int16),
              "neuron": np.tile(np.arange(d_mlp), layers).astype(np.int32),
              "max_act": np.ones(layers * d_mlp, np.float32)}, schema=schema.MAXIMA_SCHEMA))
-    with stage("examples", layers=list(range(layers))):
+    with recorded_stage(run, "examples", cfg, layers=list(range(layers))):
         for layer in range(layers):
             h_ids = np.unique(rng.integers(1, n_ctx, unique_h * 2) + n_ctx * rng.integers(0, n_contexts, unique_h * 2))
             h_ids = np.sort(rng.choice(h_ids, unique_h, replace=False))

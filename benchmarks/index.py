@@ -21,8 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index.build import build_index, recall_at_k, unit_rows  # noqa: E402
+from index.build import build_index, recall_at_k  # noqa: E402
 from ne.config import IndexConfig  # noqa: E402
+from ne.embed import unit_rows  # noqa: E402
 
 
 def mixture(n: int, d: int, centers: np.ndarray, rng) -> np.ndarray:

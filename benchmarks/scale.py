@@ -97,9 +97,8 @@ def distance_error(run_dir: str, max_neurons: int) -> dict[str, float]:
     for layer in run.layers(schema.EXAMPLES_DIR):
         ex = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer), columns=["neuron", "h_id"]).to_pandas()
         layer_h, weights = load_h(run, layer), read_layer_weights(run, layer)
-        groups = [g.h_id.to_numpy() for _, g in ex.groupby("neuron") if len(g) > 1][:max_neurons]
-        neurons = [n for n, g in ex.groupby("neuron") if len(g) > 1][:max_neurons]
-        for n, ids in zip(neurons, groups):
+        pairs = [(n, g.h_id.to_numpy()) for n, g in ex.groupby("neuron") if len(g) > 1][:max_neurons]
+        for n, ids in pairs:
             h = torch.from_numpy(layer_h.take(ids))[None]
             for mode in ("concat", "gate", "raw"):
                 w = None if mode == "raw" else torch.from_numpy(weights.unit_weights([n], mode))

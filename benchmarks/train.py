@@ -42,7 +42,7 @@ from ne.mnist.eval import (  # noqa: E402
     to_markdown,
     with_paper,
 )
-from ne.sae import SAE, NeuronEmbeddingLoss, SAEConfig, build_sae, sae_optimizer, train_sae_epoch  # noqa: E402
+from ne.sae import SAE, SAEConfig, fit_sae  # noqa: E402
 from ne.store import RunDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,13 +145,7 @@ NE_GRID = [
 
 def train_one(sae_cfg: SAEConfig, acts: torch.Tensor, seed: int, with_ne: bool) -> SAE:
     """One SAE, in process, exactly as a Ray worker trains it."""
-    sae = build_sae(sae_cfg, acts, torch.Generator().manual_seed(seed + 1))
-    opt = sae_optimizer(sae, sae_cfg)
-    ne = NeuronEmbeddingLoss.from_config(sae.n_neurons, acts.shape[1], sae_cfg) if with_ne else None
-    step = 0
-    for epoch in range(sae_cfg.epochs):
-        step, _ = train_sae_epoch(sae, opt, acts, sae_cfg, seed + 1, epoch, step, ne)
-    return sae
+    return fit_sae(acts, sae_cfg, seed + 1, with_ne)[0]
 
 
 def sweep_mlp(cfg: MnistRunConfig, seed: int, weights: str | None, train) -> mnist_model.MLP:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from index.exact import exact_search
 from ne import schema
 from ne.config import IndexConfig, RunConfig
-from ne.embed import read_h
+from ne.embed import read_h, unit_rows
 from ne.errors import DataError
 from ne.stages import Stage, check_force
 from ne.store import RunDir
@@ -39,11 +39,6 @@ EMBED_ROWS = 4096
 """Central examples embedded at a time."""
 TRAIN_PER_LIST = 32
 """k-means training points per IVF list: FAISS asks for 39; 32 keeps recall (measured) and saves time."""
-
-
-def unit_rows(x_nd: np.ndarray) -> np.ndarray:
-    x_nd = np.ascontiguousarray(x_nd, dtype=np.float32)
-    return x_nd / np.maximum(np.linalg.norm(x_nd, axis=1, keepdims=True), np.finfo(np.float32).tiny)
 
 
 def central_vectors(run: RunDir, layer: int, vectors: str, gated_embedding: str = "concat"
@@ -89,12 +84,10 @@ def recall_at_k(found_sims: np.ndarray, exact_sims: np.ndarray) -> float:
 def build_index(x_nd: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tuple[faiss.Index, dict]:
     """An index over normalised vectors `x_nd`, and what was measured while building it."""
     n, d = x_nd.shape
+    if n < cfg.exact_below:
+        return flat_index([x_nd], cfg.recall_k)
     k = min(cfg.recall_k, n)
     info: dict = {"n_vectors": n, "d": d, "recall_k": k}
-    if n < cfg.exact_below:
-        index = faiss.IndexFlatIP(d)
-        index.add(x_nd)
-        return index, {**info, "type": "Flat", "recall": 1.0}
     rng = np.random.default_rng(seed)
     nlist = max(1, int(round(4 * math.sqrt(n))))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -113,6 +106,15 @@ def build_index(x_nd: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tuple[fais
     recall = recall_at_k(index.search(queries[held], k)[0], truth[held])
     return index, {**info, "type": f"IVF{nlist},Flat", "nlist": nlist, "nprobe": nprobe, "recall": recall,
                    "recall_queries": len(truth[held])}
+
+
+def flat_index(parts: list[np.ndarray], recall_k: int) -> tuple[faiss.Index, dict]:
+    """An exact index over the rows of `parts`, added (and dropped from the list) one part at a time."""
+    index = faiss.IndexFlatIP(parts[0].shape[1])
+    while parts:
+        index.add(parts.pop(0))
+    return index, {"n_vectors": index.ntotal, "d": index.d, "recall_k": min(recall_k, index.ntotal),
+                   "type": "Flat", "recall": 1.0}
 
 
 @dataclass
@@ -153,11 +155,7 @@ def _build(run: RunDir, cfg: RunConfig) -> dict:
     vectors = [v for _, v in parts]
     del parts
     if ids.num_rows < cfg.index.exact_below:  # exact: each layer's vectors go straight in, never concatenated
-        index = faiss.IndexFlatIP(vectors[0].shape[1])
-        while vectors:
-            index.add(vectors.pop(0))
-        info = {"n_vectors": index.ntotal, "d": index.d, "recall_k": min(cfg.index.recall_k, index.ntotal),
-                "type": "Flat", "recall": 1.0}
+        index, info = flat_index(vectors, cfg.index.recall_k)
     else:
         x = np.concatenate(vectors)
         del vectors

@@ -9,7 +9,8 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from index.build import IDS_FILE, INDEX_FILE, unit_rows
+from index.build import IDS_FILE, INDEX_FILE
+from ne.embed import unit_rows
 from ne.errors import ConfigError, DataError
 from ne.stages import require_done
 from ne.store import RunDir

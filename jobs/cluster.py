@@ -136,12 +136,12 @@ def _clusters_table(batch: NeuronBatch, members: list[np.ndarray], rank: np.ndar
 def _centroids_table(
     batch: NeuronBatch, results: list[NeuronResult], h_bnd: torch.Tensor, w_bd: torch.Tensor, counts: np.ndarray
 ) -> pa.Table:
-    neurons, clusters, sizes = [], [], []
-    vectors = [v for v, n in zip(batch_cluster_vectors(h_bnd, w_bd, [r.clusters.labels for r in results]), counts)
-               if n > 0]
-    for i, (res, n) in enumerate(zip(results, counts)):
+    neurons, clusters, sizes, vectors = [], [], [], []
+    all_vectors = batch_cluster_vectors(h_bnd, w_bd, [r.clusters.labels for r in results])
+    for i, (res, n, v) in enumerate(zip(results, counts, all_vectors)):
         if n == 0:
             continue
+        vectors.append(v)
         c = res.clusters
         neurons.append(np.full(len(c.central), batch.neurons[i], np.int32))
         clusters.append(np.arange(len(c.central), dtype=np.int32))
@@ -313,16 +313,16 @@ def h_slices(run: RunDir, layer: int, batches: list[NeuronBatch], budget: int
     row_bytes = h_type.list_size * h_type.value_type.bit_width // 8
     if sum(f.num_rows for f in footers) * row_bytes <= budget:
         return [(batches, None)]
-    examples = schema.layer_dir(schema.EXAMPLES_DIR, layer)
+    examples = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer), columns=["neuron", "h_id"])
+    neuron, h_id = examples.column("neuron").to_numpy(), examples.column("h_id").to_numpy()
     groups: list[tuple[list[NeuronBatch], np.ndarray]] = []
     group, ids = [], np.zeros(0, np.int64)
     for batch in batches:
-        mine = run.read_parquet(examples, columns=["h_id"],
-                                filters=[("neuron", ">=", batch.lo), ("neuron", "<", batch.hi)])
-        merged = np.union1d(ids, mine.column("h_id").to_numpy())
+        mine = h_id[(neuron >= batch.lo) & (neuron < batch.hi)]
+        merged = np.union1d(ids, mine)
         if group and len(merged) * row_bytes > budget:
             groups.append((group, ids))
-            group, merged = [], np.unique(mine.column("h_id").to_numpy())
+            group, merged = [], np.unique(mine)
         group.append(batch)
         ids = merged
     groups.append((group, ids))

@@ -29,8 +29,8 @@ from ne import harvest, schema
 from ne.config import HarvestConfig, RunConfig, to_dict
 from ne.data import context_parts, read_contexts, write_contexts
 from ne.errors import ConfigError, DataError
-from ne.models import MLPModel, load_model, load_units, sae_path
-from ne.models.sae_units import SAEUnits, check_reachable, load_sae, sae_fingerprint
+from ne.models import MLPModel, load_model, load_units, sae_path, units_on
+from ne.models.sae_units import check_reachable, sae_fingerprint
 from ne.residual_sae import SAE_DIR, saelens_files, sample_activations, train_sae
 from ne.stages import HARVEST, Stage, check_force
 from ne.store import RunDir
@@ -179,7 +179,7 @@ def _maxima_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, 
         table = read_maxima_file(cfg.harvest.maxima_file, layers, d_mlp, direction)
     else:
         pool.map("maxima", parts, layers, cfg.harvest.batch_size, direction)
-        table = merge_maxima(run, parts, harvest.SIGNS[direction], direction)
+        table = merge_maxima(run, parts, direction)
     run.write_parquet(schema.MAXIMA, table)
     stage.done(rows=table.num_rows, layers=layers)
 
@@ -187,15 +187,9 @@ def _maxima_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, 
 def _examples_stage(
     run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, stage: Stage
 ) -> None:
-    maxima = run.read_parquet(schema.MAXIMA).to_pandas()
-    column, sign = schema.extreme_column(cfg.harvest.direction), harvest.SIGNS[cfg.harvest.direction]
-    thresholds = {
-        layer: harvest.thresholds_from_maxima(
-            sign * torch.tensor(maxima[maxima.layer == layer].sort_values("neuron")[column].to_numpy()),
-            cfg.harvest.frac,
-        )
-        for layer in layers
-    }
+    extremes = harvest.signed_extremes(run, layers, cfg.harvest.direction)
+    thresholds = {layer: harvest.thresholds_from_maxima(torch.from_numpy(e), cfg.harvest.frac)
+                  for layer, e in extremes.items()}
     done = set(run.ls(WORK, "examples", suffix=".done"))
     todo = [p for p in parts if f"{schema.part_name(p)}.done" not in done]
     pool.map("examples", todo, thresholds, cfg.harvest, cfg.data.n_ctx)
@@ -220,7 +214,7 @@ def _units(run: RunDir, cfg: RunConfig, base, force: set[str]):
                 run.write_bytes(f"{SAE_DIR}/{name}", data)
             info.update(rows=len(acts))
         stage.done(**info)
-    return SAEUnits(base, load_sae(path), path) if path else base
+    return units_on(base, cfg)
 
 
 def _write_weights(run: RunDir, cfg: RunConfig, model, layers: list[int], force: set[str]) -> None:
@@ -289,8 +283,9 @@ class WorkerPool:
         self.workers = []
 
 
-def merge_maxima(run: RunDir, parts: list[int], sign: float = 1.0, direction: str = "max") -> pa.Table:
+def merge_maxima(run: RunDir, parts: list[int], direction: str = "max") -> pa.Table:
     """The parts' maxima of sign × act combined; written as real maxima (or minima, for `min`)."""
+    sign = harvest.SIGNS[direction]
     merged: dict[tuple, np.ndarray] = {}
     for part in parts:
         table = run.read_parquet(f"{WORK}/maxima/{schema.part_name(part)}").to_pandas()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from ne.errors import ConfigError
 
@@ -20,13 +19,7 @@ def check_choices(section: Any, name: str) -> None:
 
 
 def _literal_values(tp: Any) -> tuple | None:
-    if typing.get_origin(tp) is Literal:
-        return typing.get_args(tp)
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if typing.get_origin(arg) is Literal:
-                return typing.get_args(arg) + ((None,) if type(None) in typing.get_args(tp) else ())
-    return None
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
 def check_literal(key: str, value: Any, allowed: tuple) -> None:

@@ -98,7 +98,6 @@ def cmd_similar(args) -> None:
 
 def cmd_run(args) -> None:
     """Harvest, clusters and index in one go; then the most polysemantic neurons and one example query."""
-    import pyarrow as pa
 
     from index.build import run_index
     from index.query import describe_similar
@@ -116,8 +115,9 @@ def cmd_run(args) -> None:
         print(run_harvest(cfg, force=force & set(HARVEST)).describe(), end="\n\n")
         print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
         print(run_index(cfg, force=force & {"index"}).describe(), end="\n\n")
-        metrics = run.read_parquet(schema.METRICS).to_pandas()
-    compared = comparison(cfg, pa.Table.from_pandas(metrics, preserve_index=False))
+        table = run.read_parquet(schema.METRICS)
+    metrics = table.to_pandas()
+    compared = comparison(cfg, table)
     if compared:
         print("SAE latents vs MLP neurons of the same layer:")
         print(unit_comparison(compared).to_string(index=False), end="\n\n")

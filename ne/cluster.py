@@ -80,7 +80,8 @@ def cluster_examples(
 def cluster_neuron(dist_nn: Float[np.ndarray, "n n"], cfg: ClusterConfig) -> Clusters:
     """Cluster one neuron's examples as `cfg` says: its linkage method and its cut (`cfg.cut`)."""
     z = linkage_of(dist_nn, cfg.method)
-    return cluster_examples(dist_nn, cut_thresholds(dist_nn, z, cfg)[cfg.cut], cfg.method, cfg.min_cluster_size, z=z)
+    threshold = cfg.threshold if cfg.cut == "fixed" else per_neuron_threshold(dist_nn, z, cfg)
+    return cluster_examples(dist_nn, threshold, cfg.method, cfg.min_cluster_size, z=z)
 
 
 def cut_thresholds(dist_nn: Float[np.ndarray, "n n"], z: Float[np.ndarray, "n_minus_1 4"],

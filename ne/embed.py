@@ -26,7 +26,7 @@ from ne import schema
 from ne.device import CPU_CHUNK_BYTES, resolve_device
 from ne.errors import DataError
 from ne.store import RunDir
-from ne.weights import GATED_EMBEDDINGS, LayerWeights, read_layer_weights, read_w_in  # noqa: F401
+from ne.weights import read_layer_weights, read_w_in  # noqa: F401  (callers import them from here)
 
 
 def neuron_embeddings(h: Float[Tensor, "*batch n d_model"], w: Tensor) -> Float[Tensor, "*batch n e"]:
@@ -87,6 +87,12 @@ def neuron_distances(
     for lo in range(0, len(h_bnd), chunk):
         w = None if w_bd is None else w_bd[lo : lo + chunk]
         yield lo, cosine_distances(h_bnd[lo : lo + chunk], w, device=dev).cpu().double().numpy()
+
+
+def unit_rows(x_nd: Float[np.ndarray, "n d"]) -> Float[np.ndarray, "n d"]:
+    """Rows scaled to unit length, as float32 (an all-zero row stays zero)."""
+    x_nd = np.ascontiguousarray(x_nd, dtype=np.float32)
+    return x_nd / np.maximum(np.linalg.norm(x_nd, axis=1, keepdims=True), np.finfo(np.float32).tiny)
 
 
 def pad_rows(

@@ -20,22 +20,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ne import schema
 from ne.device import CPU_CHUNK_BYTES
-from ne.embed import neuron_embeddings, read_layer_weights
+from ne.embed import neuron_embeddings, read_layer_weights, unit_rows
 from ne.errors import ConfigError
-from ne.harvest import thresholds_from_maxima
+from ne.harvest import SIGNS, signed_extremes, thresholds_from_maxima
 from ne.models.base import MLPModel
 from ne.reader import RunData, key_token_snippet
 from ne.stages import require_done
 
 AssignRule = Literal["mean", "central"]
 ASSIGN_RULE: AssignRule = "mean"
-
-
-def unit_rows(x_nd: Float[np.ndarray, "n d"]) -> Float[np.ndarray, "n d"]:
-    x_nd = np.asarray(x_nd, dtype=np.float32)
-    return x_nd / np.maximum(np.linalg.norm(x_nd, axis=1, keepdims=True), np.finfo(np.float32).tiny)
 
 
 def cluster_vectors(
@@ -92,7 +86,7 @@ class FiringUnit:
     act: float
     """Its activation at the token."""
     of_max: float
-    """act / the unit's maximum over the corpus."""
+    """act / the unit's maximum over the corpus (its minimum in a `harvest.direction: min` run)."""
     cluster: int | None
     """The nearest of the unit's feature clusters; None when the run has no clusters for it."""
     similarity: float | None
@@ -118,15 +112,15 @@ class Explainer:
     """
 
     def __init__(self, data: RunData, model: MLPModel, frac: float, n_ctx: int, min_cluster_size: int = 1,
-                 gated_embedding: str = "concat"):
+                 gated_embedding: str = "concat", direction: str = "max"):
         self.data, self.model, self.n_ctx, self.min_size = data, model, n_ctx, min_cluster_size
         self.gated_embedding = gated_embedding
         self.layers = data.layers()
-        maxima = data.run.read_parquet(schema.MAXIMA).to_pandas()
-        self.max_act = {layer: maxima[maxima.layer == layer].sort_values("neuron").max_act.to_numpy(np.float32)
-                        for layer in self.layers}
-        self.thresholds = {layer: thresholds_from_maxima(torch.tensor(m), frac).numpy()
+        self.sign = SIGNS[direction]  # a `min` run's units fire by going low: compare sign × act throughout
+        self.max_act = signed_extremes(data.run, self.layers, direction)
+        self.thresholds = {layer: thresholds_from_maxima(torch.from_numpy(m), frac).numpy()
                            for layer, m in self.max_act.items()}
+        self._centroids: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.weights = {layer: read_layer_weights(data.run, layer) for layer in self.layers}
         self._texts: dict[tuple[int, int, int], str | None] = {}
 
@@ -139,7 +133,7 @@ class Explainer:
         require_done(data.run, "cluster", data.manifest())
         cfg = data.config()
         return cls(data, model or load_units(cfg), cfg.harvest.frac, cfg.data.n_ctx, cfg.cluster.min_cluster_size,
-                   cfg.model.gated_embedding)
+                   cfg.model.gated_embedding, cfg.harvest.direction)
 
     def explain(self, text: str, top: int = 10) -> list[TokenUnits]:
         """The units firing at each token of `text`; a text longer than the run's contexts is explained in
@@ -174,7 +168,7 @@ class Explainer:
         for pos in range(first, len(tokens)):
             firing = []
             for layer in self.layers:
-                act = acts[layer][pos]
+                act = self.sign * acts[layer][pos]
                 for neuron in np.flatnonzero(act >= self.thresholds[layer]):
                     firing.append((float(act[neuron] / self.max_act[layer][neuron]), layer, int(neuron)))
             firing.sort(key=lambda f: (-f[0], f[1], f[2]))
@@ -184,7 +178,9 @@ class Explainer:
         return out
 
     def _unit(self, layer: int, neuron: int, act: float, of_max: float, h_d: np.ndarray) -> FiringUnit:
-        clusters, sizes, vectors = self.data.centroids(layer, neuron)
+        if (layer, neuron) not in self._centroids:  # a unit often fires at many tokens: read its clusters once
+            self._centroids[layer, neuron] = self.data.centroids(layer, neuron)
+        clusters, sizes, vectors = self._centroids[layer, neuron]
         if not len(clusters):
             return FiringUnit(layer, neuron, act, of_max, None, None, None, None)
         behaviours = sizes >= self.min_size  # outliers are lone examples, not behaviours to join

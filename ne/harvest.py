@@ -24,6 +24,7 @@ from torch import Tensor
 from ne import schema
 from ne.data import Context, pad_batch
 from ne.models.base import MLPModel
+from ne.store import RunDir
 
 
 def batches(contexts: Sequence[Context], batch_size: int, pad_id: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -63,6 +64,15 @@ def resolve_h_dtype(h_dtype: str, d_model: int) -> str:
 def signed(act: Tensor, sign: float) -> Tensor:
     """`act` as seen by the selection: itself for `max`, negated for `min` (no copy for `max`)."""
     return act if sign > 0 else -act
+
+
+def signed_extremes(run: RunDir, layers: Sequence[int], direction: str) -> dict[int, Float[np.ndarray, " d_mlp"]]:
+    """Per layer, in neuron order, sign × each neuron's extreme from maxima.parquet: its maximum, or minus its
+    minimum for `direction: min`, so that `thresholds_from_maxima` and the comparisons after it read alike."""
+    maxima = run.read_parquet(schema.MAXIMA).to_pandas()
+    column, sign = schema.extreme_column(direction), SIGNS[direction]
+    return {layer: sign * maxima[maxima.layer == layer].sort_values("neuron")[column].to_numpy(np.float32)
+            for layer in layers}
 
 
 def thresholds_from_maxima(max_act: Float[Tensor, " n"], frac: float) -> Float[Tensor, " n"]:

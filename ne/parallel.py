@@ -61,7 +61,12 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor
     return list(perm.split(batch_size))
 
 
-def make_optimizer(name: str, params, lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.0
+) -> torch.optim.Optimizer:
+    """`adam` and `sgd` add weight_decay × p to the gradient; `adamw` decays p apart from the gradient."""
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -29,7 +29,7 @@ from ne import schema
 from ne.config import RunConfig, from_dict
 from ne.errors import DataError, NeError
 from ne.stages import GRAPH, redo_command, state_of
-from ne.store import RunDir
+from ne.store import RunDir, file_records
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,12 @@ class SortedParts:
 
     def __init__(self, run: RunDir, folder: str, key: str, cache: _RowGroupCache):
         self.run, self.folder, self.key, self.cache = run, folder, key, cache
+        records = file_records(run.manifest())  # read once: each part is verified against its record
         self.groups: list[tuple[str, pq.FileMetaData, int, int, int]] = []
         """(run-relative path, footer, row group, min key, max key), one per row group of every part."""
         for name in run.ls(folder, suffix=".parquet"):
             rel = f"{folder}/{name}"
-            record = run.record_of(rel)
+            record = records.get(rel)
             if record is not None:
                 run.verify(rel, record)
             meta = run.read_footer(rel)
@@ -206,9 +207,10 @@ class RunData:
     def manifest(self) -> dict:
         return self.run.require_manifest()
 
-    def ready(self, stage: str) -> bool:
-        """True when `stage` finished and nothing upstream of it was redone since: its outputs may be read."""
-        return state_of(self.manifest(), stage)[0] == "done"
+    def ready(self, stage: str, manifest: dict | None = None) -> bool:
+        """True when `stage` finished and nothing upstream of it was redone since: its outputs may be read.
+        `manifest`: one already read (a page reads it once, not once per table)."""
+        return state_of(manifest if manifest is not None else self.manifest(), stage)[0] == "done"
 
     def status(self) -> RunStatus:
         try:
@@ -286,13 +288,14 @@ class RunData:
 
     def neuron(self, layer: int, neuron: int) -> NeuronData:
         """Everything the neuron page shows, read from the neuron's own rows."""
-        if not self.ready("examples"):
-            state, why = state_of(self.manifest(), "examples")
+        m = self.manifest()
+        if not self.ready("examples", m):
+            state, why = state_of(m, "examples")
             raise DataError(f"the examples of {self.url} are {state}{why}; run {redo_command('examples', False)}")
         if layer not in self.layers():
             raise DataError(f"layer {layer} is not in {self.url}; it has layers {self.layers()}")
         rows = self._sorted(schema.EXAMPLES_DIR, layer, "neuron").read([neuron])
-        data = NeuronData(layer, neuron, [], max_act=self._max_act(layer, neuron))
+        data = NeuronData(layer, neuron, [], max_act=self._max_act(layer, neuron, m))
         if rows.num_rows == 0:
             return data
         rows = rows.sort_by("rank").to_pydict()
@@ -308,10 +311,11 @@ class RunData:
                 Example(rank, ctx, rows["pos"][i], rows["act"][i], rows["window_start"][i],
                         np.asarray(rows["window"][i], np.float32), tokens[ctx])
             )
-        self._add_clusters(data)
-        self._add_dendrogram(data)
-        data.metrics = self.metrics(layer, neuron)
-        data.importance = self.precomputed_importance(layer, neuron)
+        if self.ready("cluster", m):
+            self._add_clusters(data)
+            self._add_dendrogram(data)
+            data.metrics = self.metrics(layer, neuron, m)
+        data.importance = self.precomputed_importance(layer, neuron, m)
         return data
 
     def tokens(self, ctx_ids: Iterable[int]) -> dict[int, np.ndarray]:
@@ -321,15 +325,13 @@ class RunData:
         return {c: np.asarray(t, np.int64) for c, t in zip(table.column("ctx_id").to_pylist(),
                                                           table.column("tokens").to_pylist())}
 
-    def _max_act(self, layer: int, neuron: int) -> float | None:
-        if not self.ready("maxima"):
+    def _max_act(self, layer: int, neuron: int, manifest: dict) -> float | None:
+        if not self.ready("maxima", manifest):
             return None
         table = self._read_small(schema.MAXIMA, [("layer", "=", layer), ("neuron", "=", neuron)])
         return float(table.column(2)[0].as_py()) if table.num_rows else None  # max_act, or min_act
 
     def _add_clusters(self, data: NeuronData) -> None:
-        if not self.ready("cluster"):
-            return
         table = self._sorted(schema.CLUSTERS_DIR, data.layer, "neuron").read([data.neuron]).to_pydict()
         by_rank = {r: i for i, r in enumerate(table.get("rank", []))}
         for e in data.examples:
@@ -338,15 +340,13 @@ class RunData:
                 e.cluster, e.is_central, e.outlier = table["cluster"][i], table["is_central"][i], table["outlier"][i]
 
     def _add_dendrogram(self, data: NeuronData) -> None:
-        if not self.ready("cluster"):
-            return
         table = self._sorted(schema.DENDROGRAMS_DIR, data.layer, "neuron").read([data.neuron]).to_pydict()
         if table.get("linkage"):
             data.linkage = np.asarray(table["linkage"][0], np.float64).reshape(-1, 4)
             data.threshold = float(table["threshold"][0])
 
-    def metrics(self, layer: int, neuron: int) -> dict | None:
-        if not self.ready("cluster"):
+    def metrics(self, layer: int, neuron: int, manifest: dict | None = None) -> dict | None:
+        if not self.ready("cluster", manifest):
             return None
         table = self._read_small(schema.METRICS, [("layer", "=", layer), ("neuron", "=", neuron)])
         return table.to_pylist()[0] if table.num_rows else None
@@ -359,8 +359,9 @@ class RunData:
                             "get polysemy metrics")
         return self._read_small(schema.METRICS)
 
-    def precomputed_importance(self, layer: int, neuron: int) -> dict[int, tuple[int, np.ndarray]]:
-        if not self.ready("importance") or not self.run.exists(schema.layer_dir(schema.IMPORTANCE_DIR, layer)):
+    def precomputed_importance(self, layer: int, neuron: int,
+                               manifest: dict | None = None) -> dict[int, tuple[int, np.ndarray]]:
+        if not (self.ready("importance", manifest) and self.run.exists(schema.layer_dir(schema.IMPORTANCE_DIR, layer))):
             return {}
         table = self._sorted(schema.IMPORTANCE_DIR, layer, "neuron").read([neuron]).to_pydict()
         return {r: (s, np.asarray(v, np.float32))

@@ -10,7 +10,6 @@ b_enc, W_dec [d_sae, d_in], b_dec): our f = relu(W_enc (a - b_dec) + b_enc) is S
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import safetensors.torch
@@ -23,10 +22,8 @@ from ne.data import iter_context_parts
 from ne.harvest import batches
 from ne.models.base import MLPModel
 from ne.models.sae_units import residual
-from ne.sae import SAE, NeuronEmbeddingLoss, SAEConfig, build_sae, sae_optimizer, train_sae_epoch
+from ne.sae import SAE, SAEConfig, fit_sae
 from ne.store import RunDir
-
-log = logging.getLogger(__name__)
 
 SAE_DIR = "sae"
 WEIGHTS = "sae_weights.safetensors"
@@ -56,13 +53,7 @@ def sample_activations(
 
 def train_sae(acts: Float[Tensor, "n d"], cfg: SAEConfig, seed: int) -> tuple[SAE, dict[str, float]]:
     """An SAE with expansion × d latents trained on `acts` (with the NE loss when cfg.ne_coeff > 0)."""
-    sae = build_sae(cfg, acts, torch.Generator().manual_seed(seed))
-    opt = sae_optimizer(sae, cfg)
-    ne_loss = NeuronEmbeddingLoss.from_config(sae.n_neurons, acts.shape[1], cfg) if cfg.ne_coeff > 0 else None
-    step, losses = 0, {}
-    for epoch in range(cfg.epochs):
-        step, losses = train_sae_epoch(sae, opt, acts, cfg, seed, epoch, step, ne_loss)
-        log.info("SAE epoch %d: %s", epoch, {k: round(v, 4) for k, v in losses.items()})
+    sae, losses = fit_sae(acts, cfg, seed, with_ne=cfg.ne_coeff > 0)
     with torch.no_grad():
         f = sae.encode(acts)
         losses["l0"] = float((f > 0).float().sum(1).mean())

@@ -10,6 +10,7 @@ which keeps a training step a few small matmuls.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,8 +21,10 @@ from torch import Tensor, nn
 
 from ne.checks import at_least, check_choices, positive
 from ne.errors import ConfigError, DataError
-from ne.parallel import SINGLE, Shard, epoch_batches
+from ne.parallel import SINGLE, Shard, build_optimizer, epoch_batches
 from ne.store import read_tensors
+
+log = logging.getLogger(__name__)
 
 EPS = 1e-12
 
@@ -93,17 +96,6 @@ class SAEConfig:
         if not 0.0 <= self.ne_momentum < 1.0:
             raise ConfigError(f"sae.ne_momentum is {self.ne_momentum}; it must lie in [0, 1), e.g. 0.9")
         at_least("sae.ne_start_step", self.ne_start_step, 0)
-
-
-def build_optimizer(
-    name: str, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.0
-) -> torch.optim.Optimizer:
-    """`adam` and `sgd` add weight_decay × p to the gradient; `adamw` decays p apart from the gradient."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def sae_optimizer(sae: nn.Module, cfg: SAEConfig) -> torch.optim.Optimizer:
@@ -289,3 +281,16 @@ def train_sae_epoch(
     sums = shard.sum(sums)
     n_batches = -(-len(acts) // cfg.batch_size)
     return step, {k: float(v / n_batches) for k, v in zip(("mse", "l1", "l_n"), sums)}
+
+
+def fit_sae(acts: Float[Tensor, "N d"], cfg: SAEConfig, seed: int, with_ne: bool) -> tuple[SAE, dict[str, float]]:
+    """An SAE trained in one process on `acts` for cfg.epochs (with the NE loss when `with_ne`); returns it and
+    the last epoch's mean loss terms."""
+    sae = build_sae(cfg, acts, torch.Generator().manual_seed(seed))
+    opt = sae_optimizer(sae, cfg)
+    ne_loss = NeuronEmbeddingLoss.from_config(sae.n_neurons, acts.shape[1], cfg) if with_ne else None
+    step, losses = 0, {}
+    for epoch in range(cfg.epochs):
+        step, losses = train_sae_epoch(sae, opt, acts, cfg, seed, epoch, step, ne_loss)
+        log.info("SAE epoch %d: %s", epoch, {k: round(v, 4) for k, v in losses.items()})
+    return sae, losses

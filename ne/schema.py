@@ -57,9 +57,6 @@ def h_id(ctx_id, pos, n_ctx: int):
 
 CONTEXTS = pa.schema([("ctx_id", pa.int64()), ("doc_id", pa.int64()), ("tokens", pa.list_(pa.int32()))])
 
-MAXIMA_SCHEMA = pa.schema([("layer", pa.int16()), ("neuron", pa.int32()), ("max_act", pa.float32())])
-
-
 def extreme_column(direction: str) -> str:
     """maxima.parquet's value column: `max_act`, or `min_act` for a `harvest.direction: min` run."""
     return "min_act" if direction == "min" else "max_act"
@@ -67,6 +64,9 @@ def extreme_column(direction: str) -> str:
 
 def maxima_schema(direction: str = "max") -> pa.Schema:
     return pa.schema([("layer", pa.int16()), ("neuron", pa.int32()), (extreme_column(direction), pa.float32())])
+
+
+MAXIMA_SCHEMA = maxima_schema()
 
 EXAMPLES = pa.schema(
     [

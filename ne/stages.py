@@ -237,7 +237,8 @@ class Stage:
     def needed(self) -> bool:
         """False when the stage finished with these settings and its files are intact: a rerun skips it."""
         self.check_upstream()
-        entry = self.entry
+        m = self.run.manifest()
+        entry = m["stages"].get(self.name)
         if self.forced or entry is None or entry["status"] != "done":
             return True
         diff = changed(entry.get("settings", {}), self.settings)
@@ -245,7 +246,7 @@ class Stage:
             diff += changed(entry.get("measured", {}), self.measured)
         if diff:
             raise ConfigError(self._changed_message(self.name, diff))
-        if state_of(self.run.manifest(), self.name)[0] != "done":
+        if state_of(m, self.name)[0] != "done":
             return True
         for rel, record in entry.get("files", {}).items():
             self.run.verify(rel, record)

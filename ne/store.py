@@ -191,9 +191,7 @@ class RunDir:
                 return bytes_record(f.read(), rel, kind)
             if kind == "footer":
                 f.seek(max(0, size - 8))
-                tail = f.read(8)
-                footer = int.from_bytes(tail[:4], "little") + 8 if tail[4:] == b"PAR1" else 8
-                f.seek(max(0, size - footer))
+                f.seek(max(0, size - _footer_bytes(f.read(8))))
                 return {"size": size, "hashed": kind, "sha256": _sha(f.read())}
             head = f.read(ENDS)
             f.seek(max(0, size - ENDS))
@@ -211,11 +209,7 @@ class RunDir:
             raise DataError(f"{self.path(rel)} is corrupt (its hash differs from the one written); {redo_hint(rel)}")
 
     def record_of(self, rel: str) -> dict | None:
-        for entry in self.manifest()["stages"].values():
-            record = entry.get("files", {}).get(rel)
-            if record is not None:
-                return record
-        return None
+        return file_records(self.manifest()).get(rel)
 
     # --- manifest ---------------------------------------------------------------------------------------
 
@@ -346,6 +340,11 @@ def check_manifest(m: Any, where: str) -> None:
     m.setdefault("stages", stages)
 
 
+def file_records(manifest: dict) -> dict[str, dict]:
+    """{run-relative path: record} of every file the manifest's stages recorded."""
+    return {rel: record for entry in manifest["stages"].values() for rel, record in entry.get("files", {}).items()}
+
+
 def redo_hint(rel: str) -> str:
     """What to run when `rel` is missing or damaged: redo the stage that writes it."""
     from ne.stages import owner_of, redo_command
@@ -359,11 +358,15 @@ def bytes_record(data: bytes, rel: str, kind: str | None = None) -> dict:
     size = len(data)
     kind = kind or _hash_kind(rel, size)
     if kind == "footer":
-        footer = int.from_bytes(data[-8:-4], "little") + 8 if data[-4:] == b"PAR1" else 8
-        return {"size": size, "hashed": kind, "sha256": _sha(data[max(0, size - footer):])}
+        return {"size": size, "hashed": kind, "sha256": _sha(data[max(0, size - _footer_bytes(data[-8:])):])}
     if kind == "ends":
         return {"size": size, "hashed": kind, "sha256": _sha(data[:ENDS] + data[max(0, size - ENDS):])}
     return {"size": size, "hashed": "full", "sha256": _sha(data)}
+
+
+def _footer_bytes(last_8: bytes) -> int:
+    """Length of a Parquet file's footer with its 8-byte trailer (the whole trailer when it is not Parquet's)."""
+    return int.from_bytes(last_8[:4], "little") + 8 if last_8[4:] == b"PAR1" else 8
 
 
 def _hash_kind(rel: str, size: int) -> str:

@@ -94,6 +94,40 @@ def test_gated_clusters_and_index_use_the_concat_embedding(gated_run, llama_dir)
         cluster_job.run_cluster(gate_cfg, in_process=True)
 
 
+def test_explain_on_a_min_run_finds_the_units_that_go_low(tmp_path, llama_dir, corpus):
+    """In a `harvest.direction: min` run a unit fires where its activation is at or below frac × its minimum;
+    of_max is act / that minimum (positive). Brute force from the model's own activations."""
+    import torch
+
+    from ne.explain import Explainer
+    from ne.models import load_model
+
+    cfg = make_cfg(tmp_path / "run", ModelConfig(backend="hf", name=str(llama_dir), device="cpu"), corpus,
+                   num_workers=0, k=8, direction="min")
+    harvest_job.run_harvest(cfg)
+    cluster_job.run_cluster(cfg, in_process=True)
+    model = load_model(cfg.model)
+    ids = model.encode("The for statement is used to iterate over the elements of a sequence")[: cfg.data.n_ctx - 1]
+    tokens = Explainer.load(cfg.run_dir, model).explain_tokens(ids, top=100_000)
+    minima = RunDir(cfg.run_dir).read_parquet(schema.MAXIMA).to_pandas()
+    bos = [] if model.bos_token_id is None else [model.bos_token_id]
+    t = torch.tensor([bos + ids])
+    out = model.run(t, torch.ones_like(t), [0, 1])
+    found = 0
+    for layer in (0, 1):
+        low = minima[minima.layer == layer].sort_values("neuron").min_act.to_numpy()
+        act = out[layer].act[0, len(bos):].float().numpy()
+        fires = (act <= cfg.harvest.frac * low) & (low < 0)
+        for tok in tokens:
+            units = [u for u in tok.units if u.layer == layer]
+            assert sorted(u.neuron for u in units) == np.flatnonzero(fires[tok.pos]).tolist()
+            for u in units:
+                assert u.act == pytest.approx(float(act[tok.pos, u.neuron]), rel=1e-5, abs=1e-6)
+                assert u.of_max == pytest.approx(u.act / low[u.neuron], rel=1e-5) and u.of_max >= cfg.harvest.frac
+                found += 1
+    assert found > 0
+
+
 def test_misspelt_gated_embedding_is_a_one_line_error():
     from ne.config import load_config
 

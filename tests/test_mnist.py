@@ -15,7 +15,7 @@ from ne.errors import ConfigError, DataError
 from ne.mnist import data as mnist_data
 from ne.mnist import model as mnist_model
 from ne.mnist.config import MLPConfig
-from ne.parallel import make_optimizer
+from ne.parallel import build_optimizer
 from tests.conftest import require_shared
 
 torch.set_num_threads(1)
@@ -148,7 +148,7 @@ def test_training_is_deterministic_and_learns():
 
     def train(seed):
         model = mnist_model.MLP(16, torch.Generator().manual_seed(seed))
-        opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+        opt = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr)
         losses = [mnist_model.train_mlp_epoch(model, opt, split, cfg, seed, e) for e in range(2)]
         return model, losses
 

@@ -13,8 +13,7 @@ from torch import Tensor, nn
 from ne.errors import DataError
 from ne.mnist.config import MLPConfig
 from ne.mnist.data import N_CLASSES, N_PIXELS, MnistSplit, scale_pixels
-from ne.parallel import SINGLE, Shard, epoch_batches
-from ne.sae import build_optimizer
+from ne.parallel import SINGLE, Shard, build_optimizer, epoch_batches
 from ne.store import read_tensors
 
 

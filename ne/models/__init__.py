@@ -50,7 +50,11 @@ def sae_path(cfg) -> str | None:
 
 def load_units(cfg, n_devices: int = 1) -> MLPModel:
     """The units a run (`RunConfig`) harvests: the model's MLP neurons, or an SAE's latents on the model."""
-    model = load_model(cfg.model, n_devices)
+    return units_on(load_model(cfg.model, n_devices), cfg)
+
+
+def units_on(model: MLPModel, cfg) -> MLPModel:
+    """The run's units on an already loaded model: its own MLP neurons, or the run's SAE's latents."""
     path = sae_path(cfg)
     if path is None:
         return model

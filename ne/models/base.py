@@ -72,11 +72,6 @@ class MLPModel(ABC):
         return {"W_gate": self.W_in(layer), "b_gate": self.b_in(layer), "W_up": self.W_up(layer),
                 "b_up": self.b_up(layer)}
 
-    def mlp_activation(self, h: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "... d_mlp"]:
-        """The activations the MLP computes from `h`, by the formula of the module docstring."""
-        act = self.act_fn(h @ self.W_in(layer) + self.b_in(layer))
-        return act * (h @ self.W_up(layer) + self.b_up(layer)) if self.gated else act
-
     def signed(self) -> bool:
         """Whether an activation can be negative: always for a gated MLP (its up projection is signed),
         and for a plain one when act_fn goes below zero (GELU does, slightly; ReLU never)."""

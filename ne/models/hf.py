@@ -144,7 +144,7 @@ class HFModel(MLPModel):
         self.gated = isinstance(self.sites[0], _GatedSite)
         self.n_layers = len(self.sites)
         self.d_model = model.config.hidden_size
-        self.d_mlp = self.W_in(0).shape[1]
+        self.d_mlp = self.sites[0].mlp.gate_proj.out_features if self.gated else self._raw_W(0).shape[1]
         self.n_ctx_max = model.config.max_position_embeddings
         self.act_fn = self.sites[0].mlp.act_fn if self.gated else self.sites[0].act_module
         eos = tokenizer.eos_token_id
@@ -158,32 +158,35 @@ class HFModel(MLPModel):
         w = site.linear.weight.detach()
         return w.T if site.transposed else w
 
-    def _gated_map(self, layer: int, which: str) -> tuple[Tensor, Tensor]:
-        """(W, b) of `gate_proj` or `up_proj` with the norm's weight folded in, on the model's first device."""
-        linear = getattr(self.sites[layer].mlp, which)
-        w = linear.weight.detach().T.to(self.device)
+    def _gated_W(self, layer: int, which: str) -> Tensor:
+        """W of `gate_proj` or `up_proj` with the norm's weight folded in, on the model's first device."""
+        w = getattr(self.sites[layer].mlp, which).weight.detach().T.to(self.device)
         scale = self.sites[layer].scale()
-        if scale is not None:
-            w = scale.to(self.device, w.dtype)[:, None] * w
-        b = linear.bias.detach() if linear.bias is not None else torch.zeros(w.shape[1], dtype=w.dtype)
-        return w, b.to(self.device)
+        return w if scale is None else scale.to(self.device, w.dtype)[:, None] * w
+
+    def _gated_b(self, layer: int, which: str) -> Tensor:
+        """b of `gate_proj` or `up_proj` (zeros without one), on the model's first device."""
+        linear = getattr(self.sites[layer].mlp, which)
+        b = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features,
+                                                                             dtype=linear.weight.dtype)
+        return b.to(self.device)
 
     def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
         if self.gated:
-            return self._gated_map(layer, "gate_proj")[0]
+            return self._gated_W(layer, "gate_proj")
         return self.sites[layer].norm.weight.detach()[:, None] * self._raw_W(layer)
 
     def b_in(self, layer: int) -> Float[Tensor, " d_mlp"]:
         if self.gated:
-            return self._gated_map(layer, "gate_proj")[1]
+            return self._gated_b(layer, "gate_proj")
         site = self.sites[layer]
         return site.linear.bias.detach() + site.norm.bias.detach() @ self._raw_W(layer)
 
     def W_up(self, layer: int) -> Float[Tensor, "d_model d_mlp"] | None:
-        return self._gated_map(layer, "up_proj")[0] if self.gated else None
+        return self._gated_W(layer, "up_proj") if self.gated else None
 
     def b_up(self, layer: int) -> Float[Tensor, " d_mlp"] | None:
-        return self._gated_map(layer, "up_proj")[1] if self.gated else None
+        return self._gated_b(layer, "up_proj") if self.gated else None
 
     def run(
         self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], layers: list[int]
