@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from index.build import IDS_FILE, INDEX_FILE
-from ne.embed import unit_rows
+from ne.checks import integer
 from ne.errors import ConfigError, DataError
 from ne.stages import require_done
 from ne.store import RunDir
@@ -72,12 +72,13 @@ class SimilarFeatures:
         return self.index.d
 
     def _check_k(self, k: int) -> int:
-        if not isinstance(k, (int, np.integer)) or k <= 0:
+        if integer("k", k) <= 0:
             raise ConfigError(f"k is {k!r}; ask for at least one similar feature, for example k=20")
         return int(k)
 
     def row_of(self, layer: int, neuron: int, cluster: int) -> int:
         """The index row of a feature cluster; an error naming the valid range when it does not exist."""
+        layer, neuron, cluster = integer("layer", layer), integer("neuron", neuron), integer("cluster", cluster)
         if layer not in self.d_mlp:
             raise ConfigError(f"layer {layer} is not in this index; it holds layers {sorted(self.d_mlp)}")
         if not 0 <= neuron < self.d_mlp[layer]:
@@ -107,15 +108,21 @@ class SimilarFeatures:
         return hits[:k]
 
     def query_vector(self, vec, k: int = 20) -> list[SimilarFeature]:
-        """The k feature clusters most similar to a vector in the indexed space (it is L2-normalised here)."""
+        """The k feature clusters most similar to a vector in the indexed space: only its direction counts."""
         k = self._check_k(k)
-        vec = np.asarray(vec, dtype=np.float32).reshape(1, -1) if np.ndim(vec) == 1 else np.asarray(vec)
+        try:
+            vec = np.asarray(vec, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ConfigError(f"the query vector must hold numbers; got {type(vec).__name__}") from None
+        vec = vec.reshape(1, -1) if vec.ndim == 1 else vec
         if vec.shape != (1, self.dim):
             raise ConfigError(f"the query vector has shape {tuple(np.shape(vec))}; this index holds vectors of "
                               f"dimension {self.dim} ({self.info.get('vectors')} embeddings of d_model)")
         if not np.all(np.isfinite(vec)) or not np.any(vec):
             raise ConfigError("the query vector is zero or not finite; give a vector with a direction")
-        return self._search(unit_rows(vec), k)
+        # Scaled by its largest entry first, so that neither 1e-30 nor 1e30 under- or overflows the norm.
+        vec = vec / np.abs(vec).max()
+        return self._search((vec / np.linalg.norm(vec)).astype(np.float32), k)
 
     def _search(self, vec: np.ndarray, k: int) -> list[SimilarFeature]:
         sims, rows = self.index.search(vec, min(k, self.index.ntotal))

@@ -13,6 +13,7 @@ stage "cluster" is marked done (`ne.stages`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -192,11 +193,16 @@ class ClusterSummary:
     seconds: float
 
     def describe(self) -> str:
+        if math.isnan(self.share_ne_better):
+            compared = ("the silhouettes of neuron and pre-MLP embeddings cannot be compared: no neuron has 2 to "
+                        "n - 1 clusters in both (a silhouette needs them; a larger corpus gives more examples per "
+                        "neuron)")
+        else:
+            compared = (f"neuron-embedding silhouette beats pre-MLP silhouette for {100 * self.share_ne_better:.1f}% "
+                        "of neurons at the run's cut (three other comparisons in the report)")
         return (
             f"cluster done in {self.seconds:.1f} s: {self.with_examples} of {self.neurons} neurons have examples; "
-            f"median clusters per such neuron {self.median_clusters:g}; neuron-embedding silhouette beats "
-            f"pre-MLP silhouette for {100 * self.share_ne_better:.1f}% of neurons at the run's cut (three other "
-            "comparisons in the report)\n"
+            f"median clusters per such neuron {self.median_clusters:g}; {compared}\n"
             f"outputs: {self.run_dir}/ (clusters/, dendrograms/, metrics.parquet, report/report.md)"
         )
 

@@ -261,7 +261,7 @@ class WorkerPool:
         if not self.workers:
             init_ray()
             hcfg = self.cfg.harvest
-            n, threads, options = model_actor_options(min(hcfg.num_workers, len(parts)), hcfg.use_gpu,
+            n, threads, options = model_actor_options("harvest", hcfg.num_workers, hcfg.use_gpu, len(parts), "parts",
                                                       hcfg.gpus_per_worker)
             self.workers = [
                 HarvestWorker.options(**options).remote(self.cfg, threads, int(options.get("num_gpus", 0)) or 1)

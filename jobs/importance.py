@@ -139,9 +139,9 @@ def _map(cfg: RunConfig, todo: list[NeuronBatch]) -> None:
     if not todo:
         return
     init_ray()
-    n_workers, threads, options = model_actor_options(min(cfg.importance.num_workers, len(todo)),
-                                                      cfg.importance.use_gpu, cfg.harvest.gpus_per_worker,
-                                                      "importance.use_gpu")
+    n_workers, threads, options = model_actor_options("importance", cfg.importance.num_workers,
+                                                      cfg.importance.use_gpu, len(todo), "neuron batches",
+                                                      cfg.harvest.gpus_per_worker)
     n_devices = int(options.get("num_gpus", 0)) or 1  # a model split for the harvest is split here too
     workers = [ImportanceWorker.options(**options).remote(cfg, threads, n_devices) for _ in range(n_workers)]
     bar = tqdm(total=len(todo), unit="batch", desc="importance")

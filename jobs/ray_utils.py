@@ -22,6 +22,19 @@ def get(ref: ray.ObjectRef):
         raise
 
 
+def fit(trainer):
+    """`trainer.fit()`, with our own error in a Ray Train worker raised as itself, as `get` does for tasks."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        ours = [e for _, e in sorted(exc.worker_failures.items()) if isinstance(e, NeError)]
+        if ours:
+            raise ours[0] from None
+        raise
+
+
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start a local one.
 
@@ -37,21 +50,40 @@ def init_ray() -> None:
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
-def cpu_workers(num_workers: int) -> tuple[int, int]:
-    """(workers, CPUs each): the cluster's CPUs split between CPU workers, so torch gets that many threads.
+def cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    More workers than CPUs could never all be scheduled, so their number is capped at the CPUs.
+
+def cpu_workers(asked: int, key: str, todo: int, unit: str) -> tuple[int, int]:
+    """(workers, CPUs each) for `asked` CPU workers (config key `key`) sharing `todo` `unit` (plural): the
+    cluster's CPUs split between the workers, so torch gets that many threads.
+
+    More workers than CPUs could never all be scheduled, nor more than the units of work all be busy, so their
+    number is capped at both; a warning gives the numbers when the cluster is smaller than asked for.
     """
-    total = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    workers = min(num_workers, total)
-    if workers < num_workers:
-        log.warning("%d workers asked for but the cluster has %d CPUs; using %d", num_workers, total, workers)
+    total = cluster_cpus()
+    workers = max(1, min(asked, todo, total))
+    if total < asked:
+        left = f" ({unit} to do: {todo})" if todo < total else ""
+        log.warning("%s is %d but the Ray cluster has %d CPUs; using %d worker%s%s", key, asked, total, workers,
+                    "s" * (workers != 1), left)
     return workers, total // workers
 
 
-def cpus_per_worker(num_workers: int) -> int:
-    """CPUs (torch threads) for each of `num_workers` CPU workers."""
-    return cpu_workers(num_workers)[1]
+def train_threads(num_workers: int, use_gpu: bool) -> int:
+    """Torch threads for each of `num_workers` Ray Train workers, after checking that the cluster can hold them
+    all: Ray Train waits, without a word, until every worker has its CPU (or GPU, with `use_gpu`)."""
+    if use_gpu:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if not gpus:
+            raise ConfigError("trainer.use_gpu is true but the Ray cluster has no GPU; set trainer.use_gpu to false")
+        if gpus < num_workers:
+            raise ConfigError(f"trainer.num_workers is {num_workers} but the Ray cluster has {gpus} GPUs, one per "
+                              f"worker with trainer.use_gpu; set trainer.num_workers to at most {gpus}")
+    elif cluster_cpus() < num_workers:
+        raise ConfigError(f"trainer.num_workers is {num_workers} but the Ray cluster has {cluster_cpus()} CPUs, one "
+                          f"per worker; set trainer.num_workers to at most {cluster_cpus()}")
+    return max(1, cluster_cpus() // num_workers)
 
 
 def gpu_wanted(use_gpu: bool | None, key: str) -> bool:
@@ -81,9 +113,10 @@ def node_gpus() -> list[float]:
 
 
 def model_actor_options(
-    num_workers: int, use_gpu: bool | None, gpus_per_worker: int = 1, key: str = "harvest.use_gpu"
+    section: str, num_workers: int, use_gpu: bool | None, todo: int, unit: str, gpus_per_worker: int = 1
 ) -> tuple[int, int, dict]:
-    """(actors, torch threads each, Ray options) for actors that each hold one model replica.
+    """(actors, torch threads each, Ray options) for actors that each hold one model replica, given the config
+    `section` (harvest, importance) they come from and the `todo` units of work they share.
 
     With GPUs (asked for, or found in the cluster when `use_gpu` is None) each actor takes `gpus_per_worker`
     of one node and splits its model over them; on CPUs the cluster's cores are split between the actors.
@@ -91,10 +124,10 @@ def model_actor_options(
     """
     if gpus_per_worker > 1:
         check_gpus_per_node(gpus_per_worker, node_gpus())
-    if gpu_wanted(use_gpu, key):
-        n, threads, resources = num_workers, 1, {"num_gpus": gpus_per_worker, "num_cpus": 1}
+    if gpu_wanted(use_gpu, f"{section}.use_gpu"):
+        n, threads, resources = min(num_workers, todo), 1, {"num_gpus": gpus_per_worker, "num_cpus": 1}
     else:
-        n, threads = cpu_workers(num_workers)
+        n, threads = cpu_workers(num_workers, f"{section}.num_workers", todo, unit)
         resources = {"num_cpus": threads}
     return n, threads, {"max_restarts": 2, "max_task_retries": 2, **resources}
 

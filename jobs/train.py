@@ -166,14 +166,20 @@ def train_loop(config: dict) -> None:
 # --- the driver ------------------------------------------------------------------------------------------
 
 
-def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str]) -> tuple[dict, dict]:
+def _start_ray(cfg: MnistRunConfig) -> int:
+    """Start Ray (or join the cluster) and check it can hold every worker; returns torch threads per worker."""
+    from jobs.ray_utils import init_ray, train_threads
+
+    init_ray()
+    return cfg.trainer.threads_per_worker or train_threads(cfg.trainer.num_workers, cfg.trainer.use_gpu)
+
+
+def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str], threads: int) -> tuple[dict, dict]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.ray_utils import cpus_per_worker, init_ray
+    from jobs.ray_utils import fit
 
-    init_ray()
-    threads = cfg.trainer.threads_per_worker or cpus_per_worker(cfg.trainer.num_workers)
     storage = run.url if "://" in run.url else os.path.abspath(run.url)
     trainer = TorchTrainer(
         train_loop,
@@ -185,7 +191,7 @@ def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str])
             failure_config=ray.train.FailureConfig(max_failures=1),
         ),
     )
-    result = trainer.fit()
+    result = fit(trainer)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE), weights_only=True)
     return state["done"], result.metrics
@@ -198,13 +204,16 @@ def run_train(cfg: MnistRunConfig, force: list[str] | tuple = ()) -> TrainSummar
         if "://" not in cfg.data.dir:  # Ray workers do not share the driver's working directory
             cfg = replace(cfg, data=replace(cfg.data, dir=os.path.abspath(cfg.data.dir)))
         mnist_data.check_idx_dir(cfg.data.dir)
-    check_ne_loss_starts(cfg, train_size(cfg))
+    check_ne_loss_starts(cfg, check_data(cfg))
     run = RunDir(cfg.run_dir)
     with run.lock("ne train"):
         run.record("mnist_config", to_dict(cfg))
         summary = TrainSummary()
-        todo = []
-        for name in ("mlp", *(f"sae_{k}" for k in SAE_KINDS)):
+        todo: list[str] = []
+        models = ("mlp", *(f"sae_{k}" for k in SAE_KINDS))
+        if any(Stage(run, f"mnist_{name}", cfg, force).needed() for name in models):
+            threads = _start_ray(cfg)  # before any stage begins: a cluster too small is an error, not a wait
+        for name in models:
             stage = Stage(run, f"mnist_{name}", cfg, force)
             # A new MLP makes both SAEs stale (its begin marks them so): they are retrained in the same fit.
             if "mlp" in todo or stage.needed():
@@ -212,8 +221,8 @@ def run_train(cfg: MnistRunConfig, force: list[str] | tuple = ()) -> TrainSummar
                 todo.append(name)
         if todo:
             stages = run.manifest()["stages"]
-            fps = {name: stages[f"mnist_{name}"]["fingerprint"] for name in ("mlp", *(f"sae_{k}" for k in SAE_KINDS))}
-            done, metrics = _fit(cfg, run, todo, fps)
+            fps = {name: stages[f"mnist_{name}"]["fingerprint"] for name in models}
+            done, metrics = _fit(cfg, run, todo, fps, threads)
             for name in todo:
                 hidden = cfg.mlp.hidden
                 model = mnist_model.MLP(hidden) if name == "mlp" else SAE(hidden, cfg.sae.expansion * hidden)
@@ -232,14 +241,11 @@ def run_train(cfg: MnistRunConfig, force: list[str] | tuple = ()) -> TrainSummar
         return summary
 
 
-def train_size(cfg: MnistRunConfig) -> int:
-    """Training images used: the subset, or the whole training split (the labels file's length)."""
-    if cfg.data.source == "idx":
-        mnist_data.read_labels(cfg.data.dir, "test")  # fail here, not inside a Ray worker
-        full = len(mnist_data.read_labels(cfg.data.dir, "train"))
-    else:
-        full = mnist_data.TRAIN_SIZE
-    return min(full, cfg.data.train_subset or full)
+def check_data(cfg: MnistRunConfig) -> int:
+    """Read both splits here, in the driver, so that a damaged file or an unreachable dataset is a one-line error
+    rather than a traceback from inside a Ray Train worker; returns the number of training images used."""
+    train, _ = load_splits(cfg)
+    return len(train)
 
 
 def check_ne_loss_starts(cfg: MnistRunConfig, n_train: int) -> None:

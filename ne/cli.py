@@ -1,15 +1,17 @@
 """`ne`: the command line. Each subcommand is a small function that parses, then calls jobs/ or ne/.
 
-Errors of ours (`NeError`) print one line and exit 2; anything else is a bug and keeps its traceback.
+Errors of ours (`NeError`) print one line and exit 2; Ctrl-C prints one line and exits 130; a closed output
+pipe (`ne explain ... | head`) ends quietly; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from ne.errors import NeError
+from ne.errors import ConfigError, NeError
 
 RUN_STAGES = ("contexts", "weights", "maxima", "examples", "cluster", "index")
 FIGURE_MODELS = ("mlp", "sae_standard", "sae_ne_loss")
@@ -31,6 +33,20 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def _out_dir(path: str):
+    """`--out` as a run-style directory (created when missing); a file in its way is an error before any work."""
+    from ne.store import RunDir
+
+    out = RunDir(path)
+    at = out.root.rstrip("/")
+    while at and not out.fs.exists(at) and os.path.dirname(at) != at:
+        at = os.path.dirname(at)
+    if at and out.fs.exists(at) and not out.fs.isdir(at):
+        where = "is a file" if at == out.root.rstrip("/") else f"lies under {at!r}, which is a file"
+        raise ConfigError(f"--out {path!r} {where}; give a directory (it is created when missing)")
+    return out
+
+
 def cmd_harvest(args) -> None:
     from jobs.harvest import run_harvest
 
@@ -47,13 +63,16 @@ def cmd_view(args) -> None:
 
     RunDir(args.run_dir).require_manifest()
     cmd = launch_command(args.run_dir, host=args.host, port=args.port)
-    check_address(cmd[cmd.index("--server.address") + 1], int(cmd[cmd.index("--server.port") + 1]))
-    print(f"ne view: serving {args.run_dir} at http://{cmd[cmd.index('--server.address') + 1]}:"
-          f"{cmd[cmd.index('--server.port') + 1]} (Ctrl-C stops it)")
+    host, port = cmd[cmd.index("--server.address") + 1], int(cmd[cmd.index("--server.port") + 1])
+    check_address(host, port)
+    print(f"ne view: serving {args.run_dir} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
     try:
-        subprocess.run(cmd, check=False)
+        code = subprocess.run(cmd, check=False).returncode
     except KeyboardInterrupt:
-        pass
+        return  # Ctrl-C is how the viewer stops
+    if code != 0:  # e.g. the port was taken after the check above
+        raise ConfigError(f"the viewer's server on {host}:{port} stopped with exit code {code} (its reason is printed "
+                          "above); pass a free --port, or another --host")
 
 
 def cmd_cluster(args) -> None:
@@ -86,8 +105,9 @@ def cmd_explain(args) -> None:
 
     from ne.explain import Explainer, describe, to_records
 
-    tokens = Explainer.load(args.run_dir).explain(args.text, top=args.top)
-    print(json.dumps(to_records(tokens), indent=1) if args.json else describe(tokens))
+    explainer = Explainer.load(args.run_dir)
+    tokens = explainer.explain(args.text, top=args.top)
+    print(json.dumps(to_records(tokens), indent=1) if args.json else describe(tokens, explainer.direction))
 
 
 def cmd_similar(args) -> None:
@@ -122,8 +142,14 @@ def cmd_run(args) -> None:
         print("SAE latents vs MLP neurons of the same layer:")
         print(unit_comparison(compared).to_string(index=False), end="\n\n")
     top = most_polysemantic(metrics[metrics.n_examples > 0], 10)
+    if top.empty:
+        print(f"No neuron has dataset examples; report: {cfg.run_dir}/report/report.md")
+        return
+    table = top[["layer", "neuron", "n_examples", "n_clusters", "mean_dist", "silhouette"]]
     print("The 10 most polysemantic neurons:")
-    print(top[["layer", "neuron", "n_examples", "n_clusters", "mean_dist", "silhouette"]].to_string(index=False))
+    print(table.to_string(index=False, na_rep="–"))
+    if table.isna().any(axis=None):
+        print("(–: not defined; mean_dist needs 2 examples, and a silhouette 2 to n - 1 clusters)")
     layer, neuron = int(top.iloc[0].layer), int(top.iloc[0].neuron)
     print(f"\nFeatures most similar to cluster 0 of layer {layer}, neuron {neuron} "
           f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster 0 -k 5):")
@@ -164,16 +190,16 @@ def cmd_sae_eval(args) -> None:
     cfg = _load_mnist(args)
     weights = args.weights or url(RunDir(cfg.run_dir), "mnist")
     out = args.out or (f"{cfg.run_dir.rstrip('/')}/sae-eval" if args.weights else weights)
+    out_dir = _out_dir(out)
     metrics = evaluate_dir(weights, *load_splits(cfg), cfg.eval)
     rows = {k: vars(m) for k, m in metrics.items()}
-    print(write_tables(RunDir(out), with_paper(rows) if args.paper else rows))
+    print(write_tables(out_dir, with_paper(rows) if args.paper else rows))
     print(f"written: {out}/sae_eval.md and .csv")
 
 
 def cmd_figure(args) -> None:
     """Figure 5 PNGs for MLP or SAE neurons."""
     from jobs.train import load_splits, url
-    from ne.errors import ConfigError
     from ne.mnist.figures import figure5
     from ne.mnist.model import MLP
     from ne.sae import SAE
@@ -183,11 +209,11 @@ def cmd_figure(args) -> None:
         raise ConfigError(f"--model {args.model!r} is not a model of the MNIST run; choose one of "
                           f"{', '.join(FIGURE_MODELS)}")
     cfg = _load_mnist(args)
+    out = _out_dir(args.out or f"{cfg.run_dir.rstrip('/')}/mnist/figures")
     weights = (args.weights or url(RunDir(cfg.run_dir), "mnist")).rstrip("/")
     mlp = MLP.load(f"{weights}/mlp.safetensors")
     sae = None if args.model == "mlp" else SAE.load(f"{weights}/{args.model}.safetensors", mlp.hidden_size)
     _, test = load_splits(cfg)
-    out = RunDir(args.out or f"{cfg.run_dir.rstrip('/')}/mnist/figures")
     for neuron in args.neuron:
         name = f"{args.model}_{neuron}.png"
         out.write_bytes(name, figure5(mlp, sae, neuron, test, max_examples=cfg.eval.max_examples))
@@ -278,7 +304,33 @@ def main(argv: list[str] | None = None) -> int:
     except NeError as exc:
         print(f"ne {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _stop_ray()
+        print(f"ne {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # what a shell reports for a program stopped by SIGPIPE, as `yes | head` is
     return 0
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray this process started or joined, so that its workers stop with it."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except KeyboardInterrupt:  # a second Ctrl-C: the workers die with this process anyway
+            pass
+
+
+def _quiet_stdout() -> None:
+    """The reader of our output has gone (`ne explain ... | head`): point stdout at /dev/null, so that the
+    interpreter's last flush at exit does not complain about the closed pipe either."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no real file (captured, closed)
+        pass
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ne.checks import integer
 from ne.device import CPU_CHUNK_BYTES
 from ne.embed import neuron_embeddings, read_layer_weights, unit_rows
 from ne.errors import ConfigError
@@ -114,7 +115,7 @@ class Explainer:
     def __init__(self, data: RunData, model: MLPModel, frac: float, n_ctx: int, min_cluster_size: int = 1,
                  gated_embedding: str = "concat", direction: str = "max"):
         self.data, self.model, self.n_ctx, self.min_size = data, model, n_ctx, min_cluster_size
-        self.gated_embedding = gated_embedding
+        self.gated_embedding, self.direction = gated_embedding, direction
         self.layers = data.layers()
         self.sign = SIGNS[direction]  # a `min` run's units fire by going low: compare sign × act throughout
         self.max_act = signed_extremes(data.run, self.layers, direction)
@@ -147,8 +148,10 @@ class Explainer:
 
     def explain_tokens(self, ids: Sequence[int], top: int = 10) -> list[TokenUnits]:
         """As `explain`, for token ids without BOS."""
-        if top < 1:
+        if integer("top", top) < 1:
             raise ConfigError(f"--top is {top}; ask for at least one unit per token, e.g. --top 10")
+        vocab = self.model.d_vocab
+        ids = [integer(f"ids[{i}]", t, 0, vocab, f"a token id of {self.model.name}") for i, t in enumerate(ids)]
         bos = [] if self.model.bos_token_id is None else [self.model.bos_token_id]
         step = self.n_ctx - len(bos)
         out: list[TokenUnits] = []
@@ -206,8 +209,14 @@ def to_records(tokens: list[TokenUnits]) -> list[dict]:
     return [dataclasses.asdict(t) for t in tokens]
 
 
-def describe(tokens: list[TokenUnits]) -> str:
-    """What `ne explain` prints: each token with firing units, and their feature clusters."""
+def of_extreme(unit: FiringUnit, direction: str = "max") -> str:
+    """A unit's activation as a multiple of its extreme: "0.83× max", or "0.83× min" in a `direction: min` run."""
+    return f"{unit.of_max:.2f}× {direction}"
+
+
+def describe(tokens: list[TokenUnits], direction: str = "max") -> str:
+    """What `ne explain` prints: each token with firing units, and their feature clusters (`direction`: the
+    run's `harvest.direction`, which says whether activations are shown as a multiple of a max or a min)."""
     lines = []
     for t in tokens:
         if not t.units:
@@ -217,5 +226,5 @@ def describe(tokens: list[TokenUnits]) -> str:
             where = (f"cluster {u.cluster} ({u.cluster_size} example{'s' * (u.cluster_size != 1)}, similarity "
                      f"{u.similarity:.2f}): "
                      f"{u.central_text}" if u.cluster is not None else "no clusters")
-            lines.append(f"       L{u.layer} N{u.neuron:<6} {u.of_max:>5.2f}× max   {where}")
+            lines.append(f"       L{u.layer} N{u.neuron:<6} {of_extreme(u, direction):>10}   {where}")
     return "\n".join(lines) if lines else "no unit reaches its threshold on this text"

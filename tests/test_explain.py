@@ -129,3 +129,16 @@ def test_cli_text_and_json(run, capsys):
     assert [r["pos"] for r in records] == list(range(len(records)))
     unit = next(u for r in records for u in r["units"])
     assert set(unit) == {"layer", "neuron", "act", "of_max", "cluster", "similarity", "cluster_size", "central_text"}
+
+
+def test_arguments_of_the_wrong_type_or_outside_the_vocabulary(explainer):
+    with pytest.raises(ConfigError, match=r"^top is '3' \(str\); it must be an integer$"):
+        explainer.explain("def f(x): return x", top="3")
+    with pytest.raises(ConfigError, match=r"^ids\[1\] is 1000000000; it must be in 0..50256 \(a token id of "
+                                          r"tiny-gpt2\)$"):
+        explainer.explain_tokens([10, 10**9])
+    with pytest.raises(ConfigError, match=r"^ids\[0\] is -1; it must be in 0..50256"):
+        explainer.explain_tokens([-1])
+    with pytest.raises(ConfigError, match=r"^ids\[0\] is 1.5 \(float\); it must be an integer"):
+        explainer.explain_tokens([1.5])
+    assert [t.pos for t in explainer.explain_tokens(np.array([10, 50256]))] == [0, 1]

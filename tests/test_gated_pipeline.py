@@ -99,8 +99,9 @@ def test_explain_on_a_min_run_finds_the_units_that_go_low(tmp_path, llama_dir, c
     of_max is act / that minimum (positive). Brute force from the model's own activations."""
     import torch
 
-    from ne.explain import Explainer
+    from ne.explain import Explainer, describe
     from ne.models import load_model
+    from ne.viewer.render import explain_html
 
     cfg = make_cfg(tmp_path / "run", ModelConfig(backend="hf", name=str(llama_dir), device="cpu"), corpus,
                    num_workers=0, k=8, direction="min")
@@ -108,7 +109,8 @@ def test_explain_on_a_min_run_finds_the_units_that_go_low(tmp_path, llama_dir, c
     cluster_job.run_cluster(cfg, in_process=True)
     model = load_model(cfg.model)
     ids = model.encode("The for statement is used to iterate over the elements of a sequence")[: cfg.data.n_ctx - 1]
-    tokens = Explainer.load(cfg.run_dir, model).explain_tokens(ids, top=100_000)
+    explainer = Explainer.load(cfg.run_dir, model)
+    tokens = explainer.explain_tokens(ids, top=100_000)
     minima = RunDir(cfg.run_dir).read_parquet(schema.MAXIMA).to_pandas()
     bos = [] if model.bos_token_id is None else [model.bos_token_id]
     t = torch.tensor([bos + ids])
@@ -126,6 +128,9 @@ def test_explain_on_a_min_run_finds_the_units_that_go_low(tmp_path, llama_dir, c
                 assert u.of_max == pytest.approx(u.act / low[u.neuron], rel=1e-5) and u.of_max >= cfg.harvest.frac
                 found += 1
     assert found > 0
+    printed = describe(tokens, explainer.direction)  # what `ne explain` prints: the ratio to the minimum
+    assert "× min" in printed and "× max" not in printed
+    assert "× min" in explain_html(tokens, cfg.harvest.frac, explainer.direction)
 
 
 def test_misspelt_gated_embedding_is_a_one_line_error():

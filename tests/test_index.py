@@ -187,3 +187,39 @@ def test_recall_credits_tied_vectors_and_counts_misses():
     found = np.array([[0.9, 0.8, 0.8], [0.7, 0.6, 0.4]])
     assert recall_at_k(found, exact) == pytest.approx((3 / 3 + 2 / 3) / 2)
     assert recall_at_k(np.array([[0.9, -3.4e38, -3.4e38]]), exact[:1]) == pytest.approx(1 / 3)  # FAISS's padding
+
+
+def test_query_vector_takes_only_the_direction_at_any_scale(run_dir):
+    """1e-30 or 1e30 times a vector finds what the vector finds, with its cosines (brute force in float64)."""
+    sf = SimilarFeatures.load(run_dir)
+    keys, vecs = _central_vectors(run_dir)
+    rng = np.random.default_rng(0)
+    for direction in (vecs[3], rng.normal(size=sf.dim), np.ones(sf.dim)):
+        sims = vecs @ (direction / np.linalg.norm(direction))
+        order = np.argsort(-sims, kind="stable")[:4]
+        for scale in (1e-30, 1e-300, 1.0, 1e30, 1e300):
+            hits = sf.query_vector(direction * scale, k=4)
+            np.testing.assert_allclose([h.similarity for h in hits], sims[order], atol=1e-5)
+            assert all(-1.0 - 1e-5 <= h.similarity <= 1.0 + 1e-5 for h in hits)
+    for bad in (np.zeros(sf.dim), np.full(sf.dim, np.nan), np.full(sf.dim, np.inf)):
+        with pytest.raises(ConfigError, match="zero or not finite; give a vector with a direction"):
+            sf.query_vector(bad)
+    with pytest.raises(ConfigError, match="the query vector must hold numbers"):
+        sf.query_vector(["a"] * sf.dim)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0, None, 0), "neuron is None (NoneType); it must be an integer"),
+    ((0, 5, True), "cluster is True (bool); it must be an integer"),
+    (("0", 4, 0), "layer is '0' (str); it must be an integer"),
+    ((0, 5.5, 0), "neuron is 5.5 (float); it must be an integer"),
+    ((0.0, 4, 0), "layer is 0.0 (float); it must be an integer"),
+])
+def test_query_arguments_of_the_wrong_type_name_themselves(run_dir, args, message):
+    sf = SimilarFeatures.load(run_dir)
+    with pytest.raises(ConfigError) as err:
+        sf.query(*args)
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match=r"^k is True \(bool\); it must be an integer$"):
+        sf.query(0, 4, 0, k=True)
+    assert sf.query(np.int64(0), np.int32(4), np.int64(0), k=np.int64(2)) == sf.query(0, 4, 0, k=2)

@@ -182,3 +182,14 @@ def test_incomplete_harvest_files_are_named(tmp_path):
     (path / "weights" / "layer=0.safetensors").unlink()
     with pytest.raises(DataError, match=r"weights/layer=0.safetensors is missing; redo stage 'weights'"):
         job.run_cluster(_cfg(path), in_process=True)
+
+
+def test_a_run_too_small_for_any_silhouette_says_so_instead_of_nan(tmp_path):
+    """As from a one-line corpus: neurons with 0, 1 and 2 examples, so no silhouette is defined in either space."""
+    path = str(tmp_path / "run")
+    write_synthetic_run(path, d_mlp=3)
+    summary = job.run_cluster(RunConfig(run_dir=path), in_process=True)
+    text = summary.describe()
+    assert "nan" not in text.lower()
+    assert "the silhouettes of neuron and pre-MLP embeddings cannot be compared: no neuron has 2 to n - 1 clusters" \
+        in text

@@ -222,3 +222,18 @@ def test_figure_with_an_unknown_model_lists_the_valid_ones(capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("ne figure: error: --model 'bogus' is not a model of the MNIST run; choose one of mlp, "
                    "sae_standard, sae_ne_loss")
+
+
+@pytest.mark.parametrize("command", [["sae-eval", "--weights", "WEIGHTS"], ["figure", "--neuron", "1"]])
+def test_out_naming_a_file_is_one_line_before_any_work(tmp_path, command, capsys):
+    from ne.cli import main
+
+    (tmp_path / "table.md").write_text("keep me")
+    args = [a.replace("WEIGHTS", str(tmp_path / "absent")) for a in command]
+    for out, where in ((tmp_path / "table.md", "is a file"),
+                       (tmp_path / "table.md" / "sub", f"lies under {str(tmp_path / 'table.md')!r}, which is a file")):
+        assert main([*args, "--out", str(out), "--set", f"run_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"ne {command[0]}: error: --out {str(out)!r} {where}; give a directory (it is created when "
+                       "missing)"]
+    assert (tmp_path / "table.md").read_text() == "keep me"

@@ -129,3 +129,71 @@ def test_ray_train_writes_authors_format_skips_and_resumes(tmp_path, local_ray):
     again = store.read_tensors(f"{folder}/sae_ne_loss.safetensors", SAE_SHAPES)
     for k, v in written["sae_ne_loss"].items():
         assert torch.equal(again[k], v)
+
+
+def _tiny_mnist(tmp_path) -> list[str]:
+    """--set arguments for a run on a 20-image synthetic MNIST written in `tmp_path`."""
+    from tests.test_mnist import write_mnist_dir
+
+    (tmp_path / "mnist").mkdir()
+    write_mnist_dir(tmp_path / "mnist")
+    return [f"data.dir={tmp_path / 'mnist'}", f"run_dir={tmp_path / 'run'}", "sae.ne_start_step=0"]
+
+
+def _no_ray_train(monkeypatch):
+    """Fail at once where the driver would hand the work to Ray Train (before the change, where it hung or raised
+    from inside a worker)."""
+    import jobs.train
+
+    def reached(*args, **kwargs):
+        raise AssertionError("reached Ray Train: the driver did not check this first")
+
+    monkeypatch.setattr(jobs.train, "_fit", reached)
+    return reached
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("setting, message", [
+    ("trainer.num_workers=8", "trainer.num_workers is 8 but the Ray cluster has 2 CPUs, one per worker; set "
+                              "trainer.num_workers to at most 2"),
+    ("trainer.use_gpu=true", "trainer.use_gpu is true but the Ray cluster has no GPU; set trainer.use_gpu to false"),
+])
+def test_workers_the_cluster_cannot_hold_are_one_line_before_any_stage_begins(tmp_path, local_ray, monkeypatch,
+                                                                             capsys, setting, message):
+    from ne.cli import main
+
+    sets = _tiny_mnist(tmp_path) + [setting]
+    _no_ray_train(monkeypatch)
+    assert main(["train", *[a for s in sets for a in ("--set", s)]]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"ne train: error: {message}"]
+    assert not any(name.startswith("mnist_m") or name.startswith("mnist_s")
+                   for name in RunDir(str(tmp_path / "run")).manifest().get("stages", {}))
+
+
+def test_a_truncated_file_or_an_unreachable_hub_is_one_line_from_the_driver(tmp_path, monkeypatch, capsys):
+    import jobs.train
+    from ne.cli import main
+
+    sets = _tiny_mnist(tmp_path)
+    reached = _no_ray_train(monkeypatch)
+    monkeypatch.setattr(jobs.train, "_start_ray", reached, raising=False)
+    images = tmp_path / "mnist" / f"{mnist_data.FILES[('train', 'images')]}.gz"
+    import gzip
+
+    images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:-100]))  # the labels are intact
+    assert main(["train", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "train-images-idx3-ubyte.gz' holds 15596 bytes but its header [20, 28, 28] needs " \
+        "15696: the file is truncated; download it again" in err[0]
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    for module in (huggingface_hub.constants, datasets.config):  # offline, as on a cluster without the hub
+        monkeypatch.setattr(module, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    assert main(["train", *[a for s in sets for a in ("--set", s)], "--set", "data.source=hf"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("ne train: error: cannot load the Hugging Face dataset 'ylecun/mnist' (")
+    assert err[0].endswith("without the hub, use data.source=idx with data.dir holding the four MNIST IDX files")

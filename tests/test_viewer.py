@@ -150,6 +150,7 @@ def test_launch_command_binds_localhost(lm_run):
     cmd = launch_command(lm_run)
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--server.port") + 1] == "8501" and cmd[-1] == lm_run
+    assert launch_command(lm_run, port=0)[cmd.index("--server.port") + 1] == "0"  # for check_address to refuse
     assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false"
     from ne.cli import build_parser
 
@@ -170,12 +171,29 @@ def test_view_refuses_busy_or_bad_addresses_with_the_reason(lm_run, tmp_path, ca
         assert f"port {port} on 127.0.0.1 is in use (another viewer?); pass --port" in capsys.readouterr().err
     assert main(["view", lm_run, "--port", "70000"]) == 2
     assert "--port 70000 is not a port; choose one in 1..65535" in capsys.readouterr().err
+    assert main(["view", lm_run, "--port", "0"]) == 2  # never silently the default 8501
+    assert "--port 0 is not a port; choose one in 1..65535" in capsys.readouterr().err
     assert main(["view", lm_run, "--host", "no-such-host.invalid"]) == 2
     assert "--host 'no-such-host.invalid' is not an address this machine knows" in capsys.readouterr().err
     assert main(["view", lm_run, "--host", "203.0.113.7"]) == 2  # TEST-NET-3: no interface has it
     assert "cannot listen on 203.0.113.7" in capsys.readouterr().err
     assert main(["view", str(tmp_path / "absent")]) == 2
     assert "run directory" in capsys.readouterr().err
+
+
+def test_view_fails_when_its_server_cannot_start(lm_run, monkeypatch, capsys):
+    """The port is taken after the check (another program was quicker): Streamlit stops, and so must `ne view`."""
+    import ne.viewer
+    from ne.cli import main
+
+    monkeypatch.setattr(ne.viewer, "check_address", lambda host, port: None)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["view", lm_run, "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"ne view: error: the viewer's server on 127.0.0.1:{port} stopped with exit code 1 ")
 
 
 def test_similar_on_a_missing_directory(tmp_path, capsys):
@@ -218,6 +236,18 @@ def test_app_explains_neuron_without_examples(lm_run, monkeypatch):
     at.run()
     assert not at.exception
     assert f"Neuron {SILENT[1]} of layer {SILENT[0]} has no dataset examples" in _texts(at)
+
+
+def test_app_says_a_negative_neuron_does_not_exist(lm_run, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setattr(sys, "argv", ["app.py", lm_run])
+    at = AppTest.from_file(str(REPO / "ne" / "viewer" / "app.py"), default_timeout=60)
+    at.query_params["layer"], at.query_params["neuron"] = "0", "-1"
+    at.run()
+    assert not at.exception
+    assert "Neuron -1 does not exist: layer 0 has neurons 0 to 255." in _texts(at)
+    assert "no dataset examples" not in _texts(at)
 
 
 def _break_model(lm_run, tmp_path, **model_fields) -> str:

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 MEAN, STD = 0.1307, 0.3081
 N_PIXELS, N_CLASSES = 784, 10
-TRAIN_SIZE = 60_000
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 FILES = {
     ("train", "images"): "train-images-idx3-ubyte",
@@ -149,7 +148,12 @@ def from_hf(dataset) -> MnistSplit:
 def load_hf(split: str, name: str = "ylecun/mnist") -> MnistSplit:
     import datasets
 
-    return from_hf(datasets.load_dataset(name, split=split))
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except (ConnectionError, OSError) as exc:  # offline, the hub unreachable, or not in the local cache
+        raise DataError(f"cannot load the Hugging Face dataset {name!r} ({str(exc).splitlines()[0]}); without the "
+                        "hub, use data.source=idx with data.dir holding the four MNIST IDX files") from None
+    return from_hf(dataset)
 
 
 def load_mnist(source: str, directory: str, split: str) -> MnistSplit:

@@ -146,6 +146,7 @@ class HFModel(MLPModel):
         self.d_model = model.config.hidden_size
         self.d_mlp = self.sites[0].mlp.gate_proj.out_features if self.gated else self._raw_W(0).shape[1]
         self.n_ctx_max = model.config.max_position_embeddings
+        self.d_vocab = model.get_input_embeddings().num_embeddings
         self.act_fn = self.sites[0].mlp.act_fn if self.gated else self.sites[0].act_module
         eos = tokenizer.eos_token_id
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos

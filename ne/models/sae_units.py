@@ -82,7 +82,7 @@ class SAEUnits(MLPModel):
         self.hook = sae.cfg.metadata.hook_name
         self.layer = hook_layer(self.hook)
         self.name = f"{base.name} + SAE {Path(path).name} @ {self.hook}"
-        self.n_layers, self.n_ctx_max = base.n_layers, base.n_ctx_max
+        self.n_layers, self.n_ctx_max, self.d_vocab = base.n_layers, base.n_ctx_max, base.d_vocab
         self.d_model, self.d_mlp = sae.cfg.d_in, sae.cfg.d_sae
         self.bos_token_id, self.pad_token_id, self.is_causal = base.bos_token_id, base.pad_token_id, base.is_causal
         self.device = base.device

@@ -28,8 +28,8 @@ def launch_command(run_dir: str, host: str | None = None, port: int | None = Non
         viewer = ViewerConfig()  # the page itself explains what is wrong with the run directory
     return [
         sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.address", host or viewer.host,
-        "--server.port", str(port or viewer.port),
+        "--server.address", viewer.host if host is None else host,
+        "--server.port", str(viewer.port if port is None else port),
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
         "--", str(run_dir),

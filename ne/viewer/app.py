@@ -22,6 +22,7 @@ import streamlit as st
 
 from ne.config import ModelConfig, from_dict
 from ne.errors import NeError
+from ne.explain import of_extreme
 from ne.reader import Example, NeuronData, RunData
 from ne.viewer import render
 
@@ -213,8 +214,9 @@ def neuron_page(data: RunData, url: str) -> None:
     unit = "SAE latent" if data.model_info().get("sae") else "Neuron"
     st.header(f"Layer {layer} · {unit} {neuron}")
     d_mlp = data.model_info().get("d_mlp")
-    if d_mlp is not None and neuron >= d_mlp:
-        st.error(f"Neuron {neuron} does not exist: layer {layer} has neurons 0 to {d_mlp - 1}.")
+    if neuron < 0 or d_mlp is not None and neuron >= d_mlp:
+        valid = f"layer {layer} has neurons 0 to {d_mlp - 1}" if d_mlp is not None else "neurons are numbered from 0"
+        st.error(f"{unit} {neuron} does not exist: {valid}.")
         return
     nd = get_neuron(url, layer, neuron)
     if not nd.examples:
@@ -397,7 +399,7 @@ def explain_page(data: RunData, url: str) -> None:
     except NeError as exc:
         st.error(str(exc))
         return
-    st.html(render.EXAMPLE_CSS + render.explain_html(tokens, data.config().harvest.frac))
+    st.html(render.EXAMPLE_CSS + render.explain_html(tokens, data.config().harvest.frac, explainer.direction))
     firing = [t for t in tokens if t.units]
     if not firing:
         st.info("No unit reaches its threshold on this text.")
@@ -407,7 +409,7 @@ def explain_page(data: RunData, url: str) -> None:
     for t in firing:
         st.markdown(f"**{t.pos}** `{t.token.strip() or repr(t.token)}`")
         for i, u in enumerate(t.units):
-            label = f"L{u.layer} · N{u.neuron} · {u.of_max:.2f}× max"
+            label = f"L{u.layer} · N{u.neuron} · {of_extreme(u, explainer.direction)}"
             if u.cluster is not None:
                 label += f" → C{u.cluster} ({u.cluster_size} examples, similarity {u.similarity:.2f})"
             left, right = st.columns([3, 2])
