@@ -171,7 +171,8 @@ def _start_ray(cfg: MnistRunConfig) -> int:
     from jobs.ray_utils import init_ray, train_threads
 
     init_ray()
-    return cfg.trainer.threads_per_worker or train_threads(cfg.trainer.num_workers, cfg.trainer.use_gpu)
+    threads = train_threads(cfg.trainer.num_workers, cfg.trainer.use_gpu)  # checks the cluster in any case
+    return cfg.trainer.threads_per_worker or threads
 
 
 def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str], threads: int) -> tuple[dict, dict]:

@@ -162,7 +162,7 @@ def test_workers_the_cluster_cannot_hold_are_one_line_before_any_stage_begins(tm
                                                                              capsys, setting, message):
     from ne.cli import main
 
-    sets = _tiny_mnist(tmp_path) + [setting]
+    sets = _tiny_mnist(tmp_path) + [setting, "trainer.threads_per_worker=1"]
     _no_ray_train(monkeypatch)
     assert main(["train", *[a for s in sets for a in ("--set", s)]]) == 2
     assert capsys.readouterr().err.splitlines() == [f"ne train: error: {message}"]

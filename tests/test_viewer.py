@@ -158,7 +158,7 @@ def test_launch_command_binds_localhost(lm_run):
     assert args.func.__name__ == "cmd_view" and args.port == 9000 and args.host is None
 
 
-def test_view_refuses_busy_or_bad_addresses_with_the_reason(lm_run, tmp_path, capsys):
+def test_view_refuses_busy_or_bad_addresses_with_the_reason(lm_run, tmp_path, monkeypatch, capsys):
     import socket
 
     from ne.cli import main
@@ -171,7 +171,9 @@ def test_view_refuses_busy_or_bad_addresses_with_the_reason(lm_run, tmp_path, ca
         assert f"port {port} on 127.0.0.1 is in use (another viewer?); pass --port" in capsys.readouterr().err
     assert main(["view", lm_run, "--port", "70000"]) == 2
     assert "--port 70000 is not a port; choose one in 1..65535" in capsys.readouterr().err
-    assert main(["view", lm_run, "--port", "0"]) == 2  # never silently the default 8501
+    with monkeypatch.context() as m:  # never silently the default 8501 (a server that would run until killed)
+        m.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ne view --port 0 started a server: {a[0]}"))
+        assert main(["view", lm_run, "--port", "0"]) == 2
     assert "--port 0 is not a port; choose one in 1..65535" in capsys.readouterr().err
     assert main(["view", lm_run, "--host", "no-such-host.invalid"]) == 2
     assert "--host 'no-such-host.invalid' is not an address this machine knows" in capsys.readouterr().err
