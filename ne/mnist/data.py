@@ -120,13 +120,6 @@ def load_idx(directory: str, split: str) -> MnistSplit:
     return MnistSplit(torch.from_numpy(flat), torch.from_numpy(labels.copy()).long())
 
 
-def read_labels(directory: str, split: str) -> np.ndarray:
-    """The labels of a split, checked to be digits (cheap: no images are read)."""
-    labels = read_idx(find_file(directory, FILES[(split, "labels")]))
-    check_labels(labels, f"{directory!r} {split} labels")
-    return labels
-
-
 def check_labels(labels: np.ndarray, where: str) -> None:
     """MNIST labels are digits; anything else would index past the 10 logits deep inside training."""
     bad = np.flatnonzero((labels < 0) | (labels >= N_CLASSES))
