@@ -167,6 +167,7 @@ def train_loop(config: dict) -> None:
 
 
 def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str]) -> tuple[dict, dict]:
+    import pyarrow.fs
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -174,14 +175,19 @@ def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str])
 
     init_ray()
     threads = cfg.trainer.threads_per_worker or cpus_per_worker(cfg.trainer.num_workers)
-    storage = run.url if "://" in run.url else os.path.abspath(run.url)
+    storage: dict = {"storage_path": os.path.join(os.path.abspath(run.url), "ray")}
+    if "://" in run.url:
+        # Ray Train would reach s3:// with pyarrow's own client, which ignores fsspec's settings (an endpoint
+        # given as FSSPEC_S3_ENDPOINT_URL or in ~/.config/fsspec): it gets the run directory's filesystem.
+        storage = {"storage_path": run.path("ray"),
+                   "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(run.fs))}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "todo": todo, "threads": threads,
                            "mlp_path": url(run, weights_rel("mlp"))},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
         run_config=ray.train.RunConfig(
-            name=f"train-{fingerprint(fps)}", storage_path=os.path.join(storage, "ray"),
+            name=f"train-{fingerprint(fps)}", **storage,
             failure_config=ray.train.FailureConfig(max_failures=1),
         ),
     )
