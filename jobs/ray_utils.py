@@ -133,7 +133,7 @@ def run_on_actors(workers: list, method: str, items: list, *args, on_done=None) 
         timeout = max(0.0, min(t for t, _ in asleep) - now) if asleep else None
         refs = [*running, *waking]
         if not refs:  # only restarting actors: wait for the next ping
-            time.sleep(timeout)
+            time.sleep(timeout or 0.0)
             continue
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         if not ready:
