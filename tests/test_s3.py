@@ -138,6 +138,7 @@ def viewer_reads(url: str) -> str:
     return same_text(json.dumps(out, sort_keys=True, default=str), url)
 
 
+@pytest.mark.ray
 def test_run_on_s3_answers_as_the_local_run(runs, endpoint):
     config, local, remote, printed = runs
     with pointed_at(endpoint):
@@ -161,6 +162,7 @@ def test_run_on_s3_answers_as_the_local_run(runs, endpoint):
         assert viewer_reads(remote) == viewer_reads(local)
 
 
+@pytest.mark.ray
 def test_a_write_failing_half_way_leaves_nothing_half_written(runs, endpoint, monkeypatch):
     config, local, remote, _ = runs
     real_write = s3fs.core.S3File.write
@@ -196,8 +198,8 @@ def test_a_write_failing_half_way_leaves_nothing_half_written(runs, endpoint, mo
         assert run_outputs(remote) == before == run_outputs(local)
 
 
-def test_the_lock_on_s3_is_a_conditional_put(runs, endpoint, monkeypatch):
-    _, _, remote, _ = runs
+def test_the_lock_on_s3_is_a_conditional_put(endpoint, monkeypatch):
+    remote = f"s3://{BUCKET}/runs/locked"
     with pointed_at(endpoint):
         run, other = RunDir(remote), RunDir(remote)
         with run.lock("ne test"):
