@@ -275,7 +275,7 @@ class WorkerPool:
             bar.update(1)
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tok/s")
 
-        run_on_actors(self.workers, method, parts, *[ray.put(a) for a in args], on_done=done)
+        self.workers = run_on_actors(self.workers, method, parts, *[ray.put(a) for a in args], on_done=done)
 
     def close(self) -> None:
         for worker in self.workers:

@@ -176,19 +176,25 @@ def _start_ray(cfg: MnistRunConfig) -> int:
 
 
 def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str], threads: int) -> tuple[dict, dict]:
+    import pyarrow.fs
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from jobs.ray_utils import fit
 
-    storage = run.url if "://" in run.url else os.path.abspath(run.url)
+    storage: dict = {"storage_path": os.path.join(os.path.abspath(run.url), "ray")}
+    if "://" in run.url:
+        # Ray Train would reach s3:// with pyarrow's own client, which ignores fsspec's settings (an endpoint
+        # given as FSSPEC_S3_ENDPOINT_URL or in ~/.config/fsspec): it gets the run directory's filesystem.
+        storage = {"storage_path": run.path("ray"),
+                   "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(run.fs))}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "todo": todo, "threads": threads,
                            "mlp_path": url(run, weights_rel("mlp"))},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
         run_config=ray.train.RunConfig(
-            name=f"train-{fingerprint(fps)}", storage_path=os.path.join(storage, "ray"),
+            name=f"train-{fingerprint(fps)}", **storage,
             failure_config=ray.train.FailureConfig(max_failures=1),
         ),
     )

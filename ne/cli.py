@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
+    for name in ("botocore", "aiobotocore"):  # s3:// runs: "Found credentials in ..." on every command
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         args.func(args)
     except NeError as exc:

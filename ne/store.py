@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -29,6 +30,8 @@ import safetensors.torch
 from torch import Tensor, nn
 
 from ne.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -87,11 +90,22 @@ class RunDir:
     # --- writing and reading ----------------------------------------------------------------------------
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write to a hidden temporary name, then rename: the final name never holds a partial file, and a
+        temporary one left by a killed writer is skipped by every reader (Parquet folder reads skip names
+        starting with '.'). A write that fails is abandoned, not committed, and its temporary name removed."""
         final = self.path(rel)
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-        with self.fs.open(tmp, "wb") as f:
+        folder, name = posixpath.split(final)
+        self.fs.makedirs(folder, exist_ok=True)
+        tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+        f = self.fs.open(tmp, "wb")
+        try:
             f.write(data)
+            f.close()
+        except BaseException:
+            _abandon(f)
+            with contextlib.suppress(Exception):
+                self.fs.rm(tmp)
+            raise
         self.fs.mv(tmp, final)
 
     def write_parquet(self, rel: str, table: pa.Table, row_group_size: int | None = None) -> None:
@@ -150,6 +164,8 @@ class RunDir:
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes start..end-1 of a file (a batch of neurons of a weights file). Not checked against the
         manifest's record, which covers the whole file: stages verify their inputs before reading them."""
+        if end <= start:  # an empty range: S3 answers an invalid Range header with the whole object
+            return b""
         try:
             return self.fs.cat_file(self.path(rel), start=start, end=end)
         except FileNotFoundError:
@@ -294,15 +310,19 @@ class RunDir:
         raise DataError(f"could not take the lock {self.path(LOCK)}; another writer keeps taking it")
 
     def _create_lock(self, data: bytes) -> bool:
-        if "file" in _protocols(self.fs):
-            try:
-                fd = os.open(self.path(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
+        """Create the lock only where there is none, in one step: O_EXCL on a disk, a conditional put
+        (`If-None-Match: *`, s3fs's mode "xb") on S3. A filesystem without exclusive create (gcsfs) falls
+        back to check-then-write, where two writers starting in the same instant could both win."""
+        try:
+            with self.fs.open(self.path(LOCK), "xb") as f:
                 f.write(data)
             return True
-        if self.exists(LOCK):  # object stores have no exclusive create: check, then write
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError):  # this filesystem has no mode "xb"
+            log.warning("%s: this filesystem cannot create a file exclusively; the run's lock is checked, then "
+                        "written", self.url)
+        if self.exists(LOCK):
             return False
         self.write_bytes(LOCK, data)
         return True
@@ -379,9 +399,16 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+def _abandon(f) -> None:
+    """Close a file whose write failed without committing it: fsspec's close uploads whatever was buffered, so
+    an object store would keep a partial object."""
+    if isinstance(f, fsspec.spec.AbstractBufferedFile):
+        with contextlib.suppress(Exception):
+            f.discard()  # s3fs: aborts the multipart upload and drops the buffer
+        f.closed = True
+    else:
+        with contextlib.suppress(Exception):
+            f.close()
 
 
 def _dead_here(holder: dict) -> bool:
