@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ne.store import RunDir  # noqa: E402
+from ne.rundir.store import RunDir  # noqa: E402
 
 
 def best(fn, repeats: int = 3) -> float:

@@ -5,7 +5,7 @@ Vectors are L2-normalised, so inner product is cosine similarity. A gated model'
 `index.exact_below` vectors the index is exact (Flat); above, it is an IVF index with nlist ≈ 4·√n lists
 whose nprobe is the smallest that reaches `index.target_recall` on sampled queries. Recall@k against exact
 search is measured on queries not used for that choice and stored in the manifest (stage "index",
-`ne.stages`).
+`ne.rundir.stages`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import pyarrow.compute as pc
 
 from index.exact import exact_search
 from ne import schema
+from ne.compute.embed import unit_rows
 from ne.config import IndexConfig, RunConfig
-from ne.embed import read_h, unit_rows
 from ne.errors import DataError
-from ne.stages import Stage, check_force
-from ne.store import RunDir
-from ne.weights import read_layer_weights
+from ne.rundir.h import read_h
+from ne.rundir.stages import Stage, check_force
+from ne.rundir.store import RunDir
+from ne.rundir.weights import read_layer_weights
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import pandas as pd
 from index.build import IDS_FILE, INDEX_FILE
 from ne.checks import integer
 from ne.errors import ConfigError, DataError
-from ne.stages import require_done
-from ne.store import RunDir
+from ne.rundir.stages import require_done
+from ne.rundir.store import RunDir
 
 _REBUILD = "rebuild it with `ne index --config CONFIG --force index`"
 
@@ -160,7 +160,7 @@ def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
     from ne import schema
     from ne.config import ModelConfig, from_dict
     from ne.models import load_token_decoder
-    from ne.reader import key_token_snippet
+    from ne.rundir.reader import key_token_snippet
 
     if not hits:
         return []

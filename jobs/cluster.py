@@ -7,7 +7,7 @@ A layer's h rows are read once and shared by its batches (zero-copy through Ray'
 whose h rows exceed half of `cluster.h_memory_mb` is read in slices, each the rows of consecutive batches,
 so the stage's memory follows that setting and `cluster.neurons_per_task`, never the model's size.
 When every batch is done, the metrics are merged into `metrics.parquet`, the report is written and the
-stage "cluster" is marked done (`ne.stages`).
+stage "cluster" is marked done (`ne.rundir.stages`).
 """
 
 from __future__ import annotations
@@ -26,16 +26,17 @@ from tqdm.auto import tqdm
 
 from jobs.ray_utils import get, gpu_wanted, init_ray
 from ne import schema
+from ne.compute.embed import pad_rows
+from ne.compute.metrics import NeuronResult, analyse_neurons
 from ne.config import ClusterConfig, RunConfig
-from ne.embed import LayerH, load_h, pad_rows
 from ne.errors import DataError, NeError
 from ne.explain import batch_cluster_vectors
-from ne.metrics import NeuronResult, analyse_neurons
-from ne.report import separation, write_report
+from ne.rundir.h import LayerH, load_h
+from ne.rundir.report import separation, write_report
+from ne.rundir.stages import Stage, check_force, require_done
+from ne.rundir.store import RunDir
+from ne.rundir.weights import read_layer_weights
 from ne.schema import NeuronBatch, neuron_batches
-from ne.stages import Stage, check_force, require_done
-from ne.store import RunDir
-from ne.weights import read_layer_weights
 
 log = logging.getLogger(__name__)
 

@@ -25,16 +25,18 @@ import torch
 from tqdm.auto import tqdm
 
 from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
-from ne import harvest, schema
+from ne import schema
+from ne.compute import harvest
 from ne.config import HarvestConfig, RunConfig, to_dict
 from ne.data import context_parts, read_contexts, write_contexts
 from ne.errors import ConfigError, DataError
 from ne.models import MLPModel, load_model, load_units, sae_path, units_on
 from ne.models.sae_units import check_reachable, sae_fingerprint
 from ne.residual_sae import SAE_DIR, saelens_files, sample_activations, train_sae
-from ne.stages import HARVEST, Stage, check_force
-from ne.store import RunDir
-from ne.weights import weights_file
+from ne.rundir.maxima import signed_extremes
+from ne.rundir.stages import HARVEST, Stage, check_force
+from ne.rundir.store import RunDir
+from ne.rundir.weights import weights_file
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +189,7 @@ def _maxima_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, 
 def _examples_stage(
     run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, stage: Stage
 ) -> None:
-    extremes = harvest.signed_extremes(run, layers, cfg.harvest.direction)
+    extremes = signed_extremes(run, layers, cfg.harvest.direction)
     thresholds = {layer: harvest.thresholds_from_maxima(torch.from_numpy(e), cfg.harvest.frac)
                   for layer, e in extremes.items()}
     done = set(run.ls(WORK, "examples", suffix=".done"))

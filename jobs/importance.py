@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 
 from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
 from ne import schema
+from ne.compute.importance import mask_token_id, token_importance
 from ne.config import RunConfig
 from ne.errors import ConfigError
-from ne.importance import mask_token_id, token_importance
 from ne.models import load_units
-from ne.reader import RunData
+from ne.rundir.reader import RunData
+from ne.rundir.stages import Stage, check_force
+from ne.rundir.store import RunDir
 from ne.schema import NeuronBatch, neuron_batches
-from ne.stages import Stage, check_force
-from ne.store import RunDir
 
 log = logging.getLogger(__name__)
 

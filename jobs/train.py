@@ -1,7 +1,7 @@
 """The MNIST training job: the MLP, then the standard SAE and the NE-loss SAE, on Ray Train.
 
 One `TorchTrainer` runs all three models in sequence on N workers (CPU or GPU). Each worker takes rows
-`rank::N` of every global batch and gradients are summed (`ne.parallel`), so N workers follow the one-worker
+`rank::N` of every global batch and gradients are summed (`ne.compute.parallel`), so N workers follow the one-worker
 trajectory up to float rounding. A worker start costs ~16 s and a report ~2 s, so one trainer serves every
 model and reports a checkpoint only every `trainer.checkpoint_every` epochs.
 
@@ -21,17 +21,17 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ne import store
+from ne.compute.parallel import Shard
+from ne.compute.sae import SAE, NeuronEmbeddingLoss, build_sae, sae_optimizer, train_sae_epoch
 from ne.config import from_dict, to_dict
 from ne.errors import ConfigError
 from ne.mnist import data as mnist_data
 from ne.mnist import model as mnist_model
 from ne.mnist.config import MnistRunConfig
 from ne.mnist.eval import SAEMetrics, evaluate_dir, write_tables
-from ne.parallel import Shard
-from ne.sae import SAE, NeuronEmbeddingLoss, build_sae, sae_optimizer, train_sae_epoch
-from ne.stages import MNIST_STAGES, Stage, check_force
-from ne.store import RunDir, fingerprint
+from ne.rundir import store
+from ne.rundir.stages import MNIST_STAGES, Stage, check_force
+from ne.rundir.store import RunDir, fingerprint
 
 SAE_KINDS = ("standard", "ne_loss")
 STATE = "state.pt"

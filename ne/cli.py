@@ -35,7 +35,7 @@ def _load(args):
 
 def _out_dir(path: str):
     """`--out` as a run-style directory (created when missing); a file in its way is an error before any work."""
-    from ne.store import RunDir
+    from ne.rundir.store import RunDir
 
     out = RunDir(path)
     at = out.root.rstrip("/")
@@ -58,7 +58,7 @@ def cmd_harvest(args) -> None:
 def cmd_view(args) -> None:
     import subprocess
 
-    from ne.store import RunDir
+    from ne.rundir.store import RunDir
     from ne.viewer import check_address, launch_command
 
     RunDir(args.run_dir).require_manifest()
@@ -94,8 +94,8 @@ def cmd_importance(args) -> None:
 
 
 def cmd_status(args) -> None:
-    from ne.stages import describe_status
-    from ne.store import RunDir
+    from ne.rundir.stages import describe_status
+    from ne.rundir.store import RunDir
 
     print(describe_status(RunDir(args.run_dir)))
 
@@ -124,9 +124,9 @@ def cmd_run(args) -> None:
     from jobs.cluster import comparison, run_cluster
     from jobs.harvest import run_harvest
     from ne import schema
-    from ne.report import most_polysemantic, unit_comparison
-    from ne.stages import HARVEST, check_force
-    from ne.store import RunDir
+    from ne.rundir.report import most_polysemantic, unit_comparison
+    from ne.rundir.stages import HARVEST, check_force
+    from ne.rundir.store import RunDir
 
     cfg = _load(args)
     force = check_force(args.force, RUN_STAGES)
@@ -185,7 +185,7 @@ def cmd_sae_eval(args) -> None:
     """Tables 2 and 3 for a directory of weights in the authors' layout (default: the run's mnist/)."""
     from jobs.train import load_splits, url
     from ne.mnist.eval import evaluate_dir, with_paper, write_tables
-    from ne.store import RunDir
+    from ne.rundir.store import RunDir
 
     cfg = _load_mnist(args)
     weights = args.weights or url(RunDir(cfg.run_dir), "mnist")
@@ -201,9 +201,8 @@ def cmd_figure(args) -> None:
     """Figure 5 PNGs for MLP or SAE neurons."""
     from jobs.train import load_splits, url
     from ne.mnist.figures import figure5
-    from ne.mnist.model import MLP
-    from ne.sae import SAE
-    from ne.store import RunDir
+    from ne.mnist.model import MLP, load_sae
+    from ne.rundir.store import RunDir
 
     if args.model not in FIGURE_MODELS:
         raise ConfigError(f"--model {args.model!r} is not a model of the MNIST run; choose one of "
@@ -212,7 +211,7 @@ def cmd_figure(args) -> None:
     out = _out_dir(args.out or f"{cfg.run_dir.rstrip('/')}/mnist/figures")
     weights = (args.weights or url(RunDir(cfg.run_dir), "mnist")).rstrip("/")
     mlp = MLP.load(f"{weights}/mlp.safetensors")
-    sae = None if args.model == "mlp" else SAE.load(f"{weights}/{args.model}.safetensors", mlp.hidden_size)
+    sae = None if args.model == "mlp" else load_sae(f"{weights}/{args.model}.safetensors", mlp.hidden_size)
     _, test = load_splits(cfg)
     for neuron in args.neuron:
         name = f"{args.model}_{neuron}.png"

@@ -18,8 +18,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from ne.checks import at_least, at_most, check_choices, check_layer_list, check_literal
+from ne.compute.sae import SAEConfig
 from ne.errors import ConfigError
-from ne.sae import SAEConfig
 
 
 @dataclass
@@ -235,13 +235,13 @@ class UnitsSAEConfig:
     units harvested are the SAE's latents at its hook point instead of the model's MLP neurons (needs the
     `sae` extra: pip install -e ".[sae]")."""
     train_hook: str | None = None
-    """Train an SAE of our own (ne/sae.py) on this hook's activations over the run's corpus, e.g.
+    """Train an SAE of our own (ne/compute/sae.py) on this hook's activations over the run's corpus, e.g.
     `blocks.3.hook_resid_pre`, save it in SAELens format under RUN/sae/ and harvest its latents. Needs
     path: null."""
     train_tokens: int = 65_536
     """Activation rows (tokens) sampled evenly from the corpus to train that SAE."""
     train: SAEConfig = field(default_factory=SAEConfig)
-    """How that SAE is trained (`ne.sae.SAEConfig`): expansion, epochs, batch size, λ1 and the NE loss."""
+    """How that SAE is trained (`ne.compute.sae.SAEConfig`): expansion, epochs, batch size, λ1 and the NE loss."""
     compare_with: str | None = None
     """A run of the same model's MLP neurons (e.g. runs/demo): the report then compares them with the SAE's
     latents at the same layer."""

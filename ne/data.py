@@ -16,23 +16,19 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from jaxtyping import Int
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from ne import schema
+from ne.compute.harvest import Context
 from ne.config import DataConfig, RunConfig
 from ne.errors import ConfigError, DataError
 from ne.models.base import MLPModel
-from ne.stages import Stage
-from ne.store import RunDir
+from ne.rundir.stages import Stage
+from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
 
 PARQUET_BATCH_ROWS = 1024
-Context = tuple[int, np.ndarray]
-"""(ctx_id, token ids as int64): BOS first where the model uses one, no padding."""
 
 
 # --- documents ---------------------------------------------------------------------------------------
@@ -250,16 +246,3 @@ def iter_context_parts(run: RunDir) -> Iterator[tuple[int, list[Context]]]:
     """(part index, its contexts) for every part, in corpus order."""
     for part in context_parts(run):
         yield part, read_contexts(run, part)
-
-
-def pad_batch(
-    token_lists: Sequence[Sequence[int]], pad_id: int
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Right-pad to the longest list: (tokens, attention mask with 1 on real tokens)."""
-    width = max(len(t) for t in token_lists)
-    tokens = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for row, toks in enumerate(token_lists):
-        tokens[row, : len(toks)] = torch.as_tensor(np.asarray(toks, dtype=np.int64))
-        mask[row, : len(toks)] = 1
-    return tokens, mask

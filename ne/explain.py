@@ -21,13 +21,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ne.checks import integer
-from ne.device import CPU_CHUNK_BYTES
-from ne.embed import neuron_embeddings, read_layer_weights, unit_rows
+from ne.compute.device import CPU_CHUNK_BYTES
+from ne.compute.embed import neuron_embeddings, unit_rows
+from ne.compute.harvest import SIGNS, thresholds_from_maxima
 from ne.errors import ConfigError
-from ne.harvest import SIGNS, signed_extremes, thresholds_from_maxima
 from ne.models.base import MLPModel
-from ne.reader import RunData, key_token_snippet
-from ne.stages import require_done
+from ne.rundir.maxima import signed_extremes
+from ne.rundir.reader import RunData, key_token_snippet
+from ne.rundir.stages import require_done
+from ne.rundir.weights import read_layer_weights
 
 AssignRule = Literal["mean", "central"]
 ASSIGN_RULE: AssignRule = "mean"

@@ -135,7 +135,7 @@ METRICS_SCHEMA = pa.schema(
     + [(f"raw_{name}", pa.int32() if name == "n_clusters" else pa.float32()) for name in _METRIC_NAMES]
     + [(name, pa.int32() if name.startswith("n_clusters") else pa.float32()) for name in _FIGURE4_NAMES]
 )
-"""metrics.parquet: `ne.metrics` defines each column (neuron_metrics, figure4_metrics, neighbour_agreement)."""
+"""metrics.parquet: `ne.compute.metrics` defines each column (neuron_metrics, figure4_metrics, neighbour_agreement)."""
 
 INDEX_IDS = pa.schema(
     [

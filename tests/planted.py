@@ -69,9 +69,9 @@ def write_synthetic_run(
 
     from ne import schema
     from ne.config import RunConfig
-    from ne.store import RunDir
-    from ne.weights import weights_file
-    from tests.viewer_run import stage
+    from ne.rundir.store import RunDir
+    from ne.rundir.weights import weights_file
+    from tests.viewer.viewer_run import stage
 
     run = RunDir(url)
     cfg = RunConfig(run_dir=url)

@@ -8,7 +8,7 @@ import yaml
 
 from ne.cli import main
 from ne.config import RunConfig, to_dict
-from ne.store import RunDir
+from ne.rundir.store import RunDir
 from tests.planted import write_synthetic_run
 
 

@@ -13,17 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from ne import schema
+from ne.compute.harvest import pad_batch
 from ne.config import DataConfig, RunConfig
 from ne.data import (
     iter_context_parts,
     iter_contexts,
     iter_documents,
-    pad_batch,
     read_contexts,
     write_contexts,
 )
 from ne.errors import ConfigError, DataError
-from ne.store import RunDir
+from ne.rundir.store import RunDir
 
 DOCS = ["", "a b c d e f g h i j k", "x", "one two three four", "", "p q r s t u v w"]
 

@@ -11,13 +11,13 @@ import pytest
 
 from ne import schema
 from ne.cli import main
-from ne.embed import read_w_in
 from ne.errors import ConfigError, DataError
 from ne.explain import Explainer
 from ne.models import load_model
-from ne.store import RunDir
-from tests.test_viewer import set_status
-from tests.viewer_run import build_lm_run
+from ne.rundir.store import RunDir
+from ne.rundir.weights import read_w_in
+from tests.viewer.test_viewer import set_status
+from tests.viewer.viewer_run import build_lm_run
 
 
 @pytest.fixture(scope="module")

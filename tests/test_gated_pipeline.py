@@ -18,10 +18,10 @@ from index.query import SimilarFeatures
 from ne import schema
 from ne.config import ModelConfig
 from ne.errors import ConfigError
-from ne.store import RunDir
+from ne.rundir.store import RunDir
+from tests.jobs.test_cluster import _assert_same, _cfg, _outputs
+from tests.jobs.test_harvest import assert_same_rows, make_cfg, naive_harvest, read_examples
 from tests.planted import write_synthetic_run
-from tests.test_jobs_cluster import _assert_same, _cfg, _outputs
-from tests.test_jobs_harvest import assert_same_rows, make_cfg, naive_harvest, read_examples
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ne.compute.device import resolve_device
 from ne.config import ModelConfig
-from ne.device import resolve_device
 from ne.errors import ConfigError
 from ne.models.base import LayerOutput, MLPModel
 

@@ -20,7 +20,7 @@ def launch_command(run_dir: str, host: str | None = None, port: int | None = Non
     """The `streamlit run` command line serving `run_dir`; host and port default to the run's viewer config."""
     from ne.config import ViewerConfig
     from ne.errors import NeError
-    from ne.reader import RunData
+    from ne.rundir.reader import RunData
 
     try:
         viewer = RunData(run_dir).config().viewer

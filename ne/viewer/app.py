@@ -23,7 +23,7 @@ import streamlit as st
 from ne.config import ModelConfig, from_dict
 from ne.errors import NeError
 from ne.explain import of_extreme
-from ne.reader import Example, NeuronData, RunData
+from ne.rundir.reader import Example, NeuronData, RunData
 from ne.viewer import render
 
 log = logging.getLogger("ne.viewer")
@@ -79,7 +79,7 @@ def get_neuron(url: str, layer: int, neuron: int) -> NeuronData:
 
 @st.cache_resource(show_spinner=False)
 def get_importance(url: str, mask_token: int | None):
-    from ne.importance import ImportanceCache
+    from ne.compute.importance import ImportanceCache
 
     model, _ = get_model(url)
     return ImportanceCache(model, mask_token) if model is not None else None
@@ -90,7 +90,7 @@ def get_index(url: str):
     """(SimilarFeatures, None) or (None, why there is no similar-features list)."""
     data = get_data(url)
     if not data.ready("index"):
-        from ne.stages import redo_command, state_of
+        from ne.rundir.stages import redo_command, state_of
 
         state, why = state_of(data.manifest(), "index")
         return None, (f"the index of this run is {state}{why}: run {redo_command('index', False)} to see "

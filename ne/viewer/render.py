@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ne.explain import TokenUnits, of_extreme
-from ne.reader import Example
+from ne.rundir.reader import Example
 
 CLUSTER_COLOURS = [("blue", "#1c83e1"), ("orange", "#ff8c00"), ("green", "#21c354"), ("red", "#ff4b4b"),
                    ("violet", "#803df5")]
