@@ -6,7 +6,7 @@ import hashlib
 
 import pyarrow as pa
 
-from ne.store import RunDir
+from ne.rundir.store import RunDir
 
 
 def table_digest(table: pa.Table) -> str:

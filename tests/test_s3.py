@@ -25,8 +25,8 @@ import yaml
 from ne.cli import main
 from ne.config import to_dict
 from ne.errors import DataError
-from ne.reader import RunData
-from ne.store import LOCK, RunDir
+from ne.rundir.reader import RunData
+from ne.rundir.store import LOCK, RunDir
 from tests.conftest import REPO
 from tests.run_outputs import run_outputs, table_digest
 
@@ -115,7 +115,7 @@ def same_text(text: str, url: str) -> str:
 
 
 def viewer_reads(url: str) -> str:
-    """What the viewer reads of a run (`ne.reader.RunData`), as text: status, layers, and a spread of neurons
+    """What the viewer reads of a run (`ne.rundir.reader.RunData`), as text: status, layers, and a spread of neurons
     with their examples, clusters, dendrograms, metrics and centroids."""
     data = RunData(url)
     status = data.status()

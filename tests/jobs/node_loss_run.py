@@ -1,4 +1,4 @@
-"""A whole Ray node lost during the harvest, the cluster stage and MNIST training (tests/test_node_loss.py).
+"""A whole Ray node lost during the harvest, the cluster stage and MNIST training (tests/jobs/test_node_loss.py).
 
 Run as a script, in its own process: it starts a local multi-node cluster (`ray.cluster_utils.Cluster`: a head
 with no CPUs, so every task and actor runs on a worker node, and worker nodes of one CPU each, every node with
@@ -12,7 +12,7 @@ kept busy until then, so the h slices the victim loaded into its object store ha
 Ray must recompute them. Every start and end of a piece of work is recorded with its node (`marks/`), so the
 test can check what the dead node was doing and who redid it.
 
-    python tests/node_loss_run.py WORK CONFIG.json  ->  WORK/result.json
+    python tests/jobs/node_loss_run.py WORK CONFIG.json  ->  WORK/result.json
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def hooked_cluster_batch(marks: str):
 
 def hooked_load_h(marks: str):
     def load_h(run, layer, ids):
-        from ne.embed import load_h as real  # the worker's own module, never patched
+        from ne.compute.embed import load_h as real  # the worker's own module, never patched
 
         out = real(run, layer, ids)
         done(marks, "cluster", f"load{layer}", event="load")

@@ -1,7 +1,7 @@
 """A whole Ray node lost during the harvest, the cluster stage and MNIST training: each job finishes, the work
 the dead node held is redone elsewhere, and the outputs equal an uninterrupted run's row for row.
 
-The multi-node cluster runs in its own process (tests/node_loss_run.py), apart from the session's `local_ray`;
+The multi-node cluster runs in its own process (tests/jobs/node_loss_run.py), apart from the session's `local_ray`;
 the uninterrupted reference runs here, without Ray (in-process harvest and cluster stage, the library's own
 training loop), one torch thread like the Ray workers, so that equal means equal.
 """
@@ -24,10 +24,10 @@ import ray
 import torch
 
 from jobs.ray_utils import ITEM_ATTEMPTS, run_on_actors
-from ne import store
 from ne.config import ClusterConfig, DataConfig, HarvestConfig, RunConfig, load_config, to_dict
 from ne.errors import NeError
 from ne.mnist.config import MnistRunConfig
+from ne.rundir import store
 from tests.conftest import REPO, require_shared, shared_data_dir
 from tests.run_outputs import run_outputs
 
@@ -124,7 +124,7 @@ def node_loss(tmp_path_factory, tiny_model_cfg) -> tuple:
     env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     try:
-        proc = subprocess.run([sys.executable, str(REPO / "tests" / "node_loss_run.py"), str(tmp),
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "jobs" / "node_loss_run.py"), str(tmp),
                                str(tmp / "conf.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -166,7 +166,7 @@ def test_harvest_and_cluster_stage_survive_node_loss(node_loss, tmp_path):
 
 
 def test_training_survives_node_loss(node_loss):
-    from tests.test_train import MLP_SHAPES, SAE_SHAPES, library_run
+    from tests.jobs.test_train import MLP_SHAPES, SAE_SHAPES, library_run
 
     result, _, mnist = node_loss
     if mnist is None:

@@ -6,7 +6,7 @@ import fsspec.implementations.local
 import pyarrow as pa
 import pytest
 
-from ne.store import RunDir
+from ne.rundir.store import RunDir
 
 
 def half_then_fail(real):
