@@ -87,21 +87,23 @@ def _load_state() -> dict:
         return torch.load(os.path.join(d, STATE), weights_only=True)
 
 
-def train_loop(config: dict) -> None:
-    """Train every model in `config["todo"]`, resuming from Ray's latest checkpoint when there is one."""
-    import ray.train.torch
+class _Worker:
+    """One Ray Train worker's pass over the models still to train: what it resumed from, what it has done."""
 
-    cfg: MnistRunConfig = from_dict(MnistRunConfig, config["cfg"])
-    torch.set_num_threads(config["threads"])
-    device = ray.train.torch.get_device() if cfg.trainer.use_gpu else torch.device("cpu")
-    shard = Shard.current()
-    state = _load_state()
-    train = mnist_data.load_mnist(cfg.data.source, cfg.data.dir, "train").head(cfg.data.train_subset)
-    train = mnist_data.MnistSplit(train.images.to(device), train.labels.to(device))
-    steps, seconds = 0, {}
+    def __init__(self, config: dict):
+        import ray.train.torch
 
-    def resume(name: str, model: torch.nn.Module, opt, extra: torch.nn.Module | None = None) -> tuple[int, int]:
-        cur = state["current"]
+        self.cfg: MnistRunConfig = from_dict(MnistRunConfig, config["cfg"])
+        self.todo: list[str] = config["todo"]
+        self.device = ray.train.torch.get_device() if self.cfg.trainer.use_gpu else torch.device("cpu")
+        self.shard = Shard.current()
+        self.state = _load_state()
+        self.steps = 0
+        self.seconds: dict[str, float] = {}
+
+    def resume(self, name: str, model: torch.nn.Module, opt, extra: torch.nn.Module | None = None) -> tuple[int, int]:
+        """(epoch, step) to start from: the restored checkpoint's when it is of model `name`, else (0, 0)."""
+        cur = self.state["current"]
         if not cur or cur["name"] != name:
             return 0, 0
         model.load_state_dict(cur["model"])
@@ -110,57 +112,74 @@ def train_loop(config: dict) -> None:
             extra.load_state_dict(cur["extra"])
         return cur["epoch"], cur["step"]
 
-    def checkpoint(name, model, opt, epoch, step, last, t0, extra=None, **metrics):
+    def checkpoint(self, name: str, model, opt, epoch: int, step: int, last: bool, t0: float, extra=None,
+                   **metrics) -> None:
+        state = self.state
         if last:
             state["done"][name] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             state["current"] = None
-            seconds[name] = time.time() - t0
+            self.seconds[name] = time.time() - t0
         else:
             state["current"] = {"name": name, "epoch": epoch, "step": step, "model": model.state_dict(),
                                 "opt": opt.state_dict(), "extra": extra.state_dict() if extra else {}}
         # The driver reads the latest checkpoint and its metrics, so the summary travels with every one.
-        _save_state(state, {"model": name, "epoch": epoch, "steps_this_attempt": steps, "seconds": dict(seconds),
-                            **metrics})
+        _save_state(state, {"model": name, "epoch": epoch, "steps_this_attempt": self.steps,
+                            "seconds": dict(self.seconds), **metrics})
 
-    # The MLP
-    if "mlp" in state["done"] or "mlp" not in config["todo"]:
-        mlp = mnist_model.MLP(cfg.mlp.hidden)
-        mlp.load_state_dict(state["done"].get("mlp") or mnist_model.MLP.load(config["mlp_path"]).state_dict())
-        mlp.to(device)
-    else:
+    def mlp(self, train: mnist_data.MnistSplit, mlp_path: str) -> mnist_model.MLP:
+        """The MLP: trained (or resumed) when it is to do, else the finished one."""
+        cfg = self.cfg
+        if "mlp" in self.state["done"] or "mlp" not in self.todo:
+            mlp = mnist_model.MLP(cfg.mlp.hidden)
+            mlp.load_state_dict(self.state["done"].get("mlp") or mnist_model.MLP.load(mlp_path).state_dict())
+            return mlp.to(self.device)
         t0 = time.time()
-        mlp = mnist_model.MLP(cfg.mlp.hidden, torch.Generator().manual_seed(cfg.seed)).to(device)
+        mlp = mnist_model.MLP(cfg.mlp.hidden, torch.Generator().manual_seed(cfg.seed)).to(self.device)
         opt = mnist_model.mlp_optimizer(mlp, cfg.mlp)
-        start, _ = resume("mlp", mlp, opt)
+        start, _ = self.resume("mlp", mlp, opt)
         for epoch in range(start, cfg.mlp.epochs):
-            loss = mnist_model.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch, shard)
-            steps += -(-len(train) // cfg.mlp.batch_size)
+            loss = mnist_model.train_mlp_epoch(mlp, opt, train, cfg.mlp, cfg.seed, epoch, self.shard)
+            self.steps += -(-len(train) // cfg.mlp.batch_size)
             last = epoch + 1 == cfg.mlp.epochs
             if last or (epoch + 1) % cfg.trainer.checkpoint_every == 0:
-                checkpoint("mlp", mlp, opt, epoch + 1, 0, last, t0, loss=loss)
+                self.checkpoint("mlp", mlp, opt, epoch + 1, 0, last, t0, loss=loss)
+        return mlp
 
-    acts = mnist_model.hidden_acts(mlp, train.images)
-    for kind in SAE_KINDS:
-        name = f"sae_{kind}"
-        if name in state["done"] or name not in config["todo"]:
-            continue
+    def sae(self, kind: str, acts: torch.Tensor, hidden_size: int) -> None:
+        """Train (or resume) the SAE of `kind` when it is to do."""
+        cfg, name = self.cfg, f"sae_{kind}"
+        if name in self.state["done"] or name not in self.todo:
+            return
         t0 = time.time()
         # Both SAEs start from the same weights and see the same batches: only the loss differs.
         sae = build_sae(cfg.sae, acts, torch.Generator().manual_seed(cfg.seed + 1))
         opt = sae_optimizer(sae, cfg.sae)
         ne_loss = None
         if kind == "ne_loss":
-            ne_loss = NeuronEmbeddingLoss.from_config(sae.n_neurons, mlp.hidden_size, cfg.sae).to(device)
-        start, step = resume(name, sae, opt, ne_loss)
+            ne_loss = NeuronEmbeddingLoss.from_config(sae.n_neurons, hidden_size, cfg.sae).to(self.device)
+        start, step = self.resume(name, sae, opt, ne_loss)
         for epoch in range(start, cfg.sae.epochs):
             step0 = step
-            step, losses = train_sae_epoch(sae, opt, acts, cfg.sae, cfg.seed + 1, epoch, step, ne_loss, shard)
-            steps += step - step0
+            step, losses = train_sae_epoch(sae, opt, acts, cfg.sae, cfg.seed + 1, epoch, step, ne_loss, self.shard)
+            self.steps += step - step0
             last = epoch + 1 == cfg.sae.epochs
             if last or (epoch + 1) % cfg.trainer.checkpoint_every == 0:
-                checkpoint(name, sae, opt, epoch + 1, step, last, t0, ne_loss, **losses)
-    if steps == 0:  # everything came from the restored checkpoint: report it, so the driver gets it
-        _save_state(state, {"seconds": seconds, "steps_this_attempt": 0})
+                self.checkpoint(name, sae, opt, epoch + 1, step, last, t0, ne_loss, **losses)
+
+
+def train_loop(config: dict) -> None:
+    """Train every model in `config["todo"]`, resuming from Ray's latest checkpoint when there is one."""
+    torch.set_num_threads(config["threads"])
+    worker = _Worker(config)
+    cfg = worker.cfg
+    train = mnist_data.load_mnist(cfg.data.source, cfg.data.dir, "train").head(cfg.data.train_subset)
+    train = mnist_data.MnistSplit(train.images.to(worker.device), train.labels.to(worker.device))
+    mlp = worker.mlp(train, config["mlp_path"])
+    acts = mnist_model.hidden_acts(mlp, train.images)
+    for kind in SAE_KINDS:
+        worker.sae(kind, acts, mlp.hidden_size)
+    if worker.steps == 0:  # everything came from the restored checkpoint: report it, so the driver gets it
+        _save_state(worker.state, {"seconds": worker.seconds, "steps_this_attempt": 0})
 
 
 # --- the driver ------------------------------------------------------------------------------------------
