@@ -100,7 +100,7 @@ def hooked_cluster_batch(marks: str):
 
 def hooked_load_h(marks: str):
     def load_h(run, layer, ids):
-        from ne.compute.embed import load_h as real  # the worker's own module, never patched
+        from ne.rundir.h import load_h as real  # the worker's own module, never patched
 
         out = real(run, layer, ids)
         done(marks, "cluster", f"load{layer}", event="load")
