@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from index.exact import exact_search
 from ne import schema
 from ne.config import IndexConfig, RunConfig
+from ne.device import resolve_device
 from ne.embed import read_h, unit_rows
 from ne.errors import DataError
 from ne.stages import Stage, check_force
@@ -136,7 +137,7 @@ def run_index(cfg: RunConfig, force: list[str] | tuple = ()) -> IndexSummary:
     force = check_force(force, ("index",))
     run = RunDir(cfg.run_dir)
     with run.lock("ne index"):
-        stage = Stage(run, "index", cfg, force)
+        stage = Stage(run, "index", cfg, force, check=lambda: resolve_device(cfg.index.device, "index.device"))
         if stage.needed():
             stage.begin()
             stage.done(**_build(run, cfg))

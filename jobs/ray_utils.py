@@ -80,6 +80,14 @@ def node_gpus() -> list[float]:
     return [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
 
 
+def check_resources(use_gpu: bool | None, gpus_per_worker: int = 1, key: str = "harvest.use_gpu") -> bool:
+    """Whether model actors take GPUs; an error when they ask for GPUs the cluster lacks (checked before a
+    stage removes anything)."""
+    if gpus_per_worker > 1:
+        check_gpus_per_node(gpus_per_worker, node_gpus())
+    return gpu_wanted(use_gpu, key)
+
+
 def model_actor_options(
     num_workers: int, use_gpu: bool | None, gpus_per_worker: int = 1, key: str = "harvest.use_gpu"
 ) -> tuple[int, int, dict]:
@@ -89,9 +97,7 @@ def model_actor_options(
     of one node and splits its model over them; on CPUs the cluster's cores are split between the actors.
     A killed actor is restarted and its task retried.
     """
-    if gpus_per_worker > 1:
-        check_gpus_per_node(gpus_per_worker, node_gpus())
-    if gpu_wanted(use_gpu, key):
+    if check_resources(use_gpu, gpus_per_worker, key):
         n, threads, resources = num_workers, 1, {"num_gpus": gpus_per_worker, "num_cpus": 1}
     else:
         n, threads = cpu_workers(num_workers)

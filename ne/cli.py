@@ -159,11 +159,14 @@ def cmd_sae_eval(args) -> None:
     """Tables 2 and 3 for a directory of weights in the authors' layout (default: the run's mnist/)."""
     from jobs.train import load_splits, url
     from ne.mnist.eval import evaluate_dir, with_paper, write_tables
+    from ne.stages import check_not_owned
     from ne.store import RunDir
 
     cfg = _load_mnist(args)
     weights = args.weights or url(RunDir(cfg.run_dir), "mnist")
-    out = args.out or (f"{cfg.run_dir.rstrip('/')}/sae-eval" if args.weights else weights)
+    default = f"{cfg.run_dir.rstrip('/')}/sae-eval"
+    out = args.out or default  # never the run's mnist/: its tables are stage mnist_eval's outputs
+    check_not_owned(out, ["sae_eval.md", "sae_eval.csv"], default=default)
     metrics = evaluate_dir(weights, *load_splits(cfg), cfg.eval)
     rows = {k: vars(m) for k, m in metrics.items()}
     print(write_tables(RunDir(out), with_paper(rows) if args.paper else rows))
@@ -177,6 +180,7 @@ def cmd_figure(args) -> None:
     from ne.mnist.figures import figure5
     from ne.mnist.model import MLP
     from ne.sae import SAE
+    from ne.stages import check_not_owned
     from ne.store import RunDir
 
     if args.model not in FIGURE_MODELS:
@@ -188,6 +192,7 @@ def cmd_figure(args) -> None:
     sae = None if args.model == "mlp" else SAE.load(f"{weights}/{args.model}.safetensors", mlp.hidden_size)
     _, test = load_splits(cfg)
     out = RunDir(args.out or f"{cfg.run_dir.rstrip('/')}/mnist/figures")
+    check_not_owned(out.url, [f"{args.model}_{neuron}.png" for neuron in args.neuron])
     for neuron in args.neuron:
         name = f"{args.model}_{neuron}.png"
         out.write_bytes(name, figure5(mlp, sae, neuron, test, max_examples=cfg.eval.max_examples))
@@ -249,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sae-eval", help="MNIST: the paper's Tables 2 and 3 for a directory of SAE weights")
     _mnist_args(p)
     p.add_argument("--weights", help="directory with mlp.safetensors and sae_*.safetensors; default RUN/mnist")
-    p.add_argument("--out", help="where sae_eval.md/.csv go; default the weights' run directory")
+    p.add_argument("--out", help="where sae_eval.md/.csv go; default RUN/sae-eval (never a stage's outputs)")
     p.add_argument("--paper", action="store_true", help="add the paper's rows to the table")
     p.set_defaults(func=cmd_sae_eval)
 
