@@ -226,8 +226,10 @@ class RunDir:
             raise DataError(f"{self.url}: {rel} is missing; {redo_hint(rel)}") from None
         if len(data) != stop - first * chunk:
             self._check_size(rel, record, int(self.fs.size(self.path(rel))))
-        self._check_chunks(rel, record, first, _chunk_hashes(_slices(data, chunk)))
-        _verified_chunks.update(keys)
+        for key, block in zip(keys, _slices(data, chunk)):
+            if key not in _verified_chunks:
+                self._check_chunks(rel, record, key[2], _chunk_hashes([block]))
+                _verified_chunks.add(key)
         return data[start - first * chunk : end - first * chunk]
 
     def _damaged(self, rel: str, exc: Exception) -> DataError:

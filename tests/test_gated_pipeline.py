@@ -118,15 +118,16 @@ def test_explain_on_a_gated_run_reclustered_with_the_gate(gated_run, tmp_path):
     t = torch.tensor([bos + ids])
     out = model.run(t, torch.ones_like(t), [0, 1])
     run = RunDir(str(run_dir))
+    centroids = {layer: run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer)).to_pandas()
+                 .set_index(["neuron", "cluster"]) for layer in (0, 1)}
+    gates = {layer: read_layer_weights(run, layer).gate for layer in (0, 1)}
     checked = 0
     for tok in tokens:
         for u in tok.units:
             if u.cluster is None:
                 continue
-            centroids = run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, u.layer)).to_pandas()
-            row = centroids[(centroids.neuron == u.neuron) & (centroids.cluster == u.cluster)].iloc[0]
-            e = out[u.layer].h[0, len(bos) + tok.pos].float().numpy() * read_layer_weights(run, u.layer).gate[u.neuron]
-            v = np.asarray(row.vector, np.float32)
+            e = out[u.layer].h[0, len(bos) + tok.pos].float().numpy() * gates[u.layer][u.neuron]
+            v = np.asarray(centroids[u.layer].loc[(u.neuron, u.cluster), "vector"], np.float32)
             assert u.similarity == pytest.approx(float(e @ v / np.linalg.norm(e) / np.linalg.norm(v)), abs=2e-3)
             checked += 1
     assert checked > 0
