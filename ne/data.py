@@ -92,9 +92,8 @@ def _expand_paths(paths: Sequence[str]) -> Iterator[tuple[fsspec.AbstractFileSys
 
 
 def input_files(paths: Sequence[str]) -> list[str]:
-    """The files of data.paths as URLs (local: absolute paths), in reading order: the contexts stage's inputs."""
-    return [path if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-            else fs.unstrip_protocol(path) for fs, path in _expand_paths(paths)]
+    """The files of data.paths as URLs, in reading order: the contexts stage's inputs."""
+    return [fs.unstrip_protocol(path) for fs, path in _expand_paths(paths)]
 
 
 def _file_documents(fs: fsspec.AbstractFileSystem, path: str, text_field: str) -> Iterator[str]:

@@ -255,10 +255,10 @@ class RunData:
             raise
 
     def _redone(self, stage: str, m: dict) -> DataError:
-        state, why = state_of(m, stage)
-        then = "is done" if state == "done" else "has finished"
-        return DataError(f"stage '{stage}' of {self.url} was redone while this reader used it (it is now {state}{why});"
-                         f" read again once {redo_command(stage, False)} {then}")
+        state, _ = state_of(m, stage)
+        again = "read it again" if state == "done" else f"read it again once {redo_command(stage, False)} has finished"
+        return DataError(f"stage '{stage}' of {self.url} was redone while this reader used it (it is now {state}); "
+                         f"{again}")
 
     def status(self) -> RunStatus:
         try:
@@ -327,7 +327,7 @@ class RunData:
         """The parts of one folder, kept while the stage that wrote them is not redone."""
         name = (kind, layer)
         folder = kind if layer is None else schema.layer_dir(kind, layer)
-        now = version(manifest, owner_of(folder))
+        now = version(manifest, owner_of(folder) or "")
         with self._lock:
             parts = self._parts.get(name)
         if parts is None or parts.version != now:

@@ -45,7 +45,7 @@ from typing import Any
 import fsspec
 
 from ne.errors import ConfigError, DataError, NeError
-from ne.store import MANIFEST, RunDir, fingerprint, input_change, input_record
+from ne.store import MANIFEST, RunDir, fingerprint, input_change, input_record, input_url
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def corpus_files(cfg: Any) -> dict[str, str]:
         return {}
     from ne.data import input_files
 
-    return {url: url for url in input_files(cfg.data.paths)}
+    return {input_url(url): url for url in input_files(cfg.data.paths)}
 
 
 def model_files(cfg: Any) -> dict[str, str]:
@@ -240,13 +240,6 @@ def version(manifest: dict, name: str) -> str | None:
         return None
     entry = manifest["stages"][name]
     return entry.get("id") or f"{entry['fingerprint']}@{entry.get('finished')}"
-
-
-def input_url(url: str) -> str:
-    """An input's path as the manifest keeps it: absolute for a local file, with its protocol otherwise."""
-    fs, path = fsspec.core.url_to_fs(url)
-    return path if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) \
-        else fs.unstrip_protocol(path)
 
 
 def input_changes(entry: dict, now: dict[str, str] | None = None) -> list[str]:

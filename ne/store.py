@@ -549,6 +549,12 @@ def _mtime(info: dict) -> str:
     return str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")
 
 
+def input_url(url: str) -> str:
+    """An input's path as the manifest keeps it: absolute for a local file, with its protocol otherwise."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return path if "file" in _protocols(fs) else fs.unstrip_protocol(path)
+
+
 def input_record(url: str) -> dict:
     """Path, size, modification time and content hash of a file from outside the run (the hash streamed, and
     taken once per process for a file whose size and time are unchanged)."""

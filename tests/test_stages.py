@@ -541,7 +541,7 @@ def test_an_explainer_racing_a_redo_of_its_clusters_stops(run_cfg):
     assert any(u.cluster is not None for t in explainer.explain(text) for u in t.units)
     Stage(RunDir(run_cfg.run_dir), "cluster", run_cfg, force=["cluster"]).begin()  # the redo has started
     with pytest.raises(DataError, match=r"stage 'cluster' of .* was redone while this reader used it \(it is now "
-                                        r"running .*\); read again once `ne cluster --config CONFIG` has finished"):
+                                        r"running\); read it again once `ne cluster --config CONFIG` has finished"):
         explainer.explain(text)
 
 
