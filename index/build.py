@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from index.exact import exact_search
 from ne import schema
+from ne.compute.device import resolve_device
 from ne.compute.embed import unit_rows
 from ne.config import IndexConfig, RunConfig
 from ne.errors import DataError
@@ -137,7 +138,7 @@ def run_index(cfg: RunConfig, force: list[str] | tuple = ()) -> IndexSummary:
     force = check_force(force, ("index",))
     run = RunDir(cfg.run_dir)
     with run.lock("ne index"):
-        stage = Stage(run, "index", cfg, force)
+        stage = Stage(run, "index", cfg, force, check=lambda: resolve_device(cfg.index.device, "index.device"))
         if stage.needed():
             stage.begin()
             stage.done(**_build(run, cfg))

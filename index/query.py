@@ -12,7 +12,7 @@ import pandas as pd
 from index.build import IDS_FILE, INDEX_FILE
 from ne.checks import integer
 from ne.errors import ConfigError, DataError
-from ne.rundir.stages import require_done
+from ne.rundir.stages import require_done, version
 from ne.rundir.store import RunDir
 
 _REBUILD = "rebuild it with `ne index --config CONFIG --force index`"
@@ -49,7 +49,8 @@ class SimilarFeatures:
     @classmethod
     def load(cls, run_dir: str | RunDir) -> SimilarFeatures:
         run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        entry = require_done(run, "index", run.require_manifest())
+        m = run.require_manifest()
+        entry = require_done(run, "index", m)
         info = entry["info"]
         if IDS_FILE in entry["files"]:
             run.verify(IDS_FILE, entry["files"][IDS_FILE])
@@ -60,6 +61,9 @@ class SimilarFeatures:
             raise DataError(f"{run.path(INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); {_REBUILD}") \
                 from exc
         ids = run.read_parquet(IDS_FILE).to_pandas().sort_values("row").reset_index(drop=True)
+        if version(run.manifest(), "index") != version(m, "index"):
+            raise DataError(f"stage 'index' of {run.url} was redone while it was read; read it again once "
+                            f"`ne index` has finished")
         if index.ntotal != len(ids) or index.d != info["d"] or not np.array_equal(ids.row, np.arange(len(ids))):
             raise DataError(
                 f"{run.path(INDEX_FILE)} holds {index.ntotal} vectors of dimension {index.d} but ids.parquet "
@@ -158,19 +162,22 @@ def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
     import pyarrow.compute as pc
 
     from ne import schema
-    from ne.config import ModelConfig, from_dict
     from ne.models import load_token_decoder
-    from ne.rundir.reader import key_token_snippet
+    from ne.rundir.reader import RunData, key_token_snippet
 
     if not hits:
         return []
     table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
                              filters=pc.field("ctx_id").isin([h.ctx_id for h in hits]))
     tokens = dict(zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist()))
+    missing = sorted({h.ctx_id for h in hits} - set(tokens))
+    if missing:
+        raise DataError(f"{run.url}: contexts {missing[:5]} of the index are missing from contexts/; the run is "
+                        "inconsistent: redo stage 'contexts' with `ne harvest --config CONFIG --force contexts`")
+    model_cfg = RunData(run.url).config().model  # the model the run's stages ran with: a bad manifest is an error
     try:
-        model_cfg = from_dict(ModelConfig, run.manifest()["config"]["model"], "model")
         decode = load_token_decoder(model_cfg)
     except Exception as exc:  # the tokenizer is only needed for display: fall back to token ids
         logging.getLogger(__name__).warning("cannot load the run's tokenizer (%s); showing token ids", exc)
         decode = lambda ids: [f"<{i}>" for i in ids]  # noqa: E731
-    return [key_token_snippet(tokens.get(h.ctx_id, []), h.pos, decode, before, after) for h in hits]
+    return [key_token_snippet(tokens[h.ctx_id], h.pos, decode, before, after) for h in hits]

@@ -29,7 +29,7 @@ from ne import schema
 from ne.compute.embed import pad_rows
 from ne.compute.metrics import NeuronResult, analyse_neurons
 from ne.config import ClusterConfig, RunConfig
-from ne.errors import DataError, NeError
+from ne.errors import ConfigError, DataError, NeError
 from ne.explain import batch_cluster_vectors
 from ne.rundir.h import LayerH, load_h
 from ne.rundir.report import separation, write_report
@@ -214,7 +214,7 @@ def run_cluster(cfg: RunConfig, force: list[str] | tuple = (), in_process: bool 
     run = RunDir(cfg.run_dir)
     with run.lock("ne cluster"):
         start = time.perf_counter()
-        stage = Stage(run, "cluster", cfg, force)
+        stage = Stage(run, "cluster", cfg, force, check=lambda: check_device(cfg.cluster, in_process))
         if stage.needed():
             stage.begin()
             layers = run.manifest()["stages"]["examples"]["info"]["layers"]
@@ -228,6 +228,16 @@ def run_cluster(cfg: RunConfig, force: list[str] | tuple = (), in_process: bool 
                          threshold=cfg.cluster.threshold)
             stage.done(neurons=metrics.num_rows, layers=layers, seconds=time.perf_counter() - start)
         return _summary(run, time.perf_counter() - start)
+
+
+def check_device(cfg: ClusterConfig, in_process: bool) -> None:
+    """cluster.use_gpu true needs a GPU where the batches run: this process, or the Ray cluster."""
+    if not in_process:
+        init_ray()
+        gpu_wanted(cfg.use_gpu, "cluster.use_gpu")
+    elif cfg.use_gpu and not torch.cuda.is_available():
+        raise ConfigError("cluster.use_gpu is true but this machine has no CUDA GPU; set cluster.use_gpu to null "
+                          "or false")
 
 
 def comparison(cfg: RunConfig, metrics: pa.Table) -> dict | None:

@@ -24,14 +24,14 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
+from jobs.ray_utils import check_resources, init_ray, model_actor_options, run_on_actors
 from ne import schema
 from ne.compute import harvest
 from ne.config import HarvestConfig, RunConfig, to_dict
 from ne.data import context_parts, read_contexts, write_contexts
 from ne.errors import ConfigError, DataError
 from ne.models import MLPModel, load_model, load_units, sae_path, units_on
-from ne.models.sae_units import check_reachable, sae_fingerprint
+from ne.models.sae_units import check_reachable
 from ne.residual_sae import SAE_DIR, saelens_files, sample_activations, train_sae
 from ne.rundir.maxima import signed_extremes
 from ne.rundir.stages import HARVEST, Stage, check_force
@@ -148,11 +148,13 @@ def _harvest(run: RunDir, cfg: RunConfig, force: set[str]) -> HarvestSummary:
     _write_weights(run, cfg, model, layers, force)
     pool = WorkerPool(cfg, run, model)
     try:
-        maxima = Stage(run, "maxima", cfg, force)
+        given = cfg.harvest.maxima_file
+        maxima = Stage(run, "maxima", cfg, force, check=lambda: (
+            read_maxima_file(given, layers, model.d_mlp, cfg.harvest.direction) if given else pool.check()))
         if maxima.needed():
             maxima.begin()
             _maxima_stage(run, cfg, pool, parts, layers, model.d_mlp, maxima)
-        examples = Stage(run, "examples", cfg, force)
+        examples = Stage(run, "examples", cfg, force, check=pool.check)
         if examples.needed():
             examples.begin()
             _examples_stage(run, cfg, pool, parts, layers, model.d_mlp, examples)
@@ -201,17 +203,15 @@ def _examples_stage(
 
 def _units(run: RunDir, cfg: RunConfig, base, force: set[str]):
     """Stage "sae": train the run's own SAE when sae.train_hook asks for one; then the units to harvest."""
-    path = sae_path(cfg)
-    measured = sae_fingerprint(path) if cfg.sae.path else {}
-    stage = Stage(run, "sae", cfg, force, measured=measured)
+    hook = cfg.sae.train_hook
+    stage = Stage(run, "sae", cfg, force, check=lambda: check_reachable(base, hook) if hook else None)
     if stage.needed():
         stage.begin()
         info = {}
-        if cfg.sae.train_hook:
-            check_reachable(base, cfg.sae.train_hook)
-            acts = sample_activations(base, run, cfg.sae.train_hook, cfg.sae.train_tokens, cfg.harvest.batch_size)
+        if hook:
+            acts = sample_activations(base, run, hook, cfg.sae.train_tokens, cfg.harvest.batch_size)
             sae, info = train_sae(acts, cfg.sae.train, cfg.seed)
-            files = saelens_files(sae, cfg.sae.train_hook, base.name, cfg.data.n_ctx, base.bos_token_id is not None)
+            files = saelens_files(sae, hook, base.name, cfg.data.n_ctx, base.bos_token_id is not None)
             for name, data in files.items():
                 run.write_bytes(f"{SAE_DIR}/{name}", data)
             info.update(rows=len(acts))
@@ -238,6 +238,13 @@ class WorkerPool:
         self.cfg, self.run, self.model = cfg, run, model
         self.workers: list = []
         self.local: PartProcessor | None = None
+
+    def check(self) -> None:
+        """The Ray resources the workers will ask for exist (GPUs asked for, a model split within a node)."""
+        if self.cfg.harvest.num_workers:
+            hcfg = self.cfg.harvest
+            init_ray()
+            check_resources(hcfg.use_gpu, hcfg.gpus_per_worker)
 
     def map(self, method: str, parts: list[int], *args) -> None:
         """Run `<method>(part, *args)` over parts, in process or on the actors, with a progress bar."""

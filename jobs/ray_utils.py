@@ -114,6 +114,14 @@ def node_gpus() -> list[float]:
     return [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
 
 
+def check_resources(use_gpu: bool | None, gpus_per_worker: int = 1, key: str = "harvest.use_gpu") -> bool:
+    """Whether model actors take GPUs; an error when they ask for GPUs the cluster lacks (checked before a
+    stage removes anything)."""
+    if gpus_per_worker > 1:
+        check_gpus_per_node(gpus_per_worker, node_gpus())
+    return gpu_wanted(use_gpu, key)
+
+
 def model_actor_options(
     section: str, num_workers: int, use_gpu: bool | None, todo: int, unit: str, gpus_per_worker: int = 1
 ) -> tuple[int, int, dict]:
@@ -125,9 +133,7 @@ def model_actor_options(
     A dead actor is restarted (on another node when its own is gone); `run_on_actors`, not Ray, redoes its
     task, so that a live actor takes it at once.
     """
-    if gpus_per_worker > 1:
-        check_gpus_per_node(gpus_per_worker, node_gpus())
-    if gpu_wanted(use_gpu, f"{section}.use_gpu"):
+    if check_resources(use_gpu, gpus_per_worker, f"{section}.use_gpu"):
         n, threads, resources = min(num_workers, todo), 1, {"num_gpus": gpus_per_worker, "num_cpus": 1}
     else:
         n, threads = cpu_workers(num_workers, f"{section}.num_workers", todo, unit)

@@ -185,12 +185,15 @@ def cmd_sae_eval(args) -> None:
     """Tables 2 and 3 for a directory of weights in the authors' layout (default: the run's mnist/)."""
     from jobs.train import load_splits, url
     from ne.mnist.eval import evaluate_dir, with_paper, write_tables
+    from ne.rundir.stages import check_not_owned
     from ne.rundir.store import RunDir
 
     cfg = _load_mnist(args)
     weights = args.weights or url(RunDir(cfg.run_dir), "mnist")
-    out = args.out or (f"{cfg.run_dir.rstrip('/')}/sae-eval" if args.weights else weights)
+    default = f"{cfg.run_dir.rstrip('/')}/sae-eval"
+    out = args.out or default  # never the run's mnist/: its tables are stage mnist_eval's outputs
     out_dir = _out_dir(out)
+    check_not_owned(out, ["sae_eval.md", "sae_eval.csv"], default=default)
     metrics = evaluate_dir(weights, *load_splits(cfg), cfg.eval)
     rows = {k: vars(m) for k, m in metrics.items()}
     print(write_tables(out_dir, with_paper(rows) if args.paper else rows))
@@ -202,6 +205,7 @@ def cmd_figure(args) -> None:
     from jobs.train import load_splits, url
     from ne.mnist.figures import figure5
     from ne.mnist.model import MLP, load_sae
+    from ne.rundir.stages import check_not_owned
     from ne.rundir.store import RunDir
 
     if args.model not in FIGURE_MODELS:
@@ -209,6 +213,7 @@ def cmd_figure(args) -> None:
                           f"{', '.join(FIGURE_MODELS)}")
     cfg = _load_mnist(args)
     out = _out_dir(args.out or f"{cfg.run_dir.rstrip('/')}/mnist/figures")
+    check_not_owned(out.url, [f"{args.model}_{neuron}.png" for neuron in args.neuron])
     weights = (args.weights or url(RunDir(cfg.run_dir), "mnist")).rstrip("/")
     mlp = MLP.load(f"{weights}/mlp.safetensors")
     sae = None if args.model == "mlp" else load_sae(f"{weights}/{args.model}.safetensors", mlp.hidden_size)
@@ -274,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sae-eval", help="MNIST: the paper's Tables 2 and 3 for a directory of SAE weights")
     _mnist_args(p)
     p.add_argument("--weights", help="directory with mlp.safetensors and sae_*.safetensors; default RUN/mnist")
-    p.add_argument("--out", help="where sae_eval.md/.csv go; default the weights' run directory")
+    p.add_argument("--out", help="where sae_eval.md/.csv go; default RUN/sae-eval (never a stage's outputs)")
     p.add_argument("--paper", action="store_true", help="add the paper's rows to the table")
     p.set_defaults(func=cmd_sae_eval)
 

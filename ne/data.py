@@ -87,6 +87,11 @@ def _expand_paths(paths: Sequence[str]) -> Iterator[tuple[fsspec.AbstractFileSys
         yield from ((fs, m) for m in matches if not fs.isdir(m))
 
 
+def input_files(paths: Sequence[str]) -> list[str]:
+    """The files of data.paths as URLs, in reading order: the contexts stage's inputs."""
+    return [fs.unstrip_protocol(path) for fs, path in _expand_paths(paths)]
+
+
 def _file_documents(fs: fsspec.AbstractFileSystem, path: str, text_field: str) -> Iterator[str]:
     ext = posixpath.splitext(path)[1].lower()
     if ext == ".txt":

@@ -28,7 +28,7 @@ from ne.errors import ConfigError
 from ne.models.base import MLPModel
 from ne.rundir.maxima import signed_extremes
 from ne.rundir.reader import RunData, key_token_snippet
-from ne.rundir.stages import require_done
+from ne.rundir.stages import check_inputs, require_done
 from ne.rundir.weights import read_layer_weights
 
 AssignRule = Literal["mean", "central"]
@@ -133,8 +133,11 @@ class Explainer:
         from ne.models import load_units
 
         data = RunData(run_dir)
-        require_done(data.run, "cluster", data.manifest())
-        cfg = data.config()
+        data.pin()  # one version of the run throughout: a stage redone meanwhile is an error, never a mix
+        m = data.manifest()
+        require_done(data.run, "cluster", m)
+        check_inputs(data.run, m, ("sae", "weights", "maxima"))  # the model runs again: it must be the same
+        cfg = data.config(m)  # every setting as the stage that made what is read ran with it
         return cls(data, model or load_units(cfg), cfg.harvest.frac, cfg.data.n_ctx, cfg.cluster.min_cluster_size,
                    cfg.model.gated_embedding, cfg.harvest.direction)
 
@@ -160,6 +163,7 @@ class Explainer:
         for start in range(0, len(ids), step):
             chunk = list(ids[start : start + step])
             out += self._explain_context(bos + chunk, len(bos), start, top)
+        self.data.check_unchanged()  # everything above came from the version pinned at load
         return out
 
     @torch.inference_mode()

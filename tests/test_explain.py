@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,8 +24,10 @@ from tests.viewer.viewer_run import build_lm_run
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_cfg):
-    cfg = build_lm_run(tmp_path_factory.mktemp("explain") / "run", tiny_model_cfg, with_index=False)
-    return cfg
+    """A run of its own copy of the tiny model, which a test changes in place (and restores)."""
+    folder = tmp_path_factory.mktemp("explain")
+    weights = shutil.copy(tiny_model_cfg.weights, folder / "model.safetensors")
+    return build_lm_run(folder / "run", dataclasses.replace(tiny_model_cfg, weights=str(weights)), with_index=False)
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +146,29 @@ def test_arguments_of_the_wrong_type_or_outside_the_vocabulary(explainer):
     with pytest.raises(ConfigError, match=r"^ids\[0\] is 1.5 \(float\); it must be an integer"):
         explainer.explain_tokens([1.5])
     assert [t.pos for t in explainer.explain_tokens(np.array([10, 50256]))] == [0, 1]
+def test_a_model_changed_in_place_is_refused(run, capsys):
+    """Issue 17 item 5: the run's weights file changed in place (same size): no stage skips as finished, `ne
+    explain` never runs the changed model against the old maxima, and `ne status` names the file."""
+    import safetensors.torch
+
+    from ne.rundir.stages import Stage, describe_status
+
+    weights = Path(run.model.weights)
+    intact = weights.read_bytes()
+    state = safetensors.torch.load(intact)
+    state["blocks.0.mlp.W_in"] = state["blocks.0.mlp.W_in"] * 1.5
+    try:
+        weights.write_bytes(safetensors.torch.save(state))
+        changed = rf"{weights} \(its content differs from when it was read\): an input of stage 'weights' of .* changed"
+        with pytest.raises(DataError, match=changed + r" since it ran. Redo 'weights' and everything after it .* with "
+                                                      r"`ne harvest --config CONFIG --force weights`, or restore"):
+            Stage(RunDir(run.run_dir), "weights", run).needed()  # what `ne run` asks before skipping it
+        with pytest.raises(DataError, match=changed):
+            Explainer.load(run.run_dir)
+        assert main(["explain", run.run_dir, "--text", "The for statement"]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+        status = describe_status(RunDir(run.run_dir))
+        assert "weights             changed" in status and "maxima              changed" in status
+    finally:
+        weights.write_bytes(intact)
+    assert Explainer.load(run.run_dir).explain("The for statement")  # the same bytes again: usable

@@ -30,7 +30,17 @@ def mask_token_id(model: MLPModel, mask_token: int | None = None) -> int:
         raise ConfigError(
             f"{model.name} has no pad or EOS token to mask with; set importance.mask_token to a neutral token id"
         )
+    tokenizer = getattr(model, "tokenizer", None)
+    if mask_token is not None and tokenizer is not None:
+        check_mask_token(mask_token, len(tokenizer), model.name)
     return int(token)
+
+
+def check_mask_token(mask_token: int | None, vocab_size: int, model_name: str) -> None:
+    """importance.mask_token, when set, must be a token id of the model's tokenizer."""
+    if mask_token is not None and not 0 <= mask_token < vocab_size:
+        raise ConfigError(f"importance.mask_token is {mask_token} but the tokenizer of {model_name} has token ids "
+                          f"0..{vocab_size - 1}; give a neutral token of it, or null for its pad (or EOS) token")
 
 
 @torch.inference_mode()

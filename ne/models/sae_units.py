@@ -54,17 +54,12 @@ def load_sae(path: str):
     return sae.eval()
 
 
-def sae_fingerprint(path: str) -> dict:
-    """Size and hash of an SAE directory's files: a rerun notices an SAE replaced under the same path."""
-    import hashlib
-
+def sae_files(path: str) -> list[str]:
+    """The files of an SAE directory that its latents depend on (stage "sae" records them as its inputs, so a
+    rerun notices an SAE replaced under the same path)."""
     fs, root = fsspec.core.url_to_fs(path)
-    out = {}
-    for name in ("cfg.json", "sae_weights.safetensors"):
-        if fs.exists(f"{root}/{name}"):
-            with fs.open(f"{root}/{name}", "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()[:32]
-    return out
+    return [f"{path.rstrip('/')}/{name}" for name in ("cfg.json", "sae_weights.safetensors")
+            if fs.exists(f"{root}/{name}")]
 
 
 def hook_layer(hook: str) -> int:

@@ -7,13 +7,17 @@ small LRU cache, so neighbouring neurons and repeated visits cost no second deco
 it is asked for: building a `RunData` touches no file.
 
 Only the outputs of finished stages are read (`ne.rundir.stages.state_of`): a stage left stale by redoing one
-upstream of it is shown as missing, with what to run. Every problem a user can cause (a wrong path, a run
-whose harvest has not finished, a damaged file) comes out as a `DataError` whose message says what is
-wrong and what to run; the app shows it in the page.
+upstream of it is shown as missing, with what to run. Everything kept between reads (footers, row groups,
+neuron lists) is keyed by the version of the stage that wrote it (`ne.rundir.stages.version`), so a stage redone
+while a viewer is open is seen on the next read. A read that fails because a stage was redone meanwhile
+says so, and a reader that must see one version throughout (`ne explain`) `pin`s it. Every problem a user
+can cause (a wrong path, a run whose harvest has not finished, a damaged file) comes out as a `DataError`
+whose message says what is wrong and what to run; the app shows it in the page.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -28,7 +32,7 @@ import pyarrow.parquet as pq
 from ne import schema
 from ne.config import RunConfig, from_dict
 from ne.errors import DataError, NeError
-from ne.rundir.stages import GRAPH, redo_command, state_of
+from ne.rundir.stages import GRAPH, LM_STAGES, config_as_run, owner_of, redo_command, state_of, version
 from ne.rundir.store import RunDir, file_records
 
 log = logging.getLogger(__name__)
@@ -40,16 +44,15 @@ _CACHE_BYTES = 256 * 2**20
 class SortedParts:
     """The Parquet parts of one folder, read by key through row-group statistics."""
 
-    def __init__(self, run: RunDir, folder: str, key: str, cache: _RowGroupCache):
-        self.run, self.folder, self.key, self.cache = run, folder, key, cache
+    def __init__(self, run: RunDir, folder: str, key: str, cache: _RowGroupCache, version: str | None = None):
+        self.run, self.folder, self.key, self.cache, self.version = run, folder, key, cache, version
         records = file_records(run.manifest())  # read once: each part is verified against its record
         self.groups: list[tuple[str, pq.FileMetaData, int, int, int]] = []
         """(run-relative path, footer, row group, min key, max key), one per row group of every part."""
-        for name in run.ls(folder, suffix=".parquet"):
-            rel = f"{folder}/{name}"
+        for rel in run.parts(folder):
             record = records.get(rel)
             if record is not None:
-                run.verify(rel, record)
+                run.verify(rel, record, deep=False)  # size and footer; row groups are read with page checksums
             meta = run.read_footer(rel)
             for i in range(meta.num_row_groups):
                 lo, hi = _key_range(meta.row_group(i), key)
@@ -62,7 +65,8 @@ class SortedParts:
         for path, meta, i, lo, hi in self.groups:
             if not len(wanted) or not _overlaps(wanted, lo, hi):
                 continue
-            table = self.cache.get((path, i), lambda path=path, meta=meta, i=i: self.run.read_row_group(path, meta, i))
+            table = self.cache.get((path, self.version, i),
+                                   lambda path=path, meta=meta, i=i: self.run.read_row_group(path, meta, i))
             mask = pc.is_in(table.column(self.key), value_set=pa.array(wanted, type=table.schema.field(self.key).type))
             rows = table.filter(mask)
             pieces.append(rows.select(columns) if columns else rows)
@@ -199,8 +203,9 @@ class RunData:
         self.run = RunDir(self.url)
         self.cache = _RowGroupCache(cache_bytes)
         self._parts: dict[tuple[str, int | None], SortedParts] = {}
-        self._neurons: dict[int, np.ndarray] = {}
+        self._neurons: dict[int, tuple[str | None, np.ndarray]] = {}
         self._lock = threading.Lock()
+        self._pinned: dict[str, str | None] | None = None
 
     # --- the run as a whole -----------------------------------------------------------------------------
 
@@ -209,8 +214,51 @@ class RunData:
 
     def ready(self, stage: str, manifest: dict | None = None) -> bool:
         """True when `stage` finished and nothing upstream of it was redone since: its outputs may be read.
-        `manifest`: one already read (a page reads it once, not once per table)."""
-        return state_of(manifest if manifest is not None else self.manifest(), stage)[0] == "done"
+        `manifest`: one already read (a page reads it once, not once per table). Pinned, a stage redone
+        since `pin` is an error, and one finished since is not ready."""
+        m = manifest if manifest is not None else self.manifest()
+        now = version(m, stage)
+        if self._pinned is not None:
+            if self._pinned.get(stage) is None:
+                return False
+            if now != self._pinned[stage]:
+                raise self._redone(stage, m)
+        return now is not None
+
+    def versions(self, manifest: dict | None = None) -> tuple:
+        """The version of every stage (`ne.rundir.stages.version`): a key for anything a caller keeps of this run."""
+        m = manifest if manifest is not None else self.manifest()
+        return tuple(version(m, name) for name in LM_STAGES)
+
+    def pin(self) -> None:
+        """Read the run as it is now from here on: a stage redone meanwhile makes every later read an error
+        (`check_unchanged`), never an answer mixing two versions."""
+        m = self.manifest()
+        self._pinned = {name: version(m, name) for name in LM_STAGES}
+
+    def check_unchanged(self, since: dict | None = None) -> None:
+        """An error when a stage finished in manifest `since` (default: the pinned versions) was redone."""
+        m = self.manifest()
+        then = self._pinned if since is None else {name: version(since, name) for name in LM_STAGES}
+        for name, was in (then or {}).items():
+            if was is not None and version(m, name) != was:
+                raise self._redone(name, m)
+
+    @contextlib.contextmanager
+    def _reading(self, m: dict):
+        """Reads of the stages as manifest `m` has them: a read that fails because a stage was redone meanwhile
+        (a part missing, or replaced under a cached footer) is reported as that."""
+        try:
+            yield
+        except DataError:
+            self.check_unchanged(m)
+            raise
+
+    def _redone(self, stage: str, m: dict) -> DataError:
+        state, _ = state_of(m, stage)
+        again = "read it again" if state == "done" else f"read it again once {redo_command(stage, False)} has finished"
+        return DataError(f"stage '{stage}' of {self.url} was redone while this reader used it (it is now {state}); "
+                         f"{again}")
 
     def status(self) -> RunStatus:
         try:
@@ -243,18 +291,17 @@ class RunData:
             )
         return RunStatus(kind, errors, warnings)
 
-    def config(self) -> RunConfig:
-        """The config the run was made with (defaults where the manifest has none)."""
-        raw = self.manifest().get("config")
-        if not raw:
-            return RunConfig(run_dir=self.url)
+    def config(self, manifest: dict | None = None) -> RunConfig:
+        """The config the run was made with: each setting as the stage that made what is read ran with it
+        (`ne.rundir.stages.config_as_run`). A manifest without one, or with one not understood, is an error."""
+        raw = config_as_run(manifest if manifest is not None else self.manifest(), self.url)
         try:
             cfg = from_dict(RunConfig, raw)
-            cfg.run_dir = self.url  # where the run is read now, wherever it was written from
-            return cfg
         except NeError as exc:
-            log.warning("manifest config of %s not understood (%s); using defaults", self.url, exc)
-            return RunConfig(run_dir=self.url)
+            raise DataError(f"the config in {self.run.path('manifest.json')} is not understood ({exc}); restore the "
+                            "manifest, or redo the run") from None
+        cfg.run_dir = self.url  # where the run is read now, wherever it was written from
+        return cfg
 
     def model_info(self) -> dict:
         """What the harvest recorded about the model: n_layers, d_mlp, bos_token_id, pad_token_id."""
@@ -265,21 +312,26 @@ class RunData:
 
     def neurons(self, layer: int) -> np.ndarray:
         """Sorted ids of the neurons of `layer` that have examples (reads one int column)."""
+        m = self.manifest()
+        now = version(m, "examples")
         with self._lock:
-            if layer in self._neurons:
-                return self._neurons[layer]
-        ids = np.unique(self._sorted(schema.EXAMPLES_DIR, layer, "neuron").column("neuron"))
+            if layer in self._neurons and self._neurons[layer][0] == now:
+                return self._neurons[layer][1]
+        with self._reading(m):
+            ids = np.unique(self._sorted(schema.EXAMPLES_DIR, layer, "neuron", m).column("neuron"))
         with self._lock:
-            self._neurons[layer] = ids
+            self._neurons[layer] = (now, ids)
         return ids
 
-    def _sorted(self, kind: str, layer: int | None, key: str) -> SortedParts:
+    def _sorted(self, kind: str, layer: int | None, key: str, manifest: dict) -> SortedParts:
+        """The parts of one folder, kept while the stage that wrote them is not redone."""
         name = (kind, layer)
+        folder = kind if layer is None else schema.layer_dir(kind, layer)
+        now = version(manifest, owner_of(folder) or "")
         with self._lock:
             parts = self._parts.get(name)
-        if parts is None:
-            folder = kind if layer is None else schema.layer_dir(kind, layer)
-            parts = SortedParts(self.run, folder, key, self.cache)
+        if parts is None or parts.version != now:
+            parts = SortedParts(self.run, folder, key, self.cache, now)
             with self._lock:
                 self._parts[name] = parts
         return parts
@@ -287,19 +339,25 @@ class RunData:
     # --- one neuron ---------------------------------------------------------------------------------------
 
     def neuron(self, layer: int, neuron: int) -> NeuronData:
-        """Everything the neuron page shows, read from the neuron's own rows."""
+        """Everything the neuron page shows, read from the neuron's own rows, all of one version of the run."""
         m = self.manifest()
         if not self.ready("examples", m):
             state, why = state_of(m, "examples")
             raise DataError(f"the examples of {self.url} are {state}{why}; run {redo_command('examples', False)}")
         if layer not in self.layers():
             raise DataError(f"layer {layer} is not in {self.url}; it has layers {self.layers()}")
-        rows = self._sorted(schema.EXAMPLES_DIR, layer, "neuron").read([neuron])
+        with self._reading(m):
+            data = self._neuron(layer, neuron, m)
+        self.check_unchanged(m)
+        return data
+
+    def _neuron(self, layer: int, neuron: int, m: dict) -> NeuronData:
+        rows = self._sorted(schema.EXAMPLES_DIR, layer, "neuron", m).read([neuron])
         data = NeuronData(layer, neuron, [], max_act=self._max_act(layer, neuron, m))
         if rows.num_rows == 0:
             return data
         rows = rows.sort_by("rank").to_pydict()
-        tokens = self.tokens(rows["ctx_id"])
+        tokens = self.tokens(rows["ctx_id"], m)
         for i, rank in enumerate(rows["rank"]):
             ctx = rows["ctx_id"][i]
             if ctx not in tokens:
@@ -312,14 +370,15 @@ class RunData:
                         np.asarray(rows["window"][i], np.float32), tokens[ctx])
             )
         if self.ready("cluster", m):
-            self._add_clusters(data)
-            self._add_dendrogram(data)
+            self._add_clusters(data, m)
+            self._add_dendrogram(data, m)
             data.metrics = self.metrics(layer, neuron, m)
         data.importance = self.precomputed_importance(layer, neuron, m)
         return data
 
-    def tokens(self, ctx_ids: Iterable[int]) -> dict[int, np.ndarray]:
-        table = self._sorted(schema.CONTEXTS_DIR, None, "ctx_id").read(ctx_ids, ["ctx_id", "tokens"])
+    def tokens(self, ctx_ids: Iterable[int], manifest: dict | None = None) -> dict[int, np.ndarray]:
+        m = manifest if manifest is not None else self.manifest()
+        table = self._sorted(schema.CONTEXTS_DIR, None, "ctx_id", m).read(ctx_ids, ["ctx_id", "tokens"])
         if table.num_rows == 0:
             return {}
         return {c: np.asarray(t, np.int64) for c, t in zip(table.column("ctx_id").to_pylist(),
@@ -331,16 +390,16 @@ class RunData:
         table = self._read_small(schema.MAXIMA, [("layer", "=", layer), ("neuron", "=", neuron)])
         return float(table.column(2)[0].as_py()) if table.num_rows else None  # max_act, or min_act
 
-    def _add_clusters(self, data: NeuronData) -> None:
-        table = self._sorted(schema.CLUSTERS_DIR, data.layer, "neuron").read([data.neuron]).to_pydict()
+    def _add_clusters(self, data: NeuronData, m: dict) -> None:
+        table = self._sorted(schema.CLUSTERS_DIR, data.layer, "neuron", m).read([data.neuron]).to_pydict()
         by_rank = {r: i for i, r in enumerate(table.get("rank", []))}
         for e in data.examples:
             i = by_rank.get(e.rank)
             if i is not None:
                 e.cluster, e.is_central, e.outlier = table["cluster"][i], table["is_central"][i], table["outlier"][i]
 
-    def _add_dendrogram(self, data: NeuronData) -> None:
-        table = self._sorted(schema.DENDROGRAMS_DIR, data.layer, "neuron").read([data.neuron]).to_pydict()
+    def _add_dendrogram(self, data: NeuronData, m: dict) -> None:
+        table = self._sorted(schema.DENDROGRAMS_DIR, data.layer, "neuron", m).read([data.neuron]).to_pydict()
         if table.get("linkage"):
             data.linkage = np.asarray(table["linkage"][0], np.float64).reshape(-1, 4)
             data.threshold = float(table["threshold"][0])
@@ -353,25 +412,32 @@ class RunData:
 
     def metrics_table(self) -> pa.Table:
         """Every neuron's metrics (one small row each), for the sortable neuron table."""
-        if not self.ready("cluster"):
-            state, why = state_of(self.manifest(), "cluster")
+        m = self.manifest()
+        if not self.ready("cluster", m):
+            state, why = state_of(m, "cluster")
             raise DataError(f"the clusters of {self.url} are {state}{why}; run {redo_command('cluster', False)} to "
                             "get polysemy metrics")
-        return self._read_small(schema.METRICS)
+        with self._reading(m):
+            return self._read_small(schema.METRICS)
 
     def precomputed_importance(self, layer: int, neuron: int,
                                manifest: dict | None = None) -> dict[int, tuple[int, np.ndarray]]:
-        if not (self.ready("importance", manifest) and self.run.exists(schema.layer_dir(schema.IMPORTANCE_DIR, layer))):
+        m = manifest if manifest is not None else self.manifest()
+        if not (self.ready("importance", m) and self.run.exists(schema.layer_dir(schema.IMPORTANCE_DIR, layer))):
             return {}
-        table = self._sorted(schema.IMPORTANCE_DIR, layer, "neuron").read([neuron]).to_pydict()
+        table = self._sorted(schema.IMPORTANCE_DIR, layer, "neuron", m).read([neuron]).to_pydict()
         return {r: (s, np.asarray(v, np.float32))
                 for r, s, v in zip(table.get("rank", []), table.get("start", []), table.get("importance", []))}
 
     def centroids(self, layer: int, neuron: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(cluster ids, sizes, unit vectors [C, d]) of a neuron's feature clusters; empty without clusters."""
-        if not self.ready("cluster"):
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        table = self._sorted(schema.CENTROIDS_DIR, layer, "neuron").read([neuron]).to_pydict()
+        """(cluster ids, sizes, unit vectors [C, d]) of a neuron's feature clusters (empty for a neuron without
+        examples); an error when the run's clusters are not finished."""
+        m = self.manifest()
+        if not self.ready("cluster", m):
+            state, why = state_of(m, "cluster")
+            raise DataError(f"the clusters of {self.url} are {state}{why}; run {redo_command('cluster', False)}")
+        with self._reading(m):
+            table = self._sorted(schema.CENTROIDS_DIR, layer, "neuron", m).read([neuron]).to_pydict()
         if not table.get("cluster"):
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
         order = np.argsort(table["cluster"])
@@ -379,13 +445,9 @@ class RunData:
         return np.asarray(table["cluster"])[order], np.asarray(table["size"])[order], vectors
 
     def central_example(self, layer: int, neuron: int, cluster: int) -> Example | None:
-        """The central example of one feature cluster (for the similar-features list)."""
-        try:
-            data = self.neuron(layer, neuron)
-        except DataError as exc:
-            log.warning("similar feature L%s N%s unreadable: %s", layer, neuron, exc)
-            return None
-        members = data.clusters().get(cluster, [])
+        """The central example of one feature cluster (None when the neuron has no such cluster); a damaged or
+        missing file is an error naming it, as for the neuron itself."""
+        members = self.neuron(layer, neuron).clusters().get(cluster, [])
         return members[0] if members else None
 
     def _read_small(self, rel: str, filters=None, columns=None) -> pa.Table:

@@ -1,10 +1,15 @@
 """The run directory: atomic, checksummed writes under any fsspec path; the manifest; the writer's lock.
 
 Every file is written to a temporary name and renamed, so a reader never sees a partial file and an
-interrupted job leaves nothing that looks finished. Parquet pages carry CRC checksums, verified on every
-read, and the manifest keeps a record (size and hash) of every output file, so a flipped bit, a truncated
-part or a missing file is an error that names the file and the stage to redo, never a silently wrong
-result. Only the driver process that holds the run's lock writes the manifest.
+interrupted job leaves nothing that looks finished. The manifest keeps a record of every output file: its
+size and a hash of all its bytes, taken in chunks (`CHUNK`) and streamed. Parquet pages carry CRC
+checksums, verified on every read; other files are checked against their record when read, whole or by
+byte range (only the chunks a range touches). So a flipped bit, a truncated part or a missing file is an
+error that names the file and the stage to redo, never a silently wrong result. Only the driver process
+that holds the run's lock writes the manifest; the lock refuses a folder that is neither empty nor a run.
+
+Inputs from outside the run (corpus files, model weights, an SAE) get a record too (`input_record`): size,
+modification time and a content hash, so a file changed in place is noticed.
 """
 
 from __future__ import annotations
@@ -37,13 +42,25 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 MANIFEST_FORMAT = 2
 STATUSES = ("running", "done", "stale")
-FULL_HASH_MAX = 64 * 2**20
-"""Files up to this size are hashed whole; larger ones by their first and last MiB (Parquet: by the footer,
-whose page checksums cover the rest). `benchmarks/integrity.py` measures both."""
+CHUNK = 4 * 2**20
+"""Files are hashed in chunks of this many bytes, streamed. A file's hash is the hash of its chunks' hashes;
+the record of a non-Parquet file of more than one chunk keeps every chunk's hash, so that a byte range is
+verified by reading only the chunks it touches. `benchmarks/integrity.py` measures the costs."""
+CHUNK_HEX = 16
+"""Hex digits kept per chunk hash (64 bits: enough to tell damage, which is all a record is for)."""
 ENDS = 2**20
+"""Records written before chunked hashes (`hashed`: `full`, `footer`, `ends`) are still checked as written."""
 
 _held: dict[str, int] = {}
 """Run directories whose lock this process holds, with the depth of nested `lock()` calls."""
+_verified: set[tuple] = set()
+"""(path, hash, size, modification time) of every file this process hashed whole and found intact: each
+file is hashed once per process, however many stages check it."""
+_verified_chunks: set[tuple] = set()
+"""(path, file hash, chunk) of every chunk this process read by range and found intact: read again, a range
+of verified chunks is read alone."""
+_input_hashes: dict[tuple, str] = {}
+"""(url, size, modification time): content hash of the inputs this process hashed."""
 
 
 class RunDir:
@@ -87,6 +104,16 @@ class RunDir:
         if self.fs.exists(self.root) and not self.fs.isdir(self.root):
             raise ConfigError(f"run_dir {self.url!r} is a file; give the path of a directory (new or a run's)")
 
+    def check_is_run_or_empty(self) -> None:
+        """A folder that holds files but no manifest is not a run: ne writes into it never, as a stage's
+        outputs there could be someone's folders of the same name."""
+        if not self.fs.exists(self.root) or self.exists(MANIFEST):
+            return
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
+        if any(n != LOCK and ".tmp-" not in n for n in names):
+            raise ConfigError(f"run_dir {self.url!r} is not empty and holds no manifest.json, so it is not a run of "
+                              "ne; pick an empty or new folder for the run")
+
     # --- writing and reading ----------------------------------------------------------------------------
 
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -115,12 +142,14 @@ class RunDir:
         self.write_bytes(rel, buf.getvalue())
 
     def read_parquet(self, rel: str, columns: list[str] | None = None, filters=None) -> pa.Table:
-        """A file or a folder of Parquet parts, page checksums verified; damage is a DataError naming the file."""
+        """A file or a folder of Parquet parts, page checksums verified; damage is a DataError naming the file.
+        A folder of a finished stage must hold exactly the parts the manifest records (`parts`)."""
         path = self.path(rel)
         if not self.fs.exists(path):
             raise DataError(f"{self.url}: {rel} is missing; {redo_hint(rel)}")
         try:
             if self.fs.isdir(path):
+                self.parts(rel)
                 return pq.read_table(path, columns=columns, filters=filters, filesystem=self.fs,
                                      page_checksum_verification=True)
             with self.fs.open(path, "rb") as f:
@@ -148,28 +177,76 @@ class RunDir:
         except (OSError, pa.ArrowException) as exc:
             raise self._damaged(rel, exc) from None
 
+    def parts(self, rel: str) -> list[str]:
+        """Run-relative paths of the Parquet parts in folder `rel`. When the manifest records files under it
+        (its stage finished), a recorded part that is missing, or a part it does not record, is an error
+        naming the file: a folder read never silently skips or adds rows."""
+        from ne.rundir.stages import owner_of
+
+        found = [f"{rel}/{name}" for name in self.ls(rel, suffix=".parquet")]
+        entry = self.manifest()["stages"].get(owner_of(rel) or "", {})
+        if entry.get("status") != "done":  # half-done work (or none of a stage's): what is there
+            return found
+        recorded = sorted(r for r in entry.get("files", {}) if r.startswith(rel.rstrip("/") + "/")
+                          and r.endswith(".parquet"))
+        if not recorded:
+            return found
+        for part in recorded:
+            if part not in found:
+                raise DataError(f"{self.path(part)} is missing; {redo_hint(part)}")
+        extra = sorted(set(found) - set(recorded))
+        if extra:
+            raise DataError(f"{self.path(extra[0])} is not a file of this run (the manifest does not record it); "
+                            f"move it out of {self.url}, or {redo_hint(extra[0])}")
+        return recorded
+
     def read_bytes(self, rel: str) -> bytes:
-        """A whole file, checked against the manifest's record of it when there is one (no extra read)."""
+        """A whole file, checked against the manifest's record of it when there is one (hashed from memory)."""
         try:
             with self.fs.open(self.path(rel), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             raise DataError(f"{self.url}: {rel} is missing; {redo_hint(rel)}") from None
         record = self.record_of(rel)
-        if record is not None and record != bytes_record(data, rel, record.get("hashed")):
-            raise DataError(f"{self.path(rel)} is corrupt (it differs from the manifest's record of it); "
-                            f"{redo_hint(rel)}")
+        if record is not None:
+            self._check_size(rel, record, len(data))
+            if record.get("hashed") == "chunks":
+                self._check_chunks(rel, record, 0, _chunk_hashes(_slices(data, record["chunk"])))
+            elif record.get("hashed") and _legacy_sha(_reader(data), len(data), record["hashed"]) != record["sha256"]:
+                raise self._corrupt(rel)
         return data
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
-        """Bytes start..end-1 of a file (a batch of neurons of a weights file). Not checked against the
-        manifest's record, which covers the whole file: stages verify their inputs before reading them."""
+        """Bytes start..end-1 of a file (a batch of neurons of a weights file), checked against the manifest's
+        record when there is one: the chunks the range touches are read and each compared with its hash, once
+        per process."""
         if end <= start:  # an empty range: S3 answers an invalid Range header with the whole object
             return b""
+        record = self.record_of(rel)
         try:
-            return self.fs.cat_file(self.path(rel), start=start, end=end)
+            if record is None or record.get("hashed") != "chunks":
+                if record is not None:
+                    self.verify(rel, record)  # an older record covers the whole file only: check it whole, once
+                return self.fs.cat_file(self.path(rel), start=start, end=end)
+            size, chunk = record["size"], record["chunk"]
+            end = min(end, size)
+            if start >= end:
+                return b""
+            first = start // chunk if "chunks" in record else 0  # one chunk, or a Parquet file: read whole
+            stop = min(size, -(-end // chunk) * chunk) if "chunks" in record else size
+            keys = [(self.path(rel), record["sha256"], i) for i in range(first, -(-stop // chunk))]
+            if all(key in _verified_chunks for key in keys):
+                return self.fs.cat_file(self.path(rel), start=start, end=end)
+            data = self.fs.cat_file(self.path(rel), start=first * chunk, end=stop)
         except FileNotFoundError:
             raise DataError(f"{self.url}: {rel} is missing; {redo_hint(rel)}") from None
+        if len(data) != stop - first * chunk:
+            self._check_size(rel, record, int(self.fs.size(self.path(rel))))
+        for key, block in zip(keys, _slices(data, chunk)):
+            if key not in _verified_chunks:
+                self._check_chunks(rel, record, key[2], _chunk_hashes([block]))
+                _verified_chunks.add(key)
+        return data[start - first * chunk : end - first * chunk]
 
     def _damaged(self, rel: str, exc: Exception) -> DataError:
         """Name the damaged file itself, not just its folder (a folder read stops at the first bad part)."""
@@ -198,31 +275,84 @@ class RunDir:
     # --- file records -----------------------------------------------------------------------------------
 
     def file_record(self, rel: str) -> dict:
-        """Size and hash of a file as it is now: what the manifest keeps and `verify` compares."""
+        """Size and hash of a file as it is now, read in chunks: what the manifest keeps and `verify` compares.
+        A Parquet file's record also hashes its footer, for the quick check."""
         path = self.path(rel)
-        size = int(self.fs.size(path))
-        kind = _hash_kind(rel, size)
         with self.fs.open(path, "rb") as f:
-            if kind == "full":
-                return bytes_record(f.read(), rel, kind)
-            if kind == "footer":
-                f.seek(max(0, size - 8))
-                f.seek(max(0, size - _footer_bytes(f.read(8))))
-                return {"size": size, "hashed": kind, "sha256": _sha(f.read())}
-            head = f.read(ENDS)
-            f.seek(max(0, size - ENDS))
-            return {"size": size, "hashed": kind, "sha256": _sha(head + f.read())}
+            hashes = _chunk_hashes(iter(lambda: f.read(CHUNK), b""))
+            size = f.tell()
+            record = _record(rel, size, hashes, CHUNK)
+            if rel.endswith(".parquet"):
+                record["footer"] = _legacy_sha(_reader(f), size, "footer")
+        _verified.add((path, record["sha256"], size, _mtime(self.fs.info(path))))
+        return record
 
-    def verify(self, rel: str, record: dict) -> None:
-        """An error naming `rel` and the stage to redo when the file is missing or differs from `record`."""
-        if not self.exists(rel):
-            raise DataError(f"{self.path(rel)} is missing; {redo_hint(rel)}")
-        now = self.file_record(rel) if record.get("hashed") else {"size": int(self.fs.size(self.path(rel)))}
-        if now["size"] != record["size"]:
-            raise DataError(f"{self.path(rel)} has {now['size']} bytes where {record['size']} were written: it is "
+    def verify(self, rel: str, record: dict, deep: bool = True) -> None:
+        """An error naming `rel` and the stage to redo when the file is missing or differs from `record`.
+
+        `deep`: hash every byte (once per process and file); what `ne status` and a stage's rerun check do.
+        Otherwise only the size and a Parquet file's footer: what a stage checks of its inputs before reading
+        them, as the reads themselves verify what they use (page checksums; chunk hashes)."""
+        path = self.path(rel)
+        try:
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            raise DataError(f"{path} is missing; {redo_hint(rel)}") from None
+        self._check_size(rel, record, int(info["size"]))
+        kind = record.get("hashed")
+        if kind is None:
+            return
+        if kind != "chunks":
+            self._verify_legacy(rel, record, deep)
+            return
+        if not deep:
+            if "footer" in record:
+                with self.fs.open(path, "rb") as f:
+                    if _legacy_sha(_reader(f), record["size"], "footer") != record["footer"]:
+                        raise self._corrupt(rel)
+            return
+        key = (path, record["sha256"], record["size"], _mtime(info))
+        if key in _verified:
+            return
+        with self.fs.open(path, "rb") as f:
+            hashes = _chunk_hashes(iter(lambda: f.read(record["chunk"]), b""))
+        self._check_chunks(rel, record, 0, hashes)
+        _verified.add(key)
+
+    def _verify_legacy(self, rel: str, record: dict, deep: bool) -> None:
+        """A record of an older run: the whole file (up to 64 MiB), a Parquet footer, or a large file's ends.
+        Deep, a Parquet file's pages are read to check their checksums."""
+        path = self.path(rel)
+        with self.fs.open(path, "rb") as f:
+            if _legacy_sha(_reader(f), record["size"], record["hashed"]) != record["sha256"]:
+                raise self._corrupt(rel)
+            if deep and record["hashed"] == "footer":
+                try:
+                    parquet = pq.ParquetFile(f, page_checksum_verification=True)
+                    for i in range(parquet.num_row_groups):
+                        parquet.read_row_group(i)
+                except (OSError, pa.ArrowException) as exc:
+                    raise self._damaged(rel, exc) from None
+
+    def _check_size(self, rel: str, record: dict, size: int) -> None:
+        if size != record["size"]:
+            raise DataError(f"{self.path(rel)} has {size} bytes where {record['size']} were written: it is "
                             f"truncated or replaced; {redo_hint(rel)}")
-        if now != record:
-            raise DataError(f"{self.path(rel)} is corrupt (its hash differs from the one written); {redo_hint(rel)}")
+
+    def _check_chunks(self, rel: str, record: dict, first: int, hashes: list[str]) -> None:
+        """Compare the hashes of chunks first, first + 1, ... with the record's (the whole file's from 0)."""
+        listed = record.get("chunks")
+        for i, h in enumerate(hashes if listed is not None else (), first):
+            if i >= len(listed) or h[:CHUNK_HEX] != listed[i]:
+                chunk = record["chunk"]
+                raise self._corrupt(rel, f"in bytes {i * chunk:,}..{min(record['size'], (i + 1) * chunk) - 1:,}")
+        whole = first == 0 and (listed is None or len(hashes) == len(listed))
+        if whole and _sha("".join(hashes).encode()) != record["sha256"]:
+            raise self._corrupt(rel)
+
+    def _corrupt(self, rel: str, where: str = "") -> DataError:
+        return DataError(f"{self.path(rel)} is corrupt (its content differs from what was written{' ' * bool(where)}"
+                         f"{where}); {redo_hint(rel)}")
 
     def record_of(self, rel: str) -> dict | None:
         return file_records(self.manifest()).get(rel)
@@ -293,6 +423,7 @@ class RunDir:
     def _acquire(self, command: str) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
               "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        self.check_is_run_or_empty()
         self.fs.makedirs(self.root, exist_ok=True)
         for _ in range(2):
             if self._create_lock(json.dumps(me).encode()):
@@ -357,6 +488,10 @@ def check_manifest(m: Any, where: str) -> None:
         for rel, record in entry.get("files", {}).items():
             if not isinstance(record, dict) or not isinstance(record.get("size"), int):
                 raise bad(f"stages.{name}.files[{rel!r}] has no size")
+        if not isinstance(entry.get("fingerprint"), str):
+            raise bad(f"stages.{name} has no fingerprint")
+        if entry["status"] == "done" and not isinstance(entry.get("info"), dict):
+            raise bad(f"stages.{name} is done but has no info")
     m.setdefault("stages", stages)
 
 
@@ -373,26 +508,56 @@ def redo_hint(rel: str) -> str:
     return f"redo stage '{stage}': {redo_command(stage)}" if stage else "rerun the stage that writes it"
 
 
-def bytes_record(data: bytes, rel: str, kind: str | None = None) -> dict:
-    """The record of a file from its bytes; `kind` forces how it is hashed (as when it was recorded)."""
-    size = len(data)
-    kind = kind or _hash_kind(rel, size)
-    if kind == "footer":
-        return {"size": size, "hashed": kind, "sha256": _sha(data[max(0, size - _footer_bytes(data[-8:])):])}
-    if kind == "ends":
-        return {"size": size, "hashed": kind, "sha256": _sha(data[:ENDS] + data[max(0, size - ENDS):])}
-    return {"size": size, "hashed": "full", "sha256": _sha(data)}
+def _record(rel: str, size: int, hashes: list[str], chunk: int) -> dict:
+    """The record of a file from its chunks' hashes; every chunk's hash is kept for a non-Parquet file of
+    more than one chunk (Parquet files are read by row group, whose pages carry their own checksums)."""
+    record = {"size": size, "hashed": "chunks", "chunk": chunk, "sha256": _sha("".join(hashes).encode())}
+    if len(hashes) > 1 and not rel.endswith(".parquet"):
+        record["chunks"] = [h[:CHUNK_HEX] for h in hashes]
+    return record
 
 
-def _footer_bytes(last_8: bytes) -> int:
-    """Length of a Parquet file's footer with its 8-byte trailer (the whole trailer when it is not Parquet's)."""
-    return int.from_bytes(last_8[:4], "little") + 8 if last_8[4:] == b"PAR1" else 8
-
-
-def _hash_kind(rel: str, size: int) -> str:
+def bytes_record(data: bytes, rel: str) -> dict:
+    """The record of a file from its bytes, as `RunDir.file_record` gives it."""
+    record = _record(rel, len(data), _chunk_hashes(_slices(data, CHUNK)), CHUNK)
     if rel.endswith(".parquet"):
-        return "footer"
-    return "full" if size <= FULL_HASH_MAX else "ends"
+        record["footer"] = _legacy_sha(_reader(data), len(data), "footer")
+    return record
+
+
+def _chunk_hashes(blocks) -> list[str]:
+    return [hashlib.sha256(block).hexdigest() for block in blocks]
+
+
+def _slices(data: bytes, chunk: int):
+    view = memoryview(data)
+    return (view[i : i + chunk] for i in range(0, len(data), chunk))
+
+
+def _reader(source):
+    """read_at(offset, n) over bytes or a seekable file."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return lambda offset, n: bytes(source[offset : offset + n])
+
+    def read_at(offset: int, n: int) -> bytes:
+        source.seek(offset)
+        return source.read(n)
+
+    return read_at
+
+
+def _legacy_sha(read_at, size: int, kind: str) -> str:
+    """The hash of a file as older records took it: `full`, its ends (first and last MiB) or its Parquet
+    footer (with the 8-byte trailer; the trailer alone when the file is not Parquet). Chunked records keep
+    the footer's, for the quick check."""
+    if kind == "full":
+        return _sha(read_at(0, size))
+    if kind == "footer":
+        last_8 = read_at(max(0, size - 8), 8)
+        n = min(size, int.from_bytes(last_8[:4], "little") + 8 if last_8[4:] == b"PAR1" else 8)
+        return _sha(read_at(size - n, n))
+    tail = max(0, size - ENDS)
+    return _sha(read_at(0, min(size, ENDS)) + read_at(tail, size - tail))
 
 
 def _sha(data: bytes) -> str:
@@ -409,6 +574,50 @@ def _abandon(f) -> None:
     else:
         with contextlib.suppress(Exception):
             f.close()
+
+
+def _mtime(info: dict) -> str:
+    """A file's modification time from fsspec's `info` (local `mtime`, S3 `LastModified`, memory `created`)."""
+    return str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")
+
+
+def input_url(url: str) -> str:
+    """An input's path as the manifest keeps it: absolute for a local file, with its protocol otherwise."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return path if "file" in _protocols(fs) else fs.unstrip_protocol(path)
+
+
+def input_record(url: str) -> dict:
+    """Path, size, modification time and content hash of a file from outside the run (the hash streamed, and
+    taken once per process for a file whose size and time are unchanged)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    key = (url, int(info["size"]), _mtime(info))
+    if key not in _input_hashes:
+        with fs.open(path, "rb") as f:
+            _input_hashes[key] = _sha("".join(_chunk_hashes(iter(lambda: f.read(CHUNK), b""))).encode())
+    return {"path": url, "size": key[1], "mtime": key[2], "sha256": _input_hashes[key]}
+
+
+def input_change(url: str, record: dict) -> str | None:
+    """How the input now at `url` differs from its record, or None. The file the record was taken of, with the
+    same size and modification time, is taken as unchanged (as make and git do: a stat, no read); any other
+    is hashed, so a file merely touched, copied back or found at another path is not a change."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return "it is gone"
+    if int(info["size"]) != record["size"]:
+        return f"it has {int(info['size'])} bytes, {record['size']} when read"
+    if (url == record["path"] and _mtime(info) == record["mtime"]) or input_record(url)["sha256"] == record["sha256"]:
+        return None
+    return "its content differs from when it was read"
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 
 
 def _dead_here(holder: dict) -> bool:

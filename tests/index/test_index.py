@@ -127,11 +127,15 @@ def test_missing_or_corrupt_index_files(run_dir, tmp_path):
     shutil.copytree(run_dir, path)
     good = (path / "index" / "faiss.index").read_bytes()
     (path / "index" / "faiss.index").write_bytes(b"not a faiss index")
-    with pytest.raises(DataError, match=r"faiss.index is corrupt.*redo stage 'index'.*--force index"):
+    with pytest.raises(DataError, match=r"faiss.index has 17 bytes where \d+ were written: it is truncated or "
+                                        r"replaced; redo stage 'index'.*--force index"):
         SimilarFeatures.load(str(path))
     (path / "index" / "faiss.index").write_bytes(good[:200])
-    with pytest.raises(DataError, match="faiss.index is corrupt"):
+    with pytest.raises(DataError, match="faiss.index has 200 bytes where"):
         SimilarFeatures.load(str(path))  # truncated
+    (path / "index" / "faiss.index").write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    with pytest.raises(DataError, match=r"faiss.index is corrupt \(its content differs from what was written\)"):
+        SimilarFeatures.load(str(path))  # one bit flipped
     (path / "index" / "faiss.index").unlink()
     with pytest.raises(DataError, match=r"faiss.index is missing; redo stage 'index'"):
         SimilarFeatures.load(str(path))

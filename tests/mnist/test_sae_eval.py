@@ -187,3 +187,42 @@ def test_feature_clusters_use_neuron_embeddings_and_png_is_written():
     assert figure5(mlp, None, 2, test)[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match="neuron 24 does not exist"):
         figure5(mlp, sae, 24, test)
+
+
+def test_sae_eval_never_writes_over_the_runs_own_tables(tmp_path, capsys):
+    """Issue 17 item 2: `ne sae-eval --paper` without --weights evaluates the run's mnist/ into RUN/sae-eval/,
+    never over mnist/sae_eval.{md,csv}, which stage mnist_eval recorded (`ne status` stays intact); an --out
+    naming that folder is refused before anything is computed."""
+    import yaml
+
+    from ne.cli import main
+    from ne.config import to_dict
+    from ne.mnist.config import MnistDataConfig, MnistRunConfig
+    from ne.rundir.stages import Stage, describe_status
+    from ne.rundir.store import RunDir
+
+    data, weights = require_shared("mnist"), require_shared("mechmnistic")
+    run = RunDir(str(tmp_path / "run"))
+    cfg = MnistRunConfig(run_dir=run.url, data=MnistDataConfig(dir=str(data), train_subset=300, test_subset=300))
+    for name, model in (("mnist_mlp", "mlp"), ("mnist_sae_standard", "sae_standard"),
+                        ("mnist_sae_ne_loss", "sae_ne_loss"), ("mnist_eval", None)):
+        stage = Stage(run, name, cfg)  # the stages as `ne train` records them, with the authors' weights
+        stage.begin()
+        if model:
+            run.write_bytes(f"mnist/{model}.safetensors", (weights / f"{model}.safetensors").read_bytes())
+        else:
+            run.write_bytes("mnist/sae_eval.md", b"the run's table")
+            run.write_bytes("mnist/sae_eval.csv", b"the run's table")
+        stage.done()
+    config = tmp_path / "mnist.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["sae-eval", "--config", str(config), "--paper", "--set", "eval.max_examples=5"]) == 0
+    assert f"written: {run.url}/sae-eval/sae_eval.md" in capsys.readouterr().out
+    assert (tmp_path / "run" / "mnist" / "sae_eval.md").read_text() == "the run's table"
+    assert "paper ne_loss" in (tmp_path / "run" / "sae-eval" / "sae_eval.md").read_text()
+    assert "mnist_eval          done" in describe_status(run)
+    out = str(tmp_path / "run" / "mnist")
+    assert main(["sae-eval", "--config", str(config), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out} would overwrite mnist/sae_eval.md of the run " in err
+    assert "which stage 'mnist_eval' writes; give another --out (default" in err

@@ -258,6 +258,8 @@ def test_missing_h_part_during_a_forced_recluster(run_cfg):
     ('{"stages": []}', "'stages' is a list"),
     ('{"stages": {"cluster": {"status": 5}}}', "stages.cluster.status is 5"),
     ('{"stages": {"cluster": {"status": "done", "files": {"a": {}}}}}', "stages.cluster.files\\['a'\\] has no size"),
+    ('{"stages": {"cluster": {"status": "done", "info": {}}}}', "stages.cluster has no fingerprint"),  # item 22
+    ('{"stages": {"cluster": {"status": "done", "fingerprint": "0f"}}}', "stages.cluster is done but has no info"),
 ])
 def test_a_manifest_of_the_wrong_shape(run_cfg, manifest, message, capsys):
     (Path(run_cfg.run_dir) / "manifest.json").write_text(manifest)
@@ -315,3 +317,302 @@ def test_status_shows_each_stage_with_its_settings(run_cfg, capsys):
     assert "maxima              damaged" in capsys.readouterr().out
     assert main(["status", str(Path(run_cfg.run_dir) / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- never lose a user's data, never answer from changed or damaged inputs ---------------------------------
+
+
+def _config_file(cfg: RunConfig) -> str:
+    path = Path(cfg.run_dir).parent / f"{Path(cfg.run_dir).name}.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return str(path)
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_nothing_in_it_removed(tmp_path, tiny_model_cfg, capsys):
+    """Item 1: `run_dir` at a folder of the user's whose subfolders share names with stage outputs."""
+    user = tmp_path / "u"
+    for sub in ("index", "report", "notes"):
+        (user / sub).mkdir(parents=True)
+        (user / sub / "keep.txt").write_text(sub)
+    cfg = _cfg(user, tiny_model_cfg)
+    with pytest.raises(ConfigError, match=r"run_dir '.*/u' is not empty and holds no manifest.json, so it is not a "
+                                          r"run of ne; pick an empty or new folder for the run"):
+        run_harvest(cfg)
+    assert main(["run", "--config", _config_file(cfg)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert sorted(p.relative_to(user).as_posix() for p in user.rglob("*") if p.is_file()) == \
+        ["index/keep.txt", "notes/keep.txt", "report/keep.txt"]
+
+
+def test_a_stage_removes_only_what_the_manifest_records_as_its_own(run_cfg):
+    """Item 1, inside a run: a file of the user's where a stage writes is an error before anything changes, and
+    redoing a stage upstream removes only the files the stale stage recorded."""
+    run = RunDir(run_cfg.run_dir)
+    mine = Path(run_cfg.run_dir) / "report" / "mine.md"
+    mine.write_text("my notes")
+    before = run.manifest()
+    with pytest.raises(DataError, match=r"report/mine.md was not written by this run .* stage 'cluster' writes "
+                                        r"report; move it out of"):
+        run_cluster(run_cfg, force=["cluster"], in_process=True)
+    assert run.manifest()["stages"] == before["stages"] and mine.read_text() == "my notes"
+    assert (Path(run_cfg.run_dir) / "metrics.parquet").exists()
+    mine.unlink()
+    notes = Path(run_cfg.run_dir) / "index" / "notes.txt"
+    notes.write_text("mine")
+    from ne.rundir.stages import Stage
+
+    Stage(run, "cluster", run_cfg, force=["cluster"]).begin()  # what `ne cluster --force cluster` does first
+    assert notes.read_text() == "mine" and not (Path(run_cfg.run_dir) / "index" / "faiss.index").exists()
+    assert not (Path(run_cfg.run_dir) / "clusters").exists()  # the stage's own outputs: recorded, so removed
+
+
+def test_checks_run_before_a_forced_stage_removes_anything(run_cfg):
+    """Item 3: settings that fail only once the work starts are checked before the finished result is removed."""
+    import torch
+
+    run = RunDir(run_cfg.run_dir)
+    before = run.manifest()["stages"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="cluster.use_gpu is true but this machine has no CUDA GPU"):
+            run_cluster(_with(run_cfg, **{"cluster.use_gpu": True}), force=["cluster"], in_process=True)
+    from jobs.importance import run_importance
+
+    with pytest.raises(ConfigError, match=r"importance.mask_token is 99999999 but the tokenizer of tiny-gpt2 has "
+                                          r"token ids 0..50256"):
+        run_importance(_with(run_cfg, **{"importance.mask_token": 99999999}), force=["importance"])
+    assert run.manifest()["stages"] == before
+    assert (Path(run_cfg.run_dir) / "metrics.parquet").exists() and run.ls("clusters", "layer=0")
+
+
+def test_a_changed_corpus_file_is_noticed(tmp_path, tiny_model_cfg):
+    """Item 4: the contexts stage records its corpus files (size, time, hash); a rerun after one changed is an
+    error naming it, one merely touched or copied back is not, and `ne status` says `changed`."""
+    from pydoc_data.topics import topics
+
+    from ne.data import write_contexts
+    from ne.models import load_model
+    from ne.rundir.stages import describe_status
+
+    (tmp_path / "corpus").mkdir()
+    a = tmp_path / "corpus" / "a.txt"
+    a.write_text(topics["for"])
+    cfg = _cfg(tmp_path / "run", tiny_model_cfg)
+    cfg.data = DataConfig(source="files", paths=[str(tmp_path / "corpus" / "*.txt")], n_ctx=32, max_contexts=6,
+                          contexts_per_part=3)
+    run, model = RunDir(cfg.run_dir), load_model(tiny_model_cfg)
+    n = write_contexts(run, cfg, model)
+    a.write_text(topics["for"].replace("for", "FOR"))  # the same size: only the hash tells
+    with pytest.raises(DataError, match=rf"{a} \(its content differs from when it was read\): an input of stage "
+                                        r"'contexts' of .* changed since it ran. Redo 'contexts' and everything after "
+                                        r"it .* with `ne harvest --config CONFIG --force contexts`, or restore"):
+        write_contexts(run, cfg, model)
+    assert "contexts            changed" in describe_status(run)
+    a.write_text(topics["for"])  # the same bytes again, at a new time: not a change
+    os.utime(a, (0, 12345))
+    assert write_contexts(run, cfg, model) == n
+    (tmp_path / "corpus" / "b.txt").write_text("more")
+    with pytest.raises(DataError, match=r"b.txt \(the stage did not read it\)"):
+        write_contexts(run, cfg, model)
+
+
+def test_a_damaged_parquet_page_is_damage_for_status_and_a_rerun(run_cfg, capsys):
+    """Item 24: a flipped byte inside a data page (not the footer) of a finished part."""
+    rel = "examples/layer=0/part-00000.parquet"
+    part = Path(run_cfg.run_dir) / rel
+    _flip(part, len(part.read_bytes()) // 4)
+    assert main(["status", run_cfg.run_dir]) == 0
+    out = capsys.readouterr().out
+    assert "examples            damaged" in out and f"{rel} is corrupt" in out
+    with pytest.raises(DataError, match=rf"{rel} is corrupt .*redo stage 'examples'"):
+        run_harvest(run_cfg)  # not skipped as finished
+
+
+def test_range_reads_are_verified_by_chunk(run_cfg, monkeypatch):
+    """Item 8: a weights file read by byte range; a flipped exponent bit in neuron 200's row is an error for the
+    batches that read it, and the other batches read their rows unchanged."""
+    import json
+
+    import torch
+
+    from ne.rundir import store
+    from ne.rundir.stages import Stage
+    from ne.rundir.weights import read_layer_weights, weights_file
+
+    monkeypatch.setattr(store, "CHUNK", 4096, raising=False)  # many chunks in a small file
+    run = RunDir(run_cfg.run_dir)
+    w_in = np.random.default_rng(0).normal(size=(64, 1024)).astype(np.float32)
+    stage = Stage(run, "weights", run_cfg, force=["weights"])  # the weights stage, redone with a wider layer
+    stage.begin()
+    for layer in (0, 1):
+        run.write_bytes(schema.weights_path(layer), weights_file({"W_in": torch.from_numpy(w_in),
+                                                                 "b_in": torch.zeros(1024)}))
+    stage.done(layers=[0, 1])
+    path = Path(run.path(schema.weights_path(0)))
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    start = 8 + header + json.loads(data[8 : 8 + header])["W_in_T"]["data_offsets"][0]
+    data[start + 200 * 64 * 4 + 3] ^= 0x40  # an exponent bit of W_in[0, 200] (float32, little-endian)
+    path.write_bytes(bytes(data))
+    np.testing.assert_array_equal(read_layer_weights(run, 0, 0, 128).gate, w_in[:, :128].T)
+    with pytest.raises(DataError, match=r"weights/layer=0.safetensors is corrupt \(its content differs from what was "
+                                        r"written in bytes [\d,]+\.\.[\d,]+\); redo stage 'weights'"):
+        read_layer_weights(run, 0, 192, 256)
+    with pytest.raises(DataError, match="weights/layer=0.safetensors is corrupt"):
+        read_layer_weights(run, 0)
+
+
+def test_a_large_non_parquet_file_is_hashed_whole(run_cfg, capsys):
+    """Item 9: a byte flipped in the middle of a weights file of 66 MiB (over the 64 MiB up to which files were
+    once hashed whole; larger ones only at their ends): `ne status` and the reads notice it."""
+    import json
+
+    import torch
+
+    from ne.rundir.stages import Stage
+    from ne.rundir.weights import read_layer_weights, weights_file
+
+    run = RunDir(run_cfg.run_dir)
+    d_mlp = 66 * 2**20 // (64 * 4)
+    w_in = torch.from_numpy(np.random.default_rng(0).normal(size=(64, d_mlp)).astype(np.float32))
+    stage = Stage(run, "weights", run_cfg, force=["weights"])  # the weights stage, redone with a wide layer 0
+    stage.begin()
+    run.write_bytes(schema.weights_path(0), weights_file({"W_in": w_in, "b_in": torch.zeros(d_mlp)}))
+    run.write_bytes(schema.weights_path(1), weights_file({"W_in": w_in[:, :256], "b_in": torch.zeros(256)}))
+    stage.done(layers=[0, 1])
+    del w_in
+    path = Path(run.path(schema.weights_path(0)))
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        start = 8 + header + json.loads(f.read(header))["W_in_T"]["data_offsets"][0]
+    middle = path.stat().st_size // 2
+    with open(path, "r+b") as f:
+        f.seek(middle)
+        byte = f.read(1)[0]
+        f.seek(middle)
+        f.write(bytes([byte ^ 0x40]))
+    assert main(["status", run_cfg.run_dir]) == 0
+    out = capsys.readouterr().out
+    assert "weights             damaged" in out and "weights/layer=0.safetensors is corrupt" in out
+    neuron = (middle - start) // (64 * 4)
+    with pytest.raises(DataError, match=r"weights/layer=0.safetensors is corrupt .*redo stage 'weights'"):
+        read_layer_weights(run, 0, neuron - 10, neuron + 10)
+
+
+def test_a_deleted_contexts_part_is_an_error_for_every_reader(run_cfg, capsys):
+    """Item 11: never empty example texts or a literal None."""
+    (Path(run_cfg.run_dir) / "contexts" / "part-00002.parquet").unlink()
+    want = r"contexts/part-00002.parquet is missing; redo stage 'contexts': `ne harvest --config CONFIG --force"
+    sf = SimilarFeatures.load(run_cfg.run_dir)
+    row = sf.ids.iloc[0]
+    assert main(["similar", run_cfg.run_dir, "--layer", str(row.layer), "--neuron", str(row.neuron)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "contexts/part-00002.parquet is missing; redo stage 'contexts'" in err
+    with pytest.raises(DataError, match=want):
+        RunData(run_cfg.run_dir).neuron(0, int(RunData(run_cfg.run_dir).neurons(0)[0]))
+    assert main(["explain", run_cfg.run_dir, "--text", "The for statement is used to iterate over a sequence"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "contexts/part-00002.parquet is missing" in err
+
+
+def test_a_manifest_without_config_is_an_error(run_cfg, capsys):
+    """Item 15: never the default settings in its place."""
+    from ne.explain import Explainer
+
+    run = RunDir(run_cfg.run_dir)
+    m = run.manifest()
+    del m["config"]
+    run.write_manifest(m)
+    with pytest.raises(DataError, match=r"manifest.json has no config, so the settings the run was made with are "
+                                        r"unknown"):
+        RunData(run_cfg.run_dir).config()
+    with pytest.raises(DataError, match="has no config"):
+        Explainer.load(run_cfg.run_dir)
+    assert main(["explain", run_cfg.run_dir, "--text", "x"]) == 2
+    assert "has no config" in capsys.readouterr().err
+
+
+def test_an_explainer_racing_a_redo_of_its_clusters_stops(run_cfg):
+    """Item 10: `ne explain` while `ne cluster --force cluster` runs: an error, never units with "no clusters"."""
+    from ne.explain import Explainer
+    from ne.rundir.stages import Stage
+
+    explainer = Explainer.load(run_cfg.run_dir)
+    text = "The for statement is used to iterate over the elements of a sequence"
+    assert any(u.cluster is not None for t in explainer.explain(text) for u in t.units)
+    Stage(RunDir(run_cfg.run_dir), "cluster", run_cfg, force=["cluster"]).begin()  # the redo has started
+    with pytest.raises(DataError, match=r"stage 'cluster' of .* was redone while this reader used it \(it is now "
+                                        r"running\); read it again once `ne cluster --config CONFIG` has finished"):
+        explainer.explain(text)
+
+
+@pytest.fixture(scope="module")
+def reclustered(finished, tmp_path_factory):
+    """A copy of the finished run, open in the viewer (the app, and a `RunData`) while its clusters are redone
+    with a fixed cut at 0.2 and cluster.min_cluster_size 4 (the harvest recorded the default 2)."""
+    from types import SimpleNamespace
+
+    from streamlit.testing.v1 import AppTest
+
+    cfg = copy.deepcopy(finished)
+    cfg.run_dir = str(tmp_path_factory.mktemp("reclustered") / "run")
+    shutil.copytree(finished.run_dir, cfg.run_dir)
+    metrics = pd.read_parquet(Path(cfg.run_dir) / "metrics.parquet")
+    spread = metrics[(metrics.layer == 0) & (metrics.n_examples == metrics.n_examples.max())]
+    neuron = int(spread.sort_values("mean_dist").neuron.iloc[-1])
+    viewer = RunData(cfg.run_dir)
+    before = [e.cluster for e in viewer.neuron(0, neuron).examples]
+    app = AppTest.from_file(str(REPO / "ne" / "viewer" / "app.py"), default_timeout=60)
+    app.query_params["layer"], app.query_params["neuron"] = "0", str(neuron)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["app.py", cfg.run_dir])
+        app.run()
+    tabs = [t.label for t in app.tabs]
+    new = _with(cfg, **{"cluster.cut": "fixed", "cluster.threshold": 0.2, "cluster.min_cluster_size": 4})
+    run_cluster(new, force=["cluster"], in_process=True)
+    return SimpleNamespace(cfg=new, viewer=viewer, app=app, neuron=neuron, before=before, tabs=tabs)
+
+
+def _clusters_of(run_dir: str, layer: int, neuron: int) -> list[int]:
+    table = pd.read_parquet(Path(run_dir) / schema.layer_dir(schema.CLUSTERS_DIR, layer))
+    return table[table.neuron == neuron].sort_values("rank").cluster.tolist()
+
+
+def test_an_open_viewer_shows_the_clusters_of_a_redone_stage(reclustered):
+    """Item 7: what the viewer keeps (footers, row groups, neuron pages) is keyed by the stage's version, so a
+    reload after re-clustering shows the new clusters, and no neuron is reported "corrupt or truncated"."""
+    r = reclustered
+    now = _clusters_of(r.cfg.run_dir, 0, r.neuron)
+    assert now != r.before, "the re-clustering must change this neuron's clusters"
+    assert [e.cluster for e in r.viewer.neuron(0, r.neuron).examples] == now
+    for layer in (0, 1):
+        for neuron in r.viewer.neurons(layer)[::7]:
+            assert [e.cluster for e in r.viewer.neuron(layer, int(neuron)).examples] == \
+                _clusters_of(r.cfg.run_dir, layer, int(neuron))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["app.py", r.cfg.run_dir])
+        r.app.run()
+    assert not r.app.exception and not r.app.error
+    from ne.viewer.render import cluster_label
+
+    sizes = pd.Series(now).value_counts()
+    labels = [t.label for t in r.app.tabs]
+    assert labels != r.tabs
+    assert labels == [cluster_label(c, int(sizes[c]), bool(sizes[c] < 4)) for c in sorted(sizes.index)]
+
+
+def test_explain_takes_each_setting_from_the_stage_that_ran_with_it(reclustered):
+    """Item 6: after a re-cluster with cluster.min_cluster_size 4, `ne explain` joins only clusters of at least 4
+    examples (where a unit has one), as that clustering treats smaller ones as outliers."""
+    from ne.explain import Explainer
+
+    explainer = Explainer.load(reclustered.cfg.run_dir)
+    assert explainer.min_size == 4 and RunData(reclustered.cfg.run_dir).config().cluster.threshold == 0.2
+    sizes = {}
+    for layer in (0, 1):
+        table = pd.read_parquet(Path(reclustered.cfg.run_dir) / schema.layer_dir(schema.CENTROIDS_DIR, layer))
+        sizes.update({(layer, n): g["size"].to_numpy() for n, g in table.groupby("neuron")})
+    text = "The for statement is used to iterate over the elements"
+    units = [u for t in explainer.explain(text, top=1000) for u in t.units if u.cluster is not None]
+    with_small = [u for u in units if (sizes[u.layer, u.neuron] >= 4).any() and (sizes[u.layer, u.neuron] < 4).any()]
+    assert len(with_small) >= 5, "units with clusters on both sides of the minimum"
+    assert all(u.cluster_size >= 4 for u in units if (sizes[u.layer, u.neuron] >= 4).any())

@@ -253,10 +253,15 @@ def test_app_says_a_negative_neuron_does_not_exist(lm_run, monkeypatch):
 
 
 def _break_model(lm_run, tmp_path, **model_fields) -> str:
+    """A copy of the run made with model files that are gone now: the config and every stage's settings name
+    them (readers take each setting from the stage that ran with it)."""
     run = tmp_path / "run"
     shutil.copytree(lm_run, run)
     manifest = RunDir(str(run)).manifest()
     manifest["config"]["model"].update(model_fields)
+    for entry in manifest["stages"].values():
+        entry["settings"].update({f"model.{k}": v for k, v in model_fields.items()
+                                  if f"model.{k}" in entry["settings"]})
     RunDir(str(run)).write_json("manifest.json", manifest)
     return str(run)
 
@@ -277,6 +282,37 @@ def test_app_decodes_without_the_weights_and_says_importance_needs_them(lm_run, 
     at.toggle(key="importance").set_value(True).run()
     assert not at.exception
     assert "needs the run's model, which could not be loaded" in _texts(at)
+
+
+def test_app_names_the_mask_token_the_importance_stage_ran_with(lm_run, tmp_path, tiny_model_cfg, monkeypatch):
+    """Issue 17 item 6: `ne importance --set importance.mask_token=100 --force importance` (here its stage, run in
+    this process): the viewer says token 100 was the mask, not the pad token of the config the harvest recorded."""
+    from jobs.importance import importance_table
+    from ne.models import load_model
+    from ne.rundir.stages import Stage
+    from ne.schema import NeuronBatch
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(lm_run, run_dir)
+    data, run = RunData(str(run_dir)), RunDir(str(run_dir))
+    cfg = data.config()
+    cfg.importance.mask_token = 100
+    stage = Stage(run, "importance", cfg, force=["importance"])
+    stage.begin()
+    neuron = int(data.neurons(0)[0])
+    batch = NeuronBatch(0, 0, (neuron,))
+    run.write_parquet(batch.file(schema.IMPORTANCE_DIR), importance_table(data, load_model(tiny_model_cfg), batch,
+                                                                        100, cfg.importance.window_before))
+    stage.done(neurons={"0": 1})
+    assert RunData(str(run_dir)).config().importance.mask_token == 100
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setattr(sys, "argv", ["app.py", str(run_dir)])
+    at = AppTest.from_file(str(REPO / "ne" / "viewer" / "app.py"), default_timeout=60)
+    at.query_params["layer"], at.query_params["neuron"] = "0", str(neuron)
+    at.run()
+    assert not at.exception
+    assert at.toggle(key="importance").help.endswith("masking one earlier token at a time with token 100")
 
 
 def test_app_history_back_forward_and_random(lm_run, monkeypatch):
