@@ -28,13 +28,14 @@ from jobs.ray_utils import check_resources, init_ray, model_actor_options, run_o
 from ne import schema
 from ne.compute import harvest
 from ne.config import HarvestConfig, RunConfig, to_dict
-from ne.data import context_parts, read_contexts, write_contexts
 from ne.errors import ConfigError, DataError
 from ne.models import MLPModel, load_model, load_units, sae_path, units_on
 from ne.models.sae_units import check_reachable
 from ne.residual_sae import SAE_DIR, saelens_files, sample_activations, train_sae
+from ne.rundir.contexts import context_parts, read_contexts, write_contexts
+from ne.rundir.graph import HARVEST
 from ne.rundir.maxima import signed_extremes
-from ne.rundir.stages import HARVEST, Stage, check_force
+from ne.rundir.stages import Stage, check_force
 from ne.rundir.store import RunDir
 from ne.rundir.weights import weights_file
 

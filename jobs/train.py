@@ -30,7 +30,8 @@ from ne.mnist import model as mnist_model
 from ne.mnist.config import MnistRunConfig
 from ne.mnist.eval import SAEMetrics, evaluate_dir, write_tables
 from ne.rundir import store
-from ne.rundir.stages import MNIST_STAGES, Stage, check_force
+from ne.rundir.graph import MNIST_STAGES
+from ne.rundir.stages import Stage, check_force
 from ne.rundir.store import RunDir, fingerprint
 
 SAE_KINDS = ("standard", "ne_loss")

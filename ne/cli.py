@@ -12,8 +12,10 @@ import os
 import sys
 
 from ne.errors import ConfigError, NeError
+from ne.rundir.graph import stages_of
 
-RUN_STAGES = ("contexts", "weights", "maxima", "examples", "cluster", "index")
+RUN_COMMANDS = ("ne harvest", "ne cluster", "ne index")
+"""What `ne run` runs, in order; each command's stages come from the graph (`stages_of`)."""
 FIGURE_MODELS = ("mlp", "sae_standard", "sae_ne_loss")
 
 
@@ -125,14 +127,14 @@ def cmd_run(args) -> None:
     from jobs.harvest import run_harvest
     from ne import schema
     from ne.rundir.report import most_polysemantic, unit_comparison
-    from ne.rundir.stages import HARVEST, check_force
+    from ne.rundir.stages import check_force
     from ne.rundir.store import RunDir
 
     cfg = _load(args)
-    force = check_force(args.force, RUN_STAGES)
+    force = check_force(args.force, stages_of(*RUN_COMMANDS))
     run = RunDir(cfg.run_dir)
     with run.lock("ne run"):
-        print(run_harvest(cfg, force=force & set(HARVEST)).describe(), end="\n\n")
+        print(run_harvest(cfg, force=force & set(stages_of("ne harvest"))).describe(), end="\n\n")
         print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
         print(run_index(cfg, force=force & {"index"}).describe(), end="\n\n")
         table = run.read_parquet(schema.METRICS)
@@ -232,11 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     config_commands = [
-        ("run", "harvest, cluster and index in one go (the demo)", cmd_run, RUN_STAGES),
-        ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest,
-         ("contexts", "weights", "maxima", "examples")),
-        ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster, ("cluster",)),
-        ("index", "the FAISS index of similar features across neurons", cmd_index, ("index",)),
+        ("run", "harvest, cluster and index in one go (the demo)", cmd_run, stages_of(*RUN_COMMANDS)),
+        ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest, stages_of("ne harvest")),
+        ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster, stages_of("ne cluster")),
+        ("index", "the FAISS index of similar features across neurons", cmd_index, stages_of("ne index")),
     ]
     for name, help_text, func, stages in config_commands:
         p = sub.add_parser(name, help=help_text)
@@ -248,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("importance", help="precompute token importance of examples for the viewer (adds to it)")
-    _config_args(p, ("importance",))
+    _config_args(p, stages_of("ne importance"))
     p.add_argument("--layer", type=int, action="append", help="only this layer (repeatable); default all")
     p.add_argument("--neuron", type=int, action="append", help="only this neuron (repeatable); default all")
     p.set_defaults(func=cmd_importance)
@@ -272,8 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="MNIST: train the MLP and the SAEs with and without the NE loss (Ray Train)")
     _mnist_args(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="redo a finished stage (mnist_mlp, mnist_sae_standard, mnist_sae_ne_loss, mnist_eval) "
-                        "and every stage after it")
+                   help=f"redo a finished stage ({', '.join(stages_of('ne train'))}) and every stage after it")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sae-eval", help="MNIST: the paper's Tables 2 and 3 for a directory of SAE weights")

@@ -20,9 +20,9 @@ from torch import Tensor
 from ne import schema
 from ne.compute.harvest import batches
 from ne.compute.sae import SAE, SAEConfig, fit_sae
-from ne.data import iter_context_parts
 from ne.models.base import MLPModel
 from ne.models.sae_units import residual
+from ne.rundir.contexts import iter_context_parts
 from ne.rundir.store import RunDir
 
 SAE_DIR = "sae"

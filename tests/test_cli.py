@@ -8,6 +8,7 @@ import yaml
 
 from ne.cli import main
 from ne.config import RunConfig, to_dict
+from ne.errors import ConfigError
 from ne.rundir.store import RunDir
 from tests.planted import write_synthetic_run
 
@@ -67,3 +68,25 @@ def test_a_closed_output_pipe_ends_quietly(clustered, monkeypatch, capsys):
     except BrokenPipeError:
         pytest.fail("BrokenPipeError escaped main() as a traceback")
     assert code == 141 and capsys.readouterr().err == ""
+
+
+def test_each_command_forces_exactly_the_stages_the_graph_gives_it(capsys):
+    """The CLI keeps no stage list of its own: `--force` of each command accepts its stages from GRAPH (`sae`
+    included, which `ne harvest` runs) and refuses the others."""
+    from ne.cli import RUN_COMMANDS, build_parser
+    from ne.rundir.graph import GRAPH, stages_of
+
+    commands = {"run": stages_of(*RUN_COMMANDS), **{c: stages_of(f"ne {c}") for c in ("harvest", "cluster", "index",
+                                                                                      "importance", "train")}}
+    assert "sae" in commands["run"] and "sae" in commands["harvest"]
+    assert set().union(*commands.values()) == set(GRAPH)  # every stage is run by some command
+    parser = build_parser()
+    for command, stages in commands.items():
+        sub = parser._subparsers._group_actions[0].choices[command]
+        force = next(a for a in sub._actions if a.dest == "force")
+        assert all(name in force.help for name in stages), (command, force.help)
+    from ne.rundir.stages import check_force
+
+    assert check_force(["sae"], commands["run"]) == {"sae"}
+    with pytest.raises(ConfigError, match="stage 'cluster' is run by `ne cluster`"):
+        check_force(["cluster"], commands["harvest"])

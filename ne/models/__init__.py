@@ -22,7 +22,7 @@ def load_model(cfg: ModelConfig, n_devices: int = 1) -> MLPModel:
     if cfg.backend == "hf":
         from ne.models.hf import load_hf
 
-        return load_hf(cfg, device, dtype, n_devices)
+        return load_hf(cfg, load_model_tokenizer(cfg), device, dtype, n_devices)
     from ne.models import tl
 
     loader = tl.load_by_name if cfg.backend == "transformer_lens" else tl.load_safetensors_model

@@ -275,10 +275,8 @@ def _first_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def load_hf(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_devices: int = 1) -> HFModel:
+def load_hf(cfg: ModelConfig, tokenizer, device: torch.device, dtype: torch.dtype, n_devices: int = 1) -> HFModel:
     """The model on `device`, or split over the first `n_devices` GPUs by accelerate's device map."""
-    from ne.models import load_model_tokenizer
-
     path = model_path(cfg.name)
     transformers.utils.logging.disable_progress_bar()  # one bar per tensor loaded, in every worker
     if n_devices > 1:
@@ -286,5 +284,4 @@ def load_hf(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_device
         model = AutoModel.from_pretrained(path, dtype=dtype, device_map="balanced", max_memory=memory)
     else:
         model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
-    tokenizer = load_model_tokenizer(cfg)
     return HFModel(model, tokenizer, cfg.name)

@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 from ne import schema
 from ne.config import RunConfig, from_dict
 from ne.errors import DataError, NeError
-from ne.rundir.stages import GRAPH, LM_STAGES, config_as_run, owner_of, redo_command, state_of, version
+from ne.rundir.graph import GRAPH, LM_STAGES, owner_of, redo_command
+from ne.rundir.stages import config_as_run, state_of, version
 from ne.rundir.store import RunDir, file_records
 
 log = logging.getLogger(__name__)

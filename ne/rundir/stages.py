@@ -1,20 +1,8 @@
-"""The stage graph: every stage of a run, what it reads, and the one lifecycle every stage follows.
-
-```
-contexts                            the corpus, tokenised
-sae        <- contexts              an SAE trained on the corpus (a no-op unless sae.train_hook is set)
-weights    <- sae                   W_in and b_in of every harvested layer
-maxima     <- contexts, sae         pass 1: each unit's maximum
-examples   <- contexts, maxima      pass 2: each unit's dataset examples and their h
-cluster    <- examples, weights     feature clusters, centroids, metrics, the report
-index      <- cluster               FAISS index of the clusters' central examples
-importance <- examples              token importance (adds neurons run by run)
-mnist_mlp <- ; mnist_sae_standard, mnist_sae_ne_loss <- mnist_mlp ; mnist_eval <- both SAEs
-```
+"""The one lifecycle every stage of a run follows, over the stage graph `ne.rundir.graph.GRAPH`.
 
 A stage records in the manifest the settings its outputs depend on, its upstream stages' fingerprints, a
 record (size, modification time, hash) of every file from outside the run it reads (corpus files, model
-weights, an SAE: `StageDef.inputs`), the outputs it claims and a record (size, hash) of every file it wrote.
+weights, an SAE: `INPUT_FILES`), the outputs it claims and a record (size, hash) of every file it wrote.
 From these:
 - a rerun skips a finished stage, after checking every byte of its files and that its inputs are unchanged;
 - a setting changed anywhere upstream, or an input file changed since, is an error naming it and the fix;
@@ -39,34 +27,15 @@ import posixpath
 import textwrap
 import uuid
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
 from ne.errors import ConfigError, DataError, NeError
+from ne.rundir.graph import GRAPH, LM_STAGES, MNIST_STAGES, ancestors, descendants, owner_of, redo_command
 from ne.rundir.store import MANIFEST, RunDir, fingerprint, input_change, input_record, input_url
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StageDef:
-    name: str
-    command: str
-    """The `ne` command that runs the stage."""
-    upstream: tuple[str, ...] = ()
-    settings: tuple = ()
-    """Config keys the outputs depend on (`section.*`: every key of the section; `-prefix` drops the keys
-    that start with it; a function of the config gives keys that count only for some configs)."""
-    outputs: tuple[str, ...] = ()
-    """Run-relative files and folders the stage owns (`_work/...`: half-done work, never recorded)."""
-    layout: tuple[str, ...] = ()
-    """Keys that shape half-done work but not the result: an interrupted stage resumes only with the same."""
-    inputs: Callable[[Any], dict[str, str]] | None = None
-    """The files from outside the run the stage reads, as a function of the config: {key: path or URL}. The key
-    names the file by the setting that gives it (`model.name/config.json`), so a model found at another path
-    (a package installed elsewhere) is compared by its content."""
 
 
 def corpus_files(cfg: Any) -> dict[str, str]:
@@ -105,75 +74,12 @@ def sae_files(cfg: Any) -> dict[str, str]:
     return {f"sae.path/{posixpath.basename(url)}": url for url in files(cfg.sae.path)}
 
 
-MODEL_KEYS = ("model.backend", "model.name", "model.weights", "model.architecture", "model.tokenizer",
-              "model.dtype")
-GRAPH: dict[str, StageDef] = {d.name: d for d in (
-    StageDef("contexts", "ne harvest", (), ("data.*", "model.backend", "model.name", "model.tokenizer"),
-             ("contexts",), inputs=corpus_files),
-    StageDef("sae", "ne harvest", ("contexts",), ("sae.path", "sae.train_hook", lambda cfg: _sae_training(cfg)),
-             ("sae",), inputs=sae_files),
-    StageDef("weights", "ne harvest", ("sae",), (*MODEL_KEYS, "harvest.layers"), ("weights",), inputs=model_files),
-    StageDef("maxima", "ne harvest", ("contexts", "sae"),
-             (*MODEL_KEYS, "harvest.layers", "harvest.maxima_file", "harvest.direction"),
-             ("maxima.parquet", "_work/maxima"), inputs=maxima_inputs),
-    StageDef("examples", "ne harvest", ("contexts", "maxima"),
-             ("harvest.k", "harvest.frac", "harvest.window_before", "harvest.window_after", "harvest.h_dtype",
-              "harvest.direction"),
-             ("examples", "h", "_work/examples", "_work/h", "_work/kept")),
-    StageDef("cluster", "ne cluster", ("examples", "weights"),
-             ("cluster.method", "cluster.cut", "cluster.threshold", "cluster.min_separation", "cluster.min_silhouette",
-              "cluster.silhouette_tolerance", "cluster.max_clusters", "cluster.min_cluster_size",
-              "model.gated_embedding"),
-             ("clusters", "dendrograms", "centroids", "metrics.parquet", "report", "_work/cluster"),
-             layout=("cluster.neurons_per_task",)),
-    StageDef("index", "ne index", ("cluster",), ("index.*", "-index.device", "seed", "model.gated_embedding"),
-             ("index",)),
-    StageDef("importance", "ne importance", ("examples",), ("importance.mask_token", "importance.window_before"),
-             ("importance",)),
-    StageDef("mnist_mlp", "ne train", (), ("seed", "data.source", "data.train_subset", "mlp.*"),
-             ("mnist/mlp.safetensors",)),
-    StageDef("mnist_sae_standard", "ne train", ("mnist_mlp",), ("sae.*", "-sae.ne_"),
-             ("mnist/sae_standard.safetensors",)),
-    StageDef("mnist_sae_ne_loss", "ne train", ("mnist_mlp",), ("sae.*",), ("mnist/sae_ne_loss.safetensors",)),
-    StageDef("mnist_eval", "ne train", ("mnist_sae_standard", "mnist_sae_ne_loss"), ("eval.*", "data.test_subset"),
-             ("mnist/sae_eval.md", "mnist/sae_eval.csv")),
-)}
-HARVEST = ("contexts", "sae", "weights", "maxima", "examples")
-LM_STAGES = (*HARVEST, "cluster", "index", "importance")
-MNIST_STAGES = ("mnist_mlp", "mnist_sae_standard", "mnist_sae_ne_loss", "mnist_eval")
-
-
-def ancestors(name: str) -> list[str]:
-    """Every stage `name` depends on, directly or not, upstream first."""
-    out: list[str] = []
-
-    def visit(stage: str) -> None:
-        for up in GRAPH[stage].upstream:
-            if up not in out:
-                visit(up)
-                out.append(up)
-
-    visit(name)
-    return out
-
-
-def descendants(name: str) -> list[str]:
-    """Every stage that depends on `name`, directly or not, in graph order."""
-    return [d for d in GRAPH if name in ancestors(d)]
-
-
-def owner_of(rel: str) -> str | None:
-    """The stage that writes run-relative path `rel`."""
-    best = None
-    for spec in GRAPH.values():
-        for out in spec.outputs:
-            if (rel == out or rel.startswith(out.rstrip("/") + "/")) and (best is None or len(out) > len(best[1])):
-                best = (spec.name, out)
-    return best[0] if best else None
-
-
-def redo_command(stage: str, force: bool = True) -> str:
-    return f"`{GRAPH[stage].command} --config CONFIG" + (f" --force {stage}`" if force else "`")
+INPUT_FILES: dict[str, Callable[[Any], dict[str, str]]] = {
+    "corpus": corpus_files, "model": model_files, "maxima": maxima_inputs, "sae": sae_files,
+}
+"""`StageDef.inputs` names: the files from outside the run a stage reads, as a function of the config ({key:
+path or URL}). The key names the file by the setting that gives it (`model.name/config.json`), so a model
+found at another path (a package installed elsewhere) is compared by its content."""
 
 
 def check_force(force: Collection[str], stages: Sequence[str]) -> set[str]:
@@ -185,11 +91,6 @@ def check_force(force: Collection[str], stages: Sequence[str]) -> set[str]:
             raise ConfigError(f"--force {name}: stage '{name}' is run by `{GRAPH[name].command}`; this command "
                               f"runs {', '.join(stages)}")
     return set(force)
-
-
-def _sae_training(cfg: Any) -> tuple[str, ...]:
-    """How the run's own SAE is trained matters only when the run trains one."""
-    return ("sae.train_tokens", "sae.train.*") if cfg.sae.train_hook else ()
 
 
 def settings_of(cfg: Any, keys: Sequence) -> dict[str, Any]:
@@ -264,7 +165,7 @@ def inputs_now(manifest: dict, name: str) -> dict[str, str] | None:
     from ne.config import RunConfig, from_dict
 
     try:
-        found = spec.inputs(from_dict(RunConfig, config_as_run(manifest, "")))
+        found = INPUT_FILES[spec.inputs](from_dict(RunConfig, config_as_run(manifest, "")))
     except NeError:
         return None
     return {key: input_url(url) for key, url in found.items()}
@@ -369,7 +270,8 @@ class Stage:
         self.measured = json.loads(json.dumps(measured or {}, default=str))
         self.forced = name in force
         self.check = check
-        self.inputs = {key: input_url(url) for key, url in self.spec.inputs(cfg).items()} if self.spec.inputs else {}
+        found = INPUT_FILES[self.spec.inputs](cfg) if self.spec.inputs else {}
+        self.inputs = {key: input_url(url) for key, url in found.items()}
 
     @property
     def entry(self) -> dict | None:

@@ -35,6 +35,7 @@ import safetensors.torch
 from torch import Tensor, nn
 
 from ne.errors import ConfigError, DataError
+from ne.rundir.graph import owner_of, redo_command
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,6 @@ class RunDir:
         """Run-relative paths of the Parquet parts in folder `rel`. When the manifest records files under it
         (its stage finished), a recorded part that is missing, or a part it does not record, is an error
         naming the file: a folder read never silently skips or adds rows."""
-        from ne.rundir.stages import owner_of
-
         found = [f"{rel}/{name}" for name in self.ls(rel, suffix=".parquet")]
         entry = self.manifest()["stages"].get(owner_of(rel) or "", {})
         if entry.get("status") != "done":  # half-done work (or none of a stage's): what is there
@@ -502,8 +501,6 @@ def file_records(manifest: dict) -> dict[str, dict]:
 
 def redo_hint(rel: str) -> str:
     """What to run when `rel` is missing or damaged: redo the stage that writes it."""
-    from ne.rundir.stages import owner_of, redo_command
-
     stage = owner_of(rel)
     return f"redo stage '{stage}': {redo_command(stage)}" if stage else "rerun the stage that writes it"
 

@@ -96,7 +96,8 @@ def get_index(url: str, versions: tuple):
     """(SimilarFeatures, None) or (None, why there is no similar-features list)."""
     data = get_data(url)
     if not data.ready("index"):
-        from ne.rundir.stages import redo_command, state_of
+        from ne.rundir.graph import redo_command
+        from ne.rundir.stages import state_of
 
         state, why = state_of(data.manifest(), "index")
         return None, (f"the index of this run is {state}{why}: run {redo_command('index', False)} to see "

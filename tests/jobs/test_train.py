@@ -14,7 +14,8 @@ from ne.mnist import data as mnist_data
 from ne.mnist import model as mnist_model
 from ne.mnist.config import MLPConfig, MnistRunConfig
 from ne.rundir import store
-from ne.rundir.stages import GRAPH, MNIST_STAGES, settings_of
+from ne.rundir.graph import GRAPH, MNIST_STAGES
+from ne.rundir.stages import settings_of
 from ne.rundir.store import RunDir
 from tests.conftest import REPO, require_shared
 

@@ -28,8 +28,9 @@ from ne import schema
 from ne.cli import main
 from ne.config import ClusterConfig, DataConfig, HarvestConfig, RunConfig, to_dict
 from ne.errors import ConfigError, DataError
+from ne.rundir.graph import GRAPH, ancestors, descendants, owner_of
 from ne.rundir.reader import RunData
-from ne.rundir.stages import GRAPH, ancestors, descendants, owner_of, state_of
+from ne.rundir.stages import state_of
 from ne.rundir.store import RunDir
 from tests.conftest import REPO
 
@@ -389,8 +390,8 @@ def test_a_changed_corpus_file_is_noticed(tmp_path, tiny_model_cfg):
     error naming it, one merely touched or copied back is not, and `ne status` says `changed`."""
     from pydoc_data.topics import topics
 
-    from ne.data import write_contexts
     from ne.models import load_model
+    from ne.rundir.contexts import write_contexts
     from ne.rundir.stages import describe_status
 
     (tmp_path / "corpus").mkdir()
