@@ -33,8 +33,6 @@ from ne.rundir.weights import read_layer_weights
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = f"{schema.INDEX_DIR}/faiss.index"
-IDS_FILE = f"{schema.INDEX_DIR}/ids.parquet"
 TIE_TOLERANCE = 1e-5
 """Similarities this close count as equal when recall is measured (float32 products differ by rounding)."""
 EMBED_ROWS = 4096
@@ -129,7 +127,7 @@ class IndexSummary:
         return (
             f"index done: {i['n_vectors']} feature clusters ({i['vectors']} vectors, d={i['d']}) in a "
             f"{i['type']} index" + (f", nprobe {i['nprobe']}" if "nprobe" in i else "")
-            + f"; recall@{i['recall_k']} vs exact search {i['recall']:.4f}\noutputs: {self.run_dir}/{INDEX_FILE}"
+            + f"; recall@{i['recall_k']} vs exact search {i['recall']:.4f}\noutputs: {self.run_dir}/{schema.INDEX_FILE}"
         )
 
 
@@ -163,7 +161,7 @@ def _build(run: RunDir, cfg: RunConfig) -> dict:
         del vectors
         index, info = build_index(x, cfg.index, cfg.seed)
         del x
-    run.write_parquet(IDS_FILE, ids)
+    run.write_parquet(schema.INDEX_IDS, ids)
     _write_index(run, index)
     d_mlp = {str(layer): int(read_layer_weights(run, layer, 0, 0).d_mlp) for layer in layers}
     info.update(vectors=cfg.index.vectors, d_mlp=d_mlp, seconds=time.perf_counter() - start)
@@ -172,4 +170,4 @@ def _build(run: RunDir, cfg: RunConfig) -> dict:
 
 
 def _write_index(run: RunDir, index: faiss.Index) -> None:
-    run.write_bytes(INDEX_FILE, memoryview(faiss.serialize_index(index)))  # no second copy of the index
+    run.write_bytes(schema.INDEX_FILE, memoryview(faiss.serialize_index(index)))  # no second copy of the index

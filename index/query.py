@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from index.build import IDS_FILE, INDEX_FILE
+from ne import schema
 from ne.checks import integer
 from ne.errors import ConfigError, DataError
 from ne.rundir.stages import require_done, version
@@ -52,21 +52,21 @@ class SimilarFeatures:
         m = run.require_manifest()
         entry = require_done(run, "index", m)
         info = entry["info"]
-        if IDS_FILE in entry["files"]:
-            run.verify(IDS_FILE, entry["files"][IDS_FILE])
-        data = run.read_bytes(INDEX_FILE)
+        if schema.INDEX_IDS in entry["files"]:
+            run.verify(schema.INDEX_IDS, entry["files"][schema.INDEX_IDS])
+        data = run.read_bytes(schema.INDEX_FILE)
         try:
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as exc:
-            raise DataError(f"{run.path(INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); {_REBUILD}") \
-                from exc
-        ids = run.read_parquet(IDS_FILE).to_pandas().sort_values("row").reset_index(drop=True)
+            raise DataError(f"{run.path(schema.INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); "
+                            f"{_REBUILD}") from exc
+        ids = run.read_parquet(schema.INDEX_IDS).to_pandas().sort_values("row").reset_index(drop=True)
         if version(run.manifest(), "index") != version(m, "index"):
             raise DataError(f"stage 'index' of {run.url} was redone while it was read; read it again once "
                             f"`ne index` has finished")
         if index.ntotal != len(ids) or index.d != info["d"] or not np.array_equal(ids.row, np.arange(len(ids))):
             raise DataError(
-                f"{run.path(INDEX_FILE)} holds {index.ntotal} vectors of dimension {index.d} but ids.parquet "
+                f"{run.path(schema.INDEX_FILE)} holds {index.ntotal} vectors of dimension {index.d} but ids.parquet "
                 f"has {len(ids)} rows and the manifest says d={info['d']}; {_REBUILD}"
             )
         return cls(index, ids, info)

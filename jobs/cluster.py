@@ -1,8 +1,9 @@
 """The cluster job: Ray tasks over batches of neurons turn the harvest into feature clusters and metrics.
 
 Batch b of layer L holds neurons [b × n, (b + 1) × n) with n = cluster.neurons_per_task. It writes
-`clusters/layer=L/part-b`, `dendrograms/layer=L/part-b` and, last, its metrics under `_work/cluster/`;
-a batch whose three files exist is finished, so a rerun after an interruption redoes only the others.
+`clusters/layer=L/part-b`, `dendrograms/layer=L/part-b`, `centroids/layer=L/part-b` and, last, its metrics
+under `_work/cluster/`;
+a batch whose four files exist (its centroids too) is finished, so a rerun after an interruption redoes only the others.
 A layer's h rows are read once and shared by its batches (zero-copy through Ray's object store); a layer
 whose h rows exceed half of `cluster.h_memory_mb` is read in slices, each the rows of consecutive batches,
 so the stage's memory follows that setting and `cluster.neurons_per_task`, never the model's size.
@@ -40,7 +41,7 @@ from ne.schema import NeuronBatch, neuron_batches
 
 log = logging.getLogger(__name__)
 
-WORK = "_work/cluster"
+WORK = schema.work_dir("cluster")
 CENTROID_ROWS = 512
 """Rows per row group of centroids/: a reader decodes a few neurons' worth to get one."""
 
@@ -221,7 +222,7 @@ def run_cluster(cfg: RunConfig, force: list[str] | tuple = (), in_process: bool 
             todo = [b for b in _batches(run, layers, cfg.cluster.neurons_per_task) if not _finished(run, b)]
             _map_batches(run, todo, cfg.cluster, in_process, cfg.model.gated_embedding)
             metrics = pa.concat_tables(
-                [run.read_parquet(f"{WORK}/metrics/layer={layer}") for layer in layers]
+                [run.read_parquet(schema.layer_dir(f"{WORK}/metrics", layer)) for layer in layers]
             ).sort_by([("layer", "ascending"), ("neuron", "ascending")])
             run.write_parquet(schema.METRICS, metrics)
             write_report(run, metrics, compare=comparison(cfg, metrics), cut=cfg.cluster.cut,

@@ -2,6 +2,7 @@
 
 Stages, each recorded in the manifest and skipped when finished:
   contexts  the corpus tokenised into `contexts/part-*.parquet` (the parts are the shards)
+  sae       the run's own SAE, trained on the corpus when `sae.train_hook` is set (else nothing to do)
   weights   W_in and b_in of every harvested layer, so later stages never load the model
   maxima    pass 1: each neuron's exact maximum (or the table given as harvest.maxima_file)
   examples  pass 2: per neuron the first k contexts reaching frac × max, with h and activation windows
@@ -41,7 +42,6 @@ from ne.rundir.weights import weights_file
 
 log = logging.getLogger(__name__)
 
-WORK = "_work"
 H_PART_BYTES = 128 * 2**20
 """Bytes of h per output part file: the merge holds at most one such part (plus one input part) in memory."""
 EXAMPLE_NEURONS_PER_PART = 4096
@@ -62,7 +62,7 @@ class PartProcessor:
         """Writes each neuron's maximum of sign × act (sign -1 for `min`) over the part."""
         contexts = read_contexts(self.run, part)
         maxima = harvest.shard_maxima(self.model, contexts, layers, batch_size, harvest.SIGNS[direction])
-        self.run.write_parquet(f"{WORK}/maxima/{schema.part_name(part)}", maxima_table(maxima))
+        self.run.write_parquet(schema.part_path(schema.work_dir("maxima"), part), maxima_table(maxima))
         return sum(len(t) for _, t in contexts)
 
     def examples(self, part: int, thresholds: dict, hcfg: HarvestConfig, n_ctx: int) -> int:
@@ -73,9 +73,9 @@ class PartProcessor:
             harvest.resolve_h_dtype(hcfg.h_dtype, self.model.d_model), harvest.SIGNS[hcfg.direction],
         )
         for layer, (examples, h) in results.items():
-            self.run.write_parquet(f"{WORK}/examples/layer={layer}/{schema.part_name(part)}", examples)
-            self.run.write_parquet(f"{WORK}/h/layer={layer}/{schema.part_name(part)}", h)
-        self.run.write_json(f"{WORK}/examples/{schema.part_name(part)}.done", {"contexts": len(contexts)})
+            self.run.write_parquet(schema.part_path(schema.work_dir("examples"), part, layer), examples)
+            self.run.write_parquet(schema.part_path(schema.work_dir("h"), part, layer), h)
+        self.run.write_json(schema.part_path(schema.work_dir("examples"), part) + ".done", {"contexts": len(contexts)})
         return sum(len(t) for _, t in contexts)
 
 
@@ -195,7 +195,7 @@ def _examples_stage(
     extremes = signed_extremes(run, layers, cfg.harvest.direction)
     thresholds = {layer: harvest.thresholds_from_maxima(torch.from_numpy(e), cfg.harvest.frac)
                   for layer, e in extremes.items()}
-    done = set(run.ls(WORK, "examples", suffix=".done"))
+    done = set(run.ls(schema.work_dir("examples"), suffix=".done"))
     todo = [p for p in parts if f"{schema.part_name(p)}.done" not in done]
     pool.map("examples", todo, thresholds, cfg.harvest, cfg.data.n_ctx)
     rows = sum(_merge_layer(run, layer, parts, cfg.harvest.k, d_mlp) for layer in layers)
@@ -298,7 +298,7 @@ def merge_maxima(run: RunDir, parts: list[int], direction: str = "max") -> pa.Ta
     sign = harvest.SIGNS[direction]
     merged: dict[tuple, np.ndarray] = {}
     for part in parts:
-        table = run.read_parquet(f"{WORK}/maxima/{schema.part_name(part)}").to_pandas()
+        table = run.read_parquet(schema.part_path(schema.work_dir("maxima"), part)).to_pandas()
         for layer, group in table.groupby("layer"):
             values = group.sort_values("neuron").max_act.to_numpy(copy=True)
             merged[layer] = values if layer not in merged else np.maximum(merged[layer], values)
@@ -336,14 +336,14 @@ def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) 
     written sorted by neuron, `EXAMPLE_NEURONS_PER_PART` neurons at a time. Memory holds one input part,
     one h output part and one slice of neurons, whatever the corpus or the model.
     """
-    ex_dir, h_dir, kept_dir = f"{WORK}/examples/layer={layer}", f"{WORK}/h/layer={layer}", f"{WORK}/kept/layer={layer}"
+    ex_dir, h_dir, kept_dir = (schema.layer_dir(schema.work_dir(kind), layer) for kind in ("examples", "h", "kept"))
     out_ex, out_h = schema.layer_dir(schema.EXAMPLES_DIR, layer), schema.layer_dir(schema.H_DIR, layer)
     for folder in (out_ex, out_h, kept_dir):
         run.remove(folder)
     counts = np.zeros(d_mlp, dtype=np.int64)
     h_out = _PartWriter(run, out_h)
     for part in parts:
-        examples = harvest.merge_examples(run.read_parquet(f"{ex_dir}/{schema.part_name(part)}"), k)
+        examples = harvest.merge_examples(run.read_parquet(schema.part_path(ex_dir, part)), k)
         neurons = examples.column("neuron").to_numpy()
         rank = examples.column("rank").to_numpy() + counts[neurons]
         keep = rank < k
@@ -351,8 +351,8 @@ def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) 
             examples.schema.get_field_index("rank"), "rank", pa.array(rank.astype(np.int16))
         ).filter(pa.array(keep))
         np.add.at(counts, examples.column("neuron").to_numpy(), 1)
-        run.write_parquet(f"{kept_dir}/{schema.part_name(part)}", examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
-        h_out.add(harvest.select_h(run.read_parquet(f"{h_dir}/{schema.part_name(part)}"), examples))
+        run.write_parquet(schema.part_path(kept_dir, part), examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
+        h_out.add(harvest.select_h(run.read_parquet(schema.part_path(h_dir, part)), examples))
     h_out.close()
     rows = 0
     for i, lo in enumerate(range(0, d_mlp, EXAMPLE_NEURONS_PER_PART)):
@@ -361,7 +361,7 @@ def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) 
             continue  # part 0 is always written, so every layer has a (possibly empty) examples file
         examples = run.read_parquet(kept_dir, filters=[("neuron", ">=", lo), ("neuron", "<", hi)])
         examples = harvest.sort_examples(examples.cast(schema.EXAMPLES))
-        run.write_parquet(f"{out_ex}/{schema.part_name(i)}", examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
+        run.write_parquet(schema.part_path(out_ex, i), examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
         rows += examples.num_rows
     return rows
 
@@ -396,5 +396,5 @@ class _PartWriter:
         return max(1, H_PART_BYTES // (h_type.list_size * h_type.value_type.bit_width // 8))
 
     def _write(self, table: pa.Table) -> None:
-        self.run.write_parquet(f"{self.folder}/{schema.part_name(self.parts)}", table.combine_chunks())
+        self.run.write_parquet(schema.part_path(self.folder, self.parts), table.combine_chunks())
         self.parts += 1

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ne import schema
 from ne.compute.parallel import Shard
 from ne.compute.sae import SAE, NeuronEmbeddingLoss, build_sae, sae_optimizer, train_sae_epoch
 from ne.config import from_dict, to_dict
@@ -36,16 +37,6 @@ from ne.rundir.store import RunDir, fingerprint
 
 SAE_KINDS = ("standard", "ne_loss")
 STATE = "state.pt"
-
-
-def weights_rel(model: str) -> str:
-    """Run-directory path of a model's weights: `mlp`, `sae_standard` or `sae_ne_loss`."""
-    return f"mnist/{model}.safetensors"
-
-
-def url(run: RunDir, rel: str) -> str:
-    """A file of the run directory as a URL fsspec opens anywhere (run.path drops the protocol)."""
-    return f"{run.url.rstrip('/')}/{rel}"
 
 
 @dataclass
@@ -211,7 +202,7 @@ def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str],
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "todo": todo, "threads": threads,
-                           "mlp_path": url(run, weights_rel("mlp"))},
+                           "mlp_path": run.url_of(schema.mnist_weights("mlp"))},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
         run_config=ray.train.RunConfig(
             name=f"train-{fingerprint(fps)}", **storage,
@@ -254,7 +245,7 @@ def run_train(cfg: MnistRunConfig, force: list[str] | tuple = ()) -> TrainSummar
                 hidden = cfg.mlp.hidden
                 model = mnist_model.MLP(hidden) if name == "mlp" else SAE(hidden, cfg.sae.expansion * hidden)
                 model.load_state_dict(done[name])
-                run.write_bytes(weights_rel(name), store.tensors_bytes(model))
+                run.write_bytes(schema.mnist_weights(name), store.tensors_bytes(model))
                 Stage(run, f"mnist_{name}", cfg, force).done()
             summary.trained, summary.steps = todo, int(metrics.get("steps_this_attempt", 0))
             summary.seconds = dict(metrics.get("seconds", {}))
@@ -290,8 +281,8 @@ def check_ne_loss_starts(cfg: MnistRunConfig, n_train: int) -> None:
 def evaluate_run(cfg: MnistRunConfig, run: RunDir) -> dict[str, SAEMetrics]:
     """Tables 2 and 3 for the run's two SAEs, written to RUN/mnist/sae_eval.{md,csv}."""
     train, test = load_splits(cfg)
-    metrics = evaluate_dir(url(run, "mnist"), train, test, cfg.eval)
-    write_tables(RunDir(url(run, "mnist")), {k: vars(m) for k, m in metrics.items()})
+    metrics = evaluate_dir(run.url_of(schema.MNIST_DIR), train, test, cfg.eval)
+    write_tables(RunDir(run.url_of(schema.MNIST_DIR)), {k: vars(m) for k, m in metrics.items()})
     return metrics
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from ne import schema
 from ne.errors import ConfigError, NeError
 from ne.rundir.graph import stages_of
 
@@ -185,13 +186,13 @@ def cmd_train(args) -> None:
 
 def cmd_sae_eval(args) -> None:
     """Tables 2 and 3 for a directory of weights in the authors' layout (default: the run's mnist/)."""
-    from jobs.train import load_splits, url
+    from jobs.train import load_splits
     from ne.mnist.eval import evaluate_dir, with_paper, write_tables
     from ne.rundir.stages import check_not_owned
     from ne.rundir.store import RunDir
 
     cfg = _load_mnist(args)
-    weights = args.weights or url(RunDir(cfg.run_dir), "mnist")
+    weights = args.weights or RunDir(cfg.run_dir).url_of(schema.MNIST_DIR)
     default = f"{cfg.run_dir.rstrip('/')}/sae-eval"
     out = args.out or default  # never the run's mnist/: its tables are stage mnist_eval's outputs
     out_dir = _out_dir(out)
@@ -204,7 +205,7 @@ def cmd_sae_eval(args) -> None:
 
 def cmd_figure(args) -> None:
     """Figure 5 PNGs for MLP or SAE neurons."""
-    from jobs.train import load_splits, url
+    from jobs.train import load_splits
     from ne.mnist.figures import figure5
     from ne.mnist.model import MLP, load_sae
     from ne.rundir.stages import check_not_owned
@@ -216,7 +217,7 @@ def cmd_figure(args) -> None:
     cfg = _load_mnist(args)
     out = _out_dir(args.out or f"{cfg.run_dir.rstrip('/')}/mnist/figures")
     check_not_owned(out.url, [f"{args.model}_{neuron}.png" for neuron in args.neuron])
-    weights = (args.weights or url(RunDir(cfg.run_dir), "mnist")).rstrip("/")
+    weights = (args.weights or RunDir(cfg.run_dir).url_of(schema.MNIST_DIR)).rstrip("/")
     mlp = MLP.load(f"{weights}/mlp.safetensors")
     sae = None if args.model == "mlp" else load_sae(f"{weights}/{args.model}.safetensors", mlp.hidden_size)
     _, test = load_splits(cfg)

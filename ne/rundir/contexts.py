@@ -85,7 +85,7 @@ def context_parts(run: RunDir) -> list[int]:
 
 def read_contexts(run: RunDir, part: int) -> list[Context]:
     """The contexts of one part, in corpus order."""
-    table = run.read_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(part)}", columns=["ctx_id", "tokens"])
+    table = run.read_parquet(schema.part_path(schema.CONTEXTS_DIR, part), columns=["ctx_id", "tokens"])
     tokens = table.column("tokens").combine_chunks()
     flat = tokens.flatten().to_numpy().astype(np.int64)  # a writable copy, in torch's index dtype
     offsets = tokens.offsets.to_numpy() - tokens.offsets[0].as_py()

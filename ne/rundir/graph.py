@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ne import schema as s
+
 
 @dataclass(frozen=True)
 class StageDef:
@@ -49,34 +51,34 @@ MODEL_KEYS = ("model.backend", "model.name", "model.weights", "model.architectur
               "model.dtype")
 GRAPH: dict[str, StageDef] = {d.name: d for d in (
     StageDef("contexts", "ne harvest", (), ("data.*", "model.backend", "model.name", "model.tokenizer"),
-             ("contexts",), inputs="corpus"),
+             (s.CONTEXTS_DIR,), inputs="corpus"),
     StageDef("sae", "ne harvest", ("contexts",), ("sae.path", "sae.train_hook", _sae_training),
-             ("sae",), inputs="sae"),
-    StageDef("weights", "ne harvest", ("sae",), (*MODEL_KEYS, "harvest.layers"), ("weights",), inputs="model"),
+             (s.SAE_DIR,), inputs="sae"),
+    StageDef("weights", "ne harvest", ("sae",), (*MODEL_KEYS, "harvest.layers"), (s.WEIGHTS_DIR,), inputs="model"),
     StageDef("maxima", "ne harvest", ("contexts", "sae"),
              (*MODEL_KEYS, "harvest.layers", "harvest.maxima_file", "harvest.direction"),
-             ("maxima.parquet", "_work/maxima"), inputs="maxima"),
+             (s.MAXIMA, s.work_dir("maxima")), inputs="maxima"),
     StageDef("examples", "ne harvest", ("contexts", "maxima"),
              ("harvest.k", "harvest.frac", "harvest.window_before", "harvest.window_after", "harvest.h_dtype",
               "harvest.direction"),
-             ("examples", "h", "_work/examples", "_work/h", "_work/kept")),
+             (s.EXAMPLES_DIR, s.H_DIR, s.work_dir("examples"), s.work_dir("h"), s.work_dir("kept"))),
     StageDef("cluster", "ne cluster", ("examples", "weights"),
              ("cluster.method", "cluster.cut", "cluster.threshold", "cluster.min_separation", "cluster.min_silhouette",
               "cluster.silhouette_tolerance", "cluster.max_clusters", "cluster.min_cluster_size",
               "model.gated_embedding"),
-             ("clusters", "dendrograms", "centroids", "metrics.parquet", "report", "_work/cluster"),
+             (s.CLUSTERS_DIR, s.DENDROGRAMS_DIR, s.CENTROIDS_DIR, s.METRICS, s.REPORT_DIR, s.work_dir("cluster")),
              layout=("cluster.neurons_per_task",)),
     StageDef("index", "ne index", ("cluster",), ("index.*", "-index.device", "seed", "model.gated_embedding"),
-             ("index",)),
+             (s.INDEX_DIR,)),
     StageDef("importance", "ne importance", ("examples",), ("importance.mask_token", "importance.window_before"),
-             ("importance",)),
+             (s.IMPORTANCE_DIR,)),
     StageDef("mnist_mlp", "ne train", (), ("seed", "data.source", "data.train_subset", "mlp.*"),
-             ("mnist/mlp.safetensors",)),
+             (s.mnist_weights("mlp"),)),
     StageDef("mnist_sae_standard", "ne train", ("mnist_mlp",), ("sae.*", "-sae.ne_"),
-             ("mnist/sae_standard.safetensors",)),
-    StageDef("mnist_sae_ne_loss", "ne train", ("mnist_mlp",), ("sae.*",), ("mnist/sae_ne_loss.safetensors",)),
+             (s.mnist_weights("sae_standard"),)),
+    StageDef("mnist_sae_ne_loss", "ne train", ("mnist_mlp",), ("sae.*",), (s.mnist_weights("sae_ne_loss"),)),
     StageDef("mnist_eval", "ne train", ("mnist_sae_standard", "mnist_sae_ne_loss"), ("eval.*", "data.test_subset"),
-             ("mnist/sae_eval.md", "mnist/sae_eval.csv")),
+             s.MNIST_TABLES),
 )}
 
 

@@ -32,13 +32,12 @@ import pyarrow.parquet as pq
 from ne import schema
 from ne.config import RunConfig, from_dict
 from ne.errors import DataError, NeError
-from ne.rundir.graph import GRAPH, LM_STAGES, owner_of, redo_command
-from ne.rundir.stages import config_as_run, state_of, version
+from ne.rundir.graph import LM_STAGES, owner_of, redo_command
+from ne.rundir.stages import config_as_run, require_done, state_of, version
 from ne.rundir.store import RunDir, file_records
 
 log = logging.getLogger(__name__)
 
-MNIST_DIR = "mnist"
 _CACHE_BYTES = 256 * 2**20
 
 
@@ -226,6 +225,13 @@ class RunData:
                 raise self._redone(stage, m)
         return now is not None
 
+    def require(self, stage: str, manifest: dict | None = None) -> None:
+        """An error saying what to run unless `stage` can be read (`ready`)."""
+        m = manifest if manifest is not None else self.manifest()
+        if not self.ready(stage, m):
+            require_done(self.run, stage, m)
+            raise DataError(f"stage '{stage}' of {self.url} finished after this reader pinned the run; read it again")
+
     def versions(self, manifest: dict | None = None) -> tuple:
         """The version of every stage (`ne.rundir.stages.version`): a key for anything a caller keeps of this run."""
         m = manifest if manifest is not None else self.manifest()
@@ -268,23 +274,23 @@ class RunData:
             return RunStatus([], [str(exc)], [])
         stages = manifest["stages"]
         kind, errors, warnings = [], [], []
-        if self.run.exists(MNIST_DIR):
+        if self.run.exists(schema.MNIST_DIR):
             kind.append("mnist")
         if "examples" in stages or self.run.exists(schema.EXAMPLES_DIR):
-            state, why = state_of(manifest, "examples")
-            if state != "done":
-                errors.append(f"the harvest of {self.url} is not usable: stage 'examples' is {state}{why}; run "
-                              f"{redo_command('examples', force=False)} to finish it")
-            elif not self.layers():
-                errors.append(f"{self.url}/examples/ holds no layer; rerun the harvest with --force examples")
-            else:
-                kind.append("lm")
+            try:
+                require_done(self.run, "examples", manifest)
+                if self.layers():
+                    kind.append("lm")
+                else:
+                    errors.append(f"{self.url}/examples/ holds no layer; rerun the harvest with --force examples")
+            except DataError as exc:
+                errors.append(str(exc))
         if "lm" in kind:
             for stage in ("cluster", "index"):
-                state, why = state_of(manifest, stage)
-                if state != "done":
-                    warnings.append(f"{GRAPH[stage].outputs[0]} is {state}{why}: run "
-                                    f"{redo_command(stage, force=False)} to see it")
+                try:
+                    require_done(self.run, stage, manifest)
+                except DataError as exc:
+                    warnings.append(str(exc))
         if not kind and not errors:
             errors.append(
                 f"{self.url} holds neither language-model examples (examples/) nor MNIST models (mnist/); "
@@ -342,9 +348,7 @@ class RunData:
     def neuron(self, layer: int, neuron: int) -> NeuronData:
         """Everything the neuron page shows, read from the neuron's own rows, all of one version of the run."""
         m = self.manifest()
-        if not self.ready("examples", m):
-            state, why = state_of(m, "examples")
-            raise DataError(f"the examples of {self.url} are {state}{why}; run {redo_command('examples', False)}")
+        self.require("examples", m)
         if layer not in self.layers():
             raise DataError(f"layer {layer} is not in {self.url}; it has layers {self.layers()}")
         with self._reading(m):
@@ -414,10 +418,7 @@ class RunData:
     def metrics_table(self) -> pa.Table:
         """Every neuron's metrics (one small row each), for the sortable neuron table."""
         m = self.manifest()
-        if not self.ready("cluster", m):
-            state, why = state_of(m, "cluster")
-            raise DataError(f"the clusters of {self.url} are {state}{why}; run {redo_command('cluster', False)} to "
-                            "get polysemy metrics")
+        self.require("cluster", m)
         with self._reading(m):
             return self._read_small(schema.METRICS)
 
@@ -434,9 +435,7 @@ class RunData:
         """(cluster ids, sizes, unit vectors [C, d]) of a neuron's feature clusters (empty for a neuron without
         examples); an error when the run's clusters are not finished."""
         m = self.manifest()
-        if not self.ready("cluster", m):
-            state, why = state_of(m, "cluster")
-            raise DataError(f"the clusters of {self.url} are {state}{why}; run {redo_command('cluster', False)}")
+        self.require("cluster", m)
         with self._reading(m):
             table = self._sorted(schema.CENTROIDS_DIR, layer, "neuron", m).read([neuron]).to_pydict()
         if not table.get("cluster"):

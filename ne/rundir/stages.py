@@ -31,6 +31,7 @@ from typing import Any
 
 import fsspec
 
+from ne import schema
 from ne.errors import ConfigError, DataError, NeError
 from ne.rundir.graph import GRAPH, LM_STAGES, MNIST_STAGES, ancestors, descendants, owner_of, redo_command
 from ne.rundir.store import MANIFEST, RunDir, fingerprint, input_change, input_record, input_url
@@ -348,7 +349,7 @@ class Stage:
         m["stages"][self.name] = {
             "status": "running", "settings": self.settings, "layout": self.layout, "measured": self.measured,
             "inputs": inputs, "upstream": upstream, "fingerprint": fp, "id": uuid.uuid4().hex[:12],
-            "started": now(), "claimed": [out for out in self.spec.outputs if not out.startswith("_work")],
+            "started": now(), "claimed": [out for out in self.spec.outputs if not out.startswith(schema.WORK_DIR)],
             "files": entry.get("files", {}) if keep else {}, "info": entry.get("info", {}) if keep else {},
         }
         self.run.write_manifest(m)  # stale before anything is removed: an interruption serves nothing old
@@ -359,22 +360,22 @@ class Stage:
 
     def done(self, **info: Any) -> None:
         """Record the stage's files and `info`, and mark it done."""
-        files = {rel: self.run.file_record(rel) for out in self.spec.outputs if not out.startswith("_work")
+        files = {rel: self.run.file_record(rel) for out in self.spec.outputs if not out.startswith(schema.WORK_DIR)
                  for rel in self.run.files(out)}
         m = self.run.manifest()
         m["stages"][self.name].update(status="done", files=files, info=info, finished=now())
         self.run.write_manifest(m)
         for out in self.spec.outputs:
-            if out.startswith("_work"):
+            if out.startswith(schema.WORK_DIR):
                 self.run.remove(out)
-        if not self.run.ls("_work"):
-            self.run.remove("_work")
+        if not self.run.ls(schema.WORK_DIR):
+            self.run.remove(schema.WORK_DIR)
 
     def _check_foreign(self, entry: dict | None) -> None:
         """An error when a file that no stage of this run wrote lies where this stage writes its outputs."""
         owned = _owned(self.name, entry)
         for out in self.spec.outputs:
-            if out.startswith("_work") or out in owned["claimed"]:
+            if out.startswith(schema.WORK_DIR) or out in owned["claimed"]:
                 continue
             foreign = [rel for rel in self.run.files(out) if rel not in owned["files"]]
             if foreign:
@@ -387,7 +388,7 @@ class Stage:
         while it runs (half-done work has no records yet), and otherwise only the files it recorded."""
         owned = _owned(name, entry)
         for out in GRAPH[name].outputs:
-            if out.startswith("_work") or out in owned["claimed"]:
+            if out.startswith(schema.WORK_DIR) or out in owned["claimed"]:
                 self.run.remove(out)
                 continue
             for rel in owned["files"]:

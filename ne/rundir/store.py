@@ -71,6 +71,10 @@ class RunDir:
         self.url = str(url)
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
 
+    def url_of(self, rel: str) -> str:
+        """A file of the run as a URL fsspec opens anywhere, in another process too (`path` drops the protocol)."""
+        return f"{self.url.rstrip('/')}/{rel}"
+
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 

@@ -95,13 +95,10 @@ def get_importance(url: str, mask_token: int | None, versions: tuple):
 def get_index(url: str, versions: tuple):
     """(SimilarFeatures, None) or (None, why there is no similar-features list)."""
     data = get_data(url)
-    if not data.ready("index"):
-        from ne.rundir.graph import redo_command
-        from ne.rundir.stages import state_of
-
-        state, why = state_of(data.manifest(), "index")
-        return None, (f"the index of this run is {state}{why}: run {redo_command('index', False)} to see "
-                      "similar features")
+    try:
+        data.require("index")
+    except NeError as exc:
+        return None, str(exc)
     try:
         # The app is an entry point like the CLI, so it may reach into index/; the library never does.
         from index.query import SimilarFeatures
