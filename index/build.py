@@ -59,7 +59,7 @@ def central_vectors(run: RunDir, layer: int, vectors: str, gated_embedding: str 
     h = read_h(run, layer, ids.column("h_id").to_numpy())
     if vectors == "neuron":
         weights, neurons = read_layer_weights(run, layer), ids.column("neuron").to_numpy()
-        width = h.shape[1] * (2 if weights.gated and gated_embedding == "concat" else 1)
+        width = h.shape[1] * len(weights.parts(gated_embedding))
         out = np.empty((len(h), width), np.float32)
         for lo in range(0, len(h), EMBED_ROWS):  # in chunks: no intermediate the size of all vectors
             out[lo : lo + EMBED_ROWS] = unit_rows(weights.embed(h[lo : lo + EMBED_ROWS], neurons[lo : lo + EMBED_ROWS],

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ne.checks import at_least, at_most, check_choices, check_layer_list, check_literal
+from ne.compute.embed import GatedEmbedding
 from ne.compute.sae import SAEConfig
 from ne.errors import ConfigError
 
@@ -42,7 +43,7 @@ class ModelConfig:
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """`float32`, `bfloat16` or `float16`. Maxima and selection are exact for the dtype chosen."""
-    gated_embedding: Literal["concat", "gate"] = "concat"
+    gated_embedding: GatedEmbedding = "concat"
     """Gated MLPs, act_j = act_fn(h·g_j + c_j)·(h·u_j + d_j): the neuron embedding clustered and indexed.
     `concat`, e = [h ⊙ g_j ; h ⊙ u_j], sees features in either input map; `gate`, e = h ⊙ g_j, is blind to
     those of the up projection (planted features, README "Gated MLPs"). Plain MLPs ignore it."""

@@ -7,13 +7,15 @@ zero-padded; padded rows never touch the real block `[:n, :n]`, which is all a c
 
 A gated neuron, act_fn(h·g_j + c_j)·(h·u_j + d_j), has two input vectors. `model.gated_embedding` says
 which embedding it gets: `gate`, e = h ⊙ g_j, or `concat`, e = [h ⊙ g_j ; h ⊙ u_j].
-`LayerWeights.unit_weights` (ne/rundir/weights.py) is the one place that decides: it gives every neuron its weight
+`LayerWeights.parts` (below) is the one place that decides: it gives every neuron its weight
 vectors (one part, or two), and every consumer (clusters, the index, explanations) embeds with those.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ne.compute.device import CPU_CHUNK_BYTES, resolve_device
+from ne.errors import ConfigError
 
 
 def neuron_embeddings(h: Float[Tensor, "*batch n d_model"], w: Tensor) -> Float[Tensor, "*batch n e"]:
@@ -101,3 +104,42 @@ def pad_rows(
     return torch.from_numpy(out), counts
 
 
+GatedEmbedding = Literal["concat", "gate"]
+GATED_EMBEDDINGS: tuple[str, ...] = get_args(GatedEmbedding)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """Input weights of neurons lo..lo + n - 1 of a layer (all of them unless read in part)."""
+
+    gate: Float[np.ndarray, "n d_model"]
+    """Row j - lo: w_j of a plain MLP, or the gate g_j of a gated one (the input of act_fn)."""
+    up: Float[np.ndarray, "n d_model"] | None = None
+    """Row j - lo: the up projection u_j of a gated MLP; None for a plain one."""
+    lo: int = 0
+    d_mlp: int = 0
+    """Neurons in the whole layer."""
+
+    @property
+    def gated(self) -> bool:
+        return self.up is not None
+
+    def parts(self, gated_embedding: str) -> list[np.ndarray]:
+        """The matrices a neuron's embedding multiplies h with: [W]; gated, [G] (`gate`) or [G, U] (`concat`).
+        The one place where the gated embedding is chosen: an embedding is `len(parts)` × d_model wide."""
+        if gated_embedding not in GATED_EMBEDDINGS:
+            raise ConfigError(f"model.gated_embedding is {gated_embedding!r}; choose one of "
+                              f"{', '.join(map(repr, GATED_EMBEDDINGS))}")
+        return [self.gate] if self.up is None or gated_embedding == "gate" else [self.gate, self.up]
+
+    def unit_weights(self, neurons: np.ndarray, gated_embedding: str) -> Float[np.ndarray, "n parts d_model"]:
+        """Per neuron, the vectors its embedding multiplies h with: [w_j]; gated, [g_j] (`gate`) or [g_j, u_j]
+        (`concat`)."""
+        rows = np.asarray(neurons, dtype=np.int64) - self.lo
+        parts = self.parts(gated_embedding)
+        return np.ascontiguousarray(np.stack([w[rows] for w in parts], axis=1), dtype=np.float32)
+
+    def embed(self, h_nd: np.ndarray, neurons: np.ndarray, gated_embedding: str) -> Float[np.ndarray, "n e"]:
+        """The neuron embedding of row i of `h_nd` for neuron `neurons[i]` (the index, explanations)."""
+        w = torch.from_numpy(self.unit_weights(neurons, gated_embedding))
+        return neuron_embeddings(torch.from_numpy(np.asarray(h_nd, np.float32))[:, None, :], w)[:, 0].numpy()

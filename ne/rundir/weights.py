@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 
 import numpy as np
 import safetensors.numpy
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ne import schema
-from ne.errors import ConfigError, DataError
+from ne.compute.embed import LayerWeights
+from ne.errors import DataError
 from ne.rundir.store import RunDir
 
-GATED_EMBEDDINGS = ("concat", "gate")
 ROW_KEYS = {"W_in": "W_in_T", "W_gate": "W_gate_T", "W_up": "W_up_T"}
 _NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
@@ -32,40 +30,6 @@ def weights_file(tensors: dict[str, Tensor]) -> bytes:
     out = {ROW_KEYS.get(k, k): (v.T if k in ROW_KEYS else v).float().cpu().contiguous().numpy()
            for k, v in tensors.items()}
     return safetensors.numpy.save(out)
-
-
-@dataclass(frozen=True)
-class LayerWeights:
-    """Input weights of neurons lo..lo + n - 1 of a layer (all of them unless read in part)."""
-
-    gate: Float[np.ndarray, "n d_model"]
-    """Row j - lo: w_j of a plain MLP, or the gate g_j of a gated one (the input of act_fn)."""
-    up: Float[np.ndarray, "n d_model"] | None = None
-    """Row j - lo: the up projection u_j of a gated MLP; None for a plain one."""
-    lo: int = 0
-    d_mlp: int = 0
-    """Neurons in the whole layer."""
-
-    @property
-    def gated(self) -> bool:
-        return self.up is not None
-
-    def unit_weights(self, neurons: np.ndarray, gated_embedding: str) -> Float[np.ndarray, "n parts d_model"]:
-        """Per neuron, the vectors its embedding multiplies h with: [w_j]; gated, [g_j] (`gate`) or [g_j, u_j]
-        (`concat`). The one place where the gated embedding is chosen."""
-        if gated_embedding not in GATED_EMBEDDINGS:
-            raise ConfigError(f"model.gated_embedding is {gated_embedding!r}; choose one of "
-                              f"{', '.join(map(repr, GATED_EMBEDDINGS))}")
-        rows = np.asarray(neurons, dtype=np.int64) - self.lo
-        parts = [self.gate] if not self.gated or gated_embedding == "gate" else [self.gate, self.up]
-        return np.ascontiguousarray(np.stack([w[rows] for w in parts], axis=1), dtype=np.float32)
-
-    def embed(self, h_nd: np.ndarray, neurons: np.ndarray, gated_embedding: str) -> Float[np.ndarray, "n e"]:
-        """The neuron embedding of row i of `h_nd` for neuron `neurons[i]` (the index, explanations)."""
-        from ne.compute.embed import neuron_embeddings
-
-        w = torch.from_numpy(self.unit_weights(neurons, gated_embedding))
-        return neuron_embeddings(torch.from_numpy(np.asarray(h_nd, np.float32))[:, None, :], w)[:, 0].numpy()
 
 
 def read_layer_weights(run: RunDir, layer: int, lo: int = 0, hi: int | None = None) -> LayerWeights:

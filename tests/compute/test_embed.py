@@ -167,8 +167,8 @@ def _planted_auc(where: str, mode: str, seeds: range, spread: float) -> tuple[fl
     from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
     from ne.compute.cluster import cluster_examples
+    from ne.compute.embed import LayerWeights
     from ne.config import ClusterConfig
-    from ne.rundir.weights import LayerWeights
     from tests.planted import planted_gated_features
 
     ari, auc = [], []
