@@ -161,7 +161,7 @@ def _build(run: RunDir, cfg: RunConfig) -> dict:
         del vectors
         index, info = build_index(x, cfg.index, cfg.seed)
         del x
-    run.write_parquet(schema.INDEX_IDS, ids)
+    run.write_parquet(schema.INDEX_IDS_FILE, ids)
     _write_index(run, index)
     d_mlp = {str(layer): int(read_layer_weights(run, layer, 0, 0).d_mlp) for layer in layers}
     info.update(vectors=cfg.index.vectors, d_mlp=d_mlp, seconds=time.perf_counter() - start)

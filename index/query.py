@@ -52,15 +52,15 @@ class SimilarFeatures:
         m = run.require_manifest()
         entry = require_done(run, "index", m)
         info = entry["info"]
-        if schema.INDEX_IDS in entry["files"]:
-            run.verify(schema.INDEX_IDS, entry["files"][schema.INDEX_IDS])
+        if schema.INDEX_IDS_FILE in entry["files"]:
+            run.verify(schema.INDEX_IDS_FILE, entry["files"][schema.INDEX_IDS_FILE])
         data = run.read_bytes(schema.INDEX_FILE)
         try:
             index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except RuntimeError as exc:
             raise DataError(f"{run.path(schema.INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); "
                             f"{_REBUILD}") from exc
-        ids = run.read_parquet(schema.INDEX_IDS).to_pandas().sort_values("row").reset_index(drop=True)
+        ids = run.read_parquet(schema.INDEX_IDS_FILE).to_pandas().sort_values("row").reset_index(drop=True)
         if version(run.manifest(), "index") != version(m, "index"):
             raise DataError(f"stage 'index' of {run.url} was redone while it was read; read it again once "
                             f"`ne index` has finished")
