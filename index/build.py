@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import faiss
@@ -131,7 +132,7 @@ class IndexSummary:
         )
 
 
-def run_index(cfg: RunConfig, force: list[str] | tuple = ()) -> IndexSummary:
+def run_index(cfg: RunConfig, force: Collection[str] = ()) -> IndexSummary:
     """Build (or keep) the similar-features index of cfg.run_dir; needs a finished cluster stage."""
     force = check_force(force, ("index",))
     run = RunDir(cfg.run_dir)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,7 +178,7 @@ def _dendrograms_table(batch: NeuronBatch, results: list[NeuronResult]) -> pa.Ta
 
 
 def _metrics_table(batch: NeuronBatch, results: list[NeuronResult]) -> pa.Table:
-    data = {"layer": [batch.layer] * len(results), "neuron": list(range(batch.lo, batch.hi))}
+    data: dict[str, list] = {"layer": [batch.layer] * len(results), "neuron": list(range(batch.lo, batch.hi))}
     for name in schema.METRICS_SCHEMA.names[2:]:
         data[name] = [r.metrics[name] for r in results]
     return pa.Table.from_pydict(data, schema=schema.METRICS_SCHEMA)
@@ -209,7 +210,7 @@ class ClusterSummary:
         )
 
 
-def run_cluster(cfg: RunConfig, force: list[str] | tuple = (), in_process: bool = False) -> ClusterSummary:
+def run_cluster(cfg: RunConfig, force: Collection[str] = (), in_process: bool = False) -> ClusterSummary:
     """Run (or resume) the cluster stage of `cfg`: Ray tasks, or one process when `in_process`."""
     force = check_force(force, ("cluster",))
     run = RunDir(cfg.run_dir)
@@ -295,8 +296,8 @@ def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_pr
         init_ray()
         load = ray.remote(num_cpus=1, max_retries=2)(load_h)
         gpu = gpu_wanted(cfg.use_gpu, "cluster.use_gpu")
-        share = {"num_gpus": 1 / cfg.tasks_per_gpu} if gpu else {}  # without a share a task sees no GPU
-        task = ray.remote(num_cpus=1, max_retries=2, **share)(cluster_batch)
+        share = 1 / cfg.tasks_per_gpu if gpu else 0  # without a share a task sees no GPU
+        task = ray.remote(num_cpus=1, num_gpus=share, max_retries=2)(cluster_batch)
         cfg_ref = ray.put(cfg)
         pending: dict[ray.ObjectRef, int] = {}
 
@@ -309,7 +310,8 @@ def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_pr
         for unit, (layer, batches, ids) in enumerate(units):
             while len(set(pending.values())) >= 2:
                 finish_one()
-            h_ref = load.remote(run, layer, ids)  # freed by Ray once this slice's tasks are done
+            # freed by Ray once this slice's tasks are done; Ray's stubs miss that h_ids has a default
+            h_ref = load.remote(run, layer, ids)  # type: ignore[call-arg]
             pending.update({task.remote(run.url, batch, cfg_ref, h_ref, gated_embedding): unit for batch in batches})
             del h_ref
         while pending:
@@ -333,8 +335,9 @@ def h_slices(run: RunDir, layer: int, batches: list[NeuronBatch], budget: int
         return [(batches, None)]
     examples = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer), columns=["neuron", "h_id"])
     neuron, h_id = examples.column("neuron").to_numpy(), examples.column("h_id").to_numpy()
-    groups: list[tuple[list[NeuronBatch], np.ndarray]] = []
-    group, ids = [], np.zeros(0, np.int64)
+    groups: list[tuple[list[NeuronBatch], np.ndarray | None]] = []
+    group: list[NeuronBatch] = []
+    ids = np.zeros(0, np.int64)
     for batch in batches:
         mine = h_id[(neuron >= batch.lo) & (neuron < batch.hi)]
         merged = np.union1d(ids, mine)

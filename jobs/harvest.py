@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import fsspec
@@ -123,7 +124,7 @@ class HarvestSummary:
         return "\n".join(lines)
 
 
-def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary:
+def run_harvest(cfg: RunConfig, force: Collection[str] = ()) -> HarvestSummary:
     """Run (or resume) the harvest stages of `cfg` into cfg.run_dir and summarise the result."""
     force = check_force(force, HARVEST)
     run = RunDir(cfg.run_dir)
@@ -131,7 +132,7 @@ def run_harvest(cfg: RunConfig, force: list[str] | tuple = ()) -> HarvestSummary
         return _harvest(run, cfg, force)
 
 
-def _harvest(run: RunDir, cfg: RunConfig, force: set[str]) -> HarvestSummary:
+def _harvest(run: RunDir, cfg: RunConfig, force: Collection[str]) -> HarvestSummary:
     start = time.perf_counter()
     base = load_model(cfg.model, cfg.harvest.gpus_per_worker if cfg.harvest.num_workers == 0 else 1)
     if not cfg.sae.active:  # checked before the corpus is read, so bad settings fail at once
@@ -202,13 +203,13 @@ def _examples_stage(
     stage.done(rows=rows, layers=layers, h_dtype=harvest.resolve_h_dtype(cfg.harvest.h_dtype, pool.model.d_model))
 
 
-def _units(run: RunDir, cfg: RunConfig, base, force: set[str]):
+def _units(run: RunDir, cfg: RunConfig, base, force: Collection[str]):
     """Stage "sae": train the run's own SAE when sae.train_hook asks for one; then the units to harvest."""
     hook = cfg.sae.train_hook
     stage = Stage(run, "sae", cfg, force, check=lambda: check_reachable(base, hook) if hook else None)
     if stage.needed():
         stage.begin()
-        info = {}
+        info: dict = {}
         if hook:
             acts = sample_activations(base, run, hook, cfg.sae.train_tokens, cfg.harvest.batch_size)
             sae, info = train_sae(acts, cfg.sae.train, cfg.seed)
@@ -220,7 +221,7 @@ def _units(run: RunDir, cfg: RunConfig, base, force: set[str]):
     return units_on(base, cfg)
 
 
-def _write_weights(run: RunDir, cfg: RunConfig, model, layers: list[int], force: set[str]) -> None:
+def _write_weights(run: RunDir, cfg: RunConfig, model, layers: list[int], force: Collection[str]) -> None:
     stage = Stage(run, "weights", cfg, force)
     if not stage.needed():
         return
@@ -296,10 +297,11 @@ class WorkerPool:
 def merge_maxima(run: RunDir, parts: list[int], direction: str = "max") -> pa.Table:
     """The parts' maxima of sign × act combined; written as real maxima (or minima, for `min`)."""
     sign = harvest.SIGNS[direction]
-    merged: dict[tuple, np.ndarray] = {}
+    merged: dict[int, np.ndarray] = {}
     for part in parts:
         table = run.read_parquet(schema.part_path(schema.work_dir("maxima"), part)).to_pandas()
-        for layer, group in table.groupby("layer"):
+        for key, group in table.groupby("layer"):
+            layer = int(key)  # type: ignore[call-overload]  # pandas types a group key as a tuple
             values = group.sort_values("neuron").max_act.to_numpy(copy=True)
             merged[layer] = values if layer not in merged else np.maximum(merged[layer], values)
     return maxima_table({layer: sign * torch.as_tensor(v) for layer, v in merged.items()}, direction)
@@ -372,7 +374,9 @@ class _PartWriter:
     def __init__(self, run: RunDir, folder: str):
         self.run, self.folder = run, folder
         self.pending: list[pa.Table] = []
-        self.rows, self.parts, self.schema = 0, 0, None
+        self.rows, self.parts = 0, 0
+        self.schema: pa.Schema | None = None
+        """The first table's: every layer has at least one part, so `add` comes before `close`."""
 
     def add(self, table: pa.Table) -> None:
         self.schema = self.schema or table.schema
@@ -388,11 +392,15 @@ class _PartWriter:
 
     def close(self) -> None:
         if self.rows or self.parts == 0:  # an empty layer still gets one (empty) part
-            self._write(pa.concat_tables(self.pending) if self.pending else self.schema.empty_table())
+            self._write(pa.concat_tables(self.pending) if self.pending else self._schema().empty_table())
         self.pending, self.rows = [], 0
 
+    def _schema(self) -> pa.Schema:
+        assert self.schema is not None, "add() a table before writing"
+        return self.schema
+
     def _rows_per_part(self) -> int:
-        h_type = self.schema.field("h").type
+        h_type = self._schema().field("h").type
         return max(1, H_PART_BYTES // (h_type.list_size * h_type.value_type.bit_width // 8))
 
     def _write(self, table: pa.Table) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +52,7 @@ class ImportanceWorker:
 
 def importance_table(data: RunData, model, batch: NeuronBatch, mask: int, before: int) -> pa.Table:
     """Importance of every example of the batch's neurons, sorted by neuron then rank."""
-    rows = {name: [] for name in schema.IMPORTANCE.names}
+    rows: dict[str, list] = {name: [] for name in schema.IMPORTANCE.names}
     for neuron in batch.neurons:
         for e in data.neuron(batch.layer, neuron).examples:
             start = max(0, e.pos - before)
@@ -79,7 +80,7 @@ class ImportanceSummary:
 
 
 def run_importance(
-    cfg: RunConfig, layers: list[int] | None = None, neurons: list[int] | None = None, force: list[str] | tuple = (),
+    cfg: RunConfig, layers: list[int] | None = None, neurons: list[int] | None = None, force: Collection[str] = (),
 ) -> ImportanceSummary:
     """Add token importance for `layers` (default: all) and `neurons` (default: all with examples)."""
     force = check_force(force, ("importance",))
@@ -152,7 +153,8 @@ def _map(cfg: RunConfig, todo: list[NeuronBatch]) -> None:
                                                       cfg.importance.use_gpu, len(todo), "neuron batches",
                                                       cfg.harvest.gpus_per_worker)
     n_devices = int(options.get("num_gpus", 0)) or 1  # a model split for the harvest is split here too
-    workers = [ImportanceWorker.options(**options).remote(cfg, threads, n_devices) for _ in range(n_workers)]
+    workers = [ImportanceWorker.options(**options).remote(cfg, threads, n_devices)  # type: ignore[attr-defined]
+               for _ in range(n_workers)]
     bar = tqdm(total=len(todo), unit="batch", desc="importance")
     try:
         run_on_actors(workers, "run", todo, on_done=lambda _: bar.update(1))

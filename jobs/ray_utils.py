@@ -151,60 +151,88 @@ def run_on_actors(workers: list, method: str, items: list, *args, on_done=None) 
     left without room for it, so no item waits for it. An item whose actor dies `ITEM_ATTEMPTS` times, or
     the loss of every actor for good, is an error.
     """
-    queue = list(range(len(items)))
-    attempts = [0] * len(items)
-    running: dict[ray.ObjectRef, tuple[Any, int]] = {}
-    waking = {_ping(w): w for w in workers}  # an actor takes items once it answers (its model loaded)
-    asleep: list[tuple[float, Any]] = []  # restarting actors, pinged again at the time given
-    free: list = []
-    last: BaseException | None = None
-    while queue or running:
-        while queue and free:
-            i = queue.pop(0)
-            worker = free.pop(0)
-            running[getattr(worker, method).remote(items[i], *args)] = (worker, i)
+    pool = _Dispatch(workers, method, items, args)
+    while pool.queue or pool.running:
+        pool.hand_out()
+        ref = pool.next_ready()
+        if ref is None:
+            continue
+        if ref in pool.waking:
+            pool.woke(ref)
+            continue
+        done, result = pool.finished(ref)
+        if done and on_done is not None:
+            on_done(result)
+    return pool.live()
+
+
+class _Dispatch:
+    """One `run_on_actors` call: the items still to do, and each actor free, running an item, waking (asked
+    whether it answers) or asleep (restarting, asked again later)."""
+
+    def __init__(self, workers: list, method: str, items: list, args: tuple):
+        self.method, self.items, self.args = method, items, args
+        self.queue = list(range(len(items)))
+        self.attempts = [0] * len(items)
+        self.running: dict[ray.ObjectRef, tuple[Any, int]] = {}
+        self.waking = {_ping(w): w for w in workers}  # an actor takes items once it answers (its model loaded)
+        self.asleep: list[tuple[float, Any]] = []  # restarting actors, pinged again at the time given
+        self.free: list = []
+        self.last: BaseException | None = None
+
+    def hand_out(self) -> None:
+        while self.queue and self.free:
+            i = self.queue.pop(0)
+            worker = self.free.pop(0)
+            self.running[getattr(worker, self.method).remote(self.items[i], *self.args)] = (worker, i)
+
+    def next_ready(self) -> ray.ObjectRef | None:
+        """The next answer of a running item or a waking actor; None when the wait ended without one."""
         now = time.monotonic()
-        waking.update({_ping(w): w for t, w in asleep if t <= now})
-        asleep = [(t, w) for t, w in asleep if t > now]
-        if not (running or waking or asleep):
-            raise NeError(f"every Ray worker died ({_reason(last)}); {len(queue)} of {len(items)} items are not "
-                          "done. Rerun the command to resume: finished items are kept")
-        timeout = max(0.0, min(t for t, _ in asleep) - now) if asleep else None
-        refs = [*running, *waking]
+        self.waking.update({_ping(w): w for t, w in self.asleep if t <= now})
+        self.asleep = [(t, w) for t, w in self.asleep if t > now]
+        if not (self.running or self.waking or self.asleep):
+            raise NeError(f"every Ray worker died ({_reason(self.last)}); {len(self.queue)} of {len(self.items)} "
+                          "items are not done. Rerun the command to resume: finished items are kept")
+        timeout = max(0.0, min(t for t, _ in self.asleep) - now) if self.asleep else None
+        refs = [*self.running, *self.waking]
         if not refs:  # only restarting actors: wait for the next ping
             time.sleep(timeout or 0.0)
-            continue
+            return None
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        if not ready:
-            continue
-        ref = ready[0]
-        if ref in waking:
-            worker = waking.pop(ref)
-            try:
-                ray.get(ref)
-                free.append(worker)
-            except ray.exceptions.ActorUnavailableError:
-                asleep.append((time.monotonic() + PING_SECONDS, worker))  # restarting (or waiting for room)
-            except ray.exceptions.RayActorError as exc:  # dead for good: its restarts are spent
-                last = exc
-            continue
-        worker, i = running.pop(ref)
+        return ready[0] if ready else None
+
+    def woke(self, ref: ray.ObjectRef) -> None:
+        worker = self.waking.pop(ref)
+        try:
+            ray.get(ref)
+            self.free.append(worker)
+        except ray.exceptions.ActorUnavailableError:
+            self.asleep.append((time.monotonic() + PING_SECONDS, worker))  # restarting (or waiting for room)
+        except ray.exceptions.RayActorError as exc:  # dead for good: its restarts are spent
+            self.last = exc
+
+    def finished(self, ref: ray.ObjectRef) -> tuple[bool, Any]:
+        """(True, the item's result), or (False, None) when its actor died and the item went back to the queue."""
+        worker, i = self.running.pop(ref)
         try:
             result = get(ref)
         except ray.exceptions.RayActorError as exc:
-            last, attempts[i] = exc, attempts[i] + 1
-            if attempts[i] >= ITEM_ATTEMPTS:
-                raise NeError(f"item {items[i]} of `{method}` lost its Ray worker {attempts[i]} times (the last: "
-                              f"{_reason(exc)}); see the Ray logs of its workers") from None
-            log.warning("a Ray worker died during %s of %s (%s); the item goes back to the queue", method, items[i],
-                        _reason(exc))
-            queue.insert(0, i)
-            waking[_ping(worker)] = worker
-            continue
-        free.append(worker)
-        if on_done is not None:
-            on_done(result)
-    return [*free, *waking.values(), *(w for _, w in asleep)]
+            self.last, self.attempts[i] = exc, self.attempts[i] + 1
+            if self.attempts[i] >= ITEM_ATTEMPTS:
+                raise NeError(f"item {self.items[i]} of `{self.method}` lost its Ray worker {self.attempts[i]} times "
+                              f"(the last: {_reason(exc)}); see the Ray logs of its workers") from None
+            log.warning("a Ray worker died during %s of %s (%s); the item goes back to the queue", self.method,
+                        self.items[i], _reason(exc))
+            self.queue.insert(0, i)
+            self.waking[_ping(worker)] = worker
+            return False, None
+        self.free.append(worker)
+        return True, result
+
+    def live(self) -> list:
+        """The actors not known to be dead."""
+        return [*self.free, *self.waking.values(), *(w for _, w in self.asleep)]
 
 
 ITEM_ATTEMPTS = 3

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -215,7 +216,7 @@ def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str],
     return state["done"], result.metrics
 
 
-def run_train(cfg: MnistRunConfig, force: list[str] | tuple = ()) -> TrainSummary:
+def run_train(cfg: MnistRunConfig, force: Collection[str] = ()) -> TrainSummary:
     """Train what is not finished yet, write the weights in the authors' format, then evaluate."""
     force = check_force(force, MNIST_STAGES)
     if cfg.data.source == "idx":

@@ -63,6 +63,7 @@ def integer(name: str, value: Any, low: int | None = None, high: int | None = No
                           (f" ({hint})" if hint else ""))
     value = int(value)
     if low is not None and value < low or high is not None and value >= high:
-        span = f"at most {high - 1}" if low is None else f"at least {low}" if high is None else f"in {low}..{high - 1}"
+        span = (f"at least {low}" if high is None else f"at most {high - 1}" if low is None
+                else f"in {low}..{high - 1}")
         raise ConfigError(f"{name} is {value}; it must be {span}" + (f" ({hint})" if hint else ""))
     return value

@@ -11,6 +11,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -340,7 +341,7 @@ def from_dict(cls: type, data: Any, where: str = ""):
 
 
 def _coerce(tp: Any, value: Any, key: str):
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, key)
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -356,6 +357,11 @@ def _coerce(tp: Any, value: Any, key: str):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return _scalar(tp, value, key)
+
+
+def _scalar(tp: Any, value: Any, key: str):
+    """`value` as a plain `tp`: an int where a float is asked becomes one; nothing else is converted."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, float) and not math.isfinite(value):
@@ -367,7 +373,7 @@ def _coerce(tp: Any, value: Any, key: str):
     return value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply `--set a.b=value` overrides; the value is parsed as YAML (`k=50`, `layers=[0,3]`)."""
     for item in overrides:
         if "=" not in item:
@@ -444,7 +450,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), cls: type = RunConfig):
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), cls: type = RunConfig):
     """Read a YAML config (or the defaults when `path` is None), apply overrides, validate strictly."""
     data = load_yaml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, list(overrides)))

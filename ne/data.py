@@ -91,34 +91,42 @@ def _file_documents(fs: fsspec.AbstractFileSystem, path: str, text_field: str) -
         with fs.open(path, "rb") as f:
             yield _decode_text(f.read(), path)
     elif ext == ".jsonl":
-        with fs.open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataError(f"{path} line {n} is not UTF-8 (byte {raw[exc.start]:#04x}); save the file as "
-                                    "UTF-8 JSON lines") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {n} is not valid JSON ({exc}); each line must be an object") from None
-                yield _field(row, text_field, f"{path} line {n}")
+        yield from _jsonl_documents(fs, path, text_field)
     elif ext == ".parquet":
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            if text_field not in names:
-                raise DataError(f"{path} has no column {text_field!r} (it has {', '.join(names)}); set data.text_field")
-            kind = pf.schema_arrow.field(text_field).type
-            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-                raise DataError(f"{path}: column {text_field!r} holds {kind}, not text; point data.text_field at a "
-                                "string column")
-            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
-                yield from (text or "" for text in batch.column(0).to_pylist())
+        yield from _parquet_documents(fs, path, text_field)
     else:
         raise DataError(f"{path}: unsupported file type {ext!r}; data.paths takes .txt, .jsonl or .parquet files")
+
+
+def _jsonl_documents(fs: fsspec.AbstractFileSystem, path: str, text_field: str) -> Iterator[str]:
+    with fs.open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path} line {n} is not UTF-8 (byte {raw[exc.start]:#04x}); save the file as "
+                                "UTF-8 JSON lines") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {n} is not valid JSON ({exc}); each line must be an object") from None
+            yield _field(row, text_field, f"{path} line {n}")
+
+
+def _parquet_documents(fs: fsspec.AbstractFileSystem, path: str, text_field: str) -> Iterator[str]:
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            raise DataError(f"{path} has no column {text_field!r} (it has {', '.join(names)}); set data.text_field")
+        kind = pf.schema_arrow.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{path}: column {text_field!r} holds {kind}, not text; point data.text_field at a "
+                            "string column")
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+            yield from (text or "" for text in batch.column(0).to_pylist())
 
 
 def _decode_text(data: bytes, path: str) -> str:

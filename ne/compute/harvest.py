@@ -29,7 +29,7 @@ Context = tuple[int, np.ndarray]
 
 
 def pad_batch(
-    token_lists: Sequence[Sequence[int]], pad_id: int
+    token_lists: Sequence[Sequence[int] | np.ndarray], pad_id: int
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Right-pad to the longest list: (tokens, attention mask with 1 on real tokens)."""
     width = max(len(t) for t in token_lists)

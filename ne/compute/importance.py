@@ -46,7 +46,7 @@ def check_mask_token(mask_token: int | None, vocab_size: int, model_name: str) -
 @torch.inference_mode()
 def token_importance(
     model: MLPModel,
-    tokens: Sequence[int],
+    tokens: Sequence[int] | np.ndarray,
     pos: int,
     layer: int,
     neuron: int,

@@ -41,13 +41,12 @@ class Shard:
         """Sum every parameter's gradient over workers (one flat all-reduce)."""
         if self.world == 1:
             return
-        params = [p for p in module.parameters() if p.grad is not None]
-        flat = self.sum(torch.cat([p.grad.reshape(-1) for p in params]))
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        flat = self.sum(torch.cat([g.reshape(-1) for g in grads]))
         offset = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-            offset += n
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 SINGLE = Shard()

@@ -159,6 +159,9 @@ class NeuronEmbeddingLoss(nn.Module):
     neurons keep theirs. The keyword options are the readings of `SAEConfig.ne_*`.
     """
 
+    avg: Float[Tensor, "m d"]
+    seen: Bool[Tensor, " m"]
+
     def __init__(
         self, n_neurons: int, d_in: int, momentum: float = 0.9, examples: str = "active",
         aggregate: str = "pairs", average: str = "activation", distance: str = "cosine",
@@ -273,7 +276,7 @@ def fit_sae(acts: Float[Tensor, "N d"], cfg: SAEConfig, seed: int, with_ne: bool
     sae = build_sae(cfg, acts, torch.Generator().manual_seed(seed))
     opt = sae_optimizer(sae, cfg)
     ne_loss = NeuronEmbeddingLoss.from_config(sae.n_neurons, acts.shape[1], cfg) if with_ne else None
-    step, losses = 0, {}
+    step, losses = 0, dict[str, float]()
     for epoch in range(cfg.epochs):
         step, losses = train_sae_epoch(sae, opt, acts, cfg, seed, epoch, step, ne_loss)
         log.info("SAE epoch %d: %s", epoch, {k: round(v, 4) for k, v in losses.items()})

@@ -71,8 +71,9 @@ class MLPModel(ABC):
         """What `weights/layer=L.safetensors` keeps: W_in, b_in; or W_gate, b_gate, W_up, b_up when gated."""
         if not self.gated:
             return {"W_in": self.W_in(layer), "b_in": self.b_in(layer)}
-        return {"W_gate": self.W_in(layer), "b_gate": self.b_in(layer), "W_up": self.W_up(layer),
-                "b_up": self.b_up(layer)}
+        W_up, b_up = self.W_up(layer), self.b_up(layer)
+        assert W_up is not None and b_up is not None, "a gated model gives W_up and b_up"
+        return {"W_gate": self.W_in(layer), "b_gate": self.b_in(layer), "W_up": W_up, "b_up": b_up}
 
     def signed(self) -> bool:
         """Whether an activation can be negative: always for a gated MLP (its up projection is signed),

@@ -13,13 +13,16 @@ both the gate and the up projection. `act` is what `down_proj` receives: act_fn(
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import transformers
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from ne.config import ModelConfig
@@ -51,6 +54,13 @@ class _GatedSite:
     """`rms`, `rms_offset` (Gemma: weight 1 + w), `layer` (no weight) or `none` (the MLP reads the residual)."""
     mlp: nn.Module
 
+    def proj(self, which: str) -> nn.Linear:
+        """`gate_proj`, `up_proj` or `down_proj`."""
+        return getattr(self.mlp, which)
+
+    def act_fn(self) -> Callable[[Tensor], Tensor]:
+        return cast(Callable[[Tensor], Tensor], self.mlp.act_fn)
+
     def normalise(self, x: Tensor) -> Tensor:
         """h: the norm's output without its weight, computed in float32 as the models do."""
         if self.kind == "none":
@@ -63,9 +73,9 @@ class _GatedSite:
 
     def scale(self) -> Tensor | None:
         """The norm's weight as it multiplies h, folded into both input maps (None: nothing to fold)."""
-        if self.kind in ("none", "layer"):
+        if self.kind in ("none", "layer") or self.norm is None:
             return None
-        w = self.norm.weight.detach()
+        w = _tensor(self.norm, "weight").detach()
         return 1.0 + w if self.kind == "rms_offset" else w
 
 
@@ -108,15 +118,22 @@ def _gated_sites(model: PreTrainedModel) -> list[_GatedSite]:
             f"norm feeds it; supported gated types: {', '.join(GATED_NORMS)}"
         )
     norm_name, kind = GATED_NORMS[model_type]
-    return [_GatedSite(getattr(layer, norm_name) if norm_name else None, kind, layer.mlp) for layer in model.layers]
+    return [_GatedSite(getattr(layer, norm_name) if norm_name else None, kind, cast(nn.Module, layer.mlp))
+            for layer in cast(nn.ModuleList, model.layers)]
 
 
-def _mlp_sites(model: PreTrainedModel) -> tuple[list[_MLPSite] | list[_GatedSite], bool]:
-    """The MLP of each layer, and whether the model is an encoder (BERT family), GPT-2 or a gated decoder."""
+def _tensor(module: nn.Module, name: str) -> Tensor:
+    """A module's parameter or buffer by name (typed: `module.name` is `Tensor | Module` to a type checker)."""
+    return getattr(module, name)
+
+
+def _mlp_sites(model: PreTrainedModel) -> tuple[list[_MLPSite], list[_GatedSite], bool]:
+    """Each layer's plain or gated MLP (the other list is empty), and whether the model is an encoder (BERT
+    family), GPT-2 or a gated decoder."""
     layers = getattr(model, "layers", None)
     if layers is not None and len(layers) and (hasattr(layers[0], "mlp") or _moe_name(model)):
         if _moe_name(model) or hasattr(layers[0].mlp, "gate_proj"):
-            return _gated_sites(model), False
+            return [], _gated_sites(model), False
     encoder = getattr(model, "encoder", None)
     if encoder is not None and hasattr(encoder, "layer") and hasattr(encoder.layer[0], "intermediate"):
         layers = encoder.layer
@@ -124,9 +141,10 @@ def _mlp_sites(model: PreTrainedModel) -> tuple[list[_MLPSite] | list[_GatedSite
             _MLPSite(lay.attention.output.LayerNorm, lay.intermediate.dense, lay.intermediate.intermediate_act_fn, True)
             for lay in layers
         ]
-        return sites, True
-    if hasattr(model, "h") and hasattr(model.h[0], "mlp") and hasattr(model.h[0].mlp, "c_fc"):
-        return [_MLPSite(block.ln_2, block.mlp.c_fc, block.mlp.act, False) for block in model.h], False
+        return sites, [], True
+    blocks = getattr(model, "h", None)
+    if blocks is not None and hasattr(blocks[0], "mlp") and hasattr(blocks[0].mlp, "c_fc"):
+        return [_MLPSite(block.ln_2, block.mlp.c_fc, block.mlp.act, False) for block in blocks], [], False
     raise ConfigError(
         f"model type {model.config.model_type!r} is not supported by the hf back end; use a BERT-family "
         f"encoder, GPT-2 or a gated decoder ({', '.join(GATED_NORMS)}), or a TransformerLens model "
@@ -140,14 +158,14 @@ class HFModel(MLPModel):
         self.tokenizer = tokenizer
         self.name = name
         self.device = _first_device(model)
-        self.sites, is_encoder = _mlp_sites(model)
-        self.gated = isinstance(self.sites[0], _GatedSite)
-        self.n_layers = len(self.sites)
+        self.plain_sites, self.gated_sites, is_encoder = _mlp_sites(model)
+        self.gated = bool(self.gated_sites)
+        self.n_layers = len(self.gated_sites or self.plain_sites)
         self.d_model = model.config.hidden_size
-        self.d_mlp = self.sites[0].mlp.gate_proj.out_features if self.gated else self._raw_W(0).shape[1]
+        self.d_mlp = self.gated_sites[0].proj("gate_proj").out_features if self.gated else self._raw_W(0).shape[1]
         self.n_ctx_max = model.config.max_position_embeddings
-        self.d_vocab = model.get_input_embeddings().num_embeddings
-        self.act_fn = self.sites[0].mlp.act_fn if self.gated else self.sites[0].act_module
+        self.d_vocab = int(_tensor(model.get_input_embeddings(), "num_embeddings"))
+        self.act_fn = self.gated_sites[0].act_fn() if self.gated else self.plain_sites[0].act_module
         eos = tokenizer.eos_token_id
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
         self.bos_token_id = tokenizer.cls_token_id if is_encoder else bos
@@ -155,19 +173,19 @@ class HFModel(MLPModel):
         self.pad_token_id = next(i for i in (tokenizer.pad_token_id, eos, 0) if i is not None)
 
     def _raw_W(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
-        site = self.sites[layer]
-        w = site.linear.weight.detach()
+        site = self.plain_sites[layer]
+        w = _tensor(site.linear, "weight").detach()
         return w.T if site.transposed else w
 
     def _gated_W(self, layer: int, which: str) -> Tensor:
         """W of `gate_proj` or `up_proj` with the norm's weight folded in, on the model's first device."""
-        w = getattr(self.sites[layer].mlp, which).weight.detach().T.to(self.device)
-        scale = self.sites[layer].scale()
+        w = self.gated_sites[layer].proj(which).weight.detach().T.to(self.device)
+        scale = self.gated_sites[layer].scale()
         return w if scale is None else scale.to(self.device, w.dtype)[:, None] * w
 
     def _gated_b(self, layer: int, which: str) -> Tensor:
         """b of `gate_proj` or `up_proj` (zeros without one), on the model's first device."""
-        linear = getattr(self.sites[layer].mlp, which)
+        linear = self.gated_sites[layer].proj(which)
         b = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features,
                                                                              dtype=linear.weight.dtype)
         return b.to(self.device)
@@ -175,13 +193,13 @@ class HFModel(MLPModel):
     def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
         if self.gated:
             return self._gated_W(layer, "gate_proj")
-        return self.sites[layer].norm.weight.detach()[:, None] * self._raw_W(layer)
+        return self.plain_sites[layer].norm.weight.detach()[:, None] * self._raw_W(layer)
 
     def b_in(self, layer: int) -> Float[Tensor, " d_mlp"]:
         if self.gated:
             return self._gated_b(layer, "gate_proj")
-        site = self.sites[layer]
-        return site.linear.bias.detach() + site.norm.bias.detach() @ self._raw_W(layer)
+        site = self.plain_sites[layer]
+        return _tensor(site.linear, "bias").detach() + site.norm.bias.detach() @ self._raw_W(layer)
 
     def W_up(self, layer: int) -> Float[Tensor, "d_model d_mlp"] | None:
         return self._gated_W(layer, "up_proj") if self.gated else None
@@ -194,35 +212,7 @@ class HFModel(MLPModel):
     ) -> dict[int, LayerOutput]:
         layers = self.check_layers(layers)
         out: dict[int, dict[str, Tensor]] = {layer: {} for layer in layers}
-        last = max(layers)
-
-        def keep_h(layer: int):
-            def hook(module: nn.Module, args) -> None:
-                x = args[0]
-                if self.gated:
-                    out[layer]["h"] = self.sites[layer].normalise(x)
-                else:
-                    out[layer]["h"] = nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
-
-            return hook
-
-        def keep_act(layer: int):
-            def hook(module, args, output=None) -> None:
-                out[layer]["act"] = args[0] if self.gated else output  # gated: the input of down_proj
-                if layer == last:
-                    raise _Stop
-
-            return hook
-
-        handles = []
-        for layer in layers:
-            site = self.sites[layer]
-            if self.gated:
-                handles.append((site.norm or site.mlp).register_forward_pre_hook(keep_h(layer)))
-                handles.append(site.mlp.down_proj.register_forward_pre_hook(keep_act(layer)))
-            else:
-                handles.append(site.norm.register_forward_pre_hook(keep_h(layer)))
-                handles.append(site.act_module.register_forward_hook(keep_act(layer)))
+        handles = [handle for layer in layers for handle in self._keep(layer, out[layer], layer == max(layers))]
         try:
             with torch.no_grad():
                 self.model(input_ids=tokens.to(self.device), attention_mask=attention_mask.to(self.device))
@@ -233,6 +223,29 @@ class HFModel(MLPModel):
                 handle.remove()
         # A model split over several GPUs leaves each layer's tensors on its own device.
         return {layer: LayerOutput(**{k: v.to(self.device) for k, v in out[layer].items()}) for layer in layers}
+
+    def _keep(self, layer: int, out: dict[str, Tensor], last: bool) -> list[RemovableHandle]:
+        """Hooks that put the layer's `h` and `act` into `out`; the last layer's then stops the forward pass."""
+
+        def keep_h(module: nn.Module, args) -> None:
+            x = args[0]
+            if self.gated:
+                out["h"] = self.gated_sites[layer].normalise(x)
+            else:
+                norm = self.plain_sites[layer].norm
+                out["h"] = nn.functional.layer_norm(x, norm.normalized_shape, eps=norm.eps)
+
+        def keep_act(module: nn.Module, args, output=None) -> None:
+            out["act"] = args[0] if self.gated else output  # gated: the input of down_proj
+            if last:
+                raise _Stop
+
+        if self.gated:
+            gated = self.gated_sites[layer]
+            return [(gated.norm or gated.mlp).register_forward_pre_hook(keep_h),
+                    gated.proj("down_proj").register_forward_pre_hook(keep_act)]
+        plain = self.plain_sites[layer]
+        return [plain.norm.register_forward_pre_hook(keep_h), plain.act_module.register_forward_hook(keep_act)]
 
     def encode(self, text: str) -> list[int]:
         return encode_plain(self.tokenizer, text)

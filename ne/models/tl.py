@@ -12,6 +12,8 @@ input bias of either map, so a gated model must have b_in = 0 (every converted m
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
+from typing import cast
 
 import fsspec
 import torch
@@ -47,7 +49,7 @@ class TLModel(MLPModel):
         self.gated = kinds == {GatedMLP}
         if self.gated:
             for i, block in enumerate(model.blocks):
-                if bool(block.mlp.b_in.detach().any()):
+                if bool(cast(Tensor, block.mlp.b_in).detach().any()):
                     raise ConfigError(
                         f"model {name} layer {i}: its GatedMLP adds a non-zero b_in after act_fn(gate) * up, which "
                         "no input weight can carry; neuron embeddings need b_in = 0 (as every converted model has)"
@@ -62,7 +64,7 @@ class TLModel(MLPModel):
         self.name = name
         self.n_layers = cfg.n_layers
         self.d_model = cfg.d_model
-        self.d_mlp = cfg.d_mlp
+        self.d_mlp = cast(int, cfg.d_mlp)  # set for every model with an MLP, the only ones let through above
         self.n_ctx_max = cfg.n_ctx
         self.d_vocab = cfg.d_vocab
         self.act_fn = model.blocks[0].mlp.act_fn
@@ -75,19 +77,22 @@ class TLModel(MLPModel):
         self.device = next(model.parameters()).device
         self.is_causal = cfg.attention_dir == "causal"
 
+    def _mlp_tensor(self, layer: int, name: str) -> Tensor:
+        """`W_in`, `W_gate` or `b_in` of one layer's MLP, detached, on the model's first device."""
+        return getattr(self.model.blocks[layer].mlp, name).detach().to(self.device)
+
     def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
-        mlp = self.model.blocks[layer].mlp
-        return (mlp.W_gate if self.gated else mlp.W_in).detach().to(self.device)
+        return self._mlp_tensor(layer, "W_gate" if self.gated else "W_in")
 
     def b_in(self, layer: int) -> Float[Tensor, " d_mlp"]:
-        mlp = self.model.blocks[layer].mlp
-        return torch.zeros_like(mlp.b_in).to(self.device) if self.gated else mlp.b_in.detach().to(self.device)
+        b = self._mlp_tensor(layer, "b_in")
+        return torch.zeros_like(b) if self.gated else b  # a gated b_in is refused unless zero
 
     def W_up(self, layer: int) -> Float[Tensor, "d_model d_mlp"] | None:
-        return self.model.blocks[layer].mlp.W_in.detach().to(self.device) if self.gated else None
+        return self._mlp_tensor(layer, "W_in") if self.gated else None
 
     def b_up(self, layer: int) -> Float[Tensor, " d_mlp"] | None:
-        return torch.zeros_like(self.model.blocks[layer].mlp.b_in).to(self.device) if self.gated else None
+        return torch.zeros_like(self._mlp_tensor(layer, "b_in")) if self.gated else None
 
     def run(
         self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], layers: list[int]
@@ -103,7 +108,7 @@ class TLModel(MLPModel):
 
             return hook
 
-        hooks = []
+        hooks: list[tuple[str | Callable, Callable]] = []
         for layer in layers:
             hooks.append((f"blocks.{layer}.ln2.hook_normalized", keep(layer, "h")))
             hooks.append((f"blocks.{layer}.mlp.{self._act_hook}", keep(layer, "act")))
@@ -195,6 +200,9 @@ def check_state_dict(state: dict[str, Tensor], model: HookedTransformer, path: s
 
 
 def load_safetensors_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_devices: int = 1) -> TLModel:
+    if cfg.weights is None or cfg.architecture is None:
+        raise ConfigError("model.backend safetensors needs model.weights (a state dict) and model.architecture (its "
+                          "HookedTransformerConfig); set both")
     tokenizer = load_tokenizer(cfg.tokenizer)
     arch = {"d_vocab": len(tokenizer), **cfg.architecture, "device": "cpu"}
     try:

@@ -4,7 +4,7 @@ by part in corpus order by every pass over it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,7 @@ def tokenizer_probe(model: MLPModel) -> dict:
     return {"bos_token_id": model.bos_token_id, "probe": model.encode("Neuron embeddings: 0123 ÄÖü, tokens!")}
 
 
-def write_contexts(run: RunDir, run_cfg: RunConfig, model: MLPModel, force: set[str] | tuple = ()) -> int:
+def write_contexts(run: RunDir, run_cfg: RunConfig, model: MLPModel, force: Collection[str] = ()) -> int:
     """Tokenise the corpus into `contexts/`; returns the number of contexts. Skipped when already done.
 
     An interrupted run resumes: the corpus is re-read (deterministically) and the parts already written

@@ -47,7 +47,7 @@ class SortedParts:
     def __init__(self, run: RunDir, folder: str, key: str, cache: _RowGroupCache, version: str | None = None):
         self.run, self.folder, self.key, self.cache, self.version = run, folder, key, cache, version
         records = file_records(run.manifest())  # read once: each part is verified against its record
-        self.groups: list[tuple[str, pq.FileMetaData, int, int, int]] = []
+        self.groups: list[tuple[str, pq.FileMetaData, int, float, float]] = []
         """(run-relative path, footer, row group, min key, max key), one per row group of every part."""
         for rel in run.parts(folder):
             record = records.get(rel)

@@ -111,7 +111,7 @@ def _plots(run: RunDir, m: pd.DataFrame) -> list[str]:
     top = int(active.n_clusters.max()) if len(active) else 1
     for layer in layers:
         counts = active[active.layer == layer].n_clusters
-        ax.hist(counts, bins=np.arange(0, top + 2) - 0.5, histtype="step", label=f"layer {layer}")
+        ax.hist(counts, bins=(np.arange(0, top + 2) - 0.5).tolist(), histtype="step", label=f"layer {layer}")
     ax.set(xlabel="clusters per neuron", ylabel="neurons", title="Feature clusters per neuron")
     ax.legend(fontsize=7)
     names.append(_png(run, "clusters_per_neuron.png", fig))

@@ -221,7 +221,8 @@ def check_not_owned(folder: str, names: Sequence[str], flag: str = "--out", defa
     """An error when writing files `names` into `folder` would write where a stage of a run (a folder with a
     manifest, here or above) keeps its outputs: such a file would be replaced, or mixed with a stage's."""
     fs, path = fsspec.core.url_to_fs(folder)
-    inside, here = [], path.rstrip("/")
+    inside: list[str] = []
+    here = path.rstrip("/")
     while here:
         if fs.exists(posixpath.join(here, MANIFEST)):
             for name in names:

@@ -24,7 +24,7 @@ import os
 import posixpath
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import Any
 
@@ -345,7 +345,9 @@ class RunDir:
     def _check_chunks(self, rel: str, record: dict, first: int, hashes: list[str]) -> None:
         """Compare the hashes of chunks first, first + 1, ... with the record's (the whole file's from 0)."""
         listed = record.get("chunks")
-        for i, h in enumerate(hashes if listed is not None else (), first):
+        if listed is None:
+            return
+        for i, h in enumerate(hashes, first):
             if i >= len(listed) or h[:CHUNK_HEX] != listed[i]:
                 chunk = record["chunk"]
                 raise self._corrupt(rel, f"in bytes {i * chunk:,}..{min(record['size'], (i + 1) * chunk) - 1:,}")
@@ -481,21 +483,26 @@ def check_manifest(m: Any, where: str) -> None:
     if not isinstance(stages, dict):
         raise bad(f"'stages' is a {type(stages).__name__}, not an object")
     for name, entry in stages.items():
-        if not isinstance(entry, dict):
-            raise bad(f"stages.{name} is a {type(entry).__name__}, not an object")
-        if entry.get("status") not in STATUSES:
-            raise bad(f"stages.{name}.status is {entry.get('status')!r}, not one of {', '.join(STATUSES)}")
-        for key in ("settings", "files", "upstream"):
-            if not isinstance(entry.get(key, {}), dict):
-                raise bad(f"stages.{name}.{key} is a {type(entry[key]).__name__}, not an object")
-        for rel, record in entry.get("files", {}).items():
-            if not isinstance(record, dict) or not isinstance(record.get("size"), int):
-                raise bad(f"stages.{name}.files[{rel!r}] has no size")
-        if not isinstance(entry.get("fingerprint"), str):
-            raise bad(f"stages.{name} has no fingerprint")
-        if entry["status"] == "done" and not isinstance(entry.get("info"), dict):
-            raise bad(f"stages.{name} is done but has no info")
+        _check_entry(name, entry, bad)
     m.setdefault("stages", stages)
+
+
+def _check_entry(name: str, entry: Any, bad: Callable[[str], DataError]) -> None:
+    """`check_manifest` of one stage's entry."""
+    if not isinstance(entry, dict):
+        raise bad(f"stages.{name} is a {type(entry).__name__}, not an object")
+    if entry.get("status") not in STATUSES:
+        raise bad(f"stages.{name}.status is {entry.get('status')!r}, not one of {', '.join(STATUSES)}")
+    for key in ("settings", "files", "upstream"):
+        if not isinstance(entry.get(key, {}), dict):
+            raise bad(f"stages.{name}.{key} is a {type(entry[key]).__name__}, not an object")
+    for rel, record in entry.get("files", {}).items():
+        if not isinstance(record, dict) or not isinstance(record.get("size"), int):
+            raise bad(f"stages.{name}.files[{rel!r}] has no size")
+    if not isinstance(entry.get("fingerprint"), str):
+        raise bad(f"stages.{name} has no fingerprint")
+    if entry["status"] == "done" and not isinstance(entry.get("info"), dict):
+        raise bad(f"stages.{name} is done but has no info")
 
 
 def file_records(manifest: dict) -> dict[str, dict]:

@@ -56,7 +56,7 @@ def get_model(url: str, versions: tuple):
         data = get_data(url)
         check_inputs(data.run, data.manifest(), ("sae", "weights", "maxima"))  # never a model changed since
         model = load_units(data.config())
-        model.run = one_at_a_time(model.run)
+        model.run = one_at_a_time(model.run)  # type: ignore[method-assign]  # one model, many sessions' threads
         return model, None
     except Exception as exc:  # any failure (no hub, missing weights) only costs on-demand importance
         log.warning("model not loaded: %s", exc)
@@ -111,7 +111,7 @@ def get_index(url: str, versions: tuple):
 @st.cache_data(show_spinner=False, max_entries=64)
 def dendrogram_png(url: str, layer: int, neuron: int, versions: tuple) -> bytes | None:
     data = get_neuron(url, layer, neuron, versions)
-    if data.linkage is None or len(data.linkage) == 0:
+    if data.linkage is None or len(data.linkage) == 0 or data.threshold is None:
         return None
     leaves = [e.cluster if e.cluster is not None else -1 for e in data.examples]
     return render.dendrogram_png(data.linkage, leaves, data.threshold)
@@ -137,7 +137,8 @@ def step(delta: int) -> None:
     i = ss.get("hist_i", 0) + delta
     if 0 <= i < len(ss.get("history", [])):
         ss.hist_i = i
-        go(*ss.history[i], push=False)
+        layer, neuron, cluster = ss.history[i]
+        go(layer, neuron, cluster, push=False)
 
 
 def picked() -> None:
@@ -173,7 +174,8 @@ class Decoder:
     """Token ids to display strings with the run's tokenizer, or `[id]` when it cannot be loaded; memoised."""
 
     def __init__(self, decode, error: str | None):
-        self.decode, self.error, self.cache = decode, error, {}
+        self.decode, self.error = decode, error
+        self.cache: dict[int, str] = {}
 
     def __call__(self, ids):
         missing = [i for i in dict.fromkeys(ids) if i not in self.cache]

@@ -178,10 +178,13 @@ def mnist_page(data) -> None:
 
 
 def _members(view: MnistNeuron) -> dict[int, np.ndarray]:
-    out = {}
-    for c in range(view.clusters.n_clusters):
-        idx = np.flatnonzero(view.clusters.labels == c)
-        central = view.clusters.central[c]
+    out: dict[int, np.ndarray] = {}
+    clusters = view.clusters
+    if clusters is None:  # one example: nothing was clustered
+        return out
+    for c in range(clusters.n_clusters):
+        idx = np.flatnonzero(clusters.labels == c)
+        central = clusters.central[c]
         out[c] = np.r_[central, idx[idx != central]]
     return out
 

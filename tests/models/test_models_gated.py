@@ -78,7 +78,7 @@ def test_hf_gated_identity_against_the_models_own_modules(tmp_path, model_type, 
         mlp, x = model.model.layers[i].mlp, seen[i]
         torch.testing.assert_close(out[i].act[valid], (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))[valid],
                                    atol=1e-5, rtol=1e-4)
-        site = model.sites[i]
+        site = model.gated_sites[i]
         folded = out[i].h if site.scale() is None else out[i].h * site.scale()
         torch.testing.assert_close(folded[valid], x[valid], atol=1e-5, rtol=1e-4)  # h is the MLP input, unweighted
 
