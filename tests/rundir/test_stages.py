@@ -118,7 +118,7 @@ def test_1_forced_upstream_stage_makes_every_downstream_stage_stale(run_cfg, cap
     assert main(["similar", run_cfg.run_dir, "--layer", "1", "--neuron", "0"]) == 2
     assert "is stale" in capsys.readouterr().err
     warnings = " ".join(RunData(run_cfg.run_dir).status().warnings)
-    assert "clusters is stale" in warnings and "ne cluster" in warnings
+    assert "stage 'cluster' of" in warnings and "is stale" in warnings and "ne cluster --config" in warnings
     # Redoing the stale stages gives a consistent run again.
     run_cluster(new, in_process=True)
     run_index(new)
