@@ -25,6 +25,7 @@ from ne.errors import NeError
 from ne.explain import of_extreme
 from ne.rundir.reader import Example, NeuronData, RunData
 from ne.viewer import render
+from ne.viewer.overview import overview_page
 
 log = logging.getLogger("ne.viewer")
 N_SIMILAR = 5
@@ -158,6 +159,10 @@ def init_state(data: RunData) -> None:
         return
     layers = data.layers()
     params = st.query_params
+    if "neuron" not in params:  # a fresh start opens on the run overview
+        ss.nav = (layers[0], int(next(iter(data.neurons(layers[0])), 0)))
+        ss.page = "Overview"
+        return
     try:
         layer = int(params.get("layer", layers[0]))
         neuron = int(params["neuron"]) if "neuron" in params else int(next(iter(data.neurons(layer)), 0))
@@ -468,7 +473,7 @@ def main() -> None:
         return
     for message in status.warnings:
         st.sidebar.caption(f"⚠ {message}")
-    pages = (["Neuron", "Neuron table", "Explain text"] if "lm" in status.kind else []) + (
+    pages = (["Overview", "Neuron", "Neuron table", "Explain text"] if "lm" in status.kind else []) + (
         ["MNIST"] if "mnist" in status.kind else [])
     if "lm" in status.kind:
         init_state(data)
@@ -477,7 +482,9 @@ def main() -> None:
     page = st.sidebar.radio("Page", pages, key="page")
     if page == "Neuron":
         sidebar_navigation(data)
-    if page == "Neuron":
+    if page == "Overview":
+        overview_page(data, go)
+    elif page == "Neuron":
         neuron_page(data, url)
     elif page == "Neuron table":
         table_page(data)

@@ -208,11 +208,19 @@ def test_similar_on_a_missing_directory(tmp_path, capsys):
 # --- the app, in process (Streamlit's AppTest) ----------------------------------------------------------------
 
 
-def _app_test(run_dir: str, monkeypatch):
+def _app_test(run_dir: str, monkeypatch, **params):
+    """The app on `run_dir`, opened at URL query `params` (none: the run overview)."""
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setattr(sys, "argv", ["app.py", run_dir])
-    return AppTest.from_file(str(REPO / "ne" / "viewer" / "app.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(REPO / "ne" / "viewer" / "app.py"), default_timeout=60)
+    for key, value in params.items():
+        at.query_params[key] = str(value)
+    return at.run()
+
+
+def _first_neuron(run_dir: str) -> dict:
+    return {"layer": 0, "neuron": int(RunData(run_dir).neurons(0)[0])}
 
 
 def _texts(at) -> str:
@@ -267,7 +275,8 @@ def _break_model(lm_run, tmp_path, **model_fields) -> str:
 
 
 def test_app_falls_back_to_token_ids_without_the_tokenizer(lm_run, tmp_path, monkeypatch):
-    at = _app_test(_break_model(lm_run, tmp_path, tokenizer=str(tmp_path / "gone")), monkeypatch)
+    at = _app_test(_break_model(lm_run, tmp_path, tokenizer=str(tmp_path / "gone")), monkeypatch,
+                   **_first_neuron(lm_run))
     assert not at.exception and not at.error
     assert "tokens are shown as ids" in _texts(at)
     html = " ".join(str(el.proto) for el in at.get("html"))
@@ -275,7 +284,8 @@ def test_app_falls_back_to_token_ids_without_the_tokenizer(lm_run, tmp_path, mon
 
 
 def test_app_decodes_without_the_weights_and_says_importance_needs_them(lm_run, tmp_path, monkeypatch):
-    at = _app_test(_break_model(lm_run, tmp_path, weights=str(tmp_path / "gone.safetensors")), monkeypatch)
+    at = _app_test(_break_model(lm_run, tmp_path, weights=str(tmp_path / "gone.safetensors")), monkeypatch,
+                   **_first_neuron(lm_run))
     assert not at.exception and "tokens are shown as ids" not in _texts(at)
     html = " ".join(str(el.proto) for el in at.get("html"))
     assert not re.search(r"&gt;\[\d+\]&lt;|>\[\d+\]<", html), "decoded text, not ids"
@@ -315,8 +325,32 @@ def test_app_names_the_mask_token_the_importance_stage_ran_with(lm_run, tmp_path
     assert at.toggle(key="importance").help.endswith("masking one earlier token at a time with token 100")
 
 
-def test_app_history_back_forward_and_random(lm_run, monkeypatch):
+def test_app_opens_on_the_run_overview(lm_run, monkeypatch):
+    """The first page: the run's figures, its most polysemantic neurons (most clusters, ties to the higher
+    silhouette, ranked here by a plain sort) as buttons that open them, and a way to any neuron."""
     at = _app_test(lm_run, monkeypatch)
+    assert not at.exception and not at.error and at.header[0].value == "Run overview"
+    m = RunData(lm_run).metrics_table().to_pandas()
+    active = m[m.n_examples > 0]
+    ranked = sorted(active.itertuples(), key=lambda r: (-r.n_clusters, -np.nan_to_num(r.silhouette, nan=-9),
+                                                        r.layer, r.neuron))[:12]
+    shown = [b.label for b in at.button if b.key and b.key.startswith("top_")]
+    shown_units = [tuple(map(int, re.match(r"Layer (\d+) · (\d+)", s).groups())) for s in shown]
+    ranked_units = [(r.layer, r.neuron) for r in ranked]
+    # three columns, filled across: AppTest lists column 0's buttons (ranks 0, 3, 6...) first
+    assert shown_units == [ranked_units[i] for col in range(3) for i in range(col, len(ranked_units), 3)]
+    metric = {mt.label: mt.value for mt in at.metric}
+    assert metric["feature clusters"] == f"{int(active.n_clusters.sum()):,}"
+    next(b for b in at.button if b.key and b.key.startswith("top_")).click().run()
+    assert at.header[0].value == f"Layer {ranked[0].layer} · Neuron {ranked[0].neuron}" and not at.exception
+    at.radio(key="page").set_value("Overview").run()
+    at.number_input(key="jump_neuron").set_value(7).run()
+    next(b for b in at.button if b.key == "jump_open").click().run()
+    assert at.header[0].value == "Layer 0 · Neuron 7" and not at.exception
+
+
+def test_app_history_back_forward_and_random(lm_run, monkeypatch):
+    at = _app_test(lm_run, monkeypatch, **_first_neuron(lm_run))
     first = at.header[0].value
     at.number_input(key="neuron_pick").set_value(200).run()
     assert at.header[0].value == "Layer 0 · Neuron 200"
@@ -396,7 +430,13 @@ def test_browser_walkthrough(lm_run):
                     if time.time() > deadline:
                         raise
                     time.sleep(0.3)
-            expect(page.get_by_text("Layer 0 · Neuron")).to_be_visible(timeout=60_000)
+            # 0. the run overview comes first; its "Open" button opens a neuron
+            expect(page.get_by_text("Run overview")).to_be_visible(timeout=60_000)
+            expect(page.get_by_role("button", name=re.compile(r"^Layer \d+ · \d+: \d+ clusters")).first).to_be_visible()
+            _settle(page)
+            page.screenshot(path=ARTIFACTS / "0-overview.png", full_page=True)
+            page.get_by_role("button", name="Open", exact=True).click()
+            expect(page.get_by_text("Layer 0 · Neuron 0")).to_be_visible(timeout=60_000)
 
             # 1. open a neuron through the picker
             box = page.get_by_role("spinbutton", name="Neuron", exact=True)
