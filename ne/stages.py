@@ -6,9 +6,11 @@ sae        <- contexts              an SAE trained on the corpus (a no-op unless
 weights    <- sae                   W_in and b_in of every harvested layer
 maxima     <- contexts, sae         pass 1: each unit's maximum
 examples   <- contexts, maxima      pass 2: each unit's dataset examples and their h
-cluster    <- examples, weights     feature clusters, centroids, metrics, the report
+cluster    <- examples, weights     feature clusters, centroids, metrics
+label      <- cluster               an offline label for every feature cluster, and the report that shows them
 index      <- cluster               FAISS index of the clusters' central examples
 importance <- examples              token importance (adds neurons run by run)
+describe   <- cluster               LLM descriptions of feature clusters (optional; adds clusters run by run)
 mnist_mlp <- ; mnist_sae_standard, mnist_sae_ne_loss <- mnist_mlp ; mnist_eval <- both SAEs
 ```
 
@@ -72,12 +74,17 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
              ("cluster.method", "cluster.cut", "cluster.threshold", "cluster.min_separation", "cluster.min_silhouette",
               "cluster.silhouette_tolerance", "cluster.max_clusters", "cluster.min_cluster_size",
               "model.gated_embedding"),
-             ("clusters", "dendrograms", "centroids", "metrics.parquet", "report", "_work/cluster"),
+             ("clusters", "dendrograms", "centroids", "metrics.parquet", "_work/cluster"),
              layout=("cluster.neurons_per_task",)),
+    StageDef("label", "ne cluster", ("cluster",), (), ("labels", "report")),
     StageDef("index", "ne index", ("cluster",), ("index.*", "-index.device", "seed", "model.gated_embedding"),
              ("index",)),
     StageDef("importance", "ne importance", ("examples",), ("importance.mask_token", "importance.window_before"),
              ("importance",)),
+    StageDef("describe", "ne describe", ("cluster",),
+             ("describe.model", "describe.examples", "describe.contrast_clusters", "describe.contrast_examples",
+              "describe.window_before", "describe.window_after", "describe.max_tokens", "describe.temperature"),
+             ("descriptions",)),
     StageDef("mnist_mlp", "ne train", (), ("seed", "data.source", "data.train_subset", "mlp.*"),
              ("mnist/mlp.safetensors",)),
     StageDef("mnist_sae_standard", "ne train", ("mnist_mlp",), ("sae.*", "-sae.ne_"),
@@ -87,7 +94,7 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
              ("mnist/sae_eval.md", "mnist/sae_eval.csv")),
 )}
 HARVEST = ("contexts", "sae", "weights", "maxima", "examples")
-LM_STAGES = (*HARVEST, "cluster", "index", "importance")
+LM_STAGES = (*HARVEST, "cluster", "label", "index", "importance", "describe")
 MNIST_STAGES = ("mnist_mlp", "mnist_sae_standard", "mnist_sae_ne_loss", "mnist_eval")
 
 
@@ -118,6 +125,12 @@ def owner_of(rel: str) -> str | None:
             if (rel == out or rel.startswith(out.rstrip("/") + "/")) and (best is None or len(out) > len(best[1])):
                 best = (spec.name, out)
     return best[0] if best else None
+
+
+def own_files(name: str, entry: dict) -> dict[str, dict]:
+    """The files a stage's manifest entry records that the stage still owns: a run made before an output moved to
+    another stage (the report moved from `cluster` to `label`) must not count that output as missing."""
+    return {rel: record for rel, record in entry.get("files", {}).items() if owner_of(rel) == name}
 
 
 def redo_command(stage: str, force: bool = True) -> str:
@@ -231,7 +244,7 @@ class Stage:
             if diff:
                 raise ConfigError(self._changed_message(up, diff))
         for up in ancestors(self.name):
-            for rel, record in m["stages"][up].get("files", {}).items():
+            for rel, record in own_files(up, m["stages"][up]).items():
                 self.run.verify(rel, record)
 
     def needed(self) -> bool:
@@ -248,7 +261,7 @@ class Stage:
             raise ConfigError(self._changed_message(self.name, diff))
         if state_of(m, self.name)[0] != "done":
             return True
-        for rel, record in entry.get("files", {}).items():
+        for rel, record in own_files(self.name, entry).items():
             self.run.verify(rel, record)
         return False
 
@@ -316,9 +329,9 @@ def describe_status(run: RunDir) -> str:
             note = ""
             if state == "done":
                 try:
-                    for rel, record in entry.get("files", {}).items():
+                    for rel, record in own_files(name, entry).items():
                         run.verify(rel, record)
-                    n = len(entry.get("files", {}))
+                    n = len(own_files(name, entry))
                     note = f"{n} file{'s' * (n != 1)} intact" if n else "writes no file with these settings"
                 except DataError as exc:
                     state, note = "damaged", str(exc)

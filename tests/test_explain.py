@@ -128,4 +128,5 @@ def test_cli_text_and_json(run, capsys):
     records = json.loads(capsys.readouterr().out)
     assert [r["pos"] for r in records] == list(range(len(records)))
     unit = next(u for r in records for u in r["units"])
-    assert set(unit) == {"layer", "neuron", "act", "of_max", "cluster", "similarity", "cluster_size", "central_text"}
+    assert set(unit) == {"layer", "neuron", "act", "of_max", "cluster", "similarity", "cluster_size", "central_text",
+                         "label"}
