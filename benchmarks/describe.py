@@ -61,7 +61,10 @@ from ne.scores import (  # noqa: E402
 from ne.store import RunDir  # noqa: E402
 
 HOLD_OUT = 0.2
-METHODS = ("one label per neuron", "neuron-embedding clusters", "pre-MLP clusters", "PRISM-style clusters")
+METHODS = ("one label per neuron", "neuron-embedding clusters", "pre-MLP clusters", "PRISM-style clusters",
+           "neuron-embedding clusters, commonest key token")
+"""The last row keeps the neuron-embedding clusters but labels each with its commonest key token alone: what the
+contrast with the neuron's other clusters adds to a label."""
 BEFORE, AFTER = 20, 5
 
 
@@ -126,9 +129,10 @@ def main() -> None:
     encoder = SentenceEncoder()
     unit_counts = {m: Counts() for m in METHODS}
     cluster_counts = {m: Counts() for m in METHODS[1:]}
+    within_counts = {m: Counts() for m in METHODS[1:]}
     deltas = defaultdict(list)
     n_clusters = defaultdict(list)
-    held_total = 0
+    held_total = quiet_total = 0
     for layer, group in sample.groupby("layer"):
         ex = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, int(layer)),
                               filters=[("neuron", "in", group.neuron.tolist())]).to_pandas().sort_values(
@@ -155,9 +159,16 @@ def main() -> None:
             quiet = below_threshold([tokens[int(c)] for c in h_rows.ctx_id], h_rows.window_start.tolist(),
                                     h_rows.window.tolist(), threshold, sign, special)
             held_total += len(held)
+            quiet_total += len(quiet)
+            made = {}
             for method in METHODS:
-                lab, held_lab, kept = split_and_assign(method, e, h, s, train, held, cfg, args.k, args.seed)
-                rules = {int(c): best_rule(toks[train][lab == c], toks[train][lab != c], special) for c in kept}
+                made[method] = made[METHODS[1]] if method == METHODS[4] else split_and_assign(
+                    method, e, h, s, train, held, cfg, args.k, args.seed)
+                lab, held_lab, kept = made[method]
+                if method == METHODS[4]:
+                    rules = {int(c): commonest_key(toks[train][lab == c]) for c in kept}
+                else:
+                    rules = {int(c): best_rule(toks[train][lab == c], toks[train][lab != c], special) for c in kept}
                 unit_counts[method] += unit_detection(list(rules.values()), toks[held], quiet)
                 n_clusters[method].append(len(kept))
                 if method == METHODS[0]:
@@ -165,25 +176,35 @@ def main() -> None:
                 firing = {c: toks[held][held_lab == c] for c in rules}
                 for counts in label_detection(rules, firing, quiet).values():
                     cluster_counts[method] += counts
-                keep = np.isin(lab, kept)
-                deltas[method].append(embedding_deltas(s[held], held_lab, s[train][keep], lab[keep]))
+                for counts in label_detection(rules, firing, np.zeros((0, 3), np.int64)).values():
+                    within_counts[method] += counts
+                if method != METHODS[4]:  # the same clusters as neuron-embedding clusters
+                    keep = np.isin(lab, kept)
+                    deltas[method].append(embedding_deltas(s[held], held_lab, s[train][keep], lab[keep]))
     print(f"{args.run_dir}: {len(sample)} neurons with >= {args.min_examples} examples (of {len(pool)}), "
-          f"{HOLD_OUT:.0%} of each neuron's examples held out ({held_total} examples); seed {args.seed}")
+          f"{HOLD_OUT:.0%} of each neuron's examples held out ({held_total} examples; {quiet_total} tokens of their "
+          f"windows below the threshold); seed {args.seed}")
     print("| method | clusters per neuron | unit: precision / recall / F1 | cluster: precision / recall / F1 | "
-          "embedding: closer to own cluster / mean margin |")
-    print("|---|---|---|---|---|")
+          "cluster among the neuron's examples: precision / recall | embedding: closer to own cluster / mean margin |")
+    print("|---|---|---|---|---|---|")
     for method in METHODS:
         u = unit_counts[method]
-        c = cluster_counts.get(method)
+        c, w = cluster_counts.get(method), within_counts.get(method)
         emb = embedding_score(deltas[method]) if method in deltas else None
         print(f"| {method} | {np.mean(n_clusters[method]):.2f} | {u.precision:.3f} / {u.recall:.3f} / {u.f1:.3f} | "
-              + (f"{c.precision:.3f} / {c.recall:.3f} / {c.f1:.3f} | " if c else "– | ")
+              + (f"{c.precision:.3f} / {c.recall:.3f} / {c.f1:.3f} | {w.precision:.3f} / {w.recall:.3f} | "
+                 if c else "– | – | ")
               + (f"{emb.closer:.3f} / {emb.delta:.4f} (n {emb.n}) |" if emb else "– |"))
     if occurrences_ready(manifest):
         occurrence_scores(run, sample, special)
     if args.llm:
         llm_scores(run, load_config(args.llm).describe, tokenizer, sample, args.seed)
     print(f"({time.perf_counter() - start:.0f} s)")
+
+
+def commonest_key(toks_c: np.ndarray) -> Rule:
+    ids, counts = np.unique(toks_c[:, 1], return_counts=True)
+    return Rule((int(ids[np.lexsort((ids, -counts))[0]]),))
 
 
 def run_rules(run: RunDir, layer: int, neuron: int) -> dict[int, Rule]:

@@ -40,11 +40,11 @@ class LabelSummary:
 
 def run_label(cfg: RunConfig, force: list[str] | tuple = ()) -> LabelSummary:
     """Run (or resume) the label stage of `cfg`, then write the report."""
-    force = check_force(force, ("label",))
+    forced = check_force(force, ("label",))
     run = RunDir(cfg.run_dir)
     with run.lock("ne label"):
         start = time.perf_counter()
-        stage = Stage(run, "label", cfg, force)
+        stage = Stage(run, "label", cfg, forced)
         if stage.needed():
             stage.begin()
             layers = run.manifest()["stages"]["examples"]["info"]["layers"]

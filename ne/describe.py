@@ -330,10 +330,10 @@ def run_describe(cfg: RunConfig, layers: Sequence[int] | None = None, neurons: S
     description yet; the `describe` stage adds to what is there, as `ne importance` does."""
     from ne.models import load_token_decoder
 
-    force = check_force(force, ("describe",))
+    forced = check_force(force, ("describe",))
     run = RunDir(cfg.run_dir)
     with run.lock("ne describe"):
-        stage = Stage(run, "describe", cfg, force)
+        stage = Stage(run, "describe", cfg, forced)
         needed = stage.needed()
         client = ChatClient(cfg.describe, cfg.seed)  # a missing model or key is an error before anything changes
         todo = clusters_to_describe(run, layers, neurons, limit, cfg.cluster.min_cluster_size)

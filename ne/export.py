@@ -333,9 +333,9 @@ def write_neuronpedia(view: RunView, out: RunDir, model_id: str, source_set: str
                               "maxActApprox": float(act_n[first:end].max()), **FEATURE_DEFAULTS,
                               "sourceSetName": source_set})
                 texts = [("ne offline label", labels.get((neuron, cluster)))]
-                row = described.get((layer, neuron, cluster))
-                if row is not None:
-                    texts.append((f"ne describe, {row['model']}", row["description"]))
+                llm = described.get((layer, neuron, cluster))
+                if llm is not None:
+                    texts.append((f"ne describe, {llm['model']}", llm["description"]))
                 for notes, text in texts:
                     if text:
                         expl.append({"id": _cuid(model_id, source_id, index, notes), **common, "description": text,
@@ -351,13 +351,13 @@ def write_neuronpedia(view: RunView, out: RunDir, model_id: str, source_set: str
     return features, records
 
 
-ACTIVATION_DEFAULTS = {
+ACTIVATION_DEFAULTS: dict[str, object] = {
     "dfaValues": [], "dfaTargetIndex": None, "dfaMaxValue": None, "lossValues": [], "logitContributions": None,
     "binMin": None, "binMax": None, "binContains": None, "zIndices": None, "zValues": None,
 }
 """The Activation fields of data an export does not have, at Neuronpedia's own defaults."""
 
-FEATURE_DEFAULTS = {
+FEATURE_DEFAULTS: dict[str, object] = {
     "hasVector": False, "vector": [], "vectorLabel": None, "vectorDefaultSteerStrength": 10, "hookName": None,
     "topkCosSimIndices": [], "topkCosSimValues": [], "neuron_alignment_indices": [], "neuron_alignment_values": [],
     "neuron_alignment_l1": [], "correlated_neurons_indices": [], "correlated_neurons_pearson": [],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from itertools import product
@@ -249,3 +250,30 @@ def test_most_polysemantic_ranks_substantial_separated_clusters():
     assert top.neuron.tolist() == [2, 4, 1, 3]  # separated ones first (by count), then neuron 3 (silhouette 0.2)
     assert top.substantial.tolist() == [naive[n] for n in top.neuron]
     assert top.labels.iloc[0] == 'C0: "t20" · C1: "t21" · C2: "t22"'
+
+
+def test_viewer_tabs_and_similar_features_show_labels(lm_run, monkeypatch):
+    import sys
+
+    from streamlit.testing.v1 import AppTest
+
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(sys, "argv", ["app.py", lm_run])
+    at = AppTest.from_file(str(REPO / "ne" / "viewer" / "app.py"), default_timeout=60).run()
+    assert not at.exception
+    layer, neuron = (int(x) for x in re.findall(r"\d+", at.header[0].value))
+    labels = _labels(RunDir(lm_run), layer)
+    mine = labels[labels.neuron == neuron]
+    tabs = [t.label for t in at.tabs]
+    assert len(tabs) == len(mine)
+    for row, tab in zip(mine.itertuples(), tabs):
+        assert tab.startswith(f":{render.cluster_colour(row.cluster)[0]}[Cluster {row.cluster}]")
+        assert tab.endswith(f" · {render.markdown_escape(row.label)}")
+    similar = [b.label for b in at.button if re.match(r"L\d+ · N\d+ · C\d+", b.label)]
+    assert similar
+    every = {(layer, r.neuron, r.cluster): r.label
+             for layer in (0, 1) for r in _labels(RunDir(lm_run), layer).itertuples()}
+    for text in similar:
+        l2, n2, c2 = (int(x) for x in re.match(r"L(\d+) · N(\d+) · C(\d+)", text).groups())
+        assert f"C{c2} · {render.markdown_escape(every[(l2, n2, c2)])} — similarity" in text
