@@ -309,7 +309,8 @@ def test_status_shows_each_stage_with_its_settings(run_cfg, capsys):
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if not line.startswith("      ")}
     assert lines == {"contexts": "done", "sae": "done", "weights": "done", "maxima": "done", "examples": "done",
-                     "cluster": "done", "index": "stale", "importance": "missing"}
+                     "cluster": "done", "label": "missing", "index": "stale", "importance": "missing",
+                     "describe": "missing"}
     assert 'cluster.threshold=0.4' in out and 'harvest.k=8' in out and "files intact" in out
     os.remove(Path(run_cfg.run_dir) / "maxima.parquet")
     assert main(["status", run_cfg.run_dir]) == 0
