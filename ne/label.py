@@ -8,7 +8,9 @@ cluster, to tell the cluster's examples from the neuron's other examples, the co
   F1 (at most `MAX_KEYS`, each on at least `MIN_SHARE` of the cluster);
 - then at most one neighbour condition (the token just before or just after the key token, on at least `MIN_SHARE`
   of the cluster), with K or alone, kept only when it raises the F1 by `MIN_GAIN` or more: labels stay short.
-A neuron with a single cluster has nothing to contrast with, so its label is its commonest key tokens.
+A neuron with a single cluster has nothing to contrast with, so its label is its commonest key tokens. A label
+whose rule holds for less than half of its cluster ends with that share, e.g. `before "." (10%)`: the cluster is
+mixed, and the label names only its largest common trait.
 
 Beside the label each row keeps the rule itself and how much it matches: the cluster's examples (`coverage`), the
 neuron's other examples (`others`) and the corpus's token positions (`corpus`). coverage / others is the rule's lift
@@ -38,6 +40,8 @@ MIN_SHARE = 0.1
 """A key token or neighbour enters a rule only when it holds for at least this share of the cluster."""
 MIN_GAIN = 0.05
 """A neighbour condition is added only when it raises the rule's F1 by this much."""
+WEAK = 0.5
+"""A label whose rule holds for less than this share of its cluster says so: `before "." (10%)`."""
 MAX_CHARS = 16
 """A token longer than this is cut in the label (with …)."""
 NONE = -1
@@ -81,15 +85,18 @@ def best_rule(toks_c: np.ndarray, toks_o: np.ndarray, special: Sequence[int] = (
     neuron's other examples (`toks_o`)."""
     least = max(1, int(np.ceil(MIN_SHARE * len(toks_c))))
 
-    def frequent(column: np.ndarray, skip: Sequence[int] = ()) -> list[int]:
+    def by_count(column: np.ndarray, skip: Sequence[int] = ()) -> list[tuple[int, int]]:
         ids, counts = np.unique(column[~np.isin(column, [NONE, *skip])], return_counts=True)
         order = np.lexsort((ids, -counts))  # most frequent first, ties by id: deterministic
-        return [int(t) for t, n in zip(ids[order], counts[order]) if n >= least]
+        return [(int(t), int(n)) for t, n in zip(ids[order], counts[order])]
+
+    def frequent(column: np.ndarray, skip: Sequence[int] = ()) -> list[int]:
+        return [t for t, n in by_count(column, skip) if n >= least]
 
     def score(rule: Rule) -> float:
         return f1(rule.matches(toks_c), rule.matches(toks_o))
 
-    keys = frequent(toks_c[:, 1]) or [int(toks_c[0, 1])]
+    keys = frequent(toks_c[:, 1]) or [by_count(toks_c[:, 1])[0][0]]  # no key that frequent: the commonest
     rule = max((Rule((k,)) for k in keys), key=score)  # the first best: the most frequent among equals
     for k in keys:
         if k in rule.keys:
@@ -250,7 +257,8 @@ def label_clusters(layer: int, neuron_n: np.ndarray, cluster_n: np.ndarray, outl
                 rows[name].append(value)
     ids = sorted({t for r in rules for t in (*r.keys, r.context) if t != NONE})
     names = dict(zip(ids, shown(decode(ids), word_pieces) if ids else []))
-    rows["label"] = [rule.text(names.__getitem__) for rule in rules]
+    rows["label"] = [rule.text(names.__getitem__) + (f" ({cov:.0%})" if cov < WEAK else "")
+                     for rule, cov in zip(rules, rows["coverage"])]
     return pa.Table.from_pydict(rows, schema=schema.LABELS)
 
 

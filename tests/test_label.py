@@ -19,7 +19,19 @@ from jobs.label import run_label
 from ne import schema
 from ne.cli import main
 from ne.config import RunConfig, from_dict
-from ne.label import MIN_GAIN, NONE, Rule, best_rule, corpus_counts, f1, shown, tokens_at, uses_word_pieces
+from ne.label import (
+    MIN_GAIN,
+    NONE,
+    CorpusCounts,
+    Rule,
+    best_rule,
+    corpus_counts,
+    f1,
+    label_clusters,
+    shown,
+    tokens_at,
+    uses_word_pieces,
+)
 from ne.models import load_token_decoder
 from ne.models.tokenizers import gpt2_tokenizer
 from ne.report import most_polysemantic
@@ -63,6 +75,14 @@ def test_planted_clusters_get_the_rule_that_sets_them_apart():
     assert Rule((), 1, 12).text(show) == 'before "until"'
     # A single cluster has nothing to contrast with: its commonest key tokens.
     assert best_rule(c, np.zeros((0, 3), np.int64)) == Rule((11, 12))
+    # A mixed cluster (no key token on a tenth of it): its largest common trait, with the share it covers.
+    mixed = np.stack([np.r_[np.full(12, 1), rng.integers(20, 40, 18)], np.r_[[5, 5], np.arange(100, 128)],
+                      rng.integers(200, 260, 30)], 1)
+    assert best_rule(mixed, np.zeros((0, 3), np.int64)) == Rule((), -1, 1)
+    counts = CorpusCounts(*(np.zeros(300, np.int64),) * 3, np.zeros(0, np.int64), np.zeros(0, np.int64), 1)
+    table = label_clusters(0, np.zeros(30, int), np.zeros(30, int), np.zeros(30, bool), mixed, counts,
+                           lambda ids: [f" t{i}" for i in ids])
+    assert table.column("label").to_pylist() == ['after "t1" (40%)']
 
 
 def test_tokens_are_spelled_for_labels():
@@ -162,7 +182,7 @@ def test_every_cluster_has_a_label_whose_counts_are_true(lm_run):
                 assert row.corpus == pytest.approx(corpus / positions)
             ids = [t for t in (*rule.keys, rule.context) if t != NONE]
             names = dict(zip(ids, shown(decode(ids))))
-            assert row.label == rule.text(names.__getitem__)
+            assert row.label == rule.text(names.__getitem__) + (f" ({row.coverage:.0%})" if row.coverage < 0.5 else "")
         if layer == 0:
             break  # layer 1 only through the rows' shape above: the corpus count is a slow loop
 
