@@ -5,14 +5,14 @@
 
 For a sample of the run's neurons (those with at least --min-examples examples), hold out 20% of each neuron's
 examples. Four ways of saying what the neuron does are built from the other 80% only, each with the offline labels
-of `ne.label` (the rule that best tells a cluster's examples from the neuron's others):
+of `ne.compute.label` (the rule that best tells a cluster's examples from the neuron's others):
 - one label per neuron (all its examples as one cluster);
 - one label per cluster, for clusters of neuron embeddings (the run's clustering settings), of pre-MLP embeddings
   (the same settings on h), and PRISM-style clusters (arXiv 2506.15538: k-means, k = 5, over a sentence encoder's
   embedding of each example's context; here the demo's all-MiniLM-L6-v2, mean-pooled, on 20 tokens before the key
   token to 5 after).
 Held-out examples join the nearest cluster (mean embedding, as `ne explain` assigns; the nearest k-means centre for
-PRISM). Scores (`ne.scores`), on held-out text only:
+PRISM). Scores (`ne.compute.scores`), on held-out text only:
 - unit: whether the neuron fires, said by the neuron's label or by any of its clusters' labels; positives are the
   held-out key tokens, negatives the tokens of their stored windows where the neuron stays below its threshold;
 - cluster: each cluster's label as a detector of its own held-out examples among the other clusters' held-out
@@ -21,8 +21,9 @@ PRISM). Scores (`ne.scores`), on held-out text only:
   than to the neuron's other clusters' (delphi's example-embedding measure), and the mean margin. This favours
   PRISM's clusters, which are built in that very space.
 When the run has a finished `occurrence` stage, the cluster score is also taken on the held-out occurrences
-(`ne.scores.occurrence_detection`): the run's own labels against every held-out token. With --llm CONFIG (a config
-whose `describe` section names an endpoint), the run's LLM descriptions are scored by detection (balanced accuracy).
+(`ne.compute.scores.occurrence_detection`): the run's own labels against every held-out token. With --llm CONFIG (a
+config whose `describe` section names an endpoint), the run's LLM descriptions are scored by detection (balanced
+accuracy).
 """
 
 from __future__ import annotations
@@ -39,15 +40,10 @@ from scipy.spatial.distance import pdist, squareform
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ne import schema  # noqa: E402
-from ne.cluster import cluster_neuron  # noqa: E402
-from ne.config import RunConfig, from_dict, load_config  # noqa: E402
-from ne.embed import load_h, read_layer_weights  # noqa: E402
-from ne.explain import assign, cluster_vectors  # noqa: E402
-from ne.export import occurrences_ready  # noqa: E402
-from ne.harvest import SIGNS  # noqa: E402
-from ne.label import Rule, best_rule  # noqa: E402
-from ne.models import load_model_tokenizer  # noqa: E402
-from ne.scores import (  # noqa: E402
+from ne.compute.cluster import cluster_neuron  # noqa: E402
+from ne.compute.harvest import SIGNS  # noqa: E402
+from ne.compute.label import Rule, best_rule  # noqa: E402
+from ne.compute.scores import (  # noqa: E402
     Counts,
     SentenceEncoder,
     around,
@@ -58,7 +54,13 @@ from ne.scores import (  # noqa: E402
     occurrence_detection,
     unit_detection,
 )
-from ne.store import RunDir  # noqa: E402
+from ne.config import RunConfig, from_dict, load_config  # noqa: E402
+from ne.explain import assign, cluster_vectors  # noqa: E402
+from ne.export import occurrences_ready  # noqa: E402
+from ne.models import load_model_tokenizer  # noqa: E402
+from ne.rundir.h import load_h  # noqa: E402
+from ne.rundir.store import RunDir  # noqa: E402
+from ne.rundir.weights import read_layer_weights  # noqa: E402
 
 HOLD_OUT = 0.2
 METHODS = ("one label per neuron", "neuron-embedding clusters", "pre-MLP clusters", "PRISM-style clusters",
@@ -223,8 +225,10 @@ def occurrence_scores(run: RunDir, sample, special) -> None:
                                filters=[("ctx_id", "in", occ_ctx.tolist())]).to_pandas()
         contexts = {int(c): np.asarray(t, np.int64) for c, t in zip(ctx.ctx_id, ctx.tokens)}
         for neuron in group.neuron:
-            for counts in occurrence_detection(run, int(layer), int(neuron), run_rules(run, int(layer), neuron),
-                                               contexts, special).values():
+            occ = run.read_parquet(schema.layer_dir(schema.OCCURRENCES_DIR, int(layer)),
+                                   columns=["ctx_id", "pos", "cluster"], filters=[("unit", "=", int(neuron))])
+            for counts in occurrence_detection(*(occ.column(c).to_numpy() for c in ("ctx_id", "pos", "cluster")),
+                                               run_rules(run, int(layer), neuron), contexts, special).values():
                 total += counts
     print(f"held-out occurrences, the run's labels over every held-out token: precision {total.precision:.3f}, "
           f"recall {total.recall:.3f}, F1 {total.f1:.3f}")
@@ -263,7 +267,7 @@ def llm_scores(run: RunDir, describe_cfg, tokenizer, sample, seed: int) -> None:
 def show_labels(run: RunDir, tokenizer, n: int, seed: int) -> None:
     """n random labelled clusters (not outliers) with their size and first examples, to judge by reading."""
     from ne.models.tokenizers import decode_each
-    from ne.reader import RunData, key_token_snippet
+    from ne.rundir.reader import RunData, key_token_snippet
 
     data = RunData(run.url)
     rng = np.random.default_rng(seed)

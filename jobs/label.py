@@ -1,4 +1,5 @@
-"""The label stage: an offline label for every feature cluster (`ne.label`), then the run report, which shows them.
+"""The label stage: an offline label for every feature cluster (`ne.compute.label` chooses it, `ne.rundir.labels`
+reads what it needs), then the run report, which shows them.
 
 One process, one layer at a time: a layer's labels are one Parquet part, written atomically, so an interrupted
 stage resumes with the layers it had not finished. It needs no model, only the run's tokenizer to spell tokens.
@@ -11,18 +12,16 @@ import logging
 import time
 from dataclasses import dataclass
 
-import pandas as pd
-import pyarrow as pa
-
 from jobs.cluster import comparison
 from ne import schema
+from ne.compute.label import uses_word_pieces
 from ne.config import RunConfig
-from ne.label import corpus_counts, label_layer, uses_word_pieces
 from ne.models import load_model_tokenizer
 from ne.models.tokenizers import decode_each
-from ne.report import write_report
-from ne.stages import Stage, check_force
-from ne.store import RunDir
+from ne.rundir.labels import corpus_counts, label_layer, read_all_labels
+from ne.rundir.report import write_report
+from ne.rundir.stages import Stage, check_force
+from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def run_label(cfg: RunConfig, force: list[str] | tuple = ()) -> LabelSummary:
             special = [t for t in (model.get("bos_token_id"), model.get("pad_token_id")) if t is not None]
             corpus = None
             for layer in layers:
-                rel = f"{schema.layer_dir(schema.LABELS_DIR, layer)}/{schema.part_name(0)}"
+                rel = schema.part_path(schema.LABELS_DIR, 0, layer)
                 if run.exists(rel):  # finished before an interruption
                     continue
                 if corpus is None:
@@ -65,13 +64,6 @@ def run_label(cfg: RunConfig, force: list[str] | tuple = ()) -> LabelSummary:
             metrics = run.read_parquet(schema.METRICS)
             write_report(run, metrics, compare=comparison(cfg, metrics), cut=cfg.cluster.cut,
                          threshold=cfg.cluster.threshold, labels=read_all_labels(run, layers))
-            stage.done(clusters=sum(run.read_footer(f"{schema.layer_dir(schema.LABELS_DIR, layer)}/"
-                                                    f"{schema.part_name(0)}").num_rows for layer in layers))
+            stage.done(clusters=sum(run.read_footer(schema.part_path(schema.LABELS_DIR, 0, layer)).num_rows
+                                   for layer in layers))
         return LabelSummary(run.url, int(stage.info.get("clusters", 0)), time.perf_counter() - start)
-
-
-def read_all_labels(run: RunDir, layers: list[int]) -> pd.DataFrame:
-    """Every feature cluster's size, outlier flag and label (small: one row per cluster)."""
-    columns = ["layer", "neuron", "cluster", "size", "outlier", "label"]
-    tables = [run.read_parquet(schema.layer_dir(schema.LABELS_DIR, layer), columns=columns) for layer in layers]
-    return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)

@@ -33,9 +33,9 @@ import pyarrow as pa
 from ne import schema
 from ne.config import DescribeConfig, RunConfig
 from ne.errors import ConfigError, DataError
-from ne.reader import NeuronData, RunData, key_token_snippet
-from ne.stages import Stage, check_force
-from ne.store import RunDir
+from ne.rundir.reader import NeuronData, RunData, key_token_snippet
+from ne.rundir.stages import Stage, check_force
+from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class PartWriter:
         if not self.rows:
             return
         table = pa.Table.from_pylist(self.rows, schema=schema.DESCRIPTIONS)
-        self.run.write_parquet(f"{schema.DESCRIPTIONS_DIR}/{schema.part_name(self.next)}", table)
+        self.run.write_parquet(schema.part_path(schema.DESCRIPTIONS_DIR, self.next), table)
         self.next += 1
         self.written += len(self.rows)
         self.rows = []

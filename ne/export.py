@@ -43,11 +43,13 @@ import pyarrow.compute as pc
 import safetensors.numpy
 
 from ne import schema
-from ne.config import RunConfig, from_dict
+from ne.compute.harvest import SIGNS
+from ne.config import RunConfig
 from ne.errors import ConfigError, DataError
-from ne.harvest import SIGNS
-from ne.stages import GRAPH, require_done, state_of
-from ne.store import RunDir
+from ne.rundir.graph import GRAPH
+from ne.rundir.reader import RunData
+from ne.rundir.stages import require_done, state_of
+from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,7 @@ class RunView:
 
     def __init__(self, run: RunDir, manifest: dict):
         self.run, self.manifest = run, manifest
-        self.cfg: RunConfig = from_dict(RunConfig, manifest.get("config", {}))
+        self.cfg: RunConfig = RunData(run.url).config(manifest)  # each setting as the stage that made it ran
         self.layers: list[int] = manifest["stages"]["examples"]["info"]["layers"]
         self.model = manifest.get("model", {})
         self.d_mlp = int(self.model["d_mlp"])

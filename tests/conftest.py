@@ -66,9 +66,9 @@ def tiny_model_cfg(tmp_path_factory) -> ModelConfig:
 
 @pytest.fixture(scope="session")
 def lm_run(tmp_path_factory, tiny_model_cfg) -> str:
-    """A finished tiny language-model run (`tests/viewer_run.py`: harvest, clusters, labels, index), shared by the
-    viewer's, the labels', the descriptions' and the exports' tests: read it, or copy it to change it."""
-    from tests.viewer_run import build_lm_run
+    """A finished tiny language-model run (`tests/viewer/viewer_run.py`: harvest, clusters, labels, index), shared
+    by the viewer's, the labels', the descriptions' and the exports' tests: read it, or copy it to change it."""
+    from tests.viewer.viewer_run import build_lm_run
 
     root = tmp_path_factory.mktemp("viewer_run") / "run"
     build_lm_run(root, tiny_model_cfg)

@@ -25,8 +25,8 @@ from ne.cli import main
 from ne.config import DescribeConfig, RunConfig, from_dict, to_dict
 from ne.describe import ChatClient, clusters_to_describe, detection_score, read_descriptions, run_describe
 from ne.errors import DataError
-from ne.stages import state_of
-from ne.store import RunDir
+from ne.rundir.stages import state_of
+from ne.rundir.store import RunDir
 from tests.conftest import REPO
 
 KEY = "sk-test-3f9a7c"

@@ -20,8 +20,8 @@ from ne.cli import main
 from ne.describe import PartWriter
 from ne.export import RunView, write_delphi
 from ne.models import load_token_decoder
-from ne.stages import Stage
-from ne.store import RunDir
+from ne.rundir.stages import Stage
+from ne.rundir.store import RunDir
 from tests.conftest import REPO
 
 FORMATS = json.loads((REPO / "tests" / "fixtures" / "export_formats.json").read_text())
