@@ -235,8 +235,8 @@ def occurrence_scores(run: RunDir, sample, special) -> None:
 
 
 def llm_scores(run: RunDir, describe_cfg, tokenizer, sample, seed: int) -> None:
-    """Detection scoring of the run's LLM descriptions: held-out examples of the cluster (positives) against
-    examples of the neuron's other clusters and of other neurons (negatives), texts as the held-out windows."""
+    """Detection scoring of the run's LLM descriptions: examples of the cluster its prompt did not show (positives)
+    against unshown examples of the neuron's other clusters (negatives), each as its text window."""
     from ne.describe import ChatClient, detection_score, read_descriptions
 
     described = read_descriptions(run)
@@ -248,7 +248,12 @@ def llm_scores(run: RunDir, describe_cfg, tokenizer, sample, seed: int) -> None:
             continue
         ex = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer), filters=[("neuron", "=", neuron)])
         cl = run.read_parquet(schema.layer_dir(schema.CLUSTERS_DIR, layer), filters=[("neuron", "=", neuron)])
-        ex = ex.to_pandas().merge(cl.to_pandas(), on=["layer", "neuron", "rank"])
+        ex = ex.to_pandas().merge(cl.to_pandas(), on=["layer", "neuron", "rank"]).sort_values("rank")
+        # Held out from the description: never an example its prompt showed (the first `examples` of the cluster by
+        # rank, the first `contrast_examples` of each other cluster; `ne.describe.describe_prompt`).
+        nth = ex.groupby("cluster").cumcount().to_numpy()
+        mine = (ex.cluster == cluster).to_numpy()
+        ex = ex[np.where(mine, nth >= describe_cfg.examples, nth >= describe_cfg.contrast_examples)]
         ctx = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
                                filters=[("ctx_id", "in", ex.ctx_id.unique().tolist())]).to_pandas()
         tokens = dict(zip(ctx.ctx_id, ctx.tokens))

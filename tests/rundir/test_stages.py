@@ -351,11 +351,11 @@ def test_a_stage_removes_only_what_the_manifest_records_as_its_own(run_cfg):
     """Item 1, inside a run: a file of the user's where a stage writes is an error before anything changes, and
     redoing a stage upstream removes only the files the stale stage recorded."""
     run = RunDir(run_cfg.run_dir)
-    mine = Path(run_cfg.run_dir) / "report" / "mine.md"
+    mine = Path(run_cfg.run_dir) / "dendrograms" / "mine.md"
     mine.write_text("my notes")
     before = run.manifest()
-    with pytest.raises(DataError, match=r"report/mine.md was not written by this run .* stage 'cluster' writes "
-                                        r"report; move it out of"):
+    with pytest.raises(DataError, match=r"dendrograms/mine.md was not written by this run .* stage 'cluster' writes "
+                                        r"dendrograms; move it out of"):
         run_cluster(run_cfg, force=["cluster"], in_process=True)
     assert run.manifest()["stages"] == before["stages"] and mine.read_text() == "my notes"
     assert (Path(run_cfg.run_dir) / "metrics.parquet").exists()
