@@ -98,7 +98,7 @@ class FiringUnit:
     central_text: str | None
     """The cluster's central example, key token in [[ ]]."""
     label: str | None = None
-    """The cluster's offline label (`ne.label`); None before the label stage ran."""
+    """The cluster's offline label (`ne.compute.label`); None before the label stage ran."""
 
 
 @dataclass

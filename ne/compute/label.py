@@ -78,7 +78,7 @@ def f1(hit_c: np.ndarray, hit_o: np.ndarray) -> float:
 
 
 def best_rule(toks_c: np.ndarray, toks_o: np.ndarray, special: Sequence[int] = ()) -> Rule:
-    """The rule that best tells one cluster's examples (`toks_c`, [n, 3] as `tokens_at` gives them) from the
+    """The rule that best tells one cluster's examples (`toks_c`, [n, 3] as `OFFSETS` reads them) from the
     neuron's other examples (`toks_o`)."""
     least = max(1, int(np.ceil(MIN_SHARE * len(toks_c))))
 
@@ -201,7 +201,7 @@ def label_clusters(layer: int, neuron_n: np.ndarray, cluster_n: np.ndarray, outl
                    toks_n3: np.ndarray, corpus: CorpusCounts, decode: Callable[[Sequence[int]], list[str]],
                    special: Sequence[int] = (), word_pieces: bool = False) -> pa.Table:
     """The labels table (`schema.LABELS`) of one layer's clusters, from each example's neuron, cluster, outlier
-    flag and tokens (`tokens_at`); rows in neuron then cluster order."""
+    flag and tokens (`OFFSETS` around the key token); rows in neuron then cluster order."""
     order = np.lexsort((cluster_n, neuron_n))
     neuron_n, cluster_n, outlier_n, toks_n3 = neuron_n[order], cluster_n[order], outlier_n[order], toks_n3[order]
     bounds = np.flatnonzero(np.diff(neuron_n)) + 1
