@@ -12,6 +12,7 @@ import pandas as pd
 from ne import schema
 from ne.checks import integer
 from ne.errors import ConfigError, DataError
+from ne.rundir.reader import RunData
 from ne.rundir.stages import require_done, version
 from ne.rundir.store import RunDir
 
@@ -148,12 +149,19 @@ def describe_similar(run_dir: str, layer: int, neuron: int, cluster: int, k: int
     hits = index.query(layer, neuron, cluster, k, exclude_same_neuron=not include_self)
     own = index.ids.iloc[index.row_of(layer, neuron, cluster)]
     texts = _central_texts(run, [own] + hits)
+    data = RunData(run.url)
+    labels = [data.labels(int(h.layer), int(h.neuron)).get(int(h.cluster), "") for h in [own] + hits]
+    width = max(len("label"), *map(len, labels))
+    own_label = labels.pop(0)
+    own_label = f" {own_label}" if own_label else ""
     lines = [
-        f"query: layer {layer}, neuron {neuron}, cluster {cluster}: {texts.pop(0)}",
-        f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'similarity':>10}  central example (key token in [[ ]])",
+        f"query: layer {layer}, neuron {neuron}, cluster {cluster}{own_label}: {texts.pop(0)}",
+        f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'similarity':>10}  {'label':<{width}}  central example "
+        "(key token in [[ ]])",
     ]
-    for hit, text in zip(hits, texts):
-        lines.append(f"{hit.layer:>5} {hit.neuron:>6} {hit.cluster:>7} {hit.similarity:>10.4f}  {text}")
+    for hit, label, text in zip(hits, labels, texts):
+        lines.append(f"{hit.layer:>5} {hit.neuron:>6} {hit.cluster:>7} {hit.similarity:>10.4f}  {label:<{width}}  "
+                     f"{text}")
     return "\n".join(lines)
 
 

@@ -7,8 +7,8 @@ a batch whose four files exist (its centroids too) is finished, so a rerun after
 A layer's h rows are read once and shared by its batches (zero-copy through Ray's object store); a layer
 whose h rows exceed half of `cluster.h_memory_mb` is read in slices, each the rows of consecutive batches,
 so the stage's memory follows that setting and `cluster.neurons_per_task`, never the model's size.
-When every batch is done, the metrics are merged into `metrics.parquet`, the report is written and the
-stage "cluster" is marked done (`ne.rundir.stages`).
+When every batch is done, the metrics are merged into `metrics.parquet` and the stage "cluster" is marked done
+(`ne.rundir.stages`); the label stage (`jobs/label.py`) then labels the clusters and writes the report.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import torch
 from tqdm.auto import tqdm
@@ -31,10 +30,11 @@ from ne import schema
 from ne.compute.embed import pad_rows
 from ne.compute.metrics import NeuronResult, analyse_neurons
 from ne.config import ClusterConfig, RunConfig
-from ne.errors import ConfigError, DataError, NeError
+from ne.errors import ConfigError, NeError
 from ne.explain import batch_cluster_vectors
+from ne.rundir.contexts import tokens_at
 from ne.rundir.h import LayerH, load_h
-from ne.rundir.report import separation, write_report
+from ne.rundir.report import separation
 from ne.rundir.stages import Stage, check_force, require_done
 from ne.rundir.store import RunDir
 from ne.rundir.weights import read_layer_weights
@@ -93,30 +93,7 @@ def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h:
 
 def key_tokens(run: RunDir, ctx_ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """[n, 2]: each example's key token and the token before it (-1 at position 0), from contexts/."""
-    out = np.full((len(ctx_ids), 2), -1, np.int64)
-    if not len(ctx_ids):
-        return out
-    wanted = np.unique(ctx_ids)
-    keep = (pc.field("ctx_id") >= int(wanted[0])) & (pc.field("ctx_id") <= int(wanted[-1]))  # skips whole parts
-    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
-                             filters=keep & pc.field("ctx_id").isin(wanted))
-    found = table.column("ctx_id").to_numpy()
-    order = np.argsort(found)
-    row = order[np.searchsorted(found, ctx_ids, sorter=order).clip(0, max(len(found) - 1, 0))]
-    if not len(found) or not np.array_equal(found[row], ctx_ids):
-        missing = np.setdiff1d(wanted, found)[:5].tolist()
-        raise DataError(f"{run.url}: contexts {missing} of the examples are missing from contexts/; the harvest "
-                        "is incomplete, rerun `ne harvest` with --force contexts")
-    tokens = table.column("tokens").combine_chunks()
-    flat, starts = tokens.flatten().to_numpy(), tokens.offsets.to_numpy()[:-1]
-    lengths = np.diff(tokens.offsets.to_numpy())
-    if np.any(pos >= lengths[row]):
-        raise DataError(f"{run.url}: an example's key token lies beyond its context in contexts/; the harvest "
-                        "is inconsistent, rerun it with --force contexts")
-    out[:, 0] = flat[starts[row] + pos]
-    has_prev = pos > 0
-    out[has_prev, 1] = flat[starts[row[has_prev]] + pos[has_prev] - 1]
-    return out
+    return tokens_at(run, ctx_ids, pos, (0, -1))
 
 
 def _clusters_table(batch: NeuronBatch, members: list[np.ndarray], rank: np.ndarray, results: list) -> pa.Table:
@@ -206,7 +183,7 @@ class ClusterSummary:
         return (
             f"cluster done in {self.seconds:.1f} s: {self.with_examples} of {self.neurons} neurons have examples; "
             f"median clusters per such neuron {self.median_clusters:g}; {compared}\n"
-            f"outputs: {self.run_dir}/ (clusters/, dendrograms/, metrics.parquet, report/report.md)"
+            f"outputs: {self.run_dir}/ (clusters/, dendrograms/, centroids/, metrics.parquet)"
         )
 
 
@@ -226,8 +203,6 @@ def run_cluster(cfg: RunConfig, force: Collection[str] = (), in_process: bool = 
                 [run.read_parquet(schema.layer_dir(f"{WORK}/metrics", layer)) for layer in layers]
             ).sort_by([("layer", "ascending"), ("neuron", "ascending")])
             run.write_parquet(schema.METRICS, metrics)
-            write_report(run, metrics, compare=comparison(cfg, metrics), cut=cfg.cluster.cut,
-                         threshold=cfg.cluster.threshold)
             stage.done(neurons=metrics.num_rows, layers=layers, seconds=time.perf_counter() - start)
         return _summary(run, time.perf_counter() - start)
 

@@ -80,8 +80,15 @@ def cmd_view(args) -> None:
 
 def cmd_cluster(args) -> None:
     from jobs.cluster import run_cluster
+    from jobs.label import run_label
+    from ne.rundir.stages import check_force
+    from ne.rundir.store import RunDir
 
-    print(run_cluster(_load(args), force=args.force).describe())
+    cfg = _load(args)
+    force = check_force(args.force, stages_of("ne cluster"))
+    with RunDir(cfg.run_dir).lock("ne cluster"):
+        print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
+        print(run_label(cfg, force=force & {"label"}).describe())
 
 
 def cmd_index(args) -> None:
@@ -119,6 +126,20 @@ def cmd_similar(args) -> None:
     print(describe_similar(args.run_dir, args.layer, args.neuron, args.cluster, args.k, args.include_self))
 
 
+def cmd_describe(args) -> None:
+    from ne.describe import run_describe
+
+    print(run_describe(_load(args), layers=args.layer, neurons=args.neuron, limit=args.limit,
+                       force=args.force).describe())
+
+
+def cmd_export(args) -> None:
+    from ne.export import export_run
+
+    print(export_run(args.run_dir, args.format, args.out, force=args.force, splits=args.splits,
+                     model_id=args.model_id, source_set=args.source_set, creator_id=args.creator_id).describe())
+
+
 def cmd_run(args) -> None:
     """Harvest, clusters and index in one go; then the most polysemantic neurons and one example query."""
 
@@ -126,7 +147,9 @@ def cmd_run(args) -> None:
     from index.query import describe_similar
     from jobs.cluster import comparison, run_cluster
     from jobs.harvest import run_harvest
+    from jobs.label import run_label
     from ne import schema
+    from ne.rundir.labels import read_all_labels
     from ne.rundir.report import most_polysemantic, unit_comparison
     from ne.rundir.stages import check_force
     from ne.rundir.store import RunDir
@@ -137,27 +160,36 @@ def cmd_run(args) -> None:
     with run.lock("ne run"):
         print(run_harvest(cfg, force=force & set(stages_of("ne harvest"))).describe(), end="\n\n")
         print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
+        print(run_label(cfg, force=force & {"label"}).describe(), end="\n\n")
         print(run_index(cfg, force=force & {"index"}).describe(), end="\n\n")
         table = run.read_parquet(schema.METRICS)
+        labels = read_all_labels(run, run.layers(schema.LABELS_DIR))
     metrics = table.to_pandas()
     compared = comparison(cfg, table)
     if compared:
         print("SAE latents vs MLP neurons of the same layer:")
         print(unit_comparison(compared).to_string(index=False), end="\n\n")
-    top = most_polysemantic(metrics[metrics.n_examples > 0], 10)
+    top = most_polysemantic(metrics[metrics.n_examples > 0], labels, 10)
     if top.empty:
         print(f"No neuron has dataset examples; report: {cfg.run_dir}/report/report.md")
         return
-    table = top[["layer", "neuron", "n_examples", "n_clusters", "mean_dist", "silhouette"]]
-    print("The 10 most polysemantic neurons:")
-    print(table.to_string(index=False, na_rep="–"))
-    if table.isna().any(axis=None):
-        print("(–: not defined; mean_dist needs 2 examples, and a silhouette 2 to n - 1 clusters)")
+    print("The 10 most polysemantic neurons (by substantial, well-separated clusters; their labels below each):")
+    print(_polysemantic_text(top))
     layer, neuron = int(top.iloc[0].layer), int(top.iloc[0].neuron)
     print(f"\nFeatures most similar to cluster 0 of layer {layer}, neuron {neuron} "
           f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster 0 -k 5):")
     print(describe_similar(cfg.run_dir, layer, neuron, 0, 5))
     print(f"\nreport: {cfg.run_dir}/report/report.md; browse it: ne view {cfg.run_dir}")
+
+
+def _polysemantic_text(top) -> str:
+    """One line per neuron, then one indented line per substantial cluster's label."""
+    lines = [f"{'layer':>5} {'neuron':>6} {'examples':>8} {'clusters':>8} {'substantial':>11} {'silhouette':>10}"]
+    for row in top.itertuples(index=False):
+        lines.append(f"{row.layer:>5} {row.neuron:>6} {row.n_examples:>8} {row.n_clusters:>8} {row.substantial:>11} "
+                     f"{'–' if row.silhouette != row.silhouette else f'{row.silhouette:.3f}':>10}")
+        lines += [f"{'':>14}{text}" for text in (row.labels.split(" · ") if row.labels else [])]
+    return "\n".join(lines)
 
 
 def _mnist_args(p: argparse.ArgumentParser) -> None:
@@ -237,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = [
         ("run", "harvest, cluster and index in one go (the demo)", cmd_run, stages_of(*RUN_COMMANDS)),
         ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest, stages_of("ne harvest")),
-        ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster, stages_of("ne cluster")),
+        ("cluster", "feature clusters, polysemy metrics, their labels and the run report", cmd_cluster,
+         stages_of("ne cluster")),
         ("index", "the FAISS index of similar features across neurons", cmd_index, stages_of("ne index")),
     ]
     for name, help_text, func, stages in config_commands:
@@ -254,6 +287,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, action="append", help="only this layer (repeatable); default all")
     p.add_argument("--neuron", type=int, action="append", help="only this neuron (repeatable); default all")
     p.set_defaults(func=cmd_importance)
+
+    p = sub.add_parser("describe", help="LLM descriptions of feature clusters (any OpenAI-compatible endpoint; adds "
+                                        "to what is there)")
+    _config_args(p, stages_of("ne describe"))
+    p.add_argument("--layer", type=int, action="append", help="only this layer (repeatable); default all")
+    p.add_argument("--neuron", type=int, action="append", help="only this neuron (repeatable); default all")
+    p.add_argument("--limit", type=int, help="describe at most this many clusters (the first, by layer, neuron, "
+                                             "cluster)")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("export", help="write a run's feature clusters for delphi or Neuronpedia")
+    p.add_argument("run_dir", help="run directory with finished clusters (local path or fsspec URL)")
+    p.add_argument("--format", required=True, help="delphi (its latent cache) or neuronpedia (its import layout)")
+    p.add_argument("out", help="directory to write (new or empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace what OUT holds")
+    p.add_argument("--splits", type=int, help="delphi: files per layer, over consecutive latent ranges (default 5)")
+    p.add_argument("--model-id", help="Neuronpedia: the model's id (default: from model.name)")
+    p.add_argument("--source-set", default="ne-clusters", help="Neuronpedia: the source set (sources are LAYER-SET)")
+    p.add_argument("--creator-id", help="Neuronpedia: the user id its rows are created by (default: the default "
+                                        "user its database seed creates)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("explain", help="which units fire on a text, and as which of their feature clusters")
     p.add_argument("run_dir", help="run directory with finished clusters (local path or fsspec URL)")

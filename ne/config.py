@@ -301,6 +301,60 @@ class ViewerConfig:
 
 
 @dataclass
+class DescribeConfig:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """An OpenAI-compatible chat-completions endpoint (the part before `/chat/completions`): vLLM's default here;
+    Ollama `http://127.0.0.1:11434/v1`, OpenAI `https://api.openai.com/v1`, OpenRouter `https://openrouter.ai/api/v1`."""
+    model: str | None = None
+    """The chat model, as the endpoint names it (e.g. `meta-llama/Llama-3.1-8B-Instruct`); `ne describe` needs it."""
+    api_key_env: str | None = None
+    """The name of the environment variable that holds the API key (e.g. `OPENAI_API_KEY`), never the key itself,
+    which is read when requests are sent and never written to the run. None: send no key (local servers)."""
+    max_concurrency: int = 8
+    """Requests in flight at once."""
+    max_retries: int = 5
+    """Retries of a request that fails with HTTP 429, 5xx, a timeout or a lost connection, each after a wait that
+    starts at `backoff_s` and doubles (or the server's Retry-After); other errors are not retried."""
+    backoff_s: float = 1.0
+    """The first retry's wait, in seconds."""
+    timeout_s: float = 120.0
+    """Seconds to wait for one reply."""
+    examples: int = 12
+    """Examples of the cluster the prompt shows (central example first, then in corpus order)."""
+    contrast_clusters: int = 4
+    """The neuron's other clusters the prompt shows for contrast (largest first, outliers left out)."""
+    contrast_examples: int = 3
+    """Examples shown of each contrasting cluster."""
+    window_before: int = 16
+    """Tokens shown before each example's key token."""
+    window_after: int = 4
+    """Tokens shown after it."""
+    max_tokens: int = 60
+    """The longest reply asked for, in tokens."""
+    temperature: float = 0.0
+    """Sampling temperature of the replies (0: the model's most likely description)."""
+    flush_every: int = 32
+    """Descriptions per Parquet part: at most this many finished descriptions are lost to a kill."""
+
+    def __post_init__(self):
+        if not str(self.base_url).startswith(("http://", "https://")):
+            raise ConfigError(f"describe.base_url is {self.base_url!r}; give an http(s) URL such as "
+                              "http://127.0.0.1:8000/v1")
+        if self.api_key_env is not None and not str(self.api_key_env).replace("_", "").isalnum():
+            raise ConfigError(f"describe.api_key_env is {self.api_key_env!r}; give the NAME of an environment "
+                              "variable (e.g. OPENAI_API_KEY), never the key itself")
+        for key in ("max_concurrency", "examples", "max_tokens", "flush_every"):
+            at_least(f"describe.{key}", getattr(self, key), 1)
+        for key in ("max_retries", "contrast_clusters", "contrast_examples", "window_before", "window_after"):
+            at_least(f"describe.{key}", getattr(self, key), 0)
+        if not float(self.backoff_s) >= 0 or not float(self.timeout_s) > 0:
+            raise ConfigError(f"describe.backoff_s is {self.backoff_s} and describe.timeout_s {self.timeout_s}; give "
+                              "seconds: backoff_s >= 0, timeout_s > 0")
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            raise ConfigError(f"describe.temperature is {self.temperature}; it must lie in [0, 2]")
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/demo"
     """Where outputs go: a local path or any fsspec URL (`s3://bucket/run`, `gs://bucket/run`)."""
@@ -314,6 +368,7 @@ class RunConfig:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     viewer: ViewerConfig = field(default_factory=ViewerConfig)
     sae: UnitsSAEConfig = field(default_factory=UnitsSAEConfig)
+    describe: DescribeConfig = field(default_factory=DescribeConfig)
 
     def __post_init__(self):
         at_least("seed", self.seed, 0, "seeds are non-negative integers")

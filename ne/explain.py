@@ -97,6 +97,8 @@ class FiringUnit:
     cluster_size: int | None
     central_text: str | None
     """The cluster's central example, key token in [[ ]]."""
+    label: str | None = None
+    """The cluster's offline label (`ne.compute.label`); None before the label stage ran."""
 
 
 @dataclass
@@ -126,6 +128,7 @@ class Explainer:
         self._centroids: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.weights = {layer: read_layer_weights(data.run, layer) for layer in self.layers}
         self._texts: dict[tuple[int, int, int], str | None] = {}
+        self._labels: dict[tuple[int, int], dict[int, str]] = {}
 
     @classmethod
     def load(cls, run_dir: str, model: MLPModel | None = None) -> Explainer:
@@ -199,7 +202,12 @@ class Explainer:
         best, sim = assign(e_1e, vectors)
         cluster = int(clusters[best[0]])
         return FiringUnit(layer, neuron, act, of_max, cluster, float(sim[0]), int(sizes[best[0]]),
-                          self.central_text(layer, neuron, cluster))
+                          self.central_text(layer, neuron, cluster), self.label(layer, neuron, cluster))
+
+    def label(self, layer: int, neuron: int, cluster: int) -> str | None:
+        if (layer, neuron) not in self._labels:
+            self._labels[layer, neuron] = self.data.labels(layer, neuron)
+        return self._labels[layer, neuron].get(cluster)
 
     def central_text(self, layer: int, neuron: int, cluster: int) -> str | None:
         key = (layer, neuron, cluster)
@@ -229,8 +237,8 @@ def describe(tokens: list[TokenUnits], direction: str = "max") -> str:
             continue
         lines.append(f"{t.pos:>4} {t.token.strip() or repr(t.token)}")
         for u in t.units:
-            where = (f"cluster {u.cluster} ({u.cluster_size} example{'s' * (u.cluster_size != 1)}, similarity "
-                     f"{u.similarity:.2f}): "
+            where = (f"cluster {u.cluster}{f' {u.label}' if u.label else ''} ({u.cluster_size} "
+                     f"example{'s' * (u.cluster_size != 1)}, similarity {u.similarity:.2f}): "
                      f"{u.central_text}" if u.cluster is not None else "no clusters")
             lines.append(f"       L{u.layer} N{u.neuron:<6} {of_extreme(u, direction):>10}   {where}")
     return "\n".join(lines) if lines else "no unit reaches its threshold on this text"

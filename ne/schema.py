@@ -13,7 +13,10 @@ RUN/
   metrics.parquet                    one row per neuron: polysemy metrics
   index/                             faiss.index, ids.parquet
   importance/layer=L/part-NNNNN.parquet  token importance of examples, precomputed for the viewer
+  labels/layer=L/part-NNNNN.parquet  one row per feature cluster: its offline label and the rule behind it
   report/                            report.md and PNG plots
+  descriptions/part-NNNNN.parquet    LLM descriptions of feature clusters (`ne describe`, optional)
+  occurrences/layer=L/part-NNNNN.parquet  where each feature cluster fires in held-out contexts
 ```
 `h_id = ctx_id * n_ctx + pos` is global and deterministic, so shards never need to agree on ids.
 """
@@ -38,6 +41,9 @@ INDEX_FILE = f"{INDEX_DIR}/faiss.index"
 INDEX_IDS_FILE = f"{INDEX_DIR}/ids.parquet"
 IMPORTANCE_DIR = "importance"
 REPORT_DIR = "report"
+LABELS_DIR = "labels"
+DESCRIPTIONS_DIR = "descriptions"
+OCCURRENCES_DIR = "occurrences"
 WEIGHTS_DIR = "weights"
 SAE_DIR = "sae"
 """The run's own SAE (`sae.train_hook`), in SAELens's layout."""
@@ -186,6 +192,52 @@ IMPORTANCE = pa.schema(
     ]
 )
 """importance/layer=L/part-NNNNN.parquet, sorted by neuron then rank, like examples/."""
+
+LABELS = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("size", pa.int32()),  # examples in the cluster
+        ("outlier", pa.bool_()),  # smaller than cluster.min_cluster_size
+        ("label", pa.string()),  # the rule below in words, e.g. `"for" after "the"`
+        ("key_tokens", pa.list_(pa.int32())),  # the rule: the key token is one of these ...
+        ("context_offset", pa.int8()),  # ... and the token at this offset (-1 before, +1 after; 0: no condition)
+        ("context_token", pa.int32()),  # ... is this one (-1 when there is no condition)
+        ("coverage", pa.float32()),  # share of the cluster's examples the rule matches
+        ("others", pa.float32()),  # share of the neuron's other examples it matches (NaN: no other examples)
+        ("corpus", pa.float32()),  # share of all token positions of the corpus it matches
+    ]
+)
+"""labels/layer=L/part-NNNNN.parquet, sorted by neuron then cluster: `ne.label` defines the rule."""
+
+DESCRIPTIONS = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("description", pa.string()),
+        ("model", pa.string()),  # the chat model that wrote it
+        ("prompt_sha", pa.string()),  # hash of the prompt: a changed prompt is described again
+        ("prompt_tokens", pa.int32()),  # as the endpoint reported them (0 when it does not)
+        ("completion_tokens", pa.int32()),
+    ]
+)
+"""descriptions/part-NNNNN.parquet: one row per described cluster, in the order they were finished."""
+
+OCCURRENCES = pa.schema(
+    [
+        ("ctx_id", pa.int64()),  # a held-out context, read by ctx_id like the others
+        ("pos", pa.int16()),
+        ("layer", pa.int16()),
+        ("unit", pa.int32()),
+        ("cluster", pa.int32()),  # the feature cluster the token's embedding joins (`ne explain`'s rule)
+        ("act", pa.float32()),
+        ("similarity", pa.float32()),  # cosine to that cluster's vector
+    ]
+)
+"""occurrences/layer=L/part-NNNNN.parquet: every held-out token where a unit fires, and as which feature cluster
+(written by the `occurrence` stage; the exports and the description scores read it)."""
 
 
 @dataclass(frozen=True)

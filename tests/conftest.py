@@ -64,6 +64,17 @@ def tiny_model_cfg(tmp_path_factory) -> ModelConfig:
     return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory, tiny_model_cfg) -> str:
+    """A finished tiny language-model run (`tests/viewer/viewer_run.py`: harvest, clusters, labels, index), shared
+    by the viewer's, the labels', the descriptions' and the exports' tests: read it, or copy it to change it."""
+    from tests.viewer.viewer_run import build_lm_run
+
+    root = tmp_path_factory.mktemp("viewer_run") / "run"
+    build_lm_run(root, tiny_model_cfg)
+    return str(root)
+
+
 def shared_data_dir() -> Path:
     """NE_DATA_DIR, else <repo>/../shared/data."""
     return Path(os.environ.get("NE_DATA_DIR") or REPO.parent / "shared" / "data")

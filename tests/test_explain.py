@@ -132,7 +132,8 @@ def test_cli_text_and_json(run, capsys):
     records = json.loads(capsys.readouterr().out)
     assert [r["pos"] for r in records] == list(range(len(records)))
     unit = next(u for r in records for u in r["units"])
-    assert set(unit) == {"layer", "neuron", "act", "of_max", "cluster", "similarity", "cluster_size", "central_text"}
+    assert set(unit) == {"layer", "neuron", "act", "of_max", "cluster", "similarity", "cluster_size", "central_text",
+                         "label"}
 
 
 def test_arguments_of_the_wrong_type_or_outside_the_vocabulary(explainer):
@@ -146,6 +147,8 @@ def test_arguments_of_the_wrong_type_or_outside_the_vocabulary(explainer):
     with pytest.raises(ConfigError, match=r"^ids\[0\] is 1.5 \(float\); it must be an integer"):
         explainer.explain_tokens([1.5])
     assert [t.pos for t in explainer.explain_tokens(np.array([10, 50256]))] == [0, 1]
+
+
 def test_a_model_changed_in_place_is_refused(run, capsys):
     """Issue 17 item 5: the run's weights file changed in place (same size): no stage skips as finished, `ne
     explain` never runs the changed model against the old maxima, and `ne status` names the file."""

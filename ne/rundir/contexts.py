@@ -4,10 +4,11 @@ by part in corpus order by every pass over it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from ne import schema
@@ -97,3 +98,32 @@ def iter_context_parts(run: RunDir) -> Iterator[tuple[int, list[Context]]]:
     """(part index, its contexts) for every part, in corpus order."""
     for part in context_parts(run):
         yield part, read_contexts(run, part)
+
+
+def tokens_at(run: RunDir, ctx_ids: np.ndarray, pos: np.ndarray, offsets: Sequence[int] = (-1, 0, 1)) -> np.ndarray:
+    """[n, len(offsets)]: the token at pos + offset of each example's context, from contexts/ (-1 outside it)."""
+    out = np.full((len(ctx_ids), len(offsets)), -1, np.int64)
+    if not len(ctx_ids):
+        return out
+    wanted = np.unique(ctx_ids)
+    keep = (pc.field("ctx_id") >= int(wanted[0])) & (pc.field("ctx_id") <= int(wanted[-1]))  # skips whole parts
+    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
+                             filters=keep & pc.field("ctx_id").isin(wanted))
+    found = table.column("ctx_id").to_numpy()
+    order = np.argsort(found)
+    row = order[np.searchsorted(found, ctx_ids, sorter=order).clip(0, len(found) - 1)] if len(found) else None
+    if row is None or not np.array_equal(found[row], ctx_ids):
+        missing = np.setdiff1d(wanted, found)[:5].tolist()
+        raise DataError(f"{run.url}: contexts {missing} of the examples are missing from contexts/; the harvest "
+                        "is incomplete, rerun `ne harvest` with --force contexts")
+    tokens = table.column("tokens").combine_chunks()
+    flat, starts = tokens.flatten().to_numpy(), tokens.offsets.to_numpy()[:-1]
+    lengths = np.diff(tokens.offsets.to_numpy())
+    if np.any(pos >= lengths[row]):
+        raise DataError(f"{run.url}: an example's key token lies beyond its context in contexts/; the harvest "
+                        "is inconsistent, rerun it with --force contexts")
+    for j, offset in enumerate(offsets):
+        at = pos + offset
+        inside = (at >= 0) & (at < lengths[row])
+        out[inside, j] = flat[starts[row[inside]] + at[inside]]
+    return out

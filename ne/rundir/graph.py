@@ -6,9 +6,11 @@ sae        <- contexts              an SAE trained on the corpus (a no-op unless
 weights    <- sae                   W_in and b_in of every harvested layer
 maxima     <- contexts, sae         pass 1: each unit's maximum
 examples   <- contexts, maxima      pass 2: each unit's dataset examples and their h
-cluster    <- examples, weights     feature clusters, centroids, metrics, the report
+cluster    <- examples, weights     feature clusters, centroids, metrics
+label      <- cluster               an offline label for every feature cluster, and the report that shows them
 index      <- cluster               FAISS index of the clusters' central examples
 importance <- examples              token importance (adds neurons run by run)
+describe   <- cluster               LLM descriptions of feature clusters (optional; adds clusters run by run)
 mnist_mlp <- ; mnist_sae_standard, mnist_sae_ne_loss <- mnist_mlp ; mnist_eval <- both SAEs
 ```
 
@@ -66,12 +68,17 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
              ("cluster.method", "cluster.cut", "cluster.threshold", "cluster.min_separation", "cluster.min_silhouette",
               "cluster.silhouette_tolerance", "cluster.max_clusters", "cluster.min_cluster_size",
               "model.gated_embedding"),
-             (s.CLUSTERS_DIR, s.DENDROGRAMS_DIR, s.CENTROIDS_DIR, s.METRICS, s.REPORT_DIR, s.work_dir("cluster")),
+             (s.CLUSTERS_DIR, s.DENDROGRAMS_DIR, s.CENTROIDS_DIR, s.METRICS, s.work_dir("cluster")),
              layout=("cluster.neurons_per_task",)),
+    StageDef("label", "ne cluster", ("cluster",), (), (s.LABELS_DIR, s.REPORT_DIR)),
     StageDef("index", "ne index", ("cluster",), ("index.*", "-index.device", "seed", "model.gated_embedding"),
              (s.INDEX_DIR,)),
     StageDef("importance", "ne importance", ("examples",), ("importance.mask_token", "importance.window_before"),
              (s.IMPORTANCE_DIR,)),
+    StageDef("describe", "ne describe", ("cluster",),
+             ("describe.model", "describe.examples", "describe.contrast_clusters", "describe.contrast_examples",
+              "describe.window_before", "describe.window_after", "describe.max_tokens", "describe.temperature"),
+             (s.DESCRIPTIONS_DIR,)),
     StageDef("mnist_mlp", "ne train", (), ("seed", "data.source", "data.train_subset", "mlp.*"),
              (s.mnist_weights("mlp"),)),
     StageDef("mnist_sae_standard", "ne train", ("mnist_mlp",), ("sae.*", "-sae.ne_"),
@@ -120,6 +127,12 @@ def owner_of(rel: str) -> str | None:
             if (rel == out or rel.startswith(out.rstrip("/") + "/")) and (best is None or len(out) > len(best[1])):
                 best = (spec.name, out)
     return best[0] if best else None
+
+
+def own_files(name: str, entry: dict) -> dict[str, dict]:
+    """The files a stage's manifest entry records that the stage still owns: a run made before an output moved to
+    another stage (the report moved from `cluster` to `label`) must not count that output as missing."""
+    return {rel: record for rel, record in entry.get("files", {}).items() if owner_of(rel) == name}
 
 
 def redo_command(stage: str, force: bool = True) -> str:

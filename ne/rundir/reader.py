@@ -162,6 +162,8 @@ class NeuronData:
     metrics: dict | None = None
     importance: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
     """Precomputed token importance by rank: (first position, values up to the key token)."""
+    labels: dict[int, str] = field(default_factory=dict)
+    """Offline label of each feature cluster (the label stage's); empty before it ran."""
 
     @property
     def clustered(self) -> bool:
@@ -378,6 +380,7 @@ class RunData:
             self._add_clusters(data, m)
             self._add_dendrogram(data, m)
             data.metrics = self.metrics(layer, neuron, m)
+            data.labels = self.labels(layer, neuron, m)
         data.importance = self.precomputed_importance(layer, neuron, m)
         return data
 
@@ -421,6 +424,16 @@ class RunData:
         self.require("cluster", m)
         with self._reading(m):
             return self._read_small(schema.METRICS)
+
+    def labels(self, layer: int, neuron: int, manifest: dict | None = None) -> dict[int, str]:
+        """{cluster: offline label} of one neuron's feature clusters; empty before the label stage ran."""
+        m = manifest if manifest is not None else self.manifest()
+        if not (self.ready("label", m) and self.run.exists(schema.layer_dir(schema.LABELS_DIR, layer))):
+            return {}
+        table = self._sorted(schema.LABELS_DIR, layer, "neuron", m).read([neuron], ["cluster", "label"])
+        if table.num_rows == 0:
+            return {}
+        return dict(zip(table.column("cluster").to_pylist(), table.column("label").to_pylist()))
 
     def precomputed_importance(self, layer: int, neuron: int,
                                manifest: dict | None = None) -> dict[int, tuple[int, np.ndarray]]:

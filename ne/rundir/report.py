@@ -87,10 +87,40 @@ def cut_table(m: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def most_polysemantic(m: pd.DataFrame, top: int = 20) -> pd.DataFrame:
-    """Neurons with the most (non-outlier) clusters; ties go to the better-separated (higher silhouette)."""
-    return m.sort_values(["n_clusters", "silhouette", "layer", "neuron"], ascending=[False, False, True, True],
-                         na_position="last").head(top)
+SUBSTANTIAL_SHARE = 0.1
+SUBSTANTIAL_MIN = 5
+SEPARATED = 0.25
+"""A neuron's clusters count as well separated from this silhouette on (Kaufman and Rousseeuw's bound for
+"substantial structure", also `cluster.min_silhouette`'s default)."""
+
+
+def substantial(clusters: pd.DataFrame, m: pd.DataFrame) -> pd.DataFrame:
+    """The substantial clusters of each neuron: not outliers, holding at least `SUBSTANTIAL_SHARE` of the neuron's
+    examples and at least `SUBSTANTIAL_MIN` of them. `clusters`: layer, neuron, cluster, size, outlier (label)."""
+    n = clusters.merge(m[["layer", "neuron", "n_examples"]], on=["layer", "neuron"])
+    big = ~n.outlier & (n["size"] >= np.maximum(SUBSTANTIAL_MIN, SUBSTANTIAL_SHARE * n.n_examples))
+    return n[big].sort_values(["layer", "neuron", "cluster"])
+
+
+def most_polysemantic(m: pd.DataFrame, clusters: pd.DataFrame, top: int = 20) -> pd.DataFrame:
+    """The neurons with the most substantial, well-separated clusters.
+
+    A neuron's count is its substantial clusters (`substantial`); neurons whose silhouette reaches `SEPARATED` come
+    first, ties go to the higher silhouette. Counting every cluster instead puts diffuse neurons first: many small
+    clusters of examples that are far from everything. Adds `substantial` (the count) and `labels` (those clusters'
+    labels, largest first, when `clusters` has them)."""
+    big = substantial(clusters, m)
+    counts = big.groupby(["layer", "neuron"]).size().rename("substantial")
+    out = m.merge(counts, left_on=["layer", "neuron"], right_index=True, how="left")
+    out["substantial"] = out["substantial"].fillna(0).astype(int)
+    out["separated"] = out.silhouette.fillna(-1.0) >= SEPARATED
+    out = out.sort_values(["separated", "substantial", "silhouette", "layer", "neuron"],
+                          ascending=[False, False, False, True, True], na_position="last").head(top)
+    if "label" in big:
+        texts = big.assign(text=[f"C{c}: {t}" for c, t in zip(big.cluster, big.label)]).groupby(
+            ["layer", "neuron"]).text.agg(" · ".join)
+        out["labels"] = [texts.get((layer, neuron), "") for layer, neuron in zip(out.layer, out.neuron)]
+    return out.drop(columns="separated")
 
 
 def _png(run: RunDir, name: str, fig: Figure) -> str:
@@ -147,7 +177,7 @@ def _pct(x) -> str:
 def _fmt(x) -> str:
     if isinstance(x, float):
         return "–" if np.isnan(x) else f"{x:.3g}"
-    return str(x)
+    return str(x).replace("|", "\\|")  # a token such as "|" in a label must not end the table cell
 
 
 def _table(df: pd.DataFrame) -> str:
@@ -183,9 +213,11 @@ def _cut_text(active: pd.DataFrame, cut: str, threshold: float | None) -> str:
     ])
 
 
-def write_report(run: RunDir, metrics: pa.Table, top: int = 20, compare: dict[str, pd.DataFrame] | None = None,
-                 cut: str = "silhouette", threshold: float | None = None) -> str:
-    """Write report/report.md and its plots; returns the report's path. `compare`: metrics of other kinds of
+def write_report(run: RunDir, metrics: pa.Table, labels: pd.DataFrame, top: int = 20,
+                 compare: dict[str, pd.DataFrame] | None = None, cut: str = "silhouette",
+                 threshold: float | None = None) -> str:
+    """Write report/report.md and its plots; returns the report's path. `labels`: every feature cluster's layer,
+    neuron, cluster, size, outlier flag and label (the label stage's). `compare`: metrics of other kinds of
     units at the same layers (name → table), set beside this run's. `cut` and `threshold`: the run's
     `cluster.cut` and `cluster.threshold`, which the text names."""
     m = metrics.to_pandas()
@@ -202,8 +234,7 @@ def write_report(run: RunDir, metrics: pa.Table, top: int = 20, compare: dict[st
         raw_mean_dist=("raw_mean_dist", "median"),
     ).reset_index()
     per_layer["ne_better"] = [separation(active[active.layer == layer])["share"] for layer in per_layer.layer]
-    cols = ["layer", "neuron", "n_examples", "n_clusters", "silhouette", "raw_silhouette", "mean_dist",
-            "intra_dist", "inter_dist"]
+    cols = ["layer", "neuron", "n_examples", "n_clusters", "substantial", "silhouette", "mean_dist", "labels"]
     plots = _plots(run, m)
     text = "\n\n".join(
         [
@@ -229,7 +260,10 @@ def write_report(run: RunDir, metrics: pa.Table, top: int = 20, compare: dict[st
             "A share near 50%, or agreement rates that match, means neither space groups this model's examples "
             "better by that measure.",
             f"## The {top} most polysemantic neurons",
-            _table(most_polysemantic(active, top)[cols]),
+            f"Ranked by substantial clusters (not outliers, each with at least {SUBSTANTIAL_SHARE:.0%} of the "
+            f"neuron's examples and at least {SUBSTANTIAL_MIN}), neurons whose silhouette reaches {SEPARATED} "
+            "first, ties by silhouette; `labels`: those clusters' offline labels, largest first.",
+            _table(most_polysemantic(active, labels, top)[cols]),
             "## Plots",
             "\n".join(f"![{name}]({name})" for name in plots),
         ]

@@ -33,7 +33,16 @@ import fsspec
 
 from ne import schema
 from ne.errors import ConfigError, DataError, NeError
-from ne.rundir.graph import GRAPH, LM_STAGES, MNIST_STAGES, ancestors, descendants, owner_of, redo_command
+from ne.rundir.graph import (
+    GRAPH,
+    LM_STAGES,
+    MNIST_STAGES,
+    ancestors,
+    descendants,
+    own_files,
+    owner_of,
+    redo_command,
+)
 from ne.rundir.store import MANIFEST, RunDir, fingerprint, input_change, input_record, input_url
 
 log = logging.getLogger(__name__)
@@ -297,7 +306,7 @@ class Stage:
                 raise ConfigError(self._changed_message(up, diff))
         check_inputs(self.run, m, ancestors(self.name))
         for up in ancestors(self.name):
-            for rel, record in m["stages"][up].get("files", {}).items():
+            for rel, record in own_files(up, m["stages"][up]).items():
                 self.run.verify(rel, record, deep=False)
 
     def needed(self) -> bool:
@@ -318,7 +327,7 @@ class Stage:
             raise DataError(inputs_message(self.run, self.name, changes))
         if state_of(m, self.name)[0] != "done":
             return True
-        for rel, record in entry.get("files", {}).items():
+        for rel, record in own_files(self.name, entry).items():
             self.run.verify(rel, record)
         return False
 
@@ -429,9 +438,9 @@ def describe_status(run: RunDir) -> str:
             note = ""
             if state == "done":
                 try:
-                    for rel, record in entry.get("files", {}).items():
+                    for rel, record in own_files(name, entry).items():
                         run.verify(rel, record)  # every byte
-                    n = len(entry.get("files", {}))
+                    n = len(own_files(name, entry))
                     note = f"{n} file{'s' * (n != 1)} intact" if n else "writes no file with these settings"
                 except DataError as exc:
                     state, note = "damaged", str(exc)

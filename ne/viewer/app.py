@@ -264,7 +264,8 @@ def neuron_page(data: RunData, url: str) -> None:
                                      f"token {mask_label(data, cfg)}")
 
     clusters = nd.clusters()
-    labels = {c: render.cluster_label(c, len(m), any(e.outlier for e in m)) for c, m in clusters.items()}
+    labels = {c: render.cluster_label(c, len(m), any(e.outlier for e in m), nd.labels.get(c))
+              for c, m in clusters.items()}
     tab_key = f"tabs_{layer}_{neuron}"
     target = ss.pop("cluster_target", None)
     if target in labels:
@@ -367,7 +368,9 @@ def similar_features(data, url, layer, neuron, cluster, decode, before, after, v
     st.caption("Feature clusters of other neurons whose central example is closest (cosine similarity); "
                "click one to open it.")
     for i, (l2, n2, c2, sim) in enumerate(hits):
-        st.button(f"L{l2} · N{n2} · C{c2} — similarity {sim:.3f}", key=f"sim_{layer}_{neuron}_{cluster}_{i}",
+        label = data.labels(l2, n2).get(c2)
+        text = f" · {render.markdown_escape(label)}" if label else ""
+        st.button(f"L{l2} · N{n2} · C{c2}{text} — similarity {sim:.3f}", key=f"sim_{layer}_{neuron}_{cluster}_{i}",
                   on_click=go, args=(l2, n2, c2), width="stretch")
         central = data.central_example(l2, n2, c2)
         if central is not None:
@@ -424,7 +427,8 @@ def explain_page(data: RunData, url: str) -> None:
         for i, u in enumerate(t.units):
             label = f"L{u.layer} · N{u.neuron} · {of_extreme(u, explainer.direction)}"
             if u.cluster is not None:
-                label += f" → C{u.cluster} ({u.cluster_size} examples, similarity {u.similarity:.2f})"
+                named = f" {render.markdown_escape(u.label)}" if u.label else ""
+                label += f" → C{u.cluster}{named} ({u.cluster_size} examples, similarity {u.similarity:.2f})"
             left, right = st.columns([3, 2])
             left.button(label, key=f"explain_{t.pos}_{i}", on_click=go, args=(u.layer, u.neuron, u.cluster),
                         width="stretch")

