@@ -7,12 +7,16 @@ from collections.abc import Callable
 import pandas as pd
 import streamlit as st
 
+from ne import schema
 from ne.errors import NeError
+from ne.rundir.labels import read_all_labels
 from ne.rundir.reader import RunData
 from ne.rundir.report import most_polysemantic, separation
 
 TOP = 12
 """Neurons listed as worth opening first."""
+HITS = 30
+"""Feature clusters listed for a label search."""
 
 
 def overview_page(data: RunData, go: Callable[..., None]) -> None:
@@ -28,10 +32,19 @@ def overview_page(data: RunData, go: Callable[..., None]) -> None:
     except NeError as exc:  # not clustered yet: the neuron pages still show the examples
         st.info(f"{exc}. Until then, open any neuron below to see its dataset examples.")
         metrics = None
+    labels = _labels(data)
     if metrics is not None:
         _summary(metrics, unit)
-        _worth_opening(metrics, unit, go)
+        _worth_opening(metrics, labels, unit, go)
+    _search(labels, go)
     _jump(layers, unit, go)
+
+
+def _labels(data: RunData) -> pd.DataFrame:
+    """Every feature cluster's size, outlier flag and label; empty before the label stage."""
+    if not data.ready("label"):
+        return pd.DataFrame(columns=["layer", "neuron", "cluster", "size", "outlier", "label"])
+    return read_all_labels(data.run, data.run.layers(schema.LABELS_DIR))
 
 
 def _summary(metrics: pd.DataFrame, unit: str) -> None:
@@ -48,17 +61,33 @@ def _summary(metrics: pd.DataFrame, unit: str) -> None:
                         "in pre-MLP space (the paper's Figure 4), among those where both are defined.")
 
 
-def _worth_opening(metrics: pd.DataFrame, unit: str, go: Callable[..., None]) -> None:
+def _worth_opening(metrics: pd.DataFrame, labels: pd.DataFrame, unit: str, go: Callable[..., None]) -> None:
     st.subheader(f"{unit.capitalize()} worth opening first")
-    st.caption("The most polysemantic: most feature clusters, ties to the better separated (the run report's "
-               "ranking). The Neuron table page sorts every neuron by any metric.")
-    top = most_polysemantic(metrics[metrics.n_examples > 0], TOP)
-    cols = st.columns(3)
-    for i, row in enumerate(top.itertuples()):
+    st.caption("The most polysemantic: most substantial clusters among the well separated (the run report's "
+               "ranking), with their labels. The Neuron table page sorts every unit by any metric.")
+    top = most_polysemantic(metrics[metrics.n_examples > 0], labels, TOP)
+    for row in top.itertuples():
         sil = "" if pd.isna(row.silhouette) else f", silhouette {row.silhouette:.2f}"
-        cols[i % 3].button(f"Layer {row.layer} · {int(row.neuron)}: {int(row.n_clusters)} clusters{sil}",
-                           key=f"top_{row.layer}_{row.neuron}", on_click=go, args=(int(row.layer), int(row.neuron)),
-                           width="stretch")
+        text = f"Layer {row.layer} · {int(row.neuron)}: {int(row.substantial)} substantial clusters{sil}"
+        st.button(text + (f" · {row.labels}" if getattr(row, "labels", "") else ""),
+                  key=f"top_{row.layer}_{row.neuron}", on_click=go, args=(int(row.layer), int(row.neuron)))
+
+
+def _search(labels: pd.DataFrame, go: Callable[..., None]) -> None:
+    if labels.empty:
+        return
+    st.subheader("Search feature labels")
+    query = st.text_input("Label contains", key="label_query", placeholder='a token, e.g. "for" or "("')
+    if not query:
+        return
+    hits = labels[labels.label.str.contains(query, case=False, regex=False) & ~labels.outlier]
+    hits = hits.sort_values(["size", "layer", "neuron", "cluster"], ascending=[False, True, True, True])
+    st.caption(f"{len(hits):,} feature clusters' labels contain {query!r}" +
+               (f"; the {HITS} largest:" if len(hits) > HITS else ":"))
+    for row in hits.head(HITS).itertuples():
+        st.button(f"L{row.layer} · N{row.neuron} · C{row.cluster} ({row.size} examples): {row.label}",
+                  key=f"hit_{row.layer}_{row.neuron}_{row.cluster}", on_click=go,
+                  args=(int(row.layer), int(row.neuron), int(row.cluster)))
 
 
 def _jump(layers: list[int], unit: str, go: Callable[..., None]) -> None:

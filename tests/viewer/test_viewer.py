@@ -319,23 +319,39 @@ def test_app_names_the_mask_token_the_importance_stage_ran_with(lm_run, tmp_path
 
 
 def test_app_opens_on_the_run_overview(lm_run, monkeypatch):
-    """The first page: the run's figures, its most polysemantic neurons (most clusters, ties to the higher
-    silhouette, ranked here by a plain sort) as buttons that open them, and a way to any neuron."""
+    """The first page: the run's figures, its most polysemantic units (most substantial clusters among the well
+    separated, ranked here by a plain loop) as buttons that open them, a label search, and a way to any unit."""
+    from ne.rundir.labels import read_all_labels
+
     at = _app_test(lm_run, monkeypatch)
     assert not at.exception and not at.error and at.header[0].value == "Run overview"
     m = RunData(lm_run).metrics_table().to_pandas()
     active = m[m.n_examples > 0]
-    ranked = sorted(active.itertuples(), key=lambda r: (-r.n_clusters, -np.nan_to_num(r.silhouette, nan=-9),
-                                                        r.layer, r.neuron))[:12]
+    labels = read_all_labels(RunDir(lm_run), RunData(lm_run).layers())
+    rows = []
+    for r in active.itertuples():
+        mine = labels[(labels.layer == r.layer) & (labels.neuron == r.neuron) & ~labels.outlier]
+        big = int((mine["size"] >= max(5, 0.1 * r.n_examples)).sum())
+        sil = -1.0 if np.isnan(r.silhouette) else r.silhouette
+        rows.append(((-(sil >= 0.25), -big, -sil, r.layer, r.neuron), (r.layer, r.neuron)))
+    ranked = [unit for _, unit in sorted(rows)[:12]]
     shown = [b.label for b in at.button if b.key and b.key.startswith("top_")]
-    shown_units = [tuple(map(int, re.match(r"Layer (\d+) · (\d+)", s).groups())) for s in shown]
-    ranked_units = [(r.layer, r.neuron) for r in ranked]
-    # three columns, filled across: AppTest lists column 0's buttons (ranks 0, 3, 6...) first
-    assert shown_units == [ranked_units[i] for col in range(3) for i in range(col, len(ranked_units), 3)]
+    assert [tuple(map(int, re.match(r"Layer (\d+) · (\d+)", s).groups())) for s in shown] == ranked
     metric = {mt.label: mt.value for mt in at.metric}
     assert metric["feature clusters"] == f"{int(active.n_clusters.sum()):,}"
     next(b for b in at.button if b.key and b.key.startswith("top_")).click().run()
-    assert at.header[0].value == f"Layer {ranked[0].layer} · Neuron {ranked[0].neuron}" and not at.exception
+    assert at.header[0].value == f"Layer {ranked[0][0]} · Neuron {ranked[0][1]}" and not at.exception
+
+    at.radio(key="page").set_value("Overview").run()
+    word = labels[~labels.outlier].sort_values("size").iloc[-1].label.split('"')[1]
+    at.text_input(key="label_query").input(word).run()
+    hits = [b.label for b in at.button if b.key and b.key.startswith("hit_")]
+    expected = [r for r in labels.itertuples() if not r.outlier and word.lower() in r.label.lower()]
+    assert hits and len(hits) == min(30, len(expected)) and all(word.lower() in h.lower() for h in hits)
+    layer, neuron, cluster = map(int, re.match(r"L(\d+) · N(\d+) · C(\d+)", hits[0]).groups())
+    next(b for b in at.button if b.key and b.key.startswith("hit_")).click().run()
+    assert at.header[0].value == f"Layer {layer} · Neuron {neuron}" and not at.exception
+
     at.radio(key="page").set_value("Overview").run()
     at.number_input(key="jump_neuron").set_value(7).run()
     next(b for b in at.button if b.key == "jump_open").click().run()
@@ -425,7 +441,8 @@ def test_browser_walkthrough(lm_run):
                     time.sleep(0.3)
             # 0. the run overview comes first; its "Open" button opens a neuron
             expect(page.get_by_text("Run overview")).to_be_visible(timeout=60_000)
-            expect(page.get_by_role("button", name=re.compile(r"^Layer \d+ · \d+: \d+ clusters")).first).to_be_visible()
+            top = page.get_by_role("button", name=re.compile(r"^Layer \d+ · \d+: \d+ substantial"))
+            expect(top.first).to_be_visible()
             _settle(page)
             page.screenshot(path=ARTIFACTS / "0-overview.png", full_page=True)
             page.get_by_role("button", name="Open", exact=True).click()
