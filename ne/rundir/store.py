@@ -344,14 +344,12 @@ class RunDir:
 
     def _check_chunks(self, rel: str, record: dict, first: int, hashes: list[str]) -> None:
         """Compare the hashes of chunks first, first + 1, ... with the record's (the whole file's from 0)."""
-        listed = record.get("chunks")
-        if listed is None:
-            return
-        for i, h in enumerate(hashes, first):
+        listed: list[str] = record.get("chunks") or []
+        for i, h in enumerate(hashes if "chunks" in record else (), first):
             if i >= len(listed) or h[:CHUNK_HEX] != listed[i]:
                 chunk = record["chunk"]
                 raise self._corrupt(rel, f"in bytes {i * chunk:,}..{min(record['size'], (i + 1) * chunk) - 1:,}")
-        whole = first == 0 and (listed is None or len(hashes) == len(listed))
+        whole = first == 0 and ("chunks" not in record or len(hashes) == len(listed))
         if whole and _sha("".join(hashes).encode()) != record["sha256"]:
             raise self._corrupt(rel)
 
