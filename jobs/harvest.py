@@ -24,14 +24,14 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from jobs.lm_sae import train_run_sae
 from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
 from ne import harvest, schema
 from ne.config import HarvestConfig, RunConfig, to_dict
 from ne.data import context_parts, read_contexts, write_contexts
 from ne.errors import ConfigError, DataError
 from ne.models import MLPModel, load_model, load_units, sae_path, units_on
-from ne.models.sae_units import check_reachable, sae_fingerprint
-from ne.residual_sae import SAE_DIR, saelens_files, sample_activations, train_sae
+from ne.models.sae_units import sae_fingerprint
 from ne.stages import HARVEST, Stage, check_force
 from ne.store import RunDir
 from ne.weights import weights_file
@@ -198,21 +198,14 @@ def _examples_stage(
 
 
 def _units(run: RunDir, cfg: RunConfig, base, force: set[str]):
-    """Stage "sae": train the run's own SAE when sae.train_hook asks for one; then the units to harvest."""
+    """Stage "sae": train the run's own SAE when sae.train_hook asks for one (`jobs.lm_sae`); then the units to
+    harvest."""
     path = sae_path(cfg)
     measured = sae_fingerprint(path) if cfg.sae.path else {}
     stage = Stage(run, "sae", cfg, force, measured=measured)
     if stage.needed():
         stage.begin()
-        info = {}
-        if cfg.sae.train_hook:
-            check_reachable(base, cfg.sae.train_hook)
-            acts = sample_activations(base, run, cfg.sae.train_hook, cfg.sae.train_tokens, cfg.harvest.batch_size)
-            sae, info = train_sae(acts, cfg.sae.train, cfg.seed)
-            files = saelens_files(sae, cfg.sae.train_hook, base.name, cfg.data.n_ctx, base.bos_token_id is not None)
-            for name, data in files.items():
-                run.write_bytes(f"{SAE_DIR}/{name}", data)
-            info.update(rows=len(acts))
+        info = train_run_sae(run, cfg, base) if cfg.sae.train_hook else {}
         stage.done(**info)
     return units_on(base, cfg)
 

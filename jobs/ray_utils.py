@@ -63,6 +63,16 @@ def gpu_wanted(use_gpu: bool | None, key: str) -> bool:
     return has if use_gpu is None else use_gpu
 
 
+def check_train_workers(num_workers: int, use_gpu: bool, key: str) -> None:
+    """Ray Train places all its workers at once, each on a CPU (or a GPU with `use_gpu`): more workers than the
+    cluster has would wait forever, so that is an error."""
+    kind = "GPU" if use_gpu else "CPU"
+    have = int(ray.cluster_resources().get(kind, 0))
+    if num_workers > have:
+        raise ConfigError(f"{key} is {num_workers} but the Ray cluster has {have} {kind}s; each worker takes one, "
+                          f"so set {key} to at most {have} (or add nodes)")
+
+
 def check_gpus_per_node(gpus_per_worker: int, node_gpus: list[float]) -> None:
     """An actor's GPUs must all be on one node: `gpus_per_worker` no more than the largest node has."""
     most = int(max(node_gpus, default=0))

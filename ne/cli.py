@@ -11,7 +11,7 @@ import sys
 
 from ne.errors import NeError
 
-RUN_STAGES = ("contexts", "weights", "maxima", "examples", "cluster", "index")
+RUN_STAGES = ("contexts", "sae", "weights", "maxima", "examples", "cluster", "index", "sae_eval")
 FIGURE_MODELS = ("mlp", "sae_standard", "sae_ne_loss")
 
 
@@ -110,11 +110,26 @@ def cmd_run(args) -> None:
 
     cfg = _load(args)
     force = check_force(args.force, RUN_STAGES)
+    if cfg.sae.compare.active:
+        from jobs.lm_sae import run_comparison
+
+        print(run_comparison(cfg, force).describe())
+        print(f"\ntables: {cfg.run_dir}/comparison.md and .csv; plot: {cfg.run_dir}/comparison.png; each SAE's run: "
+              f"{cfg.run_dir}/NAME-seedS/")
+        return
     run = RunDir(cfg.run_dir)
     with run.lock("ne run"):
         print(run_harvest(cfg, force=force & set(HARVEST)).describe(), end="\n\n")
         print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
         print(run_index(cfg, force=force & {"index"}).describe(), end="\n\n")
+        if cfg.sae.active:
+            from dataclasses import asdict
+
+            from jobs.lm_sae import run_sae_eval
+            from ne.lm_sae.eval import to_markdown
+
+            print("The SAE, evaluated (sae_eval.md):")
+            print(to_markdown({"this run": asdict(run_sae_eval(cfg, force=force & {"sae_eval"}))}))
         table = run.read_parquet(schema.METRICS)
     metrics = table.to_pandas()
     compared = comparison(cfg, table)
@@ -204,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = [
         ("run", "harvest, cluster and index in one go (the demo)", cmd_run, RUN_STAGES),
         ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest,
-         ("contexts", "weights", "maxima", "examples")),
+         ("contexts", "sae", "weights", "maxima", "examples")),
         ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster, ("cluster",)),
         ("index", "the FAISS index of similar features across neurons", cmd_index, ("index",)),
     ]

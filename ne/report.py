@@ -156,17 +156,23 @@ def _table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def polysemy(m: pd.DataFrame) -> dict[str, float]:
+    """The polysemy of one kind of unit (a metrics table): units with examples, the share of those with two or
+    more feature clusters, and the median mean distance and silhouette of their neuron embeddings."""
+    active = m[m.n_examples > 0]
+    return {"units": len(m), "with_examples": len(active),
+            "polysemantic": float((active.n_clusters >= 2).mean()) if len(active) else float("nan"),
+            "mean_dist": float(active.mean_dist.median()), "silhouette": float(active.silhouette.median())}
+
+
 def unit_comparison(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per kind of unit (name → metrics of one layer): how many have examples, the share with two or more
-    feature clusters, and the median mean distance and silhouette of their neuron embeddings."""
+    """Per kind of unit (name → metrics of one layer): `polysemy`, one row each."""
     rows = []
     for name, m in tables.items():
-        active = m[m.n_examples > 0]
+        p = polysemy(m)
         rows.append({"units": name, "layers": ", ".join(map(str, sorted(m.layer.unique()))),
-                     "with examples": f"{len(active)} of {len(m)}",
-                     "≥ 2 clusters": float((active.n_clusters >= 2).mean()) if len(active) else float("nan"),
-                     "median mean_dist": float(active.mean_dist.median()),
-                     "median silhouette": float(active.silhouette.median())})
+                     "with examples": f"{p['with_examples']} of {p['units']}", "≥ 2 clusters": p["polysemantic"],
+                     "median mean_dist": p["mean_dist"], "median silhouette": p["silhouette"]})
     return pd.DataFrame(rows)
 
 

@@ -14,6 +14,10 @@ RUN/
   index/                             faiss.index, ids.parquet
   importance/layer=L/part-NNNNN.parquet  token importance of examples, precomputed for the viewer
   report/                            report.md and PNG plots
+  sae/                               the run's own SAE, SAELens's cfg.json and sae_weights.safetensors
+  sae_eval.json, sae_eval.md         the SAE's evaluation: reconstruction, sparsity, downstream cost, polysemy
+  SEED-NAME/                         a comparison's runs (sae.compare), one per SAE, each a run as above
+  comparison.{md,csv,png}            a comparison's table (mean ± std over seeds, paired verdicts) and plot
 ```
 `h_id = ctx_id * n_ctx + pos` is global and deterministic, so shards never need to agree on ids.
 """
@@ -36,6 +40,11 @@ METRICS = "metrics.parquet"
 INDEX_DIR = "index"
 IMPORTANCE_DIR = "importance"
 REPORT_DIR = "report"
+SAE_DIR = "sae"
+SAE_EVAL = "sae_eval.json"
+SAE_EVAL_MD = "sae_eval.md"
+COMPARISON = "comparison"
+"""Stem of a comparison's table and plot: comparison.md, comparison.csv, comparison.png."""
 
 
 def part_name(i: int) -> str:

@@ -9,6 +9,7 @@ examples   <- contexts, maxima      pass 2: each unit's dataset examples and the
 cluster    <- examples, weights     feature clusters, centroids, metrics, the report
 index      <- cluster               FAISS index of the clusters' central examples
 importance <- examples              token importance (adds neurons run by run)
+sae_eval   <- sae, cluster          the run's SAE evaluated (only runs with an SAE)
 mnist_mlp <- ; mnist_sae_standard, mnist_sae_ne_loss <- mnist_mlp ; mnist_eval <- both SAEs
 ```
 
@@ -51,6 +52,9 @@ class StageDef:
     """Run-relative files and folders the stage owns (`_work/...`: half-done work, never recorded)."""
     layout: tuple[str, ...] = ()
     """Keys that shape half-done work but not the result: an interrupted stage resumes only with the same."""
+    checkpointed: bool = False
+    """Its half-done work holds checkpoints of its settings: an interrupted run resumed with other settings is
+    an error rather than a fresh start (which takes --force)."""
 
 
 MODEL_KEYS = ("model.backend", "model.name", "model.weights", "model.architecture", "model.tokenizer",
@@ -59,7 +63,7 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
     StageDef("contexts", "ne harvest", (), ("data.*", "model.backend", "model.name", "model.tokenizer"),
              ("contexts",)),
     StageDef("sae", "ne harvest", ("contexts",), ("sae.path", "sae.train_hook", lambda cfg: _sae_training(cfg)),
-             ("sae",)),
+             ("sae", "_work/sae"), checkpointed=True),
     StageDef("weights", "ne harvest", ("sae",), (*MODEL_KEYS, "harvest.layers"), ("weights",)),
     StageDef("maxima", "ne harvest", ("contexts", "sae"),
              (*MODEL_KEYS, "harvest.layers", "harvest.maxima_file", "harvest.direction"),
@@ -78,6 +82,7 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
              ("index",)),
     StageDef("importance", "ne importance", ("examples",), ("importance.mask_token", "importance.window_before"),
              ("importance",)),
+    StageDef("sae_eval", "ne run", ("sae", "cluster"), ("sae.eval.*",), ("sae_eval.json", "sae_eval.md")),
     StageDef("mnist_mlp", "ne train", (), ("seed", "data.source", "data.train_subset", "mlp.*"),
              ("mnist/mlp.safetensors",)),
     StageDef("mnist_sae_standard", "ne train", ("mnist_mlp",), ("sae.*", "-sae.ne_"),
@@ -87,7 +92,7 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
              ("mnist/sae_eval.md", "mnist/sae_eval.csv")),
 )}
 HARVEST = ("contexts", "sae", "weights", "maxima", "examples")
-LM_STAGES = (*HARVEST, "cluster", "index", "importance")
+LM_STAGES = (*HARVEST, "cluster", "index", "importance", "sae_eval")
 MNIST_STAGES = ("mnist_mlp", "mnist_sae_standard", "mnist_sae_ne_loss", "mnist_eval")
 
 
@@ -137,7 +142,7 @@ def check_force(force: Collection[str], stages: Sequence[str]) -> set[str]:
 
 def _sae_training(cfg: Any) -> tuple[str, ...]:
     """How the run's own SAE is trained matters only when the run trains one."""
-    return ("sae.train_tokens", "sae.train.*") if cfg.sae.train_hook else ()
+    return ("sae.train.*", "-sae.train.contexts_per_batch", "sae.eval.holdout_every") if cfg.sae.train_hook else ()
 
 
 def settings_of(cfg: Any, keys: Sequence) -> dict[str, Any]:
@@ -264,6 +269,8 @@ class Stage:
         resumable = entry is not None and entry.get("fingerprint") == fp and entry.get("layout") == self.layout
         keep = resumable and not self.forced and (entry["status"] == "running" or extend)
         if entry is not None and entry["status"] == "running" and not keep:
+            if self.spec.checkpointed and not self.forced:
+                raise ConfigError(self._interrupted_message(entry))
             log.warning("stage %s: discarding half-done work of other settings", self.name)
         stale = [d for d in descendants(self.name) if d in m["stages"] and m["stages"][d]["status"] != "stale"]
         for d in stale:
@@ -294,6 +301,13 @@ class Stage:
         for rel in outputs:
             self.run.remove(rel)
 
+    def _interrupted_message(self, entry: dict) -> str:
+        diff = changed(entry.get("settings", {}), self.settings)
+        what = ("; ".join(f"{k} is {new!r} in this config but was {old!r}" for k, old, new in diff[:4])
+                or "its inputs changed")
+        return (f"{what} when stage '{self.name}' of {self.run.url} was interrupted; resume it with the settings it "
+                f"started with, or start it over with {redo_command(self.name)}, or use a new run_dir")
+
     def _changed_message(self, stage: str, diff: list[tuple[str, Any, Any]]) -> str:
         what = "; ".join(f"{k} is {new!r} in this config but was {old!r}" for k, old, new in diff[:4])
         after = descendants(stage)
@@ -308,8 +322,12 @@ def describe_status(run: RunDir) -> str:
     stages = m["stages"]
     families = [f for f in (LM_STAGES, MNIST_STAGES) if any(s in stages for s in f)] or [LM_STAGES]
     lines = [f"{run.url}"]
+    sae = stages.get("sae", {}).get("settings", {})
+    has_sae = bool(sae.get("sae.path") or sae.get("sae.train_hook"))
     for family in families:
         for name in family:
+            if name == "sae_eval" and not has_sae and name not in stages:
+                continue  # a run of MLP neurons has no SAE to evaluate
             state, why = state_of(m, name)
             entry = stages.get(name, {})
             when = entry.get("finished") or entry.get("started") or ""
