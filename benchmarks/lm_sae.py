@@ -3,6 +3,7 @@
     python benchmarks/lm_sae.py --speed      # streaming vs a plain forward pass; NE loss vs standard; 1 vs 2 workers
     python benchmarks/lm_sae.py --memory     # peak memory of training on a corpus and on one 4x larger
     python benchmarks/lm_sae.py --sweep 0.3 1 3   # λ2 of the NE loss, one seed, in process (how configs chose it)
+    python benchmarks/lm_sae.py --mnist      # the paper's own MNIST SAEs: NE-space against raw-space distances
 
 Every figure is printed with the CPU time the process used beside its wall time: on a shared machine the
 ratios, measured within one run, are the figures to trust.
@@ -186,11 +187,53 @@ def sweep(work: Path, coeffs: list[float]) -> None:
               f"({clock.wall:.0f} s wall, {clock.cpu:.0f} s CPU)", flush=True)
 
 
+def mnist_authors(folder: Path, mnist: Path) -> None:
+    """The authors' MNIST SAEs (../shared/data/mechmnistic): per neuron, the mean pairwise cosine distance of its
+    first 100 active test examples as neuron embeddings (the paper's Table 3) and as raw hidden activations
+    (a - b_dec, no weighting), medians over neurons; and how many of the 64 inputs its encoder row reads (the
+    participation ratio, median over live neurons)."""
+    import numpy as np
+
+    from ne.embed import cosine_distances, pad_rows
+    from ne.mnist import data as mnist_data
+    from ne.mnist.eval import first_active
+    from ne.mnist.model import MLP, hidden_acts
+    from ne.sae import SAE
+
+    test = mnist_data.load_mnist("idx", str(mnist), "test")
+    mlp = MLP.load(str(folder / "mlp.safetensors"))
+    acts = hidden_acts(mlp, test.images)
+    for name in ("standard", "ne_loss"):
+        sae = SAE.load(str(folder / f"sae_{name}.safetensors"), mlp.hidden_size)
+        with torch.no_grad():
+            lists = first_active(sae.encode(acts), 100)
+        x = (acts - sae.b_dec).detach().numpy()
+        medians = {}
+        for space in ("neuron embeddings", "raw activations"):
+            means = []
+            for j, idx in enumerate(lists):
+                if len(idx) >= 2:
+                    h, _ = pad_rows(x, [idx])
+                    w = sae.W_enc[[j]].detach() if space == "neuron embeddings" else None
+                    d = cosine_distances(h, w, device="cpu").numpy()[0, : len(idx), : len(idx)]
+                    means.append(d[np.triu_indices(len(idx), 1)].mean())
+            medians[space] = float(np.median(means))
+        w2 = sae.W_enc.detach().square()
+        live = torch.tensor([len(idx) > 0 for idx in lists])
+        ratio = float((w2.sum(1) ** 2 / w2.square().sum(1))[live].median())
+        print(f"authors' {name} SAE: median mean distance {medians['neuron embeddings']:.3f} as neuron embeddings, "
+              f"{medians['raw activations']:.3f} as raw activations; encoder rows read {ratio:.1f} of 64 inputs")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--speed", action="store_true")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--sweep", type=float, nargs="+")
+    p.add_argument("--mnist", action="store_true", help="the authors' MNIST SAEs: NE-space vs raw-space distances")
+    p.add_argument("--data", default=os.environ.get("NE_DATA_DIR") or str(Path(__file__).resolve().parents[2]
+                                                                            / "shared" / "data"),
+                   help="folder with mechmnistic/ and mnist/ (--mnist; default $NE_DATA_DIR or ../shared/data)")
     p.add_argument("--steps", type=int, default=30, help="optimiser steps timed per setting (--speed)")
     p.add_argument("--tokens", type=int, default=65536, help="tokens each Ray Train job trains on (--speed)")
     p.add_argument("--work", help="where corpora are tokenised (default: a temporary directory)")
@@ -209,6 +252,8 @@ def main() -> None:
         peak_memory(work)
     if args.sweep:
         sweep(work, args.sweep)
+    if args.mnist:
+        mnist_authors(Path(args.data) / "mechmnistic", Path(args.data) / "mnist")
 
 
 if __name__ == "__main__":

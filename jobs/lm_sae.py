@@ -62,14 +62,17 @@ FAIL_AT = "NE_TEST_FAIL_SAE_AT_STEP"
 
 def planned_steps(run: RunDir, cfg: RunConfig, model: MLPModel) -> int:
     """Optimiser steps of the run's SAE; a DataError when the stream holds fewer tokens than asked for."""
-    train = cfg.sae.train
-    rows = stream_rows(run, cfg.sae.eval.holdout_every, int(model.bos_token_id is not None))
-    tokens = rows if train.train_tokens is None else train.train_tokens
-    if tokens > rows or rows < train.batch_size:
-        raise DataError(f"sae.train.train_tokens is {tokens:,} but the corpus gives {rows:,} training tokens (BOS "
-                        f"excluded, every {cfg.sae.eval.holdout_every}th context held out for the evaluation); lower "
-                        "train_tokens (null takes them all) or use a longer corpus (data.max_contexts, data.source)")
-    return tokens // train.batch_size
+    train, every = cfg.sae.train, cfg.sae.eval.holdout_every
+    rows = stream_rows(run, every, int(model.bos_token_id is not None))
+    gives = (f"the corpus gives {rows:,} training tokens (BOS excluded, "
+             + (f"1 context in {every} held out for the evaluation)" if every else "none held out)"))
+    if train.train_tokens is not None and train.train_tokens > rows:
+        raise DataError(f"sae.train.train_tokens is {train.train_tokens:,} but {gives}; lower train_tokens (null "
+                        "takes them all) or use a longer corpus (data.max_contexts, data.source)")
+    if rows < train.batch_size:
+        raise DataError(f"{gives}, less than one batch of sae.train.batch_size {train.batch_size:,}; lower "
+                        "batch_size or use a longer corpus")
+    return (train.train_tokens or rows) // train.batch_size
 
 
 def train_run_sae(run: RunDir, cfg: RunConfig, model: MLPModel) -> dict:
@@ -118,9 +121,11 @@ def _fit(run: RunDir, cfg: RunConfig, steps: int, fail_at: int | None) -> tuple[
     check_train_workers(trainer_cfg.num_workers, use_gpu, "sae.trainer.num_workers")
     threads = 1 if use_gpu else cpus_per_worker(trainer_cfg.num_workers)
     storage = run.url if "://" in run.url else os.path.abspath(run.url)
+    # Ray Train runs each worker in a directory of its own: the run directory goes to them as an absolute path.
+    worker_cfg = replace(cfg, run_dir=storage)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "steps": steps, "threads": threads, "use_gpu": use_gpu,
+        train_loop_config={"cfg": to_dict(worker_cfg), "steps": steps, "threads": threads, "use_gpu": use_gpu,
                            "fail_at": fail_at},
         scaling_config=ray.train.ScalingConfig(num_workers=trainer_cfg.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
@@ -201,8 +206,8 @@ def run_sae_eval(cfg: RunConfig, force: list[str] | tuple | set = ()) -> LMSAEMe
                                cfg.sae.train.contexts_per_batch, cfg.sae.eval.dense_threshold)
         units = run.read_parquet(schema.METRICS).to_pandas()
         p = polysemy(units)
-        metrics = replace(metrics, with_examples=p["with_examples"], polysemantic=p["polysemantic"],
-                          mean_dist=p["mean_dist"], silhouette=p["silhouette"])
+        metrics = replace(metrics, **{k: p[k] for k in ("with_examples", "polysemantic", "mean_dist", "silhouette",
+                                                        "raw_polysemantic", "raw_mean_dist")})
         run.write_json(schema.SAE_EVAL, asdict(metrics))
         run.write_bytes(schema.SAE_EVAL_MD, to_markdown({sae_path(cfg): asdict(metrics)}).encode())
         stage.done(seconds=time.time() - t0)
@@ -319,36 +324,41 @@ def write_comparison(root: RunDir, cfg: RunConfig, runs: dict[str, dict]) -> str
 
 
 def comparison_plot(runs: dict[str, dict], variants: list[str]) -> bytes:
-    """Two panels, one point per SAE and a larger one per variant's mean: downstream cost against the share of
-    latents with ≥ 2 feature clusters, and FVU against the median mean distance of their neuron embeddings."""
+    """Two panels, one small point per SAE and a large one per variant's mean: the downstream cost against the
+    share of latents with ≥ 2 feature clusters, and FVU against the median mean distance of their examples;
+    filled for the neuron embeddings, hollow for the examples' raw SAE inputs."""
     import io
 
     from matplotlib.figure import Figure
 
     causal = any(not math.isnan(float(r["ce_increase"])) for r in runs.values())
-    cost_name = "CE increase (nats)" if causal else "1 - cosine of sentence embeddings"
+    cost_name = "CE increase (nats)" if causal else "1 - cosine of sentence embeddings (spliced vs clean)"
 
     def cost(r: dict) -> float:
         return float(r["ce_increase"]) if causal else 1.0 - float(r["cosine"])
 
-    fig = Figure(figsize=(10, 4.2))
+    fig = Figure(figsize=(11, 4.4))
     panels = [(fig.add_subplot(1, 2, 1), cost, cost_name, "polysemantic", "latents with ≥ 2 feature clusters"),
               (fig.add_subplot(1, 2, 2), lambda r: float(r["fvu"]), "FVU", "mean_dist",
-               "median mean_dist of latents' neuron embeddings")]
+               "median mean cosine distance of a latent's examples")]
     for ax, x_of, x_name, y_key, y_name in panels:
-        centres = []
-        for i, v in enumerate(variants):
-            rows = [r for r in runs.values() if r["variant"] == v]
-            xs, ys = [x_of(r) for r in rows], [float(r[y_key]) for r in rows]
-            ax.scatter(xs, ys, color=f"C{i}", alpha=0.5, s=20)
-            centres.append((float(np.mean(xs)), float(np.mean(ys))))
-            ax.scatter(*centres[-1], color=f"C{i}", s=90, edgecolor="black", label=v, zorder=3)
-        if len(variants) > 2:
-            ax.plot(*zip(*centres), color="gray", lw=1, zorder=2)
+        for space, fill in (("", True), ("raw_", False)):
+            centres = []
+            for i, v in enumerate(variants):
+                rows = [r for r in runs.values() if r["variant"] == v]
+                xs, ys = [x_of(r) for r in rows], [float(r[space + y_key]) for r in rows]
+                face = f"C{i}" if fill else "none"
+                ax.scatter(xs, ys, facecolors=face, edgecolors=f"C{i}", alpha=0.5, s=20)
+                centres.append((float(np.mean(xs)), float(np.mean(ys))))
+                label = f"{v}, " + ("neuron embeddings" if fill else "raw inputs h")
+                ax.scatter(*centres[-1], facecolors=face, edgecolors="black" if fill else f"C{i}", s=90,
+                           linewidths=1.5, label=label, zorder=3)
+            if len(variants) > 2:
+                ax.plot(*zip(*centres), color="gray", lw=1, ls="-" if fill else "--", zorder=2)
         ax.set_xlabel(x_name)
         ax.set_ylabel(y_name)
         ax.grid(alpha=0.3)
-    panels[0][0].legend(fontsize=8)
+    panels[0][0].legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

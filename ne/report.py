@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 
 import numpy as np
 import pandas as pd
@@ -158,11 +159,15 @@ def _table(df: pd.DataFrame) -> str:
 
 def polysemy(m: pd.DataFrame) -> dict[str, float]:
     """The polysemy of one kind of unit (a metrics table): units with examples, the share of those with two or
-    more feature clusters, and the median mean distance and silhouette of their neuron embeddings."""
+    more feature clusters, and the median mean distance and silhouette of their neuron embeddings; `raw_*` the
+    same for the clusters of their raw pre-MLP embeddings h (which no unit's weights reshape)."""
     active = m[m.n_examples > 0]
-    return {"units": len(m), "with_examples": len(active),
-            "polysemantic": float((active.n_clusters >= 2).mean()) if len(active) else float("nan"),
-            "mean_dist": float(active.mean_dist.median()), "silhouette": float(active.silhouette.median())}
+    out = {"units": len(m), "with_examples": len(active)}
+    for prefix in ("", "raw_"):
+        out[f"{prefix}polysemantic"] = float((active[f"{prefix}n_clusters"] >= 2).mean()) if len(active) else math.nan
+        out[f"{prefix}mean_dist"] = float(active[f"{prefix}mean_dist"].median())
+        out[f"{prefix}silhouette"] = float(active[f"{prefix}silhouette"].median())
+    return out
 
 
 def unit_comparison(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:

@@ -329,6 +329,11 @@ def test_bad_settings_are_one_line_errors(tiny_run, tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"^sae.train_hook is 'blocks.1.hook_nothing', which tiny-gpt2 has no hook "
                                           r"named"):
         run_harvest(lacking)
+    from ne.lm_sae.train import hook_width
+
+    with pytest.raises(ConfigError, match=r"sae.train_hook is 'blocks.0.attn.hook_q', whose activations have shape "
+                                          r"\[batch, pos, 4, 16\] in tiny-gpt2; an SAE reads one vector per token"):
+        hook_width(tiny, "blocks.0.attn.hook_q")
 
 
 # --- evaluation ------------------------------------------------------------------------------------------
@@ -349,24 +354,24 @@ def test_evaluation_against_naive_computations(tmp_path, tiny, minilm):
 
     got = evaluate_sae(tiny, logits, "ce", loaded, "blocks.1.hook_resid_pre", iter(contexts), 10**6, 1, 0.3)
     xs, ce_clean, ce_spliced = [], [], []
-    for _, t in contexts:
-        t = torch.as_tensor(t)[None]
-        _, cache = tiny.model.run_with_cache(t, names_filter=["blocks.1.hook_resid_pre"])
-        x = cache["blocks.1.hook_resid_pre"][0]
-        xs.append(x[1:])
-        recon = loaded.decode(loaded.encode(x))
+    with torch.no_grad():
+        for _, t in contexts:
+            t = torch.as_tensor(t)[None]
+            _, cache = tiny.model.run_with_cache(t, names_filter=["blocks.1.hook_resid_pre"])
+            x = cache["blocks.1.hook_resid_pre"][0]
+            xs.append(x[1:])
+            recon = loaded.decode(loaded.encode(x))
 
-        def splice(act, hook, recon=recon):
-            return torch.cat([act[:, :1], recon[None, 1:]], dim=1)
+            def splice(act, hook, recon=recon):
+                return torch.cat([act[:, :1], recon[None, 1:]], dim=1)
 
-        ce_clean.append(tiny.model(t, return_type="loss", loss_per_token=True)[0])
-        ce_spliced.append(tiny.model.run_with_hooks(t, return_type="loss", loss_per_token=True,
-                                                    fwd_hooks=[("blocks.1.hook_resid_pre", splice)])[0])
-    x = torch.cat(xs).detach()
-    f = loaded.encode(x).detach()
-    err = (loaded.decode(f) - x).square().sum()
+            ce_clean.append(tiny.model(t, return_type="loss", loss_per_token=True)[0])
+            ce_spliced.append(tiny.model.run_with_hooks(t, return_type="loss", loss_per_token=True,
+                                                        fwd_hooks=[("blocks.1.hook_resid_pre", splice)])[0])
+        x = torch.cat(xs)
+        f = loaded.encode(x)
+        err = (loaded.decode(f) - x).square().sum()
     assert got.tokens == len(x) == int(mask.sum()) - 2
-    err = err.detach()
     assert got.mse == pytest.approx(float(err / x.numel()), rel=1e-4)
     assert got.fvu == pytest.approx(float(err / (x - x.mean(0)).square().sum()), rel=1e-4)
     assert got.l0 == pytest.approx(5.0)
@@ -376,6 +381,9 @@ def test_evaluation_against_naive_computations(tmp_path, tiny, minilm):
     assert got.ce_increase == pytest.approx(float(torch.cat(ce_spliced).mean() - torch.cat(ce_clean).mean()), rel=1e-3,
                                             abs=1e-4)
     assert got.ce_increase > 0.01 and math.isnan(got.cosine)
+    rows = loaded.W_enc.detach().T  # one encoder row per latent
+    assert got.enc_dims == pytest.approx(float(np.median([float(w.square().sum() ** 2 / (w**4).sum()) for w in rows])),
+                                         rel=1e-5)
 
     # MiniLM: the sentence embedding, spliced at the last block's output, is the mean of the rows replaced.
     from ne.lm_sae.eval import downstream_model
@@ -443,6 +451,11 @@ def test_ray_train_resumes_a_killed_job_on_two_workers_to_the_one_process_weight
     x = read_hook(tiny, tokens, mask, "blocks.1.hook_resid_pre")[mask.bool()]
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(x), sae.encode(x * state.scale), atol=1e-4, rtol=1e-3)
+    # The directory written is what sae.path reads: another run's units are its latents.
+    from ne.models import units_on
+
+    units = units_on(tiny, dataclasses.replace(cfg, sae=UnitsSAEConfig(path=run.path("sae"))))
+    torch.testing.assert_close(units.run(tokens, mask, [1])[1].act[mask.bool()], loaded.encode(x).detach())
     assert info["l_n"] == pytest.approx(state.summary()["l_n"], rel=1e-3) and info["l_n"] > 0
 
 
@@ -468,7 +481,7 @@ def test_ne_run_compares_saes_over_seeds_with_paired_verdicts(tmp_path, tiny_mod
     assert set(rows) == {"standard-seed0", "ne2-seed0", "standard-seed1", "ne2-seed1"}
     evals = {name: json.loads((root / name / "sae_eval.json").read_text()) for name in rows}
     for name, row in rows.items():
-        for c in ("fvu", "l0", "polysemantic", "ce_increase"):
+        for c in ("fvu", "l0", "polysemantic", "raw_polysemantic", "enc_dims", "ce_increase"):
             assert float(row[header.index(c)]) == pytest.approx(evals[name][c])
         assert RunDir(str(root / name)).manifest()["stages"]["sae_eval"]["status"] == "done"
     table = (root / "comparison.md").read_text()

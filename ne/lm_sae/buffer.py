@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ne import schema
 from ne.data import context_parts, pad_batch, read_contexts
+from ne.errors import DataError
 from ne.models.base import MLPModel
 from ne.models.hooks import read_hook
 from ne.parallel import Shard
@@ -118,8 +119,9 @@ class ShufflePlan:
             held = held[torch.randperm(len(held), generator=_generator(self.seed, fill, 1))]
             n = len(held) // self.batch_size if exhausted else max(1, len(held) // 2 // self.batch_size)
             n = min(n, self.steps - step)
-            if n == 0:
-                raise RuntimeError(f"the stream ran out at step {step} of {self.steps}")  # callers check its length
+            if n == 0:  # the driver checks the stream's length first: a worker that finds it shorter reads elsewhere
+                raise DataError(f"the activation stream ran out at step {step} of {self.steps}; every worker must "
+                                "read the same run directory (a URL, or a file system every node shares)")
             batches = list(held[: n * self.batch_size].split(self.batch_size))
             held = held[n * self.batch_size :]
             self._keep_live(added, [held, *batches])

@@ -11,7 +11,11 @@ order, up to `sae.eval.tokens`:
   Encoders (MiniLM): cosine, the mean over contexts of the cosine between the sentence embedding (the
   attention-masked mean of the last hidden state, as sentence-transformers pools) with and without the splice;
 - from the run's `metrics.parquet` (`ne.report.polysemy`): latents with examples, the share of those with two or
-  more feature clusters, the median mean_dist and the median silhouette of their neuron embeddings.
+  more feature clusters, the median mean_dist and the median silhouette of their neuron embeddings; and
+  raw_polysemantic, raw_mean_dist: the same two on the clusters of the examples' SAE inputs h alone (not
+  weighted by W_enc[j]), which tell whether a latent's examples grew alike or only its weighting of them did;
+- enc_dims: the median over latents of the participation ratio (Σ_i w_i²)² / Σ_i w_i⁴ of its encoder row: how
+  many input dimensions it effectively reads (d_in for a uniform row, 1 for a single dimension).
 """
 
 from __future__ import annotations
@@ -57,12 +61,19 @@ class LMSAEMetrics:
     """Median over them of the mean pairwise cosine distance of their examples' neuron embeddings."""
     silhouette: float = math.nan
     """Median silhouette of their feature clusters."""
+    raw_polysemantic: float = math.nan
+    """Share with two or more clusters of their examples' SAE inputs h (unweighted)."""
+    raw_mean_dist: float = math.nan
+    """Median mean pairwise cosine distance of those h."""
+    enc_dims: float = math.nan
+    """Median participation ratio of the encoder rows: input dimensions a latent effectively reads."""
 
 
 COLUMNS = [f.name for f in fields(LMSAEMetrics)]
 FORMATS = {"tokens": "{:,.0f}", "mse": "{:.4g}", "fvu": "{:.3f}", "l0": "{:.1f}", "dead_pct": "{:.1f}",
            "dense_pct": "{:.2f}", "cosine": "{:.4f}", "ce_clean": "{:.3f}", "ce_increase": "{:.3f}",
-           "with_examples": "{:,.0f}", "polysemantic": "{:.3f}", "mean_dist": "{:.3f}", "silhouette": "{:.3f}"}
+           "with_examples": "{:,.0f}", "polysemantic": "{:.3f}", "mean_dist": "{:.3f}", "silhouette": "{:.3f}",
+           "raw_polysemantic": "{:.3f}", "raw_mean_dist": "{:.3f}", "enc_dims": "{:.1f}"}
 
 
 def downstream_model(cfg: ModelConfig) -> tuple[MLPModel, Callable[[Tensor, Tensor], Tensor], str]:
@@ -138,9 +149,11 @@ def evaluate_sae(model: MLPModel, output: Callable[[Tensor, Tensor], Tensor], ki
 
         raise DataError("the SAE evaluation found no held-out tokens; lower sae.eval.holdout_every or add text")
     spread = sums["sq"] - float((total / n).square().sum()) * n
+    w2 = sae.W_enc.detach().double().square()  # [d_in, d_sae]
     out = LMSAEMetrics(tokens=n, mse=sums["err"] / (n * len(total)), fvu=sums["err"] / spread, l0=sums["l0"] / n,
                        dead_pct=100 * float((fires == 0).double().mean()),
-                       dense_pct=100 * float((fires > dense_threshold * n).double().mean()))
+                       dense_pct=100 * float((fires > dense_threshold * n).double().mean()),
+                       enc_dims=float(np.median((w2.sum(0).square() / w2.square().sum(0)).cpu().numpy())))
     if kind == "cosine":
         out.cosine = sums["cos"] / sums["ctx"]
     else:

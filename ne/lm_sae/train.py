@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ne.errors import ConfigError
 from ne.lm_sae.buffer import ActivationBuffer, ShufflePlan, hook_rows, stream_contexts
 from ne.lm_sae.config import LMSAEConfig
 from ne.lm_sae.model import LMSAE, init_sae, sae_from_state
@@ -68,10 +69,15 @@ class TrainState:
 
 
 def hook_width(model: MLPModel, hook: str) -> int:
-    """The activation width at `hook`, from a one-token forward pass."""
+    """The activation width at `hook`, from a one-token forward pass; an SAE reads one vector per token."""
     token = model.bos_token_id if model.bos_token_id is not None else model.pad_token_id
     probe = torch.tensor([[token]])
-    return int(read_hook(model, probe, torch.ones_like(probe), hook).shape[-1])
+    shape = read_hook(model, probe, torch.ones_like(probe), hook).shape
+    if len(shape) != 3:
+        raise ConfigError(f"sae.train_hook is {hook!r}, whose activations have shape [batch, pos, "
+                          f"{', '.join(map(str, shape[2:]))}] in {model.name}; an SAE reads one vector per token, so "
+                          "choose a hook of shape [batch, pos, d] (residual stream, MLP output or neurons)")
+    return int(shape[-1])
 
 
 def sae_step(sae: LMSAE, opt: torch.optim.Optimizer, x: Float[Tensor, "n d"], n_global: int, cfg: LMSAEConfig,
