@@ -282,7 +282,10 @@ def paired_effects(runs: dict[str, dict], variant: str, columns: list[str]) -> d
         diffs = np.array([other[s][c] - base[s][c] for s in seeds], dtype=float)
         sem = diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
         mean = float(diffs.mean())
-        verdict = "no clear change" if not abs(mean) > 2 * sem else ("up" if mean > 0 else "down")
+        if math.isnan(sem):
+            verdict = "one seed: no standard error"
+        else:
+            verdict = "no clear change" if not abs(mean) > 2 * sem else ("up" if mean > 0 else "down")
         out[c] = {"change": mean, "sem": sem, "verdict": verdict, "seeds": len(seeds)}
     return out
 

@@ -142,7 +142,9 @@ def check_force(force: Collection[str], stages: Sequence[str]) -> set[str]:
 
 def _sae_training(cfg: Any) -> tuple[str, ...]:
     """How the run's own SAE is trained matters only when the run trains one."""
-    return ("sae.train.*", "-sae.train.contexts_per_batch", "sae.eval.holdout_every") if cfg.sae.train_hook else ()
+    if not cfg.sae.train_hook:
+        return ()
+    return ("sae.train.*", *cfg.sae.train.unused(), "sae.eval.holdout_every")
 
 
 def settings_of(cfg: Any, keys: Sequence) -> dict[str, Any]:

@@ -492,6 +492,20 @@ def test_ne_run_compares_saes_over_seeds_with_paired_verdicts(tmp_path, tiny_mod
     assert (root / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_sae_stage_records_only_settings_that_change_the_sae():
+    from ne.stages import GRAPH, settings_of
+
+    base = tiny_run_cfg("run", MINILM)  # TopK, no NE loss
+
+    def recorded(**train):
+        sae = dataclasses.replace(base.sae, train=dataclasses.replace(base.sae.train, **train))
+        return settings_of(dataclasses.replace(base, sae=sae), GRAPH["sae"].settings)
+
+    assert recorded(ne_coeff=5.0) == recorded(l1_coeff=0.5) == recorded(contexts_per_batch=3) == recorded()
+    assert recorded(k=4) != recorded() != recorded(loss="ne") != recorded(loss="ne", ne_coeff=5.0)
+    assert recorded(architecture="standard", l1_coeff=0.5) != recorded(architecture="standard")
+
+
 def test_configs_load_strictly():
     from ne.config import load_config
     from tests.conftest import REPO

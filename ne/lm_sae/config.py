@@ -76,6 +76,16 @@ class LMSAEConfig:
             raise ConfigError(f"sae.train.ne_start is {self.ne_start}; it is a fraction of the steps in [0, 1), "
                               "e.g. 0.4")
 
+    def unused(self) -> tuple[str, ...]:
+        """Keys (as `settings_of` prefixes to drop) that do not change this SAE: another architecture's
+        coefficients, the NE loss's without it, and how many contexts go through the model at once."""
+        out = ["-sae.train.contexts_per_batch"]
+        out += [] if self.architecture == "standard" else ["-sae.train.l1_coeff"]
+        out += [] if self.architecture == "topk" else ["-sae.train.k"]
+        out += [] if self.architecture == "jumprelu" else ["-sae.train.l0_coeff", "-sae.train.jumprelu_bandwidth"]
+        out += [] if self.loss == "ne" else ["-sae.train.ne_"]
+        return tuple(out)
+
     def check_width(self, d_in: int, hook: str) -> None:
         """Settings that make sense only against the hook's width."""
         if self.architecture == "topk" and self.k > self.expansion * d_in:
