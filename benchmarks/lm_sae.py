@@ -4,6 +4,7 @@
     python benchmarks/lm_sae.py --memory     # peak memory of training on a corpus and on one 4x larger
     python benchmarks/lm_sae.py --sweep 0.3 1 3   # λ2 of the NE loss, one seed, in process (how configs chose it)
     python benchmarks/lm_sae.py --mnist      # the paper's own MNIST SAEs: NE-space against raw-space distances
+    python benchmarks/lm_sae.py --encoders runs/lm-sae/standard-seed0 runs/lm-sae/ne0.3-seed0   # where they read
 
 Every figure is printed with the CPU time the process used beside its wall time: on a shared machine the
 ratios, measured within one run, are the figures to trust.
@@ -74,6 +75,7 @@ def streaming_vs_forward(run: RunDir, model, cfg: LMSAEConfig, steps: int) -> No
     plan = ShufflePlan(stream_contexts(run, 0, 10, 1), cfg.buffer_tokens, cfg.batch_size, 0, steps)
     buffer = ActivationBuffer(lambda cs: hook_rows(model, HOOK, cs, cfg.contexts_per_batch), SINGLE,
                               hook_width(model, HOOK))
+    hook_rows(model, HOOK, list(stream_contexts(run, 1, 10, 1))[:32], cfg.contexts_per_batch)  # warm up
     contexts = []
     with Clock() as streamed:
         for added, ids in plan:
@@ -225,11 +227,43 @@ def mnist_authors(folder: Path, mnist: Path) -> None:
               f"{medians['raw activations']:.3f} as raw activations; encoder rows read {ratio:.1f} of 64 inputs")
 
 
+def encoders(runs: list[str]) -> None:
+    """For each run's SAE: the input dimension that is the largest weight of the most encoder rows, how many, and
+    that dimension's spread over the run's held-out tokens against the median dimension's."""
+    import collections
+
+    from safetensors.torch import load_file
+
+    from ne.config import from_dict
+    from ne.data import pad_batch
+    from ne.lm_sae.eval import eval_contexts
+    from ne.models.hooks import read_hook
+
+    for path in runs:
+        run = RunDir(path)
+        cfg = from_dict(RunConfig, run.manifest()["config"])
+        W = load_file(run.path("sae", "sae_weights.safetensors"))["W_enc"].T  # [d_sae, d_in]
+        dim, count = collections.Counter(W.square().argmax(1).tolist()).most_common(1)[0]
+        model = load_model(cfg.model)
+        contexts = list(eval_contexts(run, cfg.sae.eval.holdout_every))[:64]
+        rows = []
+        for i in range(0, len(contexts), 16):
+            tokens, mask = pad_batch([t for _, t in contexts[i : i + 16]], model.pad_token_id)
+            real = mask.bool().clone()
+            real[:, : int(model.bos_token_id is not None)] = False
+            rows.append(read_hook(model, tokens, mask, cfg.sae.train_hook)[real])
+        std = torch.cat(rows).std(0)
+        print(f"{path}: dimension {dim} is the largest weight of {count} of {len(W)} encoder rows; its std over "
+              f"held-out tokens is {std[dim]:.2f} (rank {int((std > std[dim]).sum()) + 1} of {len(std)}; median "
+              f"{std.median():.2f})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--speed", action="store_true")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--sweep", type=float, nargs="+")
+    p.add_argument("--encoders", nargs="+", metavar="RUN", help="where each run's SAE encoder reads")
     p.add_argument("--mnist", action="store_true", help="the authors' MNIST SAEs: NE-space vs raw-space distances")
     p.add_argument("--data", default=os.environ.get("NE_DATA_DIR") or str(Path(__file__).resolve().parents[2]
                                                                             / "shared" / "data"),
@@ -252,6 +286,8 @@ def main() -> None:
         peak_memory(work)
     if args.sweep:
         sweep(work, args.sweep)
+    if args.encoders:
+        encoders(args.encoders)
     if args.mnist:
         mnist_authors(Path(args.data) / "mechmnistic", Path(args.data) / "mnist")
 
