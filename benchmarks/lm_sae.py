@@ -26,16 +26,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ne import schema  # noqa: E402
+from ne.compute.lm_sae import init_sae  # noqa: E402
+from ne.compute.parallel import SINGLE  # noqa: E402
+from ne.compute.sae import NeuronEmbeddingLoss  # noqa: E402
 from ne.config import DataConfig, ModelConfig, RunConfig, UnitsSAEConfig  # noqa: E402
-from ne.data import write_contexts  # noqa: E402
 from ne.lm_sae.buffer import ActivationBuffer, ShufflePlan, hook_rows, stream_contexts, stream_rows  # noqa: E402
 from ne.lm_sae.config import LMSAEConfig, SAETrainerConfig  # noqa: E402
-from ne.lm_sae.model import init_sae  # noqa: E402
 from ne.lm_sae.train import hook_width, sae_step  # noqa: E402
 from ne.models import load_model  # noqa: E402
-from ne.parallel import SINGLE  # noqa: E402
-from ne.sae import NeuronEmbeddingLoss  # noqa: E402
-from ne.store import RunDir  # noqa: E402
+from ne.rundir.contexts import write_contexts  # noqa: E402
+from ne.rundir.store import RunDir  # noqa: E402
 
 MINILM = ModelConfig(backend="hf", name="all-MiniLM-L6-v2", device="cpu")
 HOOK = "blocks.3.hook_resid_pre"
@@ -132,7 +133,7 @@ def workers(base: RunConfig, tokens: int) -> None:
             train_hook=HOOK, train=LMSAEConfig(architecture="topk", k=32, batch_size=1024, buffer_tokens=16384,
                                                train_tokens=tokens),
             trainer=SAETrainerConfig(num_workers=n, checkpoint_every=10**6)))
-        RunDir(cfg.run_dir).remove("_work")  # no checkpoint of the other run to resume from
+        RunDir(cfg.run_dir).remove(schema.WORK_DIR)  # no checkpoint of the other run to resume from
         t0 = time.perf_counter()
         info = train_run_sae(RunDir(cfg.run_dir), cfg, model)
         wall = time.perf_counter() - t0
@@ -154,7 +155,7 @@ def peak_memory(work: Path) -> None:
 import torch
 from ne.config import ModelConfig
 from ne.models import load_model
-from ne.store import RunDir
+from ne.rundir.store import RunDir
 from ne.lm_sae.config import LMSAEConfig
 from ne.lm_sae.train import train_sae
 torch.set_num_threads(2)
@@ -196,17 +197,16 @@ def mnist_authors(folder: Path, mnist: Path) -> None:
     participation ratio, median over live neurons)."""
     import numpy as np
 
-    from ne.embed import cosine_distances, pad_rows
+    from ne.compute.embed import cosine_distances, pad_rows
     from ne.mnist import data as mnist_data
     from ne.mnist.eval import first_active
-    from ne.mnist.model import MLP, hidden_acts
-    from ne.sae import SAE
+    from ne.mnist.model import MLP, hidden_acts, load_sae
 
     test = mnist_data.load_mnist("idx", str(mnist), "test")
     mlp = MLP.load(str(folder / "mlp.safetensors"))
     acts = hidden_acts(mlp, test.images)
     for name in ("standard", "ne_loss"):
-        sae = SAE.load(str(folder / f"sae_{name}.safetensors"), mlp.hidden_size)
+        sae = load_sae(str(folder / f"sae_{name}.safetensors"), mlp.hidden_size)
         with torch.no_grad():
             lists = first_active(sae.encode(acts), 100)
         x = (acts - sae.b_dec).detach().numpy()
@@ -234,15 +234,15 @@ def encoders(runs: list[str]) -> None:
 
     from safetensors.torch import load_file
 
+    from ne.compute.harvest import pad_batch
     from ne.config import from_dict
-    from ne.data import pad_batch
     from ne.lm_sae.eval import eval_contexts
     from ne.models.hooks import read_hook
 
     for path in runs:
         run = RunDir(path)
         cfg = from_dict(RunConfig, run.manifest()["config"])
-        W = load_file(run.path("sae", "sae_weights.safetensors"))["W_enc"].T  # [d_sae, d_in]
+        W = load_file(run.path(schema.SAE_DIR, "sae_weights.safetensors"))["W_enc"].T  # [d_sae, d_in]
         dim, count = collections.Counter(W.square().argmax(1).tolist()).most_common(1)[0]
         model = load_model(cfg.model)
         contexts = list(eval_contexts(run, cfg.sae.eval.holdout_every))[:64]

@@ -1,4 +1,4 @@
-"""The language-model SAE job: train a run's SAE on Ray Train, evaluate it, and compare SAEs trained side by side.
+"""The language-model SAE job: train a run's SAE on Ray Train and evaluate it.
 
 Stage `sae` (with `sae.train_hook`) trains the SAE: a `TorchTrainer` with `sae.trainer.num_workers` workers,
 data parallel (each streams its share of the contexts through the shuffling buffer of `ne.lm_sae.buffer`;
@@ -8,52 +8,46 @@ and when an interrupted job is started again with the same settings; other setti
 stage graph (`StageDef.checkpointed`). The SAE is written in SAELens's format to RUN/sae/, which is what
 `sae.path` reads, so the rest of the pipeline harvests its latents.
 
-Stage `sae_eval` (after `cluster`) writes RUN/sae_eval.{json,md} (`ne.lm_sae.eval`). A comparison
-(`sae.compare`) is one run per SAE under RUN/NAME-seedS/, each trained, harvested, clustered and evaluated,
-then RUN/comparison.{md,csv,png}: every metric's mean ± std over seeds and the NE loss's paired effects.
+Stage `sae_eval` (after `cluster`) writes RUN/sae_eval.{json,md} (`ne.lm_sae.eval`). SAEs trained side by side
+(`sae.compare`) are `jobs.lm_sae_compare`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
-import numpy as np
 import torch
 
 from ne import schema
+from ne.compute.lm_sae import LMSAE, sae_from_state, saelens_files
+from ne.compute.parallel import Shard
 from ne.config import RunConfig, from_dict, to_dict
 from ne.errors import DataError
 from ne.lm_sae.buffer import stream_rows
-from ne.lm_sae.config import SAECompareConfig
 from ne.lm_sae.eval import (
-    COLUMNS,
-    FORMATS,
     LMSAEMetrics,
     downstream_model,
     eval_contexts,
     evaluate_sae,
     to_markdown,
 )
-from ne.lm_sae.model import LMSAE, sae_from_state, saelens_files
 from ne.lm_sae.train import TrainState, hook_width, train_sae
 from ne.models import sae_path
 from ne.models.base import MLPModel
 from ne.models.hooks import check_hook
 from ne.models.sae_units import load_sae
-from ne.parallel import Shard
-from ne.report import polysemy
-from ne.stages import Stage, check_force
-from ne.store import RunDir
+from ne.rundir.report import polysemy
+from ne.rundir.stages import Stage, check_force
+from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
-WORK = "_work/sae"
+WORK = schema.work_dir("sae")
 FAIL_AT = "NE_TEST_FAIL_SAE_AT_STEP"
 
 
@@ -90,7 +84,7 @@ def train_run_sae(run: RunDir, cfg: RunConfig, model: MLPModel) -> dict:
     else:
         sae, state, workers = _fit(run, cfg, steps, _fail_at())
     files = saelens_files(sae, state.scale, hook, model.name, cfg.data.n_ctx, model.bos_token_id is not None,
-                          _corpus(cfg))
+                          corpus_name(cfg))
     for name, data in files.items():
         run.write_bytes(f"{schema.SAE_DIR}/{name}", data)
     return {**state.summary(), "tokens": steps * train.batch_size, "workers": workers,
@@ -104,7 +98,8 @@ def _fail_at() -> int | None:
     return int(value) if value else None
 
 
-def _corpus(cfg: RunConfig) -> str:
+def corpus_name(cfg: RunConfig) -> str:
+    """The corpus as SAELens records it (`dataset_path`) and the comparison names it."""
     data = cfg.data
     return {"pydoc": "pydoc_data.topics", "hf": data.name}.get(data.source, ",".join(data.paths))
 
@@ -113,13 +108,13 @@ def _fit(run: RunDir, cfg: RunConfig, steps: int, fail_at: int | None) -> tuple[
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.ray_utils import check_train_workers, cpus_per_worker, gpu_wanted, init_ray
+    from jobs.ray_utils import fit, gpu_wanted, init_ray, train_threads
 
     init_ray()
     trainer_cfg = cfg.sae.trainer
     use_gpu = gpu_wanted(trainer_cfg.use_gpu, "sae.trainer.use_gpu")
-    check_train_workers(trainer_cfg.num_workers, use_gpu, "sae.trainer.num_workers")
-    threads = 1 if use_gpu else cpus_per_worker(trainer_cfg.num_workers)
+    threads = train_threads(trainer_cfg.num_workers, use_gpu, "sae.trainer")  # checks the cluster in any case
+    threads = 1 if use_gpu else threads
     storage = run.url if "://" in run.url else os.path.abspath(run.url)
     # Ray Train runs each worker in a directory of its own: the run directory goes to them as an absolute path.
     worker_cfg = replace(cfg, run_dir=storage)
@@ -133,7 +128,7 @@ def _fit(run: RunDir, cfg: RunConfig, steps: int, fail_at: int | None) -> tuple[
             failure_config=ray.train.FailureConfig(max_failures=trainer_cfg.max_failures),
         ),
     )
-    result = trainer.fit()
+    result = fit(trainer)
     with result.checkpoint.as_directory() as d:
         state = TrainState.from_dict(torch.load(os.path.join(d, STATE), weights_only=True))
     return sae_from_state(cfg.sae.train, state.sae), state, int(result.metrics.get("workers", 0))
@@ -212,157 +207,3 @@ def run_sae_eval(cfg: RunConfig, force: list[str] | tuple | set = ()) -> LMSAEMe
         run.write_bytes(schema.SAE_EVAL_MD, to_markdown({sae_path(cfg): asdict(metrics)}).encode())
         stage.done(seconds=time.time() - t0)
         return metrics
-
-
-# --- a comparison ----------------------------------------------------------------------------------------
-
-STANDARD = "standard"
-
-
-def variant_name(ne_coeff: float | None) -> str:
-    return STANDARD if ne_coeff is None else f"ne{ne_coeff:g}"
-
-
-def comparison_runs(cfg: RunConfig) -> dict[str, tuple[str, int, RunConfig]]:
-    """Run name → (variant, seed, the run's config): the standard SAE and one NE-loss SAE per λ2, per seed."""
-    out = {}
-    root = cfg.run_dir.rstrip("/")
-    for seed in cfg.sae.compare.seeds:
-        for coeff in (None, *cfg.sae.compare.ne_coeffs):
-            train = replace(cfg.sae.train, loss="none") if coeff is None else replace(cfg.sae.train, loss="ne",
-                                                                                      ne_coeff=coeff)
-            name = f"{variant_name(coeff)}-seed{seed}"
-            sae = replace(cfg.sae, train=train, compare=SAECompareConfig())
-            out[name] = (variant_name(coeff), seed, replace(cfg, run_dir=f"{root}/{name}", seed=seed, sae=sae))
-    return out
-
-
-@dataclass
-class Comparison:
-    runs: dict[str, dict] = field(default_factory=dict)
-    """Run name → its metrics (`LMSAEMetrics` as a dict) plus `variant`, `seed` and its training record."""
-    table: str = ""
-    seconds: float = 0.0
-
-    def describe(self) -> str:
-        return f"{self.table}\ncomparison done in {self.seconds:.0f} s"
-
-
-def run_comparison(cfg: RunConfig, force: list[str] | tuple | set = ()) -> Comparison:
-    """Train, harvest, cluster and evaluate every SAE of `sae.compare`, then write the comparison."""
-    from jobs.cluster import run_cluster
-    from jobs.harvest import run_harvest
-    from ne.stages import HARVEST
-
-    t0 = time.time()
-    out = Comparison()
-    root = RunDir(cfg.run_dir)
-    with root.lock("ne run"):
-        for name, (variant, seed, sub) in comparison_runs(cfg).items():
-            log.info("comparison: %s", name)
-            run_harvest(sub, force=set(force) & set(HARVEST))
-            run_cluster(sub, force=set(force) & {"cluster"})
-            metrics = run_sae_eval(sub, force=set(force) & {"sae_eval"})
-            trained = RunDir(sub.run_dir).manifest()["stages"]["sae"]["info"]
-            out.runs[name] = {**asdict(metrics), "variant": variant, "seed": seed, "train_tokens": trained["tokens"],
-                              "train_seconds": trained["train_seconds"]}
-        out.table = write_comparison(root, cfg, out.runs)
-    out.seconds = time.time() - t0
-    return out
-
-
-def paired_effects(runs: dict[str, dict], variant: str, columns: list[str]) -> dict[str, dict]:
-    """Per metric, the change from the standard SAE to `variant`, paired by seed: mean, standard error (ddof 1)
-    and the verdict: `up` or `down` beyond 2 standard errors, else `no clear change`."""
-    base = {r["seed"]: r for r in runs.values() if r["variant"] == STANDARD}
-    other = {r["seed"]: r for r in runs.values() if r["variant"] == variant}
-    seeds = sorted(set(base) & set(other))
-    out = {}
-    for c in columns:
-        diffs = np.array([other[s][c] - base[s][c] for s in seeds], dtype=float)
-        sem = diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-        mean = float(diffs.mean())
-        if math.isnan(sem):
-            verdict = "one seed: no standard error"
-        else:
-            verdict = "no clear change" if not abs(mean) > 2 * sem else ("up" if mean > 0 else "down")
-        out[c] = {"change": mean, "sem": sem, "verdict": verdict, "seeds": len(seeds)}
-    return out
-
-
-def write_comparison(root: RunDir, cfg: RunConfig, runs: dict[str, dict]) -> str:
-    """comparison.md (means ± std per variant, paired effects, corpus size), comparison.csv (every run) and
-    comparison.png (downstream cost and reconstruction against polysemy)."""
-    variants = list(dict.fromkeys(r["variant"] for r in runs.values()))
-    columns = [c for c in COLUMNS if c not in ("tokens",) and any(not math.isnan(float(r[c])) for r in runs.values())]
-    means, stds = {}, {}
-    for v in variants:
-        rows = [r for r in runs.values() if r["variant"] == v]
-        means[v] = {c: float(np.mean([r[c] for r in rows])) for c in COLUMNS}
-        stds[v] = {c: float(np.std([r[c] for r in rows], ddof=1)) if len(rows) > 1 else math.nan for c in COLUMNS}
-    first = next(iter(runs.values()))
-    seeds = sorted({r["seed"] for r in runs.values()})
-    lines = [f"SAEs at {cfg.sae.train_hook} of {cfg.model.name}, {cfg.sae.train.architecture}, "
-             f"{cfg.sae.train.expansion}× expansion" + (f", k = {cfg.sae.train.k}" if cfg.sae.train.architecture
-                                                        == "topk" else "")
-             + f"; trained on {first['train_tokens']:,} tokens of {_corpus(cfg)} (one pass), evaluated on "
-               f"{first['tokens']:,} held-out tokens; seeds {', '.join(map(str, seeds))}; mean ± std (ddof 1).", "",
-             to_markdown(means, stds)]
-    for v in variants[1:]:
-        effects = paired_effects(runs, v, columns)
-        lines += ["", f"{v} against {STANDARD}, paired by seed (same initialisation and batches): change (paired "
-                      "s.e.) and verdict (beyond 2 s.e.)", "", "| metric | change | s.e. | verdict |",
-                  "|---|---|---|---|"]
-        for c, e in effects.items():
-            fmt = FORMATS[c]
-            lines.append(f"| {c} | {'+' if e['change'] >= 0 else ''}{fmt.format(e['change'])} | "
-                         f"{fmt.format(e['sem']) if not math.isnan(e['sem']) else ''} | {e['verdict']} |")
-    text = "\n".join(lines) + "\n"
-    root.write_bytes(f"{schema.COMPARISON}.md", text.encode())
-    header = ["run", "variant", "seed", *COLUMNS, "train_tokens", "train_seconds"]
-    csv = [",".join(header)] + [",".join([name, *(str(r[h]) for h in header[1:])]) for name, r in runs.items()]
-    root.write_bytes(f"{schema.COMPARISON}.csv", ("\n".join(csv) + "\n").encode())
-    root.write_bytes(f"{schema.COMPARISON}.png", comparison_plot(runs, variants))
-    return text
-
-
-def comparison_plot(runs: dict[str, dict], variants: list[str]) -> bytes:
-    """Two panels, one small point per SAE and a large one per variant's mean: the downstream cost against the
-    share of latents with ≥ 2 feature clusters, and FVU against the median mean distance of their examples;
-    filled for the neuron embeddings, hollow for the examples' raw SAE inputs."""
-    import io
-
-    from matplotlib.figure import Figure
-
-    causal = any(not math.isnan(float(r["ce_increase"])) for r in runs.values())
-    cost_name = "CE increase (nats)" if causal else "1 - cosine of sentence embeddings (spliced vs clean)"
-
-    def cost(r: dict) -> float:
-        return float(r["ce_increase"]) if causal else 1.0 - float(r["cosine"])
-
-    fig = Figure(figsize=(11, 4.4))
-    panels = [(fig.add_subplot(1, 2, 1), cost, cost_name, "polysemantic", "latents with ≥ 2 feature clusters"),
-              (fig.add_subplot(1, 2, 2), lambda r: float(r["fvu"]), "FVU", "mean_dist",
-               "median mean cosine distance of a latent's examples")]
-    for ax, x_of, x_name, y_key, y_name in panels:
-        for space, fill in (("", True), ("raw_", False)):
-            centres = []
-            for i, v in enumerate(variants):
-                rows = [r for r in runs.values() if r["variant"] == v]
-                xs, ys = [x_of(r) for r in rows], [float(r[space + y_key]) for r in rows]
-                face = f"C{i}" if fill else "none"
-                ax.scatter(xs, ys, facecolors=face, edgecolors=f"C{i}", alpha=0.5, s=20)
-                centres.append((float(np.mean(xs)), float(np.mean(ys))))
-                label = f"{v}, " + ("neuron embeddings" if fill else "raw inputs h")
-                ax.scatter(*centres[-1], facecolors=face, edgecolors="black" if fill else f"C{i}", s=90,
-                           linewidths=1.5, label=label, zorder=3)
-            if len(variants) > 2:
-                ax.plot(*zip(*centres), color="gray", lw=1, ls="-" if fill else "--", zorder=2)
-        ax.set_xlabel(x_name)
-        ax.set_ylabel(y_name)
-        ax.grid(alpha=0.3)
-    panels[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()

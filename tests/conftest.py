@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny GPT-2-shaped model with random weights, and the shared data directory."""
+"""Shared fixtures: a tiny GPT-2-shaped model with random weights (its config, and loaded), MiniLM loaded, and the
+shared data directory."""
 
 from __future__ import annotations
 
@@ -62,6 +63,25 @@ def write_tiny_model(folder: Path, arch: dict = TINY_ARCH, seed: int = 0) -> Mod
 def tiny_model_cfg(tmp_path_factory) -> ModelConfig:
     """A 2-layer GPT-2-shaped model (d_model 64, d_mlp 256, n_ctx 128, GPT-2 tokenizer), random and seeded."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_cfg):
+    """The tiny model, loaded."""
+    from ne.models import load_model
+
+    return load_model(tiny_model_cfg)
+
+
+MINILM = ModelConfig(backend="hf", name="all-MiniLM-L6-v2", device="cpu")
+"""The demo model: the real all-MiniLM-L6-v2, offline."""
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from ne.models import load_model
+
+    return load_model(MINILM)
 
 
 def shared_data_dir() -> Path:

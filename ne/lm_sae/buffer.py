@@ -26,12 +26,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ne import schema
-from ne.data import context_parts, pad_batch, read_contexts
+from ne.compute.harvest import pad_batch
+from ne.compute.parallel import Shard
 from ne.errors import DataError
 from ne.models.base import MLPModel
 from ne.models.hooks import read_hook
-from ne.parallel import Shard
-from ne.store import RunDir
+from ne.rundir.contexts import context_parts, read_contexts
+from ne.rundir.store import RunDir
 
 
 @dataclass

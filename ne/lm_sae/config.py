@@ -40,7 +40,7 @@ class LMSAEConfig:
     contexts_per_batch: int = 16
     """Contexts per forward pass of the model while streaming activations (memory only)."""
     loss: Literal["none", "ne"] = "none"
-    """`ne` adds λ2·L_N, the paper's neuron-embedding loss (`ne.sae.NeuronEmbeddingLoss`): for latent j and
+    """`ne` adds λ2·L_N, the paper's neuron-embedding loss (`ne.compute.sae.NeuronEmbeddingLoss`): for latent j and
     token x its neuron embedding is (x - b_dec) ⊙ W_enc[j], whose sum plus b_enc[j] is the pre-activation;
     L_N is the mean cosine distance of the active (token, latent) pairs' embeddings to each latent's running
     average embedding (activation-weighted, momentum `ne_momentum`). `none`: the plain SAE."""

@@ -10,7 +10,7 @@ order, up to `sae.eval.tokens`:
   Causal LMs (logits): ce_clean, the mean next-token cross-entropy, and ce_increase, what the splice adds to it.
   Encoders (MiniLM): cosine, the mean over contexts of the cosine between the sentence embedding (the
   attention-masked mean of the last hidden state, as sentence-transformers pools) with and without the splice;
-- from the run's `metrics.parquet` (`ne.report.polysemy`): latents with examples, the share of those with two or
+- from the run's `metrics.parquet` (`ne.rundir.report.polysemy`): latents with examples, the share of those with two or
   more feature clusters, the median mean_dist and the median silhouette of their neuron embeddings; and
   raw_polysemantic, raw_mean_dist: the same two on the clusters of the examples' SAE inputs h alone (not
   weighted by W_enc[j]), which tell whether a latent's examples grew alike or only its weighting of them did;
@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ne.compute.harvest import Context, pad_batch
 from ne.config import ModelConfig
-from ne.data import Context, iter_context_parts, pad_batch
 from ne.lm_sae.buffer import held_out
-from ne.models import DTYPES, load_model
+from ne.models import DTYPES, load_model, load_model_tokenizer
 from ne.models.base import MLPModel
 from ne.models.hooks import hooked
-from ne.store import RunDir
+from ne.rundir.contexts import iter_context_parts
+from ne.rundir.store import RunDir
 
 
 @dataclass
@@ -82,11 +83,11 @@ def downstream_model(cfg: ModelConfig) -> tuple[MLPModel, Callable[[Tensor, Tens
     from ne.models.tl import TLModel
 
     if cfg.backend == "hf":
-        from ne.device import resolve_device
+        from ne.compute.device import resolve_device
         from ne.models.hf import is_causal_lm, load_hf_lm
 
         if is_causal_lm(cfg.name):
-            model, lm = load_hf_lm(cfg, resolve_device(cfg.device), DTYPES[cfg.dtype])
+            model, lm = load_hf_lm(cfg, load_model_tokenizer(cfg), resolve_device(cfg.device), DTYPES[cfg.dtype])
             return model, lambda tokens, mask: lm(input_ids=tokens, attention_mask=mask).logits, "ce"
         model = load_model(cfg)
 

@@ -2,7 +2,7 @@
 
 Each step takes this worker's rows of the global batch from the shuffling buffer (`ne.lm_sae.buffer`),
 computes its share of the global loss (local sums over global counts) and sums gradients over the workers
-(`ne.parallel.Shard`, one all-reduce), so one worker and N workers take the same steps up to float rounding.
+(`ne.compute.parallel.Shard`, one all-reduce), so one worker and N workers take the same steps up to float rounding.
 The activation scale and b_dec's initial value come from the first fill of the buffer, summed over the workers.
 A checkpoint (`TrainState`) holds the step, the parameters, Adam's state, the NE loss's running averages and the
 scale; resuming from one replays the buffer's plan and recomputes the pending rows, so a resumed run takes the
@@ -22,15 +22,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ne.compute.lm_sae import LMSAE, init_sae, sae_from_state
+from ne.compute.parallel import SINGLE, Shard
+from ne.compute.sae import NeuronEmbeddingLoss
 from ne.errors import ConfigError
 from ne.lm_sae.buffer import ActivationBuffer, ShufflePlan, hook_rows, stream_contexts
 from ne.lm_sae.config import LMSAEConfig
-from ne.lm_sae.model import LMSAE, init_sae, sae_from_state
 from ne.models.base import MLPModel
 from ne.models.hooks import read_hook
-from ne.parallel import SINGLE, Shard
-from ne.sae import NeuronEmbeddingLoss
-from ne.store import RunDir
+from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ne import schema
+from ne.compute.device import resolve_device
 from ne.config import ModelConfig
-from ne.device import resolve_device
 from ne.errors import ConfigError
 from ne.models.base import LayerOutput, MLPModel
 
@@ -22,7 +23,7 @@ def load_model(cfg: ModelConfig, n_devices: int = 1) -> MLPModel:
     if cfg.backend == "hf":
         from ne.models.hf import load_hf
 
-        return load_hf(cfg, device, dtype, n_devices)
+        return load_hf(cfg, load_model_tokenizer(cfg), device, dtype, n_devices)
     from ne.models import tl
 
     loader = tl.load_by_name if cfg.backend == "transformer_lens" else tl.load_safetensors_model
@@ -45,7 +46,7 @@ def sae_path(cfg) -> str | None:
     """The SAE whose latents a run harvests: sae.path, or the one trained into RUN/sae/, or None."""
     if cfg.sae.path:
         return cfg.sae.path
-    return f"{cfg.run_dir.rstrip('/')}/sae" if cfg.sae.train_hook else None
+    return f"{cfg.run_dir.rstrip('/')}/{schema.SAE_DIR}" if cfg.sae.train_hook else None
 
 
 def load_units(cfg, n_devices: int = 1) -> MLPModel:
