@@ -1,7 +1,7 @@
 """Language-model SAE training: speed and memory on all-MiniLM-L6-v2's residual stream before layer 3 (pydoc).
 
     python benchmarks/lm_sae.py --speed      # streaming vs a plain forward pass; NE loss vs standard; 1 vs 2 workers
-    python benchmarks/lm_sae.py --memory     # peak memory of training on a corpus and on one 4x larger
+    python benchmarks/lm_sae.py --memory [--contexts N]   # peak memory of training on a corpus and on one 4x larger
     python benchmarks/lm_sae.py --sweep 0.3 1 3   # λ2 of the NE loss, one seed, in process (how configs chose it)
     python benchmarks/lm_sae.py --mnist      # the paper's own MNIST SAEs: NE-space against raw-space distances
     python benchmarks/lm_sae.py --encoders runs/lm-sae/standard-seed0 runs/lm-sae/ne0.3-seed0   # where they read
@@ -145,11 +145,11 @@ def workers(base: RunConfig, tokens: int) -> None:
           f"MSE differs by {abs(results[1]['mse'] - results[2]['mse']) / results[1]['mse']:.1e} (relative)")
 
 
-def peak_memory(work: Path) -> None:
-    """Peak RSS of training (in a fresh process, no Ray) on the whole stream of a corpus and of one 4x larger:
-    the buffer bounds it, not the corpus."""
+def peak_memory(work: Path, contexts: int | None) -> None:
+    """Peak RSS of training (in a fresh process, no Ray) on the whole stream of a corpus (`contexts` of pydoc, all
+    by default) and of one 4x larger (pydoc 4 times over): the buffer bounds it, not the corpus."""
     for repeat in (1, 4):
-        cfg = corpus(work, repeat=repeat)
+        cfg = corpus(work, contexts=contexts and contexts * repeat, repeat=repeat)
         rows = stream_rows(RunDir(cfg.run_dir), 10, 1)
         code = f"""
 import torch
@@ -270,6 +270,7 @@ def main() -> None:
                    help="folder with mechmnistic/ and mnist/ (--mnist; default $NE_DATA_DIR or ../shared/data)")
     p.add_argument("--steps", type=int, default=30, help="optimiser steps timed per setting (--speed)")
     p.add_argument("--tokens", type=int, default=65536, help="tokens each Ray Train job trains on (--speed)")
+    p.add_argument("--contexts", type=int, help="contexts of the smaller corpus (--memory; default: all of pydoc)")
     p.add_argument("--work", help="where corpora are tokenised (default: a temporary directory)")
     args = p.parse_args()
     os.environ.setdefault("NE_RAY_NUM_CPUS", str(os.cpu_count()))
@@ -283,7 +284,7 @@ def main() -> None:
         ne_loss_cost(model, RunDir(cfg.run_dir), args.steps)
         workers(cfg, args.tokens)
     if args.memory:
-        peak_memory(work)
+        peak_memory(work, args.contexts)
     if args.sweep:
         sweep(work, args.sweep)
     if args.encoders:
