@@ -26,14 +26,14 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from jobs.lm_sae import train_run_sae
 from jobs.ray_utils import check_resources, init_ray, model_actor_options, run_on_actors
 from ne import schema
 from ne.compute import harvest
 from ne.config import HarvestConfig, RunConfig, to_dict
 from ne.errors import ConfigError, DataError
 from ne.models import MLPModel, load_model, load_units, sae_path, units_on
-from ne.models.sae_units import check_reachable
-from ne.residual_sae import SAE_DIR, saelens_files, sample_activations, train_sae
+from ne.models.hooks import check_hook
 from ne.rundir.contexts import context_parts, read_contexts, write_contexts
 from ne.rundir.graph import HARVEST
 from ne.rundir.maxima import signed_extremes
@@ -204,19 +204,13 @@ def _examples_stage(
 
 
 def _units(run: RunDir, cfg: RunConfig, base, force: Collection[str]):
-    """Stage "sae": train the run's own SAE when sae.train_hook asks for one; then the units to harvest."""
+    """Stage "sae": train the run's own SAE when sae.train_hook asks for one (`jobs.lm_sae`); then the units to
+    harvest."""
     hook = cfg.sae.train_hook
-    stage = Stage(run, "sae", cfg, force, check=lambda: check_reachable(base, hook) if hook else None)
+    stage = Stage(run, "sae", cfg, force, check=lambda: check_hook(base, hook, "sae.train_hook is") if hook else None)
     if stage.needed():
         stage.begin()
-        info: dict = {}
-        if hook:
-            acts = sample_activations(base, run, hook, cfg.sae.train_tokens, cfg.harvest.batch_size)
-            sae, info = train_sae(acts, cfg.sae.train, cfg.seed)
-            files = saelens_files(sae, hook, base.name, cfg.data.n_ctx, base.bos_token_id is not None)
-            for name, data in files.items():
-                run.write_bytes(f"{SAE_DIR}/{name}", data)
-            info.update(rows=len(acts))
+        info = train_run_sae(run, cfg, base) if hook else {}
         stage.done(**info)
     return units_on(base, cfg)
 

@@ -72,19 +72,21 @@ def cpu_workers(asked: int, key: str, todo: int, unit: str) -> tuple[int, int]:
     return workers, total // workers
 
 
-def train_threads(num_workers: int, use_gpu: bool) -> int:
-    """Torch threads for each of `num_workers` Ray Train workers, after checking that the cluster can hold them
-    all: Ray Train waits, without a word, until every worker has its CPU (or GPU, with `use_gpu`)."""
+def train_threads(num_workers: int, use_gpu: bool, section: str = "trainer") -> int:
+    """Torch threads for each of `num_workers` Ray Train workers (config section `section`), after checking that
+    the cluster can hold them all: Ray Train waits, without a word, until every worker has its CPU (or GPU, with
+    `use_gpu`)."""
+    workers, gpu = f"{section}.num_workers", f"{section}.use_gpu"
     if use_gpu:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if not gpus:
-            raise ConfigError("trainer.use_gpu is true but the Ray cluster has no GPU; set trainer.use_gpu to false")
+            raise ConfigError(f"{gpu} is true but the Ray cluster has no GPU; set {gpu} to false")
         if gpus < num_workers:
-            raise ConfigError(f"trainer.num_workers is {num_workers} but the Ray cluster has {gpus} GPUs, one per "
-                              f"worker with trainer.use_gpu; set trainer.num_workers to at most {gpus}")
+            raise ConfigError(f"{workers} is {num_workers} but the Ray cluster has {gpus} GPUs, one per "
+                              f"worker with {gpu}; set {workers} to at most {gpus}")
     elif cluster_cpus() < num_workers:
-        raise ConfigError(f"trainer.num_workers is {num_workers} but the Ray cluster has {cluster_cpus()} CPUs, one "
-                          f"per worker; set trainer.num_workers to at most {cluster_cpus()}")
+        raise ConfigError(f"{workers} is {num_workers} but the Ray cluster has {cluster_cpus()} CPUs, one "
+                          f"per worker; set {workers} to at most {cluster_cpus()}")
     return max(1, cluster_cpus() // num_workers)
 
 

@@ -15,8 +15,9 @@ from ne import schema
 from ne.errors import ConfigError, NeError
 from ne.rundir.graph import stages_of
 
-RUN_COMMANDS = ("ne harvest", "ne cluster", "ne index")
-"""What `ne run` runs, in order; each command's stages come from the graph (`stages_of`)."""
+RUN_COMMANDS = ("ne harvest", "ne cluster", "ne index", "ne run")
+"""What `ne run` runs, in order; each command's stages come from the graph (`stages_of`; `ne run`'s own is
+`sae_eval`)."""
 FIGURE_MODELS = ("mlp", "sae_standard", "sae_ne_loss")
 
 
@@ -156,12 +157,27 @@ def cmd_run(args) -> None:
 
     cfg = _load(args)
     force = check_force(args.force, stages_of(*RUN_COMMANDS))
+    if cfg.sae.compare.active:
+        from jobs.lm_sae_compare import run_comparison
+
+        print(run_comparison(cfg, force).describe())
+        stem = f"{cfg.run_dir}/{schema.COMPARISON}"
+        print(f"\ntables: {stem}.md and .csv; plot: {stem}.png; each SAE's run: {cfg.run_dir}/NAME-seedS/")
+        return
     run = RunDir(cfg.run_dir)
     with run.lock("ne run"):
         print(run_harvest(cfg, force=force & set(stages_of("ne harvest"))).describe(), end="\n\n")
         print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
         print(run_label(cfg, force=force & {"label"}).describe(), end="\n\n")
         print(run_index(cfg, force=force & {"index"}).describe(), end="\n\n")
+        if cfg.sae.active:
+            from dataclasses import asdict
+
+            from jobs.lm_sae import run_sae_eval
+            from ne.lm_sae.eval import to_markdown
+
+            print(f"The SAE, evaluated ({schema.SAE_EVAL_MD}):")
+            print(to_markdown({"this run": asdict(run_sae_eval(cfg, force=force & {"sae_eval"}))}))
         table = run.read_parquet(schema.METRICS)
         labels = read_all_labels(run, run.layers(schema.LABELS_DIR))
     metrics = table.to_pandas()

@@ -20,8 +20,8 @@ import yaml
 
 from ne.checks import at_least, at_most, check_choices, check_layer_list, check_literal
 from ne.compute.embed import GatedEmbedding
-from ne.compute.sae import SAEConfig
 from ne.errors import ConfigError
+from ne.lm_sae.config import LMSAEConfig, LMSAEEvalConfig, SAECompareConfig, SAETrainerConfig
 
 
 @dataclass
@@ -237,13 +237,18 @@ class UnitsSAEConfig:
     units harvested are the SAE's latents at its hook point instead of the model's MLP neurons (needs the
     `sae` extra: pip install -e ".[sae]")."""
     train_hook: str | None = None
-    """Train an SAE of our own (ne/compute/sae.py) on this hook's activations over the run's corpus, e.g.
-    `blocks.3.hook_resid_pre`, save it in SAELens format under RUN/sae/ and harvest its latents. Needs
-    path: null."""
-    train_tokens: int = 65_536
-    """Activation rows (tokens) sampled evenly from the corpus to train that SAE."""
-    train: SAEConfig = field(default_factory=SAEConfig)
-    """How that SAE is trained (`ne.compute.sae.SAEConfig`): expansion, epochs, batch size, λ1 and the NE loss."""
+    """Train an SAE on this hook's activations over the run's corpus (`sae.train`, on Ray Train), e.g.
+    `blocks.3.hook_resid_pre`, `blocks.3.hook_mlp_out` or `blocks.3.mlp.hook_post` (the MLP neurons), save it in
+    SAELens format under RUN/sae/ and harvest its latents. Needs path: null."""
+    train: LMSAEConfig = field(default_factory=LMSAEConfig)
+    """How that SAE is trained (`ne.lm_sae.config.LMSAEConfig`): architecture, width, losses, batch and buffer."""
+    trainer: SAETrainerConfig = field(default_factory=SAETrainerConfig)
+    """Ray Train workers and checkpoints (none of it changes the result)."""
+    eval: LMSAEEvalConfig = field(default_factory=LMSAEEvalConfig)
+    """The SAE's evaluation on held-out contexts (stage `sae_eval`, after `cluster`)."""
+    compare: SAECompareConfig = field(default_factory=SAECompareConfig)
+    """Several SAEs side by side (`ne run` trains and evaluates each in RUN/NAME-seedS/ and writes
+    RUN/comparison.{md,csv,png}): the SAE of `train` with no NE loss against NE-loss ones, over seeds."""
     compare_with: str | None = None
     """A run of the same model's MLP neurons (e.g. runs/demo): the report then compares them with the SAE's
     latents at the same layer."""
@@ -252,7 +257,8 @@ class UnitsSAEConfig:
         if self.path and self.train_hook:
             raise ConfigError(f"sae.path ({self.path!r}) and sae.train_hook ({self.train_hook!r}) are both set; "
                               "use an SAE from a directory or train one, not both")
-        at_least("sae.train_tokens", self.train_tokens, 1)
+        if self.compare.active and not self.train_hook:
+            raise ConfigError("sae.compare needs sae.train_hook: a comparison trains its SAEs at that hook")
 
     @property
     def active(self) -> bool:

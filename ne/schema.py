@@ -17,6 +17,10 @@ RUN/
   report/                            report.md and PNG plots
   descriptions/part-NNNNN.parquet    LLM descriptions of feature clusters (`ne describe`, optional)
   occurrences/layer=L/part-NNNNN.parquet  where each feature cluster fires in held-out contexts
+  sae/                               the run's own SAE, SAELens's cfg.json and sae_weights.safetensors
+  sae_eval.json, sae_eval.md         the SAE's evaluation: reconstruction, sparsity, downstream cost, polysemy
+  SEED-NAME/                         a comparison's runs (sae.compare), one per SAE, each a run as above
+  comparison.{md,csv,png}            a comparison's table (mean ± std over seeds, paired verdicts) and plot
 ```
 `h_id = ctx_id * n_ctx + pos` is global and deterministic, so shards never need to agree on ids.
 """
@@ -47,6 +51,10 @@ OCCURRENCES_DIR = "occurrences"
 WEIGHTS_DIR = "weights"
 SAE_DIR = "sae"
 """The run's own SAE (`sae.train_hook`), in SAELens's layout."""
+SAE_EVAL = "sae_eval.json"
+SAE_EVAL_MD = "sae_eval.md"
+COMPARISON = "comparison"
+"""Stem of a comparison's table and plot: comparison.md, comparison.csv, comparison.png."""
 MNIST_DIR = "mnist"
 MNIST_TABLES = (f"{MNIST_DIR}/sae_eval.md", f"{MNIST_DIR}/sae_eval.csv")
 WORK_DIR = "_work"
@@ -54,7 +62,7 @@ WORK_DIR = "_work"
 
 
 def work_dir(name: str) -> str:
-    """`_work/name`: one stage's half-done work (`maxima`, `examples`, `h`, `kept`, `cluster`)."""
+    """`_work/name`: one stage's half-done work (`maxima`, `examples`, `h`, `kept`, `cluster`, `sae`)."""
     return f"{WORK_DIR}/{name}"
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny GPT-2-shaped model with random weights, and the shared data directory."""
+"""Shared fixtures: a tiny GPT-2-shaped model with random weights (its config, and loaded), MiniLM loaded, and the
+shared data directory."""
 
 from __future__ import annotations
 
@@ -73,6 +74,23 @@ def lm_run(tmp_path_factory, tiny_model_cfg) -> str:
     root = tmp_path_factory.mktemp("viewer_run") / "run"
     build_lm_run(root, tiny_model_cfg)
     return str(root)
+@pytest.fixture(scope="module")
+def tiny(tiny_model_cfg):
+    """The tiny model, loaded."""
+    from ne.models import load_model
+
+    return load_model(tiny_model_cfg)
+
+
+MINILM = ModelConfig(backend="hf", name="all-MiniLM-L6-v2", device="cpu")
+"""The demo model: the real all-MiniLM-L6-v2, offline."""
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from ne.models import load_model
+
+    return load_model(MINILM)
 
 
 def shared_data_dir() -> Path:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ne import schema
 from ne.compute.device import resolve_device
 from ne.config import ModelConfig
 from ne.errors import ConfigError
@@ -45,7 +46,7 @@ def sae_path(cfg) -> str | None:
     """The SAE whose latents a run harvests: sae.path, or the one trained into RUN/sae/, or None."""
     if cfg.sae.path:
         return cfg.sae.path
-    return f"{cfg.run_dir.rstrip('/')}/sae" if cfg.sae.train_hook else None
+    return f"{cfg.run_dir.rstrip('/')}/{schema.SAE_DIR}" if cfg.sae.train_hook else None
 
 
 def load_units(cfg, n_devices: int = 1) -> MLPModel:

@@ -298,3 +298,23 @@ def load_hf(cfg: ModelConfig, tokenizer, device: torch.device, dtype: torch.dtyp
     else:
         model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
     return HFModel(model, tokenizer, cfg.name)
+
+
+def is_causal_lm(name: str) -> bool:
+    """Whether a model directory holds a causal language model with its head (config.json's architectures)."""
+    import json
+
+    with open(Path(model_path(name)) / "config.json") as f:
+        names = json.load(f).get("architectures") or []
+    return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
+
+
+def load_hf_lm(cfg: ModelConfig, tokenizer, device: torch.device,
+               dtype: torch.dtype) -> tuple[HFModel, PreTrainedModel]:
+    """A causal language model with its head: the `HFModel` over its base model (hooks go there), and the whole
+    model, whose forward pass gives the logits."""
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    lm = AutoModelForCausalLM.from_pretrained(model_path(cfg.name), dtype=dtype).to(device).eval()
+    return HFModel(lm.base_model, tokenizer, cfg.name), lm

@@ -1,4 +1,4 @@
-"""SAE latents as units: a model's residual stream read through a SAELens SAE.
+"""SAE latents as units: a model's activations at one hook read through a SAELens SAE.
 
 For latent j, `h` is the SAE's encoder input after its own input processing (`process_sae_in`: input
 normalisation and the `b_dec` subtraction where its config asks for them), `w_j = W_enc[:, j]` and `act` the
@@ -9,7 +9,6 @@ them folded into W_in and b_in. The SAE is loaded with the `sae-lens` package (`
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -20,10 +19,10 @@ from torch import Tensor, nn
 
 from ne.errors import ConfigError, DataError
 from ne.models.base import LayerOutput, MLPModel
+from ne.models.hooks import check_hook, hook_layer, read_hook
 
 SUPPORTED = ("standard", "jumprelu", "topk")
 """SAELens architectures whose encoder is act(h @ W_enc + b_enc) latent by latent (TopK: over latents)."""
-HF_HOOKS = ("hook_resid_pre", "hook_resid_post")
 
 
 def load_sae(path: str):
@@ -62,15 +61,8 @@ def sae_files(path: str) -> list[str]:
             if fs.exists(f"{root}/{name}")]
 
 
-def hook_layer(hook: str) -> int:
-    match = re.match(r"blocks\.(\d+)\.", hook)
-    if not match:
-        raise ConfigError(f"the SAE reads {hook!r}; only hooks inside a block (blocks.L....) are supported")
-    return int(match.group(1))
-
-
 class SAEUnits(MLPModel):
-    """A base model's residual stream at the SAE's hook, seen as `d_sae` units of layer L (the hook's block)."""
+    """A base model's activations at the SAE's hook, seen as `d_sae` units of layer L (the hook's block)."""
 
     def __init__(self, base: MLPModel, sae, path: str):
         self.base, self.sae, self.path = base, sae, path
@@ -85,9 +77,9 @@ class SAEUnits(MLPModel):
         self.sae.to(base.device)
         self._scale = (sae.W_dec.norm(dim=-1) if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)
                        else torch.ones(sae.cfg.d_sae, device=base.device))
-        check_reachable(base, self.hook)
+        check_hook(base, self.hook)
         probe = torch.tensor([[base.bos_token_id if base.bos_token_id is not None else base.pad_token_id]])
-        width = residual(base, probe, torch.ones_like(probe), self.hook).shape[2:]
+        width = read_hook(base, probe, torch.ones_like(probe), self.hook).shape[2:]
         if tuple(width) != (self.d_model,):
             raise ConfigError(f"the SAE reads {self.hook}, whose activations have shape [..., "
                               f"{', '.join(map(str, width))}] in {base.name}, but its d_in is {self.d_model}")
@@ -107,7 +99,7 @@ class SAEUnits(MLPModel):
     @torch.no_grad()
     def run(self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], layers: list[int]):
         self.check_layers(layers)
-        x = residual(self.base, tokens, attention_mask, self.hook)
+        x = read_hook(self.base, tokens, attention_mask, self.hook)
         h = self.sae.process_sae_in(x)
         return {self.layer: LayerOutput(h=h, act=self.sae.encode(x))}
 
@@ -116,62 +108,3 @@ class SAEUnits(MLPModel):
 
     def decode_tokens(self, ids: list[int]) -> list[str]:
         return self.base.decode_tokens(ids)
-
-
-class _Stop(Exception):
-    """Raised once the hooked activation is captured: nothing after it needs to run."""
-
-
-def check_reachable(base: MLPModel, hook: str) -> None:
-    from ne.models.tl import TLModel
-
-    if isinstance(base, TLModel):
-        if hook not in base.model.hook_dict:
-            raise ConfigError(f"the SAE reads {hook!r}, which {base.name} has no hook named; see its hook_dict")
-    elif hook.split(".")[-1] not in HF_HOOKS or hook_layer(hook) >= base.n_layers:
-        raise ConfigError(f"the SAE reads {hook!r}, which the {type(base).__name__} back end cannot reach; it "
-                          f"reaches blocks.L.{' and blocks.L.'.join(HF_HOOKS)} for L < {base.n_layers}")
-
-
-def residual(base: MLPModel, tokens: Tensor, attention_mask: Tensor, hook: str) -> Float[Tensor, "batch pos d"]:
-    """The activation at `hook` (a TransformerLens hook name), from a forward pass stopped right after it."""
-    from ne.models.tl import TLModel
-
-    tokens, attention_mask = tokens.to(base.device), attention_mask.to(base.device)
-    if isinstance(base, TLModel):
-        out: dict[str, Tensor] = {}
-        mask = None if bool(attention_mask.all()) else attention_mask
-        base.model.run_with_hooks(tokens, return_type=None, stop_at_layer=hook_layer(hook) + 1, attention_mask=mask,
-                                  fwd_hooks=[(hook, lambda x, hook: out.__setitem__("x", x))])
-        return out["x"]
-    block = hf_blocks(base.model)[hook_layer(hook)]
-    out = {}
-
-    def before(module, args, kwargs):
-        out["x"] = args[0] if args else kwargs["hidden_states"]
-        raise _Stop
-
-    def after(module, args, output):
-        out["x"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = (block.register_forward_pre_hook(before, with_kwargs=True) if hook.endswith("hook_resid_pre")
-              else block.register_forward_hook(after))
-    try:
-        base.model(input_ids=tokens, attention_mask=attention_mask)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return out["x"]
-
-
-def hf_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a Hugging Face model (BERT family, GPT-2, Llama-style)."""
-    for path in ("encoder.layer", "h", "layers", "model.layers"):
-        node = model
-        for part in path.split("."):
-            node = getattr(node, part, None)
-        if isinstance(node, nn.ModuleList):
-            return node
-    raise ConfigError(f"cannot find the blocks of {type(model).__name__} to read its residual stream")

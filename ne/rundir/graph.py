@@ -11,6 +11,7 @@ label      <- cluster               an offline label for every feature cluster, 
 index      <- cluster               FAISS index of the clusters' central examples
 importance <- examples              token importance (adds neurons run by run)
 describe   <- cluster               LLM descriptions of feature clusters (optional; adds clusters run by run)
+sae_eval   <- sae, cluster          the run's SAE evaluated (only runs with an SAE)
 mnist_mlp <- ; mnist_sae_standard, mnist_sae_ne_loss <- mnist_mlp ; mnist_eval <- both SAEs
 ```
 
@@ -42,11 +43,16 @@ class StageDef:
     inputs: str | None = None
     """Which files from outside the run the stage reads: a key of `ne.rundir.stages.INPUT_FILES`, the function
     of the config that finds them."""
+    checkpointed: bool = False
+    """Its half-done work holds checkpoints of its settings: an interrupted run resumed with other settings is
+    an error rather than a fresh start (which takes --force)."""
 
 
 def _sae_training(cfg: Any) -> tuple[str, ...]:
     """How the run's own SAE is trained matters only when the run trains one."""
-    return ("sae.train_tokens", "sae.train.*") if cfg.sae.train_hook else ()
+    if not cfg.sae.train_hook:
+        return ()
+    return ("sae.train.*", *cfg.sae.train.unused(), "sae.eval.holdout_every")
 
 
 MODEL_KEYS = ("model.backend", "model.name", "model.weights", "model.architecture", "model.tokenizer",
@@ -55,7 +61,7 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
     StageDef("contexts", "ne harvest", (), ("data.*", "model.backend", "model.name", "model.tokenizer"),
              (s.CONTEXTS_DIR,), inputs="corpus"),
     StageDef("sae", "ne harvest", ("contexts",), ("sae.path", "sae.train_hook", _sae_training),
-             (s.SAE_DIR,), inputs="sae"),
+             (s.SAE_DIR, s.work_dir("sae")), inputs="sae", checkpointed=True),
     StageDef("weights", "ne harvest", ("sae",), (*MODEL_KEYS, "harvest.layers"), (s.WEIGHTS_DIR,), inputs="model"),
     StageDef("maxima", "ne harvest", ("contexts", "sae"),
              (*MODEL_KEYS, "harvest.layers", "harvest.maxima_file", "harvest.direction"),
@@ -79,6 +85,7 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
              ("describe.model", "describe.examples", "describe.contrast_clusters", "describe.contrast_examples",
               "describe.window_before", "describe.window_after", "describe.max_tokens", "describe.temperature"),
              (s.DESCRIPTIONS_DIR,)),
+    StageDef("sae_eval", "ne run", ("sae", "cluster"), ("sae.eval.*",), (s.SAE_EVAL, s.SAE_EVAL_MD)),
     StageDef("mnist_mlp", "ne train", (), ("seed", "data.source", "data.train_subset", "mlp.*"),
              (s.mnist_weights("mlp"),)),
     StageDef("mnist_sae_standard", "ne train", ("mnist_mlp",), ("sae.*", "-sae.ne_"),

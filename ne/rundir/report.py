@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 
 import numpy as np
 import pandas as pd
@@ -186,17 +187,27 @@ def _table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def polysemy(m: pd.DataFrame) -> dict[str, float]:
+    """The polysemy of one kind of unit (a metrics table): units with examples, the share of those with two or
+    more feature clusters, and the median mean distance and silhouette of their neuron embeddings; `raw_*` the
+    same for the clusters of their raw pre-MLP embeddings h (which no unit's weights reshape)."""
+    active = m[m.n_examples > 0]
+    out = {"units": len(m), "with_examples": len(active)}
+    for prefix in ("", "raw_"):
+        out[f"{prefix}polysemantic"] = float((active[f"{prefix}n_clusters"] >= 2).mean()) if len(active) else math.nan
+        out[f"{prefix}mean_dist"] = float(active[f"{prefix}mean_dist"].median())
+        out[f"{prefix}silhouette"] = float(active[f"{prefix}silhouette"].median())
+    return out
+
+
 def unit_comparison(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per kind of unit (name → metrics of one layer): how many have examples, the share with two or more
-    feature clusters, and the median mean distance and silhouette of their neuron embeddings."""
+    """Per kind of unit (name → metrics of one layer): `polysemy`, one row each."""
     rows = []
     for name, m in tables.items():
-        active = m[m.n_examples > 0]
+        p = polysemy(m)
         rows.append({"units": name, "layers": ", ".join(map(str, sorted(m.layer.unique()))),
-                     "with examples": f"{len(active)} of {len(m)}",
-                     "≥ 2 clusters": float((active.n_clusters >= 2).mean()) if len(active) else float("nan"),
-                     "median mean_dist": float(active.mean_dist.median()),
-                     "median silhouette": float(active.silhouette.median())})
+                     "with examples": f"{p['with_examples']} of {p['units']}", "≥ 2 clusters": p["polysemantic"],
+                     "median mean_dist": p["mean_dist"], "median silhouette": p["silhouette"]})
     return pd.DataFrame(rows)
 
 

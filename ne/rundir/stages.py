@@ -351,6 +351,8 @@ class Stage:
         resumable = entry is not None and entry.get("fingerprint") == fp and entry.get("layout") == self.layout
         keep = resumable and not self.forced and (entry["status"] == "running" or extend)
         if entry is not None and entry["status"] == "running" and not keep:
+            if self.spec.checkpointed and not self.forced:
+                raise ConfigError(self._interrupted_message(entry))
             log.warning("stage %s: discarding half-done work of other settings", self.name)
         stale = {d: dict(m["stages"][d]) for d in descendants(self.name)
                  if d in m["stages"] and m["stages"][d]["status"] != "stale"}  # as they were: what they own
@@ -407,6 +409,13 @@ class Stage:
             if self.run.exists(out) and not self.run.files(out):
                 self.run.remove(out)  # folders left empty
 
+    def _interrupted_message(self, entry: dict) -> str:
+        diff = changed(entry.get("settings", {}), self.settings)
+        what = ("; ".join(f"{k} is {new!r} in this config but was {old!r}" for k, old, new in diff[:4])
+                or "its inputs changed")
+        return (f"{what} when stage '{self.name}' of {self.run.url} was interrupted; resume it with the settings it "
+                f"started with, or start it over with {redo_command(self.name)}, or use a new run_dir")
+
     def _changed_message(self, stage: str, diff: list[tuple[str, Any, Any]]) -> str:
         what = "; ".join(f"{k} is {new!r} in this config but was {old!r}" for k, old, new in diff[:4])
         after = descendants(stage)
@@ -430,8 +439,12 @@ def describe_status(run: RunDir) -> str:
     stages = m["stages"]
     families = [f for f in (LM_STAGES, MNIST_STAGES) if any(s in stages for s in f)] or [LM_STAGES]
     lines = [f"{run.url}"]
+    sae = stages.get("sae", {}).get("settings", {})
+    has_sae = bool(sae.get("sae.path") or sae.get("sae.train_hook"))
     for family in families:
         for name in family:
+            if name == "sae_eval" and not has_sae and name not in stages:
+                continue  # a run of MLP neurons has no SAE to evaluate
             state, why = state_of(m, name)
             entry = stages.get(name, {})
             when = entry.get("finished") or entry.get("started") or ""

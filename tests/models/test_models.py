@@ -33,16 +33,6 @@ def assert_identity(model, out, mask, atol=1e-5):
         torch.testing.assert_close(o.act[valid], ref[valid], atol=atol, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    return load_model(ModelConfig(backend="hf", name="all-MiniLM-L6-v2", device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_cfg):
-    return load_model(tiny_model_cfg)
-
-
 def unfolded_tl(state, arch=TINY_ARCH):
     """The same weights in TransformerLens with no processing at all: the reference for folding."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig

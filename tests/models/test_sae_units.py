@@ -1,8 +1,6 @@
-"""SAE latents as units: SAELens SAEs read through `ne.models.sae_units`, and our own SAE written for SAELens."""
+"""SAE latents as units: SAELens SAEs read through `ne.models.sae_units`, and a run on the latents of its own SAE."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -22,11 +20,11 @@ from sae_lens import (  # noqa: E402
 )
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
 
-from ne.compute.sae import SAEConfig  # noqa: E402
 from ne.errors import ConfigError  # noqa: E402
+from ne.lm_sae.config import LMSAEConfig, SAETrainerConfig  # noqa: E402
 from ne.models import load_model  # noqa: E402
-from ne.models.sae_units import SAEUnits, load_sae, residual  # noqa: E402
-from ne.residual_sae import saelens_files, train_sae  # noqa: E402
+from ne.models.hooks import read_hook  # noqa: E402
+from ne.models.sae_units import SAEUnits, load_sae  # noqa: E402
 
 ARCHITECTURES = {
     "standard": (StandardSAE, StandardSAEConfig, {}),
@@ -106,10 +104,11 @@ def test_refused_architectures_and_unreachable_hooks(tmp_path, tiny_model_cfg):
     from ne.config import ModelConfig
 
     minilm = load_model(ModelConfig(backend="hf", name="all-MiniLM-L6-v2", device="cpu"))
-    saelens_sae(tmp_path / "mlp", "standard", minilm.d_model, "blocks.1.hook_mlp_out")
-    with pytest.raises(ConfigError, match=r"the SAE reads 'blocks.1.hook_mlp_out', which the HFModel back end "
-                                          r"cannot reach; it reaches blocks.L.hook_resid_pre and "
-                                          r"blocks.L.hook_resid_post for L < 6"):
+    saelens_sae(tmp_path / "mlp", "standard", minilm.d_model, "blocks.1.attn.hook_q")
+    with pytest.raises(ConfigError, match=r"the SAE reads 'blocks.1.attn.hook_q', which the HFModel back end "
+                                          r"cannot reach; it reaches blocks.L.hook_resid_pre, "
+                                          r"blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.mlp.hook_post "
+                                          r"for L < 6"):
         SAEUnits(minilm, load_sae(str(tmp_path / "mlp")), "mlp")
     saelens_sae(tmp_path / "ok", "standard", base.d_model, "blocks.1.hook_resid_post")
     units = SAEUnits(base, load_sae(str(tmp_path / "ok")), "ok")
@@ -120,30 +119,11 @@ def test_refused_architectures_and_unreachable_hooks(tmp_path, tiny_model_cfg):
         load_sae(str(tmp_path / "nothing"))
 
 
-def test_our_sae_written_for_sae_lens_loads_back_with_the_same_activations(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    acts = torch.randn(2000, 16, generator=g) @ torch.randn(16, 16, generator=g) + 0.5
-    sae, info = train_sae(acts, SAEConfig(expansion=3, epochs=2, batch_size=64, l1_coeff=1e-3, ne_coeff=0.5,
-                                          ne_start_step=10), seed=0)
-    assert info["l0"] > 0 and 0 <= info["fvu"] < 1
-    for name, data in saelens_files(sae, "blocks.1.hook_resid_pre", "tiny", 32, True).items():
-        (tmp_path / name).write_bytes(data)
-    loaded = sae_lens.SAE.load_from_disk(str(tmp_path))
-    assert loaded.cfg.architecture() == "standard" and loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
-    assert json.loads((tmp_path / "cfg.json").read_text())["d_sae"] == 48
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.encode(acts), sae.encode(acts), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(loaded.decode(loaded.encode(acts)), sae(acts)[1], atol=1e-5, rtol=1e-5)
-    # Same embeddings: (a - b_dec) ⊙ W_enc[j] is what SAEUnits gives as h ⊙ w_j.
-    np.testing.assert_allclose((loaded.process_sae_in(acts) * loaded.W_enc[:, 5]).detach().numpy(),
-                               sae.embeddings(acts, 5).detach().numpy(), atol=1e-6)
-
-
-def test_residual_of_tl_and_hf_equals_their_own_caches(tiny_model_cfg):
+def test_read_hook_of_tl_equals_its_own_cache(tiny_model_cfg):
     base = load_model(tiny_model_cfg)
     tokens = _tokens(base)
     _, cache = base.model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_post"])
-    torch.testing.assert_close(residual(base, tokens, torch.ones_like(tokens), "blocks.1.hook_resid_post"),
+    torch.testing.assert_close(read_hook(base, tokens, torch.ones_like(tokens), "blocks.1.hook_resid_post"),
                                cache["blocks.1.hook_resid_post"])
 
 
@@ -161,8 +141,8 @@ def test_a_run_on_latents_of_an_sae_trained_here(tmp_path, tiny_model_cfg):
         run_dir=str(tmp_path / "run"), model=tiny_model_cfg,
         data=DataConfig(source="pydoc", n_ctx=32, max_contexts=32, contexts_per_part=8),
         harvest=HarvestConfig(k=8, frac=0.5, batch_size=8, num_workers=0),
-        sae=UnitsSAEConfig(train_hook="blocks.1.hook_resid_pre", train_tokens=600,
-                           train=SAEConfig(expansion=2, epochs=3, batch_size=64, l1_coeff=1e-3, ne_coeff=0.0)),
+        sae=UnitsSAEConfig(train_hook="blocks.1.hook_resid_pre", trainer=SAETrainerConfig(num_workers=0),
+                           train=LMSAEConfig(expansion=2, batch_size=64, buffer_tokens=256, l1_coeff=1e-3)),
     )
     summary = run_harvest(cfg)
     assert summary.layers == [1] and summary.neurons == 128
@@ -195,8 +175,8 @@ def test_a_run_on_latents_of_an_sae_trained_here(tmp_path, tiny_model_cfg):
     tokens = Explainer.load(cfg.run_dir).explain("The for statement is used to iterate over a sequence.")
     assert any(u.cluster is not None for t in tokens for u in t.units)
     changed = RunConfig(**{**cfg.__dict__})
-    changed.sae = UnitsSAEConfig(train_hook="blocks.1.hook_resid_pre", train_tokens=600,
-                                 train=SAEConfig(expansion=2, epochs=3, batch_size=64, l1_coeff=2e-3, ne_coeff=0.0))
+    changed.sae = UnitsSAEConfig(train_hook="blocks.1.hook_resid_pre", trainer=SAETrainerConfig(num_workers=0),
+                                 train=LMSAEConfig(expansion=2, batch_size=64, buffer_tokens=256, l1_coeff=2e-3))
     with pytest.raises(ConfigError, match=r"sae.train.l1_coeff is 0.002 in this config but was 0.001 when stage "
                                           r"'sae'.*--force sae"):
         run_cluster(changed, in_process=True)
