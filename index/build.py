@@ -171,4 +171,4 @@ def _build(run: RunDir, cfg: RunConfig) -> dict:
 
 
 def _write_index(run: RunDir, index: faiss.Index) -> None:
-    run.write_bytes(schema.INDEX_FILE, memoryview(faiss.serialize_index(index)))  # no second copy of the index
+    run.write_bytes(schema.INDEX_FILE, faiss.serialize_index(index).data)  # a view: no second copy of the index

@@ -105,7 +105,7 @@ class SimilarFeatures:
         """
         k = self._check_k(k)
         row = self.row_of(layer, neuron, cluster)
-        vec = self.index.reconstruct(row)[None]
+        vec = np.asarray(self.index.reconstruct(row))[None]
         skip = int(self._clusters[(layer, neuron)]) if exclude_same_neuron else 0
         hits = self._search(vec, k + skip)
         if exclude_same_neuron:

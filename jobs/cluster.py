@@ -287,7 +287,8 @@ def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_pr
                 finish_one()
             # freed by Ray once this slice's tasks are done; Ray's stubs miss that h_ids has a default
             h_ref = load.remote(run, layer, ids)  # type: ignore[call-arg]
-            pending.update({task.remote(run.url, batch, cfg_ref, h_ref, gated_embedding): unit for batch in batches})
+            pending.update({task.remote(run.url, batch, cfg_ref, h_ref, gated_embedding): unit  # type: ignore[call-arg]
+                            for batch in batches})
             del h_ref
         while pending:
             finish_one()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from jobs.cluster import comparison
@@ -37,7 +38,7 @@ class LabelSummary:
                 f"outputs: {self.run_dir}/ ({schema.LABELS_DIR}/, {schema.REPORT_DIR}/report.md)")
 
 
-def run_label(cfg: RunConfig, force: list[str] | tuple = ()) -> LabelSummary:
+def run_label(cfg: RunConfig, force: Collection[str] = ()) -> LabelSummary:
     """Run (or resume) the label stage of `cfg`, then write the report."""
     forced = check_force(force, ("label",))
     run = RunDir(cfg.run_dir)

@@ -73,6 +73,7 @@ def train_run_sae(run: RunDir, cfg: RunConfig, model: MLPModel) -> dict:
     """Train the run's SAE (`sae.train_hook`) and write it to RUN/sae/ in SAELens's format; returns what the
     stage records."""
     hook, train = cfg.sae.train_hook, cfg.sae.train
+    assert hook is not None, "the sae stage trains only when sae.train_hook is set"
     check_hook(model, hook, "sae.train_hook is")
     train.check_width(hook_width(model, hook), hook)
     steps = planned_steps(run, cfg, model)
@@ -153,6 +154,7 @@ def train_loop(config: dict) -> None:
             raise RuntimeError(f"injected failure at step {s.step} (tests: a job killed mid-training)")
         _report(s, shard)
 
+    assert cfg.sae.train_hook is not None, "workers start only when sae.train_hook is set"
     _, final = train_sae(model, RunDir(cfg.run_dir), cfg.sae.train_hook, cfg.sae.train, cfg.sae.eval.holdout_every,
                          cfg.seed, config["steps"], shard, state, checkpoint, cfg.sae.trainer.checkpoint_every, device)
     _report(final, shard)
@@ -195,15 +197,17 @@ def run_sae_eval(cfg: RunConfig, force: list[str] | tuple | set = ()) -> LMSAEMe
         stage.begin()
         t0 = time.time()
         model, output, kind = downstream_model(cfg.model)
-        sae = load_sae(sae_path(cfg))
+        path = sae_path(cfg)
+        assert path is not None, "sae_eval runs only on runs with an SAE"
+        sae = load_sae(path)
         metrics = evaluate_sae(model, output, kind, sae, sae.cfg.metadata.hook_name,
                                eval_contexts(run, cfg.sae.eval.holdout_every), cfg.sae.eval.tokens,
                                cfg.sae.train.contexts_per_batch, cfg.sae.eval.dense_threshold)
         units = run.read_parquet(schema.METRICS).to_pandas()
         p = polysemy(units)
-        metrics = replace(metrics, **{k: p[k] for k in ("with_examples", "polysemantic", "mean_dist", "silhouette",
+        metrics = replace(metrics, **{k: p[k] for k in (  # type: ignore[arg-type]  # polysemy() gives floats"with_examples", "polysemantic", "mean_dist", "silhouette",
                                                         "raw_polysemantic", "raw_mean_dist")})
         run.write_json(schema.SAE_EVAL, asdict(metrics))
-        run.write_bytes(schema.SAE_EVAL_MD, to_markdown({sae_path(cfg): asdict(metrics)}).encode())
+        run.write_bytes(schema.SAE_EVAL_MD, to_markdown({path: asdict(metrics)}).encode())
         stage.done(seconds=time.time() - t0)
         return metrics

@@ -84,18 +84,19 @@ def downstream_model(cfg: ModelConfig) -> tuple[MLPModel, Callable[[Tensor, Tens
 
     if cfg.backend == "hf":
         from ne.compute.device import resolve_device
-        from ne.models.hf import is_causal_lm, load_hf_lm
+        from ne.models.hf import HFModel, is_causal_lm, load_hf_lm
 
         if is_causal_lm(cfg.name):
-            model, lm = load_hf_lm(cfg, load_model_tokenizer(cfg), resolve_device(cfg.device), DTYPES[cfg.dtype])
-            return model, lambda tokens, mask: lm(input_ids=tokens, attention_mask=mask).logits, "ce"
-        model = load_model(cfg)
+            base, lm = load_hf_lm(cfg, load_model_tokenizer(cfg), resolve_device(cfg.device), DTYPES[cfg.dtype])
+            return base, lambda tokens, mask: lm(input_ids=tokens, attention_mask=mask).logits, "ce"
+        encoder = load_model(cfg)
+        assert isinstance(encoder, HFModel), "backend hf loads an HFModel"
 
         def sentence(tokens: Tensor, mask: Tensor) -> Tensor:
-            h = model.model(input_ids=tokens, attention_mask=mask).last_hidden_state.float()
+            h = encoder.model(input_ids=tokens, attention_mask=mask).last_hidden_state.float()
             return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
-        return model, sentence, "cosine"
+        return encoder, sentence, "cosine"
     model = load_model(cfg)
     assert isinstance(model, TLModel)
 
@@ -129,8 +130,10 @@ def evaluate_sae(model: MLPModel, output: Callable[[Tensor, Tensor], Tensor], ki
                  contexts: Iterator[Context], max_tokens: int, per_batch: int, dense_threshold: float) -> LMSAEMetrics:
     """Metrics of a SAELens SAE (`sae.encode`, `sae.decode`) at `hook`, over `contexts` up to `max_tokens`."""
     skip = int(model.bos_token_id is not None)
-    sums = {"n": 0, "err": 0.0, "sq": 0.0, "l0": 0.0, "cos": 0.0, "ctx": 0, "ce": 0.0, "ce_spliced": 0.0, "ce_n": 0}
-    total = fires = None
+    sums: dict[str, float] = {"n": 0, "err": 0.0, "sq": 0.0, "l0": 0.0, "cos": 0.0, "ctx": 0, "ce": 0.0,
+                              "ce_spliced": 0.0, "ce_n": 0}
+    total: Tensor | None = None  # Σ x per input dimension, and how often each latent fired: sized by the first batch
+    fires: Tensor | None = None
 
     def reconstruct(x: Tensor) -> Tensor:
         return sae.decode(sae.encode(x.float())).to(x.dtype)
@@ -144,8 +147,8 @@ def evaluate_sae(model: MLPModel, output: Callable[[Tensor, Tensor], Tensor], ki
         batch = []
     if batch:
         total, fires = _batch(model, output, kind, sae, hook, batch, skip, reconstruct, sums, total, fires)
-    n = sums["n"]
-    if n == 0:
+    n = int(sums["n"])
+    if n == 0 or total is None or fires is None:
         from ne.errors import DataError
 
         raise DataError("the SAE evaluation found no held-out tokens; lower sae.eval.holdout_every or add text")

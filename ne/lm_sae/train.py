@@ -140,7 +140,7 @@ def train_sae(
     if state is not None:
         sae, opt, ne_loss = _build(cfg, sae_from_state(cfg, state.sae), device)
         opt.load_state_dict(state.opt)
-        if ne_loss is not None:
+        if ne_loss is not None and state.ne is not None:
             ne_loss.load_state_dict(state.ne)
     start = state.step if state is not None else 0
     sums = torch.tensor(state.sums if state else [0.0] * len(LOSSES), dtype=torch.float64)
@@ -148,6 +148,7 @@ def train_sae(
     seconds = state.seconds if state is not None else 0.0
 
     def current(step: int) -> TrainState:
+        assert sae is not None and opt is not None, "built at the first step"
         return TrainState(step, {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
                           copy.deepcopy(opt.state_dict()),
                           scale, {k: v.cpu().clone() for k, v in ne_loss.state_dict().items()} if ne_loss else None,
@@ -163,6 +164,7 @@ def train_sae(
         if sae is None:
             scale, mean = first_fill_stats(buffer.rows, shard)
             sae, opt, ne_loss = _build(cfg, init_sae(cfg, mean, torch.Generator().manual_seed(seed)), device)
+        assert opt is not None
         x = buffer.take(ids) * scale
         sums += sae_step(sae, opt, x, len(ids), cfg, ne_loss, step >= ne_start, shard).double().cpu()
         if (step + 1) % max(1, steps // 10) == 0 and shard.rank == 0:
@@ -170,6 +172,7 @@ def train_sae(
                      {k: round(float(v) / (step + 1), 5) for k, v in zip(LOSSES, sums)})
         if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             checkpoint(current(step + 1))
+    assert sae is not None, "a plan has at least one step"
     return sae, current(steps)
 
 

@@ -316,5 +316,6 @@ def load_hf_lm(cfg: ModelConfig, tokenizer, device: torch.device,
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
-    lm = AutoModelForCausalLM.from_pretrained(model_path(cfg.name), dtype=dtype).to(device).eval()
-    return HFModel(lm.base_model, tokenizer, cfg.name), lm
+    lm = AutoModelForCausalLM.from_pretrained(model_path(cfg.name), dtype=dtype)
+    nn.Module.to(lm, device).eval()  # in place (transformers' own `to` wrapper confuses type checkers)
+    return HFModel(cast(PreTrainedModel, lm.base_model), tokenizer, cfg.name), lm

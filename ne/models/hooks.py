@@ -14,13 +14,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, cast
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ne.errors import ConfigError
 from ne.models.base import MLPModel
+
+if TYPE_CHECKING:
+    from ne.models.hf import HFModel
 
 HF_HOOKS = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "mlp.hook_post")
 """The hooks (after `blocks.L.`) the Hugging Face back end reaches."""
@@ -66,14 +71,14 @@ def hooked(model: MLPModel, hook: str, fn: Splice) -> Iterator[None]:
         with model.model.hooks(fwd_hooks=[(hook, lambda x, hook: fn(x))]):
             yield
         return
-    handle = _hf_handle(model, hook, fn)
+    handle = _hf_handle(cast("HFModel", model), hook, fn)  # check_hook admits TransformerLens and HF only
     try:
         yield
     finally:
         handle.remove()
 
 
-def _hf_handle(model, hook: str, fn: Splice):
+def _hf_handle(model: HFModel, hook: str, fn: Splice) -> RemovableHandle:
     layer, name = hook_layer(hook), hook.split(".", 2)[2]
     block = hf_blocks(model.model)[layer]
 
@@ -97,18 +102,15 @@ def _hf_handle(model, hook: str, fn: Splice):
         return block.register_forward_hook(on_output)
     if name == "hook_mlp_out":
         return _mlp_out_module(block).register_forward_hook(on_output)
-    site = model.sites[layer]
     if model.gated:  # the neurons are what down_proj receives
-        return site.mlp.down_proj.register_forward_pre_hook(on_input, with_kwargs=True)
-    return site.act_module.register_forward_hook(on_output)
+        return model.gated_sites[layer].proj("down_proj").register_forward_pre_hook(on_input, with_kwargs=True)
+    return model.plain_sites[layer].act_module.register_forward_hook(on_output)
 
 
 def _mlp_out_module(block: nn.Module) -> nn.Module:
     """The module whose output is the block's MLP output: `mlp` (GPT-2, gated decoders), or BERT's `output.dense`
     (its MLP output before dropout and the post-LayerNorm residual sum)."""
-    if hasattr(block, "mlp"):
-        return block.mlp
-    return block.output.dense
+    return cast(nn.Module, block.mlp if hasattr(block, "mlp") else cast(nn.Module, block.output).dense)
 
 
 @torch.no_grad()
@@ -131,7 +133,7 @@ def read_hook(
                 mask = None if bool(attention_mask.all()) else attention_mask
                 model.model(tokens, return_type=None, stop_at_layer=hook_layer(hook) + 1, attention_mask=mask)
             else:
-                model.model(input_ids=tokens, attention_mask=attention_mask)
+                cast("HFModel", model).model(input_ids=tokens, attention_mask=attention_mask)
     except _Stop:
         pass
     return out["x"]
@@ -140,7 +142,7 @@ def read_hook(
 def hf_blocks(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks of a Hugging Face model (BERT family, GPT-2, Llama-style)."""
     for path in ("encoder.layer", "h", "layers", "model.layers", "transformer.h"):
-        node = model
+        node: nn.Module | None = model
         for part in path.split("."):
             node = getattr(node, part, None)
         if isinstance(node, nn.ModuleList):

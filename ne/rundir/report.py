@@ -192,7 +192,7 @@ def polysemy(m: pd.DataFrame) -> dict[str, float]:
     more feature clusters, and the median mean distance and silhouette of their neuron embeddings; `raw_*` the
     same for the clusters of their raw pre-MLP embeddings h (which no unit's weights reshape)."""
     active = m[m.n_examples > 0]
-    out = {"units": len(m), "with_examples": len(active)}
+    out: dict[str, float] = {"units": len(m), "with_examples": len(active)}
     for prefix in ("", "raw_"):
         out[f"{prefix}polysemantic"] = float((active[f"{prefix}n_clusters"] >= 2).mean()) if len(active) else math.nan
         out[f"{prefix}mean_dist"] = float(active[f"{prefix}mean_dist"].median())

@@ -121,7 +121,7 @@ class RunDir:
 
     # --- writing and reading ----------------------------------------------------------------------------
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data: bytes | memoryview) -> None:
         """Write to a hidden temporary name, then rename: the final name never holds a partial file, and a
         temporary one left by a killed writer is skipped by every reader (Parquet folder reads skip names
         starting with '.'). A write that fails is abandoned, not committed, and its temporary name removed."""
