@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -236,6 +237,34 @@ class DescribeSummary:
                 f"= {self.prompt_tokens + self.completion_tokens:,}")
 
 
+def _run_until_failure(fn: Callable[[Any], None], items: Sequence, threads: int) -> BaseException | None:
+    """`fn` of every item, `threads` at a time, until one fails: no call starts after that, the calls in flight
+    finish, and the first failure is returned (None when all succeed)."""
+    stop = threading.Event()
+
+    def one(item) -> None:
+        if stop.is_set():
+            return
+        try:
+            fn(item)
+        except BaseException:
+            stop.set()
+            raise
+
+    failure: BaseException | None = None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [pool.submit(one, item) for item in items]
+        for future in concurrent.futures.as_completed(futures):
+            if future.cancelled():
+                continue
+            exc = future.exception()
+            if exc is not None and failure is None:
+                failure = exc
+                for f in futures:
+                    f.cancel()
+    return failure
+
+
 def describe_clusters(run: RunDir, data: RunData, todo: Sequence[tuple[int, int, int]], decode: Callable,
                       client: ChatClient, cfg: DescribeConfig) -> DescribeSummary:
     """Describe each (layer, neuron, cluster) of `todo` that has no description yet, `cfg.max_concurrency` at a time.
@@ -249,17 +278,6 @@ def describe_clusters(run: RunDir, data: RunData, todo: Sequence[tuple[int, int,
     tokens = [0, 0]
     count_lock = threading.Lock()
     neurons: dict[tuple[int, int], NeuronData] = {}
-
-    stop = threading.Event()  # set by the first failure: no request starts after it
-
-    def one(item: tuple[int, int, int]) -> None:
-        if stop.is_set():
-            return
-        try:
-            describe_one(item)
-        except BaseException:
-            stop.set()
-            raise
 
     def describe_one(item: tuple[int, int, int]) -> None:
         layer, neuron, cluster = item
@@ -278,17 +296,7 @@ def describe_clusters(run: RunDir, data: RunData, todo: Sequence[tuple[int, int,
             tokens[0] += reply.prompt_tokens
             tokens[1] += reply.completion_tokens
 
-    failure: BaseException | None = None
-    with concurrent.futures.ThreadPoolExecutor(max_workers=cfg.max_concurrency) as pool:
-        futures = [pool.submit(one, item) for item in wanted]
-        for future in concurrent.futures.as_completed(futures):
-            if future.cancelled():
-                continue
-            exc = future.exception()
-            if exc is not None and failure is None:
-                failure = exc
-                for f in futures:
-                    f.cancel()
+    failure = _run_until_failure(describe_one, wanted, cfg.max_concurrency)
     writer.flush()
     if failure is not None:
         kept = len(have) + writer.written

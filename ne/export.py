@@ -293,7 +293,6 @@ def write_neuronpedia(view: RunView, out: RunDir, model_id: str, source_set: str
                           "dashes and underscores, e.g. gpt2-small")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", source_set):
         raise ConfigError(f"--source-set {source_set!r}: use letters, digits, dashes and underscores, e.g. ne-clusters")
-    decode = decode or load_token_decoder(view.cfg.model)
     created = view.manifest["stages"]["cluster"].get("finished") or ""
     described = read_descriptions(view.run) if state_of(view.manifest, "describe")[0] == "done" else {}
     features = records = 0
@@ -305,44 +304,11 @@ def write_neuronpedia(view: RunView, out: RunDir, model_id: str, source_set: str
             out.write_bytes(f"{folder}/{name}.jsonl", (json.dumps(row) + "\n").encode())
         labels = view.run.read_parquet(schema.layer_dir(schema.LABELS_DIR, layer),
                                        columns=["neuron", "cluster", "label"]).to_pandas()
-        labels = dict(zip(zip(labels.neuron, labels.cluster), labels.label))
+        source = _Source(view, layer, {"modelId": model_id, "layer": source_id}, source_set, creator_id, created,
+                         dict(zip(zip(labels.neuron, labels.cluster), labels.label)), described,
+                         decode or load_token_decoder(view.cfg.model))
         for batch, (lo, hi) in enumerate(unit_ranges(view.d_mlp, -(-view.d_mlp // NEURONS_PER_BATCH))):
-            ex = view.examples(layer, lo, hi)
-            contexts = _contexts(view.run, ex.ctx_id.unique())
-            windows = list(_windows(contexts, ex))
-            ids = sorted({int(t) for tokens, _ in windows for t in tokens})
-            pieces = dict(zip(ids, decode(ids))) if ids else {}
-            neuron_n, cluster_n = ex.neuron.to_numpy(np.int64), ex.cluster.to_numpy(np.int64)
-            act_n = view.sign * ex.act.to_numpy(np.float64)
-            ctx_n, pos_n = ex.ctx_id.to_numpy(np.int64), ex.pos.to_numpy(np.int64)
-            starts = np.flatnonzero(np.r_[True, (np.diff(neuron_n) != 0) | (np.diff(cluster_n) != 0)])
-            feats, acts, expl = [], [], []
-            for first, end in zip(starts, np.r_[starts[1:], len(ex)]):
-                neuron, cluster = int(neuron_n[first]), int(cluster_n[first])
-                index = str(neuron * view.per_unit + cluster)
-                common = {"modelId": model_id, "layer": source_id, "index": index}
-                for i in range(first, end):
-                    tokens, key = windows[i]
-                    value = float(act_n[i])
-                    values = [0.0] * len(tokens)
-                    values[key] = value
-                    acts.append({"id": _cuid(model_id, source_id, index, ctx_n[i], pos_n[i]), "tokens":
-                                 [pieces[int(t)] for t in tokens], **common, "maxValue": value,
-                                 "maxValueTokenIndex": key, "minValue": min(values), "values": values,
-                                 "creatorId": creator_id, "dataSource": None, "dataIndex": str(ctx_n[i]),
-                                 **ACTIVATION_DEFAULTS, "createdAt": created, "qualifyingTokenIndex": key})
-                feats.append({**common, "creatorId": creator_id, "createdAt": created,
-                              "maxActApprox": float(act_n[first:end].max()), **FEATURE_DEFAULTS,
-                              "sourceSetName": source_set})
-                texts = [("ne offline label", labels.get((neuron, cluster)))]
-                llm = described.get((layer, neuron, cluster))
-                if llm is not None:
-                    texts.append((f"ne describe, {llm['model']}", llm["description"]))
-                for notes, text in texts:
-                    if text:
-                        expl.append({"id": _cuid(model_id, source_id, index, notes), **common, "description": text,
-                                     "authorId": creator_id, "triggeredById": None, "typeName": None,
-                                     "explanationModelName": None, "notes": notes, "createdAt": created})
+            feats, acts, expl = source.batch(lo, hi)
             for kind, rows in (("features", feats), ("activations", acts), ("explanations", expl)):
                 if rows:
                     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -351,6 +317,65 @@ def write_neuronpedia(view: RunView, out: RunDir, model_id: str, source_set: str
             features += len(feats)
             records += len(acts)
     return features, records
+
+
+@dataclass
+class _Source:
+    """One layer's Neuronpedia source: its rows, batch by batch of neurons."""
+
+    view: RunView
+    layer: int
+    where: dict[str, str]
+    """modelId and layer (the source id) of every row."""
+    source_set: str
+    creator_id: str
+    created: str
+    labels: dict[tuple[int, int], str]
+    described: dict
+    decode: Callable[[Sequence[int]], list[str]]
+
+    def batch(self, lo: int, hi: int) -> tuple[list[dict], list[dict], list[dict]]:
+        """(features, activations, explanations) of neurons lo..hi - 1."""
+        view = self.view
+        ex = view.examples(self.layer, lo, hi)
+        windows = list(_windows(_contexts(view.run, ex.ctx_id.unique()), ex))
+        ids = sorted({int(t) for tokens, _ in windows for t in tokens})
+        pieces = dict(zip(ids, self.decode(ids))) if ids else {}
+        neuron_n, cluster_n = ex.neuron.to_numpy(np.int64), ex.cluster.to_numpy(np.int64)
+        act_n = view.sign * ex.act.to_numpy(np.float64)
+        ctx_n, pos_n = ex.ctx_id.to_numpy(np.int64), ex.pos.to_numpy(np.int64)
+        starts = np.flatnonzero(np.r_[True, (np.diff(neuron_n) != 0) | (np.diff(cluster_n) != 0)])
+        feats, acts, expl = [], [], []
+        for first, end in zip(starts, np.r_[starts[1:], len(ex)]):
+            neuron, cluster = int(neuron_n[first]), int(cluster_n[first])
+            common = {**self.where, "index": str(neuron * view.per_unit + cluster)}
+            for i in range(first, end):
+                tokens, key = windows[i]
+                acts.append(self._activation(common, [pieces[int(t)] for t in tokens], key, float(act_n[i]),
+                                             int(ctx_n[i]), int(pos_n[i])))
+            feats.append({**common, "creatorId": self.creator_id, "createdAt": self.created,
+                          "maxActApprox": float(act_n[first:end].max()), **FEATURE_DEFAULTS,
+                          "sourceSetName": self.source_set})
+            expl += self._explanations(common, neuron, cluster)
+        return feats, acts, expl
+
+    def _activation(self, common: dict, tokens: list[str], key: int, value: float, ctx: int, pos: int) -> dict:
+        values = [0.0] * len(tokens)
+        values[key] = value
+        return {"id": _cuid(common["modelId"], common["layer"], common["index"], ctx, pos), "tokens": tokens,
+                **common, "maxValue": value, "maxValueTokenIndex": key, "minValue": min(values), "values": values,
+                "creatorId": self.creator_id, "dataSource": None, "dataIndex": str(ctx), **ACTIVATION_DEFAULTS,
+                "createdAt": self.created, "qualifyingTokenIndex": key}
+
+    def _explanations(self, common: dict, neuron: int, cluster: int) -> list[dict]:
+        texts = [("ne offline label", self.labels.get((neuron, cluster)))]
+        llm = self.described.get((self.layer, neuron, cluster))
+        if llm is not None:
+            texts.append((f"ne describe, {llm['model']}", llm["description"]))
+        return [{"id": _cuid(common["modelId"], common["layer"], common["index"], notes), **common,
+                 "description": text, "authorId": self.creator_id, "triggeredById": None, "typeName": None,
+                 "explanationModelName": None, "notes": notes, "createdAt": self.created}
+                for notes, text in texts if text]
 
 
 ACTIVATION_DEFAULTS: dict[str, object] = {

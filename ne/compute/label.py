@@ -80,38 +80,55 @@ def f1(hit_c: np.ndarray, hit_o: np.ndarray) -> float:
 def best_rule(toks_c: np.ndarray, toks_o: np.ndarray, special: Sequence[int] = ()) -> Rule:
     """The rule that best tells one cluster's examples (`toks_c`, [n, 3] as `OFFSETS` reads them) from the
     neuron's other examples (`toks_o`)."""
-    least = max(1, int(np.ceil(MIN_SHARE * len(toks_c))))
+    search = _RuleSearch(toks_c, toks_o)
+    return search.with_context(search.key_rule(), special)
 
-    def by_count(column: np.ndarray, skip: Sequence[int] = ()) -> list[tuple[int, int]]:
-        ids, counts = np.unique(column[~np.isin(column, [NONE, *skip])], return_counts=True)
-        order = np.lexsort((ids, -counts))  # most frequent first, ties by id: deterministic
-        return [(int(t), int(n)) for t, n in zip(ids[order], counts[order])]
 
-    def frequent(column: np.ndarray, skip: Sequence[int] = ()) -> list[int]:
-        return [t for t, n in by_count(column, skip) if n >= least]
+def _by_count(column: np.ndarray, skip: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """(token, count) of a column, most frequent first, ties by id: deterministic."""
+    ids, counts = np.unique(column[~np.isin(column, [NONE, *skip])], return_counts=True)
+    order = np.lexsort((ids, -counts))
+    return [(int(t), int(n)) for t, n in zip(ids[order], counts[order])]
 
-    def score(rule: Rule) -> float:
-        return f1(rule.matches(toks_c), rule.matches(toks_o))
 
-    keys = frequent(toks_c[:, 1]) or [by_count(toks_c[:, 1])[0][0]]  # no key that frequent: the commonest
-    rule = max((Rule((k,)) for k in keys), key=score)  # the first best: the most frequent among equals
-    for k in keys:
-        if k in rule.keys:
-            continue
-        if len(rule.keys) == MAX_KEYS:
-            break
-        wider = Rule(tuple(sorted((*rule.keys, k))))
-        if score(wider) > score(rule):
-            rule = wider
-    base = score(rule)
-    best, gain = rule, MIN_GAIN
-    for offset in (-1, 1):
-        for context in frequent(toks_c[:, 1 + offset], special):
-            for keys_part in (rule.keys, ()):
-                candidate = Rule(keys_part, offset, context)
-                if score(candidate) - base >= gain + 1e-12:
-                    best, gain = candidate, score(candidate) - base
-    return best
+class _RuleSearch:
+    """Rules for one cluster, scored against the neuron's other examples."""
+
+    def __init__(self, toks_c: np.ndarray, toks_o: np.ndarray):
+        self.toks_c, self.toks_o = toks_c, toks_o
+        self.least = max(1, int(np.ceil(MIN_SHARE * len(toks_c))))
+
+    def score(self, rule: Rule) -> float:
+        return f1(rule.matches(self.toks_c), rule.matches(self.toks_o))
+
+    def frequent(self, column: np.ndarray, skip: Sequence[int] = ()) -> list[int]:
+        return [t for t, n in _by_count(column, skip) if n >= self.least]
+
+    def key_rule(self) -> Rule:
+        """The best single key token, widened by each further frequent key that raises the score."""
+        keys = self.frequent(self.toks_c[:, 1]) or [_by_count(self.toks_c[:, 1])[0][0]]  # else the commonest
+        rule = max((Rule((k,)) for k in keys), key=self.score)  # the first best: the most frequent among equals
+        for k in keys:
+            if k in rule.keys:
+                continue
+            if len(rule.keys) == MAX_KEYS:
+                break
+            wider = Rule(tuple(sorted((*rule.keys, k))))
+            if self.score(wider) > self.score(rule):
+                rule = wider
+        return rule
+
+    def with_context(self, rule: Rule, special: Sequence[int]) -> Rule:
+        """`rule`, or a rule on a neighbouring token (with or without its keys) that beats it by `MIN_GAIN`."""
+        base = self.score(rule)
+        best, gain = rule, MIN_GAIN
+        for offset in (-1, 1):
+            for context in self.frequent(self.toks_c[:, 1 + offset], special):
+                for keys_part in (rule.keys, ()):
+                    candidate = Rule(keys_part, offset, context)
+                    if self.score(candidate) - base >= gain + 1e-12:
+                        best, gain = candidate, self.score(candidate) - base
+        return best
 
 
 PAIR = np.int64(2**32)

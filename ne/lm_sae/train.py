@@ -114,6 +114,17 @@ def first_fill_stats(rows: Float[Tensor, "n d"], shard: Shard) -> tuple[float, F
     return scale, (total / n * scale).to(rows.dtype)
 
 
+def _resumed(cfg: LMSAEConfig, state: TrainState | None, device):
+    """The SAE, its optimizer and NE loss as `state` left them; all None without a state (built at step 0)."""
+    if state is None:
+        return None, None, None
+    sae, opt, ne_loss = _build(cfg, sae_from_state(cfg, state.sae), device)
+    opt.load_state_dict(state.opt)
+    if ne_loss is not None and state.ne is not None:
+        ne_loss.load_state_dict(state.ne)
+    return sae, opt, ne_loss
+
+
 def train_sae(
     model: MLPModel,
     run: RunDir,
@@ -136,12 +147,7 @@ def train_sae(
     buffer = ActivationBuffer(lambda cs: hook_rows(model, hook, cs, cfg.contexts_per_batch), shard,
                               hook_width(model, hook), device)
     ne_start = math.ceil(cfg.ne_start * steps)
-    sae = opt = ne_loss = None
-    if state is not None:
-        sae, opt, ne_loss = _build(cfg, sae_from_state(cfg, state.sae), device)
-        opt.load_state_dict(state.opt)
-        if ne_loss is not None and state.ne is not None:
-            ne_loss.load_state_dict(state.ne)
+    sae, opt, ne_loss = _resumed(cfg, state, device)
     start = state.step if state is not None else 0
     sums = torch.tensor(state.sums if state else [0.0] * len(LOSSES), dtype=torch.float64)
     scale = state.scale if state is not None else 0.0
