@@ -11,7 +11,7 @@ import sys
 
 from ne.errors import NeError
 
-RUN_STAGES = ("contexts", "weights", "maxima", "examples", "cluster", "index")
+RUN_STAGES = ("contexts", "weights", "maxima", "examples", "cluster", "index", "occurrence", "coactivation")
 FIGURE_MODELS = ("mlp", "sae_standard", "sae_ne_loss")
 
 
@@ -68,6 +68,12 @@ def cmd_index(args) -> None:
     print(run_index(_load(args), force=args.force).describe())
 
 
+def cmd_occurrence(args) -> None:
+    from jobs.occurrence import run_occurrence
+
+    print(run_occurrence(_load(args), force=args.force).describe())
+
+
 def cmd_importance(args) -> None:
     from jobs.importance import run_importance
 
@@ -93,7 +99,7 @@ def cmd_explain(args) -> None:
 def cmd_similar(args) -> None:
     from index.query import describe_similar
 
-    print(describe_similar(args.run_dir, args.layer, args.neuron, args.cluster, args.k, args.include_self))
+    print(describe_similar(args.run_dir, args.layer, args.neuron, args.cluster, args.k, args.include_self, args.by))
 
 
 def cmd_run(args) -> None:
@@ -103,6 +109,7 @@ def cmd_run(args) -> None:
     from index.query import describe_similar
     from jobs.cluster import comparison, run_cluster
     from jobs.harvest import run_harvest
+    from jobs.occurrence import STAGES, run_occurrence
     from ne import schema
     from ne.report import most_polysemantic, unit_comparison
     from ne.stages import HARVEST, check_force
@@ -115,6 +122,7 @@ def cmd_run(args) -> None:
         print(run_harvest(cfg, force=force & set(HARVEST)).describe(), end="\n\n")
         print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
         print(run_index(cfg, force=force & {"index"}).describe(), end="\n\n")
+        print(run_occurrence(cfg, force=force & set(STAGES)).describe(), end="\n\n")
         table = run.read_parquet(schema.METRICS)
     metrics = table.to_pandas()
     compared = comparison(cfg, table)
@@ -124,11 +132,30 @@ def cmd_run(args) -> None:
     top = most_polysemantic(metrics[metrics.n_examples > 0], 10)
     print("The 10 most polysemantic neurons:")
     print(top[["layer", "neuron", "n_examples", "n_clusters", "mean_dist", "silhouette"]].to_string(index=False))
-    layer, neuron = int(top.iloc[0].layer), int(top.iloc[0].neuron)
-    print(f"\nFeatures most similar to cluster 0 of layer {layer}, neuron {neuron} "
-          f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster 0 -k 5):")
-    print(describe_similar(cfg.run_dir, layer, neuron, 0, 5))
+    layer, neuron, cluster = _demo_query(cfg.run_dir, top)
+    print(f"\nFeatures most similar to cluster {cluster} of layer {layer}, neuron {neuron} "
+          f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster {cluster} -k 5):")
+    print(describe_similar(cfg.run_dir, layer, neuron, cluster, 5))
     print(f"\nreport: {cfg.run_dir}/report/report.md; browse it: ne view {cfg.run_dir}")
+
+
+def _demo_query(run_dir: str, top) -> tuple[int, int, int]:
+    """The feature `ne run` shows similar features of: the most polysemantic neuron's cluster that fires most in
+    the held-out text (cluster 0 of the most polysemantic neuron when the run has no co-activation table)."""
+    from ne.coactivation import CoActivation
+    from ne.errors import DataError
+
+    layer, neuron = int(top.iloc[0].layer), int(top.iloc[0].neuron)
+    try:
+        features = CoActivation(run_dir).features().to_pandas()
+    except DataError:
+        return layer, neuron, 0
+    fired = features.merge(top[["layer", "neuron"]], on=["layer", "neuron"])
+    fired = fired[fired.occurrences > 0]
+    if fired.empty:
+        return layer, neuron, 0
+    best = fired.sort_values("occurrences", ascending=False, kind="stable").iloc[0]
+    return int(best.layer), int(best.neuron), int(best.cluster)
 
 
 def _mnist_args(p: argparse.ArgumentParser) -> None:
@@ -207,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
          ("contexts", "weights", "maxima", "examples")),
         ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster, ("cluster",)),
         ("index", "the FAISS index of similar features across neurons", cmd_index, ("index",)),
+        ("occurrence", "where every feature cluster fires in held-out text, and which fire together", cmd_occurrence,
+         ("occurrence", "coactivation")),
     ]
     for name, help_text, func, stages in config_commands:
         p = sub.add_parser(name, help=help_text)
@@ -230,13 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON records instead of text")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("similar", help="feature clusters of other neurons most similar to one cluster")
+    p = sub.add_parser("similar", help="feature clusters of other neurons that behave most like one cluster")
     p.add_argument("run_dir", help="run directory (local path or fsspec URL)")
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--neuron", type=int, required=True)
     p.add_argument("--cluster", type=int, default=0, help="cluster of the neuron (0 is its largest)")
     p.add_argument("-k", type=int, default=20, help="how many similar features to print")
     p.add_argument("--include-self", action="store_true", help="keep the query neuron's own clusters")
+    p.add_argument("--by", choices=("auto", "behaviour", "vector"), default="auto",
+                   help="behaviour: the features that fire on the same held-out tokens; vector: the nearest central "
+                        "examples in the index; auto (default): behaviour where the run has it for this feature")
     p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("train", help="MNIST: train the MLP and the SAEs with and without the NE loss (Ray Train)")

@@ -14,6 +14,10 @@ RUN/
   index/                             faiss.index, ids.parquet
   importance/layer=L/part-NNNNN.parquet  token importance of examples, precomputed for the viewer
   report/                            report.md and PNG plots
+  heldout/part-NNNNN.parquet         held-out contexts (the CONTEXTS schema): text the harvest never saw
+  occurrences/layer=L/part-NNNNN.parquet  one row per (held-out token, firing unit): the feature cluster it joins
+  features/part-NNNNN.parquet        one row per feature cluster: its occurrences, density and activation quantiles
+  coactivation/layer=L/part-NNNNN.parquet  one row per (feature, feature firing with it on a held-out token)
 ```
 `h_id = ctx_id * n_ctx + pos` is global and deterministic, so shards never need to agree on ids.
 """
@@ -36,6 +40,10 @@ METRICS = "metrics.parquet"
 INDEX_DIR = "index"
 IMPORTANCE_DIR = "importance"
 REPORT_DIR = "report"
+HELDOUT_DIR = "heldout"
+OCCURRENCES_DIR = "occurrences"
+FEATURES_DIR = "features"
+COACTIVATION_DIR = "coactivation"
 
 
 def part_name(i: int) -> str:
@@ -189,3 +197,48 @@ def neuron_batches(layer: int, neurons: Sequence[int], per_batch: int, first_ind
     neurons = [int(n) for n in neurons]
     return [NeuronBatch(layer, first_index + i // per_batch, tuple(neurons[i : i + per_batch]))
             for i in range(0, len(neurons), per_batch)]
+
+
+OCCURRENCES = pa.schema(
+    [
+        ("ctx_id", pa.int64()),  # a held-out context (heldout/)
+        ("pos", pa.int16()),  # the token's position in it (never BOS)
+        ("layer", pa.int16()),
+        ("unit", pa.int32()),  # the neuron (or SAE latent)
+        ("cluster", pa.int32()),  # the feature cluster it joins, as `ne explain` assigns it; -1: the unit has none
+        ("act", pa.float32()),  # its activation there, signed
+        ("similarity", pa.float32()),  # cosine of its neuron embedding to that cluster's vector (NaN without one)
+    ]
+)
+"""occurrences/layer=L/part-NNNNN.parquet: part N covers heldout/part-N's contexts, rows sorted by unit, ctx_id,
+pos (a unit's rows are a few row groups of each part). Written by the `occurrence` stage (ne/occurrence.py)."""
+
+FEATURES = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("occurrences", pa.int64()),  # held-out tokens where it occurs
+        ("density", pa.float64()),  # occurrences / held-out tokens
+        ("act_q10", pa.float32()),  # quantiles of its activation over its occurrences (NaN when it never occurs)
+        ("act_q50", pa.float32()),
+        ("act_q90", pa.float32()),
+        ("act_peak", pa.float32()),  # the strongest: the maximum (the minimum in a harvest.direction: min run)
+    ]
+)
+"""features/part-NNNNN.parquet: every feature cluster of the run, sorted by layer, neuron, cluster."""
+
+COACTIVATION = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("layer_b", pa.int16()),  # a feature that occurs on the same held-out token (any layer)
+        ("neuron_b", pa.int32()),
+        ("cluster_b", pa.int32()),
+        ("count", pa.int32()),  # tokens where both occur
+        ("score", pa.float32()),  # coactivation.score of the pair: higher fires more together
+    ]
+)
+"""coactivation/layer=L/part-NNNNN.parquet: both orders of every pair with count >= coactivation.min_count, in
+the folder of the first feature's layer, sorted by neuron, cluster, then score (best first)."""

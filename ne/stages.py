@@ -8,6 +8,8 @@ maxima     <- contexts, sae         pass 1: each unit's maximum
 examples   <- contexts, maxima      pass 2: each unit's dataset examples and their h
 cluster    <- examples, weights     feature clusters, centroids, metrics, the report
 index      <- cluster               FAISS index of the clusters' central examples
+occurrence <- cluster               held-out text, and every feature cluster's occurrences in it
+coactivation <- occurrence          per-feature statistics and which features fire together
 importance <- examples              token importance (adds neurons run by run)
 mnist_mlp <- ; mnist_sae_standard, mnist_sae_ne_loss <- mnist_mlp ; mnist_eval <- both SAEs
 ```
@@ -76,6 +78,11 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
              layout=("cluster.neurons_per_task",)),
     StageDef("index", "ne index", ("cluster",), ("index.*", "-index.device", "seed", "model.gated_embedding"),
              ("index",)),
+    StageDef("occurrence", "ne occurrence", ("cluster",),
+             ("occurrence.contexts", lambda cfg: _heldout_corpus(cfg), "occurrence.frac"),
+             ("heldout", "occurrences", "_work/occurrence"), layout=("occurrence.contexts_per_part",)),
+    StageDef("coactivation", "ne occurrence", ("occurrence",), ("coactivation.*", "-coactivation.memory_mb"),
+             ("features", "coactivation", "_work/coactivation")),
     StageDef("importance", "ne importance", ("examples",), ("importance.mask_token", "importance.window_before"),
              ("importance",)),
     StageDef("mnist_mlp", "ne train", (), ("seed", "data.source", "data.train_subset", "mlp.*"),
@@ -87,7 +94,7 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
              ("mnist/sae_eval.md", "mnist/sae_eval.csv")),
 )}
 HARVEST = ("contexts", "sae", "weights", "maxima", "examples")
-LM_STAGES = (*HARVEST, "cluster", "index", "importance")
+LM_STAGES = (*HARVEST, "cluster", "index", "occurrence", "coactivation", "importance")
 MNIST_STAGES = ("mnist_mlp", "mnist_sae_standard", "mnist_sae_ne_loss", "mnist_eval")
 
 
@@ -138,6 +145,11 @@ def check_force(force: Collection[str], stages: Sequence[str]) -> set[str]:
 def _sae_training(cfg: Any) -> tuple[str, ...]:
     """How the run's own SAE is trained matters only when the run trains one."""
     return ("sae.train_tokens", "sae.train.*") if cfg.sae.train_hook else ()
+
+
+def _heldout_corpus(cfg: Any) -> tuple[str, ...]:
+    """A named held-out corpus counts by its keys; the run's own corpus is `occurrence.corpus: null`."""
+    return ("occurrence.corpus.*",) if cfg.occurrence.corpus is not None else ("occurrence.corpus",)
 
 
 def settings_of(cfg: Any, keys: Sequence) -> dict[str, Any]:

@@ -94,7 +94,7 @@ def test_graph_is_consistent():
             assert name in ancestors(d)
         for out in spec.outputs:
             assert owner_of(out) == name
-    assert descendants("examples") == ["cluster", "index", "importance"]
+    assert descendants("examples") == ["cluster", "index", "occurrence", "coactivation", "importance"]
     assert owner_of("h/layer=3/part-00001.parquet") == "examples"
     assert owner_of("_work/cluster/metrics/layer=0/part-00000.parquet") == "cluster"
 
