@@ -1,6 +1,6 @@
 """Similar features judged by held-out behaviour: which answer's hits fire where the query fires.
 
-    python benchmarks/similar.py runs/demo                 # the tables of docs/similar.md
+    python benchmarks/similar.py runs/demo                 # the tables of docs/measurements.md
     python benchmarks/similar.py runs/demo --queries 300 --fracs 0.5 0.6 0.75 0.9
 
 The run's held-out contexts (its occurrence stage) are split in two by ctx_id: even ones learn co-activation,

@@ -103,7 +103,8 @@ def cmd_similar(args) -> None:
 
 
 def cmd_run(args) -> None:
-    """Harvest, clusters and index in one go; then the most polysemantic neurons and one example query."""
+    """Harvest, clusters, index, occurrences and co-activation in one go; then the most polysemantic neurons and
+    one example query of similar features."""
 
     from index.build import run_index
     from index.query import describe_similar
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     config_commands = [
-        ("run", "harvest, cluster and index in one go (the demo)", cmd_run, RUN_STAGES),
+        ("run", "harvest, cluster, index, occurrences and co-activation in one go (the demo)", cmd_run, RUN_STAGES),
         ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest,
          ("contexts", "weights", "maxima", "examples")),
         ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster, ("cluster",)),

@@ -182,13 +182,20 @@ def part_occurrences(explainer: Explainer, contexts: Sequence[Context], batch_si
         for layer in explainer.layers:
             row, pos, unit, act = explainer.fire(layer, out[layer].act, lengths, first)
             token, index = np.unique(row * tokens.shape[1] + pos, return_inverse=True)
-            h = out[layer].h.reshape(-1, model.d_model)[torch.from_numpy(token).to(model.device)].float().cpu().numpy()
+            h = _rows(out[layer].h.reshape(-1, model.d_model), token)
             pending[layer].add(ctx_ids.numpy()[row], pos, unit, act, h, index)
             if pending[layer].nbytes >= budget:
                 tables[layer].append(pending[layer].assign(explainer, layer))
     for layer in explainer.layers:
         tables[layer].append(pending[layer].assign(explainer, layer))
     return {layer: _table(layer, rows) for layer, rows in tables.items()}
+
+
+def _rows(x: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+    """x[rows] as a float32 array: gathered in numpy on a CPU (one thread), where x is on a GPU."""
+    if x.device.type == "cpu":
+        return np.asarray(x.float().numpy()[rows], np.float32)
+    return x[torch.from_numpy(rows).to(x.device)].float().cpu().numpy()
 
 
 class _Pending:
