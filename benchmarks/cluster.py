@@ -26,10 +26,10 @@ from scipy.spatial.distance import pdist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ne.cluster import cluster_examples, cluster_neuron  # noqa: E402
+from ne.compute.cluster import cluster_examples, cluster_neuron  # noqa: E402
+from ne.compute.embed import cosine_distances, neuron_distances, pad_rows  # noqa: E402
+from ne.compute.metrics import analyse_neurons  # noqa: E402
 from ne.config import ClusterConfig  # noqa: E402
-from ne.embed import cosine_distances, neuron_distances, pad_rows  # noqa: E402
-from ne.metrics import analyse_neurons  # noqa: E402
 
 GPT2_NEURONS = 12 * 3072
 
@@ -104,8 +104,8 @@ def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, uni
     from jobs.harvest import H_PART_BYTES, NEURONS_PER_ROW_GROUP
     from ne import schema
     from ne.config import RunConfig
-    from ne.store import RunDir
-    from tests.viewer_run import stage as recorded_stage
+    from ne.rundir.store import RunDir
+    from tests.viewer.viewer_run import stage as recorded_stage
 
     run, cfg = RunDir(url), RunConfig(run_dir=url)
     rng = np.random.default_rng(0)
@@ -226,7 +226,7 @@ def largest_gap_cut(d: np.ndarray, cfg: ClusterConfig, min_share: float) -> np.n
     """The criterion the per-neuron cut was measured against: cut in the largest gap between consecutive merge
     heights, among cuts into 2..max_clusters clusters; one cluster when that gap is below `min_share` of the
     top merge's height (a gap alone cannot say "one cluster")."""
-    from ne.cluster import cut_into, linkage_of
+    from ne.compute.cluster import cut_into, linkage_of
 
     z = linkage_of(d, cfg.method)
     n = len(z) + 1
@@ -291,9 +291,10 @@ def cut_comparison(args) -> None:
 def real_sweep(url: str, grid: list[float], sample: int) -> None:
     """Cluster statistics of a real run's neurons at each threshold (no labels: shape, not accuracy)."""
     from ne import schema
-    from ne.embed import read_h, read_w_in
-    from ne.metrics import neuron_metrics
-    from ne.store import RunDir
+    from ne.compute.metrics import neuron_metrics
+    from ne.rundir.h import read_h
+    from ne.rundir.store import RunDir
+    from ne.rundir.weights import read_w_in
 
     run = RunDir(url)
     rng = np.random.default_rng(0)

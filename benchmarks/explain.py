@@ -24,11 +24,13 @@ from scipy.spatial.distance import pdist, squareform
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ne import schema  # noqa: E402
-from ne.cluster import cluster_neuron  # noqa: E402
-from ne.config import ClusterConfig, RunConfig, from_dict  # noqa: E402
-from ne.embed import load_h, read_layer_weights  # noqa: E402
+from ne.compute.cluster import cluster_neuron  # noqa: E402
+from ne.config import ClusterConfig  # noqa: E402
 from ne.explain import assign, cluster_vectors  # noqa: E402
-from ne.store import RunDir  # noqa: E402
+from ne.rundir.h import load_h  # noqa: E402
+from ne.rundir.reader import RunData  # noqa: E402
+from ne.rundir.store import RunDir  # noqa: E402
+from ne.rundir.weights import read_layer_weights  # noqa: E402
 
 HOLD_OUT = 0.2
 RULES = ("mean", "central")
@@ -75,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     run = RunDir(args.run_dir)
-    run_cfg = from_dict(RunConfig, run.require_manifest()["config"])
+    run_cfg = RunData(args.run_dir).config()  # each setting as the stage that made the clusters ran with it
     cfg = run_cfg.cluster
     metrics = run.read_parquet(schema.METRICS).to_pandas()
     poly = metrics[metrics.n_clusters >= 2]

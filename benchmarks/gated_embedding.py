@@ -22,10 +22,9 @@ from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ne.cluster import cluster_examples  # noqa: E402
+from ne.compute.cluster import cluster_examples  # noqa: E402
+from ne.compute.embed import LayerWeights, cosine_distances  # noqa: E402
 from ne.config import ClusterConfig  # noqa: E402
-from ne.embed import cosine_distances  # noqa: E402
-from ne.weights import LayerWeights  # noqa: E402
 from tests.planted import PLACEMENTS, planted_gated_features  # noqa: E402
 
 MODES = ("gate", "concat", "raw")

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ne import harvest
+from ne.compute import harvest
 from ne.config import DataConfig, ModelConfig
 from ne.data import iter_contexts, iter_documents
 from ne.models import load_model

@@ -25,8 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from index.build import build_index, recall_at_k  # noqa: E402
+from ne.compute.embed import unit_rows  # noqa: E402
 from ne.config import IndexConfig  # noqa: E402
-from ne.embed import unit_rows  # noqa: E402
 
 
 def mixture(n: int, d: int, centers: np.ndarray, rng) -> np.ndarray:
@@ -36,7 +36,7 @@ def mixture(n: int, d: int, centers: np.ndarray, rng) -> np.ndarray:
 
 def run_vectors(url: str, vectors: str) -> np.ndarray:
     from index.build import central_vectors
-    from ne.store import RunDir
+    from ne.rundir.store import RunDir
 
     run = RunDir(url)
     m = run.require_manifest()

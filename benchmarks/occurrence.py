@@ -32,10 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ne.compute.harvest import batches  # noqa: E402
 from ne.explain import Explainer  # noqa: E402
-from ne.harvest import batches  # noqa: E402
 from ne.occurrence import heldout_parts, part_occurrences, read_heldout  # noqa: E402
-from ne.store import RunDir  # noqa: E402
+from ne.rundir.store import RunDir  # noqa: E402
 
 GPT2_SMALL = {"units": 12 * 3072, "tokens": 10_000 * 127, "d_model": 768}
 LLAMA3_8B = {"units": 32 * 14336, "tokens": 10_000_000, "d_model": 4096}
@@ -99,7 +99,7 @@ def speed(run_dir: str, n_contexts: int, repeats: int, frac: float | None, devic
 def view_of(run_dir: str, work: Path) -> Path:
     """A run directory whose upstream outputs are links to `run_dir`'s and whose manifest lacks the occurrence and
     co-activation stages: the stage runs in it from scratch and writes only there."""
-    from ne.stages import GRAPH
+    from ne.rundir.graph import GRAPH
 
     own = {out.split("/")[0] for s in ("occurrence", "coactivation") for out in GRAPH[s].outputs}
     view = work / "run"

@@ -88,9 +88,10 @@ def distance_error(run_dir: str, max_neurons: int) -> dict[str, float]:
     import torch
 
     from ne import schema
-    from ne.embed import cosine_distances, load_h
-    from ne.store import RunDir
-    from ne.weights import read_layer_weights
+    from ne.compute.embed import cosine_distances
+    from ne.rundir.h import load_h
+    from ne.rundir.store import RunDir
+    from ne.rundir.weights import read_layer_weights
 
     run = RunDir(run_dir)
     worst: dict[str, float] = {}
@@ -311,9 +312,9 @@ def synthetic_run(url: str, d_model: int, d_mlp: int, k: int, pool: int) -> None
 
     from ne import schema
     from ne.config import RunConfig
-    from ne.store import RunDir
-    from ne.weights import weights_file
-    from tests.viewer_run import stage
+    from ne.rundir.store import RunDir
+    from ne.rundir.weights import weights_file
+    from tests.viewer.viewer_run import stage
 
     run, cfg, rng = RunDir(url), RunConfig(run_dir=url), np.random.default_rng(0)
     n_ctx = 128

@@ -36,12 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ne import coactivation as co  # noqa: E402
 from ne import schema  # noqa: E402
+from ne.compute.coactivation import SCORES  # noqa: E402
+from ne.compute.embed import unit_rows  # noqa: E402
+from ne.compute.harvest import SIGNS  # noqa: E402
 from ne.config import IndexConfig, RunConfig, from_dict  # noqa: E402
-from ne.embed import unit_rows  # noqa: E402
-from ne.harvest import SIGNS, signed_extremes  # noqa: E402
 from ne.occurrence import read_occurrences  # noqa: E402
-from ne.store import RunDir  # noqa: E402
-from ne.weights import read_layer_weights  # noqa: E402
+from ne.rundir.maxima import signed_extremes  # noqa: E402
+from ne.rundir.store import RunDir  # noqa: E402
+from ne.rundir.weights import read_layer_weights  # noqa: E402
 
 K = 10
 VECTORS = ("neuron", "pre_mlp", "mean_pre_mlp")
@@ -179,9 +181,9 @@ def central_judge(run: RunDir, cfg: RunConfig, ids: co.FeatureIds, queries: np.n
     saw): ENVIRONMENT.md's first measure. Recomputed with the run's model."""
     import torch
 
-    from ne.data import read_contexts
     from ne.models import load_units
-    from ne.reader import central_examples
+    from ne.rundir.contexts import read_contexts
+    from ne.rundir.reader import central_examples
 
     central = {}
     for layer in layers:
@@ -312,7 +314,7 @@ def main() -> None:
         table = pa.Table.from_pandas(part[list(schema.OCCURRENCES.names)], preserve_index=False).cast(
             schema.OCCURRENCES)
         per_mtok = parquet_bytes(table) / n_learn * 1e6
-        for score in co.SCORES:
+        for score in SCORES:
             for min_count in (1, 2, 3):
                 answers = behaviour_answers(pairs_f, n_f, n_learn, queries, ids, score, min_count)
                 loose, strict = judge.precision(queries, answers)

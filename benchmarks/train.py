@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.train import SAE_KINDS, evaluate_run, load_splits, run_train  # noqa: E402
+from ne.compute.sae import SAE, SAEConfig, fit_sae  # noqa: E402
 from ne.config import load_config  # noqa: E402
 from ne.mnist import model as mnist_model  # noqa: E402
 from ne.mnist.config import MnistRunConfig  # noqa: E402
@@ -42,8 +43,7 @@ from ne.mnist.eval import (  # noqa: E402
     to_markdown,
     with_paper,
 )
-from ne.sae import SAE, SAEConfig, fit_sae  # noqa: E402
-from ne.store import RunDir  # noqa: E402
+from ne.rundir.store import RunDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -231,7 +231,7 @@ def evidence(cfg: MnistRunConfig) -> None:
     train, _ = load_splits(cfg)
     mlp = mnist_model.MLP.load(str(folder / "mlp.safetensors"))
     acts = mnist_model.hidden_acts(mlp, train.images)
-    columns = {f"authors {n}": weight_stats(SAE.load(str(folder / f"sae_{n}.safetensors"), 64), acts)
+    columns = {f"authors {n}": weight_stats(mnist_model.load_sae(str(folder / f"sae_{n}.safetensors"), 64), acts)
                for n in ("standard", "ne_loss")}
     for change in ({"l1_coeff": 0.025}, {}, {"weight_decay": 0.0}, {"optimizer": "adamw"}, {"lr": 3e-3},
                    {"b_dec_init": "mean"}, {"decoder_norm": "unit"}):

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ne.errors import NeError  # noqa: E402
-from ne.reader import RunData  # noqa: E402
+from ne.rundir.reader import RunData  # noqa: E402
 from ne.viewer import render  # noqa: E402
 
 

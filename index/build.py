@@ -5,7 +5,7 @@ Vectors are L2-normalised, so inner product is cosine similarity. A gated model'
 `index.exact_below` vectors the index is exact (Flat); above, it is an IVF index with nlist ≈ 4·√n lists
 whose nprobe is the smallest that reaches `index.target_recall` on sampled queries. Recall@k against exact
 search is measured on queries not used for that choice and stored in the manifest (stage "index",
-`ne.stages`).
+`ne.rundir.stages`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ import pyarrow as pa
 
 from index.exact import exact_search
 from ne import schema
+from ne.compute.device import resolve_device
+from ne.compute.embed import unit_rows
 from ne.config import IndexConfig, RunConfig
-from ne.embed import read_h, unit_rows
 from ne.errors import DataError
-from ne.reader import central_examples
-from ne.stages import Stage, check_force
-from ne.store import RunDir
-from ne.weights import read_layer_weights
+from ne.rundir.h import read_h
+from ne.rundir.reader import central_examples
+from ne.rundir.stages import Stage, check_force
+from ne.rundir.store import RunDir
+from ne.rundir.weights import read_layer_weights
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = f"{schema.INDEX_DIR}/faiss.index"
-IDS_FILE = f"{schema.INDEX_DIR}/ids.parquet"
 TIE_TOLERANCE = 1e-5
 """Similarities this close count as equal when recall is measured (float32 products differ by rounding)."""
 EMBED_ROWS = 4096
@@ -54,7 +54,7 @@ def central_vectors(run: RunDir, layer: int, vectors: str, gated_embedding: str 
     h = read_h(run, layer, ids.column("h_id").to_numpy())
     if vectors == "neuron":
         weights, neurons = read_layer_weights(run, layer), ids.column("neuron").to_numpy()
-        width = h.shape[1] * (2 if weights.gated and gated_embedding == "concat" else 1)
+        width = h.shape[1] * len(weights.parts(gated_embedding))
         out = np.empty((len(h), width), np.float32)
         for lo in range(0, len(h), EMBED_ROWS):  # in chunks: no intermediate the size of all vectors
             out[lo : lo + EMBED_ROWS] = unit_rows(weights.embed(h[lo : lo + EMBED_ROWS], neurons[lo : lo + EMBED_ROWS],
@@ -146,7 +146,7 @@ class IndexSummary:
         return (
             f"index done: {i['n_vectors']} feature clusters ({i['vectors']} vectors, d={i['d']}) in a "
             f"{i['type']} index" + (f", nprobe {i['nprobe']}" if "nprobe" in i else "")
-            + f"; recall@{i['recall_k']} vs exact search {i['recall']:.4f}\noutputs: {self.run_dir}/{INDEX_FILE}"
+            + f"; recall@{i['recall_k']} vs exact search {i['recall']:.4f}\noutputs: {self.run_dir}/{schema.INDEX_FILE}"
         )
 
 
@@ -155,7 +155,7 @@ def run_index(cfg: RunConfig, force: list[str] | tuple = ()) -> IndexSummary:
     force = check_force(force, ("index",))
     run = RunDir(cfg.run_dir)
     with run.lock("ne index"):
-        stage = Stage(run, "index", cfg, force)
+        stage = Stage(run, "index", cfg, force, check=lambda: resolve_device(cfg.index.device, "index.device"))
         if stage.needed():
             stage.begin()
             stage.done(**_build(run, cfg))
@@ -180,7 +180,7 @@ def _build(run: RunDir, cfg: RunConfig) -> dict:
         del vectors
         index, info = build_index(x, cfg.index, cfg.seed)
         del x
-    run.write_parquet(IDS_FILE, ids)
+    run.write_parquet(schema.INDEX_IDS_FILE, ids)
     _write_index(run, index)
     d_mlp = {str(layer): int(read_layer_weights(run, layer, 0, 0).d_mlp) for layer in layers}
     info.update(vectors=cfg.index.vectors, d_mlp=d_mlp, seconds=time.perf_counter() - start)
@@ -189,4 +189,4 @@ def _build(run: RunDir, cfg: RunConfig) -> dict:
 
 
 def _write_index(run: RunDir, index: faiss.Index) -> None:
-    run.write_bytes(INDEX_FILE, memoryview(faiss.serialize_index(index)))  # no second copy of the index
+    run.write_bytes(schema.INDEX_FILE, memoryview(faiss.serialize_index(index)))  # no second copy of the index

@@ -16,14 +16,14 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from index.build import IDS_FILE, INDEX_FILE
+from ne import schema
+from ne.checks import integer
 from ne.coactivation import CoActivation
-from ne.embed import unit_rows
 from ne.errors import ConfigError, DataError
-from ne.reader import central_examples
-from ne.stages import require_done, state_of
-from ne.store import RunDir
-from ne.weights import read_layer_weights
+from ne.rundir.reader import central_examples
+from ne.rundir.stages import require_done, state_of, version
+from ne.rundir.store import RunDir
+from ne.rundir.weights import read_layer_weights
 
 _REBUILD = "rebuild it with `ne index --config CONFIG --force index`"
 By = Literal["auto", "behaviour", "vector"]
@@ -53,18 +53,21 @@ class SimilarFeature:
 def _load_index(run: RunDir, manifest: dict) -> tuple[faiss.Index, pd.DataFrame, dict]:
     entry = require_done(run, "index", manifest)
     info = entry["info"]
-    if IDS_FILE in entry["files"]:
-        run.verify(IDS_FILE, entry["files"][IDS_FILE])
-    data = run.read_bytes(INDEX_FILE)
+    if schema.INDEX_IDS_FILE in entry["files"]:
+        run.verify(schema.INDEX_IDS_FILE, entry["files"][schema.INDEX_IDS_FILE])
+    data = run.read_bytes(schema.INDEX_FILE)
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
-        raise DataError(f"{run.path(INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); {_REBUILD}") \
-            from exc
-    ids = run.read_parquet(IDS_FILE).to_pandas().sort_values("row").reset_index(drop=True)
+        raise DataError(f"{run.path(schema.INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); "
+                        f"{_REBUILD}") from exc
+    ids = run.read_parquet(schema.INDEX_IDS_FILE).to_pandas().sort_values("row").reset_index(drop=True)
+    if version(run.manifest(), "index") != version(manifest, "index"):
+        raise DataError(f"stage 'index' of {run.url} was redone while it was read; read it again once "
+                        f"`ne index` has finished")
     if index.ntotal != len(ids) or index.d != info["d"] or not np.array_equal(ids.row, np.arange(len(ids))):
         raise DataError(
-            f"{run.path(INDEX_FILE)} holds {index.ntotal} vectors of dimension {index.d} but ids.parquet "
+            f"{run.path(schema.INDEX_FILE)} holds {index.ntotal} vectors of dimension {index.d} but ids.parquet "
             f"has {len(ids)} rows and the manifest says d={info['d']}; {_REBUILD}"
         )
     return index, ids, info
@@ -103,12 +106,13 @@ class SimilarFeatures:
         return self.index.d if self.index is not None else 0
 
     def _check_k(self, k: int) -> int:
-        if not isinstance(k, (int, np.integer)) or k <= 0:
+        if integer("k", k) <= 0:
             raise ConfigError(f"k is {k!r}; ask for at least one similar feature, for example k=20")
         return int(k)
 
     def row_of(self, layer: int, neuron: int, cluster: int) -> int:
         """The index row of a feature cluster; an error naming the valid range when it does not exist."""
+        layer, neuron, cluster = integer("layer", layer), integer("neuron", neuron), integer("cluster", cluster)
         if layer not in self.d_mlp:
             raise ConfigError(f"layer {layer} is not in this run; it has layers {sorted(self.d_mlp)}")
         if not 0 <= neuron < self.d_mlp[layer]:
@@ -170,18 +174,24 @@ class SimilarFeatures:
         return out
 
     def query_vector(self, vec, k: int = 20) -> list[SimilarFeature]:
-        """The k feature clusters most similar to a vector in the indexed space (it is L2-normalised here)."""
+        """The k feature clusters most similar to a vector in the indexed space: only its direction counts."""
         k = self._check_k(k)
         if self.index is None:
             raise DataError("this run has no similar-features index to search by vector; run `ne index --config "
                             "CONFIG`")
-        vec = np.asarray(vec, dtype=np.float32).reshape(1, -1) if np.ndim(vec) == 1 else np.asarray(vec)
+        try:
+            vec = np.asarray(vec, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ConfigError(f"the query vector must hold numbers; got {type(vec).__name__}") from None
+        vec = vec.reshape(1, -1) if vec.ndim == 1 else vec
         if vec.shape != (1, self.dim):
             raise ConfigError(f"the query vector has shape {tuple(np.shape(vec))}; this index holds vectors of "
                               f"dimension {self.dim} ({self.info.get('vectors')} embeddings of d_model)")
         if not np.all(np.isfinite(vec)) or not np.any(vec):
             raise ConfigError("the query vector is zero or not finite; give a vector with a direction")
-        return self._search(unit_rows(vec), k)
+        # Scaled by its largest entry first, so that neither 1e-30 nor 1e30 under- or overflows the norm.
+        vec = vec / np.abs(vec).max()
+        return self._search((vec / np.linalg.norm(vec)).astype(np.float32), k)
 
     def _search(self, vec: np.ndarray, k: int) -> list[SimilarFeature]:
         sims, rows = self.index.search(vec, min(k, self.index.ntotal))
@@ -236,19 +246,22 @@ def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
     import pyarrow.compute as pc
 
     from ne import schema
-    from ne.config import ModelConfig, from_dict
     from ne.models import load_token_decoder
-    from ne.reader import key_token_snippet
+    from ne.rundir.reader import RunData, key_token_snippet
 
     if not hits:
         return []
     table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
                              filters=pc.field("ctx_id").isin([h.ctx_id for h in hits]))
     tokens = dict(zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist()))
+    missing = sorted({h.ctx_id for h in hits} - set(tokens))
+    if missing:
+        raise DataError(f"{run.url}: contexts {missing[:5]} of the index are missing from contexts/; the run is "
+                        "inconsistent: redo stage 'contexts' with `ne harvest --config CONFIG --force contexts`")
+    model_cfg = RunData(run.url).config().model  # the model the run's stages ran with: a bad manifest is an error
     try:
-        model_cfg = from_dict(ModelConfig, run.manifest()["config"]["model"], "model")
         decode = load_token_decoder(model_cfg)
     except Exception as exc:  # the tokenizer is only needed for display: fall back to token ids
         logging.getLogger(__name__).warning("cannot load the run's tokenizer (%s); showing token ids", exc)
         decode = lambda ids: [f"<{i}>" for i in ids]  # noqa: E731
-    return [key_token_snippet(tokens.get(h.ctx_id, []), h.pos, decode, before, after) for h in hits]
+    return [key_token_snippet(tokens[h.ctx_id], h.pos, decode, before, after) for h in hits]

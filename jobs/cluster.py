@@ -1,18 +1,20 @@
 """The cluster job: Ray tasks over batches of neurons turn the harvest into feature clusters and metrics.
 
 Batch b of layer L holds neurons [b × n, (b + 1) × n) with n = cluster.neurons_per_task. It writes
-`clusters/layer=L/part-b`, `dendrograms/layer=L/part-b` and, last, its metrics under `_work/cluster/`;
-a batch whose three files exist is finished, so a rerun after an interruption redoes only the others.
+`clusters/layer=L/part-b`, `dendrograms/layer=L/part-b`, `centroids/layer=L/part-b` and, last, its metrics
+under `_work/cluster/`;
+a batch whose four files exist (its centroids too) is finished, so a rerun after an interruption redoes only the others.
 A layer's h rows are read once and shared by its batches (zero-copy through Ray's object store); a layer
 whose h rows exceed half of `cluster.h_memory_mb` is read in slices, each the rows of consecutive batches,
 so the stage's memory follows that setting and `cluster.neurons_per_task`, never the model's size.
 When every batch is done, the metrics are merged into `metrics.parquet`, the report is written and the
-stage "cluster" is marked done (`ne.stages`).
+stage "cluster" is marked done (`ne.rundir.stages`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -25,20 +27,21 @@ from tqdm.auto import tqdm
 
 from jobs.ray_utils import get, gpu_wanted, init_ray
 from ne import schema
+from ne.compute.embed import pad_rows
+from ne.compute.metrics import NeuronResult, analyse_neurons
 from ne.config import ClusterConfig, RunConfig
-from ne.embed import LayerH, load_h, pad_rows
-from ne.errors import DataError, NeError
+from ne.errors import ConfigError, DataError, NeError
 from ne.explain import batch_cluster_vectors
-from ne.metrics import NeuronResult, analyse_neurons
-from ne.report import separation, write_report
+from ne.rundir.h import LayerH, load_h
+from ne.rundir.report import separation, write_report
+from ne.rundir.stages import Stage, check_force, require_done
+from ne.rundir.store import RunDir
+from ne.rundir.weights import read_layer_weights
 from ne.schema import NeuronBatch, neuron_batches
-from ne.stages import Stage, check_force, require_done
-from ne.store import RunDir
-from ne.weights import read_layer_weights
 
 log = logging.getLogger(__name__)
 
-WORK = "_work/cluster"
+WORK = schema.work_dir("cluster")
 CENTROID_ROWS = 512
 """Rows per row group of centroids/: a reader decodes a few neurons' worth to get one."""
 
@@ -192,11 +195,16 @@ class ClusterSummary:
     seconds: float
 
     def describe(self) -> str:
+        if math.isnan(self.share_ne_better):
+            compared = ("the silhouettes of neuron and pre-MLP embeddings cannot be compared: no neuron has 2 to "
+                        "n - 1 clusters in both (a silhouette needs them; a larger corpus gives more examples per "
+                        "neuron)")
+        else:
+            compared = (f"neuron-embedding silhouette beats pre-MLP silhouette for {100 * self.share_ne_better:.1f}% "
+                        "of neurons at the run's cut (three other comparisons in the report)")
         return (
             f"cluster done in {self.seconds:.1f} s: {self.with_examples} of {self.neurons} neurons have examples; "
-            f"median clusters per such neuron {self.median_clusters:g}; neuron-embedding silhouette beats "
-            f"pre-MLP silhouette for {100 * self.share_ne_better:.1f}% of neurons at the run's cut (three other "
-            "comparisons in the report)\n"
+            f"median clusters per such neuron {self.median_clusters:g}; {compared}\n"
             f"outputs: {self.run_dir}/ (clusters/, dendrograms/, metrics.parquet, report/report.md)"
         )
 
@@ -207,20 +215,30 @@ def run_cluster(cfg: RunConfig, force: list[str] | tuple = (), in_process: bool 
     run = RunDir(cfg.run_dir)
     with run.lock("ne cluster"):
         start = time.perf_counter()
-        stage = Stage(run, "cluster", cfg, force)
+        stage = Stage(run, "cluster", cfg, force, check=lambda: check_device(cfg.cluster, in_process))
         if stage.needed():
             stage.begin()
             layers = run.manifest()["stages"]["examples"]["info"]["layers"]
             todo = [b for b in _batches(run, layers, cfg.cluster.neurons_per_task) if not _finished(run, b)]
             _map_batches(run, todo, cfg.cluster, in_process, cfg.model.gated_embedding)
             metrics = pa.concat_tables(
-                [run.read_parquet(f"{WORK}/metrics/layer={layer}") for layer in layers]
+                [run.read_parquet(schema.layer_dir(f"{WORK}/metrics", layer)) for layer in layers]
             ).sort_by([("layer", "ascending"), ("neuron", "ascending")])
             run.write_parquet(schema.METRICS, metrics)
             write_report(run, metrics, compare=comparison(cfg, metrics), cut=cfg.cluster.cut,
                          threshold=cfg.cluster.threshold)
             stage.done(neurons=metrics.num_rows, layers=layers, seconds=time.perf_counter() - start)
         return _summary(run, time.perf_counter() - start)
+
+
+def check_device(cfg: ClusterConfig, in_process: bool) -> None:
+    """cluster.use_gpu true needs a GPU where the batches run: this process, or the Ray cluster."""
+    if not in_process:
+        init_ray()
+        gpu_wanted(cfg.use_gpu, "cluster.use_gpu")
+    elif cfg.use_gpu and not torch.cuda.is_available():
+        raise ConfigError("cluster.use_gpu is true but this machine has no CUDA GPU; set cluster.use_gpu to null "
+                          "or false")
 
 
 def comparison(cfg: RunConfig, metrics: pa.Table) -> dict | None:

@@ -2,6 +2,7 @@
 
 Stages, each recorded in the manifest and skipped when finished:
   contexts  the corpus tokenised into `contexts/part-*.parquet` (the parts are the shards)
+  sae       the run's own SAE, trained on the corpus when `sae.train_hook` is set (else nothing to do)
   weights   W_in and b_in of every harvested layer, so later stages never load the model
   maxima    pass 1: each neuron's exact maximum (or the table given as harvest.maxima_file)
   examples  pass 2: per neuron the first k contexts reaching frac × max, with h and activation windows
@@ -24,21 +25,23 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
-from ne import harvest, schema
+from jobs.ray_utils import check_resources, init_ray, model_actor_options, run_on_actors
+from ne import schema
+from ne.compute import harvest
 from ne.config import HarvestConfig, RunConfig, to_dict
-from ne.data import context_parts, read_contexts, write_contexts
 from ne.errors import ConfigError, DataError
 from ne.models import MLPModel, load_model, load_units, sae_path, units_on
-from ne.models.sae_units import check_reachable, sae_fingerprint
+from ne.models.sae_units import check_reachable
 from ne.residual_sae import SAE_DIR, saelens_files, sample_activations, train_sae
-from ne.stages import HARVEST, Stage, check_force
-from ne.store import RunDir
-from ne.weights import weights_file
+from ne.rundir.contexts import context_parts, read_contexts, write_contexts
+from ne.rundir.graph import HARVEST
+from ne.rundir.maxima import signed_extremes
+from ne.rundir.stages import Stage, check_force
+from ne.rundir.store import RunDir
+from ne.rundir.weights import weights_file
 
 log = logging.getLogger(__name__)
 
-WORK = "_work"
 H_PART_BYTES = 128 * 2**20
 """Bytes of h per output part file: the merge holds at most one such part (plus one input part) in memory."""
 EXAMPLE_NEURONS_PER_PART = 4096
@@ -59,7 +62,7 @@ class PartProcessor:
         """Writes each neuron's maximum of sign × act (sign -1 for `min`) over the part."""
         contexts = read_contexts(self.run, part)
         maxima = harvest.shard_maxima(self.model, contexts, layers, batch_size, harvest.SIGNS[direction])
-        self.run.write_parquet(f"{WORK}/maxima/{schema.part_name(part)}", maxima_table(maxima))
+        self.run.write_parquet(schema.part_path(schema.work_dir("maxima"), part), maxima_table(maxima))
         return sum(len(t) for _, t in contexts)
 
     def examples(self, part: int, thresholds: dict, hcfg: HarvestConfig, n_ctx: int) -> int:
@@ -70,9 +73,9 @@ class PartProcessor:
             harvest.resolve_h_dtype(hcfg.h_dtype, self.model.d_model), harvest.SIGNS[hcfg.direction],
         )
         for layer, (examples, h) in results.items():
-            self.run.write_parquet(f"{WORK}/examples/layer={layer}/{schema.part_name(part)}", examples)
-            self.run.write_parquet(f"{WORK}/h/layer={layer}/{schema.part_name(part)}", h)
-        self.run.write_json(f"{WORK}/examples/{schema.part_name(part)}.done", {"contexts": len(contexts)})
+            self.run.write_parquet(schema.part_path(schema.work_dir("examples"), part, layer), examples)
+            self.run.write_parquet(schema.part_path(schema.work_dir("h"), part, layer), h)
+        self.run.write_json(schema.part_path(schema.work_dir("examples"), part) + ".done", {"contexts": len(contexts)})
         return sum(len(t) for _, t in contexts)
 
 
@@ -146,11 +149,13 @@ def _harvest(run: RunDir, cfg: RunConfig, force: set[str]) -> HarvestSummary:
     _write_weights(run, cfg, model, layers, force)
     pool = WorkerPool(cfg, run, model)
     try:
-        maxima = Stage(run, "maxima", cfg, force)
+        given = cfg.harvest.maxima_file
+        maxima = Stage(run, "maxima", cfg, force, check=lambda: (
+            read_maxima_file(given, layers, model.d_mlp, cfg.harvest.direction) if given else pool.check()))
         if maxima.needed():
             maxima.begin()
             _maxima_stage(run, cfg, pool, parts, layers, model.d_mlp, maxima)
-        examples = Stage(run, "examples", cfg, force)
+        examples = Stage(run, "examples", cfg, force, check=pool.check)
         if examples.needed():
             examples.begin()
             _examples_stage(run, cfg, pool, parts, layers, model.d_mlp, examples)
@@ -187,10 +192,10 @@ def _maxima_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, 
 def _examples_stage(
     run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, stage: Stage
 ) -> None:
-    extremes = harvest.signed_extremes(run, layers, cfg.harvest.direction)
+    extremes = signed_extremes(run, layers, cfg.harvest.direction)
     thresholds = {layer: harvest.thresholds_from_maxima(torch.from_numpy(e), cfg.harvest.frac)
                   for layer, e in extremes.items()}
-    done = set(run.ls(WORK, "examples", suffix=".done"))
+    done = set(run.ls(schema.work_dir("examples"), suffix=".done"))
     todo = [p for p in parts if f"{schema.part_name(p)}.done" not in done]
     pool.map("examples", todo, thresholds, cfg.harvest, cfg.data.n_ctx)
     rows = sum(_merge_layer(run, layer, parts, cfg.harvest.k, d_mlp) for layer in layers)
@@ -199,17 +204,15 @@ def _examples_stage(
 
 def _units(run: RunDir, cfg: RunConfig, base, force: set[str]):
     """Stage "sae": train the run's own SAE when sae.train_hook asks for one; then the units to harvest."""
-    path = sae_path(cfg)
-    measured = sae_fingerprint(path) if cfg.sae.path else {}
-    stage = Stage(run, "sae", cfg, force, measured=measured)
+    hook = cfg.sae.train_hook
+    stage = Stage(run, "sae", cfg, force, check=lambda: check_reachable(base, hook) if hook else None)
     if stage.needed():
         stage.begin()
         info = {}
-        if cfg.sae.train_hook:
-            check_reachable(base, cfg.sae.train_hook)
-            acts = sample_activations(base, run, cfg.sae.train_hook, cfg.sae.train_tokens, cfg.harvest.batch_size)
+        if hook:
+            acts = sample_activations(base, run, hook, cfg.sae.train_tokens, cfg.harvest.batch_size)
             sae, info = train_sae(acts, cfg.sae.train, cfg.seed)
-            files = saelens_files(sae, cfg.sae.train_hook, base.name, cfg.data.n_ctx, base.bos_token_id is not None)
+            files = saelens_files(sae, hook, base.name, cfg.data.n_ctx, base.bos_token_id is not None)
             for name, data in files.items():
                 run.write_bytes(f"{SAE_DIR}/{name}", data)
             info.update(rows=len(acts))
@@ -237,6 +240,13 @@ class WorkerPool:
         self.workers: list = []
         self.local: PartProcessor | None = None
 
+    def check(self) -> None:
+        """The Ray resources the workers will ask for exist (GPUs asked for, a model split within a node)."""
+        if self.cfg.harvest.num_workers:
+            hcfg = self.cfg.harvest
+            init_ray()
+            check_resources(hcfg.use_gpu, hcfg.gpus_per_worker)
+
     def map(self, method: str, parts: list[int], *args) -> None:
         """Run `<method>(part, *args)` over parts, in process or on the actors, with a progress bar."""
         if not parts:
@@ -261,7 +271,7 @@ class WorkerPool:
         if not self.workers:
             init_ray()
             hcfg = self.cfg.harvest
-            n, threads, options = model_actor_options(min(hcfg.num_workers, len(parts)), hcfg.use_gpu,
+            n, threads, options = model_actor_options("harvest", hcfg.num_workers, hcfg.use_gpu, len(parts), "parts",
                                                       hcfg.gpus_per_worker)
             self.workers = [
                 HarvestWorker.options(**options).remote(self.cfg, threads, int(options.get("num_gpus", 0)) or 1)
@@ -275,7 +285,7 @@ class WorkerPool:
             bar.update(1)
             bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):,.0f} tok/s")
 
-        run_on_actors(self.workers, method, parts, *[ray.put(a) for a in args], on_done=done)
+        self.workers = run_on_actors(self.workers, method, parts, *[ray.put(a) for a in args], on_done=done)
 
     def close(self) -> None:
         for worker in self.workers:
@@ -288,7 +298,7 @@ def merge_maxima(run: RunDir, parts: list[int], direction: str = "max") -> pa.Ta
     sign = harvest.SIGNS[direction]
     merged: dict[tuple, np.ndarray] = {}
     for part in parts:
-        table = run.read_parquet(f"{WORK}/maxima/{schema.part_name(part)}").to_pandas()
+        table = run.read_parquet(schema.part_path(schema.work_dir("maxima"), part)).to_pandas()
         for layer, group in table.groupby("layer"):
             values = group.sort_values("neuron").max_act.to_numpy(copy=True)
             merged[layer] = values if layer not in merged else np.maximum(merged[layer], values)
@@ -326,14 +336,14 @@ def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) 
     written sorted by neuron, `EXAMPLE_NEURONS_PER_PART` neurons at a time. Memory holds one input part,
     one h output part and one slice of neurons, whatever the corpus or the model.
     """
-    ex_dir, h_dir, kept_dir = f"{WORK}/examples/layer={layer}", f"{WORK}/h/layer={layer}", f"{WORK}/kept/layer={layer}"
+    ex_dir, h_dir, kept_dir = (schema.layer_dir(schema.work_dir(kind), layer) for kind in ("examples", "h", "kept"))
     out_ex, out_h = schema.layer_dir(schema.EXAMPLES_DIR, layer), schema.layer_dir(schema.H_DIR, layer)
     for folder in (out_ex, out_h, kept_dir):
         run.remove(folder)
     counts = np.zeros(d_mlp, dtype=np.int64)
     h_out = _PartWriter(run, out_h)
     for part in parts:
-        examples = harvest.merge_examples(run.read_parquet(f"{ex_dir}/{schema.part_name(part)}"), k)
+        examples = harvest.merge_examples(run.read_parquet(schema.part_path(ex_dir, part)), k)
         neurons = examples.column("neuron").to_numpy()
         rank = examples.column("rank").to_numpy() + counts[neurons]
         keep = rank < k
@@ -341,8 +351,8 @@ def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) 
             examples.schema.get_field_index("rank"), "rank", pa.array(rank.astype(np.int16))
         ).filter(pa.array(keep))
         np.add.at(counts, examples.column("neuron").to_numpy(), 1)
-        run.write_parquet(f"{kept_dir}/{schema.part_name(part)}", examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
-        h_out.add(harvest.select_h(run.read_parquet(f"{h_dir}/{schema.part_name(part)}"), examples))
+        run.write_parquet(schema.part_path(kept_dir, part), examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
+        h_out.add(harvest.select_h(run.read_parquet(schema.part_path(h_dir, part)), examples))
     h_out.close()
     rows = 0
     for i, lo in enumerate(range(0, d_mlp, EXAMPLE_NEURONS_PER_PART)):
@@ -351,7 +361,7 @@ def _merge_layer(run: RunDir, layer: int, parts: list[int], k: int, d_mlp: int) 
             continue  # part 0 is always written, so every layer has a (possibly empty) examples file
         examples = run.read_parquet(kept_dir, filters=[("neuron", ">=", lo), ("neuron", "<", hi)])
         examples = harvest.sort_examples(examples.cast(schema.EXAMPLES))
-        run.write_parquet(f"{out_ex}/{schema.part_name(i)}", examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
+        run.write_parquet(schema.part_path(out_ex, i), examples, row_group_size=NEURONS_PER_ROW_GROUP * k)
         rows += examples.num_rows
     return rows
 
@@ -386,5 +396,5 @@ class _PartWriter:
         return max(1, H_PART_BYTES // (h_type.list_size * h_type.value_type.bit_width // 8))
 
     def _write(self, table: pa.Table) -> None:
-        self.run.write_parquet(f"{self.folder}/{schema.part_name(self.parts)}", table.combine_chunks())
+        self.run.write_parquet(schema.part_path(self.folder, self.parts), table.combine_chunks())
         self.parts += 1

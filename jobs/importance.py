@@ -20,16 +20,16 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from jobs.ray_utils import init_ray, model_actor_options, run_on_actors
+from jobs.ray_utils import check_resources, init_ray, model_actor_options, run_on_actors
 from ne import schema
+from ne.compute.importance import check_mask_token, mask_token_id, token_importance
 from ne.config import RunConfig
 from ne.errors import ConfigError
-from ne.importance import mask_token_id, token_importance
 from ne.models import load_units
-from ne.reader import RunData
+from ne.rundir.reader import RunData
+from ne.rundir.stages import Stage, check_force
+from ne.rundir.store import RunDir
 from ne.schema import NeuronBatch, neuron_batches
-from ne.stages import Stage, check_force
-from ne.store import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def run_importance(
     run = RunDir(cfg.run_dir)
     with run.lock("ne importance"):
         start = time.perf_counter()
-        stage = Stage(run, "importance", cfg, force)
+        stage = Stage(run, "importance", cfg, force, check=lambda: _check(cfg))
         needed = stage.needed()
         layers, wanted = _check_request(run, layers, neurons)
         if needed:
@@ -108,6 +108,15 @@ def run_importance(
         per_layer = {int(k): v for k, v in stage.info.get("neurons", {}).items()}
         return ImportanceSummary(run.url, sum(len(b.neurons) for b in batches), per_layer,
                                  time.perf_counter() - start)
+
+
+def _check(cfg: RunConfig) -> None:
+    """The mask token is a token of the model's vocabulary, and the GPUs asked for exist."""
+    from ne.models import load_model_tokenizer
+
+    check_mask_token(cfg.importance.mask_token, len(load_model_tokenizer(cfg.model)), cfg.model.name)
+    init_ray()
+    check_resources(cfg.importance.use_gpu, cfg.harvest.gpus_per_worker, "importance.use_gpu")
 
 
 def _check_request(run: RunDir, layers: list[int] | None, neurons: list[int] | None):
@@ -139,9 +148,9 @@ def _map(cfg: RunConfig, todo: list[NeuronBatch]) -> None:
     if not todo:
         return
     init_ray()
-    n_workers, threads, options = model_actor_options(min(cfg.importance.num_workers, len(todo)),
-                                                      cfg.importance.use_gpu, cfg.harvest.gpus_per_worker,
-                                                      "importance.use_gpu")
+    n_workers, threads, options = model_actor_options("importance", cfg.importance.num_workers,
+                                                      cfg.importance.use_gpu, len(todo), "neuron batches",
+                                                      cfg.harvest.gpus_per_worker)
     n_devices = int(options.get("num_gpus", 0)) or 1  # a model split for the harvest is split here too
     workers = [ImportanceWorker.options(**options).remote(cfg, threads, n_devices) for _ in range(n_workers)]
     bar = tqdm(total=len(todo), unit="batch", desc="importance")

@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from jobs.ray_utils import get, init_ray, model_actor_options, run_on_actors
 from ne import coactivation as co
 from ne import schema
+from ne.compute.coactivation import plan_ranges
+from ne.compute.harvest import SIGNS
 from ne.config import RunConfig
 from ne.explain import Explainer
-from ne.harvest import SIGNS, signed_extremes
 from ne.models import MLPModel, load_model, units_on
 from ne.occurrence import (
     OCCURRENCE_ROW_GROUP,
@@ -40,13 +41,14 @@ from ne.occurrence import (
     read_heldout,
     write_heldout,
 )
-from ne.stages import Stage, check_force
-from ne.store import RunDir
+from ne.rundir.maxima import signed_extremes
+from ne.rundir.stages import Stage, check_force
+from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
 
 STAGES = ("occurrence", "coactivation")
-WORK = "_work/coactivation"
+WORK = schema.work_dir("coactivation")
 PAIR_ROW_GROUP = 262_144
 """Rows per row group of step 1's files: step 2 decodes only the groups whose keys fall in its range."""
 
@@ -172,10 +174,10 @@ def count_part(run_url: str, part: int, layers: list[int], ids: co.FeatureIds, n
     tables = [run.read_parquet(occurrence_file(layer, part), columns=["ctx_id", "pos", "layer", "unit", "cluster",
                                                                       "act"]) for layer in layers]
     pairs, acts, pair_rows, occurrences = co.part_counts(tables, ids, n_ctx, extremes, max_per_token)
-    run.write_parquet(f"{WORK}/pairs/{schema.part_name(part)}", pairs, row_group_size=PAIR_ROW_GROUP)
-    run.write_parquet(f"{WORK}/acts/{schema.part_name(part)}", acts, row_group_size=PAIR_ROW_GROUP)
+    run.write_parquet(schema.part_path(f"{WORK}/pairs", part), pairs, row_group_size=PAIR_ROW_GROUP)
+    run.write_parquet(schema.part_path(f"{WORK}/acts", part), acts, row_group_size=PAIR_ROW_GROUP)
     present = np.flatnonzero(pair_rows | occurrences)
-    run.write_parquet(f"{WORK}/hist/{schema.part_name(part)}", pa.table(
+    run.write_parquet(schema.part_path(f"{WORK}/hist", part), pa.table(
         {"feature": pa.array(present.astype(np.int32)), "pair_rows": pa.array(pair_rows[present]),
          "occurrences": pa.array(occurrences[present])}))
 
@@ -191,12 +193,12 @@ def merge_range(run_url: str, index: int, lo: int, hi: int, ids: co.FeatureIds, 
     keys, counts = co.merge_pairs(pairs, min_count)
     del pairs
     for layer, table in co.coactivation_tables(keys, counts, ids, occurrences, n_tokens, score, partners).items():
-        run.write_parquet(f"{schema.layer_dir(schema.COACTIVATION_DIR, layer)}/{schema.part_name(index)}", table,
+        run.write_parquet(schema.part_path(schema.COACTIVATION_DIR, index, layer), table,
                           row_group_size=8192)
     feature_range = (pc.field("feature") >= lo) & (pc.field("feature") < hi)
     acts = [run.read_parquet(f"{WORK}/acts/{name}", filters=feature_range)
             for name in run.ls(WORK, "acts", suffix=".parquet")]
-    run.write_parquet(f"{schema.FEATURES_DIR}/{schema.part_name(index)}",
+    run.write_parquet(schema.part_path(schema.FEATURES_DIR, index),
                       co.feature_stats(acts, lo, hi, ids, n_tokens, sign), row_group_size=8192)
     return len(keys)
 
@@ -207,7 +209,7 @@ def _coactivation(run: RunDir, cfg: RunConfig, local: bool) -> dict:
     layers, n_tokens = list(info["layers"]), int(info["tokens"])
     ids = co.feature_ids(run, layers)
     parts = heldout_parts(run)
-    todo = [p for p in parts if not run.exists(f"{WORK}/hist/{schema.part_name(p)}")]
+    todo = [p for p in parts if not run.exists(schema.part_path(f"{WORK}/hist", p))]
     tasks = _Tasks(local)
     extremes = signed_extremes(run, layers, cfg.harvest.direction)
     tasks.map(count_part, [(run.url, p, layers, ids, cfg.data.n_ctx, extremes, cfg.coactivation.max_per_token)
@@ -221,12 +223,12 @@ def _coactivation(run: RunDir, cfg: RunConfig, local: bool) -> dict:
     if run.exists(plan_file):
         ranges = [tuple(r) for r in run.read_json(plan_file)]
     else:
-        ranges = co.plan_ranges(pair_rows, cfg.coactivation.memory_mb)
+        ranges = plan_ranges(pair_rows, cfg.coactivation.memory_mb)
         run.write_json(plan_file, ranges)
     sign = SIGNS[cfg.harvest.direction]
     c = cfg.coactivation
     todo_ranges = [(i, lo, hi) for i, (lo, hi) in enumerate(ranges)
-                   if not run.exists(f"{schema.FEATURES_DIR}/{schema.part_name(i)}")]
+                   if not run.exists(schema.part_path(schema.FEATURES_DIR, i))]
     tasks.map(merge_range, [(run.url, i, lo, hi, ids, occurrences, n_tokens, c.score, c.min_count, c.partners, sign)
                             for i, lo, hi in todo_ranges], "co-activation: merge")
     pairs = sum(run.read_footer(f"{schema.layer_dir(schema.COACTIVATION_DIR, layer)}/{name}").num_rows

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from typing import Any
 
 import ray
 
@@ -22,6 +24,19 @@ def get(ref: ray.ObjectRef):
         raise
 
 
+def fit(trainer):
+    """`trainer.fit()`, with our own error in a Ray Train worker raised as itself, as `get` does for tasks."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        ours = [e for _, e in sorted(exc.worker_failures.items()) if isinstance(e, NeError)]
+        if ours:
+            raise ours[0] from None
+        raise
+
+
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), or start a local one.
 
@@ -37,21 +52,40 @@ def init_ray() -> None:
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
-def cpu_workers(num_workers: int) -> tuple[int, int]:
-    """(workers, CPUs each): the cluster's CPUs split between CPU workers, so torch gets that many threads.
+def cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    More workers than CPUs could never all be scheduled, so their number is capped at the CPUs.
+
+def cpu_workers(asked: int, key: str, todo: int, unit: str) -> tuple[int, int]:
+    """(workers, CPUs each) for `asked` CPU workers (config key `key`) sharing `todo` `unit` (plural): the
+    cluster's CPUs split between the workers, so torch gets that many threads.
+
+    More workers than CPUs could never all be scheduled, nor more than the units of work all be busy, so their
+    number is capped at both; a warning gives the numbers when the cluster is smaller than asked for.
     """
-    total = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    workers = min(num_workers, total)
-    if workers < num_workers:
-        log.warning("%d workers asked for but the cluster has %d CPUs; using %d", num_workers, total, workers)
+    total = cluster_cpus()
+    workers = max(1, min(asked, todo, total))
+    if total < asked:
+        left = f" ({unit} to do: {todo})" if todo < total else ""
+        log.warning("%s is %d but the Ray cluster has %d CPUs; using %d worker%s%s", key, asked, total, workers,
+                    "s" * (workers != 1), left)
     return workers, total // workers
 
 
-def cpus_per_worker(num_workers: int) -> int:
-    """CPUs (torch threads) for each of `num_workers` CPU workers."""
-    return cpu_workers(num_workers)[1]
+def train_threads(num_workers: int, use_gpu: bool) -> int:
+    """Torch threads for each of `num_workers` Ray Train workers, after checking that the cluster can hold them
+    all: Ray Train waits, without a word, until every worker has its CPU (or GPU, with `use_gpu`)."""
+    if use_gpu:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if not gpus:
+            raise ConfigError("trainer.use_gpu is true but the Ray cluster has no GPU; set trainer.use_gpu to false")
+        if gpus < num_workers:
+            raise ConfigError(f"trainer.num_workers is {num_workers} but the Ray cluster has {gpus} GPUs, one per "
+                              f"worker with trainer.use_gpu; set trainer.num_workers to at most {gpus}")
+    elif cluster_cpus() < num_workers:
+        raise ConfigError(f"trainer.num_workers is {num_workers} but the Ray cluster has {cluster_cpus()} CPUs, one "
+                          f"per worker; set trainer.num_workers to at most {cluster_cpus()}")
+    return max(1, cluster_cpus() // num_workers)
 
 
 def gpu_wanted(use_gpu: bool | None, key: str) -> bool:
@@ -80,40 +114,110 @@ def node_gpus() -> list[float]:
     return [n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n.get("Alive")]
 
 
+def check_resources(use_gpu: bool | None, gpus_per_worker: int = 1, key: str = "harvest.use_gpu") -> bool:
+    """Whether model actors take GPUs; an error when they ask for GPUs the cluster lacks (checked before a
+    stage removes anything)."""
+    if gpus_per_worker > 1:
+        check_gpus_per_node(gpus_per_worker, node_gpus())
+    return gpu_wanted(use_gpu, key)
+
+
 def model_actor_options(
-    num_workers: int, use_gpu: bool | None, gpus_per_worker: int = 1, key: str = "harvest.use_gpu"
+    section: str, num_workers: int, use_gpu: bool | None, todo: int, unit: str, gpus_per_worker: int = 1
 ) -> tuple[int, int, dict]:
-    """(actors, torch threads each, Ray options) for actors that each hold one model replica.
+    """(actors, torch threads each, Ray options) for actors that each hold one model replica, given the config
+    `section` (harvest, importance) they come from and the `todo` units of work they share.
 
     With GPUs (asked for, or found in the cluster when `use_gpu` is None) each actor takes `gpus_per_worker`
     of one node and splits its model over them; on CPUs the cluster's cores are split between the actors.
-    A killed actor is restarted and its task retried.
+    A dead actor is restarted (on another node when its own is gone); `run_on_actors`, not Ray, redoes its
+    task, so that a live actor takes it at once.
     """
-    if gpus_per_worker > 1:
-        check_gpus_per_node(gpus_per_worker, node_gpus())
-    if gpu_wanted(use_gpu, key):
-        n, threads, resources = num_workers, 1, {"num_gpus": gpus_per_worker, "num_cpus": 1}
+    if check_resources(use_gpu, gpus_per_worker, f"{section}.use_gpu"):
+        n, threads, resources = min(num_workers, todo), 1, {"num_gpus": gpus_per_worker, "num_cpus": 1}
     else:
-        n, threads = cpu_workers(num_workers)
+        n, threads = cpu_workers(num_workers, f"{section}.num_workers", todo, unit)
         resources = {"num_cpus": threads}
-    return n, threads, {"max_restarts": 2, "max_task_retries": 2, **resources}
+    return n, threads, {"max_restarts": 2, "max_task_retries": 0, **resources}
 
 
-def run_on_actors(workers: list, method: str, items: list, *args, on_done=None) -> None:
+def run_on_actors(workers: list, method: str, items: list, *args, on_done=None) -> list:
     """Give `items` one at a time to whichever actor is free (`actor.<method>(item, *args)`), calling
-    `on_done(result)` as each finishes: a slow item never holds up the others."""
-    queue, running = list(items), {}
+    `on_done(result)` as each finishes: a slow item never holds up the others. Returns the actors not known
+    to be dead, for the next call.
 
-    def submit(worker) -> None:
-        if queue:
-            running[getattr(worker, method).remote(queue.pop(0), *args)] = worker
-
-    for worker in workers:
-        submit(worker)
-    while running:
-        (ref,), _ = ray.wait(list(running), num_returns=1)
-        worker = running.pop(ref)
-        result = get(ref)
+    An actor that dies (killed, or lost with its node) gives its item back to the queue, where any live
+    actor takes it. The lost actor rejoins once Ray has restarted it, which may never happen on a cluster
+    left without room for it, so no item waits for it. An item whose actor dies `ITEM_ATTEMPTS` times, or
+    the loss of every actor for good, is an error.
+    """
+    queue = list(range(len(items)))
+    attempts = [0] * len(items)
+    running: dict[ray.ObjectRef, tuple[Any, int]] = {}
+    waking = {_ping(w): w for w in workers}  # an actor takes items once it answers (its model loaded)
+    asleep: list[tuple[float, Any]] = []  # restarting actors, pinged again at the time given
+    free: list = []
+    last: BaseException | None = None
+    while queue or running:
+        while queue and free:
+            i = queue.pop(0)
+            worker = free.pop(0)
+            running[getattr(worker, method).remote(items[i], *args)] = (worker, i)
+        now = time.monotonic()
+        waking.update({_ping(w): w for t, w in asleep if t <= now})
+        asleep = [(t, w) for t, w in asleep if t > now]
+        if not (running or waking or asleep):
+            raise NeError(f"every Ray worker died ({_reason(last)}); {len(queue)} of {len(items)} items are not "
+                          "done. Rerun the command to resume: finished items are kept")
+        timeout = max(0.0, min(t for t, _ in asleep) - now) if asleep else None
+        refs = [*running, *waking]
+        if not refs:  # only restarting actors: wait for the next ping
+            time.sleep(timeout or 0.0)
+            continue
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if not ready:
+            continue
+        ref = ready[0]
+        if ref in waking:
+            worker = waking.pop(ref)
+            try:
+                ray.get(ref)
+                free.append(worker)
+            except ray.exceptions.ActorUnavailableError:
+                asleep.append((time.monotonic() + PING_SECONDS, worker))  # restarting (or waiting for room)
+            except ray.exceptions.RayActorError as exc:  # dead for good: its restarts are spent
+                last = exc
+            continue
+        worker, i = running.pop(ref)
+        try:
+            result = get(ref)
+        except ray.exceptions.RayActorError as exc:
+            last, attempts[i] = exc, attempts[i] + 1
+            if attempts[i] >= ITEM_ATTEMPTS:
+                raise NeError(f"item {items[i]} of `{method}` lost its Ray worker {attempts[i]} times (the last: "
+                              f"{_reason(exc)}); see the Ray logs of its workers") from None
+            log.warning("a Ray worker died during %s of %s (%s); the item goes back to the queue", method, items[i],
+                        _reason(exc))
+            queue.insert(0, i)
+            waking[_ping(worker)] = worker
+            continue
+        free.append(worker)
         if on_done is not None:
             on_done(result)
-        submit(worker)
+    return [*free, *waking.values(), *(w for _, w in asleep)]
+
+
+ITEM_ATTEMPTS = 3
+"""Times an item may lose its actor before the job stops: an item that kills every actor must not loop."""
+PING_SECONDS = 1.0
+"""How often a restarting actor is asked whether it is back."""
+
+
+def _ping(worker) -> ray.ObjectRef:
+    return worker.__ray_ready__.remote()
+
+
+def _reason(exc: BaseException | None) -> str:
+    """The last line of a Ray error: its cause (a creation task's error comes last, after its traceback)."""
+    lines = [line.strip() for line in str(exc or "").splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

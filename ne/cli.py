@@ -1,17 +1,22 @@
 """`ne`: the command line. Each subcommand is a small function that parses, then calls jobs/ or ne/.
 
-Errors of ours (`NeError`) print one line and exit 2; anything else is a bug and keeps its traceback.
+Errors of ours (`NeError`) print one line and exit 2; Ctrl-C prints one line and exits 130; a closed output
+pipe (`ne explain ... | head`) ends quietly; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from ne.errors import NeError
+from ne import schema
+from ne.errors import ConfigError, NeError
+from ne.rundir.graph import stages_of
 
-RUN_STAGES = ("contexts", "weights", "maxima", "examples", "cluster", "index", "occurrence", "coactivation")
+RUN_COMMANDS = ("ne harvest", "ne cluster", "ne index", "ne occurrence")
+"""What `ne run` runs, in order; each command's stages come from the graph (`stages_of`)."""
 FIGURE_MODELS = ("mlp", "sae_standard", "sae_ne_loss")
 
 
@@ -31,6 +36,20 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def _out_dir(path: str):
+    """`--out` as a run-style directory (created when missing); a file in its way is an error before any work."""
+    from ne.rundir.store import RunDir
+
+    out = RunDir(path)
+    at = out.root.rstrip("/")
+    while at and not out.fs.exists(at) and os.path.dirname(at) != at:
+        at = os.path.dirname(at)
+    if at and out.fs.exists(at) and not out.fs.isdir(at):
+        where = "is a file" if at == out.root.rstrip("/") else f"lies under {at!r}, which is a file"
+        raise ConfigError(f"--out {path!r} {where}; give a directory (it is created when missing)")
+    return out
+
+
 def cmd_harvest(args) -> None:
     from jobs.harvest import run_harvest
 
@@ -42,18 +61,21 @@ def cmd_harvest(args) -> None:
 def cmd_view(args) -> None:
     import subprocess
 
-    from ne.store import RunDir
+    from ne.rundir.store import RunDir
     from ne.viewer import check_address, launch_command
 
     RunDir(args.run_dir).require_manifest()
     cmd = launch_command(args.run_dir, host=args.host, port=args.port)
-    check_address(cmd[cmd.index("--server.address") + 1], int(cmd[cmd.index("--server.port") + 1]))
-    print(f"ne view: serving {args.run_dir} at http://{cmd[cmd.index('--server.address') + 1]}:"
-          f"{cmd[cmd.index('--server.port') + 1]} (Ctrl-C stops it)")
+    host, port = cmd[cmd.index("--server.address") + 1], int(cmd[cmd.index("--server.port") + 1])
+    check_address(host, port)
+    print(f"ne view: serving {args.run_dir} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
     try:
-        subprocess.run(cmd, check=False)
+        code = subprocess.run(cmd, check=False).returncode
     except KeyboardInterrupt:
-        pass
+        return  # Ctrl-C is how the viewer stops
+    if code != 0:  # e.g. the port was taken after the check above
+        raise ConfigError(f"the viewer's server on {host}:{port} stopped with exit code {code} (its reason is printed "
+                          "above); pass a free --port, or another --host")
 
 
 def cmd_cluster(args) -> None:
@@ -81,8 +103,8 @@ def cmd_importance(args) -> None:
 
 
 def cmd_status(args) -> None:
-    from ne.stages import describe_status
-    from ne.store import RunDir
+    from ne.rundir.stages import describe_status
+    from ne.rundir.store import RunDir
 
     print(describe_status(RunDir(args.run_dir)))
 
@@ -92,8 +114,9 @@ def cmd_explain(args) -> None:
 
     from ne.explain import Explainer, describe, to_records
 
-    tokens = Explainer.load(args.run_dir).explain(args.text, top=args.top)
-    print(json.dumps(to_records(tokens), indent=1) if args.json else describe(tokens))
+    explainer = Explainer.load(args.run_dir)
+    tokens = explainer.explain(args.text, top=args.top)
+    print(json.dumps(to_records(tokens), indent=1) if args.json else describe(tokens, explainer.direction))
 
 
 def cmd_similar(args) -> None:
@@ -110,20 +133,20 @@ def cmd_run(args) -> None:
     from index.query import describe_similar
     from jobs.cluster import comparison, run_cluster
     from jobs.harvest import run_harvest
-    from jobs.occurrence import STAGES, run_occurrence
+    from jobs.occurrence import run_occurrence
     from ne import schema
-    from ne.report import most_polysemantic, unit_comparison
-    from ne.stages import HARVEST, check_force
-    from ne.store import RunDir
+    from ne.rundir.report import most_polysemantic, unit_comparison
+    from ne.rundir.stages import check_force
+    from ne.rundir.store import RunDir
 
     cfg = _load(args)
-    force = check_force(args.force, RUN_STAGES)
+    force = check_force(args.force, stages_of(*RUN_COMMANDS))
     run = RunDir(cfg.run_dir)
     with run.lock("ne run"):
-        print(run_harvest(cfg, force=force & set(HARVEST)).describe(), end="\n\n")
+        print(run_harvest(cfg, force=force & set(stages_of("ne harvest"))).describe(), end="\n\n")
         print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
         print(run_index(cfg, force=force & {"index"}).describe(), end="\n\n")
-        print(run_occurrence(cfg, force=force & set(STAGES)).describe(), end="\n\n")
+        print(run_occurrence(cfg, force=force & set(stages_of("ne occurrence"))).describe(), end="\n\n")
         table = run.read_parquet(schema.METRICS)
     metrics = table.to_pandas()
     compared = comparison(cfg, table)
@@ -131,8 +154,14 @@ def cmd_run(args) -> None:
         print("SAE latents vs MLP neurons of the same layer:")
         print(unit_comparison(compared).to_string(index=False), end="\n\n")
     top = most_polysemantic(metrics[metrics.n_examples > 0], 10)
+    if top.empty:
+        print(f"No neuron has dataset examples; report: {cfg.run_dir}/report/report.md")
+        return
+    table = top[["layer", "neuron", "n_examples", "n_clusters", "mean_dist", "silhouette"]]
     print("The 10 most polysemantic neurons:")
-    print(top[["layer", "neuron", "n_examples", "n_clusters", "mean_dist", "silhouette"]].to_string(index=False))
+    print(table.to_string(index=False, na_rep="–"))
+    if table.isna().any(axis=None):
+        print("(–: not defined; mean_dist needs 2 examples, and a silhouette 2 to n - 1 clusters)")
     layer, neuron, cluster = _demo_query(cfg.run_dir, top)
     print(f"\nFeatures most similar to cluster {cluster} of layer {layer}, neuron {neuron} "
           f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster {cluster} -k 5):")
@@ -185,37 +214,41 @@ def cmd_train(args) -> None:
 
 def cmd_sae_eval(args) -> None:
     """Tables 2 and 3 for a directory of weights in the authors' layout (default: the run's mnist/)."""
-    from jobs.train import load_splits, url
+    from jobs.train import load_splits
     from ne.mnist.eval import evaluate_dir, with_paper, write_tables
-    from ne.store import RunDir
+    from ne.rundir.stages import check_not_owned
+    from ne.rundir.store import RunDir
 
     cfg = _load_mnist(args)
-    weights = args.weights or url(RunDir(cfg.run_dir), "mnist")
-    out = args.out or (f"{cfg.run_dir.rstrip('/')}/sae-eval" if args.weights else weights)
+    weights = args.weights or RunDir(cfg.run_dir).url_of(schema.MNIST_DIR)
+    default = f"{cfg.run_dir.rstrip('/')}/sae-eval"
+    out = args.out or default  # never the run's mnist/: its tables are stage mnist_eval's outputs
+    out_dir = _out_dir(out)
+    check_not_owned(out, ["sae_eval.md", "sae_eval.csv"], default=default)
     metrics = evaluate_dir(weights, *load_splits(cfg), cfg.eval)
     rows = {k: vars(m) for k, m in metrics.items()}
-    print(write_tables(RunDir(out), with_paper(rows) if args.paper else rows))
+    print(write_tables(out_dir, with_paper(rows) if args.paper else rows))
     print(f"written: {out}/sae_eval.md and .csv")
 
 
 def cmd_figure(args) -> None:
     """Figure 5 PNGs for MLP or SAE neurons."""
-    from jobs.train import load_splits, url
-    from ne.errors import ConfigError
+    from jobs.train import load_splits
     from ne.mnist.figures import figure5
-    from ne.mnist.model import MLP
-    from ne.sae import SAE
-    from ne.store import RunDir
+    from ne.mnist.model import MLP, load_sae
+    from ne.rundir.stages import check_not_owned
+    from ne.rundir.store import RunDir
 
     if args.model not in FIGURE_MODELS:
         raise ConfigError(f"--model {args.model!r} is not a model of the MNIST run; choose one of "
                           f"{', '.join(FIGURE_MODELS)}")
     cfg = _load_mnist(args)
-    weights = (args.weights or url(RunDir(cfg.run_dir), "mnist")).rstrip("/")
+    out = _out_dir(args.out or f"{cfg.run_dir.rstrip('/')}/mnist/figures")
+    check_not_owned(out.url, [f"{args.model}_{neuron}.png" for neuron in args.neuron])
+    weights = (args.weights or RunDir(cfg.run_dir).url_of(schema.MNIST_DIR)).rstrip("/")
     mlp = MLP.load(f"{weights}/mlp.safetensors")
-    sae = None if args.model == "mlp" else SAE.load(f"{weights}/{args.model}.safetensors", mlp.hidden_size)
+    sae = None if args.model == "mlp" else load_sae(f"{weights}/{args.model}.safetensors", mlp.hidden_size)
     _, test = load_splits(cfg)
-    out = RunDir(args.out or f"{cfg.run_dir.rstrip('/')}/mnist/figures")
     for neuron in args.neuron:
         name = f"{args.model}_{neuron}.png"
         out.write_bytes(name, figure5(mlp, sae, neuron, test, max_examples=cfg.eval.max_examples))
@@ -230,13 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     config_commands = [
-        ("run", "harvest, cluster, index, occurrences and co-activation in one go (the demo)", cmd_run, RUN_STAGES),
-        ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest,
-         ("contexts", "weights", "maxima", "examples")),
-        ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster, ("cluster",)),
-        ("index", "the FAISS index of similar features across neurons", cmd_index, ("index",)),
+        ("run", "harvest, cluster, index, occurrences and co-activation in one go (the demo)", cmd_run,
+         stages_of(*RUN_COMMANDS)),
+        ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest, stages_of("ne harvest")),
+        ("cluster", "feature clusters, polysemy metrics and the run report", cmd_cluster, stages_of("ne cluster")),
+        ("index", "the FAISS index of similar features across neurons", cmd_index, stages_of("ne index")),
         ("occurrence", "where every feature cluster fires in held-out text, and which fire together", cmd_occurrence,
-         ("occurrence", "coactivation")),
+         stages_of("ne occurrence")),
     ]
     for name, help_text, func, stages in config_commands:
         p = sub.add_parser(name, help=help_text)
@@ -248,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("importance", help="precompute token importance of examples for the viewer (adds to it)")
-    _config_args(p, ("importance",))
+    _config_args(p, stages_of("ne importance"))
     p.add_argument("--layer", type=int, action="append", help="only this layer (repeatable); default all")
     p.add_argument("--neuron", type=int, action="append", help="only this neuron (repeatable); default all")
     p.set_defaults(func=cmd_importance)
@@ -275,14 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="MNIST: train the MLP and the SAEs with and without the NE loss (Ray Train)")
     _mnist_args(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="redo a finished stage (mnist_mlp, mnist_sae_standard, mnist_sae_ne_loss, mnist_eval) "
-                        "and every stage after it")
+                   help=f"redo a finished stage ({', '.join(stages_of('ne train'))}) and every stage after it")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sae-eval", help="MNIST: the paper's Tables 2 and 3 for a directory of SAE weights")
     _mnist_args(p)
     p.add_argument("--weights", help="directory with mlp.safetensors and sae_*.safetensors; default RUN/mnist")
-    p.add_argument("--out", help="where sae_eval.md/.csv go; default the weights' run directory")
+    p.add_argument("--out", help="where sae_eval.md/.csv go; default RUN/sae-eval (never a stage's outputs)")
     p.add_argument("--paper", action="store_true", help="add the paper's rows to the table")
     p.set_defaults(func=cmd_sae_eval)
 
@@ -306,12 +338,40 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
+    for name in ("botocore", "aiobotocore"):  # s3:// runs: "Found credentials in ..." on every command
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         args.func(args)
     except NeError as exc:
         print(f"ne {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _stop_ray()
+        print(f"ne {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # what a shell reports for a program stopped by SIGPIPE, as `yes | head` is
     return 0
+
+
+def _stop_ray() -> None:
+    """Shut down the Ray this process started or joined, so that its workers stop with it."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except KeyboardInterrupt:  # a second Ctrl-C: the workers die with this process anyway
+            pass
+
+
+def _quiet_stdout() -> None:
+    """The reader of our output has gone (`ne explain ... | head`): point stdout at /dev/null, so that the
+    interpreter's last flush at exit does not complain about the closed pipe either."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no real file (captured, closed)
+        pass
 
 
 if __name__ == "__main__":

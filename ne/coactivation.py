@@ -18,44 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import scipy.sparse as sp
 
 from ne import schema
-from ne.errors import ConfigError
-from ne.store import RunDir
-from ne.weights import read_layer_weights
+from ne.compute.coactivation import FeatureIds, quantile, scores, strongest, sum_by_key, token_pairs
+from ne.rundir.store import RunDir
+from ne.rundir.weights import read_layer_weights
 
-SCORES = ("count", "jaccard", "pmi", "npmi", "cosine")
-PAIR_ROW_BYTES = 48
-"""Memory per pair row while a range is merged: key, count, the sort's copies and the output columns."""
 QUANTILES = (0.1, 0.5, 0.9)
-
-
-@dataclass(frozen=True)
-class FeatureIds:
-    """Dense ids 0..n-1 of a run's feature clusters, in (layer, neuron, cluster) order."""
-
-    layer: np.ndarray
-    neuron: np.ndarray
-    cluster: np.ndarray
-    starts: dict[int, np.ndarray]
-    """Per layer, the id of unit j's cluster 0 at [j]; [j + 1] - [j] clusters."""
-
-    @property
-    def n(self) -> int:
-        return len(self.layer)
-
-    def ids(self, layer: int, unit: np.ndarray, cluster: np.ndarray) -> np.ndarray:
-        """The ids of (layer, unit, cluster) rows; -1 where cluster is -1 (a unit without clusters)."""
-        start = self.starts[layer]
-        out = start[unit] + cluster
-        return np.where(cluster >= 0, out, -1)
-
-    def id_of(self, layer: int, neuron: int, cluster: int) -> int | None:
-        start = self.starts.get(layer)
-        if start is None or not 0 <= neuron < len(start) - 1 or not 0 <= cluster < start[neuron + 1] - start[neuron]:
-            return None
-        return int(start[neuron] + cluster)
 
 
 def feature_ids(run: RunDir, layers: Sequence[int]) -> FeatureIds:
@@ -113,80 +82,14 @@ def part_counts(occurrences: Sequence[pa.Table], ids: FeatureIds, n_ctx: int, ex
     return pairs, acts, np.bincount(keys // max(ids.n, 1), minlength=ids.n), np.bincount(f, minlength=ids.n)
 
 
-def strongest(token: np.ndarray, strength: np.ndarray, per_token: int | None) -> np.ndarray:
-    """Indices of the rows that pair up: all, or the `per_token` strongest of each token (ties: the first)."""
-    if per_token is None or not len(token):
-        return np.arange(len(token))
-    order = np.lexsort((-strength, token))
-    t = token[order]
-    starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
-    rank = np.arange(len(t)) - np.repeat(starts, np.diff(np.r_[starts, len(t)]))
-    return np.sort(order[rank < per_token])
-
-
-def token_pairs(feature: np.ndarray, token: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """(keys a × n_features + b, counts) of every ordered pair a != b of features sharing a token, sorted by key:
-    the off-diagonal of XᵀX for the token × feature incidence matrix X (a compiled sparse product)."""
-    if not len(token):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    rows = np.unique(token, return_inverse=True)[1]
-    x = sp.csr_matrix((np.ones(len(feature), np.int32), (rows, feature)), shape=(int(rows.max()) + 1, n_features))
-    c = x.T.tocsr() @ x
-    c.sort_indices()  # row-major with sorted columns: the keys come out sorted
-    a = np.repeat(np.arange(n_features, dtype=np.int64), np.diff(c.indptr))
-    off = a != c.indices
-    return a[off] * n_features + c.indices[off], c.data[off].astype(np.int64)
-
-
-def _sum_by_key(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if not len(keys):
-        return keys.astype(np.int64), counts.astype(np.int64)
-    order = np.argsort(keys, kind="stable")
-    keys, counts = keys[order], counts[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    return keys[starts], np.add.reduceat(counts.astype(np.int64), starts)
-
-
 # --- step 2: one range of features -----------------------------------------------------------------------
-
-
-def plan_ranges(pair_rows: np.ndarray, memory_mb: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of feature ids, consecutive, each with at most `memory_mb` of pair rows (a feature alone
-    over it is its own range)."""
-    budget = max(1, memory_mb * 2**20 // PAIR_ROW_BYTES)
-    ranges, lo, used = [], 0, 0
-    for f, rows in enumerate(pair_rows.tolist()):
-        if used and used + rows > budget:
-            ranges.append((lo, f))
-            lo, used = f, 0
-        used += rows
-    ranges.append((lo, len(pair_rows)))
-    return ranges
-
-
-def scores(kind: str, count: np.ndarray, n_a: np.ndarray, n_b: np.ndarray, n_tokens: int) -> np.ndarray:
-    """The co-activation score of pairs that fire together on `count` of `n_tokens` tokens, a on n_a, b on n_b."""
-    c, na, nb = (np.asarray(x, np.float64) for x in (count, n_a, n_b))
-    if kind == "count":
-        return c
-    if kind == "jaccard":
-        return c / (na + nb - c)
-    if kind == "cosine":
-        return c / np.sqrt(na * nb)
-    pmi = np.log(c * n_tokens / (na * nb))
-    if kind == "pmi":
-        return pmi
-    if kind == "npmi":
-        joint = -np.log(c / n_tokens)
-        return np.where(joint > 0, pmi / np.where(joint > 0, joint, 1.0), 1.0)
-    raise ConfigError(f"coactivation.score is {kind!r}; choose one of {', '.join(map(repr, SCORES))}")
 
 
 def merge_pairs(tables: Sequence[pa.Table], min_count: int) -> tuple[np.ndarray, np.ndarray]:
     """(keys, counts) summed over parts, only those reaching `min_count`."""
     keys = np.concatenate([t.column("key").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
     counts = np.concatenate([t.column("count").to_numpy() for t in tables]) if tables else np.zeros(0, np.int64)
-    keys, counts = _sum_by_key(keys, counts)
+    keys, counts = sum_by_key(keys, counts)
     keep = counts >= min_count
     return keys[keep], counts[keep]
 
@@ -228,7 +131,7 @@ def feature_stats(acts: Sequence[pa.Table], lo: int, hi: int, ids: FeatureIds, n
     start = np.cumsum(n) - n
     cols = []
     for q in QUANTILES:
-        cols.append(_quantile(x, start, n, q))
+        cols.append(quantile(x, start, n, q))
     peak = np.full(hi - lo, np.nan)
     has = n > 0
     peak[has] = x[start[has] + (n[has] - 1 if sign > 0 else 0)]
@@ -237,17 +140,6 @@ def feature_stats(acts: Sequence[pa.Table], lo: int, hi: int, ids: FeatureIds, n
          pa.array(n.astype(np.int64)), pa.array(n / max(n_tokens, 1)),
          *[pa.array(c.astype(np.float32)) for c in cols], pa.array(peak.astype(np.float32))],
         schema=schema.FEATURES)
-
-
-def _quantile(x: np.ndarray, start: np.ndarray, n: np.ndarray, q: float) -> np.ndarray:
-    out = np.full(len(n), np.nan)
-    has = n > 0
-    at = q * (n[has] - 1)
-    below = np.floor(at).astype(np.int64)
-    above = np.minimum(below + 1, n[has] - 1)
-    lo_v, hi_v = x[start[has] + below], x[start[has] + above]
-    out[has] = lo_v + (at - below) * (hi_v - lo_v)
-    return out
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -270,15 +162,15 @@ class CoActivation:
     """The co-activation table and per-feature statistics of a run; `partners` reads one feature's rows."""
 
     def __init__(self, run_dir: str | RunDir):
-        from ne.reader import RunData
-        from ne.stages import require_done
+        from ne.rundir.reader import RunData
+        from ne.rundir.stages import require_done
 
         self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         manifest = self.run.require_manifest()
         self.entry = require_done(self.run, "coactivation", manifest)
-        self.score = manifest["stages"]["coactivation"]["settings"]["coactivation.score"]
-        self.n_tokens = int(self.entry["info"]["tokens"])
         self.data = RunData(self.run.url)
+        self.score = self.data.config(manifest).coactivation.score  # as the stage that wrote the table ran
+        self.n_tokens = int(self.entry["info"]["tokens"])
         self._features: pa.Table | None = None
 
     def features(self) -> pa.Table:

@@ -7,6 +7,7 @@ ignored setting. The field docstrings below are the documentation of each key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -17,8 +18,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from ne.checks import at_least, at_most, check_choices, check_layer_list, check_literal
+from ne.compute.embed import GatedEmbedding
+from ne.compute.sae import SAEConfig
 from ne.errors import ConfigError
-from ne.sae import SAEConfig
 
 
 @dataclass
@@ -41,7 +43,7 @@ class ModelConfig:
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """`float32`, `bfloat16` or `float16`. Maxima and selection are exact for the dtype chosen."""
-    gated_embedding: Literal["concat", "gate"] = "concat"
+    gated_embedding: GatedEmbedding = "concat"
     """Gated MLPs, act_j = act_fn(h·g_j + c_j)·(h·u_j + d_j): the neuron embedding clustered and indexed.
     `concat`, e = [h ⊙ g_j ; h ⊙ u_j], sees features in either input map; `gate`, e = h ⊙ g_j, is blind to
     those of the up projection (planted features, README "Gated MLPs"). Plain MLPs ignore it."""
@@ -327,13 +329,13 @@ class UnitsSAEConfig:
     units harvested are the SAE's latents at its hook point instead of the model's MLP neurons (needs the
     `sae` extra: pip install -e ".[sae]")."""
     train_hook: str | None = None
-    """Train an SAE of our own (ne/sae.py) on this hook's activations over the run's corpus, e.g.
+    """Train an SAE of our own (ne/compute/sae.py) on this hook's activations over the run's corpus, e.g.
     `blocks.3.hook_resid_pre`, save it in SAELens format under RUN/sae/ and harvest its latents. Needs
     path: null."""
     train_tokens: int = 65_536
     """Activation rows (tokens) sampled evenly from the corpus to train that SAE."""
     train: SAEConfig = field(default_factory=SAEConfig)
-    """How that SAE is trained (`ne.sae.SAEConfig`): expansion, epochs, batch size, λ1 and the NE loss."""
+    """How that SAE is trained (`ne.compute.sae.SAEConfig`): expansion, epochs, batch size, λ1 and the NE loss."""
     compare_with: str | None = None
     """A run of the same model's MLP neurons (e.g. runs/demo): the report then compares them with the SAE's
     latents at the same layer."""
@@ -451,6 +453,8 @@ def _coerce(tp: Any, value: Any, key: str):
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} is {value}; it must be a finite number")
     if tp in (int, float, str, bool, dict) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be of type {tp.__name__}, got {value!r}")
     if tp is int and not -INT64 <= value < INT64:
@@ -470,8 +474,46 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {dotted}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = parse_yaml(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: {raw!r} is not a YAML value ({yaml_problem(exc)}); quote it to mean "
+                              f"text, e.g. --set \"{dotted}='{raw}'\"") from None
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, except that a key given twice in one mapping is an error: YAML keeps the last
+    silently, so a repeated section would drop every setting of the first."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overriding a key is not a repeat
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        where = f"on line {line}" if seen[key] == line else f"at lines {seen[key]} and {line}"
+                        raise yaml.constructor.ConstructorError(
+                            problem=f"key {key!r} is given twice, {where}; keep one, and merge what the two hold")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str):
+    """`yaml.safe_load` (plain data only, no objects) that refuses duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: still plain data only
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (the library's own message spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return problem if mark is None else f"{problem}, line {mark.line + 1} column {mark.column + 1}"
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -489,9 +531,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
                           f"{exc.start}); save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = parse_yaml(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     return data

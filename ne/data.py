@@ -1,4 +1,4 @@
-"""Corpus sources to fixed-length contexts, streamed into `contexts/part-NNNNN.parquet`.
+"""Corpus sources to fixed-length contexts (`ne.rundir.contexts` streams them into `contexts/part-NNNNN.parquet`).
 
 A context is BOS (where the model uses one) followed by up to n_ctx - 1 consecutive tokens of one
 document. Its id is its place in the corpus, so "the first k contexts" means the same however the
@@ -13,26 +13,15 @@ import posixpath
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from jaxtyping import Int
-from torch import Tensor
-from tqdm.auto import tqdm
 
-from ne import schema
-from ne.config import DataConfig, RunConfig
-from ne.errors import ConfigError, DataError
-from ne.models.base import MLPModel
-from ne.stages import Stage
-from ne.store import RunDir
+from ne.config import DataConfig
+from ne.errors import DataError
 
 log = logging.getLogger(__name__)
 
 PARQUET_BATCH_ROWS = 1024
-Context = tuple[int, np.ndarray]
-"""(ctx_id, token ids as int64): BOS first where the model uses one, no padding."""
 
 
 # --- documents ---------------------------------------------------------------------------------------
@@ -89,6 +78,11 @@ def _expand_paths(paths: Sequence[str]) -> Iterator[tuple[fsspec.AbstractFileSys
         if not matches:
             raise DataError(f"data.paths entry {url!r} matches no file; check the path or glob")
         yield from ((fs, m) for m in matches if not fs.isdir(m))
+
+
+def input_files(paths: Sequence[str]) -> list[str]:
+    """The files of data.paths as URLs, in reading order: the contexts stage's inputs."""
+    return [fs.unstrip_protocol(path) for fs, path in _expand_paths(paths)]
 
 
 def _file_documents(fs: fsspec.AbstractFileSystem, path: str, text_field: str) -> Iterator[str]:
@@ -169,97 +163,7 @@ def iter_contexts(
             ctx_id += 1
 
 
-def tokenizer_probe(model: MLPModel) -> dict:
-    """What the contexts depend on beyond the config: a changed tokenizer is noticed."""
-    return {"bos_token_id": model.bos_token_id, "probe": model.encode("Neuron embeddings: 0123 ÄÖü, tokens!")}
-
-
-def write_contexts(run: RunDir, run_cfg: RunConfig, model: MLPModel, force: set[str] | tuple = ()) -> int:
-    """Tokenise the corpus into `contexts/`; returns the number of contexts. Skipped when already done.
-
-    An interrupted run resumes: the corpus is re-read (deterministically) and the parts already written
-    are kept, so no context is lost or written twice.
-    """
-    cfg = run_cfg.data
-    if cfg.n_ctx > model.n_ctx_max:
-        raise ConfigError(f"data.n_ctx is {cfg.n_ctx} but {model.name} takes at most {model.n_ctx_max} tokens")
-    stage = Stage(run, "contexts", run_cfg, force, measured=tokenizer_probe(model))
-    if not stage.needed():
-        return stage.info["n_contexts"]
-    stage.begin()
-    done = set(run.ls(schema.CONTEXTS_DIR, suffix=".parquet"))
-    rows: list[tuple[int, int, list[int]]] = []
-    n = n_parts = 0
-
-    def flush() -> None:
-        nonlocal n_parts
-        name = schema.part_name(n_parts)
-        if name not in done:
-            ctx, doc, toks = zip(*rows)
-            table = pa.table([pa.array(ctx), pa.array(doc), pa.array(toks)], schema=schema.CONTEXTS)
-            run.write_parquet(f"{schema.CONTEXTS_DIR}/{name}", table)
-        n_parts += 1
-        rows.clear()
-
-    contexts = iter_contexts(
-        iter_documents(cfg), model.encode, model.bos_token_id, cfg.n_ctx, cfg.one_context_per_document,
-        cfg.max_contexts,
-    )
-    for row in tqdm(contexts, desc="contexts", unit="ctx", total=cfg.max_contexts, mininterval=2):
-        rows.append(row)
-        n += 1
-        if len(rows) == cfg.contexts_per_part:
-            flush()
-    if rows:
-        flush()
-    if n == 0:
-        raise DataError(
-            f"corpus {_describe(cfg)} produced no contexts; check that it holds non-empty text in "
-            f"data.text_field {cfg.text_field!r}"
-        )
-    stage.done(n_contexts=n, n_parts=n_parts, n_ctx=cfg.n_ctx)
-    log.info("wrote %d contexts in %d parts to %s", n, n_parts, run.path(schema.CONTEXTS_DIR))
-    return n
-
-
-def _describe(cfg: DataConfig) -> str:
+def describe_source(cfg: DataConfig) -> str:
     if cfg.source == "files":
         return f"data.paths {cfg.paths}"
     return f"{cfg.name!r} ({cfg.split})" if cfg.source == "hf" else "pydoc"
-
-
-# --- reading -----------------------------------------------------------------------------------------
-
-
-def context_parts(run: RunDir) -> list[int]:
-    """Indices of the context parts written, in corpus order."""
-    return [int(name[len("part-") : -len(".parquet")]) for name in run.ls(schema.CONTEXTS_DIR, suffix=".parquet")]
-
-
-def read_contexts(run: RunDir, part: int, folder: str = schema.CONTEXTS_DIR) -> list[Context]:
-    """The contexts of one part, in corpus order (of `contexts/`, or of another folder in its schema)."""
-    table = run.read_parquet(f"{folder}/{schema.part_name(part)}", columns=["ctx_id", "tokens"])
-    tokens = table.column("tokens").combine_chunks()
-    flat = tokens.flatten().to_numpy().astype(np.int64)  # a writable copy, in torch's index dtype
-    offsets = tokens.offsets.to_numpy() - tokens.offsets[0].as_py()
-    ctx_ids = table.column("ctx_id").to_numpy()
-    return [(int(c), flat[offsets[i] : offsets[i + 1]]) for i, c in enumerate(ctx_ids)]
-
-
-def iter_context_parts(run: RunDir) -> Iterator[tuple[int, list[Context]]]:
-    """(part index, its contexts) for every part, in corpus order."""
-    for part in context_parts(run):
-        yield part, read_contexts(run, part)
-
-
-def pad_batch(
-    token_lists: Sequence[Sequence[int]], pad_id: int
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Right-pad to the longest list: (tokens, attention mask with 1 on real tokens)."""
-    width = max(len(t) for t in token_lists)
-    tokens = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for row, toks in enumerate(token_lists):
-        tokens[row, : len(toks)] = torch.as_tensor(np.asarray(toks, dtype=np.int64))
-        mask[row, : len(toks)] = 1
-    return tokens, mask

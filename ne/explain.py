@@ -24,15 +24,17 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from ne import schema
-from ne.device import CPU_CHUNK_BYTES
-from ne.embed import neuron_embeddings, read_layer_weights, unit_rows
+from ne.checks import integer
+from ne.compute.device import CPU_CHUNK_BYTES
+from ne.compute.embed import LayerWeights, neuron_embeddings, unit_rows
+from ne.compute.harvest import SIGNS, thresholds_from_maxima
 from ne.errors import ConfigError, DataError
-from ne.harvest import SIGNS, signed_extremes, thresholds_from_maxima
 from ne.models.base import MLPModel
-from ne.reader import RunData, key_token_snippet
-from ne.stages import require_done
-from ne.store import RunDir
-from ne.weights import LayerWeights
+from ne.rundir.maxima import signed_extremes
+from ne.rundir.reader import RunData, key_token_snippet
+from ne.rundir.stages import check_inputs, require_done
+from ne.rundir.store import RunDir
+from ne.rundir.weights import read_layer_weights
 
 AssignRule = Literal["mean", "central"]
 ASSIGN_RULE: AssignRule = "mean"
@@ -232,7 +234,7 @@ class Explainer:
     def __init__(self, data: RunData, model: MLPModel, frac: float, n_ctx: int, min_cluster_size: int = 1,
                  gated_embedding: str = "concat", direction: str = "max", layers: Sequence[int] | None = None):
         self.data, self.model, self.n_ctx, self.min_size = data, model, n_ctx, min_cluster_size
-        self.gated_embedding = gated_embedding
+        self.gated_embedding, self.direction = gated_embedding, direction
         self.layers = data.layers() if layers is None else list(layers)
         self.sign = SIGNS[direction]  # a `min` run's units fire by going low: compare sign × act throughout
         self.max_act = signed_extremes(data.run, self.layers, direction)
@@ -251,8 +253,11 @@ class Explainer:
         from ne.models import load_units
 
         data = RunData(run_dir)
-        require_done(data.run, "cluster", data.manifest())
-        cfg = data.config()
+        data.pin()  # one version of the run throughout: a stage redone meanwhile is an error, never a mix
+        m = data.manifest()
+        require_done(data.run, "cluster", m)
+        check_inputs(data.run, m, ("sae", "weights", "maxima"))  # the model runs again: it must be the same
+        cfg = data.config(m)  # every setting as the stage that made what is read ran with it
         return cls(data, model or load_units(cfg), cfg.harvest.frac if frac is None else frac, cfg.data.n_ctx,
                    cfg.cluster.min_cluster_size, cfg.model.gated_embedding, cfg.harvest.direction, layers)
 
@@ -275,14 +280,17 @@ class Explainer:
 
     def explain_tokens(self, ids: Sequence[int], top: int = 10) -> list[TokenUnits]:
         """As `explain`, for token ids without BOS."""
-        if top < 1:
+        if integer("top", top) < 1:
             raise ConfigError(f"--top is {top}; ask for at least one unit per token, e.g. --top 10")
+        vocab = self.model.d_vocab
+        ids = [integer(f"ids[{i}]", t, 0, vocab, f"a token id of {self.model.name}") for i, t in enumerate(ids)]
         bos = [] if self.model.bos_token_id is None else [self.model.bos_token_id]
         step = self.n_ctx - len(bos)
         out: list[TokenUnits] = []
         for start in range(0, len(ids), step):
             chunk = list(ids[start : start + step])
             out += self._explain_context(bos + chunk, len(bos), start, top)
+        self.data.check_unchanged()  # everything above came from the version pinned at load
         return out
 
     def fire(self, layer: int, act_bpn: Tensor, lengths: Sequence[int], first: int = 0
@@ -347,8 +355,14 @@ def to_records(tokens: list[TokenUnits]) -> list[dict]:
     return [dataclasses.asdict(t) for t in tokens]
 
 
-def describe(tokens: list[TokenUnits]) -> str:
-    """What `ne explain` prints: each token with firing units, and their feature clusters."""
+def of_extreme(unit: FiringUnit, direction: str = "max") -> str:
+    """A unit's activation as a multiple of its extreme: "0.83× max", or "0.83× min" in a `direction: min` run."""
+    return f"{unit.of_max:.2f}× {direction}"
+
+
+def describe(tokens: list[TokenUnits], direction: str = "max") -> str:
+    """What `ne explain` prints: each token with firing units, and their feature clusters (`direction`: the
+    run's `harvest.direction`, which says whether activations are shown as a multiple of a max or a min)."""
     lines = []
     for t in tokens:
         if not t.units:
@@ -358,5 +372,5 @@ def describe(tokens: list[TokenUnits]) -> str:
             where = (f"cluster {u.cluster} ({u.cluster_size} example{'s' * (u.cluster_size != 1)}, similarity "
                      f"{u.similarity:.2f}): "
                      f"{u.central_text}" if u.cluster is not None else "no clusters")
-            lines.append(f"       L{u.layer} N{u.neuron:<6} {u.of_max:>5.2f}× max   {where}")
+            lines.append(f"       L{u.layer} N{u.neuron:<6} {of_extreme(u, direction):>10}   {where}")
     return "\n".join(lines) if lines else "no unit reaches its threshold on this text"

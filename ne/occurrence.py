@@ -24,13 +24,13 @@ import pyarrow.compute as pc
 import torch
 
 from ne import schema
+from ne.compute.harvest import Context, batches
 from ne.config import RunConfig
-from ne.data import Context, iter_contexts, iter_documents
+from ne.data import iter_contexts, iter_documents
 from ne.errors import DataError
 from ne.explain import Explainer
-from ne.harvest import batches
 from ne.models.base import MLPModel
-from ne.store import RunDir
+from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _digest(tokens) -> bytes:
 
 def harvest_digests(run: RunDir) -> set[bytes]:
     """A digest of every harvest context's tokens (16 bytes each), read one part at a time."""
-    from ne.data import context_parts, read_contexts
+    from ne.rundir.contexts import context_parts, read_contexts
 
     return {_digest(tokens) for part in context_parts(run) for _, tokens in read_contexts(run, part)}
 
@@ -81,7 +81,7 @@ def write_heldout(run: RunDir, cfg: RunConfig, model: MLPModel, n_harvest: int) 
         name = schema.part_name(n_parts)
         if name not in done:
             ctx, doc, toks = zip(*rows)
-            run.write_parquet(f"{schema.HELDOUT_DIR}/{name}", pa.table(
+            run.write_parquet(schema.part_path(schema.HELDOUT_DIR, n_parts), pa.table(
                 [pa.array(ctx, pa.int64()), pa.array(doc, pa.int64()), pa.array(toks, pa.list_(pa.int32()))],
                 schema=schema.CONTEXTS))
         n_parts += 1
@@ -130,7 +130,7 @@ def heldout_parts(run: RunDir) -> list[int]:
 
 def read_heldout(run: RunDir, part: int) -> list[Context]:
     """The contexts of one held-out part, in order."""
-    from ne.data import read_contexts
+    from ne.rundir.contexts import read_contexts
 
     return read_contexts(run, part, schema.HELDOUT_DIR)
 
@@ -142,7 +142,7 @@ def layer_groups(run: RunDir, layers: Sequence[int], memory_mb: int) -> list[lis
     """Consecutive layers whose `LayerClusters` (float32: one d_model row per candidate cluster, one per unit) and
     input weights fit in `memory_mb` together; a layer alone over it is its own group. One forward pass over the
     held-out text per group."""
-    from ne.weights import read_layer_weights
+    from ne.rundir.weights import read_layer_weights
 
     groups: list[list[int]] = []
     used = budget = memory_mb * 2**20
@@ -238,7 +238,7 @@ OCCURRENCE_ROW_GROUP = 65_536
 
 
 def occurrence_file(layer: int, part: int) -> str:
-    return f"{schema.layer_dir(schema.OCCURRENCES_DIR, layer)}/{schema.part_name(part)}"
+    return schema.part_path(schema.OCCURRENCES_DIR, part, layer)
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def read_occurrences(run_dir: str | RunDir, layer: int, units: Sequence[int] | N
                      ctx_ids: Sequence[int] | None = None) -> pa.Table:
     """OCCURRENCES rows of one layer of a finished occurrence stage: all of them, or those of `units` and/or of
     the held-out contexts `ctx_ids`. Each part's rows are sorted by unit, so a few units read a few row groups."""
-    from ne.stages import require_done
+    from ne.rundir.stages import require_done
 
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     entry = require_done(run, "occurrence")
@@ -269,7 +269,7 @@ def read_occurrences(run_dir: str | RunDir, layer: int, units: Sequence[int] | N
 def heldout_tokens(run_dir: str | RunDir, ctx_ids: Sequence[int]) -> dict[int, np.ndarray]:
     """{ctx_id: token ids (BOS first where the model uses one)} of held-out contexts; ids that are not held out
     are an error naming them."""
-    from ne.reader import RunData
+    from ne.rundir.reader import RunData
 
     data = run_dir if isinstance(run_dir, RunData) else RunData(run_dir.url if isinstance(run_dir, RunDir)
                                                                else run_dir)

@@ -1,4 +1,4 @@
-"""An SAE of our own (`ne.sae`) on a language model's activations at one hook, saved in SAELens's format.
+"""An SAE of our own (`ne.compute.sae`) on a language model's activations at one hook, saved in SAELens's format.
 
 Rows are sampled evenly from every token of the run's corpus that is neither BOS nor padding, so the sample
 is deterministic and bounded by `sae.train_tokens` however long the corpus is. The SAE is saved as SAELens
@@ -18,12 +18,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ne import schema
-from ne.data import iter_context_parts
-from ne.harvest import batches
+from ne.compute.harvest import batches
+from ne.compute.sae import SAE, SAEConfig, fit_sae
 from ne.models.base import MLPModel
 from ne.models.sae_units import residual
-from ne.sae import SAE, SAEConfig, fit_sae
-from ne.store import RunDir
+from ne.rundir.contexts import iter_context_parts
+from ne.rundir.store import RunDir
 
 SAE_DIR = "sae"
 WEIGHTS = "sae_weights.safetensors"

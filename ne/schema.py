@@ -38,12 +38,32 @@ DENDROGRAMS_DIR = "dendrograms"
 CENTROIDS_DIR = "centroids"
 METRICS = "metrics.parquet"
 INDEX_DIR = "index"
+INDEX_FILE = f"{INDEX_DIR}/faiss.index"
+INDEX_IDS_FILE = f"{INDEX_DIR}/ids.parquet"
 IMPORTANCE_DIR = "importance"
 REPORT_DIR = "report"
 HELDOUT_DIR = "heldout"
 OCCURRENCES_DIR = "occurrences"
 FEATURES_DIR = "features"
 COACTIVATION_DIR = "coactivation"
+WEIGHTS_DIR = "weights"
+SAE_DIR = "sae"
+"""The run's own SAE (`sae.train_hook`), in SAELens's layout."""
+MNIST_DIR = "mnist"
+MNIST_TABLES = (f"{MNIST_DIR}/sae_eval.md", f"{MNIST_DIR}/sae_eval.csv")
+WORK_DIR = "_work"
+"""Half-done work of running stages: never recorded in the manifest, removed when its stage finishes."""
+
+
+def work_dir(name: str) -> str:
+    """`_work/name`: one stage's half-done work (`maxima`, `examples`, `h`, `kept`, `cluster`, `occurrence`,
+    `coactivation`)."""
+    return f"{WORK_DIR}/{name}"
+
+
+def mnist_weights(model: str) -> str:
+    """An MNIST model's weights in the authors' layout: `mlp`, `sae_standard` or `sae_ne_loss`."""
+    return f"{MNIST_DIR}/{model}.safetensors"
 
 
 def part_name(i: int) -> str:
@@ -54,9 +74,15 @@ def layer_dir(kind: str, layer: int) -> str:
     return f"{kind}/layer={layer}"
 
 
+def part_path(kind: str, part: int, layer: int | None = None) -> str:
+    """Part `part` of folder `kind`, or of its `layer=L` subfolder."""
+    return f"{kind if layer is None else layer_dir(kind, layer)}/{part_name(part)}"
+
+
 def weights_path(layer: int) -> str:
-    """W_in [d_model, d_mlp] and b_in [d_mlp] of a harvested layer, as safetensors."""
-    return f"weights/layer={layer}.safetensors"
+    """A harvested layer's input weights as safetensors, neuron-major so that a batch of neurons is one byte
+    range: `W_in_T` [d_mlp, d_model] and `b_in` [d_mlp]; gated layers `W_gate_T`, `b_gate`, `W_up_T`, `b_up`."""
+    return f"{WEIGHTS_DIR}/layer={layer}.safetensors"
 
 
 def h_id(ctx_id, pos, n_ctx: int):
@@ -143,7 +169,7 @@ METRICS_SCHEMA = pa.schema(
     + [(f"raw_{name}", pa.int32() if name == "n_clusters" else pa.float32()) for name in _METRIC_NAMES]
     + [(name, pa.int32() if name.startswith("n_clusters") else pa.float32()) for name in _FIGURE4_NAMES]
 )
-"""metrics.parquet: `ne.metrics` defines each column (neuron_metrics, figure4_metrics, neighbour_agreement)."""
+"""metrics.parquet: `ne.compute.metrics` defines each column (neuron_metrics, figure4_metrics, neighbour_agreement)."""
 
 INDEX_IDS = pa.schema(
     [
@@ -180,7 +206,7 @@ class NeuronBatch:
     neurons: tuple[int, ...]
 
     def file(self, kind: str) -> str:
-        return f"{layer_dir(kind, self.layer)}/{part_name(self.index)}"
+        return part_path(kind, self.index, self.layer)
 
     @property
     def lo(self) -> int:

@@ -68,10 +68,10 @@ def write_synthetic_run(
     import torch
 
     from ne import schema
-    from ne.config import RunConfig
-    from ne.store import RunDir
-    from ne.weights import weights_file
-    from tests.viewer_run import stage
+    from ne.config import RunConfig, to_dict
+    from ne.rundir.store import RunDir
+    from ne.rundir.weights import weights_file
+    from tests.viewer.viewer_run import stage
 
     run = RunDir(url)
     cfg = RunConfig(run_dir=url)
@@ -115,6 +115,7 @@ def write_synthetic_run(
             weights_file({"W_in": torch.from_numpy(w_in), "b_in": torch.zeros(d_mlp)}),
         )
     tokens = [rng.integers(0, vocab, size=n_ctx).astype(np.int32).tolist() for _ in range(next_ctx)]
+    run.record("config", to_dict(cfg))  # as the harvest records the config it ran with
     run.record("model", {"name": "synthetic", "n_layers": max(layers) + 1, "d_model": d_model, "d_mlp": d_mlp})
     layers = list(layers)
     with stage(run, "contexts", cfg, n_contexts=next_ctx):

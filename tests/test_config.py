@@ -105,3 +105,66 @@ def test_literal_choices_are_checked_by_the_loader_and_the_dataclass():
         ModelConfig(dtype="fp8")
     with pytest.raises(ConfigError, match="harvest.layers lists layer 2 more than once"):
         HarvestConfig(layers=[2, 0, 2])
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("run_dir: runs/x\nharvest: {k: 10, layers: [0]}\nharvest: {frac: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml' is not valid YAML: key 'harvest' is given twice, at lines 2 "
+                                          r"and 3; keep one"):
+        load_config(path)
+    path.write_text("harvest:\n  k: 10\n  layers: [0]\n  k: 20\n")  # deeper down too
+    with pytest.raises(ConfigError, match=r"key 'k' is given twice, at lines 2 and 4"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set harvest=\{k: 1, k: 2\}: .*key 'k' is given twice, on line 1"):
+        load_config(None, ["harvest={k: 1, k: 2}"])
+    # still safe_load: merge keys may be overridden, and no Python object is ever built
+    path.write_text("base: &b {k: 3, frac: 0.5}\nharvest:\n  <<: *b\n  k: 4\n")
+    from ne.config import load_yaml
+
+    assert load_yaml(path)["harvest"] == {"k": 4, "frac": 0.5}
+    path.write_text("run_dir: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ConfigError, match="could not determine a constructor"):
+        load_config(path)
+
+
+def _float_keys(cls, prefix: str = "") -> list[str]:
+    """Every float setting of a config family, found from the dataclasses themselves."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _float_keys(tp, f"{prefix}{f.name}.")
+        elif float in (tp, *typing.get_args(tp)):
+            keys.append(prefix + f.name)
+    return keys
+
+
+@pytest.mark.parametrize("family", ["lm", "mnist"])
+def test_nan_and_infinity_are_refused_for_every_float_setting(family):
+    from ne.mnist.config import MnistRunConfig
+
+    cls = RunConfig if family == "lm" else MnistRunConfig
+    keys = _float_keys(cls)
+    assert len(keys) >= 8  # the finder sees them: frac, threshold, lr, l1_coeff...
+    for key in keys:
+        for value, shown in ((".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf")):
+            with pytest.raises(ConfigError, match=f"^{key} is {shown}; it must be a finite number$"):
+                load_config(None, [f"{key}={value}"], cls=cls)
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("harvest.layers=[0,", "expected the node content, but found '<stream end>'"),
+    ("harvest.k=@5", "found character '@' that cannot start any token"),
+    ("run_dir=*runs", "found undefined alias 'runs'"),
+])
+def test_set_values_yaml_cannot_parse_are_one_line_errors(tmp_path, override, problem, capsys):
+    key, raw = override.split("=", 1)
+    with pytest.raises(ConfigError, match="quote it to mean text") as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(f"--set {override}: {raw!r} is not a YAML value ({problem}")
+    assert main(["harvest", "--config", str(write(tmp_path, {})), "--set", override]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"ne harvest: error: {err.value}"]

@@ -13,17 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from ne import schema
+from ne.compute.harvest import pad_batch
 from ne.config import DataConfig, RunConfig
-from ne.data import (
-    iter_context_parts,
-    iter_contexts,
-    iter_documents,
-    pad_batch,
-    read_contexts,
-    write_contexts,
-)
+from ne.data import iter_contexts, iter_documents
 from ne.errors import ConfigError, DataError
-from ne.store import RunDir
+from ne.rundir.contexts import iter_context_parts, read_contexts, write_contexts
+from ne.rundir.store import RunDir
 
 DOCS = ["", "a b c d e f g h i j k", "x", "one two three four", "", "p q r s t u v w"]
 
@@ -251,7 +246,7 @@ def test_rerun_skips_and_resume_neither_loses_nor_duplicates(tmp_path, corpus, m
     def never(cfg):
         raise AssertionError("a finished stage must not re-read the corpus")
 
-    monkeypatch.setattr("ne.data.iter_documents", never)
+    monkeypatch.setattr("ne.rundir.contexts.iter_documents", never)
     assert write_contexts(run, as_run(run, corpus), fake_model()) == 39
 
 

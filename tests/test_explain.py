@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,19 +13,21 @@ import pytest
 
 from ne import schema
 from ne.cli import main
-from ne.embed import read_w_in
 from ne.errors import ConfigError, DataError
 from ne.explain import Explainer
 from ne.models import load_model
-from ne.store import RunDir
-from tests.test_viewer import set_status
-from tests.viewer_run import build_lm_run
+from ne.rundir.store import RunDir
+from ne.rundir.weights import read_w_in
+from tests.viewer.test_viewer import set_status
+from tests.viewer.viewer_run import build_lm_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_cfg):
-    cfg = build_lm_run(tmp_path_factory.mktemp("explain") / "run", tiny_model_cfg, with_index=False)
-    return cfg
+    """A run of its own copy of the tiny model, which a test changes in place (and restores)."""
+    folder = tmp_path_factory.mktemp("explain")
+    weights = shutil.copy(tiny_model_cfg.weights, folder / "model.safetensors")
+    return build_lm_run(folder / "run", dataclasses.replace(tiny_model_cfg, weights=str(weights)), with_index=False)
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +133,42 @@ def test_cli_text_and_json(run, capsys):
     assert [r["pos"] for r in records] == list(range(len(records)))
     unit = next(u for r in records for u in r["units"])
     assert set(unit) == {"layer", "neuron", "act", "of_max", "cluster", "similarity", "cluster_size", "central_text"}
+
+
+def test_arguments_of_the_wrong_type_or_outside_the_vocabulary(explainer):
+    with pytest.raises(ConfigError, match=r"^top is '3' \(str\); it must be an integer$"):
+        explainer.explain("def f(x): return x", top="3")
+    with pytest.raises(ConfigError, match=r"^ids\[1\] is 1000000000; it must be in 0..50256 \(a token id of "
+                                          r"tiny-gpt2\)$"):
+        explainer.explain_tokens([10, 10**9])
+    with pytest.raises(ConfigError, match=r"^ids\[0\] is -1; it must be in 0..50256"):
+        explainer.explain_tokens([-1])
+    with pytest.raises(ConfigError, match=r"^ids\[0\] is 1.5 \(float\); it must be an integer"):
+        explainer.explain_tokens([1.5])
+    assert [t.pos for t in explainer.explain_tokens(np.array([10, 50256]))] == [0, 1]
+def test_a_model_changed_in_place_is_refused(run, capsys):
+    """Issue 17 item 5: the run's weights file changed in place (same size): no stage skips as finished, `ne
+    explain` never runs the changed model against the old maxima, and `ne status` names the file."""
+    import safetensors.torch
+
+    from ne.rundir.stages import Stage, describe_status
+
+    weights = Path(run.model.weights)
+    intact = weights.read_bytes()
+    state = safetensors.torch.load(intact)
+    state["blocks.0.mlp.W_in"] = state["blocks.0.mlp.W_in"] * 1.5
+    try:
+        weights.write_bytes(safetensors.torch.save(state))
+        changed = rf"{weights} \(its content differs from when it was read\): an input of stage 'weights' of .* changed"
+        with pytest.raises(DataError, match=changed + r" since it ran. Redo 'weights' and everything after it .* with "
+                                                      r"`ne harvest --config CONFIG --force weights`, or restore"):
+            Stage(RunDir(run.run_dir), "weights", run).needed()  # what `ne run` asks before skipping it
+        with pytest.raises(DataError, match=changed):
+            Explainer.load(run.run_dir)
+        assert main(["explain", run.run_dir, "--text", "The for statement"]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+        status = describe_status(RunDir(run.run_dir))
+        assert "weights             changed" in status and "maxima              changed" in status
+    finally:
+        weights.write_bytes(intact)
+    assert Explainer.load(run.run_dir).explain("The for statement")  # the same bytes again: usable

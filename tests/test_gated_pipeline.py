@@ -18,10 +18,10 @@ from index.query import SimilarFeatures
 from ne import schema
 from ne.config import ModelConfig
 from ne.errors import ConfigError
-from ne.store import RunDir
+from ne.rundir.store import RunDir
+from tests.jobs.test_cluster import _assert_same, _cfg, _outputs
+from tests.jobs.test_harvest import assert_same_rows, make_cfg, naive_harvest, read_examples
 from tests.planted import write_synthetic_run
-from tests.test_jobs_cluster import _assert_same, _cfg, _outputs
-from tests.test_jobs_harvest import assert_same_rows, make_cfg, naive_harvest, read_examples
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +95,53 @@ def test_gated_clusters_and_index_use_the_concat_embedding(gated_run, llama_dir)
         cluster_job.run_cluster(gate_cfg, in_process=True)
 
 
+def test_explain_on_a_gated_run_reclustered_with_the_gate(gated_run, tmp_path):
+    """Issue 17 item 6: `--set model.gated_embedding=gate --force cluster`, then `ne explain`: the explainer
+    embeds as the clusters were made (h ⊙ g_j), not as the config the harvest recorded says (concat)."""
+    import shutil
+
+    import torch
+
+    from ne.explain import Explainer
+    from ne.rundir.weights import read_layer_weights
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(gated_run.run_dir, run_dir)
+    gate_cfg = dataclasses.replace(gated_run, run_dir=str(run_dir),
+                                   model=dataclasses.replace(gated_run.model, gated_embedding="gate"))
+    cluster_job.run_cluster(gate_cfg, force=["cluster"], in_process=True)
+    explainer = Explainer.load(str(run_dir))
+    assert explainer.gated_embedding == "gate"
+    model = explainer.model
+    ids = model.encode("The for statement is used to iterate over the elements of a sequence")[:20]
+    tokens = explainer.explain_tokens(ids, top=3)
+    bos = [] if model.bos_token_id is None else [model.bos_token_id]
+    t = torch.tensor([bos + ids])
+    out = model.run(t, torch.ones_like(t), [0, 1])
+    run = RunDir(str(run_dir))
+    centroids = {layer: run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer)).to_pandas()
+                 .set_index(["neuron", "cluster"]) for layer in (0, 1)}
+    gates = {layer: read_layer_weights(run, layer).gate for layer in (0, 1)}
+    checked = 0
+    for tok in tokens:
+        for u in tok.units:
+            if u.cluster is None:
+                continue
+            e = out[u.layer].h[0, len(bos) + tok.pos].float().numpy() * gates[u.layer][u.neuron]
+            v = np.asarray(centroids[u.layer].loc[(u.neuron, u.cluster), "vector"], np.float32)
+            assert u.similarity == pytest.approx(float(e @ v / np.linalg.norm(e) / np.linalg.norm(v)), abs=2e-3)
+            checked += 1
+    assert checked > 0
+
+
 def test_explain_on_a_min_run_finds_the_units_that_go_low(tmp_path, llama_dir, corpus):
     """In a `harvest.direction: min` run a unit fires where its activation is at or below frac × its minimum;
     of_max is act / that minimum (positive). Brute force from the model's own activations."""
     import torch
 
-    from ne.explain import Explainer
+    from ne.explain import Explainer, describe
     from ne.models import load_model
+    from ne.viewer.render import explain_html
 
     cfg = make_cfg(tmp_path / "run", ModelConfig(backend="hf", name=str(llama_dir), device="cpu"), corpus,
                    num_workers=0, k=8, direction="min")
@@ -109,7 +149,8 @@ def test_explain_on_a_min_run_finds_the_units_that_go_low(tmp_path, llama_dir, c
     cluster_job.run_cluster(cfg, in_process=True)
     model = load_model(cfg.model)
     ids = model.encode("The for statement is used to iterate over the elements of a sequence")[: cfg.data.n_ctx - 1]
-    tokens = Explainer.load(cfg.run_dir, model).explain_tokens(ids, top=100_000)
+    explainer = Explainer.load(cfg.run_dir, model)
+    tokens = explainer.explain_tokens(ids, top=100_000)
     minima = RunDir(cfg.run_dir).read_parquet(schema.MAXIMA).to_pandas()
     bos = [] if model.bos_token_id is None else [model.bos_token_id]
     t = torch.tensor([bos + ids])
@@ -127,6 +168,9 @@ def test_explain_on_a_min_run_finds_the_units_that_go_low(tmp_path, llama_dir, c
                 assert u.of_max == pytest.approx(u.act / low[u.neuron], rel=1e-5) and u.of_max >= cfg.harvest.frac
                 found += 1
     assert found > 0
+    printed = describe(tokens, explainer.direction)  # what `ne explain` prints: the ratio to the minimum
+    assert "× min" in printed and "× max" not in printed
+    assert "× min" in explain_html(tokens, cfg.harvest.frac, explainer.direction)
 
 
 def test_misspelt_gated_embedding_is_a_one_line_error():

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ne.checks import at_least, check_choices, positive
+from ne.compute.sae import SAEConfig
 from ne.errors import ConfigError
-from ne.sae import SAEConfig
 
 
 @dataclass

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 MEAN, STD = 0.1307, 0.3081
 N_PIXELS, N_CLASSES = 784, 10
-TRAIN_SIZE = 60_000
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 FILES = {
     ("train", "images"): "train-images-idx3-ubyte",
@@ -121,13 +120,6 @@ def load_idx(directory: str, split: str) -> MnistSplit:
     return MnistSplit(torch.from_numpy(flat), torch.from_numpy(labels.copy()).long())
 
 
-def read_labels(directory: str, split: str) -> np.ndarray:
-    """The labels of a split, checked to be digits (cheap: no images are read)."""
-    labels = read_idx(find_file(directory, FILES[(split, "labels")]))
-    check_labels(labels, f"{directory!r} {split} labels")
-    return labels
-
-
 def check_labels(labels: np.ndarray, where: str) -> None:
     """MNIST labels are digits; anything else would index past the 10 logits deep inside training."""
     bad = np.flatnonzero((labels < 0) | (labels >= N_CLASSES))
@@ -149,7 +141,12 @@ def from_hf(dataset) -> MnistSplit:
 def load_hf(split: str, name: str = "ylecun/mnist") -> MnistSplit:
     import datasets
 
-    return from_hf(datasets.load_dataset(name, split=split))
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except (ConnectionError, OSError) as exc:  # offline, the hub unreachable, or not in the local cache
+        raise DataError(f"cannot load the Hugging Face dataset {name!r} ({str(exc).splitlines()[0]}); without the "
+                        "hub, use data.source=idx with data.dir holding the four MNIST IDX files") from None
+    return from_hf(dataset)
 
 
 def load_mnist(source: str, directory: str, split: str) -> MnistSplit:

@@ -24,13 +24,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ne.embed import cosine_distances, pad_rows
+from ne.compute.embed import cosine_distances, pad_rows
+from ne.compute.sae import SAE
 from ne.errors import DataError
 from ne.mnist.config import SAEEvalConfig
 from ne.mnist.data import MnistSplit
-from ne.mnist.model import MLP, accuracy, hidden_acts
-from ne.sae import SAE
-from ne.store import RunDir
+from ne.mnist.model import MLP, accuracy, hidden_acts, load_sae
+from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def evaluate_dir(
     mlp = MLP.load(f"{weights.rstrip('/')}/mlp.safetensors")
     return {
         n.removeprefix("sae_").removesuffix(".safetensors"): evaluate(
-            mlp, SAE.load(f"{weights.rstrip('/')}/{n}", mlp.hidden_size), train, test, cfg)
+            mlp, load_sae(f"{weights.rstrip('/')}/{n}", mlp.hidden_size), train, test, cfg)
         for n in names
     }
 

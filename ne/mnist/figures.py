@@ -5,7 +5,7 @@ the neuron's pre-activation that one pixel can induce (every image starts black,
 and pixel p alone turns white; for an MLP neuron this is relu(W1[j, p]) × the pixel range, for an SAE
 neuron it goes through the MLP's ReLU); the importance map, the average of the neuron's dataset examples
 (the first `max_examples` test images that activate it, as in Table 3) scaled by the activation map
-normalised to [0, 1]; and the feature clusters of those examples (`ne.cluster` on the cosine distances
+normalised to [0, 1]; and the feature clusters of those examples (`ne.compute.cluster` on the cosine distances
 of their neuron embeddings) as one row of images per cluster, largest first.
 """
 
@@ -22,13 +22,13 @@ import torch  # noqa: E402
 from jaxtyping import Float  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from ne.cluster import Clusters, cluster_neuron  # noqa: E402
+from ne.compute.cluster import Clusters, cluster_neuron  # noqa: E402
+from ne.compute.embed import cosine_distances  # noqa: E402
+from ne.compute.sae import SAE  # noqa: E402
 from ne.config import ClusterConfig  # noqa: E402
-from ne.embed import cosine_distances  # noqa: E402
 from ne.errors import ConfigError  # noqa: E402
 from ne.mnist.data import N_PIXELS, MnistSplit, scale_pixels  # noqa: E402
 from ne.mnist.model import MLP, hidden_acts  # noqa: E402
-from ne.sae import SAE  # noqa: E402
 
 
 def _check(n_neurons: int, neuron: int, what: str) -> None:

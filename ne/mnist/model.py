@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from jaxtyping import Float, UInt8
 from torch import Tensor, nn
 
+from ne.compute.parallel import SINGLE, Shard, build_optimizer, epoch_batches
+from ne.compute.sae import SAE
 from ne.errors import DataError
 from ne.mnist.config import MLPConfig
 from ne.mnist.data import N_CLASSES, N_PIXELS, MnistSplit, scale_pixels
-from ne.parallel import SINGLE, Shard, build_optimizer, epoch_batches
-from ne.store import read_tensors
+from ne.rundir.store import read_tensors
 
 
 class MLP(nn.Module):
@@ -95,3 +96,18 @@ def accuracy(model: MLP, split: MnistSplit, batch_size: int = 4096) -> float:
         for i in range(0, len(split), batch_size)
     )
     return correct / len(split)
+
+
+def load_sae(path: str, d_in: int | None = None) -> SAE:
+    """Read an SAE in the authors' format; `d_in`, when given, must match (the MLP's hidden width)."""
+    t = read_tensors(path, {"W_enc": (None, d_in), "b_enc": (None,), "W_dec": (d_in, None), "b_dec": (d_in,)})
+    m, d = t["W_enc"].shape
+    if t["b_enc"].shape != (m,) or t["W_dec"].shape != (d, m) or t["b_dec"].shape != (d,):
+        raise DataError(
+            f"{path!r}: W_enc {list(t['W_enc'].shape)}, b_enc {list(t['b_enc'].shape)}, "
+            f"W_dec {list(t['W_dec'].shape)} and b_dec {list(t['b_dec'].shape)} disagree; expected "
+            f"[m, d], [m], [d, m], [d]"
+        )
+    sae = SAE(d, m)
+    sae.load_state_dict(t)
+    return sae

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ne.compute.device import resolve_device
 from ne.config import ModelConfig
-from ne.device import resolve_device
 from ne.errors import ConfigError
 from ne.models.base import LayerOutput, MLPModel
 
@@ -22,7 +22,7 @@ def load_model(cfg: ModelConfig, n_devices: int = 1) -> MLPModel:
     if cfg.backend == "hf":
         from ne.models.hf import load_hf
 
-        return load_hf(cfg, device, dtype, n_devices)
+        return load_hf(cfg, load_model_tokenizer(cfg), device, dtype, n_devices)
     from ne.models import tl
 
     loader = tl.load_by_name if cfg.backend == "transformer_lens" else tl.load_safetensors_model

@@ -38,6 +38,8 @@ class MLPModel(ABC):
     d_mlp: int
     n_ctx_max: int
     """Longest context the model accepts."""
+    d_vocab: int
+    """Token ids are 0..d_vocab - 1 (the rows of the token embedding)."""
     act_fn: Callable[[Tensor], Tensor]
     """The MLP's activation function, applied to the pre-activation h @ W_in + b_in."""
     bos_token_id: int | None

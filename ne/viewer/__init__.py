@@ -20,7 +20,7 @@ def launch_command(run_dir: str, host: str | None = None, port: int | None = Non
     """The `streamlit run` command line serving `run_dir`; host and port default to the run's viewer config."""
     from ne.config import ViewerConfig
     from ne.errors import NeError
-    from ne.reader import RunData
+    from ne.rundir.reader import RunData
 
     try:
         viewer = RunData(run_dir).config().viewer
@@ -28,8 +28,8 @@ def launch_command(run_dir: str, host: str | None = None, port: int | None = Non
         viewer = ViewerConfig()  # the page itself explains what is wrong with the run directory
     return [
         sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.address", host or viewer.host,
-        "--server.port", str(port or viewer.port),
+        "--server.address", viewer.host if host is None else host,
+        "--server.port", str(viewer.port if port is None else port),
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
         "--", str(run_dir),

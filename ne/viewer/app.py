@@ -22,7 +22,8 @@ import streamlit as st
 
 from ne.config import ModelConfig, from_dict
 from ne.errors import NeError
-from ne.reader import Example, NeuronData, RunData
+from ne.explain import of_extreme
+from ne.rundir.reader import Example, NeuronData, RunData
 from ne.viewer import render
 
 log = logging.getLogger("ne.viewer")
@@ -43,13 +44,18 @@ def get_data(url: str) -> RunData:
     return RunData(url)
 
 
-@st.cache_resource(show_spinner="Loading the model for token importance…")
-def get_model(url: str):
-    """(model, None) or (None, why it could not be loaded); only token importance computed now needs it."""
+@st.cache_resource(show_spinner="Loading the model for token importance…", max_entries=1)
+def get_model(url: str, versions: tuple):
+    """(model, None) or (None, why it could not be loaded); only token importance computed now needs it.
+    `versions`: the run's stage versions (`RunData.versions`), so a model changed by a redone harvest is
+    loaded anew."""
     try:
         from ne.models import load_units
+        from ne.rundir.stages import check_inputs
 
-        model = load_units(get_data(url).config())
+        data = get_data(url)
+        check_inputs(data.run, data.manifest(), ("sae", "weights", "maxima"))  # never a model changed since
+        model = load_units(data.config())
         model.run = one_at_a_time(model.run)
         return model, None
     except Exception as exc:  # any failure (no hub, missing weights) only costs on-demand importance
@@ -72,26 +78,28 @@ def one_at_a_time(run):
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
-def get_neuron(url: str, layer: int, neuron: int) -> NeuronData:
+def get_neuron(url: str, layer: int, neuron: int, versions: tuple) -> NeuronData:
+    """One neuron's data, kept while no stage of the run is redone (`versions` is part of the key)."""
     return get_data(url).neuron(layer, neuron)
 
 
-@st.cache_resource(show_spinner=False)
-def get_importance(url: str, mask_token: int | None):
-    from ne.importance import ImportanceCache
+@st.cache_resource(show_spinner=False, max_entries=4)
+def get_importance(url: str, mask_token: int | None, versions: tuple):
+    from ne.compute.importance import ImportanceCache
 
-    model, _ = get_model(url)
+    model, _ = get_model(url, versions)
     return ImportanceCache(model, mask_token) if model is not None else None
 
 
-@st.cache_resource(show_spinner=False)
-def get_index(url: str):
+@st.cache_resource(show_spinner=False, max_entries=1)
+def get_index(url: str, versions: tuple):
     """(SimilarFeatures, None) or (None, why there is no similar-features list): the run's co-activation table
     (answers by behaviour) and its index (answers by vector), whichever it has."""
     data = get_data(url)
     manifest = data.manifest()
     if not data.ready("index", manifest) and not data.ready("coactivation", manifest):
-        from ne.stages import redo_command, state_of
+        from ne.rundir.graph import redo_command
+        from ne.rundir.stages import state_of
 
         state, why = state_of(manifest, "index")
         return None, (f"the index of this run is {state}{why}: run {redo_command('index', False)} (or "
@@ -106,8 +114,8 @@ def get_index(url: str):
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def dendrogram_png(url: str, layer: int, neuron: int) -> bytes | None:
-    data = get_neuron(url, layer, neuron)
+def dendrogram_png(url: str, layer: int, neuron: int, versions: tuple) -> bytes | None:
+    data = get_neuron(url, layer, neuron, versions)
     if data.linkage is None or len(data.linkage) == 0:
         return None
     leaves = [e.cluster if e.cluster is not None else -1 for e in data.examples]
@@ -210,15 +218,17 @@ def sidebar_navigation(data: RunData) -> None:
 def neuron_page(data: RunData, url: str) -> None:
     ss = st.session_state
     cfg = data.config()
+    versions = data.versions()
     layer, neuron = ss.nav
     st.query_params.update(layer=str(layer), neuron=str(neuron))
     unit = "SAE latent" if data.model_info().get("sae") else "Neuron"
     st.header(f"Layer {layer} · {unit} {neuron}")
     d_mlp = data.model_info().get("d_mlp")
-    if d_mlp is not None and neuron >= d_mlp:
-        st.error(f"Neuron {neuron} does not exist: layer {layer} has neurons 0 to {d_mlp - 1}.")
+    if neuron < 0 or d_mlp is not None and neuron >= d_mlp:
+        valid = f"layer {layer} has neurons 0 to {d_mlp - 1}" if d_mlp is not None else "neurons are numbered from 0"
+        st.error(f"{unit} {neuron} does not exist: {valid}.")
         return
-    nd = get_neuron(url, layer, neuron)
+    nd = get_neuron(url, layer, neuron, versions)
     if not nd.examples:
         word = "minimum" if cfg.harvest.direction == "min" else "maximum"
         top = f" (its {word} activation is {nd.max_act:.4g})" if nd.max_act is not None else ""
@@ -234,7 +244,7 @@ def neuron_page(data: RunData, url: str) -> None:
         st.warning(f"The run's tokenizer could not be loaded, so tokens are shown as ids: {decode.error}")
 
     metrics_panel(nd)
-    png = dendrogram_png(url, layer, neuron)
+    png = dendrogram_png(url, layer, neuron, versions)
     if png is not None:
         # Inline, not st.image: a media URL from an earlier rerun can be deleted before the browser fetches it,
         # which leaves a broken image when neurons are switched quickly.
@@ -266,8 +276,8 @@ def neuron_page(data: RunData, url: str) -> None:
             if c >= 0:
                 st.query_params["cluster"] = str(c)
                 with right:
-                    similar_features(data, url, layer, neuron, c, decode, before, after)
-            imp = importance_for(nd, members, url, cfg, before) if show_importance else None
+                    similar_features(data, url, layer, neuron, c, decode, before, after, versions)
+            imp = importance_for(nd, members, url, cfg, before, versions) if show_importance else None
             left.caption("Central example first. Hover a token for its activation; the outlined token is the key "
                        "token." + (" Blue: masking the token lowers the activation; red: raises it."
                                    if show_importance else ""))
@@ -284,7 +294,7 @@ def mask_label(data: RunData, cfg) -> str:
     return str(token)
 
 
-def importance_for(nd: NeuronData, members: list[Example], url: str, cfg, before: int):
+def importance_for(nd: NeuronData, members: list[Example], url: str, cfg, before: int, versions: tuple):
     """Importance by rank: precomputed where the run has it, else computed now (one forward per example)."""
     out = {e.rank: nd.importance[e.rank] for e in members if e.rank in nd.importance}
     todo = [e for e in members if e.rank not in out]
@@ -294,9 +304,10 @@ def importance_for(nd: NeuronData, members: list[Example], url: str, cfg, before
         st.info(f"Importance is computed on demand for the first {ON_DEMAND} examples of a cluster; the rest keep "
                 "their activation colours. `ne importance` precomputes it for every example of a run.")
         todo = todo[:ON_DEMAND]
-    compute = get_importance(url, cfg.importance.mask_token)
+    compute = get_importance(url, cfg.importance.mask_token, versions)
     if compute is None:
-        st.warning(f"Token importance needs the run's model, which could not be loaded: {get_model(url)[1]}")
+        st.warning(f"Token importance needs the run's model, which could not be loaded: "
+                   f"{get_model(url, versions)[1]}")
         return out
     with st.spinner(f"Computing token importance of {len(todo)} examples…"):
         for e in todo:
@@ -337,8 +348,8 @@ def _num(v):
     return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
 
 
-def similar_features(data, url, layer, neuron, cluster, decode, before, after) -> None:
-    index, why = get_index(url)
+def similar_features(data, url, layer, neuron, cluster, decode, before, after, versions) -> None:
+    index, why = get_index(url, versions)
     if index is None:
         st.markdown("**Similar features**")
         st.caption(why)
@@ -374,7 +385,7 @@ def similar_features(data, url, layer, neuron, cluster, decode, before, after) -
                   on_click=go, args=(h.layer, h.neuron, h.cluster), width="stretch")
         central = data.central_example(h.layer, h.neuron, h.cluster)
         if central is not None:
-            nd2 = get_neuron(url, h.layer, h.neuron)
+            nd2 = get_neuron(url, h.layer, h.neuron, versions)
             st.html(render.EXAMPLE_CSS + render.example_html(central, decode, nd2.scale, before, after))
 
 
@@ -394,12 +405,12 @@ def held_out_panel(coactivation, layer: int, neuron: int, cluster: int) -> None:
                f"{stats['act_peak']:.3g}.")
 
 
-@st.cache_resource(show_spinner="Loading the run's model and clusters…")
-def get_explainer(url: str):
-    """(Explainer, None) or (None, why texts cannot be explained)."""
+@st.cache_resource(show_spinner="Loading the run's model and clusters…", max_entries=1)
+def get_explainer(url: str, versions: tuple):
+    """(Explainer, None) or (None, why texts cannot be explained); a new one once a stage is redone."""
     from ne.explain import Explainer
 
-    model, why = get_model(url)
+    model, why = get_model(url, versions)
     if model is None:
         return None, f"explaining a text needs the run's model, which could not be loaded: {why}"
     try:
@@ -417,7 +428,7 @@ def explain_page(data: RunData, url: str) -> None:
     if not st.button("Explain", type="primary") and not st.session_state.get("explained"):
         return
     st.session_state.explained = True
-    explainer, why = get_explainer(url)
+    explainer, why = get_explainer(url, data.versions())
     if explainer is None:
         st.error(why)
         return
@@ -426,7 +437,7 @@ def explain_page(data: RunData, url: str) -> None:
     except NeError as exc:
         st.error(str(exc))
         return
-    st.html(render.EXAMPLE_CSS + render.explain_html(tokens, data.config().harvest.frac))
+    st.html(render.EXAMPLE_CSS + render.explain_html(tokens, data.config().harvest.frac, explainer.direction))
     firing = [t for t in tokens if t.units]
     if not firing:
         st.info("No unit reaches its threshold on this text.")
@@ -436,7 +447,7 @@ def explain_page(data: RunData, url: str) -> None:
     for t in firing:
         st.markdown(f"**{t.pos}** `{t.token.strip() or repr(t.token)}`")
         for i, u in enumerate(t.units):
-            label = f"L{u.layer} · N{u.neuron} · {u.of_max:.2f}× max"
+            label = f"L{u.layer} · N{u.neuron} · {of_extreme(u, explainer.direction)}"
             if u.cluster is not None:
                 label += f" → C{u.cluster} ({u.cluster_size} examples, similarity {u.similarity:.2f})"
             left, right = st.columns([3, 2])

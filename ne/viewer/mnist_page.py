@@ -2,7 +2,7 @@
 
 The definitions are `ne.mnist.figures`' (Figure 5): dataset examples are the first 100 test images that activate
 the neuron (as in the paper's Table 3), their neuron embeddings are x ⊙ W1[j] (MLP) or (a − b_dec) ⊙ W_enc[j]
-(SAE), and their feature clusters come from `ne.cluster`. The page adds the logit effects and the
+(SAE), and their feature clusters come from `ne.compute.cluster`. The page adds the logit effects and the
 activation distribution, and draws each cluster as an image grid with its central example first.
 """
 
@@ -17,14 +17,14 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from ne.cluster import Clusters
+from ne.compute.cluster import Clusters
+from ne.compute.sae import SAE
 from ne.config import ClusterConfig
 from ne.errors import DataError
 from ne.mnist import figures
 from ne.mnist.data import MnistSplit, load_idx, scale_pixels
-from ne.mnist.model import MLP
-from ne.sae import SAE
-from ne.store import RunDir
+from ne.mnist.model import MLP, load_sae
+from ne.rundir.store import RunDir
 from ne.viewer import render
 
 MODELS = {"MLP hidden layer": "mlp", "SAE (standard)": "sae_standard", "SAE (+ NE loss)": "sae_ne_loss"}
@@ -73,7 +73,7 @@ def load_models(run, kind: str) -> tuple[MLP, SAE | None]:
         if not run.exists(needed):
             raise DataError(f"{run.path(needed)} is missing; train it with `ne train` into this run directory")
     mlp = MLP.load(run.path("mnist/mlp.safetensors"))
-    sae = None if kind == "mlp" else SAE.load(run.path(rel), d_in=mlp.hidden_size)
+    sae = None if kind == "mlp" else load_sae(run.path(rel), d_in=mlp.hidden_size)
     return mlp, sae
 
 
@@ -197,6 +197,6 @@ def _cached_models(url: str, kind: str):
 
 @st.cache_resource(show_spinner="Reading the MNIST test set…")
 def _cached_test(url: str) -> MnistSplit:
-    from ne.reader import RunData
+    from ne.rundir.reader import RunData
 
     return load_idx(str(mnist_dir(RunData(url).manifest())), "test")

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ne.explain import TokenUnits
-from ne.reader import Example
+from ne.explain import TokenUnits, of_extreme
+from ne.rundir.reader import Example
 
 CLUSTER_COLOURS = [("blue", "#1c83e1"), ("orange", "#ff8c00"), ("green", "#21c354"), ("red", "#ff4b4b"),
                    ("violet", "#803df5")]
@@ -72,14 +72,15 @@ def example_html(
     return f'<div class="ne-ex" data-rank="{example.rank}">{"".join(spans)}</div>'
 
 
-def explain_html(tokens: Sequence[TokenUnits], frac: float = 0.0) -> str:
+def explain_html(tokens: Sequence[TokenUnits], frac: float = 0.0, direction: str = "max") -> str:
     """A text as a line of tokens, each coloured by its strongest firing unit: from faint at `frac` of the
-    unit's maximum (where units start to fire) to full at its maximum; hovering a token lists its units."""
+    unit's maximum (where units start to fire) to full at its maximum (its minimum in a `direction: min` run);
+    hovering a token lists its units."""
     spans = []
     for t in tokens:
         strongest = 0.1 + 0.9 * max(0.0, t.units[0].of_max - frac) / max(1.0 - frac, 1e-9) if t.units else 0.0
-        tip = "; ".join(f"L{u.layer} N{u.neuron} {u.of_max:.2f}× max" + (f", cluster {u.cluster}" if u.cluster is not
-                                                                      None else "") for u in t.units[:5])
+        tip = "; ".join(f"L{u.layer} N{u.neuron} {of_extreme(u, direction)}" +
+                        (f", cluster {u.cluster}" if u.cluster is not None else "") for u in t.units[:5])
         spans.append(f'<span class="ne-tok" data-pos="{t.pos}" title="{html.escape(tip or "no unit fires")}" '
                      f'style="background:{_activation_colour(strongest, 1.0)}">{token_text(t.token)}</span>')
     return f'<div class="ne-ex ne-explained">{"".join(spans)}</div>'
