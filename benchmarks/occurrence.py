@@ -47,11 +47,11 @@ def sync(device: torch.device) -> None:
 
 
 def speed(run_dir: str, n_contexts: int, repeats: int, frac: float | None, device: str, batch_size: int) -> dict:
-    from ne.config import RunConfig, from_dict
     from ne.models import load_units
+    from ne.rundir.reader import RunData
 
     run = RunDir(run_dir)
-    cfg = from_dict(RunConfig, run.manifest()["config"])
+    cfg = RunData(run_dir).config()  # each setting as the stage that made what is read ran with it
     cfg.model.device = device
     model = load_units(cfg)
     start = time.perf_counter()

@@ -36,12 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ne import coactivation as co  # noqa: E402
 from ne import schema  # noqa: E402
-from ne.compute.coactivation import SCORES  # noqa: E402
+from ne.compute.coactivation import SCORES, FeatureIds, strongest  # noqa: E402
 from ne.compute.embed import unit_rows  # noqa: E402
 from ne.compute.harvest import SIGNS  # noqa: E402
-from ne.config import IndexConfig, RunConfig, from_dict  # noqa: E402
+from ne.config import IndexConfig, RunConfig  # noqa: E402
 from ne.occurrence import read_occurrences  # noqa: E402
 from ne.rundir.maxima import signed_extremes  # noqa: E402
+from ne.rundir.reader import RunData  # noqa: E402
 from ne.rundir.store import RunDir  # noqa: E402
 from ne.rundir.weights import read_layer_weights  # noqa: E402
 
@@ -49,7 +50,7 @@ K = 10
 VECTORS = ("neuron", "pre_mlp", "mean_pre_mlp")
 
 
-def load_occurrences(run: RunDir, layers, direction: str, ids: co.FeatureIds) -> pd.DataFrame:
+def load_occurrences(run: RunDir, layers, direction: str, ids: FeatureIds) -> pd.DataFrame:
     """Every occurrence with its unit's of_max (act / its maximum, signed as the harvest's) and feature id."""
     extremes = signed_extremes(run, layers, direction)
     sign = SIGNS[direction]
@@ -63,7 +64,7 @@ def load_occurrences(run: RunDir, layers, direction: str, ids: co.FeatureIds) ->
     return pd.concat(frames, ignore_index=True)
 
 
-def vectors(run: RunDir, layers, ids: co.FeatureIds, gated_embedding: str) -> dict[str, np.ndarray]:
+def vectors(run: RunDir, layers, ids: FeatureIds, gated_embedding: str) -> dict[str, np.ndarray]:
     """Unit vectors of every feature cluster, in FeatureIds order, for each vector answer: the index's own
     (`index.build.central_vectors`) and the centroids `ne explain` assigns to."""
     from index.build import central_vectors
@@ -83,7 +84,7 @@ def vectors(run: RunDir, layers, ids: co.FeatureIds, gated_embedding: str) -> di
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def vector_answers(x: np.ndarray, queries: np.ndarray, ids: co.FeatureIds) -> np.ndarray:
+def vector_answers(x: np.ndarray, queries: np.ndarray, ids: FeatureIds) -> np.ndarray:
     """[q, K] nearest other-neuron features by cosine (exact)."""
     sims = x[queries] @ x.T
     same = (ids.layer[queries][:, None] == ids.layer[None, :]) & (ids.neuron[queries][:, None] == ids.neuron[None, :])
@@ -103,7 +104,7 @@ def query_pairs(fid: np.ndarray, token: np.ndarray, queries: np.ndarray) -> pd.D
     return both.groupby(["a", "b"]).size().rename("count").reset_index()
 
 
-def behaviour_answers(pairs: pd.DataFrame, n_a: np.ndarray, n_tokens: int, queries: np.ndarray, ids: co.FeatureIds,
+def behaviour_answers(pairs: pd.DataFrame, n_a: np.ndarray, n_tokens: int, queries: np.ndarray, ids: FeatureIds,
                       score: str, min_count: int) -> np.ndarray:
     """[q, K]: the stage's own table (`coactivation_tables`: its cut, score and ranking) for the queries' pairs;
     -1 where a query fires with fewer features."""
@@ -134,7 +135,7 @@ def fill(answers: np.ndarray, backup: np.ndarray) -> np.ndarray:
 class Judge:
     """The judging half: a query's occurrences there, and whether a feature (or its neuron) fires on a token."""
 
-    def __init__(self, occ: pd.DataFrame, ids: co.FeatureIds, d_mlp_max: int, n_ctx: int, judge: float):
+    def __init__(self, occ: pd.DataFrame, ids: FeatureIds, d_mlp_max: int, n_ctx: int, judge: float):
         j = occ[occ.of_max >= judge]
         self.token = j.ctx_id.to_numpy() * n_ctx + j.pos.to_numpy()
         self.fid = j.fid.to_numpy()
@@ -175,7 +176,7 @@ def parquet_bytes(table: pa.Table) -> int:
     return buf.tell()
 
 
-def central_judge(run: RunDir, cfg: RunConfig, ids: co.FeatureIds, queries: np.ndarray, judge: float,
+def central_judge(run: RunDir, cfg: RunConfig, ids: FeatureIds, queries: np.ndarray, judge: float,
                   layers) -> tuple[np.ndarray, np.ndarray]:
     """(fires [q, layers × d_mlp] at each query's central example, harvest-corpus contexts the co-activation never
     saw): ENVIRONMENT.md's first measure. Recomputed with the run's model."""
@@ -222,7 +223,7 @@ def main() -> None:
     start = time.perf_counter()
     run = RunDir(args.run_dir)
     m = run.require_manifest()
-    cfg = from_dict(RunConfig, m["config"])
+    cfg = RunData(args.run_dir).config(m)  # each setting as the stage that made what is read ran with it
     info = m["stages"]["occurrence"]["info"]
     layers, base = sorted(info["layers"]), float(info["frac"])
     if base > min(min(args.fracs), args.judge):
@@ -272,7 +273,7 @@ def main() -> None:
     frac = cfg.occurrence.frac
     at = learn[learn.of_max >= frac]
     n_a = np.bincount(at.fid.to_numpy(), minlength=ids.n)
-    paired = at.iloc[co.strongest(at.ctx_id.to_numpy() * cfg.data.n_ctx + at.pos.to_numpy(), at.of_max.to_numpy(),
+    paired = at.iloc[strongest(at.ctx_id.to_numpy() * cfg.data.n_ctx + at.pos.to_numpy(), at.of_max.to_numpy(),
                                   c.max_per_token)]
     pairs = query_pairs(paired.fid.to_numpy(), paired.ctx_id.to_numpy() * cfg.data.n_ctx + paired.pos.to_numpy(),
                         queries)
@@ -296,7 +297,7 @@ def main() -> None:
 
     caps = []
     for cap in (None, 128, 64, 32):
-        rows_cap = at.iloc[co.strongest(at.ctx_id.to_numpy() * cfg.data.n_ctx + at.pos.to_numpy(), at.of_max.to_numpy(),
+        rows_cap = at.iloc[strongest(at.ctx_id.to_numpy() * cfg.data.n_ctx + at.pos.to_numpy(), at.of_max.to_numpy(),
                                         cap)]
         token = rows_cap.ctx_id.to_numpy() * cfg.data.n_ctx + rows_cap.pos.to_numpy()
         answers = behaviour_answers(query_pairs(rows_cap.fid.to_numpy(), token, queries), n_a, n_learn, queries, ids,
