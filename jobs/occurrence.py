@@ -154,7 +154,8 @@ def _occurrences(run: RunDir, cfg: RunConfig, local: bool) -> dict:
 def _on_actors(cfg: RunConfig, todo: list, bar) -> None:
     init_ray()
     h = cfg.harvest
-    n, threads, options = model_actor_options(min(h.num_workers, len(todo)), h.use_gpu, h.gpus_per_worker)
+    n, threads, options = model_actor_options("harvest", h.num_workers, h.use_gpu, len(todo), "parts",
+                                              h.gpus_per_worker)
     workers = [OccurrenceWorker.options(**options).remote(cfg, threads, int(options.get("num_gpus", 0)) or 1)
                for _ in range(n)]
     try:

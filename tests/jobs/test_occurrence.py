@@ -297,7 +297,8 @@ def expected_score(kind, c, na, nb, n):
 @pytest.mark.ray
 @pytest.mark.parametrize("score", ["count", "pmi"])
 def test_coactivation_job_equals_brute_force(plain, tmp_path, monkeypatch, local_ray, score):
-    """Ray tasks with ranges of a few thousand pair rows against a pandas self-join: every pair's count and score
+    """The occurrences found by Ray actors equal those found in process; then Ray tasks with ranges of a few
+    thousand pair rows against a pandas self-join: every pair's count and score
     among each token's 6 strongest occurrences, each feature's best 5, and every feature's occurrences, density
     and activation quantiles (numpy's)."""
     occurrence_job.run_occurrence(plain)
@@ -306,7 +307,8 @@ def test_coactivation_job_equals_brute_force(plain, tmp_path, monkeypatch, local
                               harvest=dataclasses.replace(plain.harvest, num_workers=1))
     shutil.copytree(plain.run_dir, cfg.run_dir)
     monkeypatch.setattr("ne.compute.coactivation.PAIR_ROW_BYTES", 2**20 // 4_000)
-    summary = occurrence_job.run_occurrence(cfg, force=["coactivation"], in_process=False)
+    summary = occurrence_job.run_occurrence(cfg, force=["occurrence"], in_process=False)  # on Ray actors, then tasks
+    pd.testing.assert_frame_equal(occurrence_rows(cfg.run_dir, [0, 1]), occurrence_rows(plain.run_dir, [0, 1]))
     info = summary.coactivation
     assert info["ranges"] > 2
     pairs, n, occ = brute_force_pairs(cfg.run_dir, [0, 1], cfg.data.n_ctx, co_cfg.max_per_token)
