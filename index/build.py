@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from index.exact import exact_search
 from ne import schema
@@ -28,6 +27,7 @@ from ne.compute.embed import unit_rows
 from ne.config import IndexConfig, RunConfig
 from ne.errors import DataError
 from ne.rundir.h import read_h
+from ne.rundir.reader import central_examples
 from ne.rundir.stages import Stage, check_force
 from ne.rundir.store import RunDir
 from ne.rundir.weights import read_layer_weights
@@ -38,25 +38,20 @@ TIE_TOLERANCE = 1e-5
 """Similarities this close count as equal when recall is measured (float32 products differ by rounding)."""
 EMBED_ROWS = 4096
 """Central examples embedded at a time."""
+MEAN_ROWS = 262_144
+"""Examples whose h rows `mean_pre_mlp` reads at a time."""
 TRAIN_PER_LIST = 32
 """k-means training points per IVF list: FAISS asks for 39; 32 keeps recall (measured) and saves time."""
 
 
 def central_vectors(run: RunDir, layer: int, vectors: str, gated_embedding: str = "concat"
                     ) -> tuple[pa.Table, np.ndarray]:
-    """INDEX_IDS rows (without `row`) and normalised vectors of every central example of one layer."""
-    central = run.read_parquet(
-        schema.layer_dir(schema.CLUSTERS_DIR, layer), columns=["neuron", "rank", "cluster", "is_central"],
-        filters=pc.field("is_central"),
-    )
-    examples = run.read_parquet(
-        schema.layer_dir(schema.EXAMPLES_DIR, layer), columns=["neuron", "rank", "ctx_id", "pos", "h_id"]
-    )
-    ids = central.join(examples, keys=["neuron", "rank"]).sort_by(
-        [("neuron", "ascending"), ("cluster", "ascending")]
-    )
-    if ids.num_rows != central.num_rows:
-        raise DataError(f"{run.url}: clusters/layer={layer} names examples missing from examples/; rerun `ne cluster`")
+    """INDEX_IDS rows (without `row`) and a normalised vector of every feature cluster of one layer, which each row
+    names by its central example."""
+    ids = central_examples(run, layer)
+    if vectors == "mean_pre_mlp":
+        out = mean_pre_mlp(run, layer, ids.column("neuron").to_numpy(), ids.column("cluster").to_numpy())
+        return ids.drop_columns(["h_id"]).append_column("layer", pa.array(np.full(ids.num_rows, layer, np.int16))), out
     h = read_h(run, layer, ids.column("h_id").to_numpy())
     if vectors == "neuron":
         weights, neurons = read_layer_weights(run, layer), ids.column("neuron").to_numpy()
@@ -72,6 +67,30 @@ def central_vectors(run: RunDir, layer: int, vectors: str, gated_embedding: str 
         "layer", pa.array(np.full(ids.num_rows, layer, np.int16))
     )
     return ids, out
+
+
+def mean_pre_mlp(run: RunDir, layer: int, neuron_c: np.ndarray, cluster_c: np.ndarray,
+                 rows_per_step: int = MEAN_ROWS) -> np.ndarray:
+    """[C, d_model]: per cluster (given sorted by neuron, then cluster), the normalised mean of its members' unit
+    pre-MLP embeddings. Members are read `rows_per_step` examples at a time (whole neurons), so memory holds those
+    h rows and the output."""
+    members = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer), columns=["neuron", "rank", "h_id"]).join(
+        run.read_parquet(schema.layer_dir(schema.CLUSTERS_DIR, layer), columns=["neuron", "rank", "cluster"]),
+        keys=["neuron", "rank"]).sort_by([("neuron", "ascending"), ("rank", "ascending")])
+    neuron, cluster = members.column("neuron").to_numpy(), members.column("cluster").to_numpy()
+    h_ids = members.column("h_id").to_numpy()
+    row_of = np.searchsorted(neuron_c.astype(np.int64) * 2**20 + cluster_c, neuron.astype(np.int64) * 2**20 + cluster)
+    out: np.ndarray | None = None
+    lo = 0
+    while lo < len(neuron):
+        hi = min(len(neuron), lo + rows_per_step)
+        hi = int(np.searchsorted(neuron, neuron[hi - 1], side="right")) if hi < len(neuron) else hi
+        h = unit_rows(read_h(run, layer, h_ids[lo:hi]))
+        if out is None:
+            out = np.zeros((len(neuron_c), h.shape[1]), np.float64)
+        np.add.at(out, row_of[lo:hi], h)
+        lo = hi
+    return unit_rows(out if out is not None else np.zeros((len(neuron_c), 0)))
 
 
 def recall_at_k(found_sims: np.ndarray, exact_sims: np.ndarray) -> float:

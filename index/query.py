@@ -1,9 +1,16 @@
-"""Queries of the similar-features index: by (layer, neuron, cluster) or by a raw vector."""
+"""Similar features: by behaviour (the feature clusters that fire on the same held-out tokens, from the
+co-activation stage) or by vector (the FAISS index of the clusters' central examples).
+
+`SimilarFeatures.load(run).query(layer=, neuron=, cluster=, k=)` answers by behaviour where the run has a
+co-activation table and the query feature fired in its held-out text, by vector otherwise; `by=` forces one, and
+every hit says which answered (`SimilarFeature.by`). `query_vector` (a raw vector, new text) is the index's alone.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import faiss
 import numpy as np
@@ -11,12 +18,15 @@ import pandas as pd
 
 from ne import schema
 from ne.checks import integer
+from ne.coactivation import CoActivation
 from ne.errors import ConfigError, DataError
-from ne.rundir.reader import RunData
-from ne.rundir.stages import require_done, version
+from ne.rundir.reader import RunData, central_examples
+from ne.rundir.stages import require_done, state_of, version
 from ne.rundir.store import RunDir
+from ne.rundir.weights import read_layer_weights
 
 _REBUILD = "rebuild it with `ne index --config CONFIG --force index`"
+By = Literal["auto", "behaviour", "vector"]
 
 
 @dataclass
@@ -27,54 +37,73 @@ class SimilarFeature:
     neuron: int
     cluster: int
     similarity: float
-    """Cosine similarity of its central example's vector to the query."""
+    """The answer's score, higher is more similar: the pair's co-activation score (coactivation.score) when `by`
+    is "behaviour", the cosine of its central example's vector to the query's when `by` is "vector"."""
     ctx_id: int
     pos: int
     """The central example: its context and key token."""
     rank: int
     """The central example's rank among the neuron's examples."""
+    by: str = "vector"
+    """Which answer found it: "behaviour" (it fires on the query's held-out tokens) or "vector" (the index)."""
+    count: int | None = None
+    """By behaviour: the held-out tokens where both fire."""
+
+
+def _load_index(run: RunDir, manifest: dict) -> tuple[faiss.Index, pd.DataFrame, dict]:
+    entry = require_done(run, "index", manifest)
+    info = entry["info"]
+    if schema.INDEX_IDS_FILE in entry["files"]:
+        run.verify(schema.INDEX_IDS_FILE, entry["files"][schema.INDEX_IDS_FILE])
+    data = run.read_bytes(schema.INDEX_FILE)
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise DataError(f"{run.path(schema.INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); "
+                        f"{_REBUILD}") from exc
+    ids = run.read_parquet(schema.INDEX_IDS_FILE).to_pandas().sort_values("row").reset_index(drop=True)
+    if version(run.manifest(), "index") != version(manifest, "index"):
+        raise DataError(f"stage 'index' of {run.url} was redone while it was read; read it again once "
+                        f"`ne index` has finished")
+    if index.ntotal != len(ids) or index.d != info["d"] or not np.array_equal(ids.row, np.arange(len(ids))):
+        raise DataError(
+            f"{run.path(schema.INDEX_FILE)} holds {index.ntotal} vectors of dimension {index.d} but ids.parquet "
+            f"has {len(ids)} rows and the manifest says d={info['d']}; {_REBUILD}"
+        )
+    return index, ids, info
 
 
 class SimilarFeatures:
-    """The index of a run directory with its row ids; `load` it once, query it many times."""
+    """A run's similar-features answers: its co-activation table and its index, either of which may be absent;
+    `load` it once, query it many times."""
 
-    def __init__(self, index: faiss.Index, ids: pd.DataFrame, info: dict):
-        self.index, self.ids, self.info = index, ids, info
+    def __init__(self, index: faiss.Index | None, ids: pd.DataFrame, info: dict,
+                 coactivation: CoActivation | None = None):
+        self.index, self.ids, self.info, self.coactivation = index, ids, info, coactivation
         self.d_mlp = {int(k): v for k, v in info["d_mlp"].items()}
         self._row = pd.Series(ids.index.to_numpy(), index=pd.MultiIndex.from_frame(ids[["layer", "neuron", "cluster"]]))
         self._clusters = ids.groupby(["layer", "neuron"]).size()
-        if "nprobe" in info:
+        if index is not None and "nprobe" in info:
             faiss.extract_index_ivf(index).nprobe = int(info["nprobe"])
             faiss.extract_index_ivf(index).make_direct_map()
 
     @classmethod
     def load(cls, run_dir: str | RunDir) -> SimilarFeatures:
+        """The run's co-activation table (when its stage is done) and its index (when that is): at least one."""
         run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        m = run.require_manifest()
-        entry = require_done(run, "index", m)
-        info = entry["info"]
-        if schema.INDEX_IDS_FILE in entry["files"]:
-            run.verify(schema.INDEX_IDS_FILE, entry["files"][schema.INDEX_IDS_FILE])
-        data = run.read_bytes(schema.INDEX_FILE)
-        try:
-            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        except RuntimeError as exc:
-            raise DataError(f"{run.path(schema.INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); "
-                            f"{_REBUILD}") from exc
-        ids = run.read_parquet(schema.INDEX_IDS_FILE).to_pandas().sort_values("row").reset_index(drop=True)
-        if version(run.manifest(), "index") != version(m, "index"):
-            raise DataError(f"stage 'index' of {run.url} was redone while it was read; read it again once "
-                            f"`ne index` has finished")
-        if index.ntotal != len(ids) or index.d != info["d"] or not np.array_equal(ids.row, np.arange(len(ids))):
-            raise DataError(
-                f"{run.path(schema.INDEX_FILE)} holds {index.ntotal} vectors of dimension {index.d} but ids.parquet "
-                f"has {len(ids)} rows and the manifest says d={info['d']}; {_REBUILD}"
-            )
-        return cls(index, ids, info)
+        manifest = run.require_manifest()
+        coactivation = CoActivation(run) if state_of(manifest, "coactivation")[0] == "done" else None
+        if coactivation is None or state_of(manifest, "index")[0] == "done":
+            return cls(*_load_index(run, manifest), coactivation)
+        layers = manifest["stages"]["occurrence"]["info"]["layers"]
+        ids = pd.concat([central_examples(run, layer).drop_columns(["h_id"]).to_pandas().assign(layer=layer)
+                         for layer in layers], ignore_index=True)
+        d_mlp = {str(layer): read_layer_weights(run, layer, 0, 0).d_mlp for layer in layers}
+        return cls(None, ids, {"d_mlp": d_mlp}, coactivation)
 
     @property
     def dim(self) -> int:
-        return self.index.d
+        return self.index.d if self.index is not None else 0
 
     def _check_k(self, k: int) -> int:
         if integer("k", k) <= 0:
@@ -85,7 +114,7 @@ class SimilarFeatures:
         """The index row of a feature cluster; an error naming the valid range when it does not exist."""
         layer, neuron, cluster = integer("layer", layer), integer("neuron", neuron), integer("cluster", cluster)
         if layer not in self.d_mlp:
-            raise ConfigError(f"layer {layer} is not in this index; it holds layers {sorted(self.d_mlp)}")
+            raise ConfigError(f"layer {layer} is not in this run; it has layers {sorted(self.d_mlp)}")
         if not 0 <= neuron < self.d_mlp[layer]:
             raise ConfigError(f"neuron {neuron} is out of range; layer {layer} has neurons 0..{self.d_mlp[layer] - 1}")
         n_clusters = int(self._clusters.get((layer, neuron), 0))
@@ -97,14 +126,34 @@ class SimilarFeatures:
         return int(self._row[(layer, neuron, cluster)])
 
     def query(
-        self, layer: int, neuron: int, cluster: int, k: int = 20, exclude_same_neuron: bool = True
+        self, layer: int, neuron: int, cluster: int, k: int = 20, exclude_same_neuron: bool = True,
+        by: By = "auto",
     ) -> list[SimilarFeature]:
-        """The k feature clusters most similar to (layer, neuron, cluster), by their central examples.
+        """The k feature clusters most similar to (layer, neuron, cluster), each with its score.
 
-        With `exclude_same_neuron` (the default) the query neuron's own clusters are left out.
-        """
+        `by`: "behaviour", the features that fire on the same held-out tokens, best co-activation score first;
+        "vector", the nearest in the index; "auto" (the default), by behaviour where the run has co-activation,
+        then by vector for the rest of the k when the query fires with fewer features (each hit's `by` says
+        which). With `exclude_same_neuron` (the default) the query neuron's own clusters are left out."""
         k = self._check_k(k)
+        self.row_of(layer, neuron, cluster)
+        if by not in ("auto", "behaviour", "vector"):
+            raise ConfigError(f"by is {by!r}; choose 'auto', 'behaviour' or 'vector'")
+        hits: list[SimilarFeature] = []
+        if by != "vector" and (self.coactivation is not None or by == "behaviour"):
+            hits = self._by_behaviour(layer, neuron, cluster, k, exclude_same_neuron)
+            if len(hits) == k or by == "behaviour" or self.index is None:
+                return hits
+        seen = {(h.layer, h.neuron, h.cluster) for h in hits}
+        more = self._by_vector(layer, neuron, cluster, k + len(hits), exclude_same_neuron)
+        return hits + [h for h in more if (h.layer, h.neuron, h.cluster) not in seen][: k - len(hits)]
+
+    def _by_vector(self, layer: int, neuron: int, cluster: int, k: int, exclude_same_neuron: bool
+                   ) -> list[SimilarFeature]:
         row = self.row_of(layer, neuron, cluster)
+        if self.index is None:
+            raise DataError("this run has no similar-features index, so it cannot answer by vector; run "
+                            "`ne index --config CONFIG`")
         vec = np.asarray(self.index.reconstruct(row))[None]
         skip = int(self._clusters[(layer, neuron)]) if exclude_same_neuron else 0
         hits = self._search(vec, k + skip)
@@ -112,9 +161,24 @@ class SimilarFeatures:
             hits = [h for h in hits if (h.layer, h.neuron) != (layer, neuron)]
         return hits[:k]
 
+    def _by_behaviour(self, layer: int, neuron: int, cluster: int, k: int, exclude_same_neuron: bool
+                      ) -> list[SimilarFeature]:
+        if self.coactivation is None:
+            raise DataError("this run has no co-activation table, so it cannot answer by behaviour; run "
+                            "`ne occurrence --config CONFIG`")
+        out = []
+        for p in self.coactivation.partners(layer, neuron, cluster, k, exclude_same_neuron):
+            r = self.ids.iloc[self._row[(p.layer, p.neuron, p.cluster)]]
+            out.append(SimilarFeature(p.layer, p.neuron, p.cluster, p.score, int(r.ctx_id), int(r.pos), int(r["rank"]),
+                                      "behaviour", p.count))
+        return out
+
     def query_vector(self, vec, k: int = 20) -> list[SimilarFeature]:
         """The k feature clusters most similar to a vector in the indexed space: only its direction counts."""
         k = self._check_k(k)
+        if self.index is None:
+            raise DataError("this run has no similar-features index to search by vector; run `ne index --config "
+                            "CONFIG`")
         try:
             vec = np.asarray(vec, dtype=np.float64)
         except (TypeError, ValueError):
@@ -130,6 +194,7 @@ class SimilarFeatures:
         return self._search((vec / np.linalg.norm(vec)).astype(np.float32), k)
 
     def _search(self, vec: np.ndarray, k: int) -> list[SimilarFeature]:
+        assert self.index is not None, "callers check that the run has an index"
         sims, rows = self.index.search(vec, min(k, self.index.ntotal))
         out = []
         for sim, row in zip(sims[0], rows[0]):
@@ -142,11 +207,12 @@ class SimilarFeatures:
 
 
 def describe_similar(run_dir: str, layer: int, neuron: int, cluster: int, k: int = 20,
-                     include_self: bool = False) -> str:
-    """The query's central example, then one line per similar feature: what `ne similar` prints."""
+                     include_self: bool = False, by: By = "auto") -> str:
+    """The query's central example, which answer was given, then one line per similar feature: what `ne similar`
+    prints."""
     run = RunDir(run_dir)
     index = SimilarFeatures.load(run)
-    hits = index.query(layer, neuron, cluster, k, exclude_same_neuron=not include_self)
+    hits = index.query(layer, neuron, cluster, k, exclude_same_neuron=not include_self, by=by)
     own = index.ids.iloc[index.row_of(layer, neuron, cluster)]
     texts = _central_texts(run, [own] + hits)
     data = RunData(run.url)
@@ -154,14 +220,32 @@ def describe_similar(run_dir: str, layer: int, neuron: int, cluster: int, k: int
     width = max(len("label"), *map(len, labels))
     own_label = labels.pop(0)
     own_label = f" {own_label}" if own_label else ""
-    lines = [
-        f"query: layer {layer}, neuron {neuron}, cluster {cluster}{own_label}: {texts.pop(0)}",
-        f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'similarity':>10}  {'label':<{width}}  central example "
-        "(key token in [[ ]])",
-    ]
-    for hit, label, text in zip(hits, labels, texts):
-        lines.append(f"{hit.layer:>5} {hit.neuron:>6} {hit.cluster:>7} {hit.similarity:>10.4f}  {label:<{width}}  "
-                     f"{text}")
+    lines = [f"query: layer {layer}, neuron {neuron}, cluster {cluster}{own_label}: {texts.pop(0)}"]
+    co = index.coactivation
+    n_behaviour = sum(h.by == "behaviour" for h in hits)
+    if n_behaviour and co is not None:  # behavioural hits come from a co-activation table
+        stats = co.stats(layer, neuron, cluster) or {}
+        then = (f", then the nearest by vector for the last {len(hits) - n_behaviour} (it fires with no more "
+                "features)" if n_behaviour < len(hits) else "")
+        lines.append(f"answered by behaviour: the features that fire on the same held-out tokens (it fires on "
+                     f"{stats.get('occurrences', 0)} of {co.n_tokens}; score: {co.score}){then}")
+        lines.append(f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'score':>10} {'together':>8} {'by':>9}  "
+                     f"{'label':<{width}}  central example (key token in [[ ]])")
+        lines += [f"{h.layer:>5} {h.neuron:>6} {h.cluster:>7} {h.similarity:>10.4g} "
+                  f"{h.count if h.count is not None else '-':>8} {h.by:>9}  {label:<{width}}  {text}"
+                  for h, label, text in zip(hits, labels, texts)]
+        return "\n".join(lines)
+    if co is None:
+        why = "this run has no co-activation table (`ne occurrence`)"
+    elif by == "vector":
+        why = "asked for"
+    else:
+        why = "this feature never fires together with another in the held-out text"
+    lines.append(f"answered by vector: the nearest in the index, by {index.info.get('vectors')} vectors ({why})")
+    lines.append(f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'similarity':>10}  {'label':<{width}}  central example "
+                 "(key token in [[ ]])")
+    lines += [f"{h.layer:>5} {h.neuron:>6} {h.cluster:>7} {h.similarity:>10.4f}  {label:<{width}}  {text}"
+              for h, label, text in zip(hits, labels, texts)]
     return "\n".join(lines)
 
 

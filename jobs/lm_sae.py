@@ -205,8 +205,8 @@ def run_sae_eval(cfg: RunConfig, force: list[str] | tuple | set = ()) -> LMSAEMe
                                cfg.sae.train.contexts_per_batch, cfg.sae.eval.dense_threshold)
         units = run.read_parquet(schema.METRICS).to_pandas()
         p = polysemy(units)
-        metrics = replace(metrics, **{k: p[k] for k in (  # type: ignore[arg-type]  # polysemy() gives floats"with_examples", "polysemantic", "mean_dist", "silhouette",
-                                                        "raw_polysemantic", "raw_mean_dist")})
+        kept = ("with_examples", "polysemantic", "mean_dist", "silhouette", "raw_polysemantic", "raw_mean_dist")
+        metrics = replace(metrics, **{k: p[k] for k in kept})  # type: ignore[arg-type]  # polysemy() gives floats
         run.write_json(schema.SAE_EVAL, asdict(metrics))
         run.write_bytes(schema.SAE_EVAL_MD, to_markdown({path: asdict(metrics)}).encode())
         stage.done(seconds=time.time() - t0)

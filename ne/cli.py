@@ -15,7 +15,7 @@ from ne import schema
 from ne.errors import ConfigError, NeError
 from ne.rundir.graph import stages_of
 
-RUN_COMMANDS = ("ne harvest", "ne cluster", "ne index", "ne run")
+RUN_COMMANDS = ("ne harvest", "ne cluster", "ne index", "ne occurrence", "ne run")
 """What `ne run` runs, in order; each command's stages come from the graph (`stages_of`; `ne run`'s own is
 `sae_eval`)."""
 FIGURE_MODELS = ("mlp", "sae_standard", "sae_ne_loss")
@@ -98,6 +98,12 @@ def cmd_index(args) -> None:
     print(run_index(_load(args), force=args.force).describe())
 
 
+def cmd_occurrence(args) -> None:
+    from jobs.occurrence import run_occurrence
+
+    print(run_occurrence(_load(args), force=args.force).describe())
+
+
 def cmd_importance(args) -> None:
     from jobs.importance import run_importance
 
@@ -124,7 +130,7 @@ def cmd_explain(args) -> None:
 def cmd_similar(args) -> None:
     from index.query import describe_similar
 
-    print(describe_similar(args.run_dir, args.layer, args.neuron, args.cluster, args.k, args.include_self))
+    print(describe_similar(args.run_dir, args.layer, args.neuron, args.cluster, args.k, args.include_self, args.by))
 
 
 def cmd_describe(args) -> None:
@@ -142,13 +148,15 @@ def cmd_export(args) -> None:
 
 
 def cmd_run(args) -> None:
-    """Harvest, clusters and index in one go; then the most polysemantic neurons and one example query."""
+    """Harvest, clusters, index, occurrences and co-activation in one go; then the most polysemantic neurons and
+    one example query of similar features."""
 
     from index.build import run_index
     from index.query import describe_similar
     from jobs.cluster import comparison, run_cluster
     from jobs.harvest import run_harvest
     from jobs.label import run_label
+    from jobs.occurrence import run_occurrence
     from ne import schema
     from ne.rundir.labels import read_all_labels
     from ne.rundir.report import most_polysemantic, unit_comparison
@@ -170,6 +178,7 @@ def cmd_run(args) -> None:
         print(run_cluster(cfg, force=force & {"cluster"}).describe(), end="\n\n")
         print(run_label(cfg, force=force & {"label"}).describe(), end="\n\n")
         print(run_index(cfg, force=force & {"index"}).describe(), end="\n\n")
+        print(run_occurrence(cfg, force=force & set(stages_of("ne occurrence"))).describe(), end="\n\n")
         if cfg.sae.active:
             from dataclasses import asdict
 
@@ -191,10 +200,10 @@ def cmd_run(args) -> None:
         return
     print("The 10 most polysemantic neurons (by substantial, well-separated clusters; their labels below each):")
     print(_polysemantic_text(top))
-    layer, neuron = int(top.iloc[0].layer), int(top.iloc[0].neuron)
-    print(f"\nFeatures most similar to cluster 0 of layer {layer}, neuron {neuron} "
-          f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster 0 -k 5):")
-    print(describe_similar(cfg.run_dir, layer, neuron, 0, 5))
+    layer, neuron, cluster = _demo_query(cfg.run_dir, top)
+    print(f"\nFeatures most similar to cluster {cluster} of layer {layer}, neuron {neuron} "
+          f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster {cluster} -k 5):")
+    print(describe_similar(cfg.run_dir, layer, neuron, cluster, 5))
     print(f"\nreport: {cfg.run_dir}/report/report.md; browse it: ne view {cfg.run_dir}")
 
 
@@ -206,6 +215,25 @@ def _polysemantic_text(top) -> str:
                      f"{'–' if row.silhouette != row.silhouette else f'{row.silhouette:.3f}':>10}")
         lines += [f"{'':>14}{text}" for text in (row.labels.split(" · ") if row.labels else [])]
     return "\n".join(lines)
+
+
+def _demo_query(run_dir: str, top) -> tuple[int, int, int]:
+    """The feature `ne run` shows similar features of: the most polysemantic neuron's cluster that fires most in
+    the held-out text (cluster 0 of the most polysemantic neuron when the run has no co-activation table)."""
+    from ne.coactivation import CoActivation
+    from ne.errors import DataError
+
+    layer, neuron = int(top.iloc[0].layer), int(top.iloc[0].neuron)
+    try:
+        features = CoActivation(run_dir).features().to_pandas()
+    except DataError:
+        return layer, neuron, 0
+    fired = features.merge(top[["layer", "neuron"]], on=["layer", "neuron"])
+    fired = fired[fired.occurrences > 0]
+    if fired.empty:
+        return layer, neuron, 0
+    best = fired.sort_values("occurrences", ascending=False, kind="stable").iloc[0]
+    return int(best.layer), int(best.neuron), int(best.cluster)
 
 
 def _mnist_args(p: argparse.ArgumentParser) -> None:
@@ -283,17 +311,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     config_commands = [
-        ("run", "harvest, cluster and index in one go (the demo)", cmd_run, stages_of(*RUN_COMMANDS)),
+        ("run", "harvest, cluster, index, occurrences and co-activation in one go (the demo)", cmd_run,
+         stages_of(*RUN_COMMANDS)),
         ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest, stages_of("ne harvest")),
         ("cluster", "feature clusters, polysemy metrics, their labels and the run report", cmd_cluster,
          stages_of("ne cluster")),
         ("index", "the FAISS index of similar features across neurons", cmd_index, stages_of("ne index")),
+        ("occurrence", "where every feature cluster fires in held-out text, and which fire together", cmd_occurrence,
+         stages_of("ne occurrence")),
     ]
     for name, help_text, func, stages in config_commands:
         p = sub.add_parser(name, help=help_text)
         _config_args(p, stages)
         p.set_defaults(func=func)
+    _run_commands(sub)
+    _query_commands(sub)
+    _mnist_commands(sub)
+    return parser
 
+
+def _run_commands(sub) -> None:
+    """Commands on one run's stages beyond the pipeline's: status, importance, describe, export."""
     p = sub.add_parser("status", help="each stage of a run: done, stale, running or missing, with its settings")
     p.add_argument("run_dir", help="run directory (local path or fsspec URL)")
     p.set_defaults(func=cmd_status)
@@ -325,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "user its database seed creates)")
     p.set_defaults(func=cmd_export)
 
+
+def _query_commands(sub) -> None:
+    """Commands that read a finished run: explain, similar, view."""
     p = sub.add_parser("explain", help="which units fire on a text, and as which of their feature clusters")
     p.add_argument("run_dir", help="run directory with finished clusters (local path or fsspec URL)")
     p.add_argument("--text", required=True, help="the text to explain")
@@ -332,15 +373,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON records instead of text")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("similar", help="feature clusters of other neurons most similar to one cluster")
+    p = sub.add_parser("similar", help="feature clusters of other neurons that behave most like one cluster")
     p.add_argument("run_dir", help="run directory (local path or fsspec URL)")
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--neuron", type=int, required=True)
     p.add_argument("--cluster", type=int, default=0, help="cluster of the neuron (0 is its largest)")
     p.add_argument("-k", type=int, default=20, help="how many similar features to print")
     p.add_argument("--include-self", action="store_true", help="keep the query neuron's own clusters")
+    p.add_argument("--by", choices=("auto", "behaviour", "vector"), default="auto",
+                   help="behaviour: the features that fire on the same held-out tokens; vector: the nearest central "
+                        "examples in the index; auto (default): behaviour where the run has it for this feature")
     p.set_defaults(func=cmd_similar)
 
+    p = sub.add_parser("view", help="browse neurons, feature clusters and similar features in a browser")
+    p.add_argument("run_dir", help="run directory (local path or fsspec URL)")
+    p.add_argument("--host", default=None, help="address to bind; default the run's viewer.host, 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="port; default the run's viewer.port, 8501")
+    p.set_defaults(func=cmd_view)
+
+
+def _mnist_commands(sub) -> None:
+    """The MNIST experiment: train, sae-eval, figure."""
     p = sub.add_parser("train", help="MNIST: train the MLP and the SAEs with and without the NE loss (Ray Train)")
     _mnist_args(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
@@ -362,12 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory; default RUN/mnist/figures")
     p.set_defaults(func=cmd_figure)
 
-    p = sub.add_parser("view", help="browse neurons, feature clusters and similar features in a browser")
-    p.add_argument("run_dir", help="run directory (local path or fsspec URL)")
-    p.add_argument("--host", default=None, help="address to bind; default the run's viewer.host, 127.0.0.1")
-    p.add_argument("--port", type=int, default=None, help="port; default the run's viewer.port, 8501")
-    p.set_defaults(func=cmd_view)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,8 +207,11 @@ class ClusterConfig:
 
 @dataclass
 class IndexConfig:
-    vectors: Literal["neuron", "pre_mlp"] = "neuron"
-    """Vectors indexed per cluster's central example: `neuron` (its neuron embedding) or `pre_mlp` (h)."""
+    vectors: Literal["mean_pre_mlp", "pre_mlp", "neuron"] = "mean_pre_mlp"
+    """The vector indexed per feature cluster: `mean_pre_mlp` (the mean of its members' unit pre-MLP embeddings),
+    `pre_mlp` (its central example's h) or `neuron` (its central example's neuron embedding h ⊙ w_j). Chosen by
+    held-out behaviour: the hits of `mean_pre_mlp` fire where the query fires most often (docs/measurements.md); a
+    neuron embedding weights h by one neuron's w_j, so across neurons it compares weights more than behaviour."""
     exact_below: int = 100_000
     """Use an exact (Flat) index below this many vectors, an approximate one above."""
     recall_k: int = 20
@@ -228,6 +231,96 @@ class IndexConfig:
         at_least("index.recall_queries", self.recall_queries, 1)
         if not (0.0 < float(self.target_recall) <= 1.0):
             raise ConfigError(f"index.target_recall is {self.target_recall}; it must lie in (0, 1], e.g. 0.95")
+
+
+@dataclass
+class HeldOutCorpusConfig:
+    """A corpus named for held-out text (`occurrence.corpus`): its documents are cut into contexts as the run's
+    corpus is (data.n_ctx, BOS, data.one_context_per_document)."""
+
+    source: Literal["pydoc", "hf", "files"] = "files"
+    """`files` (local or remote text, JSONL or Parquet files), `hf` (a Hugging Face dataset, streamed) or
+    `pydoc`, as in `data.source`."""
+    name: str = "Skylion007/openwebtext"
+    """hf source: the dataset name."""
+    split: str = "validation"
+    """hf source: the split to stream."""
+    paths: list[str] = field(default_factory=list)
+    """files source: fsspec paths or globs, as in `data.paths`."""
+    text_field: str = "text"
+    """Column or JSON key holding a document's text."""
+
+    def __post_init__(self):
+        check_choices(self, "occurrence.corpus")
+        if self.source == "files" and not self.paths:
+            raise ConfigError("occurrence.corpus.source 'files' needs occurrence.corpus.paths: a list of files or "
+                              "globs of held-out text")
+
+
+@dataclass
+class OccurrenceConfig:
+    """Where every feature cluster fires in held-out text (`ne occurrence`; `ne run` runs it after the index).
+    The stage's model actors take the harvest's settings: harvest.batch_size, num_workers, use_gpu and
+    gpus_per_worker."""
+
+    contexts: int = 1024
+    """Held-out contexts scanned (the demo's 256 take about as long as 300 of the harvest's). With `corpus` null
+    they are the contexts of the run's own corpus that follow the harvest's, so data.max_contexts must leave
+    some; 0 skips the stage and co-activation."""
+    corpus: HeldOutCorpusConfig | None = None
+    """Another corpus to take the held-out contexts from (its first `contexts`); a context identical to one of
+    the harvest's is an error, as it is not held out. null: the run's own corpus, after the harvest's contexts."""
+    frac: float = 0.5
+    """A unit occurs at a token when its activation reaches frac × its maximum over the harvest's corpus (its
+    minimum for harvest.direction: min), the rule of `ne explain` (which uses harvest.frac). 0.5 by measurement
+    (docs/measurements.md): co-activation learned at 0.5 predicts held-out co-firing far better than at 0.6 or
+    0.75 (precision@10 0.37 against 0.30 and 0.08 on the demo), for 2.3 and 10 times their rows."""
+    contexts_per_part: int = 128
+    """Held-out contexts per part file of heldout/ and occurrences/; a part is the unit of work and of resume,
+    and a worker holds one part's occurrences in memory."""
+    memory_mb: int = 4096
+    """Memory for the cluster vectors and input weights a worker holds (4 × d_model bytes per cluster and 8 to 12
+    × d_model per unit): layers that do not fit together are scanned in separate passes over the held-out text
+    (one forward pass each). The demo's 6 MiniLM layers take 0.13 GB; GPT2-small's 12 layers about 0.7 GB."""
+
+    def __post_init__(self):
+        at_least("occurrence.contexts", self.contexts, 0, "0 skips the stage")
+        if not (0.0 < float(self.frac) <= 1.0):
+            raise ConfigError(f"occurrence.frac is {self.frac}; it must lie in (0, 1], for example 0.5")
+        at_least("occurrence.contexts_per_part", self.contexts_per_part, 1)
+        at_least("occurrence.memory_mb", self.memory_mb, 1)
+
+
+@dataclass
+class CoactivationConfig:
+    """Which feature clusters fire together on the same held-out token (`ne occurrence` builds it)."""
+
+    score: Literal["count", "jaccard", "pmi", "npmi", "cosine"] = "count"
+    """How similar answers are ranked: `count` (tokens where both fire; for one query the same order as
+    P(other fires | query fires)), `jaccard`, `pmi`, `npmi` (PMI / -log p(both)) or `cosine` (count / √(n_a n_b)).
+    `count` predicts held-out co-firing best on the demo (docs/measurements.md)."""
+    min_count: int = 2
+    """Pairs that fire together on fewer tokens are not stored: single coincidences are most pairs. With the
+    vector answer filling what it leaves, 2 scores best on the demo (docs/measurements.md)."""
+    partners: int = 100
+    """The best this many partners of each feature are stored (by score, then count): the table stays at most
+    features × partners rows, and a query asks for far fewer."""
+    max_per_token: int | None = 128
+    """Only the strongest this many occurrences of a token (by activation / the unit's maximum) pair up there:
+    counting costs the sum over tokens of their occurrences squared, so this bounds it (at most 128 × 127 pairs
+    per token, whatever the model). On the demo (101 occurrences per token on average, 250 at most) 128 counts 29%
+    fewer pairs for the same precision@10, 64 counts 71% fewer for 0.015 less (docs/measurements.md); null pairs
+    all."""
+    memory_mb: int = 1024
+    """Memory for the pair counts one merge task holds: the pairs are merged in ranges of features this fits."""
+
+    def __post_init__(self):
+        check_choices(self, "coactivation")
+        at_least("coactivation.min_count", self.min_count, 1)
+        at_least("coactivation.partners", self.partners, 1)
+        if self.max_per_token is not None:
+            at_least("coactivation.max_per_token", self.max_per_token, 2, "a pair needs two occurrences")
+        at_least("coactivation.memory_mb", self.memory_mb, 1)
 
 
 @dataclass
@@ -372,6 +465,8 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    occurrence: OccurrenceConfig = field(default_factory=OccurrenceConfig)
+    coactivation: CoactivationConfig = field(default_factory=CoactivationConfig)
     viewer: ViewerConfig = field(default_factory=ViewerConfig)
     sae: UnitsSAEConfig = field(default_factory=UnitsSAEConfig)
     describe: DescribeConfig = field(default_factory=DescribeConfig)

@@ -16,11 +16,14 @@ RUN/
   labels/layer=L/part-NNNNN.parquet  one row per feature cluster: its offline label and the rule behind it
   report/                            report.md and PNG plots
   descriptions/part-NNNNN.parquet    LLM descriptions of feature clusters (`ne describe`, optional)
-  occurrences/layer=L/part-NNNNN.parquet  where each feature cluster fires in held-out contexts
   sae/                               the run's own SAE, SAELens's cfg.json and sae_weights.safetensors
   sae_eval.json, sae_eval.md         the SAE's evaluation: reconstruction, sparsity, downstream cost, polysemy
   SEED-NAME/                         a comparison's runs (sae.compare), one per SAE, each a run as above
   comparison.{md,csv,png}            a comparison's table (mean ± std over seeds, paired verdicts) and plot
+  heldout/part-NNNNN.parquet         held-out contexts (the CONTEXTS schema): text the harvest never saw
+  occurrences/layer=L/part-NNNNN.parquet  one row per (held-out token, firing unit): the feature cluster it joins
+  features/part-NNNNN.parquet        one row per feature cluster: its occurrences, density and activation quantiles
+  coactivation/layer=L/part-NNNNN.parquet  one row per (feature, feature firing with it on a held-out token)
 ```
 `h_id = ctx_id * n_ctx + pos` is global and deterministic, so shards never need to agree on ids.
 """
@@ -47,7 +50,10 @@ IMPORTANCE_DIR = "importance"
 REPORT_DIR = "report"
 LABELS_DIR = "labels"
 DESCRIPTIONS_DIR = "descriptions"
+HELDOUT_DIR = "heldout"
 OCCURRENCES_DIR = "occurrences"
+FEATURES_DIR = "features"
+COACTIVATION_DIR = "coactivation"
 WEIGHTS_DIR = "weights"
 SAE_DIR = "sae"
 """The run's own SAE (`sae.train_hook`), in SAELens's layout."""
@@ -62,7 +68,8 @@ WORK_DIR = "_work"
 
 
 def work_dir(name: str) -> str:
-    """`_work/name`: one stage's half-done work (`maxima`, `examples`, `h`, `kept`, `cluster`, `sae`)."""
+    """`_work/name`: one stage's half-done work (`maxima`, `examples`, `h`, `kept`, `cluster`, `sae`, `occurrence`,
+    `coactivation`)."""
     return f"{WORK_DIR}/{name}"
 
 
@@ -233,21 +240,6 @@ DESCRIPTIONS = pa.schema(
 )
 """descriptions/part-NNNNN.parquet: one row per described cluster, in the order they were finished."""
 
-OCCURRENCES = pa.schema(
-    [
-        ("ctx_id", pa.int64()),  # a held-out context, read by ctx_id like the others
-        ("pos", pa.int16()),
-        ("layer", pa.int16()),
-        ("unit", pa.int32()),
-        ("cluster", pa.int32()),  # the feature cluster the token's embedding joins (`ne explain`'s rule)
-        ("act", pa.float32()),
-        ("similarity", pa.float32()),  # cosine to that cluster's vector
-    ]
-)
-"""occurrences/layer=L/part-NNNNN.parquet: every held-out token where a unit fires, and as which feature cluster
-(written by the `occurrence` stage; the exports and the description scores read it)."""
-
-
 @dataclass(frozen=True)
 class NeuronBatch:
     """Neurons of one layer handled by one task, which writes part `index` of each of its output folders."""
@@ -274,3 +266,49 @@ def neuron_batches(layer: int, neurons: Sequence[int], per_batch: int, first_ind
     neurons = [int(n) for n in neurons]
     return [NeuronBatch(layer, first_index + i // per_batch, tuple(neurons[i : i + per_batch]))
             for i in range(0, len(neurons), per_batch)]
+
+
+OCCURRENCES = pa.schema(
+    [
+        ("ctx_id", pa.int64()),  # a held-out context (heldout/)
+        ("pos", pa.int16()),  # the token's position in it (never BOS)
+        ("layer", pa.int16()),
+        ("unit", pa.int32()),  # the neuron (or SAE latent)
+        ("cluster", pa.int32()),  # the feature cluster it joins, as `ne explain` assigns it; -1: the unit has none
+        ("act", pa.float32()),  # its activation there, signed
+        ("similarity", pa.float32()),  # cosine of its neuron embedding to that cluster's vector (NaN without one)
+    ]
+)
+"""occurrences/layer=L/part-NNNNN.parquet: part N covers heldout/part-N's contexts, rows sorted by unit, ctx_id,
+pos (a unit's rows are a few row groups of each part). Written by the `occurrence` stage (ne/occurrence.py); the
+exports and the description scores read it."""
+
+FEATURES = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("occurrences", pa.int64()),  # held-out tokens where it occurs
+        ("density", pa.float64()),  # occurrences / held-out tokens
+        ("act_q10", pa.float32()),  # quantiles of its activation over its occurrences (NaN when it never occurs)
+        ("act_q50", pa.float32()),
+        ("act_q90", pa.float32()),
+        ("act_peak", pa.float32()),  # the strongest: the maximum (the minimum in a harvest.direction: min run)
+    ]
+)
+"""features/part-NNNNN.parquet: every feature cluster of the run, sorted by layer, neuron, cluster."""
+
+COACTIVATION = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("layer_b", pa.int16()),  # a feature that occurs on the same held-out token (any layer)
+        ("neuron_b", pa.int32()),
+        ("cluster_b", pa.int32()),
+        ("count", pa.int32()),  # tokens where both occur
+        ("score", pa.float32()),  # coactivation.score of the pair: higher fires more together
+    ]
+)
+"""coactivation/layer=L/part-NNNNN.parquet: both orders of every pair with count >= coactivation.min_count, in
+the folder of the first feature's layer, sorted by neuron, cluster, then score (best first)."""

@@ -49,6 +49,7 @@ def gated_run(tmp_path_factory, llama_dir, corpus):
                    device="cpu"), corpus, num_workers=0, k=8)
     cfg.cluster.neurons_per_task = 64
     cfg.cluster.cut = "fixed"  # the reference below cuts every neuron at cluster.threshold
+    cfg.index.vectors = "neuron"  # the index of neuron embeddings is what holds the concat embedding
     harvest_job.run_harvest(cfg)
     return cfg
 

@@ -84,9 +84,9 @@ def context_parts(run: RunDir) -> list[int]:
     return [int(name[len("part-") : -len(".parquet")]) for name in run.ls(schema.CONTEXTS_DIR, suffix=".parquet")]
 
 
-def read_contexts(run: RunDir, part: int) -> list[Context]:
-    """The contexts of one part, in corpus order."""
-    table = run.read_parquet(schema.part_path(schema.CONTEXTS_DIR, part), columns=["ctx_id", "tokens"])
+def read_contexts(run: RunDir, part: int, folder: str = schema.CONTEXTS_DIR) -> list[Context]:
+    """The contexts of one part, in corpus order (of `contexts/`, or of another folder in its schema)."""
+    table = run.read_parquet(schema.part_path(folder, part), columns=["ctx_id", "tokens"])
     tokens = table.column("tokens").combine_chunks()
     flat = tokens.flatten().to_numpy().astype(np.int64)  # a writable copy, in torch's index dtype
     offsets = tokens.offsets.to_numpy() - tokens.offsets[0].as_py()

@@ -8,7 +8,9 @@ maxima     <- contexts, sae         pass 1: each unit's maximum
 examples   <- contexts, maxima      pass 2: each unit's dataset examples and their h
 cluster    <- examples, weights     feature clusters, centroids, metrics
 label      <- cluster               an offline label for every feature cluster, and the report that shows them
-index      <- cluster               FAISS index of the clusters' central examples
+index      <- cluster               FAISS index of the feature clusters
+occurrence <- cluster               held-out text, and every feature cluster's occurrences in it
+coactivation <- occurrence          per-feature statistics and which features fire together
 importance <- examples              token importance (adds neurons run by run)
 describe   <- cluster               LLM descriptions of feature clusters (optional; adds clusters run by run)
 sae_eval   <- sae, cluster          the run's SAE evaluated (only runs with an SAE)
@@ -55,6 +57,11 @@ def _sae_training(cfg: Any) -> tuple[str, ...]:
     return ("sae.train.*", *cfg.sae.train.unused(), "sae.eval.holdout_every")
 
 
+def _heldout_corpus(cfg: Any) -> tuple[str, ...]:
+    """A named held-out corpus counts by its keys; the run's own corpus is `occurrence.corpus: null`."""
+    return ("occurrence.corpus.*",) if cfg.occurrence.corpus is not None else ("occurrence.corpus",)
+
+
 MODEL_KEYS = ("model.backend", "model.name", "model.weights", "model.architecture", "model.tokenizer",
               "model.dtype")
 GRAPH: dict[str, StageDef] = {d.name: d for d in (
@@ -79,6 +86,12 @@ GRAPH: dict[str, StageDef] = {d.name: d for d in (
     StageDef("label", "ne cluster", ("cluster",), (), (s.LABELS_DIR, s.REPORT_DIR)),
     StageDef("index", "ne index", ("cluster",), ("index.*", "-index.device", "seed", "model.gated_embedding"),
              (s.INDEX_DIR,)),
+    StageDef("occurrence", "ne occurrence", ("cluster",),
+             ("occurrence.contexts", _heldout_corpus, "occurrence.frac"),
+             (s.HELDOUT_DIR, s.OCCURRENCES_DIR, s.work_dir("occurrence")), layout=("occurrence.contexts_per_part",),
+             inputs="heldout"),
+    StageDef("coactivation", "ne occurrence", ("occurrence",), ("coactivation.*", "-coactivation.memory_mb"),
+             (s.FEATURES_DIR, s.COACTIVATION_DIR, s.work_dir("coactivation"))),
     StageDef("importance", "ne importance", ("examples",), ("importance.mask_token", "importance.window_before"),
              (s.IMPORTANCE_DIR,)),
     StageDef("describe", "ne describe", ("cluster",),

@@ -345,6 +345,14 @@ class RunData:
                 self._parts[name] = parts
         return parts
 
+    def sorted_rows(self, kind: str, layer: int | None, key: str, keys: Iterable[int],
+                    columns: list[str] | None = None) -> pa.Table:
+        """Rows of folder `kind` (of `layer`, or the folder itself for None) whose `key` is in `keys`: the row
+        groups that can hold them are the only ones decoded (the folder's parts must be sorted by `key`)."""
+        m = self.manifest()
+        with self._reading(m):
+            return self._sorted(kind, layer, key, m).read(keys, columns)
+
     # --- one neuron ---------------------------------------------------------------------------------------
 
     def neuron(self, layer: int, neuron: int) -> NeuronData:
@@ -391,6 +399,23 @@ class RunData:
             return {}
         return {c: np.asarray(t, np.int64) for c, t in zip(table.column("ctx_id").to_pylist(),
                                                           table.column("tokens").to_pylist())}
+
+    def heldout_tokens(self, ctx_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """{ctx_id: token ids} of held-out contexts (heldout/, the occurrence stage's); an id that is not a
+        held-out context is an error naming it."""
+        m = self.manifest()
+        self.require("occurrence", m)
+        wanted = [int(c) for c in ctx_ids]
+        with self._reading(m):
+            table = self._sorted(schema.HELDOUT_DIR, None, "ctx_id", m).read(wanted, ["ctx_id", "tokens"])
+        out = {} if table.num_rows == 0 else {
+            c: np.asarray(t, np.int64) for c, t in zip(table.column("ctx_id").to_pylist(),
+                                                       table.column("tokens").to_pylist())}
+        missing = sorted(set(wanted) - set(out))
+        if missing:
+            raise DataError(f"contexts {missing[:5]} are not held-out contexts of {self.url}; its held-out ids are "
+                            "those of heldout/ (occurrences/ name them)")
+        return out
 
     def _max_act(self, layer: int, neuron: int, manifest: dict) -> float | None:
         if not self.ready("maxima", manifest):
@@ -465,6 +490,22 @@ class RunData:
 
     def _read_small(self, rel: str, filters=None, columns=None) -> pa.Table:
         return self.run.read_parquet(rel, columns=columns, filters=filters)
+
+
+def central_examples(run: RunDir, layer: int) -> pa.Table:
+    """neuron, cluster, rank, ctx_id, pos, h_id of every feature cluster's central example of one layer, sorted by
+    neuron then cluster (what the index stores, and what a similar feature is shown by)."""
+    central = run.read_parquet(
+        schema.layer_dir(schema.CLUSTERS_DIR, layer), columns=["neuron", "rank", "cluster", "is_central"],
+        filters=pc.field("is_central"),
+    )
+    examples = run.read_parquet(
+        schema.layer_dir(schema.EXAMPLES_DIR, layer), columns=["neuron", "rank", "ctx_id", "pos", "h_id"]
+    )
+    ids = central.join(examples, keys=["neuron", "rank"]).sort_by([("neuron", "ascending"), ("cluster", "ascending")])
+    if ids.num_rows != central.num_rows:
+        raise DataError(f"{run.url}: clusters/layer={layer} names examples missing from examples/; rerun `ne cluster`")
+    return ids.select(["neuron", "cluster", "rank", "ctx_id", "pos", "h_id"])
 
 
 def key_token_snippet(tokens, pos: int, decode, before: int = 12, after: int = 4) -> str:

@@ -84,8 +84,22 @@ def sae_files(cfg: Any) -> dict[str, str]:
     return {f"sae.path/{posixpath.basename(url)}": url for url in files(cfg.sae.path)}
 
 
+def heldout_files(cfg: Any) -> dict[str, str]:
+    """The files the held-out text is read from: occurrence.corpus's (source `files`), or with it null the run's
+    own corpus files, read again past the harvest's contexts."""
+    corpus = cfg.occurrence.corpus
+    if corpus is None:
+        return corpus_files(cfg)
+    if corpus.source != "files":
+        return {}
+    from ne.data import input_files
+
+    return {input_url(url): url for url in input_files(corpus.paths)}
+
+
 INPUT_FILES: dict[str, Callable[[Any], dict[str, str]]] = {
     "corpus": corpus_files, "model": model_files, "maxima": maxima_inputs, "sae": sae_files,
+    "heldout": heldout_files,
 }
 """`StageDef.inputs` names: the files from outside the run a stage reads, as a function of the config ({key:
 path or URL}). The key names the file by the setting that gives it (`model.name/config.json`), so a model

@@ -94,19 +94,24 @@ def get_importance(url: str, mask_token: int | None, versions: tuple):
 
 @st.cache_resource(show_spinner=False, max_entries=1)
 def get_index(url: str, versions: tuple):
-    """(SimilarFeatures, None) or (None, why there is no similar-features list)."""
+    """(SimilarFeatures, None) or (None, why there is no similar-features list): the run's co-activation table
+    (answers by behaviour) and its index (answers by vector), whichever it has."""
     data = get_data(url)
-    try:
-        data.require("index")
-    except NeError as exc:
-        return None, str(exc)
+    manifest = data.manifest()
+    if not data.ready("index", manifest) and not data.ready("coactivation", manifest):
+        from ne.rundir.graph import redo_command
+        from ne.rundir.stages import state_of
+
+        state, why = state_of(manifest, "index")
+        return None, (f"the index of this run is {state}{why}: run {redo_command('index', False)} (or "
+                      f"{redo_command('occurrence', False)}) to see similar features")
     try:
         # The app is an entry point like the CLI, so it may reach into index/; the library never does.
         from index.query import SimilarFeatures
 
         return SimilarFeatures.load(url), None
     except (ImportError, NeError, OSError, RuntimeError) as exc:
-        return None, f"the FAISS index of this run cannot be used ({exc})"
+        return None, f"the similar features of this run cannot be used ({exc})"
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -353,34 +358,61 @@ def _num(v):
 
 def similar_features(data, url, layer, neuron, cluster, decode, before, after, versions) -> None:
     index, why = get_index(url, versions)
-    st.markdown("**Similar features**")
     if index is None:
+        st.markdown("**Similar features**")
         st.caption(why)
         return
+    if index.coactivation is not None:
+        held_out_panel(index.coactivation, layer, neuron, cluster)
+    choices = [c for c, ok in (("fires together", index.coactivation is not None), ("vector", index.index is not None))
+               if ok]
+    by = st.radio("Similar features", choices, horizontal=True, key=f"by_{layer}_{neuron}_{cluster}",
+                  help="fires together: the features of other neurons that fire on the same held-out tokens "
+                       "(co-activation); vector: the nearest central examples in the FAISS index")
     try:
-        hits = similar_hits(index, layer, neuron, cluster, N_SIMILAR)
+        hits = index.query(layer, neuron, cluster, N_SIMILAR, by="vector" if by == "vector" else "auto")
     except NeError as exc:
         st.caption(str(exc))
         return
     if not hits:
-        st.caption("No similar feature found in the index.")
+        st.caption("No similar feature found.")
         return
-    st.caption("Feature clusters of other neurons whose central example is closest (cosine similarity); "
-               "click one to open it.")
-    for i, (l2, n2, c2, sim) in enumerate(hits):
-        label = data.labels(l2, n2).get(c2)
+    if hits[0].by == "behaviour":
+        st.caption(f"Features of other neurons that fire on the same held-out tokens, best {index.coactivation.score} "
+                   "first; click one to open it.")
+    elif by != "vector":
+        st.caption("This feature never fires with another in the held-out text, so these are the nearest central "
+                   "examples by vector instead; click one to open it.")
+    else:
+        st.caption("Feature clusters of other neurons whose central example is closest (cosine similarity); "
+                   "click one to open it.")
+    for i, h in enumerate(hits):
+        what = (f"together on {h.count} tokens, {index.coactivation.score} {h.similarity:.3g}" if h.by == "behaviour"
+                else f"similarity {h.similarity:.3f}")
+        label = data.labels(h.layer, h.neuron).get(h.cluster)
         text = f" · {render.markdown_escape(label)}" if label else ""
-        st.button(f"L{l2} · N{n2} · C{c2}{text} — similarity {sim:.3f}", key=f"sim_{layer}_{neuron}_{cluster}_{i}",
-                  on_click=go, args=(l2, n2, c2), width="stretch")
-        central = data.central_example(l2, n2, c2)
+        st.button(f"L{h.layer} · N{h.neuron} · C{h.cluster}{text} — {what}", key=f"sim_{layer}_{neuron}_{cluster}_{i}",
+                  on_click=go, args=(h.layer, h.neuron, h.cluster), width="stretch")
+        central = data.central_example(h.layer, h.neuron, h.cluster)
         if central is not None:
-            nd2 = get_neuron(url, l2, n2, versions)
+            nd2 = get_neuron(url, h.layer, h.neuron, versions)
             st.html(render.EXAMPLE_CSS + render.example_html(central, decode, nd2.scale, before, after))
 
 
-def similar_hits(index, layer: int, neuron: int, cluster: int, k: int) -> list[tuple[int, int, int, float]]:
-    """(layer, neuron, cluster, similarity) of the k nearest feature clusters of other neurons."""
-    return [(h.layer, h.neuron, h.cluster, h.similarity) for h in index.query(layer, neuron, cluster, k)]
+def held_out_panel(coactivation, layer: int, neuron: int, cluster: int) -> None:
+    """The feature in held-out text: how often it fires, how strongly."""
+    stats = coactivation.stats(layer, neuron, cluster)
+    st.markdown("**In held-out text**")
+    if stats is None or not stats["occurrences"]:
+        st.caption(f"Never fires in the {coactivation.n_tokens:,} held-out tokens.")
+        return
+    cols = st.columns(3)
+    cols[0].metric("tokens", f"{stats['occurrences']:,}")
+    cols[1].metric("density", f"{stats['density']:.2%}")
+    cols[2].metric("median activation", f"{stats['act_q50']:.3g}")
+    st.caption(f"Fires on {stats['occurrences']:,} of {coactivation.n_tokens:,} held-out tokens; activation from "
+               f"{stats['act_q10']:.3g} to {stats['act_q90']:.3g} (10th to 90th percentile), strongest "
+               f"{stats['act_peak']:.3g}.")
 
 
 @st.cache_resource(show_spinner="Loading the run's model and clusters…", max_entries=1)
@@ -483,21 +515,28 @@ def main() -> None:
         init_state(data)
     if st.session_state.get("page") not in pages:
         st.session_state.page = pages[0]
-    page = st.sidebar.radio("Page", pages, key="page")
-    if page == "Neuron":
-        sidebar_navigation(data)
-    if page == "Overview":
-        overview_page(data, go)
-    elif page == "Neuron":
-        neuron_page(data, url)
-    elif page == "Neuron table":
-        table_page(data)
-    elif page == "Explain text":
-        explain_page(data, url)
-    else:
-        from ne.viewer.mnist_page import mnist_page
+    PAGES[st.sidebar.radio("Page", pages, key="page")](data, url)
 
-        mnist_page(data)
+
+def _neuron(data: RunData, url: str) -> None:
+    sidebar_navigation(data)
+    neuron_page(data, url)
+
+
+def _mnist(data: RunData, url: str) -> None:
+    from ne.viewer.mnist_page import mnist_page
+
+    mnist_page(data)
+
+
+PAGES = {
+    "Overview": lambda data, url: overview_page(data, go),
+    "Neuron": _neuron,
+    "Neuron table": lambda data, url: table_page(data),
+    "Explain text": explain_page,
+    "MNIST": _mnist,
+}
+"""Each page of the sidebar, by name: what it shows of the run."""
 
 
 def _guarded() -> None:

@@ -40,7 +40,7 @@ def test_ivf_recall_at_20_on_200k_vectors():
 def run_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("idx") / "run")
     write_synthetic_run(path, d_mlp=12)
-    cfg = RunConfig(run_dir=path)
+    cfg = RunConfig(run_dir=path, index=IndexConfig(vectors="neuron"))
     run_cluster(cfg, in_process=True)
     summary = run_index(cfg)
     assert "Flat index" in summary.describe()
@@ -101,9 +101,34 @@ def test_ivf_and_pre_mlp_options(run_dir, tmp_path):
         assert vecs[i] @ vecs[q] == pytest.approx(h.similarity, abs=1e-5)
 
 
+def test_mean_pre_mlp_vectors_equal_brute_force(tmp_path):
+    """The default vector: per cluster, the normalised mean of its members' unit h, from the run's tables."""
+    path = str(tmp_path / "run")
+    write_synthetic_run(path, d_mlp=12)
+    cfg = RunConfig(run_dir=path)
+    assert cfg.index.vectors == "mean_pre_mlp"
+    run_cluster(cfg, in_process=True)
+    run_index(cfg)
+    sf = SimilarFeatures.load(path)
+    run = RunDir(path)
+    expected = []
+    for layer in (0, 2):
+        cl = run.read_parquet(schema.layer_dir(schema.CLUSTERS_DIR, layer)).to_pandas()
+        ex = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer)).to_pandas().merge(cl, on=["neuron", "rank"])
+        h = run.read_parquet(schema.layer_dir(schema.H_DIR, layer)).to_pandas().set_index("h_id")
+        for (neuron, cluster), members in ex.groupby(["neuron", "cluster"]):
+            rows = np.stack(h.loc[members.h_id, "h"].to_numpy()).astype(np.float64)
+            mean = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).mean(axis=0)
+            expected.append(((layer, neuron, cluster), mean / np.linalg.norm(mean)))
+    got = {(int(r.layer), int(r.neuron), int(r.cluster)): sf.index.reconstruct(i) for i, r in sf.ids.iterrows()}
+    assert len(got) == len(expected)
+    for key, vec in expected:
+        np.testing.assert_allclose(got[key], vec, atol=1e-5)
+
+
 def test_bad_queries_name_the_value(run_dir):
     sf = SimilarFeatures.load(run_dir)
-    with pytest.raises(ConfigError, match=r"layer 1 is not in this index; it holds layers \[0, 2\]"):
+    with pytest.raises(ConfigError, match=r"layer 1 is not in this run; it has layers \[0, 2\]"):
         sf.query(1, 0, 0)
     with pytest.raises(ConfigError, match=r"neuron 12 is out of range; layer 0 has neurons 0..11"):
         sf.query(0, 12, 0)
@@ -151,7 +176,7 @@ def test_index_needs_clusters(tmp_path):
 
 
 def test_rebuild_skips_and_force_redoes(run_dir):
-    cfg = RunConfig(run_dir=run_dir)
+    cfg = RunConfig(run_dir=run_dir, index=IndexConfig(vectors="neuron"))
     before = RunDir(run_dir).manifest()["stages"]["index"]["finished"]
     assert run_index(cfg).info["seconds"] > 0
     assert RunDir(run_dir).manifest()["stages"]["index"]["finished"] == before
@@ -166,9 +191,11 @@ def test_cli_similar_cluster_and_index(run_dir, tmp_path, capsys):
     assert main(["similar", run_dir, "--layer", "0", "--neuron", "4", "--cluster", "0", "-k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("query: layer 0, neuron 4, cluster 0: ") and "[[" in lines[0]
-    assert lines[1].split()[:4] == ["layer", "neuron", "cluster", "similarity"]
+    assert lines[1].startswith("answered by vector: the nearest in the index, by neuron vectors (this run has no "
+                               "co-activation table")
+    assert lines[2].split()[:4] == ["layer", "neuron", "cluster", "similarity"]
     expected = SimilarFeatures.load(run_dir).query(0, 4, 0, k=3)
-    for line, hit in zip(lines[2:], expected, strict=True):
+    for line, hit in zip(lines[3:], expected, strict=True):
         layer, neuron, cluster, sim = line.split()[:4]
         assert (int(layer), int(neuron), int(cluster)) == (hit.layer, hit.neuron, hit.cluster)
         assert float(sim) == pytest.approx(hit.similarity, abs=1e-4)
@@ -178,7 +205,7 @@ def test_cli_similar_cluster_and_index(run_dir, tmp_path, capsys):
     config.write_text(f"run_dir: {tmp_path / 'none'}\n")
     assert main(["cluster", "--config", str(config)]) == 2
     assert "stage 'contexts' is missing, and 'cluster' needs it" in capsys.readouterr().err
-    config.write_text(f"run_dir: {run_dir}\n")
+    config.write_text(f"run_dir: {run_dir}\nindex:\n  vectors: neuron\n")
     assert main(["index", "--config", str(config)]) == 0
     assert "Flat index" in capsys.readouterr().out
 

@@ -95,7 +95,8 @@ def test_graph_is_consistent():
             assert name in ancestors(d)
         for out in spec.outputs:
             assert owner_of(out) == name
-    assert descendants("examples") == ["cluster", "label", "index", "importance", "describe", "sae_eval"]
+    assert descendants("examples") == ["cluster", "label", "index", "occurrence", "coactivation", "importance",
+                                       "describe", "sae_eval"]
     assert owner_of("report/report.md") == "label"
     assert owner_of("h/layer=3/part-00001.parquet") == "examples"
     assert owner_of("_work/cluster/metrics/layer=0/part-00000.parquet") == "cluster"
@@ -312,8 +313,8 @@ def test_status_shows_each_stage_with_its_settings(run_cfg, capsys):
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if not line.startswith("      ")}
     assert lines == {"contexts": "done", "sae": "done", "weights": "done", "maxima": "done", "examples": "done",
-                     "cluster": "done", "label": "missing", "index": "stale", "importance": "missing",
-                     "describe": "missing"}
+                     "cluster": "done", "label": "missing", "index": "stale", "occurrence": "missing",
+                     "coactivation": "missing", "importance": "missing", "describe": "missing"}
     assert 'cluster.threshold=0.4' in out and 'harvest.k=8' in out and "files intact" in out
     os.remove(Path(run_cfg.run_dir) / "maxima.parquet")
     assert main(["status", run_cfg.run_dir]) == 0
