@@ -109,7 +109,7 @@ def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, uni
 
     run, cfg = RunDir(url), RunConfig(run_dir=url)
     rng = np.random.default_rng(0)
-    run.record("model", {"name": "synthetic", "n_layers": layers, "d_model": d_model, "d_mlp": d_mlp})
+    run.set_manifest_entry("model", {"name": "synthetic", "n_layers": layers, "d_model": d_model, "d_mlp": d_mlp})
     with recorded_stage(run, "contexts", cfg, n_contexts=n_contexts):
         per_part = cfg.data.contexts_per_part
         for i, lo in enumerate(range(0, n_contexts, per_part)):

@@ -32,7 +32,7 @@ from ne import schema
 from ne.compute import harvest
 from ne.config import HarvestConfig, RunConfig, to_dict
 from ne.errors import ConfigError, DataError
-from ne.models import MLPModel, load_model, load_units, sae_path, units_on
+from ne.models import UnitModel, load_model, load_units, sae_path, units_on
 from ne.models.hooks import check_hook
 from ne.rundir.contexts import context_parts, read_contexts, write_contexts
 from ne.rundir.graph import HARVEST
@@ -54,7 +54,7 @@ class PartProcessor:
     """One model replica (its MLP neurons or an SAE's latents); reads a contexts part from the run directory
     and writes its results there."""
 
-    def __init__(self, cfg: RunConfig, threads: int, n_devices: int = 1, model: MLPModel | None = None):
+    def __init__(self, cfg: RunConfig, threads: int, n_devices: int = 1, model: UnitModel | None = None):
         torch.set_num_threads(threads)
         self.model = model if model is not None else load_units(cfg, n_devices)
         self.run = RunDir(cfg.run_dir)
@@ -143,7 +143,7 @@ def _harvest(run: RunDir, cfg: RunConfig, force: Collection[str]) -> HarvestSumm
     model = _units(run, cfg, base, force)
     layers = model.check_layers(cfg.harvest.layers)
     check_direction(cfg.harvest.direction, model)
-    run.record("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
+    run.set_manifest_entry("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
                          "d_mlp": model.d_mlp, "bos_token_id": model.bos_token_id,
                          "pad_token_id": model.pad_token_id, "sae": sae_path(cfg),
                          "sae_hook": getattr(model, "hook", None)})
@@ -162,7 +162,7 @@ def _harvest(run: RunDir, cfg: RunConfig, force: Collection[str]) -> HarvestSumm
             _examples_stage(run, cfg, pool, parts, layers, model.d_mlp, examples)
     finally:
         pool.close()
-    run.record("config", to_dict(cfg))
+    run.set_manifest_entry("config", to_dict(cfg))
     summary = HarvestSummary(run.url, n_contexts, layers, model.d_mlp)
     for layer in layers:
         neurons = run.read_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}", columns=["neuron"])
@@ -172,7 +172,7 @@ def _harvest(run: RunDir, cfg: RunConfig, force: Collection[str]) -> HarvestSumm
     return summary
 
 
-def check_direction(direction: str, model: MLPModel) -> None:
+def check_direction(direction: str, model: UnitModel) -> None:
     if direction == "min" and not model.signed():
         act_fn = getattr(model.act_fn, "__name__", type(model.act_fn).__name__)
         raise ConfigError(f"harvest.direction is 'min' but the activations of {model.name} ({act_fn}) are never "
@@ -230,7 +230,7 @@ class WorkerPool:
 
     With `harvest.num_workers: 0` the parts are processed here, with the driver's own model."""
 
-    def __init__(self, cfg: RunConfig, run: RunDir, model: MLPModel):
+    def __init__(self, cfg: RunConfig, run: RunDir, model: UnitModel):
         self.cfg, self.run, self.model = cfg, run, model
         self.workers: list = []
         self.local: PartProcessor | None = None

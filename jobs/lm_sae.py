@@ -37,7 +37,7 @@ from ne.lm_sae.eval import (
 )
 from ne.lm_sae.train import TrainState, hook_width, train_sae
 from ne.models import sae_path
-from ne.models.base import MLPModel
+from ne.models.base import UnitModel
 from ne.models.hooks import check_hook
 from ne.models.sae_units import load_sae
 from ne.rundir.report import polysemy
@@ -54,7 +54,7 @@ FAIL_AT = "NE_TEST_FAIL_SAE_AT_STEP"
 # --- stage "sae": training -------------------------------------------------------------------------------
 
 
-def planned_steps(run: RunDir, cfg: RunConfig, model: MLPModel) -> int:
+def planned_steps(run: RunDir, cfg: RunConfig, model: UnitModel) -> int:
     """Optimiser steps of the run's SAE; a DataError when the stream holds fewer tokens than asked for."""
     train, every = cfg.sae.train, cfg.sae.eval.holdout_every
     rows = stream_rows(run, every, int(model.bos_token_id is not None))
@@ -69,7 +69,7 @@ def planned_steps(run: RunDir, cfg: RunConfig, model: MLPModel) -> int:
     return (train.train_tokens or rows) // train.batch_size
 
 
-def train_run_sae(run: RunDir, cfg: RunConfig, model: MLPModel) -> dict:
+def train_run_sae(run: RunDir, cfg: RunConfig, model: UnitModel) -> dict:
     """Train the run's SAE (`sae.train_hook`) and write it to RUN/sae/ in SAELens's format; returns what the
     stage records."""
     hook, train = cfg.sae.train_hook, cfg.sae.train

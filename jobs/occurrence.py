@@ -32,7 +32,7 @@ from ne.compute.coactivation import plan_ranges
 from ne.compute.harvest import SIGNS
 from ne.config import RunConfig
 from ne.explain import Explainer
-from ne.models import MLPModel, load_model, units_on
+from ne.models import UnitModel, load_model, units_on
 from ne.occurrence import (
     OCCURRENCE_ROW_GROUP,
     heldout_parts,
@@ -57,7 +57,7 @@ PAIR_ROW_GROUP = 262_144
 class OccurrenceProcessor:
     """One model replica; writes the occurrence files of one held-out part for a group of layers at a time."""
 
-    def __init__(self, cfg: RunConfig, threads: int, n_devices: int = 1, model: MLPModel | None = None):
+    def __init__(self, cfg: RunConfig, threads: int, n_devices: int = 1, model: UnitModel | None = None):
         from ne.models import load_units
 
         torch.set_num_threads(threads)

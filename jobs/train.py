@@ -226,7 +226,7 @@ def run_train(cfg: MnistRunConfig, force: Collection[str] = ()) -> TrainSummary:
     check_ne_loss_starts(cfg, check_data(cfg))
     run = RunDir(cfg.run_dir)
     with run.lock("ne train"):
-        run.record("mnist_config", to_dict(cfg))
+        run.set_manifest_entry("mnist_config", to_dict(cfg))
         summary = TrainSummary()
         todo: list[str] = []
         models = ("mlp", *(f"sae_{k}" for k in SAE_KINDS))

@@ -29,7 +29,7 @@ from ne.compute.device import CPU_CHUNK_BYTES
 from ne.compute.embed import LayerWeights, neuron_embeddings, unit_rows
 from ne.compute.harvest import SIGNS, thresholds_from_maxima
 from ne.errors import ConfigError, DataError
-from ne.models.base import MLPModel
+from ne.models.base import UnitModel
 from ne.rundir.maxima import signed_extremes
 from ne.rundir.reader import RunData, key_token_snippet
 from ne.rundir.stages import check_inputs, require_done
@@ -233,7 +233,7 @@ class Explainer:
     `Explainer.load(run_dir).explain(text)` gives one `TokenUnits` per token of the text.
     """
 
-    def __init__(self, data: RunData, model: MLPModel, frac: float, n_ctx: int, min_cluster_size: int = 1,
+    def __init__(self, data: RunData, model: UnitModel, frac: float, n_ctx: int, min_cluster_size: int = 1,
                  gated_embedding: str = "concat", direction: str = "max", layers: Sequence[int] | None = None):
         self.data, self.model, self.n_ctx, self.min_size = data, model, n_ctx, min_cluster_size
         self.gated_embedding, self.direction = gated_embedding, direction
@@ -248,7 +248,7 @@ class Explainer:
         self._labels: dict[tuple[int, int], dict[int, str]] = {}
 
     @classmethod
-    def load(cls, run_dir: str, model: MLPModel | None = None, frac: float | None = None,
+    def load(cls, run_dir: str, model: UnitModel | None = None, frac: float | None = None,
              layers: Sequence[int] | None = None) -> Explainer:
         """The run's explainer; `model` saves loading the run's model again (the viewer passes its own); `frac`
         replaces harvest.frac as the firing threshold (the occurrence stage's occurrence.frac); `layers` keeps

@@ -29,7 +29,7 @@ from ne.config import RunConfig
 from ne.data import iter_contexts, iter_documents
 from ne.errors import DataError
 from ne.explain import Explainer
-from ne.models.base import MLPModel
+from ne.models.base import UnitModel
 from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def harvest_digests(run: RunDir) -> set[bytes]:
     return {_digest(tokens) for part in context_parts(run) for _, tokens in read_contexts(run, part)}
 
 
-def heldout_rows(cfg: RunConfig, model: MLPModel, n_harvest: int) -> Iterator[tuple[int, int, list[int]]]:
+def heldout_rows(cfg: RunConfig, model: UnitModel, n_harvest: int) -> Iterator[tuple[int, int, list[int]]]:
     """(ctx_id, doc_id, tokens) of the held-out contexts, before any check of overlap."""
     occ, data = cfg.occurrence, cfg.data
     if occ.corpus is None:
@@ -66,7 +66,7 @@ def heldout_rows(cfg: RunConfig, model: MLPModel, n_harvest: int) -> Iterator[tu
         yield n_harvest + i, doc_id, tokens
 
 
-def write_heldout(run: RunDir, cfg: RunConfig, model: MLPModel, n_harvest: int) -> dict:
+def write_heldout(run: RunDir, cfg: RunConfig, model: UnitModel, n_harvest: int) -> dict:
     """Tokenise the held-out contexts into `heldout/` (parts already written are kept: a resumed stage re-reads
     the corpus and writes only the rest). Returns what the manifest records: contexts, tokens, dropped."""
     occ = cfg.occurrence

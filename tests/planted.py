@@ -115,8 +115,8 @@ def write_synthetic_run(
             weights_file({"W_in": torch.from_numpy(w_in), "b_in": torch.zeros(d_mlp)}),
         )
     tokens = [rng.integers(0, vocab, size=n_ctx).astype(np.int32).tolist() for _ in range(next_ctx)]
-    run.record("config", to_dict(cfg))  # as the harvest records the config it ran with
-    run.record("model", {"name": "synthetic", "n_layers": max(layers) + 1, "d_model": d_model, "d_mlp": d_mlp})
+    run.set_manifest_entry("config", to_dict(cfg))  # as the harvest records the config it ran with
+    run.set_manifest_entry("model", {"name": "synthetic", "n_layers": max(layers) + 1, "d_model": d_model, "d_mlp": d_mlp})
     layers = list(layers)
     with stage(run, "contexts", cfg, n_contexts=next_ctx):
         run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(0)}",

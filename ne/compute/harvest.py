@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ne import schema
-from ne.models.base import MLPModel
+from ne.models.base import UnitModel
 
 Context = tuple[int, np.ndarray]
 """(ctx_id, token ids as int64): BOS first where the model uses one, no padding."""
@@ -106,7 +106,7 @@ class FirstK:
 
 @torch.inference_mode()
 def shard_maxima(
-    model: MLPModel, contexts: Sequence[Context], layers: list[int], batch_size: int, sign: float = 1.0
+    model: UnitModel, contexts: Sequence[Context], layers: list[int], batch_size: int, sign: float = 1.0
 ) -> dict[int, Float[Tensor, " d_mlp"]]:
     """Pass 1: each neuron's maximum of sign × activation over the valid positions of these contexts."""
     maxima = {layer: torch.full((model.d_mlp,), float("-inf")) for layer in layers}
@@ -191,7 +191,7 @@ class ExampleCollector:
 
 @torch.inference_mode()
 def shard_examples(
-    model: MLPModel,
+    model: UnitModel,
     contexts: Sequence[Context],
     thresholds: dict[int, Tensor],
     k: int,

@@ -20,10 +20,10 @@ import torch
 from jaxtyping import Float
 
 from ne.errors import ConfigError
-from ne.models.base import MLPModel
+from ne.models.base import UnitModel
 
 
-def mask_token_id(model: MLPModel, mask_token: int | None = None) -> int:
+def mask_token_id(model: UnitModel, mask_token: int | None = None) -> int:
     """The configured masking token, or the model's pad token (its tokenizer's pad, else EOS)."""
     token = model.pad_token_id if mask_token is None else mask_token
     if token is None or token < 0:
@@ -45,7 +45,7 @@ def check_mask_token(mask_token: int | None, vocab_size: int, model_name: str) -
 
 @torch.inference_mode()
 def token_importance(
-    model: MLPModel,
+    model: UnitModel,
     tokens: Sequence[int] | np.ndarray,
     pos: int,
     layer: int,
@@ -79,7 +79,7 @@ def token_importance(
 class ImportanceCache:
     """`token_importance` with an LRU cache keyed by what determines the answer."""
 
-    def __init__(self, model: MLPModel, mask_token: int | None = None, max_entries: int = 4096):
+    def __init__(self, model: UnitModel, mask_token: int | None = None, max_entries: int = 4096):
         self.model = model
         self.mask_token = mask_token_id(model, mask_token)
         self.max_entries = max_entries

@@ -29,7 +29,7 @@ from ne import schema
 from ne.compute.harvest import pad_batch
 from ne.compute.parallel import Shard
 from ne.errors import DataError
-from ne.models.base import MLPModel
+from ne.models.base import UnitModel
 from ne.models.hooks import read_hook
 from ne.rundir.contexts import context_parts, read_contexts
 from ne.rundir.store import RunDir
@@ -180,7 +180,7 @@ class ActivationBuffer:
 
 
 @torch.no_grad()
-def hook_rows(model: MLPModel, hook: str, contexts: list[StreamContext], per_batch: int) -> list[Tensor]:
+def hook_rows(model: UnitModel, hook: str, contexts: list[StreamContext], per_batch: int) -> list[Tensor]:
     """Each context's activations at `hook`, one row per token after its skipped ones, as float32."""
     out = []
     for start in range(0, len(contexts), per_batch):

@@ -33,7 +33,7 @@ from ne.compute.harvest import Context, pad_batch
 from ne.config import ModelConfig
 from ne.lm_sae.buffer import held_out
 from ne.models import DTYPES, load_model, load_model_tokenizer
-from ne.models.base import MLPModel
+from ne.models.base import UnitModel
 from ne.models.hooks import hooked
 from ne.rundir.contexts import iter_context_parts
 from ne.rundir.store import RunDir
@@ -77,7 +77,7 @@ FORMATS = {"tokens": "{:,.0f}", "mse": "{:.4g}", "fvu": "{:.3f}", "l0": "{:.1f}"
            "raw_polysemantic": "{:.3f}", "raw_mean_dist": "{:.3f}", "enc_dims": "{:.1f}"}
 
 
-def downstream_model(cfg: ModelConfig) -> tuple[MLPModel, Callable[[Tensor, Tensor], Tensor], str]:
+def downstream_model(cfg: ModelConfig) -> tuple[UnitModel, Callable[[Tensor, Tensor], Tensor], str]:
     """The model, its output as the splice is judged by, and how: `ce` on the logits of a causal LM, `cosine` on
     an encoder's sentence embedding."""
     from ne.models.tl import TLModel
@@ -126,7 +126,7 @@ def _token_ce(logits: Tensor, tokens: Tensor, mask: Tensor) -> tuple[float, int]
 
 
 @torch.no_grad()
-def evaluate_sae(model: MLPModel, output: Callable[[Tensor, Tensor], Tensor], kind: str, sae, hook: str,
+def evaluate_sae(model: UnitModel, output: Callable[[Tensor, Tensor], Tensor], kind: str, sae, hook: str,
                  contexts: Iterator[Context], max_tokens: int, per_batch: int, dense_threshold: float) -> LMSAEMetrics:
     """Metrics of a SAELens SAE (`sae.encode`, `sae.decode`) at `hook`, over `contexts` up to `max_tokens`."""
     skip = int(model.bos_token_id is not None)

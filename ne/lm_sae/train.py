@@ -28,7 +28,7 @@ from ne.compute.sae import NeuronEmbeddingLoss
 from ne.errors import ConfigError
 from ne.lm_sae.buffer import ActivationBuffer, ShufflePlan, hook_rows, stream_contexts
 from ne.lm_sae.config import LMSAEConfig
-from ne.models.base import MLPModel
+from ne.models.base import UnitModel
 from ne.models.hooks import read_hook
 from ne.rundir.store import RunDir
 
@@ -68,7 +68,7 @@ class TrainState:
                 "resumed_from": self.resumed_from}
 
 
-def hook_width(model: MLPModel, hook: str) -> int:
+def hook_width(model: UnitModel, hook: str) -> int:
     """The activation width at `hook`, from a one-token forward pass; an SAE reads one vector per token."""
     token = model.bos_token_id if model.bos_token_id is not None else model.pad_token_id
     probe = torch.tensor([[token]])
@@ -126,7 +126,7 @@ def _resumed(cfg: LMSAEConfig, state: TrainState | None, device):
 
 
 def train_sae(
-    model: MLPModel,
+    model: UnitModel,
     run: RunDir,
     hook: str,
     cfg: LMSAEConfig,

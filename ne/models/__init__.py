@@ -11,12 +11,12 @@ from ne import schema
 from ne.compute.device import resolve_device
 from ne.config import ModelConfig
 from ne.errors import ConfigError
-from ne.models.base import LayerOutput, MLPModel
+from ne.models.base import LayerOutput, UnitModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(cfg: ModelConfig, n_devices: int = 1) -> MLPModel:
+def load_model(cfg: ModelConfig, n_devices: int = 1) -> UnitModel:
     """The model of `cfg`, on its device, or split over `n_devices` GPUs (`harvest.gpus_per_worker`)."""
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
     check_devices(n_devices, device)
@@ -49,12 +49,12 @@ def sae_path(cfg) -> str | None:
     return f"{cfg.run_dir.rstrip('/')}/{schema.SAE_DIR}" if cfg.sae.train_hook else None
 
 
-def load_units(cfg, n_devices: int = 1) -> MLPModel:
+def load_units(cfg, n_devices: int = 1) -> UnitModel:
     """The units a run (`RunConfig`) harvests: the model's MLP neurons, or an SAE's latents on the model."""
     return units_on(load_model(cfg.model, n_devices), cfg)
 
 
-def units_on(model: MLPModel, cfg) -> MLPModel:
+def units_on(model: UnitModel, cfg) -> UnitModel:
     """The run's units on an already loaded model: its own MLP neurons, or the run's SAE's latents."""
     path = sae_path(cfg)
     if path is None:
@@ -99,5 +99,5 @@ def load_token_decoder(cfg: ModelConfig) -> Callable[[Sequence[int]], list[str]]
     return functools.partial(decode_each, load_model_tokenizer(cfg))
 
 
-__all__ = ["LayerOutput", "MLPModel", "load_model", "load_units", "sae_path", "load_model_tokenizer",
+__all__ = ["LayerOutput", "UnitModel", "load_model", "load_units", "sae_path", "load_model_tokenizer",
            "load_token_decoder", "DTYPES"]

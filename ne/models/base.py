@@ -29,8 +29,9 @@ class LayerOutput:
     """Neuron activations: act_fn(h @ W_in + b_in), times (h @ W_up + b_up) for a gated MLP."""
 
 
-class MLPModel(ABC):
-    """A model with MLP layers, seen only through what neuron embeddings need."""
+class UnitModel(ABC):
+    """A model's units (the neurons of its MLP layers, or the latents of an SAE over it), seen only through what
+    neuron embeddings need: each layer's input weights, the embedding h they read, and the units' activations."""
 
     name: str
     n_layers: int

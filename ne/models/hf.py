@@ -27,7 +27,7 @@ from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from ne.config import ModelConfig
 from ne.errors import ConfigError, DataError
-from ne.models.base import LayerOutput, MLPModel
+from ne.models.base import LayerOutput, UnitModel
 from ne.models.tokenizers import decode_each, encode_plain
 
 MINILM = "all-MiniLM-L6-v2"
@@ -152,7 +152,7 @@ def _mlp_sites(model: PreTrainedModel) -> tuple[list[_MLPSite], list[_GatedSite]
     )
 
 
-class HFModel(MLPModel):
+class HFModel(UnitModel):
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str):
         self.model = model.eval()
         self.tokenizer = tokenizer

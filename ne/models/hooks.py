@@ -6,7 +6,7 @@ as TransformerLens names them:
   blocks.L.hook_resid_post   the block's output
   blocks.L.hook_mlp_out      the MLP's output, before it joins the residual stream (BERT: `output.dense`)
   blocks.L.mlp.hook_post     the MLP neurons: the activation function's output, or what a gated MLP's
-                             `down_proj` receives (act_fn(gate) · up), as `MLPModel.run` gives them
+                             `down_proj` receives (act_fn(gate) · up), as `UnitModel.run` gives them
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ne.errors import ConfigError
-from ne.models.base import MLPModel
+from ne.models.base import UnitModel
 
 if TYPE_CHECKING:
     from ne.models.hf import HFModel
@@ -46,7 +46,7 @@ def hook_layer(hook: str) -> int:
     return int(match.group(1))
 
 
-def check_hook(model: MLPModel, hook: str, who: str = "the SAE reads") -> None:
+def check_hook(model: UnitModel, hook: str, who: str = "the SAE reads") -> None:
     """A ConfigError unless `model`'s back end reaches `hook`; `who` begins the message."""
     from ne.models.tl import TLModel
 
@@ -62,7 +62,7 @@ def check_hook(model: MLPModel, hook: str, who: str = "the SAE reads") -> None:
 
 
 @contextmanager
-def hooked(model: MLPModel, hook: str, fn: Splice) -> Iterator[None]:
+def hooked(model: UnitModel, hook: str, fn: Splice) -> Iterator[None]:
     """Within the block, every forward pass of `model` calls `fn` on the activation at `hook`."""
     from ne.models.tl import TLModel
 
@@ -115,7 +115,7 @@ def _mlp_out_module(block: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def read_hook(
-    model: MLPModel, tokens: Tensor, attention_mask: Tensor, hook: str
+    model: UnitModel, tokens: Tensor, attention_mask: Tensor, hook: str
 ) -> Float[Tensor, "batch pos d"]:
     """The activation at `hook`, from a forward pass stopped right after it."""
     from ne.models.tl import TLModel

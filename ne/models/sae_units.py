@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ne.errors import ConfigError, DataError
-from ne.models.base import LayerOutput, MLPModel
+from ne.models.base import LayerOutput, UnitModel
 from ne.models.hooks import check_hook, hook_layer, read_hook
 
 SUPPORTED = ("standard", "jumprelu", "topk")
@@ -61,10 +61,10 @@ def sae_files(path: str) -> list[str]:
             if fs.exists(f"{root}/{name}")]
 
 
-class SAEUnits(MLPModel):
+class SAEUnits(UnitModel):
     """A base model's activations at the SAE's hook, seen as `d_sae` units of layer L (the hook's block)."""
 
-    def __init__(self, base: MLPModel, sae, path: str):
+    def __init__(self, base: UnitModel, sae, path: str):
         self.base, self.sae, self.path = base, sae, path
         self.hook = sae.cfg.metadata.hook_name
         self.layer = hook_layer(self.hook)

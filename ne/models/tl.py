@@ -28,14 +28,14 @@ from transformers import PreTrainedTokenizerBase
 
 from ne.config import ModelConfig
 from ne.errors import ConfigError, DataError
-from ne.models.base import LayerOutput, MLPModel
+from ne.models.base import LayerOutput, UnitModel
 from ne.models.tokenizers import decode_each, encode_plain, load_tokenizer
 
 FOLDED_NORMS = ("LNPre", "RMSPre")
 
 
-class TLModel(MLPModel):
-    """A `HookedTransformer` with folded LayerNorm, seen through the `MLPModel` interface."""
+class TLModel(UnitModel):
+    """A `HookedTransformer` with folded LayerNorm, seen through the `UnitModel` interface."""
 
     def __init__(self, model: HookedTransformer, name: str, tokenizer: PreTrainedTokenizerBase):
         cfg = model.cfg
@@ -131,7 +131,7 @@ class TLModel(MLPModel):
 def wrap_hooked_transformer(
     model: HookedTransformer, name: str, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> TLModel:
-    """The one way a built `HookedTransformer` becomes an `MLPModel` (by name or from safetensors)."""
+    """The one way a built `HookedTransformer` becomes an `UnitModel` (by name or from safetensors)."""
     tokenizer = tokenizer or model.tokenizer
     if tokenizer is None:
         raise ConfigError(f"model {name} has no tokenizer; set model.tokenizer ('gpt2' or a local directory)")

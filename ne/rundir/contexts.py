@@ -16,19 +16,19 @@ from ne.compute.harvest import Context
 from ne.config import RunConfig
 from ne.data import describe_source, iter_contexts, iter_documents
 from ne.errors import ConfigError, DataError
-from ne.models.base import MLPModel
+from ne.models.base import UnitModel
 from ne.rundir.stages import Stage
 from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
 
 
-def tokenizer_probe(model: MLPModel) -> dict:
+def tokenizer_probe(model: UnitModel) -> dict:
     """What the contexts depend on beyond the config: a changed tokenizer is noticed."""
     return {"bos_token_id": model.bos_token_id, "probe": model.encode("Neuron embeddings: 0123 ÄÖü, tokens!")}
 
 
-def write_contexts(run: RunDir, run_cfg: RunConfig, model: MLPModel, force: Collection[str] = ()) -> int:
+def write_contexts(run: RunDir, run_cfg: RunConfig, model: UnitModel, force: Collection[str] = ()) -> int:
     """Tokenise the corpus into `contexts/`; returns the number of contexts. Skipped when already done.
 
     An interrupted run resumes: the corpus is re-read (deterministically) and the parts already written

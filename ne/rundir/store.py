@@ -390,7 +390,7 @@ class RunDir:
         m["versions"] = package_versions()
         self.write_json(MANIFEST, m)
 
-    def record(self, key: str, value: Any) -> None:
+    def set_manifest_entry(self, key: str, value: Any) -> None:
         """Store a top-level manifest entry, such as the config as run."""
         m = self.manifest()
         m[key] = value

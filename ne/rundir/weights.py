@@ -26,7 +26,7 @@ _NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
 def weights_file(tensors: dict[str, Tensor]) -> bytes:
-    """`MLPModel.input_weights` (W_in [d_model, d_mlp], ...) as the file's bytes, matrices neuron-major."""
+    """`UnitModel.input_weights` (W_in [d_model, d_mlp], ...) as the file's bytes, matrices neuron-major."""
     out = {ROW_KEYS.get(k, k): (v.T if k in ROW_KEYS else v).float().cpu().contiguous().numpy()
            for k, v in tensors.items()}
     return safetensors.numpy.save(out)

@@ -12,7 +12,7 @@ import torch
 from ne.compute.importance import ImportanceCache, mask_token_id, token_importance
 from ne.errors import ConfigError
 from ne.models import load_model
-from ne.models.base import LayerOutput, MLPModel
+from ne.models.base import LayerOutput, UnitModel
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_cache_runs_each_example_once(model, context, monkeypatch):
     assert a is b and len(calls) == 2
 
 
-class _Silent(MLPModel):
+class _Silent(UnitModel):
     """A model whose neurons never fire, and that has no pad token."""
 
     name, n_layers, d_model, d_mlp, n_ctx_max = "silent", 1, 2, 3, 16

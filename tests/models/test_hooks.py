@@ -16,7 +16,7 @@ torch.set_num_threads(1)  # small tensors: one thread is as fast, and stays fast
 
 def test_read_hook_equals_each_back_ends_own_activations(tiny, minilm, tmp_path):
     """TransformerLens: its cache; Hugging Face: hidden_states for the residual stream, the MLP neurons as
-    `MLPModel.run` gives them, the MLP output as its output map applied to those neurons."""
+    `UnitModel.run` gives them, the MLP output as its output map applied to those neurons."""
     tokens, mask = sample_tokens(tiny, rows=1)
     hooks = ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.0.mlp.hook_post"]
     _, cache = tiny.model.run_with_cache(tokens, names_filter=hooks)

@@ -520,7 +520,7 @@ def mnist_run(tmp_path_factory):
     (root / "mnist").mkdir()
     for name in ("mlp", "sae_standard", "sae_ne_loss"):
         shutil.copy(models / f"{name}.safetensors", root / "mnist" / f"{name}.safetensors")
-    RunDir(str(root)).record("mnist_config", {"data": {"dir": str(data)}})
+    RunDir(str(root)).set_manifest_entry("mnist_config", {"data": {"dir": str(data)}})
     return str(root)
 
 

@@ -51,8 +51,8 @@ def build_lm_run(
     )
     model = load_model(model_cfg)
     run = RunDir(str(root))
-    run.record("config", to_dict(cfg))
-    run.record("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
+    run.set_manifest_entry("config", to_dict(cfg))
+    run.set_manifest_entry("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
                          "d_mlp": model.d_mlp, "bos_token_id": model.bos_token_id,
                          "pad_token_id": model.pad_token_id})
     contexts = pydoc_contexts(model, n_contexts, n_ctx)
