@@ -82,19 +82,29 @@ def throughput(args) -> None:
     rates = {work: args.neurons / batched(pool, members, w, cfg, work) for work in ("fixed", "per-neuron", "stage")}
     print(f"{args.examples} examples per neuron, d_model {args.d_model}, 1 torch thread per process")
     print(f"naive loop (numpy embeddings, pdist, linkage, fcluster): {rate_naive:8.0f} neurons/s ({n_naive} neurons)")
-    print(f"batched, same work (bmm distances, linkage, fixed cut, centres): {rates['fixed']:8.0f} neurons/s  "
-          f"= {rates['fixed'] / rate_naive:.2f}x naive")
-    print(f"batched, each neuron's own cut instead (silhouette of <= {cfg.max_clusters} cuts): "
-          f"{rates['per-neuron']:8.0f} neurons/s  = {rates['per-neuron'] / rates['fixed']:.2f}x the fixed cut's rate")
+    print(
+        f"batched, same work (bmm distances, linkage, fixed cut, centres): {rates['fixed']:8.0f} neurons/s  "
+        f"= {rates['fixed'] / rate_naive:.2f}x naive"
+    )
+    print(
+        f"batched, each neuron's own cut instead (silhouette of <= {cfg.max_clusters} cuts): "
+        f"{rates['per-neuron']:8.0f} neurons/s  = {rates['per-neuron'] / rates['fixed']:.2f}x the fixed cut's rate"
+    )
     print(f"batched, whole stage (both spaces at both cuts, all metrics): {rates['stage']:8.0f} neurons/s")
-    for name, rate in (("naive", rate_naive), ("batched same work", rates["fixed"]), ("batched whole stage",
-                                                                                      rates["stage"])):
-        print(f"projected for {GPT2_NEURONS:,} neurons on {args.cores} cores, {name}: "
-              f"{GPT2_NEURONS / rate / args.cores:6.1f} s (target < 60 s)")
+    for name, rate in (
+        ("naive", rate_naive),
+        ("batched same work", rates["fixed"]),
+        ("batched whole stage", rates["stage"]),
+    ):
+        print(
+            f"projected for {GPT2_NEURONS:,} neurons on {args.cores} cores, {name}: "
+            f"{GPT2_NEURONS / rate / args.cores:6.1f} s (target < 60 s)"
+        )
 
 
-def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, unique_h: int, n_ctx: int = 128,
-                    n_contexts: int = 10_000) -> None:
+def write_scale_run(
+    url: str, layers: int, d_mlp: int, d_model: int, k: int, unique_h: int, n_ctx: int = 128, n_contexts: int = 10_000
+) -> None:
     """A run directory as the harvest leaves it, at paper scale, each stage recorded done with the default
     config: `n_contexts` contexts of random tokens, `unique_h` h rows per layer in h_id order and k examples per
     neuron drawn from them, in corpus (h_id) order."""
@@ -115,21 +125,32 @@ def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, uni
         for i, lo in enumerate(range(0, n_contexts, per_part)):
             ids = np.arange(lo, min(lo + per_part, n_contexts))
             tokens = pa.FixedSizeListArray.from_arrays(
-                pa.array(rng.integers(0, 50_000, len(ids) * n_ctx, dtype=np.int32)), n_ctx).cast(pa.list_(pa.int32()))
-            run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(i)}",
-                              pa.table({"ctx_id": ids, "doc_id": ids, "tokens": tokens}, schema=schema.CONTEXTS))
+                pa.array(rng.integers(0, 50_000, len(ids) * n_ctx, dtype=np.int32)), n_ctx
+            ).cast(pa.list_(pa.int32()))
+            run.write_parquet(
+                f"{schema.CONTEXTS_DIR}/{schema.part_name(i)}",
+                pa.table({"ctx_id": ids, "doc_id": ids, "tokens": tokens}, schema=schema.CONTEXTS),
+            )
     with recorded_stage(run, "sae", cfg):  # no SAE: the model's own neurons are the units
         pass
     with recorded_stage(run, "weights", cfg, layers=list(range(layers))):
         for layer in range(layers):
             w_in = rng.normal(size=(d_model, d_mlp)).astype(np.float32)
-            run.write_bytes(schema.weights_path(layer),
-                            safetensors.numpy.save({"W_in": w_in, "b_in": np.zeros(d_mlp, np.float32)}))
+            run.write_bytes(
+                schema.weights_path(layer), safetensors.numpy.save({"W_in": w_in, "b_in": np.zeros(d_mlp, np.float32)})
+            )
     with recorded_stage(run, "maxima", cfg, layers=list(range(layers))):
-        run.write_parquet(schema.MAXIMA, pa.table(
-            {"layer": np.repeat(np.arange(layers), d_mlp).astype(np.int16),
-             "neuron": np.tile(np.arange(d_mlp), layers).astype(np.int32),
-             "max_act": np.ones(layers * d_mlp, np.float32)}, schema=schema.MAXIMA_SCHEMA))
+        run.write_parquet(
+            schema.MAXIMA,
+            pa.table(
+                {
+                    "layer": np.repeat(np.arange(layers), d_mlp).astype(np.int16),
+                    "neuron": np.tile(np.arange(d_mlp), layers).astype(np.int32),
+                    "max_act": np.ones(layers * d_mlp, np.float32),
+                },
+                schema=schema.MAXIMA_SCHEMA,
+            ),
+        )
     with recorded_stage(run, "examples", cfg, layers=list(range(layers))):
         for layer in range(layers):
             h_ids = np.unique(rng.integers(1, n_ctx, unique_h * 2) + n_ctx * rng.integers(0, n_contexts, unique_h * 2))
@@ -138,12 +159,20 @@ def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, uni
             ex_h = h_ids[picks.ravel()]
             run.write_parquet(
                 f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}",
-                pa.table({"layer": np.full(len(ex_h), layer, np.int16), "neuron": np.repeat(np.arange(d_mlp), k),
-                          "rank": np.tile(np.arange(k), d_mlp).astype(np.int16), "ctx_id": ex_h // n_ctx,
-                          "pos": (ex_h % n_ctx).astype(np.int16), "act": np.ones(len(ex_h), np.float32),
-                          "window_start": (ex_h % n_ctx).astype(np.int16),
-                          "window": pa.array([[1.0]] * len(ex_h), pa.list_(pa.float32())), "h_id": ex_h},
-                         schema=schema.EXAMPLES),
+                pa.table(
+                    {
+                        "layer": np.full(len(ex_h), layer, np.int16),
+                        "neuron": np.repeat(np.arange(d_mlp), k),
+                        "rank": np.tile(np.arange(k), d_mlp).astype(np.int16),
+                        "ctx_id": ex_h // n_ctx,
+                        "pos": (ex_h % n_ctx).astype(np.int16),
+                        "act": np.ones(len(ex_h), np.float32),
+                        "window_start": (ex_h % n_ctx).astype(np.int16),
+                        "window": pa.array([[1.0]] * len(ex_h), pa.list_(pa.float32())),
+                        "h_id": ex_h,
+                    },
+                    schema=schema.EXAMPLES,
+                ),
                 row_group_size=NEURONS_PER_ROW_GROUP * k,
             )
             rows_per_part = max(1, H_PART_BYTES // (4 * d_model))  # float32 h, as the harvest sizes its parts
@@ -151,9 +180,13 @@ def write_scale_run(url: str, layers: int, d_mlp: int, d_model: int, k: int, uni
                 ids = h_ids[lo : lo + rows_per_part]
                 rows = rng.normal(size=(len(ids), d_model)).astype(np.float32) + 1.0
                 h = pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), d_model)
-                run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(i)}",
-                                  pa.table({"h_id": ids, "ctx_id": ids // n_ctx, "pos": (ids % n_ctx).astype(np.int16),
-                                            "h": h}, schema=schema.h_schema(d_model)))
+                run.write_parquet(
+                    f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(i)}",
+                    pa.table(
+                        {"h_id": ids, "ctx_id": ids // n_ctx, "pos": (ids % n_ctx).astype(np.int16), "h": h},
+                        schema=schema.h_schema(d_model),
+                    ),
+                )
 
 
 def stage(args) -> None:
@@ -166,8 +199,10 @@ def stage(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         write_scale_run(tmp, args.layers, 3072, args.d_model, args.examples, args.unique_h)
-        print(f"synthetic run: {args.layers} layers x 3072 neurons x {args.examples} examples, {args.unique_h:,} "
-              f"h rows per layer of d_model {args.d_model} (written in {time.perf_counter() - start:.0f} s)")
+        print(
+            f"synthetic run: {args.layers} layers x 3072 neurons x {args.examples} examples, {args.unique_h:,} "
+            f"h rows per layer of d_model {args.d_model} (written in {time.perf_counter() - start:.0f} s)"
+        )
         cfg = RunConfig(run_dir=tmp)
         if not args.in_process:  # started once per job, whatever its size: timed on its own
             from jobs.ray_utils import init_ray
@@ -179,9 +214,11 @@ def stage(args) -> None:
         run_cluster(cfg, in_process=args.in_process)
         seconds = time.perf_counter() - start
     neurons = args.layers * 3072
-    print(f"cluster stage ({'one process' if args.in_process else f'Ray tasks, {args.cores} cores'}): "
-          f"{seconds:.1f} s, {neurons / seconds:.0f} neurons/s; projected for {GPT2_NEURONS:,} neurons: "
-          f"{GPT2_NEURONS / neurons * seconds:.0f} s (target < 60 s)")
+    print(
+        f"cluster stage ({'one process' if args.in_process else f'Ray tasks, {args.cores} cores'}): "
+        f"{seconds:.1f} s, {neurons / seconds:.0f} neurons/s; projected for {GPT2_NEURONS:,} neurons: "
+        f"{GPT2_NEURONS / neurons * seconds:.0f} s (target < 60 s)"
+    )
 
 
 def threshold_sweep(args) -> None:
@@ -251,16 +288,21 @@ def cut_comparison(args) -> None:
     base = ClusterConfig()
     rules = {"fixed": replace(base, cut="fixed"), "per-neuron": replace(base, cut="silhouette")}
     if args.sensitivity:
-        for key, values in (("min_separation", (0.3, 0.4)), ("silhouette_tolerance", (0.0, 0.1)),
-                            ("min_silhouette", (0.15, 0.35))):
+        for key, values in (
+            ("min_separation", (0.3, 0.4)),
+            ("silhouette_tolerance", (0.0, 0.1)),
+            ("min_silhouette", (0.15, 0.35)),
+        ):
             for v in values:
                 rules[f"{key}={v}"] = replace(base, cut="silhouette", **{key: v})
         for share in (0.1, 0.2):
             rules[f"largest gap >= {share} x top"] = share
-    print(f"planted features, {args.seeds} seeds per cell: mean adjusted Rand index of the clusters of h ⊙ w against "
-          f"the true features\nfixed: every neuron at {base.threshold}; per-neuron: cluster.cut 'silhouette' "
-          f"(min_separation {base.min_separation}, min_silhouette {base.min_silhouette}, silhouette_tolerance "
-          f"{base.silhouette_tolerance}, max_clusters {base.max_clusters})\n")
+    print(
+        f"planted features, {args.seeds} seeds per cell: mean adjusted Rand index of the clusters of h ⊙ w against "
+        f"the true features\nfixed: every neuron at {base.threshold}; per-neuron: cluster.cut 'silhouette' "
+        f"(min_separation {base.min_separation}, min_silhouette {base.min_silhouette}, silhouette_tolerance "
+        f"{base.silhouette_tolerance}, max_clusters {base.max_clusters})\n"
+    )
     ari = {name: np.zeros((len(SCENARIOS), len(SPREADS))) for name in rules}
     for i, (sizes, nuisance) in enumerate(SCENARIOS.values()):
         for j, spread in enumerate(SPREADS):
@@ -275,17 +317,23 @@ def cut_comparison(args) -> None:
     print("ARI fixed / per-neuron, by the features' spread (the noise level):")
     print(f"{'scenario':<{width}}" + "".join(f"{s:>16}" for s in SPREADS))
     for i, name in enumerate(SCENARIOS):
-        print(f"{name:<{width}}" + "".join(f"   {ari['fixed'][i, j]:.3f} / {ari['per-neuron'][i, j]:.3f}"
-                                           for j in range(len(SPREADS))))
+        print(
+            f"{name:<{width}}"
+            + "".join(f"   {ari['fixed'][i, j]:.3f} / {ari['per-neuron'][i, j]:.3f}" for j in range(len(SPREADS)))
+        )
     print(f"\nper difficulty level (spread), mean over the {len(SCENARIOS)} scenarios:")
     print(f"{'cut':<28}" + "".join(f"{s:>8}" for s in SPREADS) + f"{'all':>8}{'easy':>8}{'worst easy':>12}")
     easy = np.array(SPREADS) <= EASY
     for name, a in ari.items():
         worst = (a[:, easy] - ari["fixed"][:, easy]).min()
-        print(f"{name:<28}" + "".join(f"{x:8.3f}" for x in a.mean(axis=0)) + f"{a.mean():8.3f}{a[:, easy].mean():8.3f}"
-              f"{worst:+12.3f}")
-    print(f"\n'easy': spreads <= {EASY}; 'worst easy': the lowest ARI difference against the fixed cut in any easy "
-          "cell (the per-neuron cut may be the default only if it is >= -0.02 and 'all' is higher)")
+        print(
+            f"{name:<28}" + "".join(f"{x:8.3f}" for x in a.mean(axis=0)) + f"{a.mean():8.3f}{a[:, easy].mean():8.3f}"
+            f"{worst:+12.3f}"
+        )
+    print(
+        f"\n'easy': spreads <= {EASY}; 'worst easy': the lowest ARI difference against the fixed cut in any easy "
+        "cell (the per-neuron cut may be the default only if it is >= -0.02 and 'all' is higher)"
+    )
 
 
 def real_sweep(url: str, grid: list[float], sample: int) -> None:
@@ -311,23 +359,33 @@ def real_sweep(url: str, grid: list[float], sample: int) -> None:
             d_raw = cosine_distances(torch.from_numpy(h)[None], None, device="cpu")
             dists.append((d_ne[0].numpy(), d_raw[0].numpy()))
     print(f"\n{url}: {len(dists)} neurons with >= 10 examples, sampled over layers; medians over neurons")
-    print(f"median pairwise distance: neuron embedding {np.median([np.median(a) for a, _ in dists]):.3f}, "
-          f"pre-MLP {np.median([np.median(b) for _, b in dists]):.3f}")
-    print("threshold  clusters(NE)  singleton-share(NE)  largest-share(NE)  silhouette(NE)  silhouette(raw)  "
-          "NE>raw")
+    print(
+        f"median pairwise distance: neuron embedding {np.median([np.median(a) for a, _ in dists]):.3f}, "
+        f"pre-MLP {np.median([np.median(b) for _, b in dists]):.3f}"
+    )
+    print("threshold  clusters(NE)  singleton-share(NE)  largest-share(NE)  silhouette(NE)  silhouette(raw)  NE>raw")
     for t in grid:
         rows = []
         for d_ne, d_raw in dists:
             c_ne, c_raw = cluster_examples(d_ne, t), cluster_examples(d_raw, t)
             sizes = np.bincount(c_ne.labels)
             m_ne, m_raw = neuron_metrics(d_ne, c_ne), neuron_metrics(d_raw, c_raw)
-            rows.append((c_ne.n_clusters, np.mean(sizes == 1) if len(sizes) > 1 else 0.0, sizes[0] / sizes.sum(),
-                         m_ne["silhouette"], m_raw["silhouette"]))
+            rows.append(
+                (
+                    c_ne.n_clusters,
+                    np.mean(sizes == 1) if len(sizes) > 1 else 0.0,
+                    sizes[0] / sizes.sum(),
+                    m_ne["silhouette"],
+                    m_raw["silhouette"],
+                )
+            )
         r = np.array(rows, dtype=float)
         both = ~np.isnan(r[:, 3]) & ~np.isnan(r[:, 4])
         better = np.mean(r[both, 3] > r[both, 4]) if both.any() else float("nan")
-        print(f"{t:9.2f}  {np.median(r[:, 0]):12.0f}  {np.mean(r[:, 1]):19.3f}  {np.median(r[:, 2]):17.3f}  "
-              f"{np.nanmedian(r[:, 3]):14.3f}  {np.nanmedian(r[:, 4]):15.3f}  {better:6.3f} (n={both.sum()})")
+        print(
+            f"{t:9.2f}  {np.median(r[:, 0]):12.0f}  {np.mean(r[:, 1]):19.3f}  {np.median(r[:, 2]):17.3f}  "
+            f"{np.nanmedian(r[:, 3]):14.3f}  {np.nanmedian(r[:, 4]):15.3f}  {better:6.3f} (n={both.sum()})"
+        )
 
 
 def main() -> None:

@@ -64,8 +64,11 @@ def main() -> None:
         time.sleep(args.every)
     wall = time.perf_counter() - t0
     cpu = sum(seen.values())
-    print(f"\ncpu_meter: exit {proc.returncode}; wall {wall:.0f} s; CPU {cpu:.0f} s in {len(seen)} processes (an idle "
-          f"2-core machine: between {cpu / 2:.0f} and {cpu:.0f} s)", file=sys.stderr)
+    print(
+        f"\ncpu_meter: exit {proc.returncode}; wall {wall:.0f} s; CPU {cpu:.0f} s in {len(seen)} processes (an idle "
+        f"2-core machine: between {cpu / 2:.0f} and {cpu:.0f} s)",
+        file=sys.stderr,
+    )
     sys.exit(proc.returncode)
 
 

@@ -63,8 +63,13 @@ from ne.rundir.store import RunDir  # noqa: E402
 from ne.rundir.weights import read_layer_weights  # noqa: E402
 
 HOLD_OUT = 0.2
-METHODS = ("one label per neuron", "neuron-embedding clusters", "pre-MLP clusters", "PRISM-style clusters",
-           "neuron-embedding clusters, commonest key token")
+METHODS = (
+    "one label per neuron",
+    "neuron-embedding clusters",
+    "pre-MLP clusters",
+    "PRISM-style clusters",
+    "neuron-embedding clusters, commonest key token",
+)
 """The last row keeps the neuron-embedding clusters but labels each with its commonest key token alone: what the
 contrast with the neuron's other clusters adds to a label."""
 BEFORE, AFTER = 20, 5
@@ -108,8 +113,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5, help="k-means clusters per neuron for the PRISM-style method")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=0, help="print this many labelled clusters with examples, and stop")
-    parser.add_argument("--llm", help="a config whose describe section names a chat endpoint: score the run's "
-                                      "descriptions by detection")
+    parser.add_argument(
+        "--llm", help="a config whose describe section names a chat endpoint: score the run's descriptions by detection"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     run = RunDir(args.run_dir)
@@ -136,13 +142,18 @@ def main() -> None:
     n_clusters = defaultdict(list)
     held_total = quiet_total = 0
     for layer, group in sample.groupby("layer"):
-        ex = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, int(layer)),
-                              filters=[("neuron", "in", group.neuron.tolist())]).to_pandas().sort_values(
-            ["neuron", "rank"])
+        ex = (
+            run.read_parquet(
+                schema.layer_dir(schema.EXAMPLES_DIR, int(layer)), filters=[("neuron", "in", group.neuron.tolist())]
+            )
+            .to_pandas()
+            .sort_values(["neuron", "rank"])
+        )
         layer_h = load_h(run, int(layer), ex.h_id.to_numpy())
         weights = read_layer_weights(run, int(layer))
-        ctx = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
-                               filters=[("ctx_id", "in", ex.ctx_id.unique().tolist())]).to_pandas()
+        ctx = run.read_parquet(
+            schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"], filters=[("ctx_id", "in", ex.ctx_id.unique().tolist())]
+        ).to_pandas()
         tokens = {int(c): np.asarray(t, np.int64) for c, t in zip(ctx.ctx_id, ctx.tokens)}
         texts = [text_window(tokenizer, tokens[int(c)], int(p)) for c, p in zip(ex.ctx_id, ex.pos)]
         sentence = encoder.encode(texts)
@@ -158,14 +169,23 @@ def main() -> None:
             train = np.setdiff1d(np.arange(n), held)
             threshold = run_cfg.harvest.frac * sign * float(maxima[(int(layer), int(neuron))])
             h_rows = rows.iloc[held]
-            quiet = below_threshold([tokens[int(c)] for c in h_rows.ctx_id], h_rows.window_start.tolist(),
-                                    h_rows.window.tolist(), threshold, sign, special)
+            quiet = below_threshold(
+                [tokens[int(c)] for c in h_rows.ctx_id],
+                h_rows.window_start.tolist(),
+                h_rows.window.tolist(),
+                threshold,
+                sign,
+                special,
+            )
             held_total += len(held)
             quiet_total += len(quiet)
             made = {}
             for method in METHODS:
-                made[method] = made[METHODS[1]] if method == METHODS[4] else split_and_assign(
-                    method, e, h, s, train, held, cfg, args.k, args.seed)
+                made[method] = (
+                    made[METHODS[1]]
+                    if method == METHODS[4]
+                    else split_and_assign(method, e, h, s, train, held, cfg, args.k, args.seed)
+                )
                 lab, held_lab, kept = made[method]
                 if method == METHODS[4]:
                     rules = {int(c): commonest_key(toks[train][lab == c]) for c in kept}
@@ -183,20 +203,29 @@ def main() -> None:
                 if method != METHODS[4]:  # the same clusters as neuron-embedding clusters
                     keep = np.isin(lab, kept)
                     deltas[method].append(embedding_deltas(s[held], held_lab, s[train][keep], lab[keep]))
-    print(f"{args.run_dir}: {len(sample)} neurons with >= {args.min_examples} examples (of {len(pool)}), "
-          f"{HOLD_OUT:.0%} of each neuron's examples held out ({held_total} examples; {quiet_total} tokens of their "
-          f"windows below the threshold); seed {args.seed}")
-    print("| method | clusters per neuron | unit: precision / recall / F1 | cluster: precision / recall / F1 | "
-          "cluster among the neuron's examples: precision / recall | embedding: closer to own cluster / mean margin |")
+    print(
+        f"{args.run_dir}: {len(sample)} neurons with >= {args.min_examples} examples (of {len(pool)}), "
+        f"{HOLD_OUT:.0%} of each neuron's examples held out ({held_total} examples; {quiet_total} tokens of their "
+        f"windows below the threshold); seed {args.seed}"
+    )
+    print(
+        "| method | clusters per neuron | unit: precision / recall / F1 | cluster: precision / recall / F1 | "
+        "cluster among the neuron's examples: precision / recall | embedding: closer to own cluster / mean margin |"
+    )
     print("|---|---|---|---|---|---|")
     for method in METHODS:
         u = unit_counts[method]
         c, w = cluster_counts.get(method), within_counts.get(method)
         emb = embedding_score(deltas[method]) if method in deltas else None
-        print(f"| {method} | {np.mean(n_clusters[method]):.2f} | {u.precision:.3f} / {u.recall:.3f} / {u.f1:.3f} | "
-              + (f"{c.precision:.3f} / {c.recall:.3f} / {c.f1:.3f} | {w.precision:.3f} / {w.recall:.3f} | "
-                 if c else "– | – | ")
-              + (f"{emb.closer:.3f} / {emb.delta:.4f} (n {emb.n}) |" if emb else "– |"))
+        print(
+            f"| {method} | {np.mean(n_clusters[method]):.2f} | {u.precision:.3f} / {u.recall:.3f} / {u.f1:.3f} | "
+            + (
+                f"{c.precision:.3f} / {c.recall:.3f} / {c.f1:.3f} | {w.precision:.3f} / {w.recall:.3f} | "
+                if c
+                else "– | – | "
+            )
+            + (f"{emb.closer:.3f} / {emb.delta:.4f} (n {emb.n}) |" if emb else "– |")
+        )
     if occurrences_ready(manifest):
         occurrence_scores(run, sample, special)
     if args.llm:
@@ -211,27 +240,43 @@ def commonest_key(toks_c: np.ndarray) -> Rule:
 
 def run_rules(run: RunDir, layer: int, neuron: int) -> dict[int, Rule]:
     table = run.read_parquet(schema.layer_dir(schema.LABELS_DIR, layer), filters=[("neuron", "=", int(neuron))])
-    return {int(r["cluster"]): Rule(tuple(r["key_tokens"]), int(r["context_offset"]), int(r["context_token"]))
-            for r in table.to_pylist() if not r["outlier"]}
+    return {
+        int(r["cluster"]): Rule(tuple(r["key_tokens"]), int(r["context_offset"]), int(r["context_token"]))
+        for r in table.to_pylist()
+        if not r["outlier"]
+    }
 
 
 def occurrence_scores(run: RunDir, sample, special) -> None:
     """The run's own labels against every held-out token (the occurrence stage's contexts)."""
     total = Counts()
     for layer, group in sample.groupby("layer"):
-        occ_ctx = np.unique(run.read_parquet(schema.layer_dir(schema.OCCURRENCES_DIR, int(layer)),
-                                             columns=["ctx_id"]).column("ctx_id").to_numpy())
-        ctx = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
-                               filters=[("ctx_id", "in", occ_ctx.tolist())]).to_pandas()
+        occ_ctx = np.unique(
+            run.read_parquet(schema.layer_dir(schema.OCCURRENCES_DIR, int(layer)), columns=["ctx_id"])
+            .column("ctx_id")
+            .to_numpy()
+        )
+        ctx = run.read_parquet(
+            schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"], filters=[("ctx_id", "in", occ_ctx.tolist())]
+        ).to_pandas()
         contexts = {int(c): np.asarray(t, np.int64) for c, t in zip(ctx.ctx_id, ctx.tokens)}
         for neuron in group.neuron:
-            occ = run.read_parquet(schema.layer_dir(schema.OCCURRENCES_DIR, int(layer)),
-                                   columns=["ctx_id", "pos", "cluster"], filters=[("unit", "=", int(neuron))])
-            for counts in occurrence_detection(*(occ.column(c).to_numpy() for c in ("ctx_id", "pos", "cluster")),
-                                               run_rules(run, int(layer), neuron), contexts, special).values():
+            occ = run.read_parquet(
+                schema.layer_dir(schema.OCCURRENCES_DIR, int(layer)),
+                columns=["ctx_id", "pos", "cluster"],
+                filters=[("unit", "=", int(neuron))],
+            )
+            for counts in occurrence_detection(
+                *(occ.column(c).to_numpy() for c in ("ctx_id", "pos", "cluster")),
+                run_rules(run, int(layer), neuron),
+                contexts,
+                special,
+            ).values():
                 total += counts
-    print(f"held-out occurrences, the run's labels over every held-out token: precision {total.precision:.3f}, "
-          f"recall {total.recall:.3f}, F1 {total.f1:.3f}")
+    print(
+        f"held-out occurrences, the run's labels over every held-out token: precision {total.precision:.3f}, "
+        f"recall {total.recall:.3f}, F1 {total.f1:.3f}"
+    )
 
 
 def llm_scores(run: RunDir, describe_cfg, tokenizer, sample, seed: int) -> None:
@@ -254,8 +299,9 @@ def llm_scores(run: RunDir, describe_cfg, tokenizer, sample, seed: int) -> None:
         nth = ex.groupby("cluster").cumcount().to_numpy()
         mine = (ex.cluster == cluster).to_numpy()
         ex = ex[np.where(mine, nth >= describe_cfg.examples, nth >= describe_cfg.contrast_examples)]
-        ctx = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
-                               filters=[("ctx_id", "in", ex.ctx_id.unique().tolist())]).to_pandas()
+        ctx = run.read_parquet(
+            schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"], filters=[("ctx_id", "in", ex.ctx_id.unique().tolist())]
+        ).to_pandas()
         tokens = dict(zip(ctx.ctx_id, ctx.tokens))
         text = [text_window(tokenizer, tokens[c], p) for c, p in zip(ex.ctx_id, ex.pos)]
         pos = [t for t, c in zip(text, ex.cluster) if c == cluster]
@@ -265,8 +311,10 @@ def llm_scores(run: RunDir, describe_cfg, tokenizer, sample, seed: int) -> None:
         pos = list(rng.choice(pos, min(5, len(pos)), replace=False))
         neg = list(rng.choice(neg, min(5, len(neg)), replace=False))
         scores.append(detection_score(client, row["description"], pos, neg, seed=seed).balanced_accuracy)
-    print(f"LLM detection scoring of {len(scores)} descriptions: mean balanced accuracy "
-          f"{np.mean(scores) if scores else float('nan'):.3f}")
+    print(
+        f"LLM detection scoring of {len(scores)} descriptions: mean balanced accuracy "
+        f"{np.mean(scores) if scores else float('nan'):.3f}"
+    )
 
 
 def show_labels(run: RunDir, tokenizer, n: int, seed: int) -> None:
@@ -283,8 +331,10 @@ def show_labels(run: RunDir, tokenizer, n: int, seed: int) -> None:
         row = labels[~labels.outlier].sample(1, random_state=int(rng.integers(1 << 31))).iloc[0]
         nd = data.neuron(layer, int(row.neuron))
         members = nd.clusters()[int(row.cluster)]
-        print(f"L{layer} N{row.neuron} C{row.cluster} ({row['size']} examples; {len(nd.clusters())} clusters): "
-              f"{row.label}   coverage {row.coverage:.2f}, others {row.others:.2f}, corpus {row.corpus:.4f}")
+        print(
+            f"L{layer} N{row.neuron} C{row.cluster} ({row['size']} examples; {len(nd.clusters())} clusters): "
+            f"{row.label}   coverage {row.coverage:.2f}, others {row.others:.2f}, corpus {row.corpus:.4f}"
+        )
         for e in members[:4]:
             print("    " + key_token_snippet(e.tokens, e.pos, lambda ids: decode_each(tokenizer, ids), 10, 4))
 

@@ -85,25 +85,31 @@ def main() -> None:
     sample = poly.iloc[np.sort(rng.choice(len(poly), min(args.neurons, len(poly)), replace=False))]
     totals = {k: [0, 0] for k in (*RULES, "ceiling", "fixed")}
     for layer, group in sample.groupby("layer"):
-        examples = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, int(layer)),
-                                    columns=["neuron", "rank", "h_id"]).to_pandas()
+        examples = run.read_parquet(
+            schema.layer_dir(schema.EXAMPLES_DIR, int(layer)), columns=["neuron", "rank", "h_id"]
+        ).to_pandas()
         layer_h, weights = load_h(run, int(layer)), read_layer_weights(run, int(layer))
         for neuron in group.neuron:
             rows = examples[examples.neuron == neuron].sort_values("rank")
-            e = weights.embed(layer_h.take(rows.h_id.to_numpy()), np.full(len(rows), neuron),
-                              run_cfg.model.gated_embedding)
+            e = weights.embed(
+                layer_h.take(rows.h_id.to_numpy()), np.full(len(rows), neuron), run_cfg.model.gated_embedding
+            )
             for measure, (agree, counted) in neuron_agreement(e, cfg, rng).items():
                 totals[measure][0] += agree
                 totals[measure][1] += counted
     cut = f"per-neuron cut ({cfg.cut})" if cfg.cut != "fixed" else f"cut {cfg.threshold}"
-    print(f"{args.run_dir}: {len(sample)} neurons with >= 2 clusters (of {len(poly)}), {HOLD_OUT:.0%} of each "
-          f"neuron's examples held out, {cut}, {cfg.method} linkage")
+    print(
+        f"{args.run_dir}: {len(sample)} neurons with >= 2 clusters (of {len(poly)}), {HOLD_OUT:.0%} of each "
+        f"neuron's examples held out, {cut}, {cfg.method} linkage"
+    )
     share = {k: a / max(c, 1) for k, (a, c) in totals.items()}
     print(f"  held-out examples counted: {totals['mean'][1]}")
     print(f"  assigned by the cluster's mean embedding: agreement {share['mean']:.3f}")
     print(f"  assigned by the cluster's central example: agreement {share['central']:.3f}")
-    print(f"  ceiling: the held-out example's full cluster is among the 80% clusters for {share['ceiling']:.3f}; "
-          f"mean-embedding agreement where it is: {share['mean'] / share['ceiling']:.3f}")
+    print(
+        f"  ceiling: the held-out example's full cluster is among the 80% clusters for {share['ceiling']:.3f}; "
+        f"mean-embedding agreement where it is: {share['mean'] / share['ceiling']:.3f}"
+    )
     print(f"  against the full clustering itself (no reclustering, as `ne explain` assigns): {share['fixed']:.3f}")
     print(f"({time.perf_counter() - start:.0f} s)")
 

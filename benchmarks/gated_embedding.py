@@ -56,8 +56,12 @@ def main() -> None:
             for m in MODES:
                 totals[m].append(row[m])
             print(f"{spread:>6} {where:>11}  " + "  ".join(f"{a:6.3f}/{u:.3f}" for a, u in row.values()))
-    print(f"{'mean':>6} {'':>11}  " + "  ".join(
-        f"{np.mean([a for a, _ in totals[m]]):6.3f}/{np.mean([u for _, u in totals[m]]):.3f}" for m in MODES))
+    print(
+        f"{'mean':>6} {'':>11}  "
+        + "  ".join(
+            f"{np.mean([a for a, _ in totals[m]]):6.3f}/{np.mean([u for _, u in totals[m]]):.3f}" for m in MODES
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,17 @@ from jobs.harvest import run_harvest  # noqa: E402
 from ne.config import ClusterConfig, DataConfig, HarvestConfig, IndexConfig, ModelConfig, RunConfig, to_dict  # noqa: E402
 from ne.models import load_model  # noqa: E402
 
-GPT2_SMALL = {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "n_heads": 12, "d_head": 64, "n_ctx": 1024,
-              "d_vocab": 50257, "act_fn": "gelu_new", "normalization_type": "LN"}
+GPT2_SMALL = {
+    "n_layers": 12,
+    "d_model": 768,
+    "d_mlp": 3072,
+    "n_heads": 12,
+    "d_head": 64,
+    "n_ctx": 1024,
+    "d_vocab": 50257,
+    "act_fn": "gelu_new",
+    "normalization_type": "LN",
+}
 
 
 def write_model(folder: Path, n_layers: int) -> ModelConfig:
@@ -46,10 +55,12 @@ def write_model(folder: Path, n_layers: int) -> ModelConfig:
     arch = {**GPT2_SMALL, "n_layers": n_layers}
     model = HookedTransformer(HookedTransformerConfig(**arch, seed=0, device="cpu"))
     path = folder / "gpt2-small-shaped.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith(("IGNORE", "mask"))},
-              str(path))
-    return ModelConfig(backend="safetensors", name="gpt2-small-shaped", weights=str(path), architecture=arch,
-                       tokenizer="gpt2")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith(("IGNORE", "mask"))}, str(path)
+    )
+    return ModelConfig(
+        backend="safetensors", name="gpt2-small-shaped", weights=str(path), architecture=arch, tokenizer="gpt2"
+    )
 
 
 def main() -> None:
@@ -72,8 +83,10 @@ def main() -> None:
     cuda = model.device.type == "cuda"
     name = torch.cuda.get_device_name(model.device) if cuda else f"CPU ({os.cpu_count()} cores)"
     tokens = args.contexts * args.n_ctx
-    print(f"device: {name}; {args.layers}-layer GPT2-small shape, {args.dtype}; {args.contexts} contexts × "
-          f"{args.n_ctx} tokens = {tokens:,} tokens; batch {args.batch_size}")
+    print(
+        f"device: {name}; {args.layers}-layer GPT2-small shape, {args.dtype}; {args.contexts} contexts × "
+        f"{args.n_ctx} tokens = {tokens:,} tokens; batch {args.batch_size}"
+    )
 
     contexts = contexts_for(model, args.contexts, args.n_ctx)
     time_forward(model, contexts[: args.batch_size], args.batch_size)  # warm-up (kernels, allocator)
@@ -85,11 +98,17 @@ def main() -> None:
 
     def config(run_dir: Path, workers: int) -> RunConfig:
         return RunConfig(
-            run_dir=str(run_dir), model=model_cfg,
-            data=DataConfig(source="pydoc", n_ctx=args.n_ctx, max_contexts=args.contexts,
-                            contexts_per_part=max(1, args.contexts // max(1, 4 * workers))),
+            run_dir=str(run_dir),
+            model=model_cfg,
+            data=DataConfig(
+                source="pydoc",
+                n_ctx=args.n_ctx,
+                max_contexts=args.contexts,
+                contexts_per_part=max(1, args.contexts // max(1, 4 * workers)),
+            ),
             harvest=HarvestConfig(k=100, frac=0.75, batch_size=args.batch_size, num_workers=workers),
-            cluster=ClusterConfig(), index=IndexConfig(device=args.device),
+            cluster=ClusterConfig(),
+            index=IndexConfig(device=args.device),
         )
 
     cfg = config(work / "in-process", 0)
@@ -106,14 +125,20 @@ def main() -> None:
     t_run = None if args.skip_run else time_ne_run(config(work / "ne-run", args.workers), work / "ne-run.yaml")
 
     print(f"forward (hooks on every layer):  {tokens / t_forward:12,.0f} tok/s   {t_forward:8.2f} s   1.00×")
-    print(f"harvest, both passes:            {tokens / t_harvest:12,.0f} tok/s   {t_harvest:8.2f} s "
-          f"{t_harvest / t_forward:6.2f}×")
-    print(f"cluster stage, in process:       {summary.neurons / t_cluster:12,.0f} neurons/s {t_cluster:6.2f} s "
-          f"{t_cluster / t_forward:6.2f}×  ({summary.neurons:,} neurons)")
+    print(
+        f"harvest, both passes:            {tokens / t_harvest:12,.0f} tok/s   {t_harvest:8.2f} s "
+        f"{t_harvest / t_forward:6.2f}×"
+    )
+    print(
+        f"cluster stage, in process:       {summary.neurons / t_cluster:12,.0f} neurons/s {t_cluster:6.2f} s "
+        f"{t_cluster / t_forward:6.2f}×  ({summary.neurons:,} neurons)"
+    )
     print(f"index build:                     {'':>12}           {t_index:8.2f} s {t_index / t_forward:6.2f}×")
     if t_run is not None:
-        print(f"whole `ne run` ({args.workers} harvest actor(s), Ray start-up included): {t_run:8.2f} s "
-              f"{t_run / t_forward:6.2f}×")
+        print(
+            f"whole `ne run` ({args.workers} harvest actor(s), Ray start-up included): {t_run:8.2f} s "
+            f"{t_run / t_forward:6.2f}×"
+        )
     print(f"peak GPU memory of the in-process stages: {peak:.2f} GiB" if cuda else "peak GPU memory: no GPU")
 
 
@@ -121,8 +146,13 @@ def time_ne_run(cfg: RunConfig, config_file: Path) -> float:
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ne.cli", "run", "--config", str(config_file)], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "ne.cli", "run", "--config", str(config_file)],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 

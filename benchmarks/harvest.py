@@ -37,8 +37,18 @@ def gpt2_small_shaped(device: str, dtype: str):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=12, d_model=768, d_mlp=3072, n_heads=12, d_head=64, n_ctx=1024, d_vocab=50257,
-        act_fn="gelu_new", normalization_type="LN", seed=0, device=device, dtype=getattr(torch, dtype),
+        n_layers=12,
+        d_model=768,
+        d_mlp=3072,
+        n_heads=12,
+        d_head=64,
+        n_ctx=1024,
+        d_vocab=50257,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=0,
+        device=device,
+        dtype=getattr(torch, dtype),
     )
     model = HookedTransformer(cfg)
     model.process_weights_(fold_ln=True, center_writing_weights=True, center_unembed=True)
@@ -162,19 +172,24 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--memory", type=int, default=1024, help="smaller corpus of the memory check (0: skip)")
-    parser.add_argument("--memory-k", type=int, default=10,
-                        help="k for the memory check: small enough that every neuron's k examples are found in both "
-                             "corpora, so the outputs (bounded by k per neuron) are the same size")
+    parser.add_argument(
+        "--memory-k",
+        type=int,
+        default=10,
+        help="k for the memory check: small enough that every neuron's k examples are found in both "
+        "corpora, so the outputs (bounded by k per neuron) are the same size",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
-          f"{torch.get_num_threads()} threads, dtype {args.dtype}, batch {args.batch_size} x {args.n_ctx}")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+        f"{torch.get_num_threads()} threads, dtype {args.dtype}, batch {args.batch_size} x {args.n_ctx}"
+    )
     for name in filter(None, args.models.split(",")):
         if name == "gpt2-shape":
             model = gpt2_small_shaped(args.device, args.dtype)
         else:
-            model = load_model(ModelConfig(backend="hf", name="all-MiniLM-L6-v2", device=args.device,
-                                           dtype=args.dtype))
+            model = load_model(ModelConfig(backend="hf", name="all-MiniLM-L6-v2", device=args.device, dtype=args.dtype))
         contexts = contexts_for(model, args.contexts, args.n_ctx)
         tokens = sum(len(t) for _, t in contexts)
         time_forward(model, contexts[: args.batch_size], args.batch_size)  # warm-up
@@ -197,10 +212,12 @@ def main() -> None:
             corpus = repeated_pydoc(f"{tmp}/pydoc.jsonl", times=max(1, 4 * args.memory // 1000 + 1))
             small, kept_small = peak_memory_mb(args.memory, corpus, args.memory_k)
             large, kept_large = peak_memory_mb(4 * args.memory, corpus, args.memory_k)
-        print(f"\npeak memory of the whole harvest job (MiniLM, k={args.memory_k}, in process, VmHWM): "
-              f"{args.memory} contexts "
-              f"{small:,.0f} MB ({kept_small:,} examples kept), {4 * args.memory} contexts {large:,.0f} MB "
-              f"({kept_large:,} kept), ratio {large / small:.2f}")
+        print(
+            f"\npeak memory of the whole harvest job (MiniLM, k={args.memory_k}, in process, VmHWM): "
+            f"{args.memory} contexts "
+            f"{small:,.0f} MB ({kept_small:,} examples kept), {4 * args.memory} contexts {large:,.0f} MB "
+            f"({kept_large:,} kept), ratio {large / small:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -77,8 +77,11 @@ def main() -> None:
         # a part can drop what falls below frac x its own running maximum at the part's end, not earlier rows
         running = np.maximum(seed, peak[part].max(0))
         single[part] = (peak[part] >= args.frac * running) & (running > 0)
-    for name, sel in (("final first-k", first_k(ok, k)), ("two-pass part files", two_pass),
-                      (f"single pass (prefix {args.prefix})", single)):
+    for name, sel in (
+        ("final first-k", first_k(ok, k)),
+        ("two-pass part files", two_pass),
+        (f"single pass (prefix {args.prefix})", single),
+    ):
         rows, h = rows_and_h(sel, pos, model.d_mlp)
         print(f"k={k}, {name:28s} {rows:9,d} example rows {h:9,d} h rows")
 

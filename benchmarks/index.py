@@ -90,8 +90,10 @@ def main() -> None:
         x, source = mixture(args.n, args.d, centers, rng), "a Gaussian mixture"
         queries = mixture(args.queries, args.d, centers, rng)
     args.n = len(x)
-    print(f"{len(x):,} vectors of d {x.shape[1]} ({source}), {len(queries)} single queries, k={args.k}, "
-          f"{args.threads} threads")
+    print(
+        f"{len(x):,} vectors of d {x.shape[1]} ({source}), {len(queries)} single queries, k={args.k}, "
+        f"{args.threads} threads"
+    )
 
     start = time.perf_counter()
     exact, _ = build_index(x, IndexConfig(exact_below=args.n + 1))
@@ -102,16 +104,22 @@ def main() -> None:
     t_ivf = time.perf_counter() - start
     recall = recall_at_k(ivf.search(queries, args.k)[0], truth)
     lat_exact, lat_ivf = latencies_ms(exact, queries, args.k), latencies_ms(ivf, queries, args.k)
-    print(f"Flat (exact):      build {t_exact:6.2f} s, p50 {np.median(lat_exact):7.3f} ms, "
-          f"p95 {np.percentile(lat_exact, 95):7.3f} ms per query")
-    print(f"{info['type']} nprobe {info['nprobe']}: build {t_ivf:6.2f} s (incl. recall tuning), "
-          f"p50 {np.median(lat_ivf):7.3f} ms, p95 {np.percentile(lat_ivf, 95):7.3f} ms per query")
+    print(
+        f"Flat (exact):      build {t_exact:6.2f} s, p50 {np.median(lat_exact):7.3f} ms, "
+        f"p95 {np.percentile(lat_exact, 95):7.3f} ms per query"
+    )
+    print(
+        f"{info['type']} nprobe {info['nprobe']}: build {t_ivf:6.2f} s (incl. recall tuning), "
+        f"p50 {np.median(lat_ivf):7.3f} ms, p95 {np.percentile(lat_ivf, 95):7.3f} ms per query"
+    )
     print(f"recall@{args.k} vs exact: {recall:.4f} on these queries, {info['recall']:.4f} measured at build time")
     print(f"speed-up of the p50 query over exact: {np.median(lat_exact) / np.median(lat_ivf):.1f}x")
     if args.run:
         build, ef, recall_h, lat_h = hnsw(x, queries, truth, args.k)
-        print(f"HNSW32 efSearch {ef}: build {build:6.2f} s, p50 {np.median(lat_h):7.3f} ms, recall@{args.k} "
-              f"{recall_h:.4f}; p50 {np.median(lat_h) / np.median(lat_exact):.2f}x Flat's")
+        print(
+            f"HNSW32 efSearch {ef}: build {build:6.2f} s, p50 {np.median(lat_h):7.3f} ms, recall@{args.k} "
+            f"{recall_h:.4f}; p50 {np.median(lat_h) / np.median(lat_exact):.2f}x Flat's"
+        )
 
 
 if __name__ == "__main__":

@@ -80,13 +80,28 @@ def synthetic_layer(folder: str, mib: int) -> tuple[RunDir, int]:
     d_model = 4096
     d_mlp = mib * 2**20 // (2 * 4 * d_model)
     rng = np.random.default_rng(0)
-    data = safetensors.numpy.save({"W_gate_T": rng.standard_normal((d_mlp, d_model), np.float32),
-                                   "W_up_T": rng.standard_normal((d_mlp, d_model), np.float32)})
+    data = safetensors.numpy.save(
+        {
+            "W_gate_T": rng.standard_normal((d_mlp, d_model), np.float32),
+            "W_up_T": rng.standard_normal((d_mlp, d_model), np.float32),
+        }
+    )
     run = RunDir(folder)
     rel = schema.weights_path(0)
     run.write_bytes(rel, data)
-    run.write_json(store.MANIFEST, {"stages": {"weights": {"status": "done", "fingerprint": "synthetic", "info": {},
-                                                           "files": {rel: run.file_record(rel)}}}})
+    run.write_json(
+        store.MANIFEST,
+        {
+            "stages": {
+                "weights": {
+                    "status": "done",
+                    "fingerprint": "synthetic",
+                    "info": {},
+                    "files": {rel: run.file_record(rel)},
+                }
+            }
+        },
+    )
     return run, d_mlp
 
 
@@ -100,8 +115,10 @@ def main() -> None:
     records = file_records(m)
     paths = [run.path(rel) for rel in records]
     size = sum(r["size"] for r in records.values())
-    print(f"{args.run_dir}: {len(records)} recorded files, {size / 2**20:,.0f} MiB (chunks of "
-          f"{store.CHUNK // 2**20} MiB; the machine may be shared: compare the ratios)")
+    print(
+        f"{args.run_dir}: {len(records)} recorded files, {size / 2**20:,.0f} MiB (chunks of "
+        f"{store.CHUNK // 2**20} MiB; the machine may be shared: compare the ratios)"
+    )
 
     t_record = best(lambda: [run.file_record(rel) for rel in records], setup=forget)
     t_deep = best(lambda: [run.verify(rel, rec) for rel, rec in records.items()], setup=forget)
@@ -109,8 +126,9 @@ def main() -> None:
     t_quick = best(lambda: [run.verify(rel, rec, deep=False) for rel, rec in records.items()])
     t_sha = best(lambda: sha256_files(paths))
     print(f"record every file (chunked sha256 of every byte):  {t_record:.3f} s ({size / 2**20 / t_record:,.0f} MiB/s)")
-    print(f"verify every byte (`ne status`, a rerun's skip):   {t_deep:.3f} s; again in the same process "
-          f"{t_again:.4f} s")
+    print(
+        f"verify every byte (`ne status`, a rerun's skip):   {t_deep:.3f} s; again in the same process {t_again:.4f} s"
+    )
     print(f"plain sha256 of every file (the floor):            {t_sha:.3f} s (verification = {t_deep / t_sha:.2f}x)")
     print(f"quick check (sizes, Parquet footers: a stage's inputs): {t_quick:.3f} s")
 
@@ -124,34 +142,43 @@ def main() -> None:
                 f.read_row_group(i)
 
     t_pages, t_hash = best(pages), best(lambda: sha256_files([run.path(rel) for rel in parquet]))
-    print(f"Parquet files ({len(parquet)}, {mib:,.0f} MiB): read every page with its CRC {t_pages:.3f} s, hash "
-          f"every byte {t_hash:.3f} s ({t_pages / t_hash:.1f}x)")
+    print(
+        f"Parquet files ({len(parquet)}, {mib:,.0f} MiB): read every page with its CRC {t_pages:.3f} s, hash "
+        f"every byte {t_hash:.3f} s ({t_pages / t_hash:.1f}x)"
+    )
 
-    layers = run.layers("weights") or [int(p[len("weights/layer="):].split(".")[0]) for p in records
-                                        if p.startswith("weights/")]
+    layers = run.layers("weights") or [
+        int(p[len("weights/layer=") :].split(".")[0]) for p in records if p.startswith("weights/")
+    ]
     if layers:
         d_mlp = read_layer_weights(run, layers[0], 0, 0).d_mlp
         layer_mib = records[schema.weights_path(layers[0])]["size"] / 2**20
         on = best(lambda: batched_reads(run, layers[0], d_mlp, True), setup=forget)
         off = best(lambda: batched_reads(run, layers[0], d_mlp, False))
-        print(f"weights of layer {layers[0]} ({layer_mib:.1f} MiB, under one chunk: read whole per range) in batches "
-              f"of {NEURONS_PER_TASK} neurons: verified {on:.3f} s, unverified {off:.3f} s ({on / off:.2f}x)")
+        print(
+            f"weights of layer {layers[0]} ({layer_mib:.1f} MiB, under one chunk: read whole per range) in batches "
+            f"of {NEURONS_PER_TASK} neurons: verified {on:.3f} s, unverified {off:.3f} s ({on / off:.2f}x)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         big, d_mlp = synthetic_layer(tmp, args.layer_mb)
         on = best(lambda: batched_reads(big, 0, d_mlp, True), setup=forget)
         off = best(lambda: batched_reads(big, 0, d_mlp, False))
         whole = best(lambda: big.verify(schema.weights_path(0), big.record_of(schema.weights_path(0))), setup=forget)
-        print(f"synthetic gated layer ({args.layer_mb} MiB, d_mlp {d_mlp:,}) in batches of {NEURONS_PER_TASK} neurons: "
-              f"verified {on:.3f} s, unverified {off:.3f} s ({on / off:.2f}x); verifying the whole file once "
-              f"instead: {whole:.3f} s")
+        print(
+            f"synthetic gated layer ({args.layer_mb} MiB, d_mlp {d_mlp:,}) in batches of {NEURONS_PER_TASK} neurons: "
+            f"verified {on:.3f} s, unverified {off:.3f} s ({on / off:.2f}x); verifying the whole file once "
+            f"instead: {whole:.3f} s"
+        )
 
     inputs = {rec["path"]: rec for entry in m["stages"].values() for rec in (entry.get("inputs") or {}).values()}
     if inputs:
         in_mib = sum(r["size"] for r in inputs.values()) / 2**20
         t_hash = best(lambda: [store.input_record(url) for url in inputs], setup=forget)
         t_stat = best(lambda: [store.input_change(url, rec) for url, rec in inputs.items()], setup=forget)
-        print(f"inputs ({len(inputs)} files, {in_mib:,.0f} MiB): fingerprint (hash) {t_hash:.3f} s, check (stat) "
-              f"{t_stat * 1e3:.2f} ms")
+        print(
+            f"inputs ({len(inputs)} files, {in_mib:,.0f} MiB): fingerprint (hash) {t_hash:.3f} s, check (stat) "
+            f"{t_stat * 1e3:.2f} ms"
+        )
 
     h_parts = [rel for rel in records if rel.startswith("h/")]
     tables = [run.read_parquet(rel) for rel in h_parts]
@@ -167,10 +194,14 @@ def main() -> None:
 
     r_on, r_off = best(lambda: read(True)), best(lambda: read(False))
     w_on, w_off = best(lambda: write(True)), best(lambda: write(False))
-    print(f"read the h/ parts ({h_mib:,.0f} MiB): {r_on:.3f} s with page checksums, {r_off:.3f} s without "
-          f"({r_on / r_off:.2f}x)")
-    print(f"write the h/ parts:              {w_on:.3f} s with page checksums, {w_off:.3f} s without "
-          f"({w_on / w_off:.2f}x)")
+    print(
+        f"read the h/ parts ({h_mib:,.0f} MiB): {r_on:.3f} s with page checksums, {r_off:.3f} s without "
+        f"({r_on / r_off:.2f}x)"
+    )
+    print(
+        f"write the h/ parts:              {w_on:.3f} s with page checksums, {w_off:.3f} s without "
+        f"({w_on / w_off:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

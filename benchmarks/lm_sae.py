@@ -54,8 +54,9 @@ def corpus(work: Path, contexts: int | None = None, repeat: int = 1) -> RunConfi
                 for key in sorted(topics):
                     f.write(json.dumps({"text": topics[key]}) + "\n")
         paths = [str(path)]
-    data = DataConfig(source="files" if paths else "pydoc", paths=paths, n_ctx=128, max_contexts=contexts,
-                      contexts_per_part=64)
+    data = DataConfig(
+        source="files" if paths else "pydoc", paths=paths, n_ctx=128, max_contexts=contexts, contexts_per_part=64
+    )
     cfg = RunConfig(run_dir=str(work / f"corpus-{contexts}-x{repeat}"), model=MINILM, data=data)
     if not RunDir(cfg.run_dir).exists("contexts"):
         write_contexts(RunDir(cfg.run_dir), cfg, load_model(MINILM))
@@ -74,8 +75,9 @@ class Clock:
 def streaming_vs_forward(run: RunDir, model, cfg: LMSAEConfig, steps: int) -> None:
     """Rows/s the stream delivers (shuffling buffer included, no training) against the forward passes alone."""
     plan = ShufflePlan(stream_contexts(run, 0, 10, 1), cfg.buffer_tokens, cfg.batch_size, 0, steps)
-    buffer = ActivationBuffer(lambda cs: hook_rows(model, HOOK, cs, cfg.contexts_per_batch), SINGLE,
-                              hook_width(model, HOOK))
+    buffer = ActivationBuffer(
+        lambda cs: hook_rows(model, HOOK, cs, cfg.contexts_per_batch), SINGLE, hook_width(model, HOOK)
+    )
     hook_rows(model, HOOK, list(stream_contexts(run, 1, 10, 1))[:32], cfg.contexts_per_batch)  # warm up
     contexts = []
     with Clock() as streamed:
@@ -87,12 +89,18 @@ def streaming_vs_forward(run: RunDir, model, cfg: LMSAEConfig, steps: int) -> No
         hook_rows(model, HOOK, contexts, cfg.contexts_per_batch)
     rows = steps * cfg.batch_size
     computed = sum(c.n_rows for c in contexts)
-    print(f"streaming: {rows:,} rows in {streamed.wall:.1f} s wall ({streamed.cpu:.1f} s CPU): "
-          f"{rows / streamed.wall:,.0f} rows/s ({computed:,} rows computed, the buffer's last fill included)")
-    print(f"forward passes alone over the same {len(contexts)} contexts: {forward.wall:.1f} s wall "
-          f"({forward.cpu:.1f} s CPU): {computed / forward.wall:,.0f} rows/s")
-    print(f"  streaming / forward: {computed / streamed.wall / (computed / forward.wall):.2f} of the forward rate "
-          f"(CPU time ratio {forward.cpu / streamed.cpu:.2f})")
+    print(
+        f"streaming: {rows:,} rows in {streamed.wall:.1f} s wall ({streamed.cpu:.1f} s CPU): "
+        f"{rows / streamed.wall:,.0f} rows/s ({computed:,} rows computed, the buffer's last fill included)"
+    )
+    print(
+        f"forward passes alone over the same {len(contexts)} contexts: {forward.wall:.1f} s wall "
+        f"({forward.cpu:.1f} s CPU): {computed / forward.wall:,.0f} rows/s"
+    )
+    print(
+        f"  streaming / forward: {computed / streamed.wall / (computed / forward.wall):.2f} of the forward rate "
+        f"(CPU time ratio {forward.cpu / streamed.cpu:.2f})"
+    )
 
 
 def ne_loss_cost(model, run: RunDir, steps: int) -> None:
@@ -117,9 +125,11 @@ def ne_loss_cost(model, run: RunDir, steps: int) -> None:
                     sae_step(sae, opt, batches[i % len(batches)], 1024, c, ne, True, SINGLE)
             times[loss] = clock
         std, ne = times["none"], times["ne"]
-        print(f"{arch:>9}: {1024 * steps / std.wall:,.0f} tokens/s standard, {1024 * steps / ne.wall:,.0f} with the NE "
-              f"loss: NE / standard = {ne.wall / std.wall:.2f} in wall time, {ne.cpu / std.cpu:.2f} in CPU time "
-              f"(d_in 384, 1,536 latents, batch 1,024, {steps} steps)")
+        print(
+            f"{arch:>9}: {1024 * steps / std.wall:,.0f} tokens/s standard, {1024 * steps / ne.wall:,.0f} with the NE "
+            f"loss: NE / standard = {ne.wall / std.wall:.2f} in wall time, {ne.cpu / std.cpu:.2f} in CPU time "
+            f"(d_in 384, 1,536 latents, batch 1,024, {steps} steps)"
+        )
 
 
 def workers(base: RunConfig, tokens: int) -> None:
@@ -129,20 +139,29 @@ def workers(base: RunConfig, tokens: int) -> None:
     model = load_model(MINILM)
     results = {}
     for n in (1, 2):
-        cfg = replace(base, run_dir=base.run_dir, sae=UnitsSAEConfig(
-            train_hook=HOOK, train=LMSAEConfig(architecture="topk", k=32, batch_size=1024, buffer_tokens=16384,
-                                               train_tokens=tokens),
-            trainer=SAETrainerConfig(num_workers=n, checkpoint_every=10**6)))
+        cfg = replace(
+            base,
+            run_dir=base.run_dir,
+            sae=UnitsSAEConfig(
+                train_hook=HOOK,
+                train=LMSAEConfig(architecture="topk", k=32, batch_size=1024, buffer_tokens=16384, train_tokens=tokens),
+                trainer=SAETrainerConfig(num_workers=n, checkpoint_every=10**6),
+            ),
+        )
         RunDir(cfg.run_dir).remove(schema.WORK_DIR)  # no checkpoint of the other run to resume from
         t0 = time.perf_counter()
         info = train_run_sae(RunDir(cfg.run_dir), cfg, model)
         wall = time.perf_counter() - t0
         results[n] = info
-        print(f"{n} worker(s): {info['tokens']:,} tokens in {info['train_seconds']:.1f} s of training "
-              f"({info['tokens'] / info['train_seconds']:,.0f} tokens/s); {wall:.1f} s with Ray Train's start "
-              f"({info['tokens'] / wall:,.0f} tokens/s); MSE {info['mse']:.5f}")
-    print(f"  2 workers / 1: {results[1]['train_seconds'] / results[2]['train_seconds']:.2f}x the training rate; "
-          f"MSE differs by {abs(results[1]['mse'] - results[2]['mse']) / results[1]['mse']:.1e} (relative)")
+        print(
+            f"{n} worker(s): {info['tokens']:,} tokens in {info['train_seconds']:.1f} s of training "
+            f"({info['tokens'] / info['train_seconds']:,.0f} tokens/s); {wall:.1f} s with Ray Train's start "
+            f"({info['tokens'] / wall:,.0f} tokens/s); MSE {info['mse']:.5f}"
+        )
+    print(
+        f"  2 workers / 1: {results[1]['train_seconds'] / results[2]['train_seconds']:.2f}x the training rate; "
+        f"MSE differs by {abs(results[1]['mse'] - results[2]['mse']) / results[1]['mse']:.1e} (relative)"
+    )
 
 
 def peak_memory(work: Path, contexts: int | None) -> None:
@@ -165,11 +184,18 @@ train_sae(model, RunDir({cfg.run_dir!r}), {HOOK!r}, cfg, 10, 0, {rows} // 1024)
 print(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
 """
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
         peak = int(out.stdout.strip().splitlines()[-1]) / 1024
-        print(f"corpus x{repeat}: {rows:,} training tokens, peak RSS {peak:,.0f} MB ({time.perf_counter() - t0:.0f} "
-              f"s); holding the activations instead would take {rows * 384 * 4 / 2**20:,.0f} MB")
+        print(
+            f"corpus x{repeat}: {rows:,} training tokens, peak RSS {peak:,.0f} MB ({time.perf_counter() - t0:.0f} "
+            f"s); holding the activations instead would take {rows * 384 * 4 / 2**20:,.0f} MB"
+        )
 
 
 def sweep(work: Path, coeffs: list[float]) -> None:
@@ -182,12 +208,23 @@ def sweep(work: Path, coeffs: list[float]) -> None:
     model = load_model(MINILM)
     for coeff in [0.0, *coeffs]:
         train = replace(base.sae.train, loss="ne" if coeff else "none", ne_coeff=coeff or 1.0)
-        cfg = replace(base, run_dir=data.run_dir, sae=replace(base.sae, train=train, compare=replace(
-            base.sae.compare, seeds=[]), trainer=SAETrainerConfig(num_workers=0)))
+        cfg = replace(
+            base,
+            run_dir=data.run_dir,
+            sae=replace(
+                base.sae,
+                train=train,
+                compare=replace(base.sae.compare, seeds=[]),
+                trainer=SAETrainerConfig(num_workers=0),
+            ),
+        )
         with Clock() as clock:
             info = train_run_sae(RunDir(cfg.run_dir), cfg, model)
-        print(f"λ2 {coeff:g}: training MSE {info['mse']:.4f}, L_N {info['l_n']:.4f}, L0 {info['l0']:.1f} "
-              f"({clock.wall:.0f} s wall, {clock.cpu:.0f} s CPU)", flush=True)
+        print(
+            f"λ2 {coeff:g}: training MSE {info['mse']:.4f}, L_N {info['l_n']:.4f}, L0 {info['l0']:.1f} "
+            f"({clock.wall:.0f} s wall, {clock.cpu:.0f} s CPU)",
+            flush=True,
+        )
 
 
 def mnist_authors(folder: Path, mnist: Path) -> None:
@@ -223,8 +260,10 @@ def mnist_authors(folder: Path, mnist: Path) -> None:
         w2 = sae.W_enc.detach().square()
         live = torch.tensor([len(idx) > 0 for idx in lists])
         ratio = float((w2.sum(1) ** 2 / w2.square().sum(1))[live].median())
-        print(f"authors' {name} SAE: median mean distance {medians['neuron embeddings']:.3f} as neuron embeddings, "
-              f"{medians['raw activations']:.3f} as raw activations; encoder rows read {ratio:.1f} of 64 inputs")
+        print(
+            f"authors' {name} SAE: median mean distance {medians['neuron embeddings']:.3f} as neuron embeddings, "
+            f"{medians['raw activations']:.3f} as raw activations; encoder rows read {ratio:.1f} of 64 inputs"
+        )
 
 
 def encoders(runs: list[str]) -> None:
@@ -253,9 +292,11 @@ def encoders(runs: list[str]) -> None:
             real[:, : int(model.bos_token_id is not None)] = False
             rows.append(read_hook(model, tokens, mask, cfg.sae.train_hook)[real])
         std = torch.cat(rows).std(0)
-        print(f"{path}: dimension {dim} is the largest weight of {count} of {len(W)} encoder rows; its std over "
-              f"held-out tokens is {std[dim]:.2f} (rank {int((std > std[dim]).sum()) + 1} of {len(std)}; median "
-              f"{std.median():.2f})")
+        print(
+            f"{path}: dimension {dim} is the largest weight of {count} of {len(W)} encoder rows; its std over "
+            f"held-out tokens is {std[dim]:.2f} (rank {int((std > std[dim]).sum()) + 1} of {len(std)}; median "
+            f"{std.median():.2f})"
+        )
 
 
 def main() -> None:
@@ -265,9 +306,11 @@ def main() -> None:
     p.add_argument("--sweep", type=float, nargs="+")
     p.add_argument("--encoders", nargs="+", metavar="RUN", help="where each run's SAE encoder reads")
     p.add_argument("--mnist", action="store_true", help="the authors' MNIST SAEs: NE-space vs raw-space distances")
-    p.add_argument("--data", default=os.environ.get("NE_DATA_DIR") or str(Path(__file__).resolve().parents[2]
-                                                                            / "shared" / "data"),
-                   help="folder with mechmnistic/ and mnist/ (--mnist; default $NE_DATA_DIR or ../shared/data)")
+    p.add_argument(
+        "--data",
+        default=os.environ.get("NE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+        help="folder with mechmnistic/ and mnist/ (--mnist; default $NE_DATA_DIR or ../shared/data)",
+    )
     p.add_argument("--steps", type=int, default=30, help="optimiser steps timed per setting (--speed)")
     p.add_argument("--tokens", type=int, default=65536, help="tokens each Ray Train job trains on (--speed)")
     p.add_argument("--contexts", type=int, help="contexts of the smaller corpus (--memory; default: all of pydoc)")

@@ -89,11 +89,22 @@ def speed(run_dir: str, n_contexts: int, repeats: int, frac: float | None, devic
         nbytes += buf.tell()
     fwd, occ = float(np.median(times["forward"])), float(np.median(times["pass"]))
     units = int(sum(len(explainer.max_act[layer]) for layer in explainer.layers))
-    return {"contexts": len(contexts), "tokens": n_tokens, "forward_s": fwd, "pass_s": occ, "ratio": occ / fwd,
-            "forward_tok_s": n_tokens / fwd, "pass_tok_s": n_tokens / occ, "rows": rows,
-            "rows_per_token": rows / n_tokens, "bytes_per_mtok": nbytes / n_tokens * 1e6,
-            "bytes_per_row": nbytes / max(rows, 1), "units": units, "load_s": load_s,
-            "frac": frac if frac is not None else cfg.occurrence.frac}
+    return {
+        "contexts": len(contexts),
+        "tokens": n_tokens,
+        "forward_s": fwd,
+        "pass_s": occ,
+        "ratio": occ / fwd,
+        "forward_tok_s": n_tokens / fwd,
+        "pass_tok_s": n_tokens / occ,
+        "rows": rows,
+        "rows_per_token": rows / n_tokens,
+        "bytes_per_mtok": nbytes / n_tokens * 1e6,
+        "bytes_per_row": nbytes / max(rows, 1),
+        "units": units,
+        "load_s": load_s,
+        "frac": frac if frac is not None else cfg.occurrence.frac,
+    }
 
 
 def view_of(run_dir: str, work: Path) -> Path:
@@ -125,10 +136,12 @@ def peak_memory(run_dir: str, n_contexts: int, work: Path) -> tuple[float, float
     cfg.setdefault("harvest", {})["num_workers"] = 0
     cfg.setdefault("occurrence", {})["contexts"] = n_contexts
     config.write_text(json.dumps(cfg))
-    code = ("import resource, sys, time; from ne.cli import main; t = time.perf_counter(); "
-            f"rc = main(['occurrence', '--config', {str(config)!r}]); "
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t); "
-            "sys.exit(rc)")
+    code = (
+        "import resource, sys, time; from ne.cli import main; t = time.perf_counter(); "
+        f"rc = main(['occurrence', '--config', {str(config)!r}]); "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t); "
+        "sys.exit(rc)"
+    )
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     peak, seconds = next(line for line in out.stdout.splitlines() if line.startswith("PEAK")).split()[1:]
@@ -138,15 +151,21 @@ def peak_memory(run_dir: str, n_contexts: int, work: Path) -> tuple[float, float
 def projection(s: dict, pairs_per_token: float | None) -> list[str]:
     """Rows, bytes and time for two larger runs, from this run's per-unit firing rate and the pass's cost."""
     rate = s["rows_per_token"] / s["units"]
-    lines = [f"firing rate at frac {s['frac']}: {rate:.3%} of units per token; {s['bytes_per_row']:.1f} B per "
-             f"occurrence; the pass costs {s['ratio']:.2f} × one forward pass"]
+    lines = [
+        f"firing rate at frac {s['frac']}: {rate:.3%} of units per token; {s['bytes_per_row']:.1f} B per "
+        f"occurrence; the pass costs {s['ratio']:.2f} × one forward pass"
+    ]
     for name, m in (("GPT2-small × 10k contexts", GPT2_SMALL), ("Llama-3-8B × 10M tokens", LLAMA3_8B)):
         rows = rate * m["units"] * m["tokens"]
-        line = (f"{name}: {m['tokens']:,} tokens, {rate * m['units']:.0f} occurrences per token, {rows:.3g} rows, "
-                f"{rows * s['bytes_per_row'] / 1e9:.1f} GB of occurrences; time {s['ratio']:.2f} × its forward pass")
+        line = (
+            f"{name}: {m['tokens']:,} tokens, {rate * m['units']:.0f} occurrences per token, {rows:.3g} rows, "
+            f"{rows * s['bytes_per_row'] / 1e9:.1f} GB of occurrences; time {s['ratio']:.2f} × its forward pass"
+        )
         if pairs_per_token is not None:
-            line += f"; co-activation counts at most {pairs_per_token:.0f} pairs per token: " \
-                    f"{pairs_per_token * m['tokens']:.3g} pair instances"
+            line += (
+                f"; co-activation counts at most {pairs_per_token:.0f} pairs per token: "
+                f"{pairs_per_token * m['tokens']:.3g} pair instances"
+            )
         lines.append(line)
     return lines
 
@@ -163,13 +182,19 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     s = speed(args.run_dir, args.contexts, args.repeats, args.frac, args.device, args.batch_size)
-    print(f"{args.run_dir}: {s['contexts']} held-out contexts, {s['tokens']:,} tokens, {s['units']:,} units, frac "
-          f"{s['frac']}, device {args.device}, batch {args.batch_size}, {args.repeats} repeats (medians)")
+    print(
+        f"{args.run_dir}: {s['contexts']} held-out contexts, {s['tokens']:,} tokens, {s['units']:,} units, frac "
+        f"{s['frac']}, device {args.device}, batch {args.batch_size}, {args.repeats} repeats (medians)"
+    )
     print(f"  forward pass alone         {s['forward_tok_s']:>9,.0f} tokens/s")
-    print(f"  occurrence pass            {s['pass_tok_s']:>9,.0f} tokens/s   = {s['ratio']:.2f} × the forward pass's "
-          "time (target <= 1.5)")
-    print(f"  occurrences                {s['rows_per_token']:>9.1f} per token, {s['bytes_per_mtok'] / 2**20:,.1f} MiB "
-          f"per million tokens ({s['bytes_per_row']:.1f} B each)")
+    print(
+        f"  occurrence pass            {s['pass_tok_s']:>9,.0f} tokens/s   = {s['ratio']:.2f} × the forward pass's "
+        "time (target <= 1.5)"
+    )
+    print(
+        f"  occurrences                {s['rows_per_token']:>9.1f} per token, {s['bytes_per_mtok'] / 2**20:,.1f} MiB "
+        f"per million tokens ({s['bytes_per_row']:.1f} B each)"
+    )
     print(f"  cluster vectors loaded in  {s['load_s']:>9.1f} s (once per worker)")
     run = RunDir(args.run_dir)
     co_info = run.manifest()["stages"].get("coactivation", {}).get("info", {})
@@ -179,8 +204,10 @@ def main() -> None:
         try:
             for n in (args.contexts, 4 * args.contexts):
                 peak, seconds = peak_memory(args.run_dir, n, work)
-                print(f"  whole stage, {n:>4} contexts  peak RSS {peak:,.0f} MB, {seconds:.0f} s (occurrences and "
-                      "co-activation, in process)")
+                print(
+                    f"  whole stage, {n:>4} contexts  peak RSS {peak:,.0f} MB, {seconds:.0f} s (occurrences and "
+                    "co-activation, in process)"
+                )
         finally:
             shutil.rmtree(work, ignore_errors=True)
     for line in projection(s, None if cap is None else cap * (cap - 1)):

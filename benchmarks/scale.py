@@ -41,8 +41,14 @@ GPU_FLOPS = 0.4 * 989e12
 def python(code: str, env: dict | None = None) -> tuple[float, float, str]:
     """Run `code` in a fresh interpreter: (seconds, peak RSS in MB, output tail)."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        text=True,
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -150,11 +156,16 @@ def full_run(args) -> None:
     load = f"from ne.config import load_config; cfg = load_config({str(config)!r})"
     stages = [
         ("harvest", f"{load}; from jobs.harvest import run_harvest; print(run_harvest(cfg).describe())"),
-        ("cluster", f"{load}; from jobs.cluster import run_cluster; "
-                    "print(run_cluster(cfg, in_process=True).describe())"),
+        (
+            "cluster",
+            f"{load}; from jobs.cluster import run_cluster; print(run_cluster(cfg, in_process=True).describe())",
+        ),
         ("index", f"{load}; from index.build import run_index; print(run_index(cfg).describe())"),
-        ("view", f"import sys; sys.argv = ['viewer.py', {str(run_dir)!r}, '--neurons', '20']; "
-                 "sys.path.insert(0, 'benchmarks'); import viewer; viewer.main()"),
+        (
+            "view",
+            f"import sys; sys.argv = ['viewer.py', {str(run_dir)!r}, '--neurons', '20']; "
+            "sys.path.insert(0, 'benchmarks'); import viewer; viewer.main()",
+        ),
     ]
     measured = {}
     for name, code in stages:
@@ -169,8 +180,13 @@ def full_run(args) -> None:
         print(f"--- {name}: {seconds:.1f} s, peak RSS {rss:,.0f} MB\n{_tail(out, 6)}", flush=True)
     measured = {**_load(work), **measured}
     serve_check(run_dir)
-    out = subprocess.run([sys.executable, "-m", "ne.cli", "run", "--config", str(config)], cwd=REPO,
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-m", "ne.cli", "run", "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     print(f"--- ne run --config {config} (every stage done: it checks and skips them)\n{_tail(out.stdout, 8)}")
     report(run_dir, measured, args)
 
@@ -193,15 +209,22 @@ def _tail(text: str, n: int) -> str:
 
 def serve_check(run_dir: Path, port: int = 8765) -> None:
     """`ne view RUN`: the server starts and answers; the neuron page's reads are timed by the view stage."""
-    proc = subprocess.Popen([sys.executable, "-m", "ne.cli", "view", str(run_dir), "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ne.cli", "view", str(run_dir), "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         for _ in range(60):
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    print(f"--- ne view {run_dir}: serving at port {port}, health check {r.status} "
-                          f"{r.read().decode()[:20]!r}")
+                    print(
+                        f"--- ne view {run_dir}: serving at port {port}, health check {r.status} "
+                        f"{r.read().decode()[:20]!r}"
+                    )
                     return
             except OSError:
                 time.sleep(1)
@@ -228,34 +251,46 @@ def report(run_dir: Path, measured: dict, args) -> None:
     index = manifest["stages"]["index"]["info"]
     print(f"\n=== {run_dir}: {args.layers} layers × d_mlp {args.d_mlp}, d_model {args.d_model}, {tokens:,} tokens")
     print(f"{'stage':<8} {'seconds':>8} {'peak RSS MB':>12}  disk")
-    disk = {"harvest": f"examples {ex_bytes / max(n_examples, 1):,.0f} B/example ({n_examples:,}); h "
-                       f"{h_bytes / max(n_h, 1):,.0f} B/row float32, {h16:,.0f} float16 ({n_h:,} rows); contexts "
-                       f"{ctx_bytes / tokens:.2f} B/token; weights {w_bytes / 2**20:,.0f} MiB",
-            "cluster": f"clusters {cl_bytes / max(n_examples, 1):.1f} B/example, dendrograms "
-                       f"{dn_bytes / max(n_examples, 1):.1f} B/example",
-            "index": f"{ix_bytes / max(index['n_vectors'], 1):,.0f} B/vector ({index['n_vectors']:,} vectors, "
-                     f"d {index['d']})",
-            "view": "reads only"}
+    disk = {
+        "harvest": f"examples {ex_bytes / max(n_examples, 1):,.0f} B/example ({n_examples:,}); h "
+        f"{h_bytes / max(n_h, 1):,.0f} B/row float32, {h16:,.0f} float16 ({n_h:,} rows); contexts "
+        f"{ctx_bytes / tokens:.2f} B/token; weights {w_bytes / 2**20:,.0f} MiB",
+        "cluster": f"clusters {cl_bytes / max(n_examples, 1):.1f} B/example, dendrograms "
+        f"{dn_bytes / max(n_examples, 1):.1f} B/example",
+        "index": f"{ix_bytes / max(index['n_vectors'], 1):,.0f} B/vector ({index['n_vectors']:,} vectors, "
+        f"d {index['d']})",
+        "view": "reads only",
+    }
     for name in ("harvest", "cluster", "index", "view"):
         seconds, rss = measured.get(name, (float("nan"), float("nan")))
         print(f"{name:<8} {seconds:>8.1f} {rss:>12,.0f}  {disk[name]}")
     err = distance_error(str(run_dir), args.check_neurons)
-    print("\nlargest cosine-distance change from float32 h (all neurons with 2+ examples"
-          f"{'' if args.check_neurons >= neurons else f', first {args.check_neurons} per layer'}):")
+    print(
+        "\nlargest cosine-distance change from float32 h (all neurons with 2+ examples"
+        f"{'' if args.check_neurons >= neurons else f', first {args.check_neurons} per layer'}):"
+    )
     for mode in ("concat", "gate", "raw"):
         print(f"  {mode:<6} float16 {err[f'{mode}/float16']:.2e}   bfloat16 {err[f'{mode}/bfloat16']:.2e}")
     print(f"  bound for float16: 2 × 2^-11 = {2 * 2**-11:.2e} (each element's relative rounding error ≤ 2^-11)")
     harvest_s = measured.get("harvest", (float("nan"),))[0]
-    project(n_h / max(n_examples, 1), ex_bytes / max(n_examples, 1), h16 / args.d_model,
-            (cl_bytes + dn_bytes) / max(n_examples, 1), ctx_bytes / tokens, index["n_vectors"] / neurons,
-            tokens / harvest_s)
+    project(
+        n_h / max(n_examples, 1),
+        ex_bytes / max(n_examples, 1),
+        h16 / args.d_model,
+        (cl_bytes + dn_bytes) / max(n_examples, 1),
+        ctx_bytes / tokens,
+        index["n_vectors"] / neurons,
+        tokens / harvest_s,
+    )
 
 
 def project(h_per_example, b_example, b_h16_per_dim, b_cluster, b_token, clusters_per_neuron, cpu_tokens_s) -> None:
     """Disk, RAM and GPU time for 10M tokens, all layers, from the per-unit figures measured above."""
     print(f"\n=== projection to {TOKENS:,} tokens, all layers, k=100 (a long corpus gives every neuron its k)")
-    print("| model | neurons | examples | disk: examples + h + clusters | contexts | weights file | harvest RAM per "
-          "worker (host) | cluster RAM | index RAM | GPU time, 2 passes |")
+    print(
+        "| model | neurons | examples | disk: examples + h + clusters | contexts | weights file | harvest RAM per "
+        "worker (host) | cluster RAM | index RAM | GPU time, 2 passes |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for m, gated, per_part, tasks in ((LLAMA3_8B, True, 128, 64), (GPT2_SMALL, False, 1024, 256)):
         neurons, d = m["layers"] * m["d_mlp"], m["d_model"]
@@ -268,18 +303,22 @@ def project(h_per_example, b_example, b_h16_per_dim, b_cluster, b_token, cluster
         cluster = 4096 * 2**20 + tasks * 100 * d * 16
         index = neurons * clusters_per_neuron * d * (2 if gated else 1) * 4
         flops = 2 * 2 * m["params"] * TOKENS  # two passes, 2 FLOPs per parameter per token
-        print(f"| {m['name']} | {neurons:,} | {examples / 1e6:.1f}M | {disk / 1e9:,.0f} GB | "
-              f"{TOKENS * b_token / 1e6:,.0f} MB | {weights / 1e9:.1f} GB | {host / 1e9:.1f} GB + model "
-              f"(contexts_per_part {per_part}) | {cluster / 1e9:.1f} GB + {tasks * 100 * d * 16 / 1e9:.2f} GB per "
-              f"extra task (neurons_per_task {tasks}) | {index / 1e9:.1f} GB | {flops / GPU_FLOPS / 3600:.3g} GPU-h |")
-    print(f"Disk: one h row per example (the {TOKENS // 10**6}M-token corpus spreads each neuron's first k examples "
-          f"over many contexts; this run shared rows at {h_per_example:.2f} per example); h in float16 from d_model "
-          f"2048 (harvest.h_dtype auto), float32 below. Harvest RAM: the worst case of a part's h rows (every "
-          "position of every context), all layers in one pass; the model itself sits on the GPU(s). Cluster RAM: "
-          "cluster.h_memory_mb (4096) plus one task's working set. Index RAM: its float32 vectors, "
-          f"{clusters_per_neuron:.1f} clusters per neuron as measured here. GPU time: an estimate, two forward "
-          f"passes at {GPU_FLOPS / 1e12:.0f} TFLOP/s sustained (no GPU in this session; this CPU harvested "
-          f"{cpu_tokens_s:.0f} tokens/s).")
+        print(
+            f"| {m['name']} | {neurons:,} | {examples / 1e6:.1f}M | {disk / 1e9:,.0f} GB | "
+            f"{TOKENS * b_token / 1e6:,.0f} MB | {weights / 1e9:.1f} GB | {host / 1e9:.1f} GB + model "
+            f"(contexts_per_part {per_part}) | {cluster / 1e9:.1f} GB + {tasks * 100 * d * 16 / 1e9:.2f} GB per "
+            f"extra task (neurons_per_task {tasks}) | {index / 1e9:.1f} GB | {flops / GPU_FLOPS / 3600:.3g} GPU-h |"
+        )
+    print(
+        f"Disk: one h row per example (the {TOKENS // 10**6}M-token corpus spreads each neuron's first k examples "
+        f"over many contexts; this run shared rows at {h_per_example:.2f} per example); h in float16 from d_model "
+        f"2048 (harvest.h_dtype auto), float32 below. Harvest RAM: the worst case of a part's h rows (every "
+        "position of every context), all layers in one pass; the model itself sits on the GPU(s). Cluster RAM: "
+        "cluster.h_memory_mb (4096) plus one task's working set. Index RAM: its float32 vectors, "
+        f"{clusters_per_neuron:.1f} clusters per neuron as measured here. GPU time: an estimate, two forward "
+        f"passes at {GPU_FLOPS / 1e12:.0f} TFLOP/s sustained (no GPU in this session; this CPU harvested "
+        f"{cpu_tokens_s:.0f} tokens/s)."
+    )
 
 
 def flat(args) -> None:
@@ -288,21 +327,27 @@ def flat(args) -> None:
     rows = []
     for d_mlp in (args.d_mlp, 4 * args.d_mlp):
         run_dir = work / f"flat-{d_mlp}"
-        code = f"import sys; sys.path.insert(0, 'benchmarks'); import scale; scale.synthetic_run({str(run_dir)!r}, " \
-               f"{args.d_model}, {d_mlp}, {args.flat_k}, {args.flat_pool})"
+        code = (
+            f"import sys; sys.path.insert(0, 'benchmarks'); import scale; scale.synthetic_run({str(run_dir)!r}, "
+            f"{args.d_model}, {d_mlp}, {args.flat_k}, {args.flat_pool})"
+        )
         if not (run_dir / "manifest.json").exists():
             python(code)
         cfg = {"run_dir": str(run_dir), "cluster": {"neurons_per_task": 256, "h_memory_mb": args.h_memory_mb}}
         config = work / f"flat-{d_mlp}.yaml"
         config.write_text(yaml.safe_dump(cfg))
-        seconds, rss, out = python(f"from ne.config import load_config; from jobs.cluster import run_cluster; "
-                                   f"print(run_cluster(load_config({str(config)!r}), force=['cluster'], "
-                                   f"in_process=True).describe())")
+        seconds, rss, out = python(
+            f"from ne.config import load_config; from jobs.cluster import run_cluster; "
+            f"print(run_cluster(load_config({str(config)!r}), force=['cluster'], "
+            f"in_process=True).describe())"
+        )
         rows.append((d_mlp, seconds, rss))
         print(f"d_mlp {d_mlp:>6}: cluster stage {seconds:6.1f} s, peak RSS {rss:,.0f} MB", flush=True)
     (d0, _, r0), (d1, _, r1) = rows
-    print(f"d_mlp ×{d1 / d0:.0f} → peak RSS ×{r1 / r0:.2f} (d_model {args.d_model}, k {args.flat_k}, "
-          f"cluster.h_memory_mb {args.h_memory_mb}, neurons_per_task 256; h rows {args.flat_pool:,} per layer)")
+    print(
+        f"d_mlp ×{d1 / d0:.0f} → peak RSS ×{r1 / r0:.2f} (d_model {args.d_model}, k {args.flat_k}, "
+        f"cluster.h_memory_mb {args.h_memory_mb}, neurons_per_task 256; h rows {args.flat_pool:,} per layer)"
+    )
 
 
 def synthetic_run(url: str, d_model: int, d_mlp: int, k: int, pool: int) -> None:
@@ -321,39 +366,69 @@ def synthetic_run(url: str, d_model: int, d_mlp: int, k: int, pool: int) -> None
     h_ids = np.sort(rng.choice(pool * 4, pool, replace=False)) + n_ctx
     with stage(run, "contexts", cfg):
         ctx = np.unique(h_ids // n_ctx)
-        run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(0)}", pa.table(
-            {"ctx_id": ctx, "doc_id": ctx, "tokens": [[1] * n_ctx] * len(ctx)}, schema=schema.CONTEXTS))
+        run.write_parquet(
+            f"{schema.CONTEXTS_DIR}/{schema.part_name(0)}",
+            pa.table({"ctx_id": ctx, "doc_id": ctx, "tokens": [[1] * n_ctx] * len(ctx)}, schema=schema.CONTEXTS),
+        )
     with stage(run, "weights", cfg, layers=[0]):
         g = torch.randn(d_model, d_mlp)
         u = torch.randn(d_model, d_mlp)
-        run.write_bytes(schema.weights_path(0), weights_file({"W_gate": g, "b_gate": torch.zeros(d_mlp), "W_up": u,
-                                                              "b_up": torch.zeros(d_mlp)}))
+        run.write_bytes(
+            schema.weights_path(0),
+            weights_file({"W_gate": g, "b_gate": torch.zeros(d_mlp), "W_up": u, "b_up": torch.zeros(d_mlp)}),
+        )
         del g, u
     with stage(run, "maxima", cfg, layers=[0]):
-        run.write_parquet(schema.MAXIMA, pa.table({"layer": np.zeros(d_mlp, np.int16), "neuron": np.arange(
-            d_mlp, dtype=np.int32), "max_act": np.ones(d_mlp, np.float32)}, schema=schema.MAXIMA_SCHEMA))
+        run.write_parquet(
+            schema.MAXIMA,
+            pa.table(
+                {
+                    "layer": np.zeros(d_mlp, np.int16),
+                    "neuron": np.arange(d_mlp, dtype=np.int32),
+                    "max_act": np.ones(d_mlp, np.float32),
+                },
+                schema=schema.MAXIMA_SCHEMA,
+            ),
+        )
     with stage(run, "examples", cfg, layers=[0], rows=d_mlp * k):
         per_part = 4096
         for i, lo in enumerate(range(0, d_mlp, per_part)):
             n = min(per_part, d_mlp - lo)
             spread = (rng.integers(0, pool, n)[:, None] + np.arange(k) * (pool // k)) % pool  # k distinct rows each
             hid = np.sort(h_ids[spread], axis=1).ravel()
-            table = pa.table({
-                "layer": np.zeros(n * k, np.int16), "neuron": np.repeat(np.arange(lo, lo + n, dtype=np.int32), k),
-                "rank": np.tile(np.arange(k, dtype=np.int16), n), "ctx_id": hid // n_ctx,
-                "pos": (hid % n_ctx).astype(np.int16), "act": np.ones(n * k, np.float32),
-                "window_start": (hid % n_ctx).astype(np.int16), "window": [[1.0]] * (n * k), "h_id": hid,
-            }, schema=schema.EXAMPLES)
-            run.write_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, 0)}/{schema.part_name(i)}", table,
-                              row_group_size=64 * k)
+            table = pa.table(
+                {
+                    "layer": np.zeros(n * k, np.int16),
+                    "neuron": np.repeat(np.arange(lo, lo + n, dtype=np.int32), k),
+                    "rank": np.tile(np.arange(k, dtype=np.int16), n),
+                    "ctx_id": hid // n_ctx,
+                    "pos": (hid % n_ctx).astype(np.int16),
+                    "act": np.ones(n * k, np.float32),
+                    "window_start": (hid % n_ctx).astype(np.int16),
+                    "window": [[1.0]] * (n * k),
+                    "h_id": hid,
+                },
+                schema=schema.EXAMPLES,
+            )
+            run.write_parquet(
+                f"{schema.layer_dir(schema.EXAMPLES_DIR, 0)}/{schema.part_name(i)}", table, row_group_size=64 * k
+            )
         rows_per_part = 16384
         for i, lo in enumerate(range(0, pool, rows_per_part)):
             ids = h_ids[lo : lo + rows_per_part]
             h = rng.normal(size=(len(ids), d_model)).astype(np.float16)
-            run.write_parquet(f"{schema.layer_dir(schema.H_DIR, 0)}/{schema.part_name(i)}", pa.table({
-                "h_id": ids, "ctx_id": ids // n_ctx, "pos": (ids % n_ctx).astype(np.int16),
-                "h": pa.FixedSizeListArray.from_arrays(pa.array(h.ravel()), d_model)}, schema=schema.h_schema(
-                    d_model, "float16")))
+            run.write_parquet(
+                f"{schema.layer_dir(schema.H_DIR, 0)}/{schema.part_name(i)}",
+                pa.table(
+                    {
+                        "h_id": ids,
+                        "ctx_id": ids // n_ctx,
+                        "pos": (ids % n_ctx).astype(np.int16),
+                        "h": pa.FixedSizeListArray.from_arrays(pa.array(h.ravel()), d_model),
+                    },
+                    schema=schema.h_schema(d_model, "float16"),
+                ),
+            )
 
 
 def main() -> None:

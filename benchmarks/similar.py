@@ -104,8 +104,15 @@ def query_pairs(fid: np.ndarray, token: np.ndarray, queries: np.ndarray) -> pd.D
     return both.groupby(["a", "b"]).size().rename("count").reset_index()
 
 
-def behaviour_answers(pairs: pd.DataFrame, n_a: np.ndarray, n_tokens: int, queries: np.ndarray, ids: FeatureIds,
-                      score: str, min_count: int) -> np.ndarray:
+def behaviour_answers(
+    pairs: pd.DataFrame,
+    n_a: np.ndarray,
+    n_tokens: int,
+    queries: np.ndarray,
+    ids: FeatureIds,
+    score: str,
+    min_count: int,
+) -> np.ndarray:
     """[q, K]: the stage's own table (`coactivation_tables`: its cut, score and ranking) for the queries' pairs;
     -1 where a query fires with fewer features."""
     p = pairs[pairs["count"] >= min_count]
@@ -176,8 +183,9 @@ def parquet_bytes(table: pa.Table) -> int:
     return buf.tell()
 
 
-def central_judge(run: RunDir, cfg: RunConfig, ids: FeatureIds, queries: np.ndarray, judge: float,
-                  layers) -> tuple[np.ndarray, np.ndarray]:
+def central_judge(
+    run: RunDir, cfg: RunConfig, ids: FeatureIds, queries: np.ndarray, judge: float, layers
+) -> tuple[np.ndarray, np.ndarray]:
     """(fires [q, layers × d_mlp] at each query's central example, harvest-corpus contexts the co-activation never
     saw): ENVIRONMENT.md's first measure. Recomputed with the run's model."""
     import torch
@@ -192,8 +200,12 @@ def central_judge(run: RunDir, cfg: RunConfig, ids: FeatureIds, queries: np.ndar
         t["fid"] = ids.starts[layer][t.neuron.to_numpy()] + t.cluster.to_numpy()
         central.update({int(f): (int(c), int(p)) for f, c, p in zip(t.fid, t.ctx_id, t.pos)})
     wanted = {central[int(q)][0] for q in queries}
-    tokens = {c: t for part in range(len(run.ls(schema.CONTEXTS_DIR, suffix=".parquet")))
-              for c, t in read_contexts(run, part) if c in wanted}
+    tokens = {
+        c: t
+        for part in range(len(run.ls(schema.CONTEXTS_DIR, suffix=".parquet")))
+        for c, t in read_contexts(run, part)
+        if c in wanted
+    }
     model = load_units(cfg)
     extremes = signed_extremes(run, layers, cfg.harvest.direction)
     sign = SIGNS[cfg.harvest.direction]
@@ -206,7 +218,7 @@ def central_judge(run: RunDir, cfg: RunConfig, ids: FeatureIds, queries: np.ndar
             out = model.run(t, torch.ones_like(t), list(layers))
             for j, layer in enumerate(layers):
                 act = sign * out[layer].act[0, pos].float().numpy()
-                fires[i, j * d_mlp:(j + 1) * d_mlp] = (act >= judge * extremes[layer]) & (extremes[layer] > 0)
+                fires[i, j * d_mlp : (j + 1) * d_mlp] = (act >= judge * extremes[layer]) & (extremes[layer] > 0)
     return fires, d_mlp
 
 
@@ -217,8 +229,12 @@ def main() -> None:
     p.add_argument("--fracs", type=float, nargs="+", default=[0.5, 0.6, 0.75])
     p.add_argument("--judge", type=float, default=0.5, help="a neuron fires at this × its maximum, when judging")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vectors", default=IndexConfig().vectors, choices=VECTORS,
-                   help="the vector answer that fills the default answer (default: index.vectors' default)")
+    p.add_argument(
+        "--vectors",
+        default=IndexConfig().vectors,
+        choices=VECTORS,
+        help="the vector answer that fills the default answer (default: index.vectors' default)",
+    )
     args = p.parse_args()
     start = time.perf_counter()
     run = RunDir(args.run_dir)
@@ -227,8 +243,10 @@ def main() -> None:
     info = m["stages"]["occurrence"]["info"]
     layers, base = sorted(info["layers"]), float(info["frac"])
     if base > min(min(args.fracs), args.judge):
-        sys.exit(f"the run's occurrences were found at frac {base}; rerun its occurrence stage at or below "
-                 f"{min(min(args.fracs), args.judge)} (--set occurrence.frac=...)")
+        sys.exit(
+            f"the run's occurrences were found at frac {base}; rerun its occurrence stage at or below "
+            f"{min(min(args.fracs), args.judge)} (--set occurrence.frac=...)"
+        )
     ids = co.feature_ids(run, layers)
     occ = load_occurrences(run, layers, cfg.harvest.direction, ids)
     learn, judge_half = occ[occ.ctx_id % 2 == 0], occ[occ.ctx_id % 2 == 1]
@@ -243,15 +261,18 @@ def main() -> None:
     sizes = np.zeros(ids.n, np.int64)
     for layer in layers:
         c = run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer), columns=["neuron", "cluster", "size"])
-        sizes[ids.starts[layer][c.column("neuron").to_numpy()] + c.column("cluster").to_numpy()] = \
-            c.column("size").to_numpy()
+        sizes[ids.starts[layer][c.column("neuron").to_numpy()] + c.column("cluster").to_numpy()] = c.column(
+            "size"
+        ).to_numpy()
     eligible = np.intersect1d(np.flatnonzero(sizes >= cfg.cluster.min_cluster_size), np.unique(judge.fid))
     rng = np.random.default_rng(args.seed)
     queries = np.sort(rng.choice(eligible, min(args.queries, len(eligible)), replace=False))
-    print(f"{args.run_dir}: held-out contexts split by ctx_id: {len(learn):,} occurrences learn ({n_learn:,} tokens), "
-          f"{len(judge_half):,} judge ({n_judge:,} tokens), found at frac {base}; {ids.n:,} feature clusters, "
-          f"{len(eligible):,} of them (>= {cfg.cluster.min_cluster_size} examples) occur in the judging half at "
-          f"{args.judge} × max; {len(queries)} queries (seed {args.seed})")
+    print(
+        f"{args.run_dir}: held-out contexts split by ctx_id: {len(learn):,} occurrences learn ({n_learn:,} tokens), "
+        f"{len(judge_half):,} judge ({n_judge:,} tokens), found at frac {base}; {ids.n:,} feature clusters, "
+        f"{len(eligible):,} of them (>= {cfg.cluster.min_cluster_size} examples) occur in the judging half at "
+        f"{args.judge} × max; {len(queries)} queries (seed {args.seed})"
+    )
     fires_central, d_central = central_judge(run, cfg, ids, queries, args.judge, layers)
 
     def central_precision(answers: np.ndarray) -> float:
@@ -267,76 +288,130 @@ def main() -> None:
     x = vectors(run, layers, ids, cfg.model.gated_embedding)
     vector_top = {name: vector_answers(v, queries, ids) for name, v in x.items()}
     for name in (*VECTORS, "centroid"):
-        rows.append(judged(f"vector: {name}", vector_top[name], "the index's default" if name == args.vectors
-                           else ""))
+        rows.append(judged(f"vector: {name}", vector_top[name], "the index's default" if name == args.vectors else ""))
     c = cfg.coactivation
     frac = cfg.occurrence.frac
     at = learn[learn.of_max >= frac]
     n_a = np.bincount(at.fid.to_numpy(), minlength=ids.n)
-    paired = at.iloc[strongest(at.ctx_id.to_numpy() * cfg.data.n_ctx + at.pos.to_numpy(), at.of_max.to_numpy(),
-                                  c.max_per_token)]
-    pairs = query_pairs(paired.fid.to_numpy(), paired.ctx_id.to_numpy() * cfg.data.n_ctx + paired.pos.to_numpy(),
-                        queries)
+    paired = at.iloc[
+        strongest(at.ctx_id.to_numpy() * cfg.data.n_ctx + at.pos.to_numpy(), at.of_max.to_numpy(), c.max_per_token)
+    ]
+    pairs = query_pairs(
+        paired.fid.to_numpy(), paired.ctx_id.to_numpy() * cfg.data.n_ctx + paired.pos.to_numpy(), queries
+    )
     pure = behaviour_answers(pairs, n_a, n_learn, queries, ids, c.score, c.min_count)
-    rows.append(judged(f"behaviour: {c.score}, min_count {c.min_count}, max_per_token {c.max_per_token}", pure,
-                       "its hits alone"))
+    rows.append(
+        judged(
+            f"behaviour: {c.score}, min_count {c.min_count}, max_per_token {c.max_per_token}", pure, "its hits alone"
+        )
+    )
     default = fill(pure, vector_top[args.vectors])
     rows.append(judged("the default answer", default, f"behaviour, then {args.vectors} vectors"))
     n_learn_occ = np.bincount(at.fid.to_numpy(), minlength=ids.n)
     popular = np.argsort(-n_learn_occ, kind="stable")
-    pop = np.array([[f for f in popular[: 4 * K] if ids.neuron[f] != ids.neuron[q] or ids.layer[f] != ids.layer[q]][:K]
-                    for q in queries])
+    pop = np.array(
+        [
+            [f for f in popular[: 4 * K] if ids.neuron[f] != ids.neuron[q] or ids.layer[f] != ids.layer[q]][:K]
+            for q in queries
+        ]
+    )
     rows.append(judged("baseline: the 10 densest features", pop, "whatever the query"))
     rows.append(judged("baseline: random", rng.choice(ids.n, (len(queries), K))))
     j_at = judge_half[judge_half.of_max >= frac]
-    oracle_pairs = query_pairs(j_at.fid.to_numpy(), j_at.ctx_id.to_numpy() * cfg.data.n_ctx + j_at.pos.to_numpy(),
-                               queries)
-    oracle = behaviour_answers(oracle_pairs, np.bincount(j_at.fid.to_numpy(), minlength=ids.n), n_judge, queries, ids,
-                               "count", 1)
+    oracle_pairs = query_pairs(
+        j_at.fid.to_numpy(), j_at.ctx_id.to_numpy() * cfg.data.n_ctx + j_at.pos.to_numpy(), queries
+    )
+    oracle = behaviour_answers(
+        oracle_pairs, np.bincount(j_at.fid.to_numpy(), minlength=ids.n), n_judge, queries, ids, "count", 1
+    )
     rows.append(judged("ceiling: count learned on the judging half", oracle, "not held out: an upper bound"))
 
     caps = []
     for cap in (None, 128, 64, 32):
-        rows_cap = at.iloc[strongest(at.ctx_id.to_numpy() * cfg.data.n_ctx + at.pos.to_numpy(), at.of_max.to_numpy(),
-                                        cap)]
+        rows_cap = at.iloc[
+            strongest(at.ctx_id.to_numpy() * cfg.data.n_ctx + at.pos.to_numpy(), at.of_max.to_numpy(), cap)
+        ]
         token = rows_cap.ctx_id.to_numpy() * cfg.data.n_ctx + rows_cap.pos.to_numpy()
-        answers = behaviour_answers(query_pairs(rows_cap.fid.to_numpy(), token, queries), n_a, n_learn, queries, ids,
-                                    c.score, c.min_count)
+        answers = behaviour_answers(
+            query_pairs(rows_cap.fid.to_numpy(), token, queries), n_a, n_learn, queries, ids, c.score, c.min_count
+        )
         g = np.bincount(np.unique(token, return_inverse=True)[1])
-        caps.append((cap, *judge.precision(queries, answers), judge.precision(queries, fill(answers, vector_top[
-            args.vectors]))[0], float((g * (g - 1)).sum() / n_learn)))
+        caps.append(
+            (
+                cap,
+                *judge.precision(queries, answers),
+                judge.precision(queries, fill(answers, vector_top[args.vectors]))[0],
+                float((g * (g - 1)).sum() / n_learn),
+            )
+        )
 
     grid = []
     for f in sorted(args.fracs):
         part = learn[learn.of_max >= f]
         n_f = np.bincount(part.fid.to_numpy(), minlength=ids.n)
-        pairs_f = query_pairs(part.fid.to_numpy(), part.ctx_id.to_numpy() * cfg.data.n_ctx + part.pos.to_numpy(),
-                              queries)
+        pairs_f = query_pairs(
+            part.fid.to_numpy(), part.ctx_id.to_numpy() * cfg.data.n_ctx + part.pos.to_numpy(), queries
+        )
         table = pa.Table.from_pandas(part[list(schema.OCCURRENCES.names)], preserve_index=False).cast(
-            schema.OCCURRENCES)
+            schema.OCCURRENCES
+        )
         per_mtok = parquet_bytes(table) / n_learn * 1e6
         for score in SCORES:
             for min_count in (1, 2, 3):
                 answers = behaviour_answers(pairs_f, n_f, n_learn, queries, ids, score, min_count)
                 loose, strict = judge.precision(queries, answers)
                 loose_filled, _ = judge.precision(queries, fill(answers, vector_top[args.vectors]))
-                grid.append((f, score, min_count, loose, strict, loose_filled, central_precision(answers),
-                             float((answers >= 0).mean()), len(part) / n_learn, per_mtok / 2**20))
+                grid.append(
+                    (
+                        f,
+                        score,
+                        min_count,
+                        loose,
+                        strict,
+                        loose_filled,
+                        central_precision(answers),
+                        float((answers >= 0).mean()),
+                        len(part) / n_learn,
+                        per_mtok / 2**20,
+                    )
+                )
     pd.set_option("display.width", 250)
     table = pd.DataFrame(rows, columns=["answer", "p@10 held-out", "p@10 strict", "p@10 central", "hits", "note"])
-    print(f"\nprecision@10 (held-out: the hit's neuron reaches {args.judge} × max on the query's held-out occurrences; "
-          "strict: the hit's feature itself occurs there; central: the hit's neuron reaches it on the query's "
-          "central example):")
+    print(
+        f"\nprecision@10 (held-out: the hit's neuron reaches {args.judge} × max on the query's held-out occurrences; "
+        "strict: the hit's feature itself occurs there; central: the hit's neuron reaches it on the query's "
+        "central example):"
+    )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    grid = pd.DataFrame(grid, columns=["frac", "score", "min_count", "p@10 held-out", "p@10 strict", "p@10 filled",
-                                       "p@10 central", "hits", "occurrences/token", "MiB/Mtok"])
-    print("\nCo-activation learned on the even half, all pairs, by threshold, score and min_count (filled: the "
-          f"behavioural hits, then {args.vectors} vectors, as the default answer):")
+    grid = pd.DataFrame(
+        grid,
+        columns=[
+            "frac",
+            "score",
+            "min_count",
+            "p@10 held-out",
+            "p@10 strict",
+            "p@10 filled",
+            "p@10 central",
+            "hits",
+            "occurrences/token",
+            "MiB/Mtok",
+        ],
+    )
+    print(
+        "\nCo-activation learned on the even half, all pairs, by threshold, score and min_count (filled: the "
+        f"behavioural hits, then {args.vectors} vectors, as the default answer):"
+    )
     print(grid.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"\nCapping the occurrences that pair up per token (coactivation.max_per_token; the strongest kept), at frac "
-          f"{frac}, {c.score}, min_count {c.min_count}:")
-    print(pd.DataFrame(caps, columns=["max_per_token", "p@10 held-out", "p@10 strict", "p@10 filled",
-                                      "pairs/token"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(
+        f"\nCapping the occurrences that pair up per token (coactivation.max_per_token; the strongest kept), at frac "
+        f"{frac}, {c.score}, min_count {c.min_count}:"
+    )
+    print(
+        pd.DataFrame(
+            caps, columns=["max_per_token", "p@10 held-out", "p@10 strict", "p@10 filled", "pairs/token"]
+        ).to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    )
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 

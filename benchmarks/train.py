@@ -66,8 +66,9 @@ def seeds(cfg: MnistRunConfig, n: int, workers: list[int], out: Path) -> None:
     for w in workers:
         results[w] = {k: [] for k in SAE_KINDS}
         for seed in range(n):
-            run_cfg = replace(cfg, seed=seed, run_dir=str(out / f"seed{seed}-w{w}"),
-                              trainer=replace(cfg.trainer, num_workers=w))
+            run_cfg = replace(
+                cfg, seed=seed, run_dir=str(out / f"seed{seed}-w{w}"), trainer=replace(cfg.trainer, num_workers=w)
+            )
             t0 = time.time()
             summary = run_train(run_cfg)
             metrics = summary.metrics or evaluate_run(run_cfg, RunDir(run_cfg.run_dir))  # a finished run
@@ -94,8 +95,16 @@ def seeds(cfg: MnistRunConfig, n: int, workers: list[int], out: Path) -> None:
 
 
 # The paper's eight effects of the NE loss: the metric and its paper column.
-EFFECTS = {"mse": "mse", "l1": "l1_paper", "l0_pct": "l0_pct", "acc_loss": "acc_loss", "max_dist": "max_dist",
-           "mean_dist": "mean_dist", "size": "size", "dead_pct": "dead_pct"}
+EFFECTS = {
+    "mse": "mse",
+    "l1": "l1_paper",
+    "l0_pct": "l0_pct",
+    "acc_loss": "acc_loss",
+    "max_dist": "max_dist",
+    "mean_dist": "mean_dist",
+    "size": "size",
+    "dead_pct": "dead_pct",
+}
 
 
 def paired_effects(standard: list[SAEMetrics], ne_loss: list[SAEMetrics]) -> list[dict]:
@@ -109,19 +118,32 @@ def paired_effects(standard: list[SAEMetrics], ne_loss: list[SAEMetrics]) -> lis
         sem = diffs.std(ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
         ratio = diffs.mean() / paper
         holds = np.sign(paper) * diffs.mean() > 2 * sem
-        out.append({"effect": c, "paper": paper, "ours": diffs.mean(), "sem": sem, "holds": bool(holds),
-                    "ratio": ratio, "within_2x": bool(holds and 0.5 <= ratio <= 2)})
+        out.append(
+            {
+                "effect": c,
+                "paper": paper,
+                "ours": diffs.mean(),
+                "sem": sem,
+                "holds": bool(holds),
+                "ratio": ratio,
+                "within_2x": bool(holds and 0.5 <= ratio <= 2),
+            }
+        )
     return out
 
 
 def effects(runs: dict[str, list]) -> None:
     rows = paired_effects(runs["standard"], runs["ne_loss"])
     for r in rows:
-        print(f"  {r['effect']:>9}: paper {'up' if r['paper'] > 0 else 'down'} ({r['paper']:+.3g}); ours "
-              f"{r['ours']:+.3g} (paired s.e. {r['sem']:.2g}) -> {'holds' if r['holds'] else 'does NOT hold'}, "
-              f"{r['ratio']:.2f} × the paper's change{'' if r['within_2x'] else ' (NOT within a factor 2)'}")
-    print(f"  {sum(r['holds'] for r in rows)}/8 effects hold, {sum(r['within_2x'] for r in rows)}/8 within a "
-          "factor 2 of the paper's")
+        print(
+            f"  {r['effect']:>9}: paper {'up' if r['paper'] > 0 else 'down'} ({r['paper']:+.3g}); ours "
+            f"{r['ours']:+.3g} (paired s.e. {r['sem']:.2g}) -> {'holds' if r['holds'] else 'does NOT hold'}, "
+            f"{r['ratio']:.2f} × the paper's change{'' if r['within_2x'] else ' (NOT within a factor 2)'}"
+        )
+    print(
+        f"  {sum(r['holds'] for r in rows)}/8 effects hold, {sum(r['within_2x'] for r in rows)}/8 within a "
+        "factor 2 of the paper's"
+    )
 
 
 # --- the recipe search -----------------------------------------------------------------------------------
@@ -131,8 +153,12 @@ def effects(runs: dict[str, list]) -> None:
 STANDARD_GRID = [
     *({"l1_coeff": v} for v in (0.01, 0.015, 0.02, 0.025, 0.03)),
     *({"weight_decay": v} for v in (0.0, 0.003, 0.03)),
-    {"optimizer": "adamw"}, {"lr": 3e-3}, {"b_dec_init": "mean"}, {"w_dec_init": "transpose"},
-    {"decoder_norm": "unit"}, {"l1_weighting": "decoder_norm", "l1_coeff": 0.2},
+    {"optimizer": "adamw"},
+    {"lr": 3e-3},
+    {"b_dec_init": "mean"},
+    {"w_dec_init": "transpose"},
+    {"decoder_norm": "unit"},
+    {"l1_weighting": "decoder_norm", "l1_coeff": 0.2},
 ]
 NE_GRID = [
     *({"ne_coeff": v} for v in (10.0, 20.0, 40.0, 60.0, 80.0)),
@@ -184,15 +210,22 @@ def sweep(cfg: MnistRunConfig, n_seeds: int, mlp_weights: str | None) -> None:
     for name, runs in [*std_runs.items(), ("paper", None)]:
         row = PAPER["standard"] if runs is None else summarise(runs)[0]
         print(f"| {name} | " + " | ".join(f"{row[c]:.3g}" for c in shown) + " |")
-    print(f"\nNE-loss SAE against the default standard SAE, paired over {n_seeds} seeds: each effect as a multiple "
-          "of the paper's change (! = does not hold, * = holds but not within a factor 2)\n")
+    print(
+        f"\nNE-loss SAE against the default standard SAE, paired over {n_seeds} seeds: each effect as a multiple "
+        "of the paper's change (! = does not hold, * = holds but not within a factor 2)\n"
+    )
     print("| ne_loss | holds | within 2× | " + " | ".join(EFFECTS) + " |\n" + "|---" * (len(EFFECTS) + 3) + "|")
     for name, runs in ne_runs.items():
         rows = paired_effects(std_runs["default"], runs)
-        cells = [f"{r['ratio']:.2f}" + ("" if r["holds"] else "!") + ("" if r["within_2x"] or not r["holds"]
-                 else "*") for r in rows]
-        print(f"| {name} | {sum(r['holds'] for r in rows)}/8 | {sum(r['within_2x'] for r in rows)}/8 | "
-              + " | ".join(cells) + " |")
+        cells = [
+            f"{r['ratio']:.2f}" + ("" if r["holds"] else "!") + ("" if r["within_2x"] or not r["holds"] else "*")
+            for r in rows
+        ]
+        print(
+            f"| {name} | {sum(r['holds'] for r in rows)}/8 | {sum(r['within_2x'] for r in rows)}/8 | "
+            + " | ".join(cells)
+            + " |"
+        )
 
 
 # --- evidence from the authors' weights ------------------------------------------------------------------
@@ -201,8 +234,11 @@ def sweep(cfg: MnistRunConfig, n_seeds: int, mlp_weights: str | None) -> None:
 def weight_stats(sae: SAE, acts: torch.Tensor) -> dict[str, float]:
     """How a trained SAE's weights look: what separates recipes (decay, initialisation, decoder norms)."""
     with torch.no_grad():
-        top = torch.cat([(sae.encode(acts[i : i + 8192])).max(0).values[None]
-                         for i in range(0, len(acts), 8192)]).max(0).values
+        top = (
+            torch.cat([(sae.encode(acts[i : i + 8192])).max(0).values[None] for i in range(0, len(acts), 8192)])
+            .max(0)
+            .values
+        )
     never = top <= 0
     live = ~never
 
@@ -231,10 +267,19 @@ def evidence(cfg: MnistRunConfig) -> None:
     train, _ = load_splits(cfg)
     mlp = mnist_model.MLP.load(str(folder / "mlp.safetensors"))
     acts = mnist_model.hidden_acts(mlp, train.images)
-    columns = {f"authors {n}": weight_stats(mnist_model.load_sae(str(folder / f"sae_{n}.safetensors"), 64), acts)
-               for n in ("standard", "ne_loss")}
-    for change in ({"l1_coeff": 0.025}, {}, {"weight_decay": 0.0}, {"optimizer": "adamw"}, {"lr": 3e-3},
-                   {"b_dec_init": "mean"}, {"decoder_norm": "unit"}):
+    columns = {
+        f"authors {n}": weight_stats(mnist_model.load_sae(str(folder / f"sae_{n}.safetensors"), 64), acts)
+        for n in ("standard", "ne_loss")
+    }
+    for change in (
+        {"l1_coeff": 0.025},
+        {},
+        {"weight_decay": 0.0},
+        {"optimizer": "adamw"},
+        {"lr": 3e-3},
+        {"b_dec_init": "mean"},
+        {"decoder_norm": "unit"},
+    ):
         columns[f"ours {label(change)}"] = weight_stats(train_one(replace(cfg.sae, **change), acts, 0, False), acts)
     names = list(columns)
     print("Standard SAEs on the authors' MLP (ours: seed 0)\n")
@@ -242,8 +287,10 @@ def evidence(cfg: MnistRunConfig) -> None:
     for stat in columns[names[0]]:
         print(f"| {stat} | " + " | ".join(f"{columns[n][stat]:.3g}" for n in names) + " |")
     blank = (train.images == 0).all(0)
-    print("\nMLPs: spread of each hidden unit's weights on the always-blank pixels, as a fraction of the initial "
-          "spread (every blank pixel gets the same gradient, so only weight decay changes it)")
+    print(
+        "\nMLPs: spread of each hidden unit's weights on the always-blank pixels, as a fraction of the initial "
+        "spread (every blank pixel gets the same gradient, so only weight decay changes it)"
+    )
     plain = replace(cfg.mlp, optimizer="sgd", lr=0.02, weight_decay=0.0)  # the recipe before issue 12
     models = {"authors": mlp}
     for m in (cfg.mlp, plain):

@@ -34,8 +34,9 @@ def open_neuron(data: RunData, layer: int, neuron: int, decode) -> dict[str, flo
     html = "".join(render.example_html(e, decode, nd.scale) for e in members)
     t2 = time.perf_counter()
     if nd.linkage is not None and len(nd.linkage):
-        render.dendrogram_png(nd.linkage, [e.cluster if e.cluster is not None else -1 for e in nd.examples],
-                              nd.threshold)
+        render.dendrogram_png(
+            nd.linkage, [e.cluster if e.cluster is not None else -1 for e in nd.examples], nd.threshold
+        )
     t3 = time.perf_counter()
     assert html
     return {"read": t1 - t0, "html": t2 - t1, "dendrogram": t3 - t2, "total": t3 - t0}
@@ -67,8 +68,10 @@ def main() -> int:
     pool = [(layer, int(n)) for layer in data.layers() for n in data.neurons(layer)]
     picks = rng.sample(pool, min(args.neurons, len(pool)))
     examples = sum(len(data.neuron(*p).examples) for p in picks[:5]) / min(5, len(picks))
-    print(f"run {args.run_dir}: layers {data.layers()}, {len(pool)} neurons with examples, "
-          f"~{examples:.0f} examples each; decoding with {decoder}")
+    print(
+        f"run {args.run_dir}: layers {data.layers()}, {len(pool)} neurons with examples, "
+        f"~{examples:.0f} examples each; decoding with {decoder}"
+    )
     print(f"start-up (reader + run status): {startup * 1e3:.1f} ms")
 
     results = {}
@@ -82,9 +85,11 @@ def main() -> int:
         results[mode] = rows
         parts = {k: np.median([r[k] for r in rows]) * 1e3 for k in rows[0]}
         p90 = np.percentile([r["total"] for r in rows], 90) * 1e3
-        print(f"{mode:>4}: p50 {parts['total']:.1f} ms (read {parts['read']:.1f}, html {parts['html']:.1f}, "
-              f"dendrogram {parts['dendrogram']:.1f}), p90 {p90:.1f} ms over {len(rows)} neurons; "
-              f"p50 / 300 ms target = {parts['total'] / 300:.2f}")
+        print(
+            f"{mode:>4}: p50 {parts['total']:.1f} ms (read {parts['read']:.1f}, html {parts['html']:.1f}, "
+            f"dendrogram {parts['dendrogram']:.1f}), p90 {p90:.1f} ms over {len(rows)} neurons; "
+            f"p50 / 300 ms target = {parts['total'] / 300:.2f}"
+        )
     return 0
 
 

@@ -44,8 +44,9 @@ TRAIN_PER_LIST = 32
 """k-means training points per IVF list: FAISS asks for 39; 32 keeps recall (measured) and saves time."""
 
 
-def central_vectors(run: RunDir, layer: int, vectors: str, gated_embedding: str = "concat"
-                    ) -> tuple[pa.Table, np.ndarray]:
+def central_vectors(
+    run: RunDir, layer: int, vectors: str, gated_embedding: str = "concat"
+) -> tuple[pa.Table, np.ndarray]:
     """INDEX_IDS rows (without `row`) and a normalised vector of every feature cluster of one layer, which each row
     names by its central example."""
     ids = central_examples(run, layer)
@@ -58,25 +59,30 @@ def central_vectors(run: RunDir, layer: int, vectors: str, gated_embedding: str 
         width = h.shape[1] * len(weights.parts(gated_embedding))
         out = np.empty((len(h), width), np.float32)
         for lo in range(0, len(h), EMBED_ROWS):  # in chunks: no intermediate the size of all vectors
-            out[lo : lo + EMBED_ROWS] = unit_rows(weights.embed(h[lo : lo + EMBED_ROWS], neurons[lo : lo + EMBED_ROWS],
-                                                                gated_embedding))
+            out[lo : lo + EMBED_ROWS] = unit_rows(
+                weights.embed(h[lo : lo + EMBED_ROWS], neurons[lo : lo + EMBED_ROWS], gated_embedding)
+            )
         del h
     else:
         out = unit_rows(h)
-    ids = ids.drop_columns(["h_id"]).append_column(
-        "layer", pa.array(np.full(ids.num_rows, layer, np.int16))
-    )
+    ids = ids.drop_columns(["h_id"]).append_column("layer", pa.array(np.full(ids.num_rows, layer, np.int16)))
     return ids, out
 
 
-def mean_pre_mlp(run: RunDir, layer: int, neuron_c: np.ndarray, cluster_c: np.ndarray,
-                 rows_per_step: int = MEAN_ROWS) -> np.ndarray:
+def mean_pre_mlp(
+    run: RunDir, layer: int, neuron_c: np.ndarray, cluster_c: np.ndarray, rows_per_step: int = MEAN_ROWS
+) -> np.ndarray:
     """[C, d_model]: per cluster (given sorted by neuron, then cluster), the normalised mean of its members' unit
     pre-MLP embeddings. Members are read `rows_per_step` examples at a time (whole neurons), so memory holds those
     h rows and the output."""
-    members = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer), columns=["neuron", "rank", "h_id"]).join(
-        run.read_parquet(schema.layer_dir(schema.CLUSTERS_DIR, layer), columns=["neuron", "rank", "cluster"]),
-        keys=["neuron", "rank"]).sort_by([("neuron", "ascending"), ("rank", "ascending")])
+    members = (
+        run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer), columns=["neuron", "rank", "h_id"])
+        .join(
+            run.read_parquet(schema.layer_dir(schema.CLUSTERS_DIR, layer), columns=["neuron", "rank", "cluster"]),
+            keys=["neuron", "rank"],
+        )
+        .sort_by([("neuron", "ascending"), ("rank", "ascending")])
+    )
     neuron, cluster = members.column("neuron").to_numpy(), members.column("cluster").to_numpy()
     h_ids = members.column("h_id").to_numpy()
     row_of = np.searchsorted(neuron_c.astype(np.int64) * 2**20 + cluster_c, neuron.astype(np.int64) * 2**20 + cluster)
@@ -124,8 +130,14 @@ def build_index(x_nd: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tuple[fais
             break
         nprobe = min(2 * nprobe, nlist)
     recall = recall_at_k(index.search(queries[held], k)[0], truth[held])
-    return index, {**info, "type": f"IVF{nlist},Flat", "nlist": nlist, "nprobe": nprobe, "recall": recall,
-                   "recall_queries": len(truth[held])}
+    return index, {
+        **info,
+        "type": f"IVF{nlist},Flat",
+        "nlist": nlist,
+        "nprobe": nprobe,
+        "recall": recall,
+        "recall_queries": len(truth[held]),
+    }
 
 
 def flat_index(parts: list[np.ndarray], recall_k: int) -> tuple[faiss.Index, dict]:
@@ -133,8 +145,13 @@ def flat_index(parts: list[np.ndarray], recall_k: int) -> tuple[faiss.Index, dic
     index = faiss.IndexFlatIP(parts[0].shape[1])
     while parts:
         index.add(parts.pop(0))
-    return index, {"n_vectors": index.ntotal, "d": index.d, "recall_k": min(recall_k, index.ntotal),
-                   "type": "Flat", "recall": 1.0}
+    return index, {
+        "n_vectors": index.ntotal,
+        "d": index.d,
+        "recall_k": min(recall_k, index.ntotal),
+        "type": "Flat",
+        "recall": 1.0,
+    }
 
 
 @dataclass
@@ -146,7 +163,8 @@ class IndexSummary:
         i = self.info
         return (
             f"index done: {i['n_vectors']} feature clusters ({i['vectors']} vectors, d={i['d']}) in a "
-            f"{i['type']} index" + (f", nprobe {i['nprobe']}" if "nprobe" in i else "")
+            f"{i['type']} index"
+            + (f", nprobe {i['nprobe']}" if "nprobe" in i else "")
             + f"; recall@{i['recall_k']} vs exact search {i['recall']:.4f}\noutputs: {self.run_dir}/{schema.INDEX_FILE}"
         )
 

@@ -20,7 +20,10 @@ CHUNK = 65_536
 
 
 def exact_search(
-    x_nd: Float[np.ndarray, "n d"], queries_qd: Float[np.ndarray, "q d"], k: int, device: str = "auto",
+    x_nd: Float[np.ndarray, "n d"],
+    queries_qd: Float[np.ndarray, "q d"],
+    k: int,
+    device: str = "auto",
     dtype: str = "float32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(similarities [q, k], rows [q, k]) of the k largest inner products, best first, as FAISS returns them

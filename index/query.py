@@ -59,12 +59,14 @@ def _load_index(run: RunDir, manifest: dict) -> tuple[faiss.Index, pd.DataFrame,
     try:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
-        raise DataError(f"{run.path(schema.INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); "
-                        f"{_REBUILD}") from exc
+        raise DataError(
+            f"{run.path(schema.INDEX_FILE)} is not a readable FAISS index ({len(data)} bytes); {_REBUILD}"
+        ) from exc
     ids = run.read_parquet(schema.INDEX_IDS_FILE).to_pandas().sort_values("row").reset_index(drop=True)
     if version(run.manifest(), "index") != version(manifest, "index"):
-        raise DataError(f"stage 'index' of {run.url} was redone while it was read; read it again once "
-                        f"`ne index` has finished")
+        raise DataError(
+            f"stage 'index' of {run.url} was redone while it was read; read it again once `ne index` has finished"
+        )
     if index.ntotal != len(ids) or index.d != info["d"] or not np.array_equal(ids.row, np.arange(len(ids))):
         raise DataError(
             f"{run.path(schema.INDEX_FILE)} holds {index.ntotal} vectors of dimension {index.d} but ids.parquet "
@@ -77,8 +79,9 @@ class SimilarFeatures:
     """A run's similar-features answers: its co-activation table and its index, either of which may be absent;
     `load` it once, query it many times."""
 
-    def __init__(self, index: faiss.Index | None, ids: pd.DataFrame, info: dict,
-                 coactivation: CoActivation | None = None):
+    def __init__(
+        self, index: faiss.Index | None, ids: pd.DataFrame, info: dict, coactivation: CoActivation | None = None
+    ):
         self.index, self.ids, self.info, self.coactivation = index, ids, info, coactivation
         self.d_mlp = {int(k): v for k, v in info["d_mlp"].items()}
         self._row = pd.Series(ids.index.to_numpy(), index=pd.MultiIndex.from_frame(ids[["layer", "neuron", "cluster"]]))
@@ -96,8 +99,10 @@ class SimilarFeatures:
         if coactivation is None or state_of(manifest, "index")[0] == "done":
             return cls(*_load_index(run, manifest), coactivation)
         layers = manifest["stages"]["occurrence"]["info"]["layers"]
-        ids = pd.concat([central_examples(run, layer).drop_columns(["h_id"]).to_pandas().assign(layer=layer)
-                         for layer in layers], ignore_index=True)
+        ids = pd.concat(
+            [central_examples(run, layer).drop_columns(["h_id"]).to_pandas().assign(layer=layer) for layer in layers],
+            ignore_index=True,
+        )
         d_mlp = {str(layer): read_layer_weights(run, layer, 0, 0).d_mlp for layer in layers}
         return cls(None, ids, {"d_mlp": d_mlp}, coactivation)
 
@@ -121,12 +126,18 @@ class SimilarFeatures:
         if n_clusters == 0:
             raise ConfigError(f"neuron {neuron} of layer {layer} has no examples, hence no clusters; pick another")
         if not 0 <= cluster < n_clusters:
-            raise ConfigError(f"cluster {cluster} is out of range; neuron {neuron} of layer {layer} has clusters "
-                              f"0..{n_clusters - 1}")
+            raise ConfigError(
+                f"cluster {cluster} is out of range; neuron {neuron} of layer {layer} has clusters 0..{n_clusters - 1}"
+            )
         return int(self._row[(layer, neuron, cluster)])
 
     def query(
-        self, layer: int, neuron: int, cluster: int, k: int = 20, exclude_same_neuron: bool = True,
+        self,
+        layer: int,
+        neuron: int,
+        cluster: int,
+        k: int = 20,
+        exclude_same_neuron: bool = True,
         by: By = "auto",
     ) -> list[SimilarFeature]:
         """The k feature clusters most similar to (layer, neuron, cluster), each with its score.
@@ -148,12 +159,14 @@ class SimilarFeatures:
         more = self._by_vector(layer, neuron, cluster, k + len(hits), exclude_same_neuron)
         return hits + [h for h in more if (h.layer, h.neuron, h.cluster) not in seen][: k - len(hits)]
 
-    def _by_vector(self, layer: int, neuron: int, cluster: int, k: int, exclude_same_neuron: bool
-                   ) -> list[SimilarFeature]:
+    def _by_vector(
+        self, layer: int, neuron: int, cluster: int, k: int, exclude_same_neuron: bool
+    ) -> list[SimilarFeature]:
         row = self.row_of(layer, neuron, cluster)
         if self.index is None:
-            raise DataError("this run has no similar-features index, so it cannot answer by vector; run "
-                            "`ne index --config CONFIG`")
+            raise DataError(
+                "this run has no similar-features index, so it cannot answer by vector; run `ne index --config CONFIG`"
+            )
         vec = np.asarray(self.index.reconstruct(row))[None]
         skip = int(self._clusters[(layer, neuron)]) if exclude_same_neuron else 0
         hits = self._search(vec, k + skip)
@@ -161,32 +174,49 @@ class SimilarFeatures:
             hits = [h for h in hits if (h.layer, h.neuron) != (layer, neuron)]
         return hits[:k]
 
-    def _by_behaviour(self, layer: int, neuron: int, cluster: int, k: int, exclude_same_neuron: bool
-                      ) -> list[SimilarFeature]:
+    def _by_behaviour(
+        self, layer: int, neuron: int, cluster: int, k: int, exclude_same_neuron: bool
+    ) -> list[SimilarFeature]:
         if self.coactivation is None:
-            raise DataError("this run has no co-activation table, so it cannot answer by behaviour; run "
-                            "`ne occurrence --config CONFIG`")
+            raise DataError(
+                "this run has no co-activation table, so it cannot answer by behaviour; run "
+                "`ne occurrence --config CONFIG`"
+            )
         out = []
         for p in self.coactivation.partners(layer, neuron, cluster, k, exclude_same_neuron):
             r = self.ids.iloc[self._row[(p.layer, p.neuron, p.cluster)]]
-            out.append(SimilarFeature(p.layer, p.neuron, p.cluster, p.score, int(r.ctx_id), int(r.pos), int(r["rank"]),
-                                      "behaviour", p.count))
+            out.append(
+                SimilarFeature(
+                    p.layer,
+                    p.neuron,
+                    p.cluster,
+                    p.score,
+                    int(r.ctx_id),
+                    int(r.pos),
+                    int(r["rank"]),
+                    "behaviour",
+                    p.count,
+                )
+            )
         return out
 
     def query_vector(self, vec, k: int = 20) -> list[SimilarFeature]:
         """The k feature clusters most similar to a vector in the indexed space: only its direction counts."""
         k = self._check_k(k)
         if self.index is None:
-            raise DataError("this run has no similar-features index to search by vector; run `ne index --config "
-                            "CONFIG`")
+            raise DataError(
+                "this run has no similar-features index to search by vector; run `ne index --config CONFIG`"
+            )
         try:
             vec = np.asarray(vec, dtype=np.float64)
         except (TypeError, ValueError):
             raise ConfigError(f"the query vector must hold numbers; got {type(vec).__name__}") from None
         vec = vec.reshape(1, -1) if vec.ndim == 1 else vec
         if vec.shape != (1, self.dim):
-            raise ConfigError(f"the query vector has shape {tuple(np.shape(vec))}; this index holds vectors of "
-                              f"dimension {self.dim} ({self.info.get('vectors')} embeddings of d_model)")
+            raise ConfigError(
+                f"the query vector has shape {tuple(np.shape(vec))}; this index holds vectors of "
+                f"dimension {self.dim} ({self.info.get('vectors')} embeddings of d_model)"
+            )
         if not np.all(np.isfinite(vec)) or not np.any(vec):
             raise ConfigError("the query vector is zero or not finite; give a vector with a direction")
         # Scaled by its largest entry first, so that neither 1e-30 nor 1e30 under- or overflows the norm.
@@ -201,13 +231,17 @@ class SimilarFeatures:
             if row < 0:
                 continue
             r = self.ids.iloc[row]
-            out.append(SimilarFeature(int(r.layer), int(r.neuron), int(r.cluster), float(sim), int(r.ctx_id),
-                                      int(r.pos), int(r["rank"])))
+            out.append(
+                SimilarFeature(
+                    int(r.layer), int(r.neuron), int(r.cluster), float(sim), int(r.ctx_id), int(r.pos), int(r["rank"])
+                )
+            )
         return out
 
 
-def describe_similar(run_dir: str, layer: int, neuron: int, cluster: int, k: int = 20,
-                     include_self: bool = False, by: By = "auto") -> str:
+def describe_similar(
+    run_dir: str, layer: int, neuron: int, cluster: int, k: int = 20, include_self: bool = False, by: By = "auto"
+) -> str:
     """The query's central example, which answer was given, then one line per similar feature: what `ne similar`
     prints."""
     run = RunDir(run_dir)
@@ -225,15 +259,24 @@ def describe_similar(run_dir: str, layer: int, neuron: int, cluster: int, k: int
     n_behaviour = sum(h.by == "behaviour" for h in hits)
     if n_behaviour and co is not None:  # behavioural hits come from a co-activation table
         stats = co.stats(layer, neuron, cluster) or {}
-        then = (f", then the nearest by vector for the last {len(hits) - n_behaviour} (it fires with no more "
-                "features)" if n_behaviour < len(hits) else "")
-        lines.append(f"answered by behaviour: the features that fire on the same held-out tokens (it fires on "
-                     f"{stats.get('occurrences', 0)} of {co.n_tokens}; score: {co.score}){then}")
-        lines.append(f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'score':>10} {'together':>8} {'by':>9}  "
-                     f"{'label':<{width}}  central example (key token in [[ ]])")
-        lines += [f"{h.layer:>5} {h.neuron:>6} {h.cluster:>7} {h.similarity:>10.4g} "
-                  f"{h.count if h.count is not None else '-':>8} {h.by:>9}  {label:<{width}}  {text}"
-                  for h, label, text in zip(hits, labels, texts)]
+        then = (
+            f", then the nearest by vector for the last {len(hits) - n_behaviour} (it fires with no more features)"
+            if n_behaviour < len(hits)
+            else ""
+        )
+        lines.append(
+            f"answered by behaviour: the features that fire on the same held-out tokens (it fires on "
+            f"{stats.get('occurrences', 0)} of {co.n_tokens}; score: {co.score}){then}"
+        )
+        lines.append(
+            f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'score':>10} {'together':>8} {'by':>9}  "
+            f"{'label':<{width}}  central example (key token in [[ ]])"
+        )
+        lines += [
+            f"{h.layer:>5} {h.neuron:>6} {h.cluster:>7} {h.similarity:>10.4g} "
+            f"{h.count if h.count is not None else '-':>8} {h.by:>9}  {label:<{width}}  {text}"
+            for h, label, text in zip(hits, labels, texts)
+        ]
         return "\n".join(lines)
     if co is None:
         why = "this run has no co-activation table (`ne occurrence`)"
@@ -242,10 +285,14 @@ def describe_similar(run_dir: str, layer: int, neuron: int, cluster: int, k: int
     else:
         why = "this feature never fires together with another in the held-out text"
     lines.append(f"answered by vector: the nearest in the index, by {index.info.get('vectors')} vectors ({why})")
-    lines.append(f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'similarity':>10}  {'label':<{width}}  central example "
-                 "(key token in [[ ]])")
-    lines += [f"{h.layer:>5} {h.neuron:>6} {h.cluster:>7} {h.similarity:>10.4f}  {label:<{width}}  {text}"
-              for h, label, text in zip(hits, labels, texts)]
+    lines.append(
+        f"{'layer':>5} {'neuron':>6} {'cluster':>7} {'similarity':>10}  {'label':<{width}}  central example "
+        "(key token in [[ ]])"
+    )
+    lines += [
+        f"{h.layer:>5} {h.neuron:>6} {h.cluster:>7} {h.similarity:>10.4f}  {label:<{width}}  {text}"
+        for h, label, text in zip(hits, labels, texts)
+    ]
     return "\n".join(lines)
 
 
@@ -259,13 +306,16 @@ def _central_texts(run, hits, before: int = 12, after: int = 4) -> list[str]:
 
     if not hits:
         return []
-    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
-                             filters=pc.field("ctx_id").isin([h.ctx_id for h in hits]))
+    table = run.read_parquet(
+        schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"], filters=pc.field("ctx_id").isin([h.ctx_id for h in hits])
+    )
     tokens = dict(zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist()))
     missing = sorted({h.ctx_id for h in hits} - set(tokens))
     if missing:
-        raise DataError(f"{run.url}: contexts {missing[:5]} of the index are missing from contexts/; the run is "
-                        "inconsistent: redo stage 'contexts' with `ne harvest --config CONFIG --force contexts`")
+        raise DataError(
+            f"{run.url}: contexts {missing[:5]} of the index are missing from contexts/; the run is "
+            "inconsistent: redo stage 'contexts' with `ne harvest --config CONFIG --force contexts`"
+        )
     model_cfg = RunData(run.url).config().model  # the model the run's stages ran with: a bad manifest is an error
     try:
         decode = load_token_decoder(model_cfg)

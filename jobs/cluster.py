@@ -50,12 +50,17 @@ CENTROID_ROWS = 512
 def batch_files(batch: NeuronBatch) -> tuple[str, ...]:
     """The batch's clusters, dendrograms and centroids parts, and its metrics, written last as its "done"
     marker."""
-    return (batch.file(schema.CLUSTERS_DIR), batch.file(schema.DENDROGRAMS_DIR), batch.file(schema.CENTROIDS_DIR),
-            batch.file(f"{WORK}/metrics"))
+    return (
+        batch.file(schema.CLUSTERS_DIR),
+        batch.file(schema.DENDROGRAMS_DIR),
+        batch.file(schema.CENTROIDS_DIR),
+        batch.file(f"{WORK}/metrics"),
+    )
 
 
-def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h: LayerH | None = None,
-                  gated_embedding: str = "concat") -> int:
+def cluster_batch(
+    run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h: LayerH | None = None, gated_embedding: str = "concat"
+) -> int:
     """Cluster one batch of neurons and write its four files; returns the number of examples.
 
     `layer_h`: h rows shared by the layer's batches (all of them, or a slice holding this batch's); without
@@ -80,13 +85,15 @@ def cluster_batch(run_url: str, batch: NeuronBatch, cfg: ClusterConfig, layer_h:
     tokens_bn2 = np.full((len(members), h_bnd.shape[1], 2), -1, np.int64)
     for i, m in enumerate(members):
         tokens_bn2[i, : len(m)] = tokens_n2[m]
-    results = analyse_neurons(h_bnd, counts, w_bd.float(), cfg, device="cpu" if cfg.use_gpu is False else "auto",
-                              tokens_bn2=tokens_bn2)
+    results = analyse_neurons(
+        h_bnd, counts, w_bd.float(), cfg, device="cpu" if cfg.use_gpu is False else "auto", tokens_bn2=tokens_bn2
+    )
     clusters_rel, dendro_rel, centroids_rel, metrics_rel = batch_files(batch)
     run.write_parquet(clusters_rel, _clusters_table(batch, members, rank, results))
     run.write_parquet(dendro_rel, _dendrograms_table(batch, results))
-    run.write_parquet(centroids_rel, _centroids_table(batch, results, h_bnd, w_bd.float(), counts),
-                      row_group_size=CENTROID_ROWS)
+    run.write_parquet(
+        centroids_rel, _centroids_table(batch, results, h_bnd, w_bd.float(), counts), row_group_size=CENTROID_ROWS
+    )
     run.write_parquet(metrics_rel, _metrics_table(batch, results))
     return len(h_ids)
 
@@ -133,9 +140,13 @@ def _centroids_table(
     width = flat.shape[1]
     offsets = pa.array(np.arange(len(flat) + 1, dtype=np.int32) * width)
     return pa.Table.from_arrays(
-        [pa.array(np.full(len(flat), batch.layer, np.int16)), pa.array(np.concatenate(neurons)),
-         pa.array(np.concatenate(clusters)), pa.array(np.concatenate(sizes)),
-         pa.ListArray.from_arrays(offsets, pa.array(flat.ravel()))],
+        [
+            pa.array(np.full(len(flat), batch.layer, np.int16)),
+            pa.array(np.concatenate(neurons)),
+            pa.array(np.concatenate(clusters)),
+            pa.array(np.concatenate(sizes)),
+            pa.ListArray.from_arrays(offsets, pa.array(flat.ravel())),
+        ],
         schema=schema.CENTROIDS,
     )
 
@@ -174,12 +185,16 @@ class ClusterSummary:
 
     def describe(self) -> str:
         if math.isnan(self.share_ne_better):
-            compared = ("the silhouettes of neuron and pre-MLP embeddings cannot be compared: no neuron has 2 to "
-                        "n - 1 clusters in both (a silhouette needs them; a larger corpus gives more examples per "
-                        "neuron)")
+            compared = (
+                "the silhouettes of neuron and pre-MLP embeddings cannot be compared: no neuron has 2 to "
+                "n - 1 clusters in both (a silhouette needs them; a larger corpus gives more examples per "
+                "neuron)"
+            )
         else:
-            compared = (f"neuron-embedding silhouette beats pre-MLP silhouette for {100 * self.share_ne_better:.1f}% "
-                        "of neurons at the run's cut (three other comparisons in the report)")
+            compared = (
+                f"neuron-embedding silhouette beats pre-MLP silhouette for {100 * self.share_ne_better:.1f}% "
+                "of neurons at the run's cut (three other comparisons in the report)"
+            )
         return (
             f"cluster done in {self.seconds:.1f} s: {self.with_examples} of {self.neurons} neurons have examples; "
             f"median clusters per such neuron {self.median_clusters:g}; {compared}\n"
@@ -213,8 +228,9 @@ def check_device(cfg: ClusterConfig, in_process: bool) -> None:
         init_ray()
         gpu_wanted(cfg.use_gpu, "cluster.use_gpu")
     elif cfg.use_gpu and not torch.cuda.is_available():
-        raise ConfigError("cluster.use_gpu is true but this machine has no CUDA GPU; set cluster.use_gpu to null "
-                          "or false")
+        raise ConfigError(
+            "cluster.use_gpu is true but this machine has no CUDA GPU; set cluster.use_gpu to null or false"
+        )
 
 
 def comparison(cfg: RunConfig, metrics: pa.Table) -> dict | None:
@@ -237,16 +253,20 @@ def comparison(cfg: RunConfig, metrics: pa.Table) -> dict | None:
 
 
 def _batches(run: RunDir, layers: list[int], per_task: int) -> list[NeuronBatch]:
-    return [b for layer in layers
-            for b in neuron_batches(layer, range(read_layer_weights(run, layer, 0, 0).d_mlp), per_task)]
+    return [
+        b
+        for layer in layers
+        for b in neuron_batches(layer, range(read_layer_weights(run, layer, 0, 0).d_mlp), per_task)
+    ]
 
 
 def _finished(run: RunDir, batch: NeuronBatch) -> bool:
     return all(run.exists(rel) for rel in batch_files(batch))
 
 
-def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_process: bool,
-                 gated_embedding: str = "concat") -> None:
+def _map_batches(
+    run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_process: bool, gated_embedding: str = "concat"
+) -> None:
     """Each slice of h (a layer's rows, or those of consecutive batches: `h_slices`) is read once and shared by
     its batches: in the object store, zero-copy, for Ray tasks. At most two slices are held at a time, so the
     next one loads while the last batches of one finish: the stage holds at most `cluster.h_memory_mb` of h."""
@@ -256,8 +276,11 @@ def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_pr
     for batch in todo:
         by_layer.setdefault(batch.layer, []).append(batch)
     budget = cfg.h_memory_mb * 2**20 // 2
-    units = [(layer, group, ids) for layer, batches in by_layer.items()
-             for group, ids in h_slices(run, layer, batches, budget)]
+    units = [
+        (layer, group, ids)
+        for layer, batches in by_layer.items()
+        for group, ids in h_slices(run, layer, batches, budget)
+    ]
     bar = tqdm(total=len(todo), unit="batch", desc="cluster")
     try:
         if in_process:
@@ -287,8 +310,12 @@ def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_pr
                 finish_one()
             # freed by Ray once this slice's tasks are done; Ray's stubs miss that h_ids has a default
             h_ref = load.remote(run, layer, ids)  # type: ignore[call-arg]
-            pending.update({task.remote(run.url, batch, cfg_ref, h_ref, gated_embedding): unit  # type: ignore[call-arg]
-                            for batch in batches})
+            pending.update(
+                {
+                    task.remote(run.url, batch, cfg_ref, h_ref, gated_embedding): unit  # type: ignore[call-arg]
+                    for batch in batches
+                }
+            )
             del h_ref
         while pending:
             finish_one()
@@ -296,8 +323,9 @@ def _map_batches(run: RunDir, todo: list[NeuronBatch], cfg: ClusterConfig, in_pr
         bar.close()
 
 
-def h_slices(run: RunDir, layer: int, batches: list[NeuronBatch], budget: int
-             ) -> list[tuple[list[NeuronBatch], np.ndarray | None]]:
+def h_slices(
+    run: RunDir, layer: int, batches: list[NeuronBatch], budget: int
+) -> list[tuple[list[NeuronBatch], np.ndarray | None]]:
     """Consecutive groups of a layer's batches whose h rows take at most `budget` bytes, each with its h_ids;
     one group with None (read the whole layer) when the layer fits. A batch alone over the budget is its own
     group: `cluster.neurons_per_task` bounds it."""

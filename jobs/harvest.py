@@ -70,8 +70,15 @@ class PartProcessor:
         contexts = read_contexts(self.run, part)
         window = (hcfg.window_before, hcfg.window_after)
         results = harvest.shard_examples(
-            self.model, contexts, thresholds, hcfg.k, window, n_ctx, hcfg.batch_size,
-            harvest.resolve_h_dtype(hcfg.h_dtype, self.model.d_model), harvest.SIGNS[hcfg.direction],
+            self.model,
+            contexts,
+            thresholds,
+            hcfg.k,
+            window,
+            n_ctx,
+            hcfg.batch_size,
+            harvest.resolve_h_dtype(hcfg.h_dtype, self.model.d_model),
+            harvest.SIGNS[hcfg.direction],
         )
         for layer, (examples, h) in results.items():
             self.run.write_parquet(schema.part_path(schema.work_dir("examples"), part, layer), examples)
@@ -118,9 +125,7 @@ class HarvestSummary:
         ]
         for layer in self.layers:
             n = self.with_examples.get(layer, 0)
-            lines.append(
-                f"  layer {layer}: {n}/{self.neurons} neurons, {self.examples.get(layer, 0)} examples"
-            )
+            lines.append(f"  layer {layer}: {n}/{self.neurons} neurons, {self.examples.get(layer, 0)} examples")
         return "\n".join(lines)
 
 
@@ -143,16 +148,32 @@ def _harvest(run: RunDir, cfg: RunConfig, force: Collection[str]) -> HarvestSumm
     model = _units(run, cfg, base, force)
     layers = model.check_layers(cfg.harvest.layers)
     check_direction(cfg.harvest.direction, model)
-    run.set_manifest_entry("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
-                         "d_mlp": model.d_mlp, "bos_token_id": model.bos_token_id,
-                         "pad_token_id": model.pad_token_id, "sae": sae_path(cfg),
-                         "sae_hook": getattr(model, "hook", None)})
+    run.set_manifest_entry(
+        "model",
+        {
+            "name": model.name,
+            "n_layers": model.n_layers,
+            "d_model": model.d_model,
+            "d_mlp": model.d_mlp,
+            "bos_token_id": model.bos_token_id,
+            "pad_token_id": model.pad_token_id,
+            "sae": sae_path(cfg),
+            "sae_hook": getattr(model, "hook", None),
+        },
+    )
     _write_weights(run, cfg, model, layers, force)
     pool = WorkerPool(cfg, run, model)
     try:
         given = cfg.harvest.maxima_file
-        maxima = Stage(run, "maxima", cfg, force, check=lambda: (
-            read_maxima_file(given, layers, model.d_mlp, cfg.harvest.direction) if given else pool.check()))
+        maxima = Stage(
+            run,
+            "maxima",
+            cfg,
+            force,
+            check=lambda: (
+                read_maxima_file(given, layers, model.d_mlp, cfg.harvest.direction) if given else pool.check()
+            ),
+        )
         if maxima.needed():
             maxima.begin()
             _maxima_stage(run, cfg, pool, parts, layers, model.d_mlp, maxima)
@@ -175,8 +196,10 @@ def _harvest(run: RunDir, cfg: RunConfig, force: Collection[str]) -> HarvestSumm
 def check_direction(direction: str, model: UnitModel) -> None:
     if direction == "min" and not model.signed():
         act_fn = getattr(model.act_fn, "__name__", type(model.act_fn).__name__)
-        raise ConfigError(f"harvest.direction is 'min' but the activations of {model.name} ({act_fn}) are never "
-                          "negative; use harvest.direction: max")
+        raise ConfigError(
+            f"harvest.direction is 'min' but the activations of {model.name} ({act_fn}) are never "
+            "negative; use harvest.direction: max"
+        )
 
 
 def _maxima_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, stage: Stage) -> None:
@@ -190,12 +213,11 @@ def _maxima_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, 
     stage.done(rows=table.num_rows, layers=layers)
 
 
-def _examples_stage(
-    run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, stage: Stage
-) -> None:
+def _examples_stage(run: RunDir, cfg: RunConfig, pool: WorkerPool, parts, layers, d_mlp: int, stage: Stage) -> None:
     extremes = signed_extremes(run, layers, cfg.harvest.direction)
-    thresholds = {layer: harvest.thresholds_from_maxima(torch.from_numpy(e), cfg.harvest.frac)
-                  for layer, e in extremes.items()}
+    thresholds = {
+        layer: harvest.thresholds_from_maxima(torch.from_numpy(e), cfg.harvest.frac) for layer, e in extremes.items()
+    }
     done = set(run.ls(schema.work_dir("examples"), suffix=".done"))
     todo = [p for p in parts if f"{schema.part_name(p)}.done" not in done]
     pool.map("examples", todo, thresholds, cfg.harvest, cfg.data.n_ctx)
@@ -266,8 +288,9 @@ class WorkerPool:
         if not self.workers:
             init_ray()
             hcfg = self.cfg.harvest
-            n, threads, options = model_actor_options("harvest", hcfg.num_workers, hcfg.use_gpu, len(parts), "parts",
-                                                      hcfg.gpus_per_worker)
+            n, threads, options = model_actor_options(
+                "harvest", hcfg.num_workers, hcfg.use_gpu, len(parts), "parts", hcfg.gpus_per_worker
+            )
             self.workers = [
                 HarvestWorker.options(**options).remote(self.cfg, threads, int(options.get("num_gpus", 0)) or 1)
                 for _ in range(n)

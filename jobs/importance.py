@@ -57,8 +57,9 @@ def importance_table(data: RunData, model, batch: NeuronBatch, mask: int, before
         for e in data.neuron(batch.layer, neuron).examples:
             start = max(0, e.pos - before)
             values = token_importance(model, e.tokens, e.pos, batch.layer, neuron, mask, start)
-            for name, value in zip(schema.IMPORTANCE.names,
-                                   (batch.layer, neuron, e.rank, e.ctx_id, e.pos, start, values.tolist())):
+            for name, value in zip(
+                schema.IMPORTANCE.names, (batch.layer, neuron, e.rank, e.ctx_id, e.pos, start, values.tolist())
+            ):
                 rows[name].append(value)
     return pa.Table.from_pydict(rows, schema=schema.IMPORTANCE)
 
@@ -74,13 +75,18 @@ class ImportanceSummary:
 
     def describe(self) -> str:
         total = sum(self.neurons.values())
-        return (f"importance done in {self.seconds:.1f} s: {self.new_neurons} neurons computed now, {total} in all "
-                f"({', '.join(f'layer {k}: {v}' for k, v in sorted(self.neurons.items()))})\n"
-                f"outputs: {self.run_dir}/{schema.IMPORTANCE_DIR}/")
+        return (
+            f"importance done in {self.seconds:.1f} s: {self.new_neurons} neurons computed now, {total} in all "
+            f"({', '.join(f'layer {k}: {v}' for k, v in sorted(self.neurons.items()))})\n"
+            f"outputs: {self.run_dir}/{schema.IMPORTANCE_DIR}/"
+        )
 
 
 def run_importance(
-    cfg: RunConfig, layers: list[int] | None = None, neurons: list[int] | None = None, force: Collection[str] = (),
+    cfg: RunConfig,
+    layers: list[int] | None = None,
+    neurons: list[int] | None = None,
+    force: Collection[str] = (),
 ) -> ImportanceSummary:
     """Add token importance for `layers` (default: all) and `neurons` (default: all with examples)."""
     force = check_force(force, ("importance",))
@@ -107,8 +113,7 @@ def run_importance(
             per_layer = {layer: len(covered(run, layer)) for layer in run.layers(schema.IMPORTANCE_DIR)}
             stage.done(neurons={str(k): v for k, v in per_layer.items()})
         per_layer = {int(k): v for k, v in stage.info.get("neurons", {}).items()}
-        return ImportanceSummary(run.url, sum(len(b.neurons) for b in batches), per_layer,
-                                 time.perf_counter() - start)
+        return ImportanceSummary(run.url, sum(len(b.neurons) for b in batches), per_layer, time.perf_counter() - start)
 
 
 def _check(cfg: RunConfig) -> None:
@@ -149,12 +154,19 @@ def _map(cfg: RunConfig, todo: list[NeuronBatch]) -> None:
     if not todo:
         return
     init_ray()
-    n_workers, threads, options = model_actor_options("importance", cfg.importance.num_workers,
-                                                      cfg.importance.use_gpu, len(todo), "neuron batches",
-                                                      cfg.harvest.gpus_per_worker)
+    n_workers, threads, options = model_actor_options(
+        "importance",
+        cfg.importance.num_workers,
+        cfg.importance.use_gpu,
+        len(todo),
+        "neuron batches",
+        cfg.harvest.gpus_per_worker,
+    )
     n_devices = int(options.get("num_gpus", 0)) or 1  # a model split for the harvest is split here too
-    workers = [ImportanceWorker.options(**options).remote(cfg, threads, n_devices)  # type: ignore[attr-defined]
-               for _ in range(n_workers)]
+    workers = [
+        ImportanceWorker.options(**options).remote(cfg, threads, n_devices)  # type: ignore[attr-defined]
+        for _ in range(n_workers)
+    ]
     bar = tqdm(total=len(todo), unit="batch", desc="importance")
     try:
         run_on_actors(workers, "run", todo, on_done=lambda _: bar.update(1))

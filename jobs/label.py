@@ -34,8 +34,10 @@ class LabelSummary:
     seconds: float
 
     def describe(self) -> str:
-        return (f"label done in {self.seconds:.1f} s: {self.clusters} feature clusters labelled\n"
-                f"outputs: {self.run_dir}/ ({schema.LABELS_DIR}/, {schema.REPORT_DIR}/report.md)")
+        return (
+            f"label done in {self.seconds:.1f} s: {self.clusters} feature clusters labelled\n"
+            f"outputs: {self.run_dir}/ ({schema.LABELS_DIR}/, {schema.REPORT_DIR}/report.md)"
+        )
 
 
 def run_label(cfg: RunConfig, force: Collection[str] = ()) -> LabelSummary:
@@ -59,12 +61,22 @@ def run_label(cfg: RunConfig, force: Collection[str] = ()) -> LabelSummary:
                     continue
                 if corpus is None:
                     corpus = corpus_counts(run)
-                run.write_parquet(rel, label_layer(run, layer, corpus, decode, special, word_pieces),
-                                  row_group_size=4096)
+                run.write_parquet(
+                    rel, label_layer(run, layer, corpus, decode, special, word_pieces), row_group_size=4096
+                )
                 log.info("labels of layer %d written", layer)
             metrics = run.read_parquet(schema.METRICS)
-            write_report(run, metrics, compare=comparison(cfg, metrics), cut=cfg.cluster.cut,
-                         threshold=cfg.cluster.threshold, labels=read_all_labels(run, layers))
-            stage.done(clusters=sum(run.read_footer(schema.part_path(schema.LABELS_DIR, 0, layer)).num_rows
-                                   for layer in layers))
+            write_report(
+                run,
+                metrics,
+                compare=comparison(cfg, metrics),
+                cut=cfg.cluster.cut,
+                threshold=cfg.cluster.threshold,
+                labels=read_all_labels(run, layers),
+            )
+            stage.done(
+                clusters=sum(
+                    run.read_footer(schema.part_path(schema.LABELS_DIR, 0, layer)).num_rows for layer in layers
+                )
+            )
         return LabelSummary(run.url, int(stage.info.get("clusters", 0)), time.perf_counter() - start)

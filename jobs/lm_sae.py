@@ -58,14 +58,19 @@ def planned_steps(run: RunDir, cfg: RunConfig, model: UnitModel) -> int:
     """Optimiser steps of the run's SAE; a DataError when the stream holds fewer tokens than asked for."""
     train, every = cfg.sae.train, cfg.sae.eval.holdout_every
     rows = stream_rows(run, every, int(model.bos_token_id is not None))
-    gives = (f"the corpus gives {rows:,} training tokens (BOS excluded, "
-             + (f"1 context in {every} held out for the evaluation)" if every else "none held out)"))
+    gives = f"the corpus gives {rows:,} training tokens (BOS excluded, " + (
+        f"1 context in {every} held out for the evaluation)" if every else "none held out)"
+    )
     if train.train_tokens is not None and train.train_tokens > rows:
-        raise DataError(f"sae.train.train_tokens is {train.train_tokens:,} but {gives}; lower train_tokens (null "
-                        "takes them all) or use a longer corpus (data.max_contexts, data.source)")
+        raise DataError(
+            f"sae.train.train_tokens is {train.train_tokens:,} but {gives}; lower train_tokens (null "
+            "takes them all) or use a longer corpus (data.max_contexts, data.source)"
+        )
     if rows < train.batch_size:
-        raise DataError(f"{gives}, less than one batch of sae.train.batch_size {train.batch_size:,}; lower "
-                        "batch_size or use a longer corpus")
+        raise DataError(
+            f"{gives}, less than one batch of sae.train.batch_size {train.batch_size:,}; lower "
+            "batch_size or use a longer corpus"
+        )
     return (train.train_tokens or rows) // train.batch_size
 
 
@@ -79,17 +84,24 @@ def train_run_sae(run: RunDir, cfg: RunConfig, model: UnitModel) -> dict:
     steps = planned_steps(run, cfg, model)
     t0 = time.time()
     if cfg.sae.trainer.num_workers == 0:
-        sae, state = train_sae(model, run, hook, train, cfg.sae.eval.holdout_every, cfg.seed, steps,
-                               device=model.device)
+        sae, state = train_sae(
+            model, run, hook, train, cfg.sae.eval.holdout_every, cfg.seed, steps, device=model.device
+        )
         workers = 0
     else:
         sae, state, workers = _fit(run, cfg, steps, _fail_at())
-    files = saelens_files(sae, state.scale, hook, model.name, cfg.data.n_ctx, model.bos_token_id is not None,
-                          corpus_name(cfg))
+    files = saelens_files(
+        sae, state.scale, hook, model.name, cfg.data.n_ctx, model.bos_token_id is not None, corpus_name(cfg)
+    )
     for name, data in files.items():
         run.write_bytes(f"{schema.SAE_DIR}/{name}", data)
-    return {**state.summary(), "tokens": steps * train.batch_size, "workers": workers,
-            "seconds": time.time() - t0, "train_seconds": state.seconds}
+    return {
+        **state.summary(),
+        "tokens": steps * train.batch_size,
+        "workers": workers,
+        "seconds": time.time() - t0,
+        "train_seconds": state.seconds,
+    }
 
 
 def _fail_at() -> int | None:
@@ -121,11 +133,17 @@ def _fit(run: RunDir, cfg: RunConfig, steps: int, fail_at: int | None) -> tuple[
     worker_cfg = replace(cfg, run_dir=storage)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(worker_cfg), "steps": steps, "threads": threads, "use_gpu": use_gpu,
-                           "fail_at": fail_at},
+        train_loop_config={
+            "cfg": to_dict(worker_cfg),
+            "steps": steps,
+            "threads": threads,
+            "use_gpu": use_gpu,
+            "fail_at": fail_at,
+        },
         scaling_config=ray.train.ScalingConfig(num_workers=trainer_cfg.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=f"{storage.rstrip('/')}/{WORK}",
+            name="train",
+            storage_path=f"{storage.rstrip('/')}/{WORK}",
             failure_config=ray.train.FailureConfig(max_failures=trainer_cfg.max_failures),
         ),
     )
@@ -155,8 +173,20 @@ def train_loop(config: dict) -> None:
         _report(s, shard)
 
     assert cfg.sae.train_hook is not None, "workers start only when sae.train_hook is set"
-    _, final = train_sae(model, RunDir(cfg.run_dir), cfg.sae.train_hook, cfg.sae.train, cfg.sae.eval.holdout_every,
-                         cfg.seed, config["steps"], shard, state, checkpoint, cfg.sae.trainer.checkpoint_every, device)
+    _, final = train_sae(
+        model,
+        RunDir(cfg.run_dir),
+        cfg.sae.train_hook,
+        cfg.sae.train,
+        cfg.sae.eval.holdout_every,
+        cfg.seed,
+        config["steps"],
+        shard,
+        state,
+        checkpoint,
+        cfg.sae.trainer.checkpoint_every,
+        device,
+    )
     _report(final, shard)
 
 
@@ -200,9 +230,17 @@ def run_sae_eval(cfg: RunConfig, force: list[str] | tuple | set = ()) -> LMSAEMe
         path = sae_path(cfg)
         assert path is not None, "sae_eval runs only on runs with an SAE"
         sae = load_sae(path)
-        metrics = evaluate_sae(model, output, kind, sae, sae.cfg.metadata.hook_name,
-                               eval_contexts(run, cfg.sae.eval.holdout_every), cfg.sae.eval.tokens,
-                               cfg.sae.train.contexts_per_batch, cfg.sae.eval.dense_threshold)
+        metrics = evaluate_sae(
+            model,
+            output,
+            kind,
+            sae,
+            sae.cfg.metadata.hook_name,
+            eval_contexts(run, cfg.sae.eval.holdout_every),
+            cfg.sae.eval.tokens,
+            cfg.sae.train.contexts_per_batch,
+            cfg.sae.eval.dense_threshold,
+        )
         units = run.read_parquet(schema.METRICS).to_pandas()
         p = polysemy(units)
         kept = ("with_examples", "polysemantic", "mean_dist", "silhouette", "raw_polysemantic", "raw_mean_dist")

@@ -36,8 +36,11 @@ def comparison_runs(cfg: RunConfig) -> dict[str, tuple[str, int, RunConfig]]:
     root = cfg.run_dir.rstrip("/")
     for seed in cfg.sae.compare.seeds:
         for coeff in (None, *cfg.sae.compare.ne_coeffs):
-            train = replace(cfg.sae.train, loss="none") if coeff is None else replace(cfg.sae.train, loss="ne",
-                                                                                      ne_coeff=coeff)
+            train = (
+                replace(cfg.sae.train, loss="none")
+                if coeff is None
+                else replace(cfg.sae.train, loss="ne", ne_coeff=coeff)
+            )
             name = f"{variant_name(coeff)}-seed{seed}"
             sae = replace(cfg.sae, train=train, compare=SAECompareConfig())
             out[name] = (variant_name(coeff), seed, replace(cfg, run_dir=f"{root}/{name}", seed=seed, sae=sae))
@@ -67,8 +70,13 @@ def run_comparison(cfg: RunConfig, force: list[str] | tuple | set = ()) -> Compa
             run_cluster(sub, force=set(force) & {"cluster"})
             metrics = run_sae_eval(sub, force=set(force) & {"sae_eval"})
             trained = RunDir(sub.run_dir).manifest()["stages"]["sae"]["info"]
-            out.runs[name] = {**asdict(metrics), "variant": variant, "seed": seed, "train_tokens": trained["tokens"],
-                              "train_seconds": trained["train_seconds"]}
+            out.runs[name] = {
+                **asdict(metrics),
+                "variant": variant,
+                "seed": seed,
+                "train_tokens": trained["tokens"],
+                "train_seconds": trained["train_seconds"],
+            }
         out.table = write_comparison(root, cfg, out.runs)
     out.seconds = time.time() - t0
     return out
@@ -105,21 +113,31 @@ def write_comparison(root: RunDir, cfg: RunConfig, runs: dict[str, dict]) -> str
         stds[v] = {c: float(np.std([r[c] for r in rows], ddof=1)) if len(rows) > 1 else math.nan for c in COLUMNS}
     first = next(iter(runs.values()))
     seeds = sorted({r["seed"] for r in runs.values()})
-    lines = [f"SAEs at {cfg.sae.train_hook} of {cfg.model.name}, {cfg.sae.train.architecture}, "
-             f"{cfg.sae.train.expansion}× expansion" + (f", k = {cfg.sae.train.k}" if cfg.sae.train.architecture
-                                                        == "topk" else "")
-             + f"; trained on {first['train_tokens']:,} tokens of {corpus_name(cfg)} (one pass), evaluated on "
-               f"{first['tokens']:,} held-out tokens; seeds {', '.join(map(str, seeds))}; mean ± std (ddof 1).", "",
-             to_markdown(means, stds)]
+    lines = [
+        f"SAEs at {cfg.sae.train_hook} of {cfg.model.name}, {cfg.sae.train.architecture}, "
+        f"{cfg.sae.train.expansion}× expansion"
+        + (f", k = {cfg.sae.train.k}" if cfg.sae.train.architecture == "topk" else "")
+        + f"; trained on {first['train_tokens']:,} tokens of {corpus_name(cfg)} (one pass), evaluated on "
+        f"{first['tokens']:,} held-out tokens; seeds {', '.join(map(str, seeds))}; mean ± std (ddof 1).",
+        "",
+        to_markdown(means, stds),
+    ]
     for v in variants[1:]:
         effects = paired_effects(runs, v, columns)
-        lines += ["", f"{v} against {STANDARD}, paired by seed (same initialisation and batches): change (paired "
-                      "s.e.) and verdict (beyond 2 s.e.)", "", "| metric | change | s.e. | verdict |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            f"{v} against {STANDARD}, paired by seed (same initialisation and batches): change (paired "
+            "s.e.) and verdict (beyond 2 s.e.)",
+            "",
+            "| metric | change | s.e. | verdict |",
+            "|---|---|---|---|",
+        ]
         for c, e in effects.items():
             fmt = FORMATS[c]
-            lines.append(f"| {c} | {'+' if e['change'] >= 0 else ''}{fmt.format(e['change'])} | "
-                         f"{fmt.format(e['sem']) if not math.isnan(e['sem']) else ''} | {e['verdict']} |")
+            lines.append(
+                f"| {c} | {'+' if e['change'] >= 0 else ''}{fmt.format(e['change'])} | "
+                f"{fmt.format(e['sem']) if not math.isnan(e['sem']) else ''} | {e['verdict']} |"
+            )
     text = "\n".join(lines) + "\n"
     root.write_bytes(f"{schema.COMPARISON}.md", text.encode())
     header = ["run", "variant", "seed", *COLUMNS, "train_tokens", "train_seconds"]
@@ -144,9 +162,16 @@ def comparison_plot(runs: dict[str, dict], variants: list[str]) -> bytes:
         return float(r["ce_increase"]) if causal else 1.0 - float(r["cosine"])
 
     fig = Figure(figsize=(11, 4.4))
-    panels = [(fig.add_subplot(1, 2, 1), cost, cost_name, "polysemantic", "latents with ≥ 2 feature clusters"),
-              (fig.add_subplot(1, 2, 2), lambda r: float(r["fvu"]), "FVU", "mean_dist",
-               "median mean cosine distance of a latent's examples")]
+    panels = [
+        (fig.add_subplot(1, 2, 1), cost, cost_name, "polysemantic", "latents with ≥ 2 feature clusters"),
+        (
+            fig.add_subplot(1, 2, 2),
+            lambda r: float(r["fvu"]),
+            "FVU",
+            "mean_dist",
+            "median mean cosine distance of a latent's examples",
+        ),
+    ]
     for ax, x_of, x_name, y_key, y_name in panels:
         for space, fill in (("", True), ("raw_", False)):
             centres = []
@@ -157,8 +182,15 @@ def comparison_plot(runs: dict[str, dict], variants: list[str]) -> bytes:
                 ax.scatter(xs, ys, facecolors=face, edgecolors=f"C{i}", alpha=0.5, s=20)
                 centres.append((float(np.mean(xs)), float(np.mean(ys))))
                 label = f"{v}, " + ("neuron embeddings" if fill else "raw inputs h")
-                ax.scatter(*centres[-1], facecolors=face, edgecolors="black" if fill else f"C{i}", s=90,
-                           linewidths=1.5, label=label, zorder=3)
+                ax.scatter(
+                    *centres[-1],
+                    facecolors=face,
+                    edgecolors="black" if fill else f"C{i}",
+                    s=90,
+                    linewidths=1.5,
+                    label=label,
+                    zorder=3,
+                )
             if len(variants) > 2:
                 ax.plot(*zip(*centres), color="gray", lw=1, ls="-" if fill else "--", zorder=2)
         ax.set_xlabel(x_name)

@@ -132,8 +132,9 @@ def _occurrences(run: RunDir, cfg: RunConfig, local: bool) -> dict:
     heldout = write_heldout(run, cfg, base, n_harvest)
     parts = heldout_parts(run)
     groups = layer_groups(run, layers, cfg.occurrence.memory_mb)
-    todo = [(p, tuple(g)) for g in groups for p in parts
-            if not all(run.exists(occurrence_file(layer, p)) for layer in g)]
+    todo = [
+        (p, tuple(g)) for g in groups for p in parts if not all(run.exists(occurrence_file(layer, p)) for layer in g)
+    ]
     bar = tqdm(total=len(todo), unit="part", desc="occurrence")
     try:
         if local:
@@ -148,17 +149,26 @@ def _occurrences(run: RunDir, cfg: RunConfig, local: bool) -> dict:
         bar.close()
     rows = {str(layer): sum(run.read_footer(occurrence_file(layer, p)).num_rows for p in parts) for layer in layers}
     first_ctx = int(read_heldout(run, parts[0])[0][0])
-    return {**heldout, "layers": layers, "rows": rows, "frac": cfg.occurrence.frac, "first_ctx_id": first_ctx,
-            "passes": len(groups), "seconds": time.perf_counter() - start}
+    return {
+        **heldout,
+        "layers": layers,
+        "rows": rows,
+        "frac": cfg.occurrence.frac,
+        "first_ctx_id": first_ctx,
+        "passes": len(groups),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _on_actors(cfg: RunConfig, todo: list, bar) -> None:
     init_ray()
     h = cfg.harvest
-    n, threads, options = model_actor_options("harvest", h.num_workers, h.use_gpu, len(todo), "parts",
-                                              h.gpus_per_worker)
-    workers = [OccurrenceWorker.options(**options).remote(cfg, threads, int(options.get("num_gpus", 0)) or 1)
-               for _ in range(n)]
+    n, threads, options = model_actor_options(
+        "harvest", h.num_workers, h.use_gpu, len(todo), "parts", h.gpus_per_worker
+    )
+    workers = [
+        OccurrenceWorker.options(**options).remote(cfg, threads, int(options.get("num_gpus", 0)) or 1) for _ in range(n)
+    ]
     try:
         run_on_actors(workers, "process", todo, on_done=lambda _: bar.update(1))
     finally:
@@ -169,39 +179,71 @@ def _on_actors(cfg: RunConfig, todo: list, bar) -> None:
 # --- co-activation ---------------------------------------------------------------------------------------
 
 
-def count_part(run_url: str, part: int, layers: list[int], ids: co.FeatureIds, n_ctx: int,
-               extremes: dict[int, np.ndarray], max_per_token: int | None) -> None:
+def count_part(
+    run_url: str,
+    part: int,
+    layers: list[int],
+    ids: co.FeatureIds,
+    n_ctx: int,
+    extremes: dict[int, np.ndarray],
+    max_per_token: int | None,
+) -> None:
     """Step 1 for one held-out part: its pair counts and activations, then its histogram (the marker)."""
     run = RunDir(run_url)
-    tables = [run.read_parquet(occurrence_file(layer, part), columns=["ctx_id", "pos", "layer", "unit", "cluster",
-                                                                      "act"]) for layer in layers]
+    tables = [
+        run.read_parquet(occurrence_file(layer, part), columns=["ctx_id", "pos", "layer", "unit", "cluster", "act"])
+        for layer in layers
+    ]
     pairs, acts, pair_rows, occurrences = co.part_counts(tables, ids, n_ctx, extremes, max_per_token)
     run.write_parquet(schema.part_path(f"{WORK}/pairs", part), pairs, row_group_size=PAIR_ROW_GROUP)
     run.write_parquet(schema.part_path(f"{WORK}/acts", part), acts, row_group_size=PAIR_ROW_GROUP)
     present = np.flatnonzero(pair_rows | occurrences)
-    run.write_parquet(schema.part_path(f"{WORK}/hist", part), pa.table(
-        {"feature": pa.array(present.astype(np.int32)), "pair_rows": pa.array(pair_rows[present]),
-         "occurrences": pa.array(occurrences[present])}))
+    run.write_parquet(
+        schema.part_path(f"{WORK}/hist", part),
+        pa.table(
+            {
+                "feature": pa.array(present.astype(np.int32)),
+                "pair_rows": pa.array(pair_rows[present]),
+                "occurrences": pa.array(occurrences[present]),
+            }
+        ),
+    )
 
 
-def merge_range(run_url: str, index: int, lo: int, hi: int, ids: co.FeatureIds, occurrences: np.ndarray,
-                n_tokens: int, score: str, min_count: int, partners: int, sign: float) -> int:
+def merge_range(
+    run_url: str,
+    index: int,
+    lo: int,
+    hi: int,
+    ids: co.FeatureIds,
+    occurrences: np.ndarray,
+    n_tokens: int,
+    score: str,
+    min_count: int,
+    partners: int,
+    sign: float,
+) -> int:
     """Step 2 for features lo..hi-1: their pairs summed, cut and scored, and their statistics; returns pairs."""
     run = RunDir(run_url)
     n = max(ids.n, 1)
     in_range = (pc.field("key") >= lo * n) & (pc.field("key") < hi * n)
-    pairs = [run.read_parquet(f"{WORK}/pairs/{name}", filters=in_range)
-             for name in run.ls(WORK, "pairs", suffix=".parquet")]
+    pairs = [
+        run.read_parquet(f"{WORK}/pairs/{name}", filters=in_range) for name in run.ls(WORK, "pairs", suffix=".parquet")
+    ]
     keys, counts = co.merge_pairs(pairs, min_count)
     del pairs
     for layer, table in co.coactivation_tables(keys, counts, ids, occurrences, n_tokens, score, partners).items():
-        run.write_parquet(schema.part_path(schema.COACTIVATION_DIR, index, layer), table,
-                          row_group_size=8192)
+        run.write_parquet(schema.part_path(schema.COACTIVATION_DIR, index, layer), table, row_group_size=8192)
     feature_range = (pc.field("feature") >= lo) & (pc.field("feature") < hi)
-    acts = [run.read_parquet(f"{WORK}/acts/{name}", filters=feature_range)
-            for name in run.ls(WORK, "acts", suffix=".parquet")]
-    run.write_parquet(schema.part_path(schema.FEATURES_DIR, index),
-                      co.feature_stats(acts, lo, hi, ids, n_tokens, sign), row_group_size=8192)
+    acts = [
+        run.read_parquet(f"{WORK}/acts/{name}", filters=feature_range)
+        for name in run.ls(WORK, "acts", suffix=".parquet")
+    ]
+    run.write_parquet(
+        schema.part_path(schema.FEATURES_DIR, index),
+        co.feature_stats(acts, lo, hi, ids, n_tokens, sign),
+        row_group_size=8192,
+    )
     return len(keys)
 
 
@@ -214,8 +256,11 @@ def _coactivation(run: RunDir, cfg: RunConfig, local: bool) -> dict:
     todo = [p for p in parts if not run.exists(schema.part_path(f"{WORK}/hist", p))]
     tasks = _Tasks(local)
     extremes = signed_extremes(run, layers, cfg.harvest.direction)
-    tasks.map(count_part, [(run.url, p, layers, ids, cfg.data.n_ctx, extremes, cfg.coactivation.max_per_token)
-                           for p in todo], "co-activation: count")
+    tasks.map(
+        count_part,
+        [(run.url, p, layers, ids, cfg.data.n_ctx, extremes, cfg.coactivation.max_per_token) for p in todo],
+        "co-activation: count",
+    )
     hist = run.read_parquet(f"{WORK}/hist")
     pair_rows, occurrences = np.zeros(ids.n, np.int64), np.zeros(ids.n, np.int64)
     feature = hist.column("feature").to_numpy()
@@ -229,17 +274,34 @@ def _coactivation(run: RunDir, cfg: RunConfig, local: bool) -> dict:
         run.write_json(plan_file, ranges)
     sign = SIGNS[cfg.harvest.direction]
     c = cfg.coactivation
-    todo_ranges = [(i, lo, hi) for i, (lo, hi) in enumerate(ranges)
-                   if not run.exists(schema.part_path(schema.FEATURES_DIR, i))]
-    tasks.map(merge_range, [(run.url, i, lo, hi, ids, occurrences, n_tokens, c.score, c.min_count, c.partners, sign)
-                            for i, lo, hi in todo_ranges], "co-activation: merge")
-    pairs = sum(run.read_footer(f"{schema.layer_dir(schema.COACTIVATION_DIR, layer)}/{name}").num_rows
-                for layer in run.layers(schema.COACTIVATION_DIR)
-                for name in run.ls(schema.layer_dir(schema.COACTIVATION_DIR, layer), suffix=".parquet"))
-    return {"tokens": n_tokens, "features": ids.n, "features_seen": int((occurrences > 0).sum()),
-            "pairs": pairs, "ranges": len(ranges), "score": c.score, "min_count": c.min_count,
-            "partners": c.partners, "max_per_token": c.max_per_token,
-            "seconds": time.perf_counter() - start}
+    todo_ranges = [
+        (i, lo, hi) for i, (lo, hi) in enumerate(ranges) if not run.exists(schema.part_path(schema.FEATURES_DIR, i))
+    ]
+    tasks.map(
+        merge_range,
+        [
+            (run.url, i, lo, hi, ids, occurrences, n_tokens, c.score, c.min_count, c.partners, sign)
+            for i, lo, hi in todo_ranges
+        ],
+        "co-activation: merge",
+    )
+    pairs = sum(
+        run.read_footer(f"{schema.layer_dir(schema.COACTIVATION_DIR, layer)}/{name}").num_rows
+        for layer in run.layers(schema.COACTIVATION_DIR)
+        for name in run.ls(schema.layer_dir(schema.COACTIVATION_DIR, layer), suffix=".parquet")
+    )
+    return {
+        "tokens": n_tokens,
+        "features": ids.n,
+        "features_seen": int((occurrences > 0).sum()),
+        "pairs": pairs,
+        "ranges": len(ranges),
+        "score": c.score,
+        "min_count": c.min_count,
+        "partners": c.partners,
+        "max_per_token": c.max_per_token,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 class _Tasks:

@@ -67,8 +67,15 @@ def cpu_workers(asked: int, key: str, todo: int, unit: str) -> tuple[int, int]:
     workers = max(1, min(asked, todo, total))
     if total < asked:
         left = f" ({unit} to do: {todo})" if todo < total else ""
-        log.warning("%s is %d but the Ray cluster has %d CPUs; using %d worker%s%s", key, asked, total, workers,
-                    "s" * (workers != 1), left)
+        log.warning(
+            "%s is %d but the Ray cluster has %d CPUs; using %d worker%s%s",
+            key,
+            asked,
+            total,
+            workers,
+            "s" * (workers != 1),
+            left,
+        )
     return workers, total // workers
 
 
@@ -82,11 +89,15 @@ def train_threads(num_workers: int, use_gpu: bool, section: str = "trainer") -> 
         if not gpus:
             raise ConfigError(f"{gpu} is true but the Ray cluster has no GPU; set {gpu} to false")
         if gpus < num_workers:
-            raise ConfigError(f"{workers} is {num_workers} but the Ray cluster has {gpus} GPUs, one per "
-                              f"worker with {gpu}; set {workers} to at most {gpus}")
+            raise ConfigError(
+                f"{workers} is {num_workers} but the Ray cluster has {gpus} GPUs, one per "
+                f"worker with {gpu}; set {workers} to at most {gpus}"
+            )
     elif cluster_cpus() < num_workers:
-        raise ConfigError(f"{workers} is {num_workers} but the Ray cluster has {cluster_cpus()} CPUs, one "
-                          f"per worker; set {workers} to at most {cluster_cpus()}")
+        raise ConfigError(
+            f"{workers} is {num_workers} but the Ray cluster has {cluster_cpus()} CPUs, one "
+            f"per worker; set {workers} to at most {cluster_cpus()}"
+        )
     return max(1, cluster_cpus() // num_workers)
 
 
@@ -194,8 +205,10 @@ class _Dispatch:
         self.waking.update({_ping(w): w for t, w in self.asleep if t <= now})
         self.asleep = [(t, w) for t, w in self.asleep if t > now]
         if not (self.running or self.waking or self.asleep):
-            raise NeError(f"every Ray worker died ({_reason(self.last)}); {len(self.queue)} of {len(self.items)} "
-                          "items are not done. Rerun the command to resume: finished items are kept")
+            raise NeError(
+                f"every Ray worker died ({_reason(self.last)}); {len(self.queue)} of {len(self.items)} "
+                "items are not done. Rerun the command to resume: finished items are kept"
+            )
         timeout = max(0.0, min(t for t, _ in self.asleep) - now) if self.asleep else None
         refs = [*self.running, *self.waking]
         if not refs:  # only restarting actors: wait for the next ping
@@ -222,10 +235,16 @@ class _Dispatch:
         except ray.exceptions.RayActorError as exc:
             self.last, self.attempts[i] = exc, self.attempts[i] + 1
             if self.attempts[i] >= ITEM_ATTEMPTS:
-                raise NeError(f"item {self.items[i]} of `{self.method}` lost its Ray worker {self.attempts[i]} times "
-                              f"(the last: {_reason(exc)}); see the Ray logs of its workers") from None
-            log.warning("a Ray worker died during %s of %s (%s); the item goes back to the queue", self.method,
-                        self.items[i], _reason(exc))
+                raise NeError(
+                    f"item {self.items[i]} of `{self.method}` lost its Ray worker {self.attempts[i]} times "
+                    f"(the last: {_reason(exc)}); see the Ray logs of its workers"
+                ) from None
+            log.warning(
+                "a Ray worker died during %s of %s (%s); the item goes back to the queue",
+                self.method,
+                self.items[i],
+                _reason(exc),
+            )
             self.queue.insert(0, i)
             self.waking[_ping(worker)] = worker
             return False, None

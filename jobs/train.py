@@ -105,19 +105,28 @@ class _Worker:
             extra.load_state_dict(cur["extra"])
         return cur["epoch"], cur["step"]
 
-    def checkpoint(self, name: str, model, opt, epoch: int, step: int, last: bool, t0: float, extra=None,
-                   **metrics) -> None:
+    def checkpoint(
+        self, name: str, model, opt, epoch: int, step: int, last: bool, t0: float, extra=None, **metrics
+    ) -> None:
         state = self.state
         if last:
             state["done"][name] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             state["current"] = None
             self.seconds[name] = time.time() - t0
         else:
-            state["current"] = {"name": name, "epoch": epoch, "step": step, "model": model.state_dict(),
-                                "opt": opt.state_dict(), "extra": extra.state_dict() if extra else {}}
+            state["current"] = {
+                "name": name,
+                "epoch": epoch,
+                "step": step,
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "extra": extra.state_dict() if extra else {},
+            }
         # The driver reads the latest checkpoint and its metrics, so the summary travels with every one.
-        _save_state(state, {"model": name, "epoch": epoch, "steps_this_attempt": self.steps,
-                            "seconds": dict(self.seconds), **metrics})
+        _save_state(
+            state,
+            {"model": name, "epoch": epoch, "steps_this_attempt": self.steps, "seconds": dict(self.seconds), **metrics},
+        )
 
     def mlp(self, train: mnist_data.MnistSplit, mlp_path: str) -> mnist_model.MLP:
         """The MLP: trained (or resumed) when it is to do, else the finished one."""
@@ -198,15 +207,22 @@ def _fit(cfg: MnistRunConfig, run: RunDir, todo: list[str], fps: dict[str, str],
     if "://" in run.url:
         # Ray Train would reach s3:// with pyarrow's own client, which ignores fsspec's settings (an endpoint
         # given as FSSPEC_S3_ENDPOINT_URL or in ~/.config/fsspec): it gets the run directory's filesystem.
-        storage = {"storage_path": run.path("ray"),
-                   "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(run.fs))}
+        storage = {
+            "storage_path": run.path("ray"),
+            "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(run.fs)),
+        }
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "todo": todo, "threads": threads,
-                           "mlp_path": run.url_of(schema.mnist_weights("mlp"))},
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "todo": todo,
+            "threads": threads,
+            "mlp_path": run.url_of(schema.mnist_weights("mlp")),
+        },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu),
         run_config=ray.train.RunConfig(
-            name=f"train-{fingerprint(fps)}", **storage,
+            name=f"train-{fingerprint(fps)}",
+            **storage,
             failure_config=ray.train.FailureConfig(max_failures=1),
         ),
     )

@@ -59,11 +59,11 @@ def integer(name: str, value: Any, low: int | None = None, high: int | None = No
     Python and numpy integers pass; bools, floats, strings and None are refused, so that `query(layer="0")` or
     `neuron=5.5` is a type error rather than a search for something that does not exist."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(f"{name} is {value!r} ({type(value).__name__}); it must be an integer" +
-                          (f" ({hint})" if hint else ""))
+        raise ConfigError(
+            f"{name} is {value!r} ({type(value).__name__}); it must be an integer" + (f" ({hint})" if hint else "")
+        )
     value = int(value)
     if low is not None and value < low or high is not None and value >= high:
-        span = (f"at least {low}" if high is None else f"at most {high - 1}" if low is None
-                else f"in {low}..{high - 1}")
+        span = f"at least {low}" if high is None else f"at most {high - 1}" if low is None else f"in {low}..{high - 1}"
         raise ConfigError(f"{name} is {value}; it must be {span}" + (f" ({hint})" if hint else ""))
     return value

@@ -24,11 +24,20 @@ FIGURE_MODELS = ("mlp", "sae_standard", "sae_ne_loss")
 def _config_args(p: argparse.ArgumentParser, stages: tuple[str, ...]) -> None:
     p.add_argument("--config", default="configs/demo.yaml", help="YAML experiment config (configs/*.yaml)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set harvest.k=50 --set run_dir=s3://bucket/run",
     )
-    p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help=f"redo a finished stage ({', '.join(stages)}) and mark every stage after it stale")
+    p.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help=f"redo a finished stage ({', '.join(stages)}) and mark every stage after it stale",
+    )
 
 
 def _load(args):
@@ -75,8 +84,10 @@ def cmd_view(args) -> None:
     except KeyboardInterrupt:
         return  # Ctrl-C is how the viewer stops
     if code != 0:  # e.g. the port was taken after the check above
-        raise ConfigError(f"the viewer's server on {host}:{port} stopped with exit code {code} (its reason is printed "
-                          "above); pass a free --port, or another --host")
+        raise ConfigError(
+            f"the viewer's server on {host}:{port} stopped with exit code {code} (its reason is printed "
+            "above); pass a free --port, or another --host"
+        )
 
 
 def cmd_cluster(args) -> None:
@@ -136,15 +147,26 @@ def cmd_similar(args) -> None:
 def cmd_describe(args) -> None:
     from ne.describe import run_describe
 
-    print(run_describe(_load(args), layers=args.layer, neurons=args.neuron, limit=args.limit,
-                       force=args.force).describe())
+    print(
+        run_describe(_load(args), layers=args.layer, neurons=args.neuron, limit=args.limit, force=args.force).describe()
+    )
 
 
 def cmd_export(args) -> None:
     from ne.export import export_run
 
-    print(export_run(args.run_dir, args.format, args.out, force=args.force, splits=args.splits,
-                     model_id=args.model_id, source_set=args.source_set, creator_id=args.creator_id).describe())
+    print(
+        export_run(
+            args.run_dir,
+            args.format,
+            args.out,
+            force=args.force,
+            splits=args.splits,
+            model_id=args.model_id,
+            source_set=args.source_set,
+            creator_id=args.creator_id,
+        ).describe()
+    )
 
 
 def cmd_run(args) -> None:
@@ -201,8 +223,10 @@ def cmd_run(args) -> None:
     print("The 10 most polysemantic neurons (by substantial, well-separated clusters; their labels below each):")
     print(_polysemantic_text(top))
     layer, neuron, cluster = _demo_query(cfg.run_dir, top)
-    print(f"\nFeatures most similar to cluster {cluster} of layer {layer}, neuron {neuron} "
-          f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster {cluster} -k 5):")
+    print(
+        f"\nFeatures most similar to cluster {cluster} of layer {layer}, neuron {neuron} "
+        f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster {cluster} -k 5):"
+    )
     print(describe_similar(cfg.run_dir, layer, neuron, cluster, 5))
     print(f"\nreport: {cfg.run_dir}/report/report.md; browse it: ne view {cfg.run_dir}")
 
@@ -211,8 +235,10 @@ def _polysemantic_text(top) -> str:
     """One line per neuron, then one indented line per substantial cluster's label."""
     lines = [f"{'layer':>5} {'neuron':>6} {'examples':>8} {'clusters':>8} {'substantial':>11} {'silhouette':>10}"]
     for row in top.itertuples(index=False):
-        lines.append(f"{row.layer:>5} {row.neuron:>6} {row.n_examples:>8} {row.n_clusters:>8} {row.substantial:>11} "
-                     f"{'–' if row.silhouette != row.silhouette else f'{row.silhouette:.3f}':>10}")
+        lines.append(
+            f"{row.layer:>5} {row.neuron:>6} {row.n_examples:>8} {row.n_clusters:>8} {row.substantial:>11} "
+            f"{'–' if row.silhouette != row.silhouette else f'{row.silhouette:.3f}':>10}"
+        )
         lines += [f"{'':>14}{text}" for text in (row.labels.split(" · ") if row.labels else [])]
     return "\n".join(lines)
 
@@ -238,8 +264,14 @@ def _demo_query(run_dir: str, top) -> tuple[int, int, int]:
 
 def _mnist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/mnist-sae.yaml", help="MNIST experiment config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set sae.ne_coeff=3 --set trainer.num_workers=2")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set sae.ne_coeff=3 --set trainer.num_workers=2",
+    )
 
 
 def _load_mnist(args):
@@ -288,8 +320,9 @@ def cmd_figure(args) -> None:
     from ne.rundir.store import RunDir
 
     if args.model not in FIGURE_MODELS:
-        raise ConfigError(f"--model {args.model!r} is not a model of the MNIST run; choose one of "
-                          f"{', '.join(FIGURE_MODELS)}")
+        raise ConfigError(
+            f"--model {args.model!r} is not a model of the MNIST run; choose one of {', '.join(FIGURE_MODELS)}"
+        )
     cfg = _load_mnist(args)
     out = _out_dir(args.out or f"{cfg.run_dir.rstrip('/')}/mnist/figures")
     check_not_owned(out.url, [f"{args.model}_{neuron}.png" for neuron in args.neuron])
@@ -311,14 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     config_commands = [
-        ("run", "harvest, cluster, index, occurrences and co-activation in one go (the demo)", cmd_run,
-         stages_of(*RUN_COMMANDS)),
+        (
+            "run",
+            "harvest, cluster, index, occurrences and co-activation in one go (the demo)",
+            cmd_run,
+            stages_of(*RUN_COMMANDS),
+        ),
         ("harvest", "find every neuron's dataset examples (passes 1 and 2)", cmd_harvest, stages_of("ne harvest")),
-        ("cluster", "feature clusters, polysemy metrics, their labels and the run report", cmd_cluster,
-         stages_of("ne cluster")),
+        (
+            "cluster",
+            "feature clusters, polysemy metrics, their labels and the run report",
+            cmd_cluster,
+            stages_of("ne cluster"),
+        ),
         ("index", "the FAISS index of similar features across neurons", cmd_index, stages_of("ne index")),
-        ("occurrence", "where every feature cluster fires in held-out text, and which fire together", cmd_occurrence,
-         stages_of("ne occurrence")),
+        (
+            "occurrence",
+            "where every feature cluster fires in held-out text, and which fire together",
+            cmd_occurrence,
+            stages_of("ne occurrence"),
+        ),
     ]
     for name, help_text, func, stages in config_commands:
         p = sub.add_parser(name, help=help_text)
@@ -342,13 +387,15 @@ def _run_commands(sub) -> None:
     p.add_argument("--neuron", type=int, action="append", help="only this neuron (repeatable); default all")
     p.set_defaults(func=cmd_importance)
 
-    p = sub.add_parser("describe", help="LLM descriptions of feature clusters (any OpenAI-compatible endpoint; adds "
-                                        "to what is there)")
+    p = sub.add_parser(
+        "describe", help="LLM descriptions of feature clusters (any OpenAI-compatible endpoint; adds to what is there)"
+    )
     _config_args(p, stages_of("ne describe"))
     p.add_argument("--layer", type=int, action="append", help="only this layer (repeatable); default all")
     p.add_argument("--neuron", type=int, action="append", help="only this neuron (repeatable); default all")
-    p.add_argument("--limit", type=int, help="describe at most this many clusters (the first, by layer, neuron, "
-                                             "cluster)")
+    p.add_argument(
+        "--limit", type=int, help="describe at most this many clusters (the first, by layer, neuron, cluster)"
+    )
     p.set_defaults(func=cmd_describe)
 
     p = sub.add_parser("export", help="write a run's feature clusters for delphi or Neuronpedia")
@@ -359,8 +406,10 @@ def _run_commands(sub) -> None:
     p.add_argument("--splits", type=int, help="delphi: files per layer, over consecutive latent ranges (default 5)")
     p.add_argument("--model-id", help="Neuronpedia: the model's id (default: from model.name)")
     p.add_argument("--source-set", default="ne-clusters", help="Neuronpedia: the source set (sources are LAYER-SET)")
-    p.add_argument("--creator-id", help="Neuronpedia: the user id its rows are created by (default: the default "
-                                        "user its database seed creates)")
+    p.add_argument(
+        "--creator-id",
+        help="Neuronpedia: the user id its rows are created by (default: the default user its database seed creates)",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -380,9 +429,13 @@ def _query_commands(sub) -> None:
     p.add_argument("--cluster", type=int, default=0, help="cluster of the neuron (0 is its largest)")
     p.add_argument("-k", type=int, default=20, help="how many similar features to print")
     p.add_argument("--include-self", action="store_true", help="keep the query neuron's own clusters")
-    p.add_argument("--by", choices=("auto", "behaviour", "vector"), default="auto",
-                   help="behaviour: the features that fire on the same held-out tokens; vector: the nearest central "
-                        "examples in the index; auto (default): behaviour where the run has it for this feature")
+    p.add_argument(
+        "--by",
+        choices=("auto", "behaviour", "vector"),
+        default="auto",
+        help="behaviour: the features that fire on the same held-out tokens; vector: the nearest central "
+        "examples in the index; auto (default): behaviour where the run has it for this feature",
+    )
     p.set_defaults(func=cmd_similar)
 
     p = sub.add_parser("view", help="browse neurons, feature clusters and similar features in a browser")
@@ -396,8 +449,13 @@ def _mnist_commands(sub) -> None:
     """The MNIST experiment: train, sae-eval, figure."""
     p = sub.add_parser("train", help="MNIST: train the MLP and the SAEs with and without the NE loss (Ray Train)")
     _mnist_args(p)
-    p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help=f"redo a finished stage ({', '.join(stages_of('ne train'))}) and every stage after it")
+    p.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help=f"redo a finished stage ({', '.join(stages_of('ne train'))}) and every stage after it",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sae-eval", help="MNIST: the paper's Tables 2 and 3 for a directory of SAE weights")
@@ -414,7 +472,6 @@ def _mnist_commands(sub) -> None:
     p.add_argument("--neuron", type=int, action="append", required=True, help="neuron index (repeatable)")
     p.add_argument("--out", help="output directory; default RUN/mnist/figures")
     p.set_defaults(func=cmd_figure)
-
 
 
 def main(argv: list[str] | None = None) -> int:

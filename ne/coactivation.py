@@ -36,8 +36,13 @@ def feature_ids(run: RunDir, layers: Sequence[int]) -> FeatureIds:
         neuron = table.column("neuron").to_numpy().astype(np.int64)
         d_mlp = read_layer_weights(run, layer, 0, 0).d_mlp
         starts[layer] = offset + np.searchsorted(neuron, np.arange(d_mlp + 1))
-        parts.append((np.full(len(neuron), layer, np.int16), neuron.astype(np.int32),
-                      table.column("cluster").to_numpy().astype(np.int32)))
+        parts.append(
+            (
+                np.full(len(neuron), layer, np.int16),
+                neuron.astype(np.int32),
+                table.column("cluster").to_numpy().astype(np.int32),
+            )
+        )
         offset += len(neuron)
     if not parts:
         return FeatureIds(np.zeros(0, np.int16), np.zeros(0, np.int32), np.zeros(0, np.int32), starts)
@@ -51,8 +56,13 @@ PAIRS = pa.schema([("key", pa.int64()), ("count", pa.int32())])
 ACTS = pa.schema([("feature", pa.int32()), ("act", pa.float32())])
 
 
-def part_counts(occurrences: Sequence[pa.Table], ids: FeatureIds, n_ctx: int, extremes: dict[int, np.ndarray],
-                max_per_token: int | None = None) -> tuple[pa.Table, pa.Table, np.ndarray, np.ndarray]:
+def part_counts(
+    occurrences: Sequence[pa.Table],
+    ids: FeatureIds,
+    n_ctx: int,
+    extremes: dict[int, np.ndarray],
+    max_per_token: int | None = None,
+) -> tuple[pa.Table, pa.Table, np.ndarray, np.ndarray]:
     """(pairs, acts, pair rows per feature, occurrences per feature) of one held-out part's occurrences (all its
     layers): PAIRS rows of every ordered pair of distinct features on a token, counted and sorted by key; ACTS rows
     sorted by feature; the two counts as arrays over all feature ids, for planning step 2. With `max_per_token`,
@@ -75,8 +85,7 @@ def part_counts(occurrences: Sequence[pa.Table], ids: FeatureIds, n_ctx: int, ex
     t = np.concatenate(token) if token else np.zeros(0, np.int64)
     a = np.concatenate(act) if act else np.zeros(0, np.float32)
     by_feature = np.lexsort((a, f))
-    acts = pa.table([pa.array(f[by_feature].astype(np.int32)), pa.array(a[by_feature].astype(np.float32))],
-                    schema=ACTS)
+    acts = pa.table([pa.array(f[by_feature].astype(np.int32)), pa.array(a[by_feature].astype(np.float32))], schema=ACTS)
     paired = strongest(t, np.abs(np.concatenate(strength)) if strength else a, max_per_token)
     keys, counts = token_pairs(f[paired], t[paired], ids.n)
     pairs = pa.table([pa.array(keys), pa.array(counts.astype(np.int32))], schema=PAIRS)
@@ -95,8 +104,15 @@ def merge_pairs(tables: Sequence[pa.Table], min_count: int) -> tuple[np.ndarray,
     return keys[keep], counts[keep]
 
 
-def coactivation_tables(keys: np.ndarray, counts: np.ndarray, ids: FeatureIds, occurrences: np.ndarray,
-                        n_tokens: int, kind: str, partners: int | None = None) -> dict[int, pa.Table]:
+def coactivation_tables(
+    keys: np.ndarray,
+    counts: np.ndarray,
+    ids: FeatureIds,
+    occurrences: np.ndarray,
+    n_tokens: int,
+    kind: str,
+    partners: int | None = None,
+) -> dict[int, pa.Table]:
     """COACTIVATION rows of merged pairs, by the first feature's layer, sorted by it then best first (score, then
     count, then the partner's id, which is its (layer, neuron, cluster) order); each feature's first `partners`."""
     a, b = keys // ids.n, keys % ids.n
@@ -114,15 +130,22 @@ def coactivation_tables(keys: np.ndarray, counts: np.ndarray, ids: FeatureIds, o
         rows = ids.layer[a] == layer
         ra, rb = a[rows], b[rows]
         out[layer] = pa.table(
-            [pa.array(ids.layer[ra]), pa.array(ids.neuron[ra]), pa.array(ids.cluster[ra]), pa.array(ids.layer[rb]),
-             pa.array(ids.neuron[rb]), pa.array(ids.cluster[rb]), pa.array(counts[rows].astype(np.int32)),
-             pa.array(score[rows])],
-            schema=schema.COACTIVATION)
+            [
+                pa.array(ids.layer[ra]),
+                pa.array(ids.neuron[ra]),
+                pa.array(ids.cluster[ra]),
+                pa.array(ids.layer[rb]),
+                pa.array(ids.neuron[rb]),
+                pa.array(ids.cluster[rb]),
+                pa.array(counts[rows].astype(np.int32)),
+                pa.array(score[rows]),
+            ],
+            schema=schema.COACTIVATION,
+        )
     return out
 
 
-def feature_stats(acts: Sequence[pa.Table], lo: int, hi: int, ids: FeatureIds, n_tokens: int, sign: float
-                  ) -> pa.Table:
+def feature_stats(acts: Sequence[pa.Table], lo: int, hi: int, ids: FeatureIds, n_tokens: int, sign: float) -> pa.Table:
     """FEATURES rows of features lo..hi-1: occurrences, density and activation quantiles (numpy's linear rule)."""
     f = np.concatenate([t.column("feature").to_numpy() for t in acts]) if acts else np.zeros(0, np.int32)
     x = np.concatenate([t.column("act").to_numpy() for t in acts]) if acts else np.zeros(0, np.float32)
@@ -137,10 +160,17 @@ def feature_stats(acts: Sequence[pa.Table], lo: int, hi: int, ids: FeatureIds, n
     has = n > 0
     peak[has] = x[start[has] + (n[has] - 1 if sign > 0 else 0)]
     return pa.table(
-        [pa.array(ids.layer[lo:hi]), pa.array(ids.neuron[lo:hi]), pa.array(ids.cluster[lo:hi]),
-         pa.array(n.astype(np.int64)), pa.array(n / max(n_tokens, 1)),
-         *[pa.array(c.astype(np.float32)) for c in cols], pa.array(peak.astype(np.float32))],
-        schema=schema.FEATURES)
+        [
+            pa.array(ids.layer[lo:hi]),
+            pa.array(ids.neuron[lo:hi]),
+            pa.array(ids.cluster[lo:hi]),
+            pa.array(n.astype(np.int64)),
+            pa.array(n / max(n_tokens, 1)),
+            *[pa.array(c.astype(np.float32)) for c in cols],
+            pa.array(peak.astype(np.float32)),
+        ],
+        schema=schema.FEATURES,
+    )
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -186,8 +216,15 @@ class CoActivation:
         found = [r for r in rows if r["layer"] == layer and r["cluster"] == cluster]
         return found[0] if found else None
 
-    def partners(self, layer: int, neuron: int, cluster: int, k: int | None = None, exclude_same_neuron: bool = True,
-                 layers: Sequence[int] | None = None) -> list[Partner]:
+    def partners(
+        self,
+        layer: int,
+        neuron: int,
+        cluster: int,
+        k: int | None = None,
+        exclude_same_neuron: bool = True,
+        layers: Sequence[int] | None = None,
+    ) -> list[Partner]:
         """Features that fire together with (layer, neuron, cluster), best score first (then most tokens
         together); `layers` keeps those of the layers given."""
         folder = schema.layer_dir(schema.COACTIVATION_DIR, layer)
@@ -198,12 +235,20 @@ class CoActivation:
             return []
         mask = pc.equal(table.column("cluster"), cluster)
         if exclude_same_neuron:
-            mask = pc.and_(mask, pc.invert(pc.and_(pc.equal(table.column("layer_b"), layer),
-                                                   pc.equal(table.column("neuron_b"), neuron))))
+            mask = pc.and_(
+                mask,
+                pc.invert(
+                    pc.and_(pc.equal(table.column("layer_b"), layer), pc.equal(table.column("neuron_b"), neuron))
+                ),
+            )
         if layers is not None:
             mask = pc.and_(mask, pc.is_in(table.column("layer_b"), pa.array(list(layers), pa.int16())))
         rows = table.filter(mask).to_pydict()
-        out = [Partner(lb, nb, cb, c, s) for lb, nb, cb, c, s in
-               zip(rows["layer_b"], rows["neuron_b"], rows["cluster_b"], rows["count"], rows["score"])]
+        out = [
+            Partner(lb, nb, cb, c, s)
+            for lb, nb, cb, c, s in zip(
+                rows["layer_b"], rows["neuron_b"], rows["cluster_b"], rows["count"], rows["score"]
+            )
+        ]
         out.sort(key=lambda p: (-p.score, -p.count, p.layer, p.neuron, p.cluster))
         return out if k is None else out[:k]

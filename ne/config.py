@@ -140,8 +140,10 @@ class HarvestConfig:
         at_least("harvest.num_workers", self.num_workers, 0)
         at_least("harvest.gpus_per_worker", self.gpus_per_worker, 1)
         if self.gpus_per_worker > 1 and self.use_gpu is False:
-            raise ConfigError(f"harvest.gpus_per_worker is {self.gpus_per_worker} but harvest.use_gpu is false; "
-                              "split a model over GPUs only with use_gpu true (or null)")
+            raise ConfigError(
+                f"harvest.gpus_per_worker is {self.gpus_per_worker} but harvest.use_gpu is false; "
+                "split a model over GPUs only with use_gpu true (or null)"
+            )
 
 
 @dataclass
@@ -190,14 +192,17 @@ class ClusterConfig:
         if not (0.0 < float(self.threshold) <= 2.0):
             raise ConfigError(f"cluster.threshold is {self.threshold}; a cosine distance lies in (0, 2]")
         if not (0.0 <= float(self.min_separation) < 2.0):
-            raise ConfigError(f"cluster.min_separation is {self.min_separation}; a cosine distance lies in [0, 2), "
-                              "for example 0.5")
+            raise ConfigError(
+                f"cluster.min_separation is {self.min_separation}; a cosine distance lies in [0, 2), for example 0.5"
+            )
         if not (-1.0 <= float(self.min_silhouette) <= 1.0):
-            raise ConfigError(f"cluster.min_silhouette is {self.min_silhouette}; a silhouette lies in [-1, 1], "
-                              "for example 0.25")
+            raise ConfigError(
+                f"cluster.min_silhouette is {self.min_silhouette}; a silhouette lies in [-1, 1], for example 0.25"
+            )
         if not (0.0 <= float(self.silhouette_tolerance) <= 2.0):
-            raise ConfigError(f"cluster.silhouette_tolerance is {self.silhouette_tolerance}; it must lie in [0, 2], "
-                              "for example 0.05")
+            raise ConfigError(
+                f"cluster.silhouette_tolerance is {self.silhouette_tolerance}; it must lie in [0, 2], for example 0.05"
+            )
         at_least("cluster.max_clusters", self.max_clusters, 2, "the per-neuron cut chooses among 2 or more clusters")
         at_least("cluster.min_cluster_size", self.min_cluster_size, 1)
         at_least("cluster.neurons_per_task", self.neurons_per_task, 1)
@@ -253,8 +258,10 @@ class HeldOutCorpusConfig:
     def __post_init__(self):
         check_choices(self, "occurrence.corpus")
         if self.source == "files" and not self.paths:
-            raise ConfigError("occurrence.corpus.source 'files' needs occurrence.corpus.paths: a list of files or "
-                              "globs of held-out text")
+            raise ConfigError(
+                "occurrence.corpus.source 'files' needs occurrence.corpus.paths: a list of files or "
+                "globs of held-out text"
+            )
 
 
 @dataclass
@@ -348,8 +355,10 @@ class UnitsSAEConfig:
 
     def __post_init__(self):
         if self.path and self.train_hook:
-            raise ConfigError(f"sae.path ({self.path!r}) and sae.train_hook ({self.train_hook!r}) are both set; "
-                              "use an SAE from a directory or train one, not both")
+            raise ConfigError(
+                f"sae.path ({self.path!r}) and sae.train_hook ({self.train_hook!r}) are both set; "
+                "use an SAE from a directory or train one, not both"
+            )
         if self.compare.active and not self.train_hook:
             raise ConfigError("sae.compare needs sae.train_hook: a comparison trains its SAEs at that hook")
 
@@ -437,18 +446,23 @@ class DescribeConfig:
 
     def __post_init__(self):
         if not str(self.base_url).startswith(("http://", "https://")):
-            raise ConfigError(f"describe.base_url is {self.base_url!r}; give an http(s) URL such as "
-                              "http://127.0.0.1:8000/v1")
+            raise ConfigError(
+                f"describe.base_url is {self.base_url!r}; give an http(s) URL such as http://127.0.0.1:8000/v1"
+            )
         if self.api_key_env is not None and not str(self.api_key_env).replace("_", "").isalnum():
-            raise ConfigError(f"describe.api_key_env is {self.api_key_env!r}; give the NAME of an environment "
-                              "variable (e.g. OPENAI_API_KEY), never the key itself")
+            raise ConfigError(
+                f"describe.api_key_env is {self.api_key_env!r}; give the NAME of an environment "
+                "variable (e.g. OPENAI_API_KEY), never the key itself"
+            )
         for key in ("max_concurrency", "examples", "max_tokens", "flush_every"):
             at_least(f"describe.{key}", getattr(self, key), 1)
         for key in ("max_retries", "contrast_clusters", "contrast_examples", "window_before", "window_after"):
             at_least(f"describe.{key}", getattr(self, key), 0)
         if not float(self.backoff_s) >= 0 or not float(self.timeout_s) > 0:
-            raise ConfigError(f"describe.backoff_s is {self.backoff_s} and describe.timeout_s {self.timeout_s}; give "
-                              "seconds: backoff_s >= 0, timeout_s > 0")
+            raise ConfigError(
+                f"describe.backoff_s is {self.backoff_s} and describe.timeout_s {self.timeout_s}; give "
+                "seconds: backoff_s >= 0, timeout_s > 0"
+            )
         if not 0.0 <= float(self.temperature) <= 2.0:
             raise ConfigError(f"describe.temperature is {self.temperature}; it must lie in [0, 2]")
 
@@ -544,8 +558,10 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         try:
             node[parts[-1]] = parse_yaml(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item}: {raw!r} is not a YAML value ({yaml_problem(exc)}); quote it to mean "
-                              f"text, e.g. --set \"{dotted}='{raw}'\"") from None
+            raise ConfigError(
+                f"--set {item}: {raw!r} is not a YAML value ({yaml_problem(exc)}); quote it to mean "
+                f"text, e.g. --set \"{dotted}='{raw}'\""
+            ) from None
     return data
 
 
@@ -564,7 +580,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     if key in seen:
                         where = f"on line {line}" if seen[key] == line else f"at lines {seen[key]} and {line}"
                         raise yaml.constructor.ConstructorError(
-                            problem=f"key {key!r} is given twice, {where}; keep one, and merge what the two hold")
+                            problem=f"key {key!r} is given twice, {where}; keep one, and merge what the two hold"
+                        )
                     seen[key] = line
                 except TypeError:  # an unhashable key: the base class reports it
                     continue
@@ -595,8 +612,10 @@ def load_yaml(path: str | os.PathLike) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
-                          f"{exc.start}); save it as UTF-8") from None
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
     try:
         data = parse_yaml(text) or {}
     except yaml.YAMLError as exc:

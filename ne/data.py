@@ -53,14 +53,17 @@ def _hf_documents(cfg: DataConfig) -> Iterator[str]:
 
 def _field(row: object, field: str, where: str) -> str:
     if not isinstance(row, dict):
-        raise DataError(f"{where} is a JSON {type(row).__name__}, not an object; each row must be an object with a "
-                        f"{field!r} field")
+        raise DataError(
+            f"{where} is a JSON {type(row).__name__}, not an object; each row must be an object with a {field!r} field"
+        )
     if field not in row:
         raise DataError(f"{where} has no field {field!r} (it has {', '.join(row)}); set data.text_field")
     text = row[field]
     if text is not None and not isinstance(text, str):
-        raise DataError(f"{where}: field {field!r} holds a {type(text).__name__} ({str(text)[:40]!r}), not text; "
-                        "point data.text_field at a string field")
+        raise DataError(
+            f"{where}: field {field!r} holds a {type(text).__name__} ({str(text)[:40]!r}), not text; "
+            "point data.text_field at a string field"
+        )
     return text or ""
 
 
@@ -73,8 +76,9 @@ def _expand_paths(paths: Sequence[str]) -> Iterator[tuple[fsspec.AbstractFileSys
         else:
             matches = [path] if fs.exists(path) else []
             if matches and fs.isdir(path):
-                raise DataError(f"data.paths entry {url!r} is a directory; give files or a glob such as "
-                                f"'{url.rstrip('/')}/*.txt'")
+                raise DataError(
+                    f"data.paths entry {url!r} is a directory; give files or a glob such as '{url.rstrip('/')}/*.txt'"
+                )
         if not matches:
             raise DataError(f"data.paths entry {url!r} matches no file; check the path or glob")
         yield from ((fs, m) for m in matches if not fs.isdir(m))
@@ -104,8 +108,9 @@ def _jsonl_documents(fs: fsspec.AbstractFileSystem, path: str, text_field: str) 
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path} line {n} is not UTF-8 (byte {raw[exc.start]:#04x}); save the file as "
-                                "UTF-8 JSON lines") from None
+                raise DataError(
+                    f"{path} line {n} is not UTF-8 (byte {raw[exc.start]:#04x}); save the file as UTF-8 JSON lines"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -123,8 +128,9 @@ def _parquet_documents(fs: fsspec.AbstractFileSystem, path: str, text_field: str
             raise DataError(f"{path} has no column {text_field!r} (it has {', '.join(names)}); set data.text_field")
         kind = pf.schema_arrow.field(text_field).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise DataError(f"{path}: column {text_field!r} holds {kind}, not text; point data.text_field at a "
-                            "string column")
+            raise DataError(
+                f"{path}: column {text_field!r} holds {kind}, not text; point data.text_field at a string column"
+            )
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
             yield from (text or "" for text in batch.column(0).to_pylist())
 
@@ -138,8 +144,12 @@ def _decode_text(data: bytes, path: str) -> str:
     except UnicodeDecodeError as exc:
         text = data.decode("utf-8", errors="replace")
         replaced = text.count("\ufffd") - data.count("\ufffd".encode())
-        log.warning("%s is not valid UTF-8: %d invalid byte sequences replaced by U+FFFD (the first at byte %d)",
-                    path, replaced, exc.start)
+        log.warning(
+            "%s is not valid UTF-8: %d invalid byte sequences replaced by U+FFFD (the first at byte %d)",
+            path,
+            replaced,
+            exc.start,
+        )
         return text
 
 

@@ -44,8 +44,10 @@ RETRIED_STATUS = (408, 409, 429, 500, 502, 503, 504)
 MAX_WAIT_S = 60.0
 """The longest wait before a retry, whatever the server's Retry-After says."""
 MAX_DESCRIPTION = 200
-SYSTEM = ("You are an interpretability researcher. You describe, in one short phrase, what makes a neuron of a "
-          "language model fire.")
+SYSTEM = (
+    "You are an interpretability researcher. You describe, in one short phrase, what makes a neuron of a "
+    "language model fire."
+)
 
 
 @dataclass
@@ -61,8 +63,10 @@ def api_key(cfg: DescribeConfig) -> str | None:
         return None
     key = os.environ.get(cfg.api_key_env)
     if not key:
-        raise ConfigError(f"describe.api_key_env names ${cfg.api_key_env}, which is not set; export {cfg.api_key_env}"
-                          "=YOUR_KEY, or set describe.api_key_env: null for a server that needs no key")
+        raise ConfigError(
+            f"describe.api_key_env names ${cfg.api_key_env}, which is not set; export {cfg.api_key_env}"
+            "=YOUR_KEY, or set describe.api_key_env: null for a server that needs no key"
+        )
     return key
 
 
@@ -71,16 +75,24 @@ class ChatClient:
 
     def __init__(self, cfg: DescribeConfig, seed: int = 0):
         if not cfg.model:
-            raise ConfigError("describe.model is not set; name the chat model the endpoint serves, e.g. "
-                              "--set describe.model=meta-llama/Llama-3.1-8B-Instruct")
+            raise ConfigError(
+                "describe.model is not set; name the chat model the endpoint serves, e.g. "
+                "--set describe.model=meta-llama/Llama-3.1-8B-Instruct"
+            )
         self.cfg, self.key = cfg, api_key(cfg)
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._random = random.Random(seed)
         self._lock = threading.Lock()
 
     def complete(self, messages: list[dict], max_tokens: int | None = None) -> Reply:
-        body = json.dumps({"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
-                           "max_tokens": max_tokens or self.cfg.max_tokens}).encode()
+        body = json.dumps(
+            {
+                "model": self.cfg.model,
+                "messages": messages,
+                "temperature": self.cfg.temperature,
+                "max_tokens": max_tokens or self.cfg.max_tokens,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -94,8 +106,10 @@ class ChatClient:
             except urllib.error.HTTPError as exc:
                 detail = _head(exc.read())
                 if exc.code not in RETRIED_STATUS:
-                    raise DataError(f"the chat endpoint {self.url} answered HTTP {exc.code} ({detail}); check "
-                                    f"describe.model, describe.base_url and the key") from None
+                    raise DataError(
+                        f"the chat endpoint {self.url} answered HTTP {exc.code} ({detail}); check "
+                        f"describe.model, describe.base_url and the key"
+                    ) from None
                 failure = f"answered HTTP {exc.code} ({detail}) {tries} times"
                 retry_after = _seconds(exc.headers.get("Retry-After"))
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
@@ -103,8 +117,10 @@ class ChatClient:
                 failure = f"could not be reached ({reason}) in {tries} tries"
             if attempt + 1 < tries:
                 time.sleep(self._wait(attempt, retry_after))
-        raise DataError(f"the chat endpoint {self.url} {failure}; check that it is up and describe.base_url, or "
-                        "retry later with fewer requests at once (describe.max_concurrency)")
+        raise DataError(
+            f"the chat endpoint {self.url} {failure}; check that it is up and describe.base_url, or "
+            "retry later with fewer requests at once (describe.max_concurrency)"
+        )
 
     def _wait(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -122,8 +138,10 @@ def parse_reply(raw: bytes, url: str) -> Reply:
         if not isinstance(text, str):
             raise TypeError("content is not text")
     except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise DataError(f"the chat endpoint {url} sent a reply that is not a chat completion ({type(exc).__name__}: "
-                        f"{exc}): {_head(raw)}") from None
+        raise DataError(
+            f"the chat endpoint {url} sent a reply that is not a chat completion ({type(exc).__name__}: "
+            f"{exc}): {_head(raw)}"
+        ) from None
     usage = data.get("usage") or {}
     return Reply(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
@@ -151,19 +169,27 @@ def describe_prompt(nd: NeuronData, cluster: int, decode: Callable, cfg: Describ
     """The chat messages asking for a description of one cluster of a neuron, against its other clusters."""
     clusters = nd.clusters()
     own = clusters[cluster][: cfg.examples]
-    others = sorted(((c, m) for c, m in clusters.items() if c not in (cluster, -1) and not m[0].outlier),
-                    key=lambda item: (-len(item[1]), item[0]))[: cfg.contrast_clusters]
-    lines = [f"Neuron {nd.neuron} of layer {nd.layer} fires on several distinct behaviours. Below are examples of ONE "
-             "of them; in each, the token where the neuron fires is marked [[like this]].", "",
-             "Examples of this behaviour:"]
+    others = sorted(
+        ((c, m) for c, m in clusters.items() if c not in (cluster, -1) and not m[0].outlier),
+        key=lambda item: (-len(item[1]), item[0]),
+    )[: cfg.contrast_clusters]
+    lines = [
+        f"Neuron {nd.neuron} of layer {nd.layer} fires on several distinct behaviours. Below are examples of ONE "
+        "of them; in each, the token where the neuron fires is marked [[like this]].",
+        "",
+        "Examples of this behaviour:",
+    ]
     lines += [f"{i}. {snippet(e, decode, cfg)}" for i, e in enumerate(own, 1)]
     if others and cfg.contrast_examples:
         lines += ["", "The same neuron's other behaviours, for contrast (do not describe these):"]
         for j, (_, members) in enumerate(others):
             lines.append(f"Behaviour {chr(ord('A') + j)}:")
             lines += [f"- {snippet(e, decode, cfg)}" for e in members[: cfg.contrast_examples]]
-    lines += ["", "In at most 12 words, say what sets this behaviour apart: what the marked token is and the context "
-                  "it appears in. Answer with the phrase only."]
+    lines += [
+        "",
+        "In at most 12 words, say what sets this behaviour apart: what the marked token is and the context "
+        "it appears in. Answer with the phrase only.",
+    ]
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
 
 
@@ -232,9 +258,11 @@ class DescribeSummary:
     seconds: float
 
     def describe(self) -> str:
-        return (f"describe done in {self.seconds:.1f} s: {self.described} clusters described now, {self.cached} "
-                f"already cached; tokens used: {self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion "
-                f"= {self.prompt_tokens + self.completion_tokens:,}")
+        return (
+            f"describe done in {self.seconds:.1f} s: {self.described} clusters described now, {self.cached} "
+            f"already cached; tokens used: {self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion "
+            f"= {self.prompt_tokens + self.completion_tokens:,}"
+        )
 
 
 def _run_until_failure(fn: Callable[[Any], None], items: Sequence, threads: int) -> BaseException | None:
@@ -265,8 +293,14 @@ def _run_until_failure(fn: Callable[[Any], None], items: Sequence, threads: int)
     return failure
 
 
-def describe_clusters(run: RunDir, data: RunData, todo: Sequence[tuple[int, int, int]], decode: Callable,
-                      client: ChatClient, cfg: DescribeConfig) -> DescribeSummary:
+def describe_clusters(
+    run: RunDir,
+    data: RunData,
+    todo: Sequence[tuple[int, int, int]],
+    decode: Callable,
+    client: ChatClient,
+    cfg: DescribeConfig,
+) -> DescribeSummary:
     """Describe each (layer, neuron, cluster) of `todo` that has no description yet, `cfg.max_concurrency` at a time.
 
     On the first failure no new request is started; the requests in flight finish, everything finished is written,
@@ -289,9 +323,18 @@ def describe_clusters(run: RunDir, data: RunData, todo: Sequence[tuple[int, int,
                 neurons[(layer, neuron)] = nd
         messages = describe_prompt(nd, cluster, decode, cfg)
         reply = client.complete(messages)
-        writer.add({"layer": layer, "neuron": neuron, "cluster": cluster, "description": clean(reply.text),
-                    "model": cfg.model, "prompt_sha": prompt_sha(messages), "prompt_tokens": reply.prompt_tokens,
-                    "completion_tokens": reply.completion_tokens})
+        writer.add(
+            {
+                "layer": layer,
+                "neuron": neuron,
+                "cluster": cluster,
+                "description": clean(reply.text),
+                "model": cfg.model,
+                "prompt_sha": prompt_sha(messages),
+                "prompt_tokens": reply.prompt_tokens,
+                "completion_tokens": reply.completion_tokens,
+            }
+        )
         with count_lock:
             tokens[0] += reply.prompt_tokens
             tokens[1] += reply.completion_tokens
@@ -301,14 +344,17 @@ def describe_clusters(run: RunDir, data: RunData, todo: Sequence[tuple[int, int,
     if failure is not None:
         kept = len(have) + writer.written
         if isinstance(failure, (DataError, ConfigError)):
-            raise type(failure)(f"{failure} ({writer.written} descriptions made before the failure are kept, "
-                                f"{kept} in all; rerun to describe the rest)") from None
+            raise type(failure)(
+                f"{failure} ({writer.written} descriptions made before the failure are kept, "
+                f"{kept} in all; rerun to describe the rest)"
+            ) from None
         raise failure
     return DescribeSummary(writer.written, len(todo) - len(wanted), tokens[0], tokens[1], time.perf_counter() - start)
 
 
-def clusters_to_describe(run: RunDir, layers: Sequence[int] | None, neurons: Sequence[int] | None,
-                         limit: int | None, min_cluster_size: int) -> list[tuple[int, int, int]]:
+def clusters_to_describe(
+    run: RunDir, layers: Sequence[int] | None, neurons: Sequence[int] | None, limit: int | None, min_cluster_size: int
+) -> list[tuple[int, int, int]]:
     """(layer, neuron, cluster) of every cluster of `layers` and `neurons` (default all) that is not an outlier, in
     that order, the first `limit` of them."""
     m = run.manifest()
@@ -325,15 +371,21 @@ def clusters_to_describe(run: RunDir, layers: Sequence[int] | None, neurons: Seq
     out: list[tuple[int, int, int]] = []
     for layer in sorted(layers or have):
         filters = [("neuron", "in", [int(n) for n in neurons])] if neurons else None
-        table = run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer), columns=["neuron", "cluster", "size"],
-                                 filters=filters).sort_by([("neuron", "ascending"), ("cluster", "ascending")])
+        table = run.read_parquet(
+            schema.layer_dir(schema.CENTROIDS_DIR, layer), columns=["neuron", "cluster", "size"], filters=filters
+        ).sort_by([("neuron", "ascending"), ("cluster", "ascending")])
         rows = zip(*(table.column(c).to_pylist() for c in ("neuron", "cluster", "size")))
         out += [(layer, n, c) for n, c, size in rows if size >= min_cluster_size]
     return out[:limit] if limit is not None else out
 
 
-def run_describe(cfg: RunConfig, layers: Sequence[int] | None = None, neurons: Sequence[int] | None = None,
-                 limit: int | None = None, force: Sequence[str] = ()) -> DescribeSummary:
+def run_describe(
+    cfg: RunConfig,
+    layers: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+    limit: int | None = None,
+    force: Sequence[str] = (),
+) -> DescribeSummary:
     """Describe the run's feature clusters (those of `layers` and `neurons`, the first `limit`) that have no
     description yet; the `describe` stage adds to what is there, as `ne importance` does."""
     from ne.models import load_token_decoder
@@ -361,9 +413,13 @@ def run_describe(cfg: RunConfig, layers: Sequence[int] | None = None, neurons: S
 
 
 def detection_prompt(description: str, texts: Sequence[str]) -> list[dict]:
-    lines = [f'A neuron\'s feature is described as: "{description}".', "",
-             f"Below are {len(texts)} texts. The feature fires in some of them, on one token, and not at all in the "
-             "others. For each text, answer 1 if you think the feature fires in it and 0 if not.", ""]
+    lines = [
+        f'A neuron\'s feature is described as: "{description}".',
+        "",
+        f"Below are {len(texts)} texts. The feature fires in some of them, on one token, and not at all in the "
+        "others. For each text, answer 1 if you think the feature fires in it and 0 if not.",
+        "",
+    ]
     lines += [f"Text {i}: {t}" for i, t in enumerate(texts, 1)]
     lines += ["", f"Reply with a JSON list of {len(texts)} numbers, 0 or 1, one per text in order, and nothing else."]
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
@@ -376,8 +432,9 @@ def parse_detection(text: str, n: int, url: str) -> list[int]:
     except ValueError:
         values = None
     if not isinstance(values, list) or len(values) != n or any(v not in (0, 1) for v in values):
-        raise DataError(f"the chat endpoint {url} did not answer with a list of {n} zeros and ones: "
-                        f"{_head(text.encode())}")
+        raise DataError(
+            f"the chat endpoint {url} did not answer with a list of {n} zeros and ones: {_head(text.encode())}"
+        )
     return [int(v) for v in values]
 
 
@@ -390,13 +447,21 @@ class DetectionScore:
     n_negative: int
 
 
-def detection_score(client: ChatClient, description: str, positives: Sequence[str], negatives: Sequence[str],
-                    batch_size: int = 10, seed: int = 0) -> DetectionScore:
+def detection_score(
+    client: ChatClient,
+    description: str,
+    positives: Sequence[str],
+    negatives: Sequence[str],
+    batch_size: int = 10,
+    seed: int = 0,
+) -> DetectionScore:
     """Balanced accuracy of the LLM telling `positives` (texts where the feature fires) from `negatives` (texts where
     it does not) given only `description`: texts shuffled with `seed`, `batch_size` per request."""
     if not positives or not negatives:
-        raise ConfigError(f"detection scoring needs texts where the feature fires and texts where it does not; got "
-                          f"{len(positives)} and {len(negatives)}")
+        raise ConfigError(
+            f"detection scoring needs texts where the feature fires and texts where it does not; got "
+            f"{len(positives)} and {len(negatives)}"
+        )
     items = [(t, 1) for t in positives] + [(t, 0) for t in negatives]
     random.Random(seed).shuffle(items)
     guesses: list[int] = []

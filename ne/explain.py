@@ -41,7 +41,9 @@ ASSIGN_RULE: AssignRule = "mean"
 
 
 def cluster_vectors(
-    e_nd: Float[np.ndarray, "n d"], labels: Int[np.ndarray, " n"], central: Int[np.ndarray, " C"],
+    e_nd: Float[np.ndarray, "n d"],
+    labels: Int[np.ndarray, " n"],
+    central: Int[np.ndarray, " C"],
     rule: AssignRule = ASSIGN_RULE,
 ) -> Float[np.ndarray, "C d"]:
     """One unit-length vector per cluster: the mean of its members' unit embeddings, or its central example."""
@@ -54,7 +56,9 @@ def cluster_vectors(
 
 
 def batch_cluster_vectors(
-    h_bnd: Float[Tensor, "b n d_model"], w_bpd: Float[Tensor, "b parts d_model"], labels: list[np.ndarray],
+    h_bnd: Float[Tensor, "b n d_model"],
+    w_bpd: Float[Tensor, "b parts d_model"],
+    labels: list[np.ndarray],
     max_bytes: int = CPU_CHUNK_BYTES,
 ) -> list[Float[np.ndarray, "C e"]]:
     """`cluster_vectors` (mean rule) of every neuron of a batch, as batched products over chunks of neurons
@@ -73,8 +77,10 @@ def batch_cluster_vectors(
             one_hot[i, torch.from_numpy(lab.astype(np.int64)), torch.arange(len(lab))] = 1.0
         sums = torch.bmm(one_hot, unit)
         vectors = sums / torch.linalg.vector_norm(sums, dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
-        out += [vectors[i, : int(lab.max()) + 1].numpy() if len(lab) else vectors[i, :0].numpy()
-                for i, lab in enumerate(chunk)]
+        out += [
+            vectors[i, : int(lab.max()) + 1].numpy() if len(lab) else vectors[i, :0].numpy()
+            for i, lab in enumerate(chunk)
+        ]
     return out
 
 
@@ -116,12 +122,14 @@ class LayerClusters:
         return slice(int(self.start[neuron]), int(self.start[neuron + 1]))
 
 
-def read_layer_clusters(run: RunDir, layer: int, weights: LayerWeights, min_size: int, gated_embedding: str,
-                        rows_per_step: int = 4096) -> LayerClusters:
+def read_layer_clusters(
+    run: RunDir, layer: int, weights: LayerWeights, min_size: int, gated_embedding: str, rows_per_step: int = 4096
+) -> LayerClusters:
     """Every unit's candidate clusters of one layer, from centroids/ (one read of the layer) and its weights."""
     n_units = weights.d_mlp
-    table = run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer),
-                             columns=["neuron", "cluster", "size", "vector"])
+    table = run.read_parquet(
+        schema.layer_dir(schema.CENTROIDS_DIR, layer), columns=["neuron", "cluster", "size", "vector"]
+    )
     table = table.sort_by([("neuron", "ascending"), ("cluster", "ascending")])
     neuron, size = table.column("neuron").to_numpy().astype(np.int64), table.column("size").to_numpy()
     large = size >= min_size
@@ -134,20 +142,29 @@ def read_layer_clusters(run: RunDir, layer: int, weights: LayerWeights, min_size
     w_all = weights.unit_weights(np.arange(n_units), gated_embedding)  # [units, parts, d]
     parts, d = w_all.shape[1], w_all.shape[2]
     if len(keep) and width != parts * d:
-        raise DataError(f"{run.url}: centroids of layer {layer} have {width} dimensions but model.gated_embedding "
-                        f"{gated_embedding!r} embeds in {parts * d}; redo the cluster stage with this config")
+        raise DataError(
+            f"{run.url}: centroids of layer {layer} have {width} dimensions but model.gated_embedding "
+            f"{gated_embedding!r} embeds in {parts * d}; redo the cluster stage with this config"
+        )
     u = np.empty((len(keep), d), np.float32)
     for lo in range(0, len(keep), rows_per_step):
         rows = keep[lo : lo + rows_per_step]
         v = flat.reshape(-1, max(width, 1))[rows].astype(np.float32).reshape(len(rows), parts, d)
         u[lo : lo + len(rows)] = (w_all[neuron[rows]] * v).sum(axis=1)
-    return LayerClusters(layer, np.searchsorted(neuron[keep], np.arange(n_units + 1)),
-                         table.column("cluster").to_numpy()[keep].astype(np.int32), size[keep].astype(np.int32),
-                         u, np.square(w_all).sum(axis=1))
+    return LayerClusters(
+        layer,
+        np.searchsorted(neuron[keep], np.arange(n_units + 1)),
+        table.column("cluster").to_numpy()[keep].astype(np.int32),
+        size[keep].astype(np.int32),
+        u,
+        np.square(w_all).sum(axis=1),
+    )
 
 
 def assign_firings(
-    clusters: LayerClusters, neurons_m: Int[np.ndarray, " m"], h_td: Float[np.ndarray, "t d"],
+    clusters: LayerClusters,
+    neurons_m: Int[np.ndarray, " m"],
+    h_td: Float[np.ndarray, "t d"],
     token_m: Int[np.ndarray, " m"] | None = None,
 ) -> tuple[Int[np.ndarray, " m"], Float[np.ndarray, " m"]]:
     """(cluster, cosine similarity) of each firing, unit `neurons_m[i]` at a token whose pre-MLP embedding is
@@ -175,8 +192,13 @@ def assign_firings(
     return cluster, sim
 
 
-def firing(act_bpn: Float[Tensor, "b pos n"], thresholds_n: Float[Tensor, " n"], sign: float,
-           lengths: Sequence[int], first: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def firing(
+    act_bpn: Float[Tensor, "b pos n"],
+    thresholds_n: Float[Tensor, " n"],
+    sign: float,
+    lengths: Sequence[int],
+    first: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(context, position, unit, activation) where a unit fires: sign × act (float32) reaches its threshold
     (`thresholds_from_maxima`; inf never fires), at positions first..lengths[i]-1 of context i (never BOS, never
     padding). On a GPU where the activations are; on a CPU in numpy, whose one-thread scan is 10× faster here
@@ -233,23 +255,39 @@ class Explainer:
     `Explainer.load(run_dir).explain(text)` gives one `TokenUnits` per token of the text.
     """
 
-    def __init__(self, data: RunData, model: UnitModel, frac: float, n_ctx: int, min_cluster_size: int = 1,
-                 gated_embedding: str = "concat", direction: str = "max", layers: Sequence[int] | None = None):
+    def __init__(
+        self,
+        data: RunData,
+        model: UnitModel,
+        frac: float,
+        n_ctx: int,
+        min_cluster_size: int = 1,
+        gated_embedding: str = "concat",
+        direction: str = "max",
+        layers: Sequence[int] | None = None,
+    ):
         self.data, self.model, self.n_ctx, self.min_size = data, model, n_ctx, min_cluster_size
         self.gated_embedding, self.direction = gated_embedding, direction
         self.layers = data.layers() if layers is None else list(layers)
         self.sign = SIGNS[direction]  # a `min` run's units fire by going low: compare sign × act throughout
         self.max_act = signed_extremes(data.run, self.layers, direction)
-        self.thresholds = {layer: thresholds_from_maxima(torch.from_numpy(m), frac).to(model.device)
-                           for layer, m in self.max_act.items()}
+        self.thresholds = {
+            layer: thresholds_from_maxima(torch.from_numpy(m), frac).to(model.device)
+            for layer, m in self.max_act.items()
+        }
         self.weights = {layer: read_layer_weights(data.run, layer) for layer in self.layers}
         self._clusters: dict[int, LayerClusters] = {}
         self._texts: dict[tuple[int, int, int], str | None] = {}
         self._labels: dict[tuple[int, int], dict[int, str]] = {}
 
     @classmethod
-    def load(cls, run_dir: str, model: UnitModel | None = None, frac: float | None = None,
-             layers: Sequence[int] | None = None) -> Explainer:
+    def load(
+        cls,
+        run_dir: str,
+        model: UnitModel | None = None,
+        frac: float | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> Explainer:
         """The run's explainer; `model` saves loading the run's model again (the viewer passes its own); `frac`
         replaces harvest.frac as the firing threshold (the occurrence stage's occurrence.frac); `layers` keeps
         some of the run's layers (default all)."""
@@ -261,14 +299,23 @@ class Explainer:
         require_done(data.run, "cluster", m)
         check_inputs(data.run, m, ("sae", "weights", "maxima"))  # the model runs again: it must be the same
         cfg = data.config(m)  # every setting as the stage that made what is read ran with it
-        return cls(data, model or load_units(cfg), cfg.harvest.frac if frac is None else frac, cfg.data.n_ctx,
-                   cfg.cluster.min_cluster_size, cfg.model.gated_embedding, cfg.harvest.direction, layers)
+        return cls(
+            data,
+            model or load_units(cfg),
+            cfg.harvest.frac if frac is None else frac,
+            cfg.data.n_ctx,
+            cfg.cluster.min_cluster_size,
+            cfg.model.gated_embedding,
+            cfg.harvest.direction,
+            layers,
+        )
 
     def clusters(self, layer: int) -> LayerClusters:
         """The layer's candidate clusters, read on first use."""
         if layer not in self._clusters:
-            self._clusters[layer] = read_layer_clusters(self.data.run, layer, self.weights[layer], self.min_size,
-                                                        self.gated_embedding)
+            self._clusters[layer] = read_layer_clusters(
+                self.data.run, layer, self.weights[layer], self.min_size, self.gated_embedding
+            )
         return self._clusters[layer]
 
     def explain(self, text: str, top: int = 10) -> list[TokenUnits]:
@@ -296,19 +343,22 @@ class Explainer:
         self.data.check_unchanged()  # everything above came from the version pinned at load
         return out
 
-    def fire(self, layer: int, act_bpn: Tensor, lengths: Sequence[int], first: int = 0
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def fire(
+        self, layer: int, act_bpn: Tensor, lengths: Sequence[int], first: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(context, position, unit, activation) of every unit of the layer firing in a batch of contexts, in that
         order, from its activations [b, pos, units] (`firing` with the layer's thresholds)."""
         return firing(act_bpn, self.thresholds[layer], self.sign, lengths, first)
 
-    def assign(self, layer: int, unit_m: np.ndarray, h_td: np.ndarray, token_m: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def assign(
+        self, layer: int, unit_m: np.ndarray, h_td: np.ndarray, token_m: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(cluster, similarity) of firings of the layer: `assign_firings` with the layer's candidate clusters."""
         return assign_firings(self.clusters(layer), unit_m, h_td, token_m)
 
-    def firings(self, layer: int, act_bpn: Tensor, h_bpd: Tensor, lengths: Sequence[int], first: int = 0
-                ) -> tuple[np.ndarray, ...]:
+    def firings(
+        self, layer: int, act_bpn: Tensor, h_bpd: Tensor, lengths: Sequence[int], first: int = 0
+    ) -> tuple[np.ndarray, ...]:
         """(context, position, unit, activation, cluster, similarity) of every unit firing in a batch of contexts:
         `fire`, then `assign`. What `ne explain` shows and the occurrence stage records (it calls the two in turn,
         holding many batches' firings before it assigns them)."""
@@ -325,14 +375,17 @@ class Explainer:
         for layer in self.layers:
             _, pos, unit, act, cluster, sim = self.firings(layer, run[layer].act, run[layer].h, [len(tokens)], first)
             of_max = self.sign * act / self.max_act[layer][unit]
-            for p, u, c, s, f, a in zip(pos.tolist(), unit.tolist(), cluster.tolist(), sim.tolist(), of_max.tolist(),
-                                        act.tolist()):
+            for p, u, c, s, f, a in zip(
+                pos.tolist(), unit.tolist(), cluster.tolist(), sim.tolist(), of_max.tolist(), act.tolist()
+            ):
                 by_pos.setdefault(p, []).append((f, layer, u, a, c, s))
         out = []
         for p in range(first, len(tokens)):
             firing_here = sorted(by_pos.get(p, []), key=lambda f: (-f[0], f[1], f[2]))
-            units = [self._unit(layer, neuron, act, of_max, cluster, sim)
-                     for of_max, layer, neuron, act, cluster, sim in firing_here[:top]]
+            units = [
+                self._unit(layer, neuron, act, of_max, cluster, sim)
+                for of_max, layer, neuron, act, cluster, sim in firing_here[:top]
+            ]
             out.append(TokenUnits(offset + p - first, pieces[p], units))
         return out
 
@@ -342,8 +395,17 @@ class Explainer:
         clusters = self.clusters(layer)
         rows = clusters.of(neuron)
         size = int(clusters.size[rows][clusters.cluster[rows] == cluster][0])
-        return FiringUnit(layer, neuron, act, of_max, cluster, sim, size, self.central_text(layer, neuron, cluster),
-                          self.label(layer, neuron, cluster))
+        return FiringUnit(
+            layer,
+            neuron,
+            act,
+            of_max,
+            cluster,
+            sim,
+            size,
+            self.central_text(layer, neuron, cluster),
+            self.label(layer, neuron, cluster),
+        )
 
     def label(self, layer: int, neuron: int, cluster: int) -> str | None:
         if (layer, neuron) not in self._labels:
@@ -354,8 +416,9 @@ class Explainer:
         key = (layer, neuron, cluster)
         if key not in self._texts:
             example = self.data.central_example(layer, neuron, cluster)
-            self._texts[key] = None if example is None else key_token_snippet(
-                example.tokens, example.pos, self.model.decode_tokens)
+            self._texts[key] = (
+                None if example is None else key_token_snippet(example.tokens, example.pos, self.model.decode_tokens)
+            )
         return self._texts[key]
 
 
@@ -378,8 +441,12 @@ def describe(tokens: list[TokenUnits], direction: str = "max") -> str:
             continue
         lines.append(f"{t.pos:>4} {t.token.strip() or repr(t.token)}")
         for u in t.units:
-            where = (f"cluster {u.cluster}{f' {u.label}' if u.label else ''} ({u.cluster_size} "
-                     f"example{'s' * (u.cluster_size != 1)}, similarity {u.similarity:.2f}): "
-                     f"{u.central_text}" if u.cluster is not None else "no clusters")
+            where = (
+                f"cluster {u.cluster}{f' {u.label}' if u.label else ''} ({u.cluster_size} "
+                f"example{'s' * (u.cluster_size != 1)}, similarity {u.similarity:.2f}): "
+                f"{u.central_text}"
+                if u.cluster is not None
+                else "no clusters"
+            )
             lines.append(f"       L{u.layer} N{u.neuron:<6} {of_extreme(u, direction):>10}   {where}")
     return "\n".join(lines) if lines else "no unit reaches its threshold on this text"

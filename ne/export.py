@@ -78,13 +78,22 @@ class ExportSummary:
 
     def describe(self) -> str:
         what = "locations" if self.format == "delphi" else "activation records"
-        return (f"export done in {self.seconds:.1f} s: {self.latents} feature clusters as {self.format} latents, "
-                f"{self.rows} {what} from the run's {self.source}\noutputs: {self.out}")
+        return (
+            f"export done in {self.seconds:.1f} s: {self.latents} feature clusters as {self.format} latents, "
+            f"{self.rows} {what} from the run's {self.source}\noutputs: {self.out}"
+        )
 
 
-def export_run(run_dir: str, fmt: str, out: str, force: bool = False, splits: int | None = None,
-               model_id: str | None = None, source_set: str = "ne-clusters",
-               creator_id: str | None = None) -> ExportSummary:
+def export_run(
+    run_dir: str,
+    fmt: str,
+    out: str,
+    force: bool = False,
+    splits: int | None = None,
+    model_id: str | None = None,
+    source_set: str = "ne-clusters",
+    creator_id: str | None = None,
+) -> ExportSummary:
     """Write the run's feature clusters to `out` in format `fmt`; an existing non-empty `out` only with `force`.
     `splits`: delphi files per layer (default `DEFAULT_SPLITS`); `creator_id`: Neuronpedia's user id (default
     `NEURONPEDIA_CREATOR`)."""
@@ -111,8 +120,9 @@ def export_run(run_dir: str, fmt: str, out: str, force: bool = False, splits: in
             latents, rows, source = write_delphi(view, staging, splits)
         else:
             require_done(run, "label", manifest)
-            latents, rows = write_neuronpedia(view, staging, model_id or slug(view.cfg.model.name), source_set,
-                                              creator_id)
+            latents, rows = write_neuronpedia(
+                view, staging, model_id or slug(view.cfg.model.name), source_set, creator_id
+            )
             source = "examples"
         if target.fs.exists(target.root):
             target.fs.rm(target.root, recursive=True)
@@ -139,30 +149,48 @@ class RunView:
         self.d_mlp = int(self.model["d_mlp"])
         self.sign = SIGNS[self.cfg.harvest.direction]
         self.min_size = self.cfg.cluster.min_cluster_size
-        self.per_unit = max(int(pc.max(run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer),
-                                                        columns=["cluster"]).column("cluster")).as_py() or 0) + 1
-                            for layer in self.layers)
+        self.per_unit = max(
+            int(
+                pc.max(
+                    run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer), columns=["cluster"]).column(
+                        "cluster"
+                    )
+                ).as_py()
+                or 0
+            )
+            + 1
+            for layer in self.layers
+        )
         """C: every unit's clusters are numbered below it."""
 
     def kept_clusters(self, layer: int, lo: int, hi: int) -> pd.DataFrame:
         """neuron, cluster, size of the clusters of units lo..hi-1 that are not outliers."""
-        table = self.run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer),
-                                      columns=["neuron", "cluster", "size"],
-                                      filters=[("neuron", ">=", lo), ("neuron", "<", hi)]).to_pandas()
+        table = self.run.read_parquet(
+            schema.layer_dir(schema.CENTROIDS_DIR, layer),
+            columns=["neuron", "cluster", "size"],
+            filters=[("neuron", ">=", lo), ("neuron", "<", hi)],
+        ).to_pandas()
         return table[table["size"] >= self.min_size].sort_values(["neuron", "cluster"]).reset_index(drop=True)
 
     def examples(self, layer: int, lo: int, hi: int) -> pd.DataFrame:
         """The examples of units lo..hi-1 with their cluster, those of outlier clusters left out."""
         where = [("neuron", ">=", lo), ("neuron", "<", hi)]
-        ex = self.run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer),
-                                   columns=["neuron", "rank", "ctx_id", "pos", "act", "window_start", "window"],
-                                   filters=where).to_pandas()
-        cl = self.run.read_parquet(schema.layer_dir(schema.CLUSTERS_DIR, layer),
-                                   columns=["neuron", "rank", "cluster", "outlier"], filters=where).to_pandas()
+        ex = self.run.read_parquet(
+            schema.layer_dir(schema.EXAMPLES_DIR, layer),
+            columns=["neuron", "rank", "ctx_id", "pos", "act", "window_start", "window"],
+            filters=where,
+        ).to_pandas()
+        cl = self.run.read_parquet(
+            schema.layer_dir(schema.CLUSTERS_DIR, layer),
+            columns=["neuron", "rank", "cluster", "outlier"],
+            filters=where,
+        ).to_pandas()
         both = ex.merge(cl, on=["neuron", "rank"], how="left", validate="one_to_one")
         if both.cluster.isna().any():
-            raise DataError(f"{self.run.url}: examples of layer {layer} have no cluster; redo the clusters with "
-                            "`ne cluster --config CONFIG --force cluster`")
+            raise DataError(
+                f"{self.run.url}: examples of layer {layer} have no cluster; redo the clusters with "
+                "`ne cluster --config CONFIG --force cluster`"
+            )
         both = both[~both.outlier.astype(bool)]
         return both.astype({"cluster": np.int64}).sort_values(["neuron", "cluster", "rank"]).reset_index(drop=True)
 
@@ -193,8 +221,7 @@ def delphi_module(layer: int) -> str:
     return f"layers.{layer}.mlp"
 
 
-def write_delphi(view: RunView, out: RunDir, splits: int, from_occurrences: bool | None = None
-                 ) -> tuple[int, int, str]:
+def write_delphi(view: RunView, out: RunDir, splits: int, from_occurrences: bool | None = None) -> tuple[int, int, str]:
     """The latent cache of every layer; returns (latents, locations, source). `from_occurrences`: take the firings
     from `occurrences/` (held-out contexts) rather than from the dataset examples; by default when the run's
     `occurrence` stage is done."""
@@ -212,14 +239,19 @@ def write_delphi(view: RunView, out: RunDir, splits: int, from_occurrences: bool
             unit = fired["unit" if "unit" in fired else "neuron"].to_numpy(np.int64)
             seq = np.searchsorted(ctx_ids, fired.ctx_id.to_numpy(np.int64))
             if len(seq) and (seq.max() >= len(ctx_ids) or not np.array_equal(ctx_ids[seq], fired.ctx_id.to_numpy())):
-                raise DataError(f"{view.run.url}: firings of layer {layer} name contexts that contexts/ does not hold; "
-                                "redo the stage that wrote them")
-            locations = np.stack([seq, fired.pos.to_numpy(np.int64),
-                                  unit * c + fired.cluster.to_numpy(np.int64) - lo * c], axis=1).reshape(-1, 3)
+                raise DataError(
+                    f"{view.run.url}: firings of layer {layer} name contexts that contexts/ does not hold; "
+                    "redo the stage that wrote them"
+                )
+            locations = np.stack(
+                [seq, fired.pos.to_numpy(np.int64), unit * c + fired.cluster.to_numpy(np.int64) - lo * c], axis=1
+            ).reshape(-1, 3)
             small = not len(locations) or (locations[:, 2].max() < 2**16 and locations[:, 0].max() < 2**16)
-            data = {"locations": locations.astype(np.uint16 if small else np.uint32),
-                    "activations": (view.sign * fired.act.to_numpy(np.float32)).astype(np.float16),
-                    "tokens": tokens}
+            data = {
+                "locations": locations.astype(np.uint16 if small else np.uint32),
+                "activations": (view.sign * fired.act.to_numpy(np.float32)).astype(np.float16),
+                "tokens": tokens,
+            }
             out.write_bytes(f"{folder}/{lo * c}_{hi * c - 1}.safetensors", safetensors.numpy.save(data))
             rows += len(locations)
         out.write_bytes(f"{folder}/config.json", json.dumps(delphi_config(view, tokens, splits), indent=4).encode())
@@ -232,12 +264,20 @@ def delphi_config(view: RunView, tokens: np.ndarray, splits: int) -> dict:
     data = view.cfg.data
     repo = {"hf": data.name, "pydoc": "pydoc_data.topics", "files": ",".join(data.paths)}[data.source]
     return {
-        "dataset_repo": repo, "dataset_split": data.split if data.source == "hf" else "", "dataset_name": "",
-        "dataset_column": data.text_field, "batch_size": view.cfg.harvest.batch_size,
-        "cache_ctx_len": int(tokens.shape[1]), "n_tokens": int(tokens.size), "n_splits": splits,
+        "dataset_repo": repo,
+        "dataset_split": data.split if data.source == "hf" else "",
+        "dataset_name": "",
+        "dataset_column": data.text_field,
+        "batch_size": view.cfg.harvest.batch_size,
+        "cache_ctx_len": int(tokens.shape[1]),
+        "n_tokens": int(tokens.size),
+        "n_splits": splits,
         "model_name": model_hub_id(view.cfg),
-        "ne_latent": "unit * ne_clusters_per_unit + cluster", "ne_clusters_per_unit": view.per_unit,
-        "ne_units": view.d_mlp, "ne_run": view.run.url, "ne_direction": view.cfg.harvest.direction,
+        "ne_latent": "unit * ne_clusters_per_unit + cluster",
+        "ne_clusters_per_unit": view.per_unit,
+        "ne_units": view.d_mlp,
+        "ne_run": view.run.url,
+        "ne_direction": view.cfg.harvest.direction,
     }
 
 
@@ -248,8 +288,7 @@ def model_hub_id(cfg: RunConfig) -> str:
     return HUB_IDS.get(cfg.model.name, cfg.model.name)
 
 
-def token_matrix(run: RunDir, n_ctx: int, pad: int, ctx_ids: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def token_matrix(run: RunDir, n_ctx: int, pad: int, ctx_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """([contexts, n_ctx] int64 tokens padded with `pad`, their sorted ctx_ids): the contexts `ctx_ids`, or all."""
     filters = pc.field("ctx_id").isin(pa.array(ctx_ids, pa.int64())) if ctx_ids is not None else None
     table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"], filters=filters).sort_by("ctx_id")
@@ -268,29 +307,42 @@ def token_matrix(run: RunDir, n_ctx: int, pad: int, ctx_ids: np.ndarray | None =
 
 def read_occurrences(run: RunDir, layer: int, lo: int, hi: int) -> pd.DataFrame:
     """The held-out firings of units lo..hi-1 of `layer` (`schema.OCCURRENCES`)."""
-    return run.read_parquet(schema.layer_dir(schema.OCCURRENCES_DIR, layer),
-                            filters=[("unit", ">=", lo), ("unit", "<", hi)]).to_pandas()
+    return run.read_parquet(
+        schema.layer_dir(schema.OCCURRENCES_DIR, layer), filters=[("unit", ">=", lo), ("unit", "<", hi)]
+    ).to_pandas()
 
 
 def occurrence_contexts(run: RunDir, layers: Sequence[int]) -> np.ndarray:
     """The sorted ctx_ids of the held-out contexts where any unit of `layers` fires."""
-    ids = [pc.unique(run.read_parquet(schema.layer_dir(schema.OCCURRENCES_DIR, layer), columns=["ctx_id"])
-                     .column("ctx_id")).to_numpy() for layer in layers]
+    ids = [
+        pc.unique(
+            run.read_parquet(schema.layer_dir(schema.OCCURRENCES_DIR, layer), columns=["ctx_id"]).column("ctx_id")
+        ).to_numpy()
+        for layer in layers
+    ]
     return np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
 
 
 # --- Neuronpedia ----------------------------------------------------------------------------------------------
 
 
-def write_neuronpedia(view: RunView, out: RunDir, model_id: str, source_set: str, creator_id: str,
-                      decode: Callable[[Sequence[int]], list[str]] | None = None) -> tuple[int, int]:
+def write_neuronpedia(
+    view: RunView,
+    out: RunDir,
+    model_id: str,
+    source_set: str,
+    creator_id: str,
+    decode: Callable[[Sequence[int]], list[str]] | None = None,
+) -> tuple[int, int]:
     """One source per layer under `out/model_id/`; returns (features, activation records)."""
     from ne.describe import read_descriptions
     from ne.models import load_token_decoder
 
     if not re.fullmatch(r"[a-z0-9_-]{1,128}", model_id):
-        raise ConfigError(f"--model-id {model_id!r}: Neuronpedia model ids hold only lower-case letters, digits, "
-                          "dashes and underscores, e.g. gpt2-small")
+        raise ConfigError(
+            f"--model-id {model_id!r}: Neuronpedia model ids hold only lower-case letters, digits, "
+            "dashes and underscores, e.g. gpt2-small"
+        )
     if not re.fullmatch(r"[A-Za-z0-9_-]+", source_set):
         raise ConfigError(f"--source-set {source_set!r}: use letters, digits, dashes and underscores, e.g. ne-clusters")
     created = view.manifest["stages"]["cluster"].get("finished") or ""
@@ -302,18 +354,29 @@ def write_neuronpedia(view: RunView, out: RunDir, model_id: str, source_set: str
         meta = neuronpedia_meta(view, model_id, source_id, source_set, creator_id, created)
         for name, row in meta.items():
             out.write_bytes(f"{folder}/{name}.jsonl", (json.dumps(row) + "\n").encode())
-        labels = view.run.read_parquet(schema.layer_dir(schema.LABELS_DIR, layer),
-                                       columns=["neuron", "cluster", "label"]).to_pandas()
-        source = _Source(view, layer, {"modelId": model_id, "layer": source_id}, source_set, creator_id, created,
-                         dict(zip(zip(labels.neuron, labels.cluster), labels.label)), described,
-                         decode or load_token_decoder(view.cfg.model))
+        labels = view.run.read_parquet(
+            schema.layer_dir(schema.LABELS_DIR, layer), columns=["neuron", "cluster", "label"]
+        ).to_pandas()
+        source = _Source(
+            view,
+            layer,
+            {"modelId": model_id, "layer": source_id},
+            source_set,
+            creator_id,
+            created,
+            dict(zip(zip(labels.neuron, labels.cluster), labels.label)),
+            described,
+            decode or load_token_decoder(view.cfg.model),
+        )
         for batch, (lo, hi) in enumerate(unit_ranges(view.d_mlp, -(-view.d_mlp // NEURONS_PER_BATCH))):
             feats, acts, expl = source.batch(lo, hi)
             for kind, rows in (("features", feats), ("activations", acts), ("explanations", expl)):
                 if rows:
                     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-                    out.write_bytes(f"{folder}/{kind}/batch-{batch}.jsonl.gz",
-                                    gzip.compress(text.encode(), compresslevel=5, mtime=0))
+                    out.write_bytes(
+                        f"{folder}/{kind}/batch-{batch}.jsonl.gz",
+                        gzip.compress(text.encode(), compresslevel=5, mtime=0),
+                    )
             features += len(feats)
             records += len(acts)
     return features, records
@@ -351,77 +414,180 @@ class _Source:
             common = {**self.where, "index": str(neuron * view.per_unit + cluster)}
             for i in range(first, end):
                 tokens, key = windows[i]
-                acts.append(self._activation(common, [pieces[int(t)] for t in tokens], key, float(act_n[i]),
-                                             int(ctx_n[i]), int(pos_n[i])))
-            feats.append({**common, "creatorId": self.creator_id, "createdAt": self.created,
-                          "maxActApprox": float(act_n[first:end].max()), **FEATURE_DEFAULTS,
-                          "sourceSetName": self.source_set})
+                acts.append(
+                    self._activation(
+                        common, [pieces[int(t)] for t in tokens], key, float(act_n[i]), int(ctx_n[i]), int(pos_n[i])
+                    )
+                )
+            feats.append(
+                {
+                    **common,
+                    "creatorId": self.creator_id,
+                    "createdAt": self.created,
+                    "maxActApprox": float(act_n[first:end].max()),
+                    **FEATURE_DEFAULTS,
+                    "sourceSetName": self.source_set,
+                }
+            )
             expl += self._explanations(common, neuron, cluster)
         return feats, acts, expl
 
     def _activation(self, common: dict, tokens: list[str], key: int, value: float, ctx: int, pos: int) -> dict:
         values = [0.0] * len(tokens)
         values[key] = value
-        return {"id": _cuid(common["modelId"], common["layer"], common["index"], ctx, pos), "tokens": tokens,
-                **common, "maxValue": value, "maxValueTokenIndex": key, "minValue": min(values), "values": values,
-                "creatorId": self.creator_id, "dataSource": None, "dataIndex": str(ctx), **ACTIVATION_DEFAULTS,
-                "createdAt": self.created, "qualifyingTokenIndex": key}
+        return {
+            "id": _cuid(common["modelId"], common["layer"], common["index"], ctx, pos),
+            "tokens": tokens,
+            **common,
+            "maxValue": value,
+            "maxValueTokenIndex": key,
+            "minValue": min(values),
+            "values": values,
+            "creatorId": self.creator_id,
+            "dataSource": None,
+            "dataIndex": str(ctx),
+            **ACTIVATION_DEFAULTS,
+            "createdAt": self.created,
+            "qualifyingTokenIndex": key,
+        }
 
     def _explanations(self, common: dict, neuron: int, cluster: int) -> list[dict]:
         texts = [("ne offline label", self.labels.get((neuron, cluster)))]
         llm = self.described.get((self.layer, neuron, cluster))
         if llm is not None:
             texts.append((f"ne describe, {llm['model']}", llm["description"]))
-        return [{"id": _cuid(common["modelId"], common["layer"], common["index"], notes), **common,
-                 "description": text, "authorId": self.creator_id, "triggeredById": None, "typeName": None,
-                 "explanationModelName": None, "notes": notes, "createdAt": self.created}
-                for notes, text in texts if text]
+        return [
+            {
+                "id": _cuid(common["modelId"], common["layer"], common["index"], notes),
+                **common,
+                "description": text,
+                "authorId": self.creator_id,
+                "triggeredById": None,
+                "typeName": None,
+                "explanationModelName": None,
+                "notes": notes,
+                "createdAt": self.created,
+            }
+            for notes, text in texts
+            if text
+        ]
 
 
 ACTIVATION_DEFAULTS: dict[str, object] = {
-    "dfaValues": [], "dfaTargetIndex": None, "dfaMaxValue": None, "lossValues": [], "logitContributions": None,
-    "binMin": None, "binMax": None, "binContains": None, "zIndices": None, "zValues": None,
+    "dfaValues": [],
+    "dfaTargetIndex": None,
+    "dfaMaxValue": None,
+    "lossValues": [],
+    "logitContributions": None,
+    "binMin": None,
+    "binMax": None,
+    "binContains": None,
+    "zIndices": None,
+    "zValues": None,
 }
 """The Activation fields of data an export does not have, at Neuronpedia's own defaults."""
 
 FEATURE_DEFAULTS: dict[str, object] = {
-    "hasVector": False, "vector": [], "vectorLabel": None, "vectorDefaultSteerStrength": 10, "hookName": None,
-    "topkCosSimIndices": [], "topkCosSimValues": [], "neuron_alignment_indices": [], "neuron_alignment_values": [],
-    "neuron_alignment_l1": [], "correlated_neurons_indices": [], "correlated_neurons_pearson": [],
-    "correlated_neurons_l1": [], "correlated_features_indices": [], "correlated_features_pearson": [],
-    "correlated_features_l1": [], "neg_str": [], "neg_values": [], "pos_str": [], "pos_values": [], "frac_nonzero": 0,
-    "freq_hist_data_bar_heights": [], "freq_hist_data_bar_values": [], "logits_hist_data_bar_heights": [],
-    "logits_hist_data_bar_values": [], "decoder_weights_dist": [],
+    "hasVector": False,
+    "vector": [],
+    "vectorLabel": None,
+    "vectorDefaultSteerStrength": 10,
+    "hookName": None,
+    "topkCosSimIndices": [],
+    "topkCosSimValues": [],
+    "neuron_alignment_indices": [],
+    "neuron_alignment_values": [],
+    "neuron_alignment_l1": [],
+    "correlated_neurons_indices": [],
+    "correlated_neurons_pearson": [],
+    "correlated_neurons_l1": [],
+    "correlated_features_indices": [],
+    "correlated_features_pearson": [],
+    "correlated_features_l1": [],
+    "neg_str": [],
+    "neg_values": [],
+    "pos_str": [],
+    "pos_values": [],
+    "frac_nonzero": 0,
+    "freq_hist_data_bar_heights": [],
+    "freq_hist_data_bar_values": [],
+    "logits_hist_data_bar_heights": [],
+    "logits_hist_data_bar_values": [],
+    "decoder_weights_dist": [],
 }
 """The Feature fields an export without dashboards data leaves at Neuronpedia's own defaults."""
 
 
-def neuronpedia_meta(view: RunView, model_id: str, source_id: str, source_set: str, creator_id: str,
-                     created: str) -> dict[str, dict]:
+def neuronpedia_meta(
+    view: RunView, model_id: str, source_id: str, source_set: str, creator_id: str, created: str
+) -> dict[str, dict]:
     """model.jsonl, sourceset.jsonl and source.jsonl of one source (the importer requires all three)."""
     name = view.cfg.model.name
     data = view.cfg.data
-    model = {"id": model_id, "instruct": False, "creatorId": creator_id, "displayNameShort": name, "displayName": name,
-             "tlensId": name if view.cfg.model.backend == "transformer_lens" else None,
-             "dimension": view.model.get("d_model"), "visibility": "PUBLIC", "defaultSourceSetName": source_set,
-             "defaultSourceId": source_id, "inferenceEnabled": False, "layers": int(view.model.get("n_layers", 0)),
-             "neuronsPerLayer": view.d_mlp * view.per_unit, "createdAt": created, "owner": "", "updatedAt": created,
-             "website": None}
-    sourceset = {"modelId": model_id, "name": source_set, "creatorId": creator_id, "hasDashboards": True,
-                 "visibility": "PUBLIC", "description": "Feature clusters of MLP units (neuron embeddings)",
-                 "type": "", "creatorName": "neuron-embeddings", "urls": [], "creatorEmail": None, "releaseName": None,
-                 "defaultOfModelId": None, "defaultRange": 1, "defaultShowBreaks": True, "showDfa": False,
-                 "showCorrelated": False, "showHeadAttribution": False, "showUmap": False, "createdAt": created}
-    source = {"id": source_id, "modelId": model_id, "setName": source_set, "creatorId": creator_id,
-              "hasDashboards": True, "inferenceEnabled": False, "inferenceHosts": [], "saelensConfig": None,
-              "saelensRelease": None, "saelensSaeId": None, "hfRepoId": None, "hfFolderId": None,
-              "visibility": "PUBLIC", "defaultOfModelId": None, "hasUmap": False, "hasUmapLogSparsity": False,
-              "hasUmapClusters": False,
-              "num_prompts": int(view.manifest["stages"]["contexts"].get("info", {}).get("n_contexts", 0)) or None,
-              "num_tokens_in_prompt": data.n_ctx, "dataset": {"hf": data.name, "pydoc": "pydoc_data.topics",
-                                                              "files": ",".join(data.paths)}[data.source],
-              "notes": f"neuron-embeddings feature clusters: index = unit * {view.per_unit} + cluster",
-              "createdAt": created}
+    model = {
+        "id": model_id,
+        "instruct": False,
+        "creatorId": creator_id,
+        "displayNameShort": name,
+        "displayName": name,
+        "tlensId": name if view.cfg.model.backend == "transformer_lens" else None,
+        "dimension": view.model.get("d_model"),
+        "visibility": "PUBLIC",
+        "defaultSourceSetName": source_set,
+        "defaultSourceId": source_id,
+        "inferenceEnabled": False,
+        "layers": int(view.model.get("n_layers", 0)),
+        "neuronsPerLayer": view.d_mlp * view.per_unit,
+        "createdAt": created,
+        "owner": "",
+        "updatedAt": created,
+        "website": None,
+    }
+    sourceset = {
+        "modelId": model_id,
+        "name": source_set,
+        "creatorId": creator_id,
+        "hasDashboards": True,
+        "visibility": "PUBLIC",
+        "description": "Feature clusters of MLP units (neuron embeddings)",
+        "type": "",
+        "creatorName": "neuron-embeddings",
+        "urls": [],
+        "creatorEmail": None,
+        "releaseName": None,
+        "defaultOfModelId": None,
+        "defaultRange": 1,
+        "defaultShowBreaks": True,
+        "showDfa": False,
+        "showCorrelated": False,
+        "showHeadAttribution": False,
+        "showUmap": False,
+        "createdAt": created,
+    }
+    source = {
+        "id": source_id,
+        "modelId": model_id,
+        "setName": source_set,
+        "creatorId": creator_id,
+        "hasDashboards": True,
+        "inferenceEnabled": False,
+        "inferenceHosts": [],
+        "saelensConfig": None,
+        "saelensRelease": None,
+        "saelensSaeId": None,
+        "hfRepoId": None,
+        "hfFolderId": None,
+        "visibility": "PUBLIC",
+        "defaultOfModelId": None,
+        "hasUmap": False,
+        "hasUmapLogSparsity": False,
+        "hasUmapClusters": False,
+        "num_prompts": int(view.manifest["stages"]["contexts"].get("info", {}).get("n_contexts", 0)) or None,
+        "num_tokens_in_prompt": data.n_ctx,
+        "dataset": {"hf": data.name, "pydoc": "pydoc_data.topics", "files": ",".join(data.paths)}[data.source],
+        "notes": f"neuron-embeddings feature clusters: index = unit * {view.per_unit} + cluster",
+        "createdAt": created,
+    }
     return {"model": model, "sourceset": sourceset, "source": source}
 
 
@@ -434,8 +600,11 @@ def _windows(tokens: dict[int, np.ndarray], ex: pd.DataFrame):
 def _contexts(run: RunDir, ctx_ids) -> dict[int, np.ndarray]:
     if not len(ctx_ids):
         return {}
-    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
-                             filters=pc.field("ctx_id").isin(pa.array(np.asarray(ctx_ids, np.int64))))
+    table = run.read_parquet(
+        schema.CONTEXTS_DIR,
+        columns=["ctx_id", "tokens"],
+        filters=pc.field("ctx_id").isin(pa.array(np.asarray(ctx_ids, np.int64))),
+    )
     ids, tokens = table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist()
     return {int(c): np.asarray(t) for c, t in zip(ids, tokens)}
 

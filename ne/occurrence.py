@@ -53,15 +53,22 @@ def heldout_rows(cfg: RunConfig, model: UnitModel, n_harvest: int) -> Iterator[t
     """(ctx_id, doc_id, tokens) of the held-out contexts, before any check of overlap."""
     occ, data = cfg.occurrence, cfg.data
     if occ.corpus is None:
-        rows = iter_contexts(iter_documents(data), model.encode, model.bos_token_id, data.n_ctx,
-                             data.one_context_per_document, n_harvest + occ.contexts)
+        rows = iter_contexts(
+            iter_documents(data),
+            model.encode,
+            model.bos_token_id,
+            data.n_ctx,
+            data.one_context_per_document,
+            n_harvest + occ.contexts,
+        )
         for ctx_id, doc_id, tokens in rows:
             if ctx_id >= n_harvest:
                 yield ctx_id, doc_id, tokens
         return
     named = dataclasses.replace(data, **dataclasses.asdict(occ.corpus), max_contexts=None)
-    rows = iter_contexts(iter_documents(named), model.encode, model.bos_token_id, data.n_ctx,
-                         data.one_context_per_document, occ.contexts)
+    rows = iter_contexts(
+        iter_documents(named), model.encode, model.bos_token_id, data.n_ctx, data.one_context_per_document, occ.contexts
+    )
     for i, doc_id, tokens in rows:
         yield n_harvest + i, doc_id, tokens
 
@@ -81,9 +88,13 @@ def write_heldout(run: RunDir, cfg: RunConfig, model: UnitModel, n_harvest: int)
         name = schema.part_name(n_parts)
         if name not in done:
             ctx, doc, toks = zip(*rows)
-            run.write_parquet(schema.part_path(schema.HELDOUT_DIR, n_parts), pa.table(
-                [pa.array(ctx, pa.int64()), pa.array(doc, pa.int64()), pa.array(toks, pa.list_(pa.int32()))],
-                schema=schema.CONTEXTS))
+            run.write_parquet(
+                schema.part_path(schema.HELDOUT_DIR, n_parts),
+                pa.table(
+                    [pa.array(ctx, pa.int64()), pa.array(doc, pa.int64()), pa.array(toks, pa.list_(pa.int32()))],
+                    schema=schema.CONTEXTS,
+                ),
+            )
         n_parts += 1
         rows.clear()
 
@@ -93,7 +104,8 @@ def write_heldout(run: RunDir, cfg: RunConfig, model: UnitModel, n_harvest: int)
                 raise DataError(
                     f"occurrence.corpus overlaps the harvest: its context {ctx_id - n_harvest} (document {doc_id}) "
                     "is identical to a context the harvest used, so it is not held-out text; name a corpus the "
-                    "harvest never read, or set occurrence.corpus: null for the contexts after the harvest's")
+                    "harvest never read, or set occurrence.corpus: null for the contexts after the harvest's"
+                )
             dropped += 1
             continue
         rows.append((ctx_id, doc_id, tokens))
@@ -115,13 +127,20 @@ def empty_split_message(cfg: RunConfig, n_harvest: int, dropped: int = 0) -> str
     if cfg.occurrence.corpus is not None:
         return f"the held-out split is empty: occurrence.corpus gives no contexts; check its text, {skip}"
     if dropped:
-        return (f"the held-out split is empty: all {dropped} contexts after the harvest's repeat harvest contexts; "
-                f"name another corpus in occurrence.corpus, {skip}")
+        return (
+            f"the held-out split is empty: all {dropped} contexts after the harvest's repeat harvest contexts; "
+            f"name another corpus in occurrence.corpus, {skip}"
+        )
     limit = cfg.data.max_contexts
-    why = ("data.max_contexts is null, so the harvest read the whole corpus" if limit is None else
-           f"the corpus ends at the harvest's {n_harvest} contexts (data.max_contexts {limit})")
-    return (f"the held-out split is empty: {why}; set data.max_contexts below {n_harvest} to leave contexts for "
-            f"held-out text, name a held-out corpus in occurrence.corpus, {skip}")
+    why = (
+        "data.max_contexts is null, so the harvest read the whole corpus"
+        if limit is None
+        else f"the corpus ends at the harvest's {n_harvest} contexts (data.max_contexts {limit})"
+    )
+    return (
+        f"the held-out split is empty: {why}; set data.max_contexts below {n_harvest} to leave contexts for "
+        f"held-out text, name a held-out corpus in occurrence.corpus, {skip}"
+    )
 
 
 def heldout_parts(run: RunDir) -> list[int]:
@@ -165,8 +184,9 @@ tokens at once makes one product per firing unit serve more tokens."""
 
 
 @torch.inference_mode()
-def part_occurrences(explainer: Explainer, contexts: Sequence[Context], batch_size: int,
-                     pending_bytes: int = PENDING_BYTES) -> dict[int, pa.Table]:
+def part_occurrences(
+    explainer: Explainer, contexts: Sequence[Context], batch_size: int, pending_bytes: int = PENDING_BYTES
+) -> dict[int, pa.Table]:
     """Per layer of the explainer, the OCCURRENCES rows of these contexts, sorted by unit, ctx_id, pos.
 
     The model runs on batches of contexts; `Explainer.fire` finds each batch's firings (never at BOS or padding),
@@ -228,10 +248,15 @@ def _table(layer: int, rows: list[tuple]) -> pa.Table:
     ctx, pos, unit, cluster, act, sim = (np.concatenate(c) for c in zip(*rows))
     order = np.lexsort((pos, ctx, unit))
     return pa.Table.from_arrays(
-        [pa.array(ctx[order].astype(np.int64)), pa.array(pos[order].astype(np.int16)),
-         pa.array(np.full(len(ctx), layer, np.int16)), pa.array(unit[order].astype(np.int32)),
-         pa.array(cluster[order].astype(np.int32)), pa.array(act[order].astype(np.float32)),
-         pa.array(sim[order].astype(np.float32))],
+        [
+            pa.array(ctx[order].astype(np.int64)),
+            pa.array(pos[order].astype(np.int16)),
+            pa.array(np.full(len(ctx), layer, np.int16)),
+            pa.array(unit[order].astype(np.int32)),
+            pa.array(cluster[order].astype(np.int32)),
+            pa.array(act[order].astype(np.float32)),
+            pa.array(sim[order].astype(np.float32)),
+        ],
         schema=schema.OCCURRENCES,
     )
 
@@ -247,8 +272,9 @@ def occurrence_file(layer: int, part: int) -> str:
 # --- reading ---------------------------------------------------------------------------------------------
 
 
-def read_occurrences(run_dir: str | RunDir, layer: int, units: Sequence[int] | None = None,
-                     ctx_ids: Sequence[int] | None = None) -> pa.Table:
+def read_occurrences(
+    run_dir: str | RunDir, layer: int, units: Sequence[int] | None = None, ctx_ids: Sequence[int] | None = None
+) -> pa.Table:
     """OCCURRENCES rows of one layer of a finished occurrence stage: all of them, or those of `units` and/or of
     the held-out contexts `ctx_ids`. Each part's rows are sorted by unit, so a few units read a few row groups."""
     from ne.rundir.stages import require_done
@@ -274,6 +300,5 @@ def heldout_tokens(run_dir: str | RunDir, ctx_ids: Sequence[int]) -> dict[int, n
     are an error naming them."""
     from ne.rundir.reader import RunData
 
-    data = run_dir if isinstance(run_dir, RunData) else RunData(run_dir.url if isinstance(run_dir, RunDir)
-                                                               else run_dir)
+    data = run_dir if isinstance(run_dir, RunData) else RunData(run_dir.url if isinstance(run_dir, RunDir) else run_dir)
     return data.heldout_tokens(ctx_ids)

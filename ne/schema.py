@@ -103,6 +103,7 @@ def h_id(ctx_id, pos, n_ctx: int):
 
 CONTEXTS = pa.schema([("ctx_id", pa.int64()), ("doc_id", pa.int64()), ("tokens", pa.list_(pa.int32()))])
 
+
 def extreme_column(direction: str) -> str:
     """maxima.parquet's value column: `max_act`, or `min_act` for a `harvest.direction: min` run."""
     return "min_act" if direction == "min" else "max_act"
@@ -134,6 +135,7 @@ def h_schema(d_model: int, dtype: str = "float32") -> pa.Schema:
     return pa.schema(
         [("h_id", pa.int64()), ("ctx_id", pa.int64()), ("pos", pa.int16()), ("h", pa.list_(value, d_model))]
     )
+
 
 CLUSTERS = pa.schema(
     [
@@ -168,12 +170,22 @@ CENTROIDS = pa.schema(
 
 _METRIC_NAMES = ["n_clusters", "max_dist", "mean_dist", "intra_dist", "inter_dist", "silhouette"]
 _FIGURE4_NAMES = [
-    "threshold", "raw_threshold",  # each space's cut, at the run's cluster.cut
-    "n_clusters_fixed", "silhouette_fixed", "raw_silhouette_fixed",  # both at cluster.threshold
-    "n_clusters_per_neuron", "silhouette_per_neuron", "raw_silhouette_per_neuron",  # each at its own cut
-    "silhouette_at_raw_k", "raw_silhouette_at_ne_k",  # cut into as many clusters as the other space's own cut
-    "nn_same_token", "raw_nn_same_token", "nn_same_bigram", "raw_nn_same_bigram",  # nearest neighbour agrees
-    "pair_same_token", "pair_same_bigram",  # ... and a random other example does (chance)
+    "threshold",
+    "raw_threshold",  # each space's cut, at the run's cluster.cut
+    "n_clusters_fixed",
+    "silhouette_fixed",
+    "raw_silhouette_fixed",  # both at cluster.threshold
+    "n_clusters_per_neuron",
+    "silhouette_per_neuron",
+    "raw_silhouette_per_neuron",  # each at its own cut
+    "silhouette_at_raw_k",
+    "raw_silhouette_at_ne_k",  # cut into as many clusters as the other space's own cut
+    "nn_same_token",
+    "raw_nn_same_token",
+    "nn_same_bigram",
+    "raw_nn_same_bigram",  # nearest neighbour agrees
+    "pair_same_token",
+    "pair_same_bigram",  # ... and a random other example does (chance)
 ]
 METRICS_SCHEMA = pa.schema(
     [("layer", pa.int16()), ("neuron", pa.int32()), ("n_examples", pa.int32())]
@@ -240,6 +252,7 @@ DESCRIPTIONS = pa.schema(
 )
 """descriptions/part-NNNNN.parquet: one row per described cluster, in the order they were finished."""
 
+
 @dataclass(frozen=True)
 class NeuronBatch:
     """Neurons of one layer handled by one task, which writes part `index` of each of its output folders."""
@@ -264,8 +277,10 @@ class NeuronBatch:
 def neuron_batches(layer: int, neurons: Sequence[int], per_batch: int, first_index: int = 0) -> list[NeuronBatch]:
     """`neurons` (sorted) cut into batches of `per_batch`, numbered from `first_index`."""
     neurons = [int(n) for n in neurons]
-    return [NeuronBatch(layer, first_index + i // per_batch, tuple(neurons[i : i + per_batch]))
-            for i in range(0, len(neurons), per_batch)]
+    return [
+        NeuronBatch(layer, first_index + i // per_batch, tuple(neurons[i : i + per_batch]))
+        for i in range(0, len(neurons), per_batch)
+    ]
 
 
 OCCURRENCES = pa.schema(

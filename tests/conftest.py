@@ -17,8 +17,15 @@ from ne.config import ModelConfig
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_ARCH = {
-    "n_layers": 2, "d_model": 64, "d_mlp": 256, "n_heads": 4, "d_head": 16, "n_ctx": 128,
-    "d_vocab": 50257, "act_fn": "gelu_new", "normalization_type": "LN",
+    "n_layers": 2,
+    "d_model": 64,
+    "d_mlp": 256,
+    "n_heads": 4,
+    "d_head": 16,
+    "n_ctx": 128,
+    "d_vocab": 50257,
+    "act_fn": "gelu_new",
+    "normalization_type": "LN",
 }
 """GPT-2's architecture, shrunk; the vocabulary stays GPT-2's so real text tokenises."""
 
@@ -54,8 +61,13 @@ def write_tiny_model(folder: Path, arch: dict = TINY_ARCH, seed: int = 0) -> Mod
     weights = Path(folder) / "tiny-gpt2.safetensors"
     save_file(gpt2_state_dict(arch, seed), str(weights))
     return ModelConfig(
-        backend="safetensors", name="tiny-gpt2", weights=str(weights), architecture=dict(arch),
-        tokenizer="gpt2", device="cpu", dtype="float32",
+        backend="safetensors",
+        name="tiny-gpt2",
+        weights=str(weights),
+        architecture=dict(arch),
+        tokenizer="gpt2",
+        device="cpu",
+        dtype="float32",
     )
 
 
@@ -74,6 +86,8 @@ def lm_run(tmp_path_factory, tiny_model_cfg) -> str:
     root = tmp_path_factory.mktemp("viewer_run") / "run"
     build_lm_run(root, tiny_model_cfg)
     return str(root)
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model_cfg):
     """The tiny model, loaded."""
@@ -120,8 +134,15 @@ def local_ray():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-GATED_SHAPE = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "max_position_embeddings": 128, "vocab_size": 50257}
+GATED_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 192,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "vocab_size": 50257,
+}
 """A 2-layer gated decoder, shrunk; GPT-2's vocabulary so that real text tokenises with the offline BPE."""
 
 
@@ -135,8 +156,9 @@ def write_gated_hf(folder: Path, model_type: str = "llama", seed: int = 0, **ove
 
     torch.manual_seed(seed)
     extra = {"head_dim": 16} if model_type.startswith("gemma") else {}
-    config = AutoConfig.for_model(model_type, **GATED_SHAPE, **extra, **overrides, bos_token_id=50256,
-                                  eos_token_id=50256)
+    config = AutoConfig.for_model(
+        model_type, **GATED_SHAPE, **extra, **overrides, bos_token_id=50256, eos_token_id=50256
+    )
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -85,8 +85,11 @@ def write_synthetic_run(
         prev: list[tuple[int, int, int]] = []
         for neuron in range(d_mlp):
             sizes = splits[neuron % len(splits)]
-            h, w, feats = planted_features(seed * 1000 + layer * 100 + neuron, sizes=sizes or (1,), d_model=d_model,
-                                           d_signal=8) if sizes else (np.zeros((0, d_model)), np.ones(d_model), [])
+            h, w, feats = (
+                planted_features(seed * 1000 + layer * 100 + neuron, sizes=sizes or (1,), d_model=d_model, d_signal=8)
+                if sizes
+                else (np.zeros((0, d_model)), np.ones(d_model), [])
+            )
             w_in[:, neuron] = w
             keys = []
             for i in range(len(h)):
@@ -108,29 +111,51 @@ def write_synthetic_run(
         cols = list(zip(*examples))
         hids = sorted(h_rows)
         files[layer] = (
-            pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, schema.EXAMPLES)],
-                                 schema=schema.EXAMPLES),
-            pa.table({"h_id": hids, "ctx_id": [i // n_ctx for i in hids], "pos": [i % n_ctx for i in hids],
-                      "h": [h_rows[i].tolist() for i in hids]}, schema=schema.h_schema(d_model)),
+            pa.Table.from_arrays(
+                [pa.array(c, type=f.type) for c, f in zip(cols, schema.EXAMPLES)], schema=schema.EXAMPLES
+            ),
+            pa.table(
+                {
+                    "h_id": hids,
+                    "ctx_id": [i // n_ctx for i in hids],
+                    "pos": [i % n_ctx for i in hids],
+                    "h": [h_rows[i].tolist() for i in hids],
+                },
+                schema=schema.h_schema(d_model),
+            ),
             weights_file({"W_in": torch.from_numpy(w_in), "b_in": torch.zeros(d_mlp)}),
         )
     tokens = [rng.integers(0, vocab, size=n_ctx).astype(np.int32).tolist() for _ in range(next_ctx)]
     run.set_manifest_entry("config", to_dict(cfg))  # as the harvest records the config it ran with
-    run.set_manifest_entry("model", {"name": "synthetic", "n_layers": max(layers) + 1, "d_model": d_model, "d_mlp": d_mlp})
+    run.set_manifest_entry(
+        "model", {"name": "synthetic", "n_layers": max(layers) + 1, "d_model": d_model, "d_mlp": d_mlp}
+    )
     layers = list(layers)
     with stage(run, "contexts", cfg, n_contexts=next_ctx):
-        run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(0)}",
-                          pa.table({"ctx_id": list(range(next_ctx)), "doc_id": list(range(next_ctx)),
-                                    "tokens": tokens}, schema=schema.CONTEXTS))
+        run.write_parquet(
+            f"{schema.CONTEXTS_DIR}/{schema.part_name(0)}",
+            pa.table(
+                {"ctx_id": list(range(next_ctx)), "doc_id": list(range(next_ctx)), "tokens": tokens},
+                schema=schema.CONTEXTS,
+            ),
+        )
     with stage(run, "sae", cfg):  # no SAE: the model's own neurons are the units
         pass
     with stage(run, "weights", cfg, layers=layers):
         for layer in layers:
             run.write_bytes(schema.weights_path(layer), files[layer][2])
     with stage(run, "maxima", cfg, layers=layers):
-        run.write_parquet(schema.MAXIMA, pa.table(
-            {"layer": np.repeat(layers, d_mlp), "neuron": np.tile(np.arange(d_mlp), len(layers)),
-             "max_act": np.ones(len(layers) * d_mlp)}, schema=schema.MAXIMA_SCHEMA))
+        run.write_parquet(
+            schema.MAXIMA,
+            pa.table(
+                {
+                    "layer": np.repeat(layers, d_mlp),
+                    "neuron": np.tile(np.arange(d_mlp), len(layers)),
+                    "max_act": np.ones(len(layers) * d_mlp),
+                },
+                schema=schema.MAXIMA_SCHEMA,
+            ),
+        )
     with stage(run, "examples", cfg, layers=layers, rows=sum(len(v[1]) for v in truth.values())):
         for layer in layers:
             run.write_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}", files[layer][0])

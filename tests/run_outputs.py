@@ -22,5 +22,9 @@ def run_outputs(url: str) -> dict[str, str]:
     directory (page checksums verified) and hashed by its rows, other files by their bytes."""
     run = RunDir(url)
     files = sorted(rel for entry in run.manifest()["stages"].values() for rel in entry.get("files", {}))
-    return {rel: table_digest(run.read_parquet(rel)) if rel.endswith(".parquet")
-            else hashlib.sha256(run.read_bytes(rel)).hexdigest() for rel in files}
+    return {
+        rel: table_digest(run.read_parquet(rel))
+        if rel.endswith(".parquet")
+        else hashlib.sha256(run.read_bytes(rel)).hexdigest()
+        for rel in files
+    }

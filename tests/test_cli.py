@@ -76,9 +76,10 @@ def test_each_command_forces_exactly_the_stages_the_graph_gives_it(capsys):
     from ne.cli import RUN_COMMANDS, build_parser
     from ne.rundir.graph import GRAPH, stages_of
 
-    commands = {"run": stages_of(*RUN_COMMANDS), **{c: stages_of(f"ne {c}") for c in ("harvest", "cluster", "index",
-                                                                                      "importance", "describe",
-                                                                                      "train")}}
+    commands = {
+        "run": stages_of(*RUN_COMMANDS),
+        **{c: stages_of(f"ne {c}") for c in ("harvest", "cluster", "index", "importance", "describe", "train")},
+    }
     assert "sae" in commands["run"] and "sae" in commands["harvest"]
     assert set().union(*commands.values()) == set(GRAPH)  # every stage is run by some command
     parser = build_parser()

@@ -91,8 +91,11 @@ def test_config_files_that_are_not_yaml_text(tmp_path):
     with pytest.raises(ConfigError, match=r"bin.yaml' is binary, not YAML text"):
         load_config(tmp_path / "bin.yaml")
     (tmp_path / "latin1.yaml").write_bytes("run_dir: caf\xe9\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin1.yaml' is not UTF-8 text \(byte 0xe9 at offset 12\); save it as "
-                                          r"UTF-8"):
+    with pytest.raises(
+        ConfigError,
+        match=r"latin1.yaml' is not UTF-8 text \(byte 0xe9 at offset 12\); save it as "
+        r"UTF-8",
+    ):
         load_config(tmp_path / "latin1.yaml")
     with pytest.raises(ConfigError, match=r"is a directory; give a YAML file"):
         load_config(tmp_path)
@@ -110,8 +113,11 @@ def test_literal_choices_are_checked_by_the_loader_and_the_dataclass():
 def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text("run_dir: runs/x\nharvest: {k: 10, layers: [0]}\nharvest: {frac: 0.5}\n")
-    with pytest.raises(ConfigError, match=r"dup.yaml' is not valid YAML: key 'harvest' is given twice, at lines 2 "
-                                          r"and 3; keep one"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dup.yaml' is not valid YAML: key 'harvest' is given twice, at lines 2 "
+        r"and 3; keep one",
+    ):
         load_config(path)
     path.write_text("harvest:\n  k: 10\n  layers: [0]\n  k: 20\n")  # deeper down too
     with pytest.raises(ConfigError, match=r"key 'k' is given twice, at lines 2 and 4"):
@@ -156,11 +162,14 @@ def test_nan_and_infinity_are_refused_for_every_float_setting(family):
                 load_config(None, [f"{key}={value}"], cls=cls)
 
 
-@pytest.mark.parametrize("override, problem", [
-    ("harvest.layers=[0,", "expected the node content, but found '<stream end>'"),
-    ("harvest.k=@5", "found character '@' that cannot start any token"),
-    ("run_dir=*runs", "found undefined alias 'runs'"),
-])
+@pytest.mark.parametrize(
+    "override, problem",
+    [
+        ("harvest.layers=[0,", "expected the node content, but found '<stream end>'"),
+        ("harvest.k=@5", "found character '@' that cannot start any token"),
+        ("run_dir=*runs", "found undefined alias 'runs'"),
+    ],
+)
 def test_set_values_yaml_cannot_parse_are_one_line_errors(tmp_path, override, problem, capsys):
     key, raw = override.split("=", 1)
     with pytest.raises(ConfigError, match="quote it to mean text") as err:

@@ -60,7 +60,7 @@ def test_chunking_matches_naive_reference(bos, n_ctx, first_only):
     assert [c for c, _, _ in got] == list(range(len(got)))
     if not first_only:  # chunks of a document, BOS removed, give back the whole document
         for doc_id, text in enumerate(DOCS):
-            tokens = [t for _, d, toks in got if d == doc_id for t in toks[(bos is not None):]]
+            tokens = [t for _, d, toks in got if d == doc_id for t in toks[(bos is not None) :]]
             assert tokens == encode_words(text)
 
 
@@ -152,14 +152,25 @@ def test_source_errors_name_the_value(tmp_path):
         list(iter_documents(files_cfg(tmp_path / "d.parquet")))
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("a.jsonl", '{"text": "ok"}\n[1, 2]\n', r"a.jsonl line 2 is a JSON list, not an object; each row must be an "
-                                              r"object"),
-    ("b.jsonl", '{"text": 42}\n', r"b.jsonl line 1: field 'text' holds a int \('42'\), not text; point "
-                                   r"data.text_field at a string field"),
-    ("c.jsonl", b'{"text": "caf\xe9"}\n', r"c.jsonl line 1 is not UTF-8 \(byte 0xe9\); save the file as UTF-8"),
-    ("d.txt", b"text\x00\x01\x02binary", r"d.txt holds NUL bytes, so it is binary, not text"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "a.jsonl",
+            '{"text": "ok"}\n[1, 2]\n',
+            r"a.jsonl line 2 is a JSON list, not an object; each row must be an "
+            r"object",
+        ),
+        (
+            "b.jsonl",
+            '{"text": 42}\n',
+            r"b.jsonl line 1: field 'text' holds a int \('42'\), not text; point "
+            r"data.text_field at a string field",
+        ),
+        ("c.jsonl", b'{"text": "caf\xe9"}\n', r"c.jsonl line 1 is not UTF-8 \(byte 0xe9\); save the file as UTF-8"),
+        ("d.txt", b"text\x00\x01\x02binary", r"d.txt holds NUL bytes, so it is binary, not text"),
+    ],
+)
 def test_bad_corpus_files_name_the_file_and_line(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content.encode() if isinstance(content, str) else content)
@@ -172,8 +183,11 @@ def test_a_non_text_parquet_column_and_a_directory_entry(tmp_path):
     with pytest.raises(DataError, match=r"n.parquet: column 'text' holds int64, not text"):
         list(iter_documents(files_cfg(tmp_path / "n.parquet")))
     (tmp_path / "folder").mkdir()
-    with pytest.raises(DataError, match=r"data.paths entry '.*folder' is a directory; give files or a glob such "
-                                        r"as '.*folder/\*.txt'"):
+    with pytest.raises(
+        DataError,
+        match=r"data.paths entry '.*folder' is a directory; give files or a glob such "
+        r"as '.*folder/\*.txt'",
+    ):
         list(iter_documents(files_cfg(tmp_path / "folder")))
 
 
@@ -182,8 +196,10 @@ def test_mis_encoded_text_is_decoded_with_a_warning_that_counts(tmp_path, caplog
     with caplog.at_level("WARNING"):
         docs = list(iter_documents(files_cfg(tmp_path / "latin.txt")))
     assert docs == ["café crème \ufffd na\ufffdve \ufffd!"]
-    assert "latin.txt is not valid UTF-8: 2 invalid byte sequences replaced by U+FFFD (the first at byte 19)" \
+    assert (
+        "latin.txt is not valid UTF-8: 2 invalid byte sequences replaced by U+FFFD (the first at byte 19)"
         in caplog.text
+    )
 
 
 # --- write / read ----------------------------------------------------------------------------------------
@@ -254,8 +270,9 @@ def test_changed_settings_are_refused_unless_forced(tmp_path, corpus):
     run = RunDir(str(tmp_path / "run"))
     write_contexts(run, as_run(run, corpus), fake_model())
     longer = dataclasses.replace(corpus, n_ctx=5)
-    with pytest.raises(ConfigError, match="data.n_ctx is 5 in this config but was 3 when stage 'contexts'.*"
-                                          "--force contexts"):
+    with pytest.raises(
+        ConfigError, match="data.n_ctx is 5 in this config but was 3 when stage 'contexts'.*--force contexts"
+    ):
         write_contexts(run, as_run(run, longer), fake_model())
     expected = list(iter_contexts(DOCS * 3, encode_words, 0, 5))
     assert write_contexts(run, as_run(run, longer), fake_model(), force={"contexts"}) == len(expected)

@@ -76,9 +76,16 @@ class ChatServer:
 
     @staticmethod
     def reply(text: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> tuple[int, dict, dict]:
-        return 200, {}, {"id": "x", "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}
+        return (
+            200,
+            {},
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+            },
+        )
 
     @classmethod
     def describe(cls, body: dict, n: int):
@@ -120,8 +127,10 @@ def test_descriptions_are_asked_concurrently_cached_and_extended(lm_run, tmp_pat
         todo = clusters_to_describe(RunDir(cfg.run_dir), None, None, 12, cfg.cluster.min_cluster_size)
         table = _table(cfg)
         assert sorted(zip(table.layer, table.neuron, table.cluster)) == sorted(todo) and len(table) == 12
-        assert (table.description == [f"Tokens of neuron {n} in layer {layer}" for n, layer in
-                                       zip(table.neuron, table.layer)]).all()  # first line, quotes and stop removed
+        assert (
+            table.description
+            == [f"Tokens of neuron {n} in layer {layer}" for n, layer in zip(table.neuron, table.layer)]
+        ).all()  # first line, quotes and stop removed
         assert summary.described == 12 and summary.cached == 0 and 1 < server.max_in_flight <= 3
         assert summary.prompt_tokens == sum(len(r["messages"][-1]["content"]) // 4 for r in server.requests)
         assert summary.completion_tokens == 7 * 12 and "tokens used" in summary.describe()
@@ -151,8 +160,11 @@ def test_a_failed_run_keeps_what_it_made_and_the_next_one_does_the_rest(lm_run, 
     server = ChatServer(dies_after_7)
     cfg = _copy(lm_run, tmp_path, server.url, max_concurrency=1, flush_every=3, max_retries=1)
     try:
-        with pytest.raises(DataError, match=r"answered HTTP 500 .* 2 times.*7 descriptions made before the "
-                                            r"failure are kept"):
+        with pytest.raises(
+            DataError,
+            match=r"answered HTTP 500 .* 2 times.*7 descriptions made before the "
+            r"failure are kept",
+        ):
             run_describe(cfg, limit=15)
         assert len(_table(cfg)) == 7 and state_of(RunDir(cfg.run_dir).manifest(), "describe")[0] == "running"
         server.answer = healthy
@@ -171,8 +183,13 @@ def test_a_killed_run_resumes_without_losing_or_repeating(lm_run, tmp_path):
     config = tmp_path / "describe.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "ne.cli", "describe", "--config", str(config), "--limit", "14"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ne.cli", "describe", "--config", str(config), "--limit", "14"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         folder = Path(cfg.run_dir) / schema.DESCRIPTIONS_DIR
         deadline = time.time() + 120
@@ -238,8 +255,12 @@ def test_a_missing_key_variable_or_model_is_named(lm_run, tmp_path, capsys, monk
     assert main(["describe", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "describe.api_key_env names $NE_ABSENT_KEY, which is not set" in err
-    assert main(["describe", "--config", str(config), "--set", "describe.api_key_env=null",
-                 "--set", "describe.model=null"]) == 2
+    assert (
+        main(
+            ["describe", "--config", str(config), "--set", "describe.api_key_env=null", "--set", "describe.model=null"]
+        )
+        == 2
+    )
     assert "describe.model is not set" in capsys.readouterr().err
     assert main(["describe", "--config", str(config), "--set", "describe.api_key_env=sk-abc.def"]) == 2
     assert "give the NAME of an environment variable" in capsys.readouterr().err
@@ -269,8 +290,11 @@ def test_detection_score_is_the_balanced_accuracy_of_the_answers():
         tpr, tnr = 3 / 4, 4 / 5  # naive: positives holding " for ", negatives without it
         assert (score.true_positive_rate, score.true_negative_rate) == (tpr, tnr)
         assert score.balanced_accuracy == pytest.approx((tpr + tnr) / 2)
-        assert [len(re.findall(r"^Text \d+:", r["messages"][-1]["content"], re.M)) for r in server.requests] == \
-            [4, 4, 1]
+        assert [len(re.findall(r"^Text \d+:", r["messages"][-1]["content"], re.M)) for r in server.requests] == [
+            4,
+            4,
+            1,
+        ]
         assert '"for"' in server.requests[0]["messages"][-1]["content"]
         server.answer = lambda body, n: ChatServer.reply("yes, the first and third")
         with pytest.raises(DataError, match=r"did not answer with a list of 4 zeros and ones: 'yes, the first"):

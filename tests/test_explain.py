@@ -94,8 +94,10 @@ def test_firing_units_equal_brute_force(run, explainer, tiny_model_cfg):
             got = sorted(u.neuron for u in t.units if u.layer == layer)
             assert got == np.flatnonzero(fires[t.pos]).tolist()
             for u in t.units:
-                assert u.of_max == pytest.approx(out[u.layer].act[0, t.pos + 1, u.neuron].item() / top[u.neuron]
-                                                 if u.layer == layer else u.of_max, rel=1e-5)
+                assert u.of_max == pytest.approx(
+                    out[u.layer].act[0, t.pos + 1, u.neuron].item() / top[u.neuron] if u.layer == layer else u.of_max,
+                    rel=1e-5,
+                )
     strengths = [u.of_max for t in tokens for u in t.units[:1]]
     assert strengths and all(t.units == sorted(t.units, key=lambda u: -u.of_max) for t in tokens)
 
@@ -106,8 +108,9 @@ def test_long_texts_are_explained_in_chunks_of_the_runs_context(run, explainer):
     assert [t.pos for t in tokens] == list(range(len(ids)))
     step = run.data.n_ctx - 1
     direct = explainer.explain_tokens(ids[step : 2 * step], top=3)  # the second chunk alone
-    assert [(u.layer, u.neuron) for t in direct for u in t.units] == \
-        [(u.layer, u.neuron) for t in tokens[step : 2 * step] for u in t.units]
+    assert [(u.layer, u.neuron) for t in direct for u in t.units] == [
+        (u.layer, u.neuron) for t in tokens[step : 2 * step] for u in t.units
+    ]
 
 
 def test_bad_requests_are_one_line_errors(run, explainer, tmp_path, capsys):
@@ -132,15 +135,27 @@ def test_cli_text_and_json(run, capsys):
     records = json.loads(capsys.readouterr().out)
     assert [r["pos"] for r in records] == list(range(len(records)))
     unit = next(u for r in records for u in r["units"])
-    assert set(unit) == {"layer", "neuron", "act", "of_max", "cluster", "similarity", "cluster_size", "central_text",
-                         "label"}
+    assert set(unit) == {
+        "layer",
+        "neuron",
+        "act",
+        "of_max",
+        "cluster",
+        "similarity",
+        "cluster_size",
+        "central_text",
+        "label",
+    }
 
 
 def test_arguments_of_the_wrong_type_or_outside_the_vocabulary(explainer):
     with pytest.raises(ConfigError, match=r"^top is '3' \(str\); it must be an integer$"):
         explainer.explain("def f(x): return x", top="3")
-    with pytest.raises(ConfigError, match=r"^ids\[1\] is 1000000000; it must be in 0..50256 \(a token id of "
-                                          r"tiny-gpt2\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^ids\[1\] is 1000000000; it must be in 0..50256 \(a token id of "
+        r"tiny-gpt2\)$",
+    ):
         explainer.explain_tokens([10, 10**9])
     with pytest.raises(ConfigError, match=r"^ids\[0\] is -1; it must be in 0..50256"):
         explainer.explain_tokens([-1])
@@ -163,8 +178,11 @@ def test_a_model_changed_in_place_is_refused(run, capsys):
     try:
         weights.write_bytes(safetensors.torch.save(state))
         changed = rf"{weights} \(its content differs from when it was read\): an input of stage 'weights' of .* changed"
-        with pytest.raises(DataError, match=changed + r" since it ran. Redo 'weights' and everything after it .* with "
-                                                      r"`ne harvest --config CONFIG --force weights`, or restore"):
+        with pytest.raises(
+            DataError,
+            match=changed + r" since it ran. Redo 'weights' and everything after it .* with "
+            r"`ne harvest --config CONFIG --force weights`, or restore",
+        ):
             Stage(RunDir(run.run_dir), "weights", run).needed()  # what `ne run` asks before skipping it
         with pytest.raises(DataError, match=changed):
             Explainer.load(run.run_dir)

@@ -36,8 +36,10 @@ def _clustered_examples(run: RunDir, layer: int) -> pd.DataFrame:
 
 
 def _per_unit(run: RunDir) -> int:
-    return max(int(run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer)).to_pandas().cluster.max()) + 1
-               for layer in (0, 1))
+    return max(
+        int(run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer)).to_pandas().cluster.max()) + 1
+        for layer in (0, 1)
+    )
 
 
 def _json_type_ok(value, spec) -> bool:
@@ -45,10 +47,13 @@ def _json_type_ok(value, spec) -> bool:
         return any(_json_type_ok(value, s) for s in spec)
     if isinstance(spec, dict):
         return isinstance(value, list) and all(_json_type_ok(v, spec["array"]) for v in value)
-    return {"string": lambda v: isinstance(v, str), "null": lambda v: v is None,
-            "boolean": lambda v: isinstance(v, bool),
-            "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-            "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}[spec](value)
+    return {
+        "string": lambda v: isinstance(v, str),
+        "null": lambda v: v is None,
+        "boolean": lambda v: isinstance(v, bool),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    }[spec](value)
 
 
 def _check_fields(row: dict, table: str) -> None:
@@ -74,8 +79,16 @@ def _delphi_read(folder: Path) -> tuple[list[tuple[int, int]], pd.DataFrame, np.
         assert data["locations"].shape == (len(data["activations"]), spec["locations"]["columns"])
         loc = data["locations"].astype(np.int64)
         assert ((loc[:, 2] >= 0) & (loc[:, 2] <= end - start)).all()
-        rows.append(pd.DataFrame({"seq": loc[:, 0], "pos": loc[:, 1], "latent": loc[:, 2] + start,
-                                  "act": data["activations"].astype(np.float32)}))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "seq": loc[:, 0],
+                    "pos": loc[:, 1],
+                    "latent": loc[:, 2] + start,
+                    "act": data["activations"].astype(np.float32),
+                }
+            )
+        )
         assert tokens is None or np.array_equal(tokens, data["tokens"])  # every file of a module holds all tokens
         tokens = data["tokens"]
     return ranges, pd.concat(rows, ignore_index=True), tokens
@@ -96,11 +109,17 @@ def test_delphi_export_reads_back(lm_run, tmp_path, capsys):
         assert all(b[0] == a[1] + 1 for a, b in zip(ranges, ranges[1:]))  # consecutive, end inclusive
         assert tokens.shape == (len(contexts), 48)
         for row, toks in zip(tokens, contexts.tokens):
-            assert row[: len(toks)].tolist() == list(toks) and (row[len(toks):] == pad).all()
+            assert row[: len(toks)].tolist() == list(toks) and (row[len(toks) :] == pad).all()
         ex = _clustered_examples(run, layer)
         row_of = {int(x): i for i, x in enumerate(contexts.ctx_id)}
-        expected = sorted(zip([row_of[x] for x in ex.ctx_id], ex.pos, ex.neuron * c + ex.cluster,
-                              ex.act.astype(np.float16).astype(np.float32)))
+        expected = sorted(
+            zip(
+                [row_of[x] for x in ex.ctx_id],
+                ex.pos,
+                ex.neuron * c + ex.cluster,
+                ex.act.astype(np.float16).astype(np.float32),
+            )
+        )
         assert sorted(zip(loc.seq, loc.pos, loc.latent, loc.act)) == expected
         config = json.loads((folder / "config.json").read_text())
         for name, kind in FORMATS["delphi"]["config_json"].items():
@@ -122,10 +141,18 @@ def test_delphi_export_from_held_out_occurrences(lm_run, tmp_path):
         cents = run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer)).to_pandas()
         cents = cents[cents["size"] >= 2].reset_index(drop=True)
         pick = cents.iloc[rng.choice(len(cents), 40)]
-        table = pa.table({"ctx_id": rng.choice(held, 40), "pos": rng.integers(1, 40, 40).astype(np.int16),
-                          "layer": np.full(40, layer, np.int16), "unit": pick.neuron.to_numpy(np.int32),
-                          "cluster": pick.cluster.to_numpy(np.int32), "act": rng.random(40).astype(np.float32),
-                          "similarity": rng.random(40).astype(np.float32)}, schema=schema.OCCURRENCES)
+        table = pa.table(
+            {
+                "ctx_id": rng.choice(held, 40),
+                "pos": rng.integers(1, 40, 40).astype(np.int16),
+                "layer": np.full(40, layer, np.int16),
+                "unit": pick.neuron.to_numpy(np.int32),
+                "cluster": pick.cluster.to_numpy(np.int32),
+                "act": rng.random(40).astype(np.float32),
+                "similarity": rng.random(40).astype(np.float32),
+            },
+            schema=schema.OCCURRENCES,
+        )
         run.write_parquet(f"{schema.layer_dir(schema.OCCURRENCES_DIR, layer)}/{schema.part_name(0)}", table)
         tables[layer] = table.to_pandas()
     out = RunDir(str(tmp_path / "out"))
@@ -138,8 +165,14 @@ def test_delphi_export_from_held_out_occurrences(lm_run, tmp_path):
         assert len(tokens) == len(used)  # the held-out contexts the tables name, in ctx_id order
         first = contexts.set_index("ctx_id").tokens[used[0]]
         assert tokens[0][: len(first)].tolist() == list(first)
-        expected = sorted(zip(np.searchsorted(used, table.ctx_id), table.pos, table.unit * c + table.cluster,
-                              table.act.astype(np.float16).astype(np.float32)))
+        expected = sorted(
+            zip(
+                np.searchsorted(used, table.ctx_id),
+                table.pos,
+                table.unit * c + table.cluster,
+                table.act.astype(np.float16).astype(np.float32),
+            )
+        )
         assert sorted(zip(loc.seq, loc.pos, loc.latent, loc.act)) == expected
 
 
@@ -153,8 +186,18 @@ def test_neuronpedia_export_reads_back(lm_run, tmp_path):
     stage = Stage(run, "describe", RunView(run, run.manifest()).cfg)  # one LLM description, as `ne describe` stores it
     stage.begin()
     writer = PartWriter(run, 10)
-    writer.add({"layer": 1, "neuron": 3, "cluster": 0, "description": "a test description", "model": "m",
-                "prompt_sha": "x", "prompt_tokens": 1, "completion_tokens": 1})
+    writer.add(
+        {
+            "layer": 1,
+            "neuron": 3,
+            "cluster": 0,
+            "description": "a test description",
+            "model": "m",
+            "prompt_sha": "x",
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+        }
+    )
     writer.flush()
     stage.done()
     out = tmp_path / "np"
@@ -191,8 +234,9 @@ def test_neuronpedia_export_reads_back(lm_run, tmp_path):
         offline = {int(r["index"]): r["description"] for r in rows["explanations"] if r["notes"] == "ne offline label"}
         assert offline == {n * c + k: text for n, k, text in zip(labels.neuron, labels.cluster, labels.label)}
         llm = [r for r in rows["explanations"] if r["notes"] != "ne offline label"]
-        assert [(r["index"], r["description"], r["notes"]) for r in llm] == \
-            ([(str(3 * c), "a test description", "ne describe, m")] if layer == 1 else [])
+        assert [(r["index"], r["description"], r["notes"]) for r in llm] == (
+            [(str(3 * c), "a test description", "ne describe, m")] if layer == 1 else []
+        )
 
 
 def test_bad_export_requests_are_one_line_errors(lm_run, tmp_path, capsys):

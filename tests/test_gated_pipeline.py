@@ -45,8 +45,13 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gated_run(tmp_path_factory, llama_dir, corpus):
-    cfg = make_cfg(tmp_path_factory.mktemp("gated") / "run", ModelConfig(backend="hf", name=str(llama_dir),
-                   device="cpu"), corpus, num_workers=0, k=8)
+    cfg = make_cfg(
+        tmp_path_factory.mktemp("gated") / "run",
+        ModelConfig(backend="hf", name=str(llama_dir), device="cpu"),
+        corpus,
+        num_workers=0,
+        k=8,
+    )
     cfg.cluster.neurons_per_task = 64
     cfg.cluster.cut = "fixed"  # the reference below cuts every neuron at cluster.threshold
     cfg.index.vectors = "neuron"  # the index of neuron embeddings is what holds the concat embedding
@@ -107,8 +112,9 @@ def test_explain_on_a_gated_run_reclustered_with_the_gate(gated_run, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(gated_run.run_dir, run_dir)
-    gate_cfg = dataclasses.replace(gated_run, run_dir=str(run_dir),
-                                   model=dataclasses.replace(gated_run.model, gated_embedding="gate"))
+    gate_cfg = dataclasses.replace(
+        gated_run, run_dir=str(run_dir), model=dataclasses.replace(gated_run.model, gated_embedding="gate")
+    )
     cluster_job.run_cluster(gate_cfg, force=["cluster"], in_process=True)
     explainer = Explainer.load(str(run_dir))
     assert explainer.gated_embedding == "gate"
@@ -119,8 +125,12 @@ def test_explain_on_a_gated_run_reclustered_with_the_gate(gated_run, tmp_path):
     t = torch.tensor([bos + ids])
     out = model.run(t, torch.ones_like(t), [0, 1])
     run = RunDir(str(run_dir))
-    centroids = {layer: run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer)).to_pandas()
-                 .set_index(["neuron", "cluster"]) for layer in (0, 1)}
+    centroids = {
+        layer: run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer))
+        .to_pandas()
+        .set_index(["neuron", "cluster"])
+        for layer in (0, 1)
+    }
     gates = {layer: read_layer_weights(run, layer).gate for layer in (0, 1)}
     checked = 0
     for tok in tokens:
@@ -143,8 +153,14 @@ def test_explain_on_a_min_run_finds_the_units_that_go_low(tmp_path, llama_dir, c
     from ne.models import load_model
     from ne.viewer.render import explain_html
 
-    cfg = make_cfg(tmp_path / "run", ModelConfig(backend="hf", name=str(llama_dir), device="cpu"), corpus,
-                   num_workers=0, k=8, direction="min")
+    cfg = make_cfg(
+        tmp_path / "run",
+        ModelConfig(backend="hf", name=str(llama_dir), device="cpu"),
+        corpus,
+        num_workers=0,
+        k=8,
+        direction="min",
+    )
     harvest_job.run_harvest(cfg)
     cluster_job.run_cluster(cfg, in_process=True)
     model = load_model(cfg.model)
@@ -158,7 +174,7 @@ def test_explain_on_a_min_run_finds_the_units_that_go_low(tmp_path, llama_dir, c
     found = 0
     for layer in (0, 1):
         low = minima[minima.layer == layer].sort_values("neuron").min_act.to_numpy()
-        act = out[layer].act[0, len(bos):].float().numpy()
+        act = out[layer].act[0, len(bos) :].float().numpy()
         fires = (act <= cfg.harvest.frac * low) & (low < 0)
         for tok in tokens:
             units = [u for u in tok.units if u.layer == layer]
@@ -214,7 +230,8 @@ def test_merge_in_small_parts_equals_naive_loop(tmp_path, tiny_model_cfg, corpus
     model = load_model(tiny_model_cfg)
     ctx = run.read_parquet("contexts").to_pandas().sort_values("ctx_id")
     contexts = list(zip(ctx.ctx_id.tolist(), ctx.tokens.map(list).tolist()))
-    assert_same_rows(read_examples(cfg.run_dir, [0, 1]),
-                     naive_harvest(model, contexts, [0, 1], k=5, frac=0.5, before=3, after=2))
+    assert_same_rows(
+        read_examples(cfg.run_dir, [0, 1]), naive_harvest(model, contexts, [0, 1], k=5, frac=0.5, before=3, after=2)
+    )
     h_ids = run.read_parquet("h/layer=1", columns=["h_id"]).column("h_id").to_numpy()
     assert np.all(np.diff(h_ids) > 0)  # parts in h_id order, each row once

@@ -54,8 +54,9 @@ def endpoint():
     server.start()
     url = f"http://127.0.0.1:{port}"
     # s3fs's mkdir sends a location constraint that moto refuses; boto3 in us-east-1 sends none.
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    ).create_bucket(Bucket=BUCKET)
     yield url
     server.stop()
 
@@ -92,19 +93,36 @@ def runs(tmp_path_factory, tiny_model_cfg, endpoint, local_ray):
     environment variables): (config path, local run, S3 URL, each `ne run`'s output)."""
     tmp = tmp_path_factory.mktemp("s3")
     config = tmp / "small.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": to_dict(tiny_model_cfg),
-        "data": {"source": "pydoc", "n_ctx": 64, "max_contexts": 120, "contexts_per_part": 40},
-        "harvest": {"layers": [0], "k": 20, "frac": 0.75, "batch_size": 16, "num_workers": 1},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": to_dict(tiny_model_cfg),
+                "data": {"source": "pydoc", "n_ctx": 64, "max_contexts": 120, "contexts_per_part": 40},
+                "harvest": {"layers": [0], "k": 20, "frac": 0.75, "batch_size": 16, "num_workers": 1},
+            }
+        )
+    )
     local, remote = str(tmp / "local"), f"s3://{BUCKET}/runs/small"
     code, local_out = cli("run", "--config", str(config), "--set", f"run_dir={local}")
     assert code == 0, local_out[-3000:]
     ray_tmp = tempfile.mkdtemp(prefix="ray")  # Ray's socket paths must stay short
-    env = dict(os.environ, **CREDENTIALS, FSSPEC_S3_ENDPOINT_URL=endpoint, RAY_TMPDIR=ray_tmp, NE_RAY_NUM_CPUS="2",
-               RAY_AUTH_MODE="disabled", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "ne.cli", "run", "--config", str(config), "--set",
-                           f"run_dir={remote}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        **CREDENTIALS,
+        FSSPEC_S3_ENDPOINT_URL=endpoint,
+        RAY_TMPDIR=ray_tmp,
+        NE_RAY_NUM_CPUS="2",
+        RAY_AUTH_MODE="disabled",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "ne.cli", "run", "--config", str(config), "--set", f"run_dir={remote}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return config, local, remote, {local: local_out, remote: proc.stdout}
 
@@ -127,13 +145,29 @@ def viewer_reads(url: str) -> str:
         nd = data.neuron(0, n)
         ids, sizes, vectors = data.centroids(0, n)
         out[str(n)] = {
-            "examples": [[e.rank, e.ctx_id, e.pos, e.act, e.window_start, e.window.tolist(), e.tokens.tolist(),
-                          e.cluster, e.is_central, e.outlier] for e in nd.examples],
-            "max_act": nd.max_act, "threshold": nd.threshold, "metrics": nd.metrics,
+            "examples": [
+                [
+                    e.rank,
+                    e.ctx_id,
+                    e.pos,
+                    e.act,
+                    e.window_start,
+                    e.window.tolist(),
+                    e.tokens.tolist(),
+                    e.cluster,
+                    e.is_central,
+                    e.outlier,
+                ]
+                for e in nd.examples
+            ],
+            "max_act": nd.max_act,
+            "threshold": nd.threshold,
+            "metrics": nd.metrics,
             "linkage": None if nd.linkage is None else nd.linkage.tolist(),
             "centroids": [ids.tolist(), sizes.tolist(), vectors.tolist()],
-            "central": [None if e is None else [e.rank, e.ctx_id] for e in
-                        (data.central_example(0, n, int(c)) for c in ids)],
+            "central": [
+                None if e is None else [e.rank, e.ctx_id] for e in (data.central_example(0, n, int(c)) for c in ids)
+            ],
         }
     return same_text(json.dumps(out, sort_keys=True, default=str), url)
 
@@ -146,13 +180,17 @@ def test_run_on_s3_answers_as_the_local_run(runs, endpoint):
         assert len(got) > 10 and got == run_outputs(local)  # every Parquet file row for row, every other file
         tail = "The 10 most polysemantic neurons:"
         assert tail in printed[remote]
-        assert (same_text(printed[remote][printed[remote].index(tail):], remote)
-                == same_text(printed[local][printed[local].index(tail):], local))
+        assert same_text(printed[remote][printed[remote].index(tail) :], remote) == same_text(
+            printed[local][printed[local].index(tail) :], local
+        )
 
         metrics = RunData(local).metrics_table().to_pandas()
         neuron = int(metrics[metrics.n_clusters >= 2].neuron.iloc[0])
-        for args in (["status"], ["similar", "--layer", "0", "--neuron", str(neuron), "-k", "8"],
-                     ["explain", "--text", TEXT, "--top", "3"]):
+        for args in (
+            ["status"],
+            ["similar", "--layer", "0", "--neuron", str(neuron), "-k", "8"],
+            ["explain", "--text", TEXT, "--top", "3"],
+        ):
             answers = []
             for url in (local, remote):
                 code, out = cli(args[0], url, *args[1:])
@@ -173,8 +211,9 @@ def test_a_write_failing_half_way_leaves_nothing_half_written(runs, endpoint, mo
             raise ConnectionResetError("connection reset by peer (injected after half of faiss.index)")
         return real_write(self, data)
 
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                           secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    fs = s3fs.S3FileSystem(
+        endpoint_url=endpoint, key=CREDENTIALS["AWS_ACCESS_KEY_ID"], secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
+    )
     root = remote.removeprefix("s3://")
     with pointed_at(endpoint):
         before = run_outputs(remote)

@@ -51,7 +51,10 @@ def linkage_of(dist_nn: Float[np.ndarray, "n n"], method: str = "average") -> Fl
 
 
 def cluster_examples(
-    dist_nn: Float[np.ndarray, "n n"], threshold: float, method: str = "average", min_cluster_size: int = 1,
+    dist_nn: Float[np.ndarray, "n n"],
+    threshold: float,
+    method: str = "average",
+    min_cluster_size: int = 1,
     z: Float[np.ndarray, "n_minus_1 4"] | None = None,
 ) -> Clusters:
     """Cluster one neuron's examples given their pairwise cosine distances (square, zero diagonal), cutting
@@ -84,16 +87,18 @@ def cluster_neuron(dist_nn: Float[np.ndarray, "n n"], cfg: ClusterConfig) -> Clu
     return cluster_examples(dist_nn, threshold, cfg.method, cfg.min_cluster_size, z=z)
 
 
-def cut_thresholds(dist_nn: Float[np.ndarray, "n n"], z: Float[np.ndarray, "n_minus_1 4"],
-                   cfg: ClusterConfig) -> dict[str, float]:
+def cut_thresholds(
+    dist_nn: Float[np.ndarray, "n n"], z: Float[np.ndarray, "n_minus_1 4"], cfg: ClusterConfig
+) -> dict[str, float]:
     """Each cut rule's threshold for one neuron's dendrogram: `fixed` (`cfg.threshold`) and `silhouette`
     (`per_neuron_threshold`); NaN with fewer than 2 examples."""
     fixed = cfg.threshold if len(z) else NAN
     return {"fixed": fixed, "silhouette": per_neuron_threshold(dist_nn, z, cfg)}
 
 
-def per_neuron_threshold(dist_nn: Float[np.ndarray, "n n"], z: Float[np.ndarray, "n_minus_1 4"],
-                         cfg: ClusterConfig) -> float:
+def per_neuron_threshold(
+    dist_nn: Float[np.ndarray, "n n"], z: Float[np.ndarray, "n_minus_1 4"], cfg: ClusterConfig
+) -> float:
     """The cut of one neuron's dendrogram chosen by the silhouette of its clusters.
 
     Candidates are the cuts into k = 2..`cfg.max_clusters` clusters that some threshold gives (no tie

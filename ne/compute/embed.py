@@ -128,8 +128,9 @@ class LayerWeights:
         """The matrices a neuron's embedding multiplies h with: [W]; gated, [G] (`gate`) or [G, U] (`concat`).
         The one place where the gated embedding is chosen: an embedding is `len(parts)` × d_model wide."""
         if gated_embedding not in GATED_EMBEDDINGS:
-            raise ConfigError(f"model.gated_embedding is {gated_embedding!r}; choose one of "
-                              f"{', '.join(map(repr, GATED_EMBEDDINGS))}")
+            raise ConfigError(
+                f"model.gated_embedding is {gated_embedding!r}; choose one of {', '.join(map(repr, GATED_EMBEDDINGS))}"
+            )
         return [self.gate] if self.up is None or gated_embedding == "gate" else [self.gate, self.up]
 
     def unit_weights(self, neurons: np.ndarray, gated_embedding: str) -> Float[np.ndarray, "n parts d_model"]:

@@ -123,8 +123,16 @@ def shard_maxima(
 class ExampleCollector:
     """Pass 2 for one layer: accumulates the selected examples and their h rows as Arrow tables."""
 
-    def __init__(self, layer: int, thresholds: Tensor, k: int, window: tuple[int, int], n_ctx: int, h_dtype: str,
-                 sign: float = 1.0):
+    def __init__(
+        self,
+        layer: int,
+        thresholds: Tensor,
+        k: int,
+        window: tuple[int, int],
+        n_ctx: int,
+        h_dtype: str,
+        sign: float = 1.0,
+    ):
         self.layer, self.window, self.n_ctx, self.h_dtype, self.sign = layer, window, n_ctx, h_dtype, sign
         self.first_k = FirstK(thresholds, k)
         self.example_tables: list[pa.Table] = []
@@ -235,9 +243,7 @@ def merge_examples(examples: pa.Table, k: int) -> pa.Table:
     group_start = np.repeat(starts, np.diff(np.r_[starts, len(neuron)]))
     rank = np.arange(len(neuron)) - group_start
     keep = rank < k
-    examples = examples.set_column(
-        examples.schema.get_field_index("rank"), "rank", pa.array(rank.astype(np.int16))
-    )
+    examples = examples.set_column(examples.schema.get_field_index("rank"), "rank", pa.array(rank.astype(np.int16)))
     return examples.filter(pa.array(keep))
 
 

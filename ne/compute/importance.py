@@ -39,8 +39,10 @@ def mask_token_id(model: UnitModel, mask_token: int | None = None) -> int:
 def check_mask_token(mask_token: int | None, vocab_size: int, model_name: str) -> None:
     """importance.mask_token, when set, must be a token id of the model's tokenizer."""
     if mask_token is not None and not 0 <= mask_token < vocab_size:
-        raise ConfigError(f"importance.mask_token is {mask_token} but the tokenizer of {model_name} has token ids "
-                          f"0..{vocab_size - 1}; give a neutral token of it, or null for its pad (or EOS) token")
+        raise ConfigError(
+            f"importance.mask_token is {mask_token} but the tokenizer of {model_name} has token ids "
+            f"0..{vocab_size - 1}; give a neutral token of it, or null for its pad (or EOS) token"
+        )
 
 
 @torch.inference_mode()

@@ -193,10 +193,12 @@ def count_tokens(parts: Iterable[pa.ListArray]) -> CorpusCounts:
             counts[key] = grown
         keys, n = np.unique(flat[first] * PAIR + flat[first + 1], return_counts=True)
         pair_keys, inverse = np.unique(np.concatenate([pair_keys, keys]), return_inverse=True)
-        pair_counts = np.bincount(inverse, weights=np.concatenate([pair_counts, n]),
-                                  minlength=len(pair_keys)).astype(np.int64)
-    return CorpusCounts(counts["unigrams"], counts["leading"], counts["trailing"], pair_keys, pair_counts,
-                        int(counts["unigrams"].sum()))
+        pair_counts = np.bincount(inverse, weights=np.concatenate([pair_counts, n]), minlength=len(pair_keys)).astype(
+            np.int64
+        )
+    return CorpusCounts(
+        counts["unigrams"], counts["leading"], counts["trailing"], pair_keys, pair_counts, int(counts["unigrams"].sum())
+    )
 
 
 def shown(pieces: Sequence[str], word_pieces: bool = False) -> list[str]:
@@ -214,9 +216,17 @@ def shown(pieces: Sequence[str], word_pieces: bool = False) -> list[str]:
     return out
 
 
-def label_clusters(layer: int, neuron_n: np.ndarray, cluster_n: np.ndarray, outlier_n: np.ndarray,
-                   toks_n3: np.ndarray, corpus: CorpusCounts, decode: Callable[[Sequence[int]], list[str]],
-                   special: Sequence[int] = (), word_pieces: bool = False) -> pa.Table:
+def label_clusters(
+    layer: int,
+    neuron_n: np.ndarray,
+    cluster_n: np.ndarray,
+    outlier_n: np.ndarray,
+    toks_n3: np.ndarray,
+    corpus: CorpusCounts,
+    decode: Callable[[Sequence[int]], list[str]],
+    special: Sequence[int] = (),
+    word_pieces: bool = False,
+) -> pa.Table:
     """The labels table (`schema.LABELS`) of one layer's clusters, from each example's neuron, cluster, outlier
     flag and tokens (`OFFSETS` around the key token); rows in neuron then cluster order."""
     order = np.lexsort((cluster_n, neuron_n))
@@ -232,17 +242,26 @@ def label_clusters(layer: int, neuron_n: np.ndarray, cluster_n: np.ndarray, outl
             rule = best_rule(toks[mine], toks[~mine], special)
             hit_c, hit_o = rule.matches(toks[mine]), rule.matches(toks[~mine])
             rules.append(rule)
-            for name, value in (("layer", layer), ("neuron", int(neuron_n[lo])), ("cluster", int(c)),
-                                ("size", int(mine.sum())), ("outlier", bool(outlier_n[lo:hi][mine][0])),
-                                ("key_tokens", list(rule.keys)), ("context_offset", rule.offset),
-                                ("context_token", rule.context), ("coverage", float(hit_c.mean())),
-                                ("others", float(hit_o.mean()) if len(hit_o) else float("nan")),
-                                ("corpus", corpus.rate(rule))):
+            for name, value in (
+                ("layer", layer),
+                ("neuron", int(neuron_n[lo])),
+                ("cluster", int(c)),
+                ("size", int(mine.sum())),
+                ("outlier", bool(outlier_n[lo:hi][mine][0])),
+                ("key_tokens", list(rule.keys)),
+                ("context_offset", rule.offset),
+                ("context_token", rule.context),
+                ("coverage", float(hit_c.mean())),
+                ("others", float(hit_o.mean()) if len(hit_o) else float("nan")),
+                ("corpus", corpus.rate(rule)),
+            ):
                 rows[name].append(value)
     ids = sorted({t for r in rules for t in (*r.keys, r.context) if t != NONE})
     names = dict(zip(ids, shown(decode(ids), word_pieces) if ids else []))
-    rows["label"] = [rule.text(names.__getitem__) + (f" ({cov:.0%})" if cov < WEAK else "")
-                     for rule, cov in zip(rules, rows["coverage"])]
+    rows["label"] = [
+        rule.text(names.__getitem__) + (f" ({cov:.0%})" if cov < WEAK else "")
+        for rule, cov in zip(rules, rows["coverage"])
+    ]
     return pa.Table.from_pydict(rows, schema=schema.LABELS)
 
 

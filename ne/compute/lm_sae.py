@@ -67,8 +67,15 @@ class _JumpReLU(torch.autograd.Function):
 class LMSAE(SAE):
     """`ne.compute.sae.SAE` with a choice of activation: `standard` (ReLU), `topk` or `jumprelu`."""
 
-    def __init__(self, d_in: int, n_latents: int, architecture: str = "standard", k: int = 32,
-                 bandwidth: float = 0.05, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        architecture: str = "standard",
+        k: int = 32,
+        bandwidth: float = 0.05,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__(d_in, n_latents, generator)
         self.architecture, self.k, self.bandwidth = architecture, k, bandwidth
         threshold = torch.full((n_latents,), THRESHOLD_INIT) if architecture == "jumprelu" else None
@@ -130,26 +137,45 @@ def sae_from_state(cfg: LMSAEConfig, state: dict[str, Tensor]) -> LMSAE:
 
 def folded_tensors(sae: LMSAE, scale: float) -> dict[str, Tensor]:
     """SAELens's tensors (W_enc [d, m], W_dec [m, d]) of `sae` with the activation scale folded in."""
-    out = {"W_enc": (sae.W_enc.detach() * scale).T, "b_enc": sae.b_enc.detach(),
-           "W_dec": (sae.W_dec.detach() / scale).T, "b_dec": sae.b_dec.detach() / scale}
+    out = {
+        "W_enc": (sae.W_enc.detach() * scale).T,
+        "b_enc": sae.b_enc.detach(),
+        "W_dec": (sae.W_dec.detach() / scale).T,
+        "b_dec": sae.b_dec.detach() / scale,
+    }
     if sae.threshold is not None:
         out["threshold"] = sae.threshold.detach()
     return {k: v.float().cpu().contiguous() for k, v in out.items()}
 
 
-def saelens_files(sae: LMSAE, scale: float, hook: str, model_name: str, context_size: int, prepend_bos: bool,
-                  dataset: str) -> dict[str, bytes]:
+def saelens_files(
+    sae: LMSAE, scale: float, hook: str, model_name: str, context_size: int, prepend_bos: bool, dataset: str
+) -> dict[str, bytes]:
     """cfg.json and sae_weights.safetensors as SAELens 6 writes them, for `sae.SAE.load_from_disk`."""
     cfg = {
-        "architecture": sae.architecture, "d_in": sae.W_enc.shape[1], "d_sae": sae.n_neurons, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+        "architecture": sae.architecture,
+        "d_in": sae.W_enc.shape[1],
+        "d_sae": sae.n_neurons,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
         "reshape_activations": "none",
         # sae_lens_version marks the layout as SAELens 6's (older layouts are read through a converter).
-        "metadata": {"sae_lens_version": "6.0.0", "model_name": model_name, "hook_name": hook, "hook_head_index": None,
-                     "prepend_bos": prepend_bos, "context_size": context_size, "dataset_path": dataset,
-                     "sae_lens_training_version": None},
+        "metadata": {
+            "sae_lens_version": "6.0.0",
+            "model_name": model_name,
+            "hook_name": hook,
+            "hook_head_index": None,
+            "prepend_bos": prepend_bos,
+            "context_size": context_size,
+            "dataset_path": dataset,
+            "sae_lens_training_version": None,
+        },
     }
     if sae.architecture == "topk":
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)
-    return {"cfg.json": json.dumps(cfg, indent=2).encode(),
-            "sae_weights.safetensors": safetensors.torch.save(folded_tensors(sae, scale))}
+    return {
+        "cfg.json": json.dumps(cfg, indent=2).encode(),
+        "sae_weights.safetensors": safetensors.torch.save(folded_tensors(sae, scale)),
+    }

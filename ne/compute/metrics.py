@@ -101,9 +101,14 @@ class KnownCut(NamedTuple):
 
 
 def figure4_metrics(
-    dist_ne: Float[np.ndarray, "n n"], dist_raw: Float[np.ndarray, "n n"], z_ne: Float[np.ndarray, "n_minus_1 4"],
-    z_raw: Float[np.ndarray, "n_minus_1 4"], cuts_ne: dict[str, float], cuts_raw: dict[str, float],
-    min_cluster_size: int, known: KnownCut | None = None,
+    dist_ne: Float[np.ndarray, "n n"],
+    dist_raw: Float[np.ndarray, "n n"],
+    z_ne: Float[np.ndarray, "n_minus_1 4"],
+    z_raw: Float[np.ndarray, "n_minus_1 4"],
+    cuts_ne: dict[str, float],
+    cuts_raw: dict[str, float],
+    min_cluster_size: int,
+    known: KnownCut | None = None,
 ) -> dict[str, float | int]:
     """Silhouettes of both spaces (their distances, linkages and `cut_thresholds`) at three kinds of cut:
 
@@ -207,8 +212,12 @@ def analyse_neurons(
     return results
 
 
-def _analyse_neuron(d_ne: Float[np.ndarray, "n n"], d_raw: Float[np.ndarray, "n n"], cfg: ClusterConfig,
-                    tokens_n2: Int[np.ndarray, "n 2"] | None) -> NeuronResult:
+def _analyse_neuron(
+    d_ne: Float[np.ndarray, "n n"],
+    d_raw: Float[np.ndarray, "n n"],
+    cfg: ClusterConfig,
+    tokens_n2: Int[np.ndarray, "n 2"] | None,
+) -> NeuronResult:
     z_ne, z_raw = linkage_of(d_ne, cfg.method), linkage_of(d_raw, cfg.method)
     cuts_ne, cuts_raw = cut_thresholds(d_ne, z_ne, cfg), cut_thresholds(d_raw, z_raw, cfg)
     ne = cluster_examples(d_ne, cuts_ne[cfg.cut], cfg.method, cfg.min_cluster_size, z=z_ne)
@@ -228,10 +237,21 @@ def _agreement_metrics(
     if tokens_n2 is None:
         return dict.fromkeys(AGREEMENT_COLUMNS, NAN)
     ne, raw = neighbour_agreement(d_ne, tokens_n2), neighbour_agreement(d_raw, tokens_n2, chance=False)
-    return {"nn_same_token": ne["same_token"], "raw_nn_same_token": raw["same_token"],
-            "nn_same_bigram": ne["same_bigram"], "raw_nn_same_bigram": raw["same_bigram"],
-            "pair_same_token": ne["pair_same_token"], "pair_same_bigram": ne["pair_same_bigram"]}
+    return {
+        "nn_same_token": ne["same_token"],
+        "raw_nn_same_token": raw["same_token"],
+        "nn_same_bigram": ne["same_bigram"],
+        "raw_nn_same_bigram": raw["same_bigram"],
+        "pair_same_token": ne["pair_same_token"],
+        "pair_same_bigram": ne["pair_same_bigram"],
+    }
 
 
-AGREEMENT_COLUMNS = ("nn_same_token", "raw_nn_same_token", "nn_same_bigram", "raw_nn_same_bigram",
-                     "pair_same_token", "pair_same_bigram")
+AGREEMENT_COLUMNS = (
+    "nn_same_token",
+    "raw_nn_same_token",
+    "nn_same_bigram",
+    "raw_nn_same_bigram",
+    "pair_same_token",
+    "pair_same_bigram",
+)

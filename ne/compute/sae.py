@@ -163,8 +163,14 @@ class NeuronEmbeddingLoss(nn.Module):
     seen: Bool[Tensor, " m"]
 
     def __init__(
-        self, n_neurons: int, d_in: int, momentum: float = 0.9, examples: str = "active",
-        aggregate: str = "pairs", average: str = "activation", distance: str = "cosine",
+        self,
+        n_neurons: int,
+        d_in: int,
+        momentum: float = 0.9,
+        examples: str = "active",
+        aggregate: str = "pairs",
+        average: str = "activation",
+        distance: str = "cosine",
     ):
         super().__init__()
         self.momentum, self.examples, self.aggregate = momentum, examples, aggregate
@@ -174,8 +180,7 @@ class NeuronEmbeddingLoss(nn.Module):
 
     @classmethod
     def from_config(cls, n_neurons: int, d_in: int, cfg: SAEConfig) -> NeuronEmbeddingLoss:
-        return cls(n_neurons, d_in, cfg.ne_momentum, cfg.ne_examples, cfg.ne_aggregate, cfg.ne_average,
-                   cfg.ne_distance)
+        return cls(n_neurons, d_in, cfg.ne_momentum, cfg.ne_examples, cfg.ne_aggregate, cfg.ne_average, cfg.ne_distance)
 
     @torch.no_grad()
     def update(self, sae: SAE, a: Float[Tensor, "n d"], f: Float[Tensor, "n m"], shard: Shard = SINGLE) -> None:
@@ -203,9 +208,7 @@ class NeuronEmbeddingLoss(nn.Module):
             return norm_e.square() - 2 * dot + norm_avg.square()
         return 1.0 - dot / (norm_e * norm_avg.clamp_min(EPS)).clamp_min(EPS)
 
-    def forward(
-        self, sae: SAE, a: Float[Tensor, "n d"], f: Float[Tensor, "n m"], shard: Shard = SINGLE
-    ) -> Tensor:
+    def forward(self, sae: SAE, a: Float[Tensor, "n d"], f: Float[Tensor, "n m"], shard: Shard = SINGLE) -> Tensor:
         """This worker's share of L_N over the global batch (local sums divided by global counts)."""
         chosen = (f > 0) if self.examples == "active" else torch.ones_like(f, dtype=torch.bool)
         pairs: Bool[Tensor, "n m"] = chosen & self.seen

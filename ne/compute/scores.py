@@ -45,8 +45,9 @@ class Counts:
         return 2 * self.tp / (2 * self.tp + self.fp + self.fn) if self.tp + self.fp + self.fn else float("nan")
 
 
-def label_detection(rules: Mapping[int, Rule], firing: Mapping[int, np.ndarray], quiet: np.ndarray
-                    ) -> dict[int, Counts]:
+def label_detection(
+    rules: Mapping[int, Rule], firing: Mapping[int, np.ndarray], quiet: np.ndarray
+) -> dict[int, Counts]:
     """Per cluster of one unit: its rule against the held-out tokens, where `firing[c]` ([n, 3] tokens around each
     held-out firing of cluster c, as `ne.rundir.contexts.tokens_at` gives them) are its positives, and every other
     cluster's firings and the tokens where the unit does not fire (`quiet`) its negatives."""
@@ -61,6 +62,7 @@ def label_detection(rules: Mapping[int, Rule], firing: Mapping[int, np.ndarray],
 
 def unit_detection(rules: Sequence[Rule], firing: np.ndarray, quiet: np.ndarray) -> Counts:
     """Whether a unit fires at all, said by any of `rules` (one per cluster, or one for the whole unit)."""
+
     def hits(toks: np.ndarray) -> np.ndarray:
         out = np.zeros(len(toks), bool)
         for rule in rules:
@@ -71,8 +73,14 @@ def unit_detection(rules: Sequence[Rule], firing: np.ndarray, quiet: np.ndarray)
     return Counts(tp, int(hits(quiet).sum()), len(firing) - tp)
 
 
-def below_threshold(tokens: Sequence[np.ndarray], window_start: Sequence[int], windows: Sequence[np.ndarray],
-                    threshold: float, sign: float = 1.0, skip: Sequence[int] = ()) -> np.ndarray:
+def below_threshold(
+    tokens: Sequence[np.ndarray],
+    window_start: Sequence[int],
+    windows: Sequence[np.ndarray],
+    threshold: float,
+    sign: float = 1.0,
+    skip: Sequence[int] = (),
+) -> np.ndarray:
     """[n, 3] tokens around every position of the examples' stored activation windows where the unit stays below
     `threshold` (in `sign` × act): tokens known not to fire. `tokens`: each example's whole context; `skip`: token ids
     never counted (BOS, padding)."""
@@ -95,9 +103,14 @@ def around(tokens: Int[np.ndarray, " p"], positions: Int[np.ndarray, " n"]) -> I
     return out
 
 
-def occurrence_detection(occ_ctx: Int[np.ndarray, " m"], occ_pos: Int[np.ndarray, " m"],
-                         occ_cluster: Int[np.ndarray, " m"], rules: Mapping[int, Rule],
-                         contexts: Mapping[int, np.ndarray], skip: Sequence[int] = ()) -> dict[int, Counts]:
+def occurrence_detection(
+    occ_ctx: Int[np.ndarray, " m"],
+    occ_pos: Int[np.ndarray, " m"],
+    occ_cluster: Int[np.ndarray, " m"],
+    rules: Mapping[int, Rule],
+    contexts: Mapping[int, np.ndarray],
+    skip: Sequence[int] = (),
+) -> dict[int, Counts]:
     """Per cluster of one unit: its rule run over every token of the held-out `contexts` ({ctx_id: tokens}), against
     the unit's firings there (`occ_*`: the ctx_id, pos and cluster columns of its rows of the occurrence table,
     `schema.OCCURRENCES`): precision and recall of the rule as a detector of its cluster's held-out occurrences among
@@ -115,8 +128,11 @@ def occurrence_detection(occ_ctx: Int[np.ndarray, " m"], occ_pos: Int[np.ndarray
     out = {}
     for c, rule in rules.items():
         hit = rule.matches(toks_all)
-        mine = [key[(int(x), int(p))] for x, p in zip(occ_ctx[occ_cluster == c], occ_pos[occ_cluster == c])
-                if (int(x), int(p)) in key]
+        mine = [
+            key[(int(x), int(p))]
+            for x, p in zip(occ_ctx[occ_cluster == c], occ_pos[occ_cluster == c])
+            if (int(x), int(p)) in key
+        ]
         tp = int(hit[mine].sum())
         out[c] = Counts(tp, int(hit.sum()) - tp, len(mine) - tp)
     return out
@@ -132,10 +148,15 @@ class EmbeddingScore:
     """Held-out examples scored (those whose cluster and some other cluster of the unit have examples to compare)."""
 
 
-def embedding_deltas(test_md: Float[np.ndarray, "m d"], test_cluster: Int[np.ndarray, " m"],
-                     train_nd: Float[np.ndarray, "n d"], train_cluster: Int[np.ndarray, " n"]) -> np.ndarray:
+def embedding_deltas(
+    test_md: Float[np.ndarray, "m d"],
+    test_cluster: Int[np.ndarray, " m"],
+    train_nd: Float[np.ndarray, "n d"],
+    train_cluster: Int[np.ndarray, " n"],
+) -> np.ndarray:
     """For each held-out example of one unit: mean cosine to its own cluster's examples minus mean cosine to the
     examples of the unit's other clusters (NaN where either is empty). Rows need not be unit length."""
+
     def unit(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float64)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -153,8 +174,9 @@ def embedding_score(deltas: Sequence[np.ndarray]) -> EmbeddingScore:
     """`embedding_deltas` of many units, summed up."""
     d = np.concatenate([np.asarray(x, np.float64) for x in deltas]) if len(deltas) else np.zeros(0)
     d = d[np.isfinite(d)]
-    return EmbeddingScore(float((d > 0).mean()) if len(d) else float("nan"),
-                          float(d.mean()) if len(d) else float("nan"), len(d))
+    return EmbeddingScore(
+        float((d > 0).mean()) if len(d) else float("nan"), float(d.mean()) if len(d) else float("nan"), len(d)
+    )
 
 
 class SentenceEncoder:
@@ -177,8 +199,13 @@ class SentenceEncoder:
         out = []
         with torch.inference_mode():
             for lo in range(0, len(texts), batch_size):
-                batch = self.tokenizer(list(texts[lo : lo + batch_size]), padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                batch = self.tokenizer(
+                    list(texts[lo : lo + batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

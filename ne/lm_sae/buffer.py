@@ -121,8 +121,10 @@ class ShufflePlan:
             n = len(held) // self.batch_size if exhausted else max(1, len(held) // 2 // self.batch_size)
             n = min(n, self.steps - step)
             if n == 0:  # the driver checks the stream's length first: a worker that finds it shorter reads elsewhere
-                raise DataError(f"the activation stream ran out at step {step} of {self.steps}; every worker must "
-                                "read the same run directory (a URL, or a file system every node shares)")
+                raise DataError(
+                    f"the activation stream ran out at step {step} of {self.steps}; every worker must "
+                    "read the same run directory (a URL, or a file system every node shares)"
+                )
             batches = list(held[: n * self.batch_size].split(self.batch_size))
             held = held[n * self.batch_size :]
             self._keep_live(added, [held, *batches])
@@ -143,8 +145,13 @@ class ShufflePlan:
 class ActivationBuffer:
     """This worker's rows of the buffer: the activations of its own contexts, by row id."""
 
-    def __init__(self, compute: Callable[[list[StreamContext]], list[Tensor]], shard: Shard, d_in: int,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        compute: Callable[[list[StreamContext]], list[Tensor]],
+        shard: Shard,
+        d_in: int,
+        device: torch.device | str = "cpu",
+    ):
         self.compute, self.shard = compute, shard
         self.ids = torch.empty(0, dtype=torch.long, device=device)
         self.rows: Float[Tensor, "n d"] = torch.empty(0, d_in, device=device)

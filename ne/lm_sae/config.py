@@ -64,17 +64,24 @@ class LMSAEConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"sae.train.{key} is {getattr(self, key)}; it must be >= 0")
         if self.train_tokens is not None:
-            at_least("sae.train.train_tokens", self.train_tokens, self.batch_size,
-                     "at least one batch of sae.train.batch_size")
+            at_least(
+                "sae.train.train_tokens",
+                self.train_tokens,
+                self.batch_size,
+                "at least one batch of sae.train.batch_size",
+            )
         if self.buffer_tokens < self.batch_size:
-            raise ConfigError(f"sae.train.buffer_tokens ({self.buffer_tokens:,}) is smaller than sae.train.batch_size "
-                              f"({self.batch_size:,}): the buffer must hold a whole batch, better several to mix "
-                              "them; raise buffer_tokens or lower batch_size")
+            raise ConfigError(
+                f"sae.train.buffer_tokens ({self.buffer_tokens:,}) is smaller than sae.train.batch_size "
+                f"({self.batch_size:,}): the buffer must hold a whole batch, better several to mix "
+                "them; raise buffer_tokens or lower batch_size"
+            )
         if not 0.0 <= self.ne_momentum < 1.0:
             raise ConfigError(f"sae.train.ne_momentum is {self.ne_momentum}; it must lie in [0, 1), e.g. 0.9")
         if not 0.0 <= self.ne_start < 1.0:
-            raise ConfigError(f"sae.train.ne_start is {self.ne_start}; it is a fraction of the steps in [0, 1), "
-                              "e.g. 0.4")
+            raise ConfigError(
+                f"sae.train.ne_start is {self.ne_start}; it is a fraction of the steps in [0, 1), e.g. 0.4"
+            )
 
     def unused(self) -> tuple[str, ...]:
         """Keys (as `settings_of` prefixes to drop) that do not change this SAE: another architecture's
@@ -89,8 +96,10 @@ class LMSAEConfig:
     def check_width(self, d_in: int, hook: str) -> None:
         """Settings that make sense only against the hook's width."""
         if self.architecture == "topk" and self.k > self.expansion * d_in:
-            raise ConfigError(f"sae.train.k is {self.k} but the SAE has only {self.expansion * d_in} latents "
-                              f"(expansion {self.expansion} × {d_in}, the width of {hook}); lower k or raise expansion")
+            raise ConfigError(
+                f"sae.train.k is {self.k} but the SAE has only {self.expansion * d_in} latents "
+                f"(expansion {self.expansion} × {d_in}, the width of {hook}); lower k or raise expansion"
+            )
 
 
 @dataclass
@@ -126,8 +135,10 @@ class LMSAEEvalConfig:
     def __post_init__(self):
         at_least("sae.eval.holdout_every", self.holdout_every, 0)
         if self.holdout_every == 1:
-            raise ConfigError("sae.eval.holdout_every is 1, which holds out every context and leaves none to train "
-                              "on; use 0 (none held out) or at least 2, e.g. 10")
+            raise ConfigError(
+                "sae.eval.holdout_every is 1, which holds out every context and leaves none to train "
+                "on; use 0 (none held out) or at least 2, e.g. 10"
+            )
         at_least("sae.eval.tokens", self.tokens, 1)
         if not 0.0 < self.dense_threshold <= 1.0:
             raise ConfigError(f"sae.eval.dense_threshold is {self.dense_threshold}; it must lie in (0, 1], e.g. 0.1")
@@ -149,8 +160,10 @@ class SAECompareConfig:
         for c in self.ne_coeffs:
             positive("sae.compare.ne_coeffs", c)
         if self.seeds and not self.ne_coeffs:
-            raise ConfigError("sae.compare.seeds is set but sae.compare.ne_coeffs is empty; give at least one λ2 "
-                              "for the NE-loss SAEs, e.g. [1.0]")
+            raise ConfigError(
+                "sae.compare.seeds is set but sae.compare.ne_coeffs is empty; give at least one λ2 "
+                "for the NE-loss SAEs, e.g. [1.0]"
+            )
 
     @property
     def active(self) -> bool:

@@ -71,10 +71,24 @@ class LMSAEMetrics:
 
 
 COLUMNS = [f.name for f in fields(LMSAEMetrics)]
-FORMATS = {"tokens": "{:,.0f}", "mse": "{:.4g}", "fvu": "{:.3f}", "l0": "{:.1f}", "dead_pct": "{:.1f}",
-           "dense_pct": "{:.2f}", "cosine": "{:.4f}", "ce_clean": "{:.3f}", "ce_increase": "{:.3f}",
-           "with_examples": "{:,.0f}", "polysemantic": "{:.3f}", "mean_dist": "{:.3f}", "silhouette": "{:.3f}",
-           "raw_polysemantic": "{:.3f}", "raw_mean_dist": "{:.3f}", "enc_dims": "{:.1f}"}
+FORMATS = {
+    "tokens": "{:,.0f}",
+    "mse": "{:.4g}",
+    "fvu": "{:.3f}",
+    "l0": "{:.1f}",
+    "dead_pct": "{:.1f}",
+    "dense_pct": "{:.2f}",
+    "cosine": "{:.4f}",
+    "ce_clean": "{:.3f}",
+    "ce_increase": "{:.3f}",
+    "with_examples": "{:,.0f}",
+    "polysemantic": "{:.3f}",
+    "mean_dist": "{:.3f}",
+    "silhouette": "{:.3f}",
+    "raw_polysemantic": "{:.3f}",
+    "raw_mean_dist": "{:.3f}",
+    "enc_dims": "{:.1f}",
+}
 
 
 def downstream_model(cfg: ModelConfig) -> tuple[UnitModel, Callable[[Tensor, Tensor], Tensor], str]:
@@ -126,12 +140,30 @@ def _token_ce(logits: Tensor, tokens: Tensor, mask: Tensor) -> tuple[float, int]
 
 
 @torch.no_grad()
-def evaluate_sae(model: UnitModel, output: Callable[[Tensor, Tensor], Tensor], kind: str, sae, hook: str,
-                 contexts: Iterator[Context], max_tokens: int, per_batch: int, dense_threshold: float) -> LMSAEMetrics:
+def evaluate_sae(
+    model: UnitModel,
+    output: Callable[[Tensor, Tensor], Tensor],
+    kind: str,
+    sae,
+    hook: str,
+    contexts: Iterator[Context],
+    max_tokens: int,
+    per_batch: int,
+    dense_threshold: float,
+) -> LMSAEMetrics:
     """Metrics of a SAELens SAE (`sae.encode`, `sae.decode`) at `hook`, over `contexts` up to `max_tokens`."""
     skip = int(model.bos_token_id is not None)
-    sums: dict[str, float] = {"n": 0, "err": 0.0, "sq": 0.0, "l0": 0.0, "cos": 0.0, "ctx": 0, "ce": 0.0,
-                              "ce_spliced": 0.0, "ce_n": 0}
+    sums: dict[str, float] = {
+        "n": 0,
+        "err": 0.0,
+        "sq": 0.0,
+        "l0": 0.0,
+        "cos": 0.0,
+        "ctx": 0,
+        "ce": 0.0,
+        "ce_spliced": 0.0,
+        "ce_n": 0,
+    }
     total: Tensor | None = None  # Σ x per input dimension, and how often each latent fired: sized by the first batch
     fires: Tensor | None = None
 
@@ -154,10 +186,15 @@ def evaluate_sae(model: UnitModel, output: Callable[[Tensor, Tensor], Tensor], k
         raise DataError("the SAE evaluation found no held-out tokens; lower sae.eval.holdout_every or add text")
     spread = sums["sq"] - float((total / n).square().sum()) * n
     w2 = sae.W_enc.detach().double().square()  # [d_in, d_sae]
-    out = LMSAEMetrics(tokens=n, mse=sums["err"] / (n * len(total)), fvu=sums["err"] / spread, l0=sums["l0"] / n,
-                       dead_pct=100 * float((fires == 0).double().mean()),
-                       dense_pct=100 * float((fires > dense_threshold * n).double().mean()),
-                       enc_dims=float(np.median((w2.sum(0).square() / w2.square().sum(0)).cpu().numpy())))
+    out = LMSAEMetrics(
+        tokens=n,
+        mse=sums["err"] / (n * len(total)),
+        fvu=sums["err"] / spread,
+        l0=sums["l0"] / n,
+        dead_pct=100 * float((fires == 0).double().mean()),
+        dense_pct=100 * float((fires > dense_threshold * n).double().mean()),
+        enc_dims=float(np.median((w2.sum(0).square() / w2.square().sum(0)).cpu().numpy())),
+    )
     if kind == "cosine":
         out.cosine = sums["cos"] / sums["ctx"]
     else:

@@ -64,8 +64,12 @@ class TrainState:
     def summary(self) -> dict[str, float]:
         """Mean of every loss term over the steps taken, the scale and the step count."""
         n = max(self.step, 1)
-        return {**{k: v / n for k, v in zip(LOSSES, self.sums)}, "scale": self.scale, "steps": self.step,
-                "resumed_from": self.resumed_from}
+        return {
+            **{k: v / n for k, v in zip(LOSSES, self.sums)},
+            "scale": self.scale,
+            "steps": self.step,
+            "resumed_from": self.resumed_from,
+        }
 
 
 def hook_width(model: UnitModel, hook: str) -> int:
@@ -74,14 +78,24 @@ def hook_width(model: UnitModel, hook: str) -> int:
     probe = torch.tensor([[token]])
     shape = read_hook(model, probe, torch.ones_like(probe), hook).shape
     if len(shape) != 3:
-        raise ConfigError(f"sae.train_hook is {hook!r}, whose activations have shape [batch, pos, "
-                          f"{', '.join(map(str, shape[2:]))}] in {model.name}; an SAE reads one vector per token, so "
-                          "choose a hook of shape [batch, pos, d] (residual stream, MLP output or neurons)")
+        raise ConfigError(
+            f"sae.train_hook is {hook!r}, whose activations have shape [batch, pos, "
+            f"{', '.join(map(str, shape[2:]))}] in {model.name}; an SAE reads one vector per token, so "
+            "choose a hook of shape [batch, pos, d] (residual stream, MLP output or neurons)"
+        )
     return int(shape[-1])
 
 
-def sae_step(sae: LMSAE, opt: torch.optim.Optimizer, x: Float[Tensor, "n d"], n_global: int, cfg: LMSAEConfig,
-             ne_loss: NeuronEmbeddingLoss | None, ne_on: bool, shard: Shard) -> Tensor:
+def sae_step(
+    sae: LMSAE,
+    opt: torch.optim.Optimizer,
+    x: Float[Tensor, "n d"],
+    n_global: int,
+    cfg: LMSAEConfig,
+    ne_loss: NeuronEmbeddingLoss | None,
+    ne_on: bool,
+    shard: Shard,
+) -> Tensor:
     """One optimiser step on this worker's rows `x` of a global batch of `n_global`; returns the global batch's
     loss terms (LOSSES), summed over the workers."""
     pre = sae.pre_acts(x)
@@ -107,8 +121,15 @@ def sae_step(sae: LMSAE, opt: torch.optim.Optimizer, x: Float[Tensor, "n d"], n_
 def first_fill_stats(rows: Float[Tensor, "n d"], shard: Shard) -> tuple[float, Float[Tensor, " d"]]:
     """(scale, mean of the scaled rows) over every worker's rows of the first fill: scale makes the mean
     norm sqrt(d)."""
-    packed = shard.sum(torch.cat([rows.double().sum(0), rows.double().norm(dim=1).sum()[None],
-                                  rows.new_tensor([len(rows)], dtype=torch.float64)]))
+    packed = shard.sum(
+        torch.cat(
+            [
+                rows.double().sum(0),
+                rows.double().norm(dim=1).sum()[None],
+                rows.new_tensor([len(rows)], dtype=torch.float64),
+            ]
+        )
+    )
     total, norms, n = packed[:-2], packed[-2], packed[-1]
     scale = float(math.sqrt(rows.shape[1]) * n / norms)
     return scale, (total / n * scale).to(rows.dtype)
@@ -144,8 +165,9 @@ def train_sae(
     t0 = time.time()
     skip = int(model.bos_token_id is not None)
     plan = ShufflePlan(stream_contexts(run, seed, holdout_every, skip), cfg.buffer_tokens, cfg.batch_size, seed, steps)
-    buffer = ActivationBuffer(lambda cs: hook_rows(model, hook, cs, cfg.contexts_per_batch), shard,
-                              hook_width(model, hook), device)
+    buffer = ActivationBuffer(
+        lambda cs: hook_rows(model, hook, cs, cfg.contexts_per_batch), shard, hook_width(model, hook), device
+    )
     ne_start = math.ceil(cfg.ne_start * steps)
     sae, opt, ne_loss = _resumed(cfg, state, device)
     start = state.step if state is not None else 0
@@ -155,10 +177,16 @@ def train_sae(
 
     def current(step: int) -> TrainState:
         assert sae is not None and opt is not None, "built at the first step"
-        return TrainState(step, {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
-                          copy.deepcopy(opt.state_dict()),
-                          scale, {k: v.cpu().clone() for k, v in ne_loss.state_dict().items()} if ne_loss else None,
-                          sums.tolist(), seconds + time.time() - t0, start)
+        return TrainState(
+            step,
+            {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()},
+            copy.deepcopy(opt.state_dict()),
+            scale,
+            {k: v.cpu().clone() for k, v in ne_loss.state_dict().items()} if ne_loss else None,
+            sums.tolist(),
+            seconds + time.time() - t0,
+            start,
+        )
 
     for step, (added, ids) in enumerate(plan):
         if step < start:
@@ -174,8 +202,12 @@ def train_sae(
         x = buffer.take(ids) * scale
         sums += sae_step(sae, opt, x, len(ids), cfg, ne_loss, step >= ne_start, shard).double().cpu()
         if (step + 1) % max(1, steps // 10) == 0 and shard.rank == 0:
-            log.info("SAE step %d/%d: %s", step + 1, steps,
-                     {k: round(float(v) / (step + 1), 5) for k, v in zip(LOSSES, sums)})
+            log.info(
+                "SAE step %d/%d: %s",
+                step + 1,
+                steps,
+                {k: round(float(v) / (step + 1), 5) for k, v in zip(LOSSES, sums)},
+            )
         if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             checkpoint(current(step + 1))
     assert sae is not None, "a plan has at least one step"

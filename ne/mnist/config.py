@@ -113,4 +113,3 @@ class MnistRunConfig:
 
     def __post_init__(self):
         at_least("seed", self.seed, 0, "seeds are non-negative integers")
-

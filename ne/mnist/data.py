@@ -144,8 +144,10 @@ def load_hf(split: str, name: str = "ylecun/mnist") -> MnistSplit:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except (ConnectionError, OSError) as exc:  # offline, the hub unreachable, or not in the local cache
-        raise DataError(f"cannot load the Hugging Face dataset {name!r} ({str(exc).splitlines()[0]}); without the "
-                        "hub, use data.source=idx with data.dir holding the four MNIST IDX files") from None
+        raise DataError(
+            f"cannot load the Hugging Face dataset {name!r} ({str(exc).splitlines()[0]}); without the "
+            "hub, use data.source=idx with data.dir holding the four MNIST IDX files"
+        ) from None
     return from_hf(dataset)
 
 

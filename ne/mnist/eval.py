@@ -70,10 +70,26 @@ class SAEMetrics:
 
 # Tables 2 and 3 of the paper, standard SAE and NE-loss SAE.
 PAPER = {
-    "standard": {"mse": 0.33, "l1_paper": 2600, "l0_pct": 2.4, "acc_loss": 1.5, "max_dist": 0.45,
-                 "mean_dist": 0.21, "size": 7, "dead_pct": 23.8},
-    "ne_loss": {"mse": 0.55, "l1_paper": 3300, "l0_pct": 9.1, "acc_loss": 4.6, "max_dist": 0.28,
-                "mean_dist": 0.08, "size": 32, "dead_pct": 3.7},
+    "standard": {
+        "mse": 0.33,
+        "l1_paper": 2600,
+        "l0_pct": 2.4,
+        "acc_loss": 1.5,
+        "max_dist": 0.45,
+        "mean_dist": 0.21,
+        "size": 7,
+        "dead_pct": 23.8,
+    },
+    "ne_loss": {
+        "mse": 0.55,
+        "l1_paper": 3300,
+        "l0_pct": 9.1,
+        "acc_loss": 4.6,
+        "max_dist": 0.28,
+        "mean_dist": 0.08,
+        "size": 32,
+        "dead_pct": 3.7,
+    },
 }
 
 
@@ -117,9 +133,7 @@ def distance_stats(
     return max_d, mean_d
 
 
-def evaluate(
-    mlp: MLP, sae: SAE, train: MnistSplit, test: MnistSplit, cfg: SAEEvalConfig = DEFAULT_EVAL
-) -> SAEMetrics:
+def evaluate(mlp: MLP, sae: SAE, train: MnistSplit, test: MnistSplit, cfg: SAEEvalConfig = DEFAULT_EVAL) -> SAEMetrics:
     if sae.W_enc.shape[1] != mlp.hidden_size:
         raise DataError(f"the SAE reads {sae.W_enc.shape[1]} units but the MLP's hidden layer has {mlp.hidden_size}")
     mlp.eval()
@@ -129,8 +143,9 @@ def evaluate(
         f = encode_all(sae, a, cfg.batch_size)
         a_hat = sae.decode(f)
         per_example_l1 = f.abs().sum(1)
-        batch_l1 = [float(per_example_l1[i : i + cfg.paper_batch_size].sum())
-                    for i in range(0, len(f), cfg.paper_batch_size)]
+        batch_l1 = [
+            float(per_example_l1[i : i + cfg.paper_batch_size].sum()) for i in range(0, len(f), cfg.paper_batch_size)
+        ]
         acc = accuracy(mlp, test, cfg.batch_size)
         acc_sae = float((mlp.head(a_hat).argmax(1) == test.labels).float().mean())
     max_d, mean_d = distance_stats(sae, a, first_active(f, cfg.max_examples))
@@ -161,9 +176,21 @@ def _median(values: np.ndarray) -> float:
 # --- tables ---------------------------------------------------------------------------------------------
 
 COLUMNS = [f.name for f in fields(SAEMetrics)]
-FORMATS = {"mse": "{:.3f}", "l1": "{:.2f}", "l1_x128": "{:.0f}", "l1_paper": "{:.0f}", "l0_pct": "{:.2f}",
-           "acc": "{:.2f}", "acc_sae": "{:.2f}", "acc_loss": "{:.2f}", "max_dist": "{:.3f}",
-           "mean_dist": "{:.3f}", "size": "{:.1f}", "dead_pct": "{:.2f}", "n_dist": "{:.0f}"}
+FORMATS = {
+    "mse": "{:.3f}",
+    "l1": "{:.2f}",
+    "l1_x128": "{:.0f}",
+    "l1_paper": "{:.0f}",
+    "l0_pct": "{:.2f}",
+    "acc": "{:.2f}",
+    "acc_sae": "{:.2f}",
+    "acc_loss": "{:.2f}",
+    "max_dist": "{:.3f}",
+    "mean_dist": "{:.3f}",
+    "size": "{:.1f}",
+    "dead_pct": "{:.2f}",
+    "n_dist": "{:.0f}",
+}
 
 
 def summarise(runs: list[SAEMetrics]) -> tuple[dict[str, float], dict[str, float]]:
@@ -204,8 +231,10 @@ def evaluate_dir(
 ) -> dict[str, SAEMetrics]:
     """Evaluate every `sae_*.safetensors` next to `mlp.safetensors` in a directory (ours or the authors')."""
     folder = RunDir(weights)
-    names = sorted((n for n in folder.ls(suffix=".safetensors") if n.startswith("sae_")),
-                   key=lambda n: (n != "sae_standard.safetensors", n))  # the baseline first
+    names = sorted(
+        (n for n in folder.ls(suffix=".safetensors") if n.startswith("sae_")),
+        key=lambda n: (n != "sae_standard.safetensors", n),
+    )  # the baseline first
     if not folder.exists("mlp.safetensors") or not names:
         raise DataError(
             f"{weights!r} must hold mlp.safetensors and at least one sae_*.safetensors (the authors' layout); "
@@ -214,13 +243,15 @@ def evaluate_dir(
     mlp = MLP.load(f"{weights.rstrip('/')}/mlp.safetensors")
     return {
         n.removeprefix("sae_").removesuffix(".safetensors"): evaluate(
-            mlp, load_sae(f"{weights.rstrip('/')}/{n}", mlp.hidden_size), train, test, cfg)
+            mlp, load_sae(f"{weights.rstrip('/')}/{n}", mlp.hidden_size), train, test, cfg
+        )
         for n in names
     }
 
 
-def write_tables(out: RunDir, rows: dict[str, dict[str, float]], stds: dict | None = None,
-                 stem: str = "sae_eval") -> str:
+def write_tables(
+    out: RunDir, rows: dict[str, dict[str, float]], stds: dict | None = None, stem: str = "sae_eval"
+) -> str:
     """Write `stem`.md and `stem`.csv (atomically); returns the Markdown."""
     md = to_markdown(rows, stds)
     out.write_bytes(f"{stem}.md", md.encode())

@@ -78,8 +78,15 @@ def feature_clusters(h: Float[Tensor, "k d"], w: Float[Tensor, " d"], cfg: Clust
 
 
 def figure5(
-    mlp: MLP, sae: SAE | None, neuron: int, split: MnistSplit, cluster_cfg: ClusterConfig | None = None,
-    max_examples: int = 100, per_cluster: int = 8, max_clusters: int = 6, title: str = "",
+    mlp: MLP,
+    sae: SAE | None,
+    neuron: int,
+    split: MnistSplit,
+    cluster_cfg: ClusterConfig | None = None,
+    max_examples: int = 100,
+    per_cluster: int = 8,
+    max_clusters: int = 6,
+    title: str = "",
 ) -> bytes:
     """The PNG of one neuron's Figure 5 panels and feature clusters."""
     _check(mlp.hidden_size if sae is None else sae.n_neurons, neuron, "MLP hidden layer" if sae is None else "SAE")

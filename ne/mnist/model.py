@@ -66,7 +66,12 @@ def mlp_optimizer(model: MLP, cfg: MLPConfig) -> torch.optim.Optimizer:
 
 
 def train_mlp_epoch(
-    model: MLP, opt: torch.optim.Optimizer, train: MnistSplit, cfg: MLPConfig, seed: int, epoch: int,
+    model: MLP,
+    opt: torch.optim.Optimizer,
+    train: MnistSplit,
+    cfg: MLPConfig,
+    seed: int,
+    epoch: int,
     shard: Shard = SINGLE,
 ) -> float:
     """One epoch of cross-entropy training on this worker's slices; returns the mean training loss."""

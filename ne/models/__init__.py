@@ -99,5 +99,13 @@ def load_token_decoder(cfg: ModelConfig) -> Callable[[Sequence[int]], list[str]]
     return functools.partial(decode_each, load_model_tokenizer(cfg))
 
 
-__all__ = ["LayerOutput", "UnitModel", "load_model", "load_units", "sae_path", "load_model_tokenizer",
-           "load_token_decoder", "DTYPES"]
+__all__ = [
+    "LayerOutput",
+    "UnitModel",
+    "load_model",
+    "load_units",
+    "sae_path",
+    "load_model_tokenizer",
+    "load_token_decoder",
+    "DTYPES",
+]

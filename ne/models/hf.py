@@ -80,11 +80,16 @@ class _GatedSite:
 
 
 GATED_NORMS = {
-    "llama": ("post_attention_layernorm", "rms"), "mistral": ("post_attention_layernorm", "rms"),
-    "qwen2": ("post_attention_layernorm", "rms"), "qwen3": ("post_attention_layernorm", "rms"),
-    "gemma": ("post_attention_layernorm", "rms_offset"), "gemma2": ("pre_feedforward_layernorm", "rms_offset"),
-    "gemma3_text": ("pre_feedforward_layernorm", "rms_offset"), "olmo": ("post_attention_layernorm", "layer"),
-    "olmo2": (None, "none"), "olmo3": (None, "none"),
+    "llama": ("post_attention_layernorm", "rms"),
+    "mistral": ("post_attention_layernorm", "rms"),
+    "qwen2": ("post_attention_layernorm", "rms"),
+    "qwen3": ("post_attention_layernorm", "rms"),
+    "gemma": ("post_attention_layernorm", "rms_offset"),
+    "gemma2": ("pre_feedforward_layernorm", "rms_offset"),
+    "gemma3_text": ("pre_feedforward_layernorm", "rms_offset"),
+    "olmo": ("post_attention_layernorm", "layer"),
+    "olmo2": (None, "none"),
+    "olmo3": (None, "none"),
 }
 """Per model type: the norm that feeds the MLP, and how it normalises (see `_GatedSite`)."""
 
@@ -118,8 +123,10 @@ def _gated_sites(model: PreTrainedModel) -> list[_GatedSite]:
             f"norm feeds it; supported gated types: {', '.join(GATED_NORMS)}"
         )
     norm_name, kind = GATED_NORMS[model_type]
-    return [_GatedSite(getattr(layer, norm_name) if norm_name else None, kind, cast(nn.Module, layer.mlp))
-            for layer in cast(nn.ModuleList, model.layers)]
+    return [
+        _GatedSite(getattr(layer, norm_name) if norm_name else None, kind, cast(nn.Module, layer.mlp))
+        for layer in cast(nn.ModuleList, model.layers)
+    ]
 
 
 def _tensor(module: nn.Module, name: str) -> Tensor:
@@ -186,8 +193,11 @@ class HFModel(UnitModel):
     def _gated_b(self, layer: int, which: str) -> Tensor:
         """b of `gate_proj` or `up_proj` (zeros without one), on the model's first device."""
         linear = self.gated_sites[layer].proj(which)
-        b = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features,
-                                                                             dtype=linear.weight.dtype)
+        b = (
+            linear.bias.detach()
+            if linear.bias is not None
+            else torch.zeros(linear.out_features, dtype=linear.weight.dtype)
+        )
         return b.to(self.device)
 
     def W_in(self, layer: int) -> Float[Tensor, "d_model d_mlp"]:
@@ -242,8 +252,10 @@ class HFModel(UnitModel):
 
         if self.gated:
             gated = self.gated_sites[layer]
-            return [(gated.norm or gated.mlp).register_forward_pre_hook(keep_h),
-                    gated.proj("down_proj").register_forward_pre_hook(keep_act)]
+            return [
+                (gated.norm or gated.mlp).register_forward_pre_hook(keep_h),
+                gated.proj("down_proj").register_forward_pre_hook(keep_act),
+            ]
         plain = self.plain_sites[layer]
         return [plain.norm.register_forward_pre_hook(keep_h), plain.act_module.register_forward_hook(keep_act)]
 
@@ -261,8 +273,11 @@ def weight_files(name: str) -> list[str]:
     """The files of a model directory its activations depend on: config.json and the weights (the tokenizer's
     files are covered by the contexts stage's tokenizer probe)."""
     folder = Path(model_path(name))
-    return sorted(str(p) for p in folder.iterdir()
-                  if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES)))
+    return sorted(
+        str(p)
+        for p in folder.iterdir()
+        if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
+    )
 
 
 def model_path(name: str) -> str:
@@ -309,8 +324,9 @@ def is_causal_lm(name: str) -> bool:
     return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
 
 
-def load_hf_lm(cfg: ModelConfig, tokenizer, device: torch.device,
-               dtype: torch.dtype) -> tuple[HFModel, PreTrainedModel]:
+def load_hf_lm(
+    cfg: ModelConfig, tokenizer, device: torch.device, dtype: torch.dtype
+) -> tuple[HFModel, PreTrainedModel]:
     """A causal language model with its head: the `HFModel` over its base model (hooks go there), and the whole
     model, whose forward pass gives the logits."""
     from transformers import AutoModelForCausalLM

@@ -52,13 +52,17 @@ def check_hook(model: UnitModel, hook: str, who: str = "the SAE reads") -> None:
 
     if isinstance(model, TLModel):
         if hook not in model.model.hook_dict:
-            raise ConfigError(f"{who} {hook!r}, which {model.name} has no hook named; see its hook_dict, e.g. "
-                              "blocks.0.hook_resid_pre, blocks.0.hook_mlp_out, blocks.0.mlp.hook_post")
+            raise ConfigError(
+                f"{who} {hook!r}, which {model.name} has no hook named; see its hook_dict, e.g. "
+                "blocks.0.hook_resid_pre, blocks.0.hook_mlp_out, blocks.0.mlp.hook_post"
+            )
         return
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook)
     if not match or match.group(2) not in HF_HOOKS or int(match.group(1)) >= model.n_layers:
-        raise ConfigError(f"{who} {hook!r}, which the {type(model).__name__} back end cannot reach; it reaches "
-                          f"blocks.L.{', blocks.L.'.join(HF_HOOKS)} for L < {model.n_layers}")
+        raise ConfigError(
+            f"{who} {hook!r}, which the {type(model).__name__} back end cannot reach; it reaches "
+            f"blocks.L.{', blocks.L.'.join(HF_HOOKS)} for L < {model.n_layers}"
+        )
 
 
 @contextmanager
@@ -114,9 +118,7 @@ def _mlp_out_module(block: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def read_hook(
-    model: UnitModel, tokens: Tensor, attention_mask: Tensor, hook: str
-) -> Float[Tensor, "batch pos d"]:
+def read_hook(model: UnitModel, tokens: Tensor, attention_mask: Tensor, hook: str) -> Float[Tensor, "batch pos d"]:
     """The activation at `hook`, from a forward pass stopped right after it."""
     from ne.models.tl import TLModel
 

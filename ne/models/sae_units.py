@@ -33,8 +33,10 @@ def load_sae(path: str):
         raise ConfigError('sae.path needs the sae-lens package: pip install -e ".[sae]"') from None
     fs, root = fsspec.core.url_to_fs(path)
     if not fs.exists(f"{root}/cfg.json"):
-        raise DataError(f"sae.path {path!r} is not a SAELens SAE directory (no cfg.json); give the folder that "
-                        "holds cfg.json and sae_weights.safetensors")
+        raise DataError(
+            f"sae.path {path!r} is not a SAELens SAE directory (no cfg.json); give the folder that "
+            "holds cfg.json and sae_weights.safetensors"
+        )
     local = root
     if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         local = tempfile.mkdtemp(prefix="ne-sae-")
@@ -45,11 +47,15 @@ def load_sae(path: str):
         raise DataError(f"sae.path {path!r} could not be loaded by sae_lens: {exc}") from None
     arch = sae.cfg.architecture()
     if arch not in SUPPORTED:
-        raise ConfigError(f"the SAE at {path!r} is a {arch!r} SAE; neuron embeddings need an encoder of the form "
-                          f"act(h @ W_enc + b_enc), which {', '.join(SUPPORTED)} SAEs have")
+        raise ConfigError(
+            f"the SAE at {path!r} is a {arch!r} SAE; neuron embeddings need an encoder of the form "
+            f"act(h @ W_enc + b_enc), which {', '.join(SUPPORTED)} SAEs have"
+        )
     if not sae.cfg.metadata.hook_name:
-        raise DataError(f"the SAE at {path!r} names no hook_name in cfg.json's metadata; neuron embeddings need "
-                        "to know where it reads the model")
+        raise DataError(
+            f"the SAE at {path!r} names no hook_name in cfg.json's metadata; neuron embeddings need "
+            "to know where it reads the model"
+        )
     return sae.eval()
 
 
@@ -57,8 +63,9 @@ def sae_files(path: str) -> list[str]:
     """The files of an SAE directory that its latents depend on (stage "sae" records them as its inputs, so a
     rerun notices an SAE replaced under the same path)."""
     fs, root = fsspec.core.url_to_fs(path)
-    return [f"{path.rstrip('/')}/{name}" for name in ("cfg.json", "sae_weights.safetensors")
-            if fs.exists(f"{root}/{name}")]
+    return [
+        f"{path.rstrip('/')}/{name}" for name in ("cfg.json", "sae_weights.safetensors") if fs.exists(f"{root}/{name}")
+    ]
 
 
 class SAEUnits(UnitModel):
@@ -75,19 +82,26 @@ class SAEUnits(UnitModel):
         self.device = base.device
         self.act_fn = nn.ReLU()
         self.sae.to(base.device)
-        self._scale = (sae.W_dec.norm(dim=-1) if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)
-                       else torch.ones(sae.cfg.d_sae, device=base.device))
+        self._scale = (
+            sae.W_dec.norm(dim=-1)
+            if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)
+            else torch.ones(sae.cfg.d_sae, device=base.device)
+        )
         check_hook(base, self.hook)
         probe = torch.tensor([[base.bos_token_id if base.bos_token_id is not None else base.pad_token_id]])
         width = read_hook(base, probe, torch.ones_like(probe), self.hook).shape[2:]
         if tuple(width) != (self.d_model,):
-            raise ConfigError(f"the SAE reads {self.hook}, whose activations have shape [..., "
-                              f"{', '.join(map(str, width))}] in {base.name}, but its d_in is {self.d_model}")
+            raise ConfigError(
+                f"the SAE reads {self.hook}, whose activations have shape [..., "
+                f"{', '.join(map(str, width))}] in {base.name}, but its d_in is {self.d_model}"
+            )
 
     def check_layers(self, layers: list[int] | None) -> list[int]:
         if layers is not None and list(layers) != [self.layer]:
-            raise ConfigError(f"harvest.layers is {layers}, but the SAE reads {self.hook}: its units are layer "
-                              f"{self.layer}; set harvest.layers to [{self.layer}] or null")
+            raise ConfigError(
+                f"harvest.layers is {layers}, but the SAE reads {self.hook}: its units are layer "
+                f"{self.layer}; set harvest.layers to [{self.layer}] or null"
+            )
         return [self.layer]
 
     def W_in(self, layer: int) -> Float[Tensor, "d_model d_sae"]:

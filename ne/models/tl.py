@@ -186,11 +186,16 @@ def check_state_dict(state: dict[str, Tensor], model: HookedTransformer, path: s
     known = set(model.state_dict())
     missing = sorted(k for k in set(expected) - set(state) if not k.rsplit(".", 1)[-1].startswith("b"))
     unknown = sorted(set(state) - known)
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in expected
-             if k in state and tuple(state[k].shape) != expected[k]]
-    problems = [f"missing tensors: {', '.join(missing[:5])}" if missing else "",
-                f"unknown tensors: {', '.join(unknown[:5])}" if unknown else "",
-                f"wrong shapes: {', '.join(wrong[:5])}" if wrong else ""]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
+    problems = [
+        f"missing tensors: {', '.join(missing[:5])}" if missing else "",
+        f"unknown tensors: {', '.join(unknown[:5])}" if unknown else "",
+        f"wrong shapes: {', '.join(wrong[:5])}" if wrong else "",
+    ]
     problems = [p for p in problems if p]
     if problems:
         raise DataError(
@@ -201,8 +206,10 @@ def check_state_dict(state: dict[str, Tensor], model: HookedTransformer, path: s
 
 def load_safetensors_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, n_devices: int = 1) -> TLModel:
     if cfg.weights is None or cfg.architecture is None:
-        raise ConfigError("model.backend safetensors needs model.weights (a state dict) and model.architecture (its "
-                          "HookedTransformerConfig); set both")
+        raise ConfigError(
+            "model.backend safetensors needs model.weights (a state dict) and model.architecture (its "
+            "HookedTransformerConfig); set both"
+        )
     tokenizer = load_tokenizer(cfg.tokenizer)
     arch = {"d_vocab": len(tokenizer), **cfg.architecture, "device": "cpu"}
     try:
@@ -234,4 +241,3 @@ def _place(model: HookedTransformer, device: torch.device, dtype: torch.dtype, n
         return model
     # A string keeps the device index in model.cfg.device (a torch.device would keep only its type).
     return model.to(str(device), print_details=False)
-

@@ -56,7 +56,11 @@ def write_contexts(run: RunDir, run_cfg: RunConfig, model: UnitModel, force: Col
         rows.clear()
 
     contexts = iter_contexts(
-        iter_documents(cfg), model.encode, model.bos_token_id, cfg.n_ctx, cfg.one_context_per_document,
+        iter_documents(cfg),
+        model.encode,
+        model.bos_token_id,
+        cfg.n_ctx,
+        cfg.one_context_per_document,
         cfg.max_contexts,
     )
     for row in tqdm(contexts, desc="contexts", unit="ctx", total=cfg.max_contexts, mininterval=2):
@@ -107,21 +111,26 @@ def tokens_at(run: RunDir, ctx_ids: np.ndarray, pos: np.ndarray, offsets: Sequen
         return out
     wanted = np.unique(ctx_ids)
     keep = (pc.field("ctx_id") >= int(wanted[0])) & (pc.field("ctx_id") <= int(wanted[-1]))  # skips whole parts
-    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"],
-                             filters=keep & pc.field("ctx_id").isin(wanted))
+    table = run.read_parquet(
+        schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"], filters=keep & pc.field("ctx_id").isin(wanted)
+    )
     found = table.column("ctx_id").to_numpy()
     order = np.argsort(found)
     row = order[np.searchsorted(found, ctx_ids, sorter=order).clip(0, len(found) - 1)] if len(found) else None
     if row is None or not np.array_equal(found[row], ctx_ids):
         missing = np.setdiff1d(wanted, found)[:5].tolist()
-        raise DataError(f"{run.url}: contexts {missing} of the examples are missing from contexts/; the harvest "
-                        "is incomplete, rerun `ne harvest` with --force contexts")
+        raise DataError(
+            f"{run.url}: contexts {missing} of the examples are missing from contexts/; the harvest "
+            "is incomplete, rerun `ne harvest` with --force contexts"
+        )
     tokens = table.column("tokens").combine_chunks()
     flat, starts = tokens.flatten().to_numpy(), tokens.offsets.to_numpy()[:-1]
     lengths = np.diff(tokens.offsets.to_numpy())
     if np.any(pos >= lengths[row]):
-        raise DataError(f"{run.url}: an example's key token lies beyond its context in contexts/; the harvest "
-                        "is inconsistent, rerun it with --force contexts")
+        raise DataError(
+            f"{run.url}: an example's key token lies beyond its context in contexts/; the harvest "
+            "is inconsistent, rerun it with --force contexts"
+        )
     for j, offset in enumerate(offsets):
         at = pos + offset
         inside = (at >= 0) & (at < lengths[row])

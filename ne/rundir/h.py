@@ -32,8 +32,9 @@ class LayerH:
         found[found] = self.h_ids[pos[found]] == h_ids[found]
         if not found.all():
             missing = np.unique(h_ids[~found])[:5].tolist()
-            raise DataError(f"{self.url}: h/layer={self.layer} lacks h_ids {missing}; the harvest is incomplete, "
-                            "rerun it")
+            raise DataError(
+                f"{self.url}: h/layer={self.layer} lacks h_ids {missing}; the harvest is incomplete, rerun it"
+            )
         return pos
 
     def take(self, h_ids: np.ndarray) -> Float[np.ndarray, "len(h_ids) d_model"]:

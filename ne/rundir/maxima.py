@@ -17,5 +17,7 @@ def signed_extremes(run: RunDir, layers: Sequence[int], direction: str) -> dict[
     minimum for `direction: min`, so that `thresholds_from_maxima` and the comparisons after it read alike."""
     maxima = run.read_parquet(schema.MAXIMA).to_pandas()
     column, sign = schema.extreme_column(direction), SIGNS[direction]
-    return {layer: sign * maxima[maxima.layer == layer].sort_values("neuron")[column].to_numpy(np.float32)
-            for layer in layers}
+    return {
+        layer: sign * maxima[maxima.layer == layer].sort_values("neuron")[column].to_numpy(np.float32)
+        for layer in layers
+    }

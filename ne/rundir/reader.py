@@ -65,8 +65,9 @@ class SortedParts:
         for path, meta, i, lo, hi in self.groups:
             if not len(wanted) or not _overlaps(wanted, lo, hi):
                 continue
-            table = self.cache.get((path, self.version, i),
-                                   lambda path=path, meta=meta, i=i: self.run.read_row_group(path, meta, i))
+            table = self.cache.get(
+                (path, self.version, i), lambda path=path, meta=meta, i=i: self.run.read_row_group(path, meta, i)
+            )
             mask = pc.is_in(table.column(self.key), value_set=pa.array(wanted, type=table.schema.field(self.key).type))
             rows = table.filter(mask)
             pieces.append(rows.select(columns) if columns else rows)
@@ -266,8 +267,9 @@ class RunData:
     def _redone(self, stage: str, m: dict) -> DataError:
         state, _ = state_of(m, stage)
         again = "read it again" if state == "done" else f"read it again once {redo_command(stage, False)} has finished"
-        return DataError(f"stage '{stage}' of {self.url} was redone while this reader used it (it is now {state}); "
-                         f"{again}")
+        return DataError(
+            f"stage '{stage}' of {self.url} was redone while this reader used it (it is now {state}); {again}"
+        )
 
     def status(self) -> RunStatus:
         try:
@@ -307,8 +309,10 @@ class RunData:
         try:
             cfg = from_dict(RunConfig, raw)
         except NeError as exc:
-            raise DataError(f"the config in {self.run.path('manifest.json')} is not understood ({exc}); restore the "
-                            "manifest, or redo the run") from None
+            raise DataError(
+                f"the config in {self.run.path('manifest.json')} is not understood ({exc}); restore the "
+                "manifest, or redo the run"
+            ) from None
         cfg.run_dir = self.url  # where the run is read now, wherever it was written from
         return cfg
 
@@ -345,8 +349,9 @@ class RunData:
                 self._parts[name] = parts
         return parts
 
-    def sorted_rows(self, kind: str, layer: int | None, key: str, keys: Iterable[int],
-                    columns: list[str] | None = None) -> pa.Table:
+    def sorted_rows(
+        self, kind: str, layer: int | None, key: str, keys: Iterable[int], columns: list[str] | None = None
+    ) -> pa.Table:
         """Rows of folder `kind` (of `layer`, or the folder itself for None) whose `key` is in `keys`: the row
         groups that can hold them are the only ones decoded (the folder's parts must be sorted by `key`)."""
         m = self.manifest()
@@ -381,8 +386,15 @@ class RunData:
                     "the run is half-written: rerun `ne harvest` with --force contexts"
                 )
             data.examples.append(
-                Example(rank, ctx, rows["pos"][i], rows["act"][i], rows["window_start"][i],
-                        np.asarray(rows["window"][i], np.float32), tokens[ctx])
+                Example(
+                    rank,
+                    ctx,
+                    rows["pos"][i],
+                    rows["act"][i],
+                    rows["window_start"][i],
+                    np.asarray(rows["window"][i], np.float32),
+                    tokens[ctx],
+                )
             )
         if self.ready("cluster", m):
             self._add_clusters(data, m)
@@ -397,8 +409,10 @@ class RunData:
         table = self._sorted(schema.CONTEXTS_DIR, None, "ctx_id", m).read(ctx_ids, ["ctx_id", "tokens"])
         if table.num_rows == 0:
             return {}
-        return {c: np.asarray(t, np.int64) for c, t in zip(table.column("ctx_id").to_pylist(),
-                                                          table.column("tokens").to_pylist())}
+        return {
+            c: np.asarray(t, np.int64)
+            for c, t in zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist())
+        }
 
     def heldout_tokens(self, ctx_ids: Iterable[int]) -> dict[int, np.ndarray]:
         """{ctx_id: token ids} of held-out contexts (heldout/, the occurrence stage's); an id that is not a
@@ -408,13 +422,20 @@ class RunData:
         wanted = [int(c) for c in ctx_ids]
         with self._reading(m):
             table = self._sorted(schema.HELDOUT_DIR, None, "ctx_id", m).read(wanted, ["ctx_id", "tokens"])
-        out = {} if table.num_rows == 0 else {
-            c: np.asarray(t, np.int64) for c, t in zip(table.column("ctx_id").to_pylist(),
-                                                       table.column("tokens").to_pylist())}
+        out = (
+            {}
+            if table.num_rows == 0
+            else {
+                c: np.asarray(t, np.int64)
+                for c, t in zip(table.column("ctx_id").to_pylist(), table.column("tokens").to_pylist())
+            }
+        )
         missing = sorted(set(wanted) - set(out))
         if missing:
-            raise DataError(f"contexts {missing[:5]} are not held-out contexts of {self.url}; its held-out ids are "
-                            "those of heldout/ (occurrences/ name them)")
+            raise DataError(
+                f"contexts {missing[:5]} are not held-out contexts of {self.url}; its held-out ids are "
+                "those of heldout/ (occurrences/ name them)"
+            )
         return out
 
     def _max_act(self, layer: int, neuron: int, manifest: dict) -> float | None:
@@ -460,14 +481,17 @@ class RunData:
             return {}
         return dict(zip(table.column("cluster").to_pylist(), table.column("label").to_pylist()))
 
-    def precomputed_importance(self, layer: int, neuron: int,
-                               manifest: dict | None = None) -> dict[int, tuple[int, np.ndarray]]:
+    def precomputed_importance(
+        self, layer: int, neuron: int, manifest: dict | None = None
+    ) -> dict[int, tuple[int, np.ndarray]]:
         m = manifest if manifest is not None else self.manifest()
         if not (self.ready("importance", m) and self.run.exists(schema.layer_dir(schema.IMPORTANCE_DIR, layer))):
             return {}
         table = self._sorted(schema.IMPORTANCE_DIR, layer, "neuron", m).read([neuron]).to_pydict()
-        return {r: (s, np.asarray(v, np.float32))
-                for r, s, v in zip(table.get("rank", []), table.get("start", []), table.get("importance", []))}
+        return {
+            r: (s, np.asarray(v, np.float32))
+            for r, s, v in zip(table.get("rank", []), table.get("start", []), table.get("importance", []))
+        }
 
     def centroids(self, layer: int, neuron: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(cluster ids, sizes, unit vectors [C, d]) of a neuron's feature clusters (empty for a neuron without
@@ -496,7 +520,8 @@ def central_examples(run: RunDir, layer: int) -> pa.Table:
     """neuron, cluster, rank, ctx_id, pos, h_id of every feature cluster's central example of one layer, sorted by
     neuron then cluster (what the index stores, and what a similar feature is shown by)."""
     central = run.read_parquet(
-        schema.layer_dir(schema.CLUSTERS_DIR, layer), columns=["neuron", "rank", "cluster", "is_central"],
+        schema.layer_dir(schema.CLUSTERS_DIR, layer),
+        columns=["neuron", "rank", "cluster", "is_central"],
         filters=pc.field("is_central"),
     )
     examples = run.read_parquet(

@@ -39,13 +39,18 @@ def separation(m: pd.DataFrame, ne: str = "silhouette", raw: str = "raw_silhouet
 
 FIGURE4 = (  # (comparison, neuron-embedding column, pre-MLP column)
     ("each space at its own per-neuron cut", "silhouette_per_neuron", "raw_silhouette_per_neuron"),
-    ("same number of clusters: as many as the neuron-embedding cut gave", "silhouette_per_neuron",
-     "raw_silhouette_at_ne_k"),
+    (
+        "same number of clusters: as many as the neuron-embedding cut gave",
+        "silhouette_per_neuron",
+        "raw_silhouette_at_ne_k",
+    ),
     ("same number of clusters: as many as the pre-MLP cut gave", "silhouette_at_raw_k", "raw_silhouette_per_neuron"),
     ("both at the fixed cut", "silhouette_fixed", "raw_silhouette_fixed"),
 )
-AGREEMENT = (("the key token", "nn_same_token", "raw_nn_same_token", "pair_same_token"),
-             ("the key token and the token before it", "nn_same_bigram", "raw_nn_same_bigram", "pair_same_bigram"))
+AGREEMENT = (
+    ("the key token", "nn_same_token", "raw_nn_same_token", "pair_same_token"),
+    ("the key token and the token before it", "nn_same_bigram", "raw_nn_same_bigram", "pair_same_bigram"),
+)
 
 
 def figure4_table(m: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
@@ -57,9 +62,16 @@ def figure4_table(m: pd.DataFrame, threshold: float | None = None) -> pd.DataFra
             name = f"{name} ({threshold:g})"
         sep = separation(m, ne, raw)
         both = m[ne].notna() & m[raw].notna()
-        rows.append({"comparison": name, "neurons": sep["compared"], "NE higher": sep["ne_better"],
-                     "share NE higher": _pct(sep["share"]), "median NE": float(m[ne][both].median()),
-                     "median pre-MLP": float(m[raw][both].median())})
+        rows.append(
+            {
+                "comparison": name,
+                "neurons": sep["compared"],
+                "NE higher": sep["ne_better"],
+                "share NE higher": _pct(sep["share"]),
+                "median NE": float(m[ne][both].median()),
+                "median pre-MLP": float(m[raw][both].median()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -70,21 +82,38 @@ def agreement_table(m: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name, ne, raw, chance in AGREEMENT:
         d = m.dropna(subset=[ne, raw])
-        rows.append({"nearest neighbour shares": name, "neurons": len(d), "NE": float(d[ne].mean()),
-                     "pre-MLP": float(d[raw].mean()), "random example": float(d[chance].mean()),
-                     "NE more often": int((d[ne] > d[raw]).sum()), "pre-MLP more often": int((d[ne] < d[raw]).sum()),
-                     "equal": int((d[ne] == d[raw]).sum())})
+        rows.append(
+            {
+                "nearest neighbour shares": name,
+                "neurons": len(d),
+                "NE": float(d[ne].mean()),
+                "pre-MLP": float(d[raw].mean()),
+                "random example": float(d[chance].mean()),
+                "NE more often": int((d[ne] > d[raw]).sum()),
+                "pre-MLP more often": int((d[ne] < d[raw]).sum()),
+                "equal": int((d[ne] == d[raw]).sum()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def cut_table(m: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
     """Clusters per neuron (not outliers) at the fixed and the per-neuron cut."""
     rows = []
-    for name, col in ((f"fixed ({threshold:g})" if threshold is not None else "fixed", "n_clusters_fixed"),
-                      ("per-neuron (silhouette)", "n_clusters_per_neuron")):
+    for name, col in (
+        (f"fixed ({threshold:g})" if threshold is not None else "fixed", "n_clusters_fixed"),
+        ("per-neuron (silhouette)", "n_clusters_per_neuron"),
+    ):
         c = m[col]
-        rows.append({"cut": name, "median clusters": float(c.median()), "mean clusters": float(c.mean()),
-                     "polysemantic (>= 2)": _pct((c >= 2).mean()), "one cluster": _pct((c == 1).mean())})
+        rows.append(
+            {
+                "cut": name,
+                "median clusters": float(c.median()),
+                "mean clusters": float(c.mean()),
+                "polysemantic (>= 2)": _pct((c >= 2).mean()),
+                "one cluster": _pct((c == 1).mean()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -115,11 +144,17 @@ def most_polysemantic(m: pd.DataFrame, clusters: pd.DataFrame, top: int = 20) ->
     out = m.merge(counts, left_on=["layer", "neuron"], right_index=True, how="left")
     out["substantial"] = out["substantial"].fillna(0).astype(int)
     out["separated"] = out.silhouette.fillna(-1.0) >= SEPARATED
-    out = out.sort_values(["separated", "substantial", "silhouette", "layer", "neuron"],
-                          ascending=[False, False, False, True, True], na_position="last").head(top)
+    out = out.sort_values(
+        ["separated", "substantial", "silhouette", "layer", "neuron"],
+        ascending=[False, False, False, True, True],
+        na_position="last",
+    ).head(top)
     if "label" in big:
-        texts = big.assign(text=[f"C{c}: {t}" for c, t in zip(big.cluster, big.label)]).groupby(
-            ["layer", "neuron"]).text.agg(" · ".join)
+        texts = (
+            big.assign(text=[f"C{c}: {t}" for c, t in zip(big.cluster, big.label)])
+            .groupby(["layer", "neuron"])
+            .text.agg(" · ".join)
+        )
         out["labels"] = [texts.get((layer, neuron), "") for layer, neuron in zip(out.layer, out.neuron)]
     return out.drop(columns="separated")
 
@@ -205,28 +240,46 @@ def unit_comparison(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     rows = []
     for name, m in tables.items():
         p = polysemy(m)
-        rows.append({"units": name, "layers": ", ".join(map(str, sorted(m.layer.unique()))),
-                     "with examples": f"{p['with_examples']} of {p['units']}", "≥ 2 clusters": p["polysemantic"],
-                     "median mean_dist": p["mean_dist"], "median silhouette": p["silhouette"]})
+        rows.append(
+            {
+                "units": name,
+                "layers": ", ".join(map(str, sorted(m.layer.unique()))),
+                "with examples": f"{p['with_examples']} of {p['units']}",
+                "≥ 2 clusters": p["polysemantic"],
+                "median mean_dist": p["mean_dist"],
+                "median silhouette": p["silhouette"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _cut_text(active: pd.DataFrame, cut: str, threshold: float | None) -> str:
     fixed, own = active.n_clusters_fixed, active.n_clusters_per_neuron
-    rule = ("each neuron's own cut (`cluster.cut: silhouette`)" if cut == "silhouette"
-            else f"the fixed cut (`cluster.cut: fixed`, {_fmt(threshold)})")
-    return "\n\n".join([
-        f"This run's clusters use {rule}. Clusters per neuron (outliers not counted) at either cut:",
-        _table(cut_table(active, threshold)),
-        f"The per-neuron cut gives fewer clusters than the fixed cut for {_pct((own < fixed).mean())} of neurons, "
-        f"more for {_pct((own > fixed).mean())} and as many for {_pct((own == fixed).mean())}. (A coarser cut can "
-        "count more clusters: outliers merged into a group of `min_cluster_size` are no longer outliers.)",
-    ])
+    rule = (
+        "each neuron's own cut (`cluster.cut: silhouette`)"
+        if cut == "silhouette"
+        else f"the fixed cut (`cluster.cut: fixed`, {_fmt(threshold)})"
+    )
+    return "\n\n".join(
+        [
+            f"This run's clusters use {rule}. Clusters per neuron (outliers not counted) at either cut:",
+            _table(cut_table(active, threshold)),
+            f"The per-neuron cut gives fewer clusters than the fixed cut for {_pct((own < fixed).mean())} of neurons, "
+            f"more for {_pct((own > fixed).mean())} and as many for {_pct((own == fixed).mean())}. (A coarser cut can "
+            "count more clusters: outliers merged into a group of `min_cluster_size` are no longer outliers.)",
+        ]
+    )
 
 
-def write_report(run: RunDir, metrics: pa.Table, labels: pd.DataFrame, top: int = 20,
-                 compare: dict[str, pd.DataFrame] | None = None, cut: str = "silhouette",
-                 threshold: float | None = None) -> str:
+def write_report(
+    run: RunDir,
+    metrics: pa.Table,
+    labels: pd.DataFrame,
+    top: int = 20,
+    compare: dict[str, pd.DataFrame] | None = None,
+    cut: str = "silhouette",
+    threshold: float | None = None,
+) -> str:
     """Write report/report.md and its plots; returns the report's path. `labels`: every feature cluster's layer,
     neuron, cluster, size, outlier flag and label (the label stage's). `compare`: metrics of other kinds of
     units at the same layers (name → table), set beside this run's. `cut` and `threshold`: the run's
@@ -234,16 +287,20 @@ def write_report(run: RunDir, metrics: pa.Table, labels: pd.DataFrame, top: int 
     m = metrics.to_pandas()
     active = m[m.n_examples > 0]
     sep = separation(active)
-    per_layer = active.groupby("layer").agg(
-        neurons=("neuron", "size"),
-        examples=("n_examples", "mean"),
-        clusters_median=("n_clusters", "median"),
-        polysemantic=("n_clusters", lambda c: float((c >= 2).mean())),
-        silhouette=("silhouette", "median"),
-        raw_silhouette=("raw_silhouette", "median"),
-        mean_dist=("mean_dist", "median"),
-        raw_mean_dist=("raw_mean_dist", "median"),
-    ).reset_index()
+    per_layer = (
+        active.groupby("layer")
+        .agg(
+            neurons=("neuron", "size"),
+            examples=("n_examples", "mean"),
+            clusters_median=("n_clusters", "median"),
+            polysemantic=("n_clusters", lambda c: float((c >= 2).mean())),
+            silhouette=("silhouette", "median"),
+            raw_silhouette=("raw_silhouette", "median"),
+            mean_dist=("mean_dist", "median"),
+            raw_mean_dist=("raw_mean_dist", "median"),
+        )
+        .reset_index()
+    )
     per_layer["ne_better"] = [separation(active[active.layer == layer])["share"] for layer in per_layer.layer]
     cols = ["layer", "neuron", "n_examples", "n_clusters", "substantial", "silhouette", "mean_dist", "labels"]
     plots = _plots(run, m)

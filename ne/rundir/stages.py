@@ -98,7 +98,10 @@ def heldout_files(cfg: Any) -> dict[str, str]:
 
 
 INPUT_FILES: dict[str, Callable[[Any], dict[str, str]]] = {
-    "corpus": corpus_files, "model": model_files, "maxima": maxima_inputs, "sae": sae_files,
+    "corpus": corpus_files,
+    "model": model_files,
+    "maxima": maxima_inputs,
+    "sae": sae_files,
     "heldout": heldout_files,
 }
 """`StageDef.inputs` names: the files from outside the run a stage reads, as a function of the config ({key:
@@ -112,8 +115,10 @@ def check_force(force: Collection[str], stages: Sequence[str]) -> set[str]:
         if name not in GRAPH:
             raise ConfigError(f"--force {name!r} names no stage; this command's stages are: {', '.join(stages)}")
         if name not in stages:
-            raise ConfigError(f"--force {name}: stage '{name}' is run by `{GRAPH[name].command}`; this command "
-                              f"runs {', '.join(stages)}")
+            raise ConfigError(
+                f"--force {name}: stage '{name}' is run by `{GRAPH[name].command}`; this command "
+                f"runs {', '.join(stages)}"
+            )
     return set(force)
 
 
@@ -175,8 +180,11 @@ def input_changes(entry: dict, now: dict[str, str] | None = None) -> list[str]:
     if recorded is None:
         return []
     now = now or {}
-    out = [f"{url} ({why})" for key, record in recorded.items()
-           if (why := input_change(url := now.get(key, record["path"]), record))]
+    out = [
+        f"{url} ({why})"
+        for key, record in recorded.items()
+        if (why := input_change(url := now.get(key, record["path"]), record))
+    ]
     return out + [f"{url} (the stage did not read it)" for key, url in now.items() if key not in recorded]
 
 
@@ -199,8 +207,10 @@ def inputs_message(run: RunDir, stage: str, changes: list[str]) -> str:
     after = descendants(stage)
     also = f" and everything after it ({', '.join(after)})" if after else ""
     more = f" and {len(changes) - 1} more" if len(changes) > 1 else ""
-    return (f"{changes[0]}{more}: an input of stage '{stage}' of {run.url} changed since it ran. Redo "
-            f"'{stage}'{also} with {redo_command(stage)}, or restore the file")
+    return (
+        f"{changes[0]}{more}: an input of stage '{stage}' of {run.url} changed since it ran. Redo "
+        f"'{stage}'{also} with {redo_command(stage)}, or restore the file"
+    )
 
 
 def changed_inputs(manifest: dict, name: str) -> list[str]:
@@ -225,8 +235,10 @@ def config_as_run(manifest: dict, where: str) -> dict:
     finished stage depends on set to the value that stage ran with (a stage redone with other settings wins
     over the config recorded before it). `where` names the run in the error when there is no config."""
     if not isinstance(manifest.get("config"), dict):
-        raise DataError(f"{where}/{MANIFEST} has no config, so the settings the run was made with are unknown; "
-                        "restore the manifest, or redo the run with `ne harvest --config CONFIG --force contexts`")
+        raise DataError(
+            f"{where}/{MANIFEST} has no config, so the settings the run was made with are unknown; "
+            "restore the manifest, or redo the run with `ne harvest --config CONFIG --force contexts`"
+        )
     raw = copy.deepcopy(manifest["config"])
     for name in LM_STAGES:
         if state_of(manifest, name)[0] != "done":
@@ -252,9 +264,10 @@ def check_not_owned(folder: str, names: Sequence[str], flag: str = "--out", defa
                 rel = "/".join([*reversed(inside), name])
                 stage = owner_of(rel)
                 if stage:
-                    raise ConfigError(f"{flag} {folder} would overwrite {rel} of the run {here}, which stage "
-                                      f"'{stage}' writes; give another {flag}" + (f" (default {default})" if default
-                                                                                else ""))
+                    raise ConfigError(
+                        f"{flag} {folder} would overwrite {rel} of the run {here}, which stage "
+                        f"'{stage}' writes; give another {flag}" + (f" (default {default})" if default else "")
+                    )
             return
         parent = posixpath.dirname(here)
         if parent == here:
@@ -287,8 +300,15 @@ class Stage:
     token ids against the vocabulary, given files); `begin` calls it before it marks or removes anything.
     """
 
-    def __init__(self, run: RunDir, name: str, cfg: Any, force: Collection[str] = (), measured: dict | None = None,
-                 check: Callable[[], Any] | None = None):
+    def __init__(
+        self,
+        run: RunDir,
+        name: str,
+        cfg: Any,
+        force: Collection[str] = (),
+        measured: dict | None = None,
+        check: Callable[[], Any] | None = None,
+    ):
         self.run, self.name, self.cfg, self.spec = run, name, cfg, GRAPH[name]
         self.settings = settings_of(cfg, self.spec.settings)
         self.layout = settings_of(cfg, self.spec.layout)
@@ -313,8 +333,10 @@ class Stage:
         for up in ancestors(self.name):
             state, why = state_of(m, up)
             if state != "done":
-                raise DataError(f"{self.run.url}: stage '{up}' is {state}{why}, and '{self.name}' needs it; run "
-                                f"{redo_command(up, force=False)} first")
+                raise DataError(
+                    f"{self.run.url}: stage '{up}' is {state}{why}, and '{self.name}' needs it; run "
+                    f"{redo_command(up, force=False)} first"
+                )
             diff = changed(m["stages"][up].get("settings", {}), settings_of(self.cfg, GRAPH[up].settings))
             if diff:
                 raise ConfigError(self._changed_message(up, diff))
@@ -368,15 +390,26 @@ class Stage:
             if self.spec.checkpointed and not self.forced:
                 raise ConfigError(self._interrupted_message(entry))
             log.warning("stage %s: discarding half-done work of other settings", self.name)
-        stale = {d: dict(m["stages"][d]) for d in descendants(self.name)
-                 if d in m["stages"] and m["stages"][d]["status"] != "stale"}  # as they were: what they own
+        stale = {
+            d: dict(m["stages"][d])
+            for d in descendants(self.name)
+            if d in m["stages"] and m["stages"][d]["status"] != "stale"
+        }  # as they were: what they own
         for d in stale:
             m["stages"][d].update(status="stale", reason=f"stage '{self.name}' was redone at {now()}")
         m["stages"][self.name] = {
-            "status": "running", "settings": self.settings, "layout": self.layout, "measured": self.measured,
-            "inputs": inputs, "upstream": upstream, "fingerprint": fp, "id": uuid.uuid4().hex[:12],
-            "started": now(), "claimed": [out for out in self.spec.outputs if not out.startswith(schema.WORK_DIR)],
-            "files": entry.get("files", {}) if keep else {}, "info": entry.get("info", {}) if keep else {},
+            "status": "running",
+            "settings": self.settings,
+            "layout": self.layout,
+            "measured": self.measured,
+            "inputs": inputs,
+            "upstream": upstream,
+            "fingerprint": fp,
+            "id": uuid.uuid4().hex[:12],
+            "started": now(),
+            "claimed": [out for out in self.spec.outputs if not out.startswith(schema.WORK_DIR)],
+            "files": entry.get("files", {}) if keep else {},
+            "info": entry.get("info", {}) if keep else {},
         }
         self.run.write_manifest(m)  # stale before anything is removed: an interruption serves nothing old
         for d, before in stale.items():
@@ -386,8 +419,12 @@ class Stage:
 
     def done(self, **info: Any) -> None:
         """Record the stage's files and `info`, and mark it done."""
-        files = {rel: self.run.file_record(rel) for out in self.spec.outputs if not out.startswith(schema.WORK_DIR)
-                 for rel in self.run.files(out)}
+        files = {
+            rel: self.run.file_record(rel)
+            for out in self.spec.outputs
+            if not out.startswith(schema.WORK_DIR)
+            for rel in self.run.files(out)
+        }
         m = self.run.manifest()
         m["stages"][self.name].update(status="done", files=files, info=info, finished=now())
         self.run.write_manifest(m)
@@ -405,9 +442,11 @@ class Stage:
                 continue
             foreign = [rel for rel in self.run.files(out) if rel not in owned["files"]]
             if foreign:
-                raise DataError(f"{self.run.path(foreign[0])} was not written by this run (the manifest records no "
-                                f"such file), and stage '{self.name}' writes {out}; move it out of {self.run.url}, "
-                                "or use a new run_dir")
+                raise DataError(
+                    f"{self.run.path(foreign[0])} was not written by this run (the manifest records no "
+                    f"such file), and stage '{self.name}' writes {out}; move it out of {self.run.url}, "
+                    "or use a new run_dir"
+                )
 
     def _remove(self, name: str, entry: dict | None) -> None:
         """Remove what the manifest records as stage `name`'s own: its `_work` paths, the outputs it claimed
@@ -425,17 +464,23 @@ class Stage:
 
     def _interrupted_message(self, entry: dict) -> str:
         diff = changed(entry.get("settings", {}), self.settings)
-        what = ("; ".join(f"{k} is {new!r} in this config but was {old!r}" for k, old, new in diff[:4])
-                or "its inputs changed")
-        return (f"{what} when stage '{self.name}' of {self.run.url} was interrupted; resume it with the settings it "
-                f"started with, or start it over with {redo_command(self.name)}, or use a new run_dir")
+        what = (
+            "; ".join(f"{k} is {new!r} in this config but was {old!r}" for k, old, new in diff[:4])
+            or "its inputs changed"
+        )
+        return (
+            f"{what} when stage '{self.name}' of {self.run.url} was interrupted; resume it with the settings it "
+            f"started with, or start it over with {redo_command(self.name)}, or use a new run_dir"
+        )
 
     def _changed_message(self, stage: str, diff: list[tuple[str, Any, Any]]) -> str:
         what = "; ".join(f"{k} is {new!r} in this config but was {old!r}" for k, old, new in diff[:4])
         after = descendants(stage)
         also = f" and everything after it ({', '.join(after)})" if after else ""
-        return (f"{what} when stage '{stage}' of {self.run.url} ran. Redo '{stage}'{also} with "
-                f"{redo_command(stage)}, or use a new run_dir")
+        return (
+            f"{what} when stage '{stage}' of {self.run.url} ran. Redo '{stage}'{also} with "
+            f"{redo_command(stage)}, or use a new run_dir"
+        )
 
 
 def _owned(name: str, entry: dict | None) -> dict:
@@ -478,6 +523,12 @@ def describe_status(run: RunDir) -> str:
             settings = entry.get("settings", {})
             if settings:
                 text = ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
-                lines += textwrap.wrap(text, 116, initial_indent="      ", subsequent_indent="      ",
-                                       break_on_hyphens=False, break_long_words=False)
+                lines += textwrap.wrap(
+                    text,
+                    116,
+                    initial_indent="      ",
+                    subsequent_indent="      ",
+                    break_on_hyphens=False,
+                    break_long_words=False,
+                )
     return "\n".join(lines)

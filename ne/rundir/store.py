@@ -98,7 +98,7 @@ class RunDir:
             return [rel]
         found = self.fs.find(path)
         prefix = self.root.rstrip("/") + "/"
-        return sorted(p[len(prefix):] for p in found if ".tmp-" not in posixpath.basename(p))
+        return sorted(p[len(prefix) :] for p in found if ".tmp-" not in posixpath.basename(p))
 
     def layers(self, kind: str) -> list[int]:
         """Layers L with a `kind/layer=L` folder, sorted."""
@@ -116,8 +116,10 @@ class RunDir:
             return
         names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
         if any(n != LOCK and ".tmp-" not in n for n in names):
-            raise ConfigError(f"run_dir {self.url!r} is not empty and holds no manifest.json, so it is not a run of "
-                              "ne; pick an empty or new folder for the run")
+            raise ConfigError(
+                f"run_dir {self.url!r} is not empty and holds no manifest.json, so it is not a run of "
+                "ne; pick an empty or new folder for the run"
+            )
 
     # --- writing and reading ----------------------------------------------------------------------------
 
@@ -155,8 +157,9 @@ class RunDir:
         try:
             if self.fs.isdir(path):
                 self.parts(rel)
-                return pq.read_table(path, columns=columns, filters=filters, filesystem=self.fs,
-                                     page_checksum_verification=True)
+                return pq.read_table(
+                    path, columns=columns, filters=filters, filesystem=self.fs, page_checksum_verification=True
+                )
             with self.fs.open(path, "rb") as f:
                 return pq.read_table(f, columns=columns, filters=filters, page_checksum_verification=True)
         except (OSError, pa.ArrowException) as exc:
@@ -178,7 +181,8 @@ class RunDir:
         try:
             with self.fs.open(self.path(rel), "rb") as f:
                 return pq.ParquetFile(f, metadata=meta, page_checksum_verification=True).read_row_group(
-                    i, columns=columns)
+                    i, columns=columns
+                )
         except (OSError, pa.ArrowException) as exc:
             raise self._damaged(rel, exc) from None
 
@@ -190,8 +194,9 @@ class RunDir:
         entry = self.manifest()["stages"].get(owner_of(rel) or "", {})
         if entry.get("status") != "done":  # half-done work (or none of a stage's): what is there
             return found
-        recorded = sorted(r for r in entry.get("files", {}) if r.startswith(rel.rstrip("/") + "/")
-                          and r.endswith(".parquet"))
+        recorded = sorted(
+            r for r in entry.get("files", {}) if r.startswith(rel.rstrip("/") + "/") and r.endswith(".parquet")
+        )
         if not recorded:
             return found
         for part in recorded:
@@ -199,8 +204,10 @@ class RunDir:
                 raise DataError(f"{self.path(part)} is missing; {redo_hint(part)}")
         extra = sorted(set(found) - set(recorded))
         if extra:
-            raise DataError(f"{self.path(extra[0])} is not a file of this run (the manifest does not record it); "
-                            f"move it out of {self.url}, or {redo_hint(extra[0])}")
+            raise DataError(
+                f"{self.path(extra[0])} is not a file of this run (the manifest does not record it); "
+                f"move it out of {self.url}, or {redo_hint(extra[0])}"
+            )
         return recorded
 
     def read_bytes(self, rel: str) -> bytes:
@@ -339,8 +346,10 @@ class RunDir:
 
     def _check_size(self, rel: str, record: dict, size: int) -> None:
         if size != record["size"]:
-            raise DataError(f"{self.path(rel)} has {size} bytes where {record['size']} were written: it is "
-                            f"truncated or replaced; {redo_hint(rel)}")
+            raise DataError(
+                f"{self.path(rel)} has {size} bytes where {record['size']} were written: it is "
+                f"truncated or replaced; {redo_hint(rel)}"
+            )
 
     def _check_chunks(self, rel: str, record: dict, first: int, hashes: list[str]) -> None:
         """Compare the hashes of chunks first, first + 1, ... with the record's (the whole file's from 0)."""
@@ -354,8 +363,10 @@ class RunDir:
             raise self._corrupt(rel)
 
     def _corrupt(self, rel: str, where: str = "") -> DataError:
-        return DataError(f"{self.path(rel)} is corrupt (its content differs from what was written{' ' * bool(where)}"
-                         f"{where}); {redo_hint(rel)}")
+        return DataError(
+            f"{self.path(rel)} is corrupt (its content differs from what was written{' ' * bool(where)}"
+            f"{where}); {redo_hint(rel)}"
+        )
 
     def record_of(self, rel: str) -> dict | None:
         return file_records(self.manifest()).get(rel)
@@ -378,11 +389,15 @@ class RunDir:
         """The manifest of an existing run; an error saying what to run when there is none."""
         self.check_is_directory()
         if not self.fs.exists(self.root):
-            raise DataError(f"run directory {self.url} does not exist; give the run_dir of a run, e.g. runs/demo "
-                            "after `ne run --config configs/demo.yaml`")
+            raise DataError(
+                f"run directory {self.url} does not exist; give the run_dir of a run, e.g. runs/demo "
+                "after `ne run --config configs/demo.yaml`"
+            )
         if not self.exists(MANIFEST):
-            raise DataError(f"{self.url} has no manifest.json, so it is not a run directory or its harvest never "
-                            "started; run `ne harvest` with run_dir set to it")
+            raise DataError(
+                f"{self.url} has no manifest.json, so it is not a run directory or its harvest never "
+                "started; run `ne harvest` with run_dir set to it"
+            )
         return self.manifest()
 
     def write_manifest(self, m: dict) -> None:
@@ -424,8 +439,12 @@ class RunDir:
                 self.fs.rm(self.path(LOCK))
 
     def _acquire(self, command: str) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-              "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
         self.check_is_run_or_empty()
         self.fs.makedirs(self.root, exist_ok=True)
         for _ in range(2):
@@ -454,8 +473,10 @@ class RunDir:
         except FileExistsError:
             return False
         except (ValueError, NotImplementedError):  # this filesystem has no mode "xb"
-            log.warning("%s: this filesystem cannot create a file exclusively; the run's lock is checked, then "
-                        "written", self.url)
+            log.warning(
+                "%s: this filesystem cannot create a file exclusively; the run's lock is checked, then written",
+                self.url,
+            )
         if self.exists(LOCK):
             return False
         self.write_bytes(LOCK, data)
@@ -672,8 +693,17 @@ def tensors_bytes(module: nn.Module) -> bytes:
 
 def package_versions() -> dict[str, str]:
     out = {}
-    for name in ("neuron-embeddings", "torch", "transformer_lens", "transformers", "ray", "faiss-cpu",
-                 "numpy", "scipy", "pyarrow"):
+    for name in (
+        "neuron-embeddings",
+        "torch",
+        "transformer_lens",
+        "transformers",
+        "ray",
+        "faiss-cpu",
+        "numpy",
+        "scipy",
+        "pyarrow",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -27,8 +27,9 @@ _NUMPY = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 def weights_file(tensors: dict[str, Tensor]) -> bytes:
     """`UnitModel.input_weights` (W_in [d_model, d_mlp], ...) as the file's bytes, matrices neuron-major."""
-    out = {ROW_KEYS.get(k, k): (v.T if k in ROW_KEYS else v).float().cpu().contiguous().numpy()
-           for k, v in tensors.items()}
+    out = {
+        ROW_KEYS.get(k, k): (v.T if k in ROW_KEYS else v).float().cpu().contiguous().numpy() for k, v in tensors.items()
+    }
     return safetensors.numpy.save(out)
 
 
@@ -59,8 +60,10 @@ def _header(run: RunDir, rel: str) -> tuple[dict, int]:
     try:
         header = json.loads(run.read_range(rel, 8, 8 + size))
     except (ValueError, UnicodeDecodeError):
-        raise DataError(f"{run.path(rel)} is not a safetensors file; redo the harvest's weights stage with "
-                        "`ne harvest --config CONFIG --force weights`") from None
+        raise DataError(
+            f"{run.path(rel)} is not a safetensors file; redo the harvest's weights stage with "
+            "`ne harvest --config CONFIG --force weights`"
+        ) from None
     return header, 8 + size
 
 

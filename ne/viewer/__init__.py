@@ -27,12 +27,21 @@ def launch_command(run_dir: str, host: str | None = None, port: int | None = Non
     except NeError:
         viewer = ViewerConfig()  # the page itself explains what is wrong with the run directory
     return [
-        sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.address", viewer.host if host is None else host,
-        "--server.port", str(viewer.port if port is None else port),
-        "--server.headless", "true",
-        "--browser.gatherUsageStats", "false",
-        "--", str(run_dir),
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.address",
+        viewer.host if host is None else host,
+        "--server.port",
+        str(viewer.port if port is None else port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        str(run_dir),
     ]
 
 
@@ -43,14 +52,18 @@ def check_address(host: str, port: int) -> None:
     try:
         family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigError(f"--host {host!r} is not an address this machine knows ({exc}); use 127.0.0.1, or "
-                          "0.0.0.0 to share the viewer") from None
+        raise ConfigError(
+            f"--host {host!r} is not an address this machine knows ({exc}); use 127.0.0.1, or "
+            "0.0.0.0 to share the viewer"
+        ) from None
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         try:
             sock.bind(addr)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"port {port} on {host} is in use (another viewer?); pass --port with a free "
-                                  "port, e.g. --port 8502") from None
-            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); use 127.0.0.1, 0.0.0.0 or an "
-                              "address of this machine") from None
+                raise ConfigError(
+                    f"port {port} on {host} is in use (another viewer?); pass --port with a free port, e.g. --port 8502"
+                ) from None
+            raise ConfigError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); use 127.0.0.1, 0.0.0.0 or an address of this machine"
+            ) from None

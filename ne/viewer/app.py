@@ -103,8 +103,10 @@ def get_index(url: str, versions: tuple):
         from ne.rundir.stages import state_of
 
         state, why = state_of(manifest, "index")
-        return None, (f"the index of this run is {state}{why}: run {redo_command('index', False)} (or "
-                      f"{redo_command('occurrence', False)}) to see similar features")
+        return None, (
+            f"the index of this run is {state}{why}: run {redo_command('index', False)} (or "
+            f"{redo_command('occurrence', False)}) to see similar features"
+        )
     try:
         # The app is an entry point like the CLI, so it may reach into index/; the library never does.
         from index.query import SimilarFeatures
@@ -255,22 +257,30 @@ def neuron_page(data: RunData, url: str) -> None:
     if png is not None:
         # Inline, not st.image: a media URL from an earlier rerun can be deleted before the browser fetches it,
         # which leaves a broken image when neurons are switched quickly.
-        st.markdown(f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" '
-                    f'alt="dendrogram" style="max-width:100%">', unsafe_allow_html=True)
-        st.caption(f"Dendrogram of the {len(nd.examples)} examples; dashed line: this neuron's cut, at cosine "
-                   f"distance {nd.threshold:.3g} ({cut_rule(data)}); leaves labelled and coloured by cluster")
+        st.markdown(
+            f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" '
+            f'alt="dendrogram" style="max-width:100%">',
+            unsafe_allow_html=True,
+        )
+        st.caption(
+            f"Dendrogram of the {len(nd.examples)} examples; dashed line: this neuron's cut, at cosine "
+            f"distance {nd.threshold:.3g} ({cut_rule(data)}); leaves labelled and coloured by cluster"
+        )
     elif not nd.clustered:
         st.info("This run has no clusters yet: run the cluster stage to split the examples into features.")
 
     before = st.sidebar.number_input("Tokens before the key token", 0, 200, cfg.viewer.window_before)
     after = st.sidebar.number_input("Tokens after the key token", 0, 200, cfg.viewer.window_after)
-    show_importance = st.toggle("Token importance", key="importance",
-                                help="1 − act_masked / act_key, masking one earlier token at a time with "
-                                     f"token {mask_label(data, cfg)}")
+    show_importance = st.toggle(
+        "Token importance",
+        key="importance",
+        help=f"1 − act_masked / act_key, masking one earlier token at a time with token {mask_label(data, cfg)}",
+    )
 
     clusters = nd.clusters()
-    labels = {c: render.cluster_label(c, len(m), any(e.outlier for e in m), nd.labels.get(c))
-              for c, m in clusters.items()}
+    labels = {
+        c: render.cluster_label(c, len(m), any(e.outlier for e in m), nd.labels.get(c)) for c, m in clusters.items()
+    }
     tab_key = f"tabs_{layer}_{neuron}"
     target = ss.pop("cluster_target", None)
     if target in labels:
@@ -286,11 +296,15 @@ def neuron_page(data: RunData, url: str) -> None:
                 with right:
                     similar_features(data, url, layer, neuron, c, decode, before, after, versions)
             imp = importance_for(nd, members, url, cfg, before, versions) if show_importance else None
-            left.caption("Central example first. Hover a token for its activation; the outlined token is the key "
-                       "token." + (" Blue: masking the token lowers the activation; red: raises it."
-                                   if show_importance else ""))
-            rows = [render.example_html(e, decode, nd.scale, before, after, imp.get(e.rank) if imp else None)
-                    for e in members]
+            left.caption(
+                "Central example first. Hover a token for its activation; the outlined token is the key "
+                "token."
+                + (" Blue: masking the token lowers the activation; red: raises it." if show_importance else "")
+            )
+            rows = [
+                render.example_html(e, decode, nd.scale, before, after, imp.get(e.rank) if imp else None)
+                for e in members
+            ]
             left.html(render.EXAMPLE_CSS + f'<div class="ne-cluster" data-cluster="{c}">' + "".join(rows) + "</div>")
 
 
@@ -309,13 +323,14 @@ def importance_for(nd: NeuronData, members: list[Example], url: str, cfg, before
     if not todo:
         return out
     if len(todo) > ON_DEMAND:
-        st.info(f"Importance is computed on demand for the first {ON_DEMAND} examples of a cluster; the rest keep "
-                "their activation colours. `ne importance` precomputes it for every example of a run.")
+        st.info(
+            f"Importance is computed on demand for the first {ON_DEMAND} examples of a cluster; the rest keep "
+            "their activation colours. `ne importance` precomputes it for every example of a run."
+        )
         todo = todo[:ON_DEMAND]
     compute = get_importance(url, cfg.importance.mask_token, versions)
     if compute is None:
-        st.warning(f"Token importance needs the run's model, which could not be loaded: "
-                   f"{get_model(url, versions)[1]}")
+        st.warning(f"Token importance needs the run's model, which could not be loaded: {get_model(url, versions)[1]}")
         return out
     with st.spinner(f"Computing token importance of {len(todo)} examples…"):
         for e in todo:
@@ -346,8 +361,11 @@ def metrics_panel(nd: NeuronData) -> None:
         names = [k for k in m if f"raw_{k}" in m]
         with st.expander("Polysemy metrics: neuron embeddings vs raw pre-MLP embeddings"):
             st.dataframe(
-                {"metric": names, "neuron embedding": [_num(m[k]) for k in names],
-                 "raw h": [_num(m[f"raw_{k}"]) for k in names]},
+                {
+                    "metric": names,
+                    "neuron embedding": [_num(m[k]) for k in names],
+                    "raw h": [_num(m[f"raw_{k}"]) for k in names],
+                },
                 hide_index=True,
             )
 
@@ -364,11 +382,17 @@ def similar_features(data, url, layer, neuron, cluster, decode, before, after, v
         return
     if index.coactivation is not None:
         held_out_panel(index.coactivation, layer, neuron, cluster)
-    choices = [c for c, ok in (("fires together", index.coactivation is not None), ("vector", index.index is not None))
-               if ok]
-    by = st.radio("Similar features", choices, horizontal=True, key=f"by_{layer}_{neuron}_{cluster}",
-                  help="fires together: the features of other neurons that fire on the same held-out tokens "
-                       "(co-activation); vector: the nearest central examples in the FAISS index")
+    choices = [
+        c for c, ok in (("fires together", index.coactivation is not None), ("vector", index.index is not None)) if ok
+    ]
+    by = st.radio(
+        "Similar features",
+        choices,
+        horizontal=True,
+        key=f"by_{layer}_{neuron}_{cluster}",
+        help="fires together: the features of other neurons that fire on the same held-out tokens "
+        "(co-activation); vector: the nearest central examples in the FAISS index",
+    )
     try:
         hits = index.query(layer, neuron, cluster, N_SIMILAR, by="vector" if by == "vector" else "auto")
     except NeError as exc:
@@ -378,21 +402,35 @@ def similar_features(data, url, layer, neuron, cluster, decode, before, after, v
         st.caption("No similar feature found.")
         return
     if hits[0].by == "behaviour":
-        st.caption(f"Features of other neurons that fire on the same held-out tokens, best {index.coactivation.score} "
-                   "first; click one to open it.")
+        st.caption(
+            f"Features of other neurons that fire on the same held-out tokens, best {index.coactivation.score} "
+            "first; click one to open it."
+        )
     elif by != "vector":
-        st.caption("This feature never fires with another in the held-out text, so these are the nearest central "
-                   "examples by vector instead; click one to open it.")
+        st.caption(
+            "This feature never fires with another in the held-out text, so these are the nearest central "
+            "examples by vector instead; click one to open it."
+        )
     else:
-        st.caption("Feature clusters of other neurons whose central example is closest (cosine similarity); "
-                   "click one to open it.")
+        st.caption(
+            "Feature clusters of other neurons whose central example is closest (cosine similarity); "
+            "click one to open it."
+        )
     for i, h in enumerate(hits):
-        what = (f"together on {h.count} tokens, {index.coactivation.score} {h.similarity:.3g}" if h.by == "behaviour"
-                else f"similarity {h.similarity:.3f}")
+        what = (
+            f"together on {h.count} tokens, {index.coactivation.score} {h.similarity:.3g}"
+            if h.by == "behaviour"
+            else f"similarity {h.similarity:.3f}"
+        )
         label = data.labels(h.layer, h.neuron).get(h.cluster)
         text = f" · {render.markdown_escape(label)}" if label else ""
-        st.button(f"L{h.layer} · N{h.neuron} · C{h.cluster}{text} — {what}", key=f"sim_{layer}_{neuron}_{cluster}_{i}",
-                  on_click=go, args=(h.layer, h.neuron, h.cluster), width="stretch")
+        st.button(
+            f"L{h.layer} · N{h.neuron} · C{h.cluster}{text} — {what}",
+            key=f"sim_{layer}_{neuron}_{cluster}_{i}",
+            on_click=go,
+            args=(h.layer, h.neuron, h.cluster),
+            width="stretch",
+        )
         central = data.central_example(h.layer, h.neuron, h.cluster)
         if central is not None:
             nd2 = get_neuron(url, h.layer, h.neuron, versions)
@@ -410,9 +448,11 @@ def held_out_panel(coactivation, layer: int, neuron: int, cluster: int) -> None:
     cols[0].metric("tokens", f"{stats['occurrences']:,}")
     cols[1].metric("density", f"{stats['density']:.2%}")
     cols[2].metric("median activation", f"{stats['act_q50']:.3g}")
-    st.caption(f"Fires on {stats['occurrences']:,} of {coactivation.n_tokens:,} held-out tokens; activation from "
-               f"{stats['act_q10']:.3g} to {stats['act_q90']:.3g} (10th to 90th percentile), strongest "
-               f"{stats['act_peak']:.3g}.")
+    st.caption(
+        f"Fires on {stats['occurrences']:,} of {coactivation.n_tokens:,} held-out tokens; activation from "
+        f"{stats['act_q10']:.3g} to {stats['act_q90']:.3g} (10th to 90th percentile), strongest "
+        f"{stats['act_peak']:.3g}."
+    )
 
 
 @st.cache_resource(show_spinner="Loading the run's model and clusters…", max_entries=1)
@@ -431,8 +471,10 @@ def get_explainer(url: str, versions: tuple):
 
 def explain_page(data: RunData, url: str) -> None:
     st.header("Explain text")
-    st.caption("Which units fire on each token (activation ≥ the run's frac × their maximum), and as which of "
-               "their feature clusters: the one whose mean neuron embedding is nearest.")
+    st.caption(
+        "Which units fire on each token (activation ≥ the run's frac × their maximum), and as which of "
+        "their feature clusters: the one whose mean neuron embedding is nearest."
+    )
     text = st.text_area("Text to explain", key="explain_text", height=120, placeholder="Type or paste a text")
     top = st.number_input("Units per token", 1, 50, 5, key="explain_top")
     if not st.button("Explain", type="primary") and not st.session_state.get("explained"):
@@ -452,8 +494,10 @@ def explain_page(data: RunData, url: str) -> None:
     if not firing:
         st.info("No unit reaches its threshold on this text.")
         return
-    st.caption(f"{len(firing)} of {len(tokens)} tokens have firing units; click one to open its neuron on that "
-               "feature cluster.")
+    st.caption(
+        f"{len(firing)} of {len(tokens)} tokens have firing units; click one to open its neuron on that "
+        "feature cluster."
+    )
     for t in firing:
         st.markdown(f"**{t.pos}** `{t.token.strip() or repr(t.token)}`")
         for i, u in enumerate(t.units):
@@ -462,8 +506,9 @@ def explain_page(data: RunData, url: str) -> None:
                 named = f" {render.markdown_escape(u.label)}" if u.label else ""
                 label += f" → C{u.cluster}{named} ({u.cluster_size} examples, similarity {u.similarity:.2f})"
             left, right = st.columns([3, 2])
-            left.button(label, key=f"explain_{t.pos}_{i}", on_click=go, args=(u.layer, u.neuron, u.cluster),
-                        width="stretch")
+            left.button(
+                label, key=f"explain_{t.pos}_{i}", on_click=go, args=(u.layer, u.neuron, u.cluster), width="stretch"
+            )
             right.caption(u.central_text or "")
 
 
@@ -476,8 +521,9 @@ def table_page(data: RunData) -> None:
         return
     metric_names = [c for c in table.columns if c not in ("layer", "neuron")]
     c1, c2, c3 = st.columns(3)
-    metric = c1.selectbox("Sort by", metric_names, index=metric_names.index("n_clusters")
-                          if "n_clusters" in metric_names else 0)
+    metric = c1.selectbox(
+        "Sort by", metric_names, index=metric_names.index("n_clusters") if "n_clusters" in metric_names else 0
+    )
     descending = c2.toggle("Largest first", value=True)
     layers = c3.multiselect("Layers", sorted(table.layer.unique().tolist()))
     if layers:
@@ -487,8 +533,9 @@ def table_page(data: RunData) -> None:
     rows = event.selection.rows if event else []
     if rows:
         row = table.iloc[rows[0]]
-        st.button(f"Open layer {int(row.layer)} neuron {int(row.neuron)}", on_click=go,
-                  args=(int(row.layer), int(row.neuron)))
+        st.button(
+            f"Open layer {int(row.layer)} neuron {int(row.neuron)}", on_click=go, args=(int(row.layer), int(row.neuron))
+        )
     else:
         st.caption("Select a row to open its neuron (the first 1,000 rows are shown).")
 
@@ -510,7 +557,8 @@ def main() -> None:
     for message in status.warnings:
         st.sidebar.caption(f"⚠ {message}")
     pages = (["Overview", "Neuron", "Neuron table", "Explain text"] if "lm" in status.kind else []) + (
-        ["MNIST"] if "mnist" in status.kind else [])
+        ["MNIST"] if "mnist" in status.kind else []
+    )
     if "lm" in status.kind:
         init_state(data)
     if st.session_state.get("page") not in pages:
@@ -546,8 +594,10 @@ def _guarded() -> None:
         st.error(str(exc))
     except Exception as exc:  # a bug: log the traceback for us, show one readable line to the user
         log.exception("viewer error")
-        st.error(f"The viewer hit an unexpected error ({type(exc).__name__}: {exc}); details are in the "
-                 "terminal that runs `ne view`.")
+        st.error(
+            f"The viewer hit an unexpected error ({type(exc).__name__}: {exc}); details are in the "
+            "terminal that runs `ne view`."
+        )
 
 
 _guarded()

@@ -87,7 +87,8 @@ def analyse(
     amap = figures.activation_map(mlp, sae, neuron)
     effect = mlp.W2[:, neuron] if sae is None else mlp.W2 @ sae.W_dec[:, neuron]
     return MnistNeuron(
-        acts=acts, examples=idx,
+        acts=acts,
+        examples=idx,
         clusters=figures.feature_clusters(h, w, cluster_cfg) if len(idx) >= 2 else None,
         logit_effect=effect.numpy(),
         input_weights=mlp.W1[neuron].numpy().reshape(28, 28) if sae is None else None,
@@ -156,8 +157,12 @@ def mnist_page(data) -> None:
 
     left, right = st.columns(2)
     left.markdown("**Logit effect per unit of activation**")
-    left.bar_chart(pd.DataFrame({"digit": [str(d) for d in range(10)], "effect": view.logit_effect}), x="digit",
-                   y="effect", height=220)
+    left.bar_chart(
+        pd.DataFrame({"digit": [str(d) for d in range(10)], "effect": view.logit_effect}),
+        x="digit",
+        y="effect",
+        height=220,
+    )
     right.markdown("**Activation distribution on the test set** (nonzero activations)")
     nonzero = view.acts[view.acts > 0]
     counts, edges = np.histogram(nonzero, bins=30) if len(nonzero) else (np.zeros(1), np.zeros(2))
@@ -173,8 +178,11 @@ def mnist_page(data) -> None:
         with tab:
             st.caption("Central example first; captions: digit label and activation.")
             ex = view.examples[members]
-            st.image([_upscale(images[i]) for i in ex[:60]],
-                     caption=[f"{int(labels[i])} · {view.acts[i]:.2f}" for i in ex[:60]], width=72)
+            st.image(
+                [_upscale(images[i]) for i in ex[:60]],
+                caption=[f"{int(labels[i])} · {view.acts[i]:.2f}" for i in ex[:60]],
+                width=72,
+            )
 
 
 def _members(view: MnistNeuron) -> dict[int, np.ndarray]:

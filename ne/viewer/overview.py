@@ -25,8 +25,10 @@ def overview_page(data: RunData, go: Callable[..., None]) -> None:
     unit = "SAE latents" if info.get("sae") else "neurons"
     st.header("Run overview")
     layers = data.layers()
-    st.markdown(f"**{info.get('name', 'model')}** · layers {', '.join(map(str, layers))} · "
-                f"{info.get('d_mlp', '?')} {unit} per layer")
+    st.markdown(
+        f"**{info.get('name', 'model')}** · layers {', '.join(map(str, layers))} · "
+        f"{info.get('d_mlp', '?')} {unit} per layer"
+    )
     try:
         metrics = data.metrics_table().to_pandas()
     except NeError as exc:  # not clustered yet: the neuron pages still show the examples
@@ -56,21 +58,30 @@ def _summary(metrics: pd.DataFrame, unit: str) -> None:
     cols[1].metric("feature clusters", f"{int(active.n_clusters.sum()):,}")
     cols[2].metric("polysemantic (≥ 2 clusters)", f"{len(poly) / max(len(active), 1):.0%}")
     share = sep["share"]
-    cols[3].metric("neuron embeddings separate better", "–" if share != share else f"{share:.0%}",
-                   help="Share of neurons whose clusters have a higher silhouette in neuron-embedding space than "
-                        "in pre-MLP space (the paper's Figure 4), among those where both are defined.")
+    cols[3].metric(
+        "neuron embeddings separate better",
+        "–" if share != share else f"{share:.0%}",
+        help="Share of neurons whose clusters have a higher silhouette in neuron-embedding space than "
+        "in pre-MLP space (the paper's Figure 4), among those where both are defined.",
+    )
 
 
 def _worth_opening(metrics: pd.DataFrame, labels: pd.DataFrame, unit: str, go: Callable[..., None]) -> None:
     st.subheader(f"{unit.capitalize()} worth opening first")
-    st.caption("The most polysemantic: most substantial clusters among the well separated (the run report's "
-               "ranking), with their labels. The Neuron table page sorts every unit by any metric.")
+    st.caption(
+        "The most polysemantic: most substantial clusters among the well separated (the run report's "
+        "ranking), with their labels. The Neuron table page sorts every unit by any metric."
+    )
     top = most_polysemantic(metrics[metrics.n_examples > 0], labels, TOP)
     for row in top.itertuples():
         sil = "" if pd.isna(row.silhouette) else f", silhouette {row.silhouette:.2f}"
         text = f"Layer {row.layer} · {int(row.neuron)}: {int(row.substantial)} substantial clusters{sil}"
-        st.button(text + (f" · {row.labels}" if getattr(row, "labels", "") else ""),
-                  key=f"top_{row.layer}_{row.neuron}", on_click=go, args=(int(row.layer), int(row.neuron)))
+        st.button(
+            text + (f" · {row.labels}" if getattr(row, "labels", "") else ""),
+            key=f"top_{row.layer}_{row.neuron}",
+            on_click=go,
+            args=(int(row.layer), int(row.neuron)),
+        )
 
 
 def _search(labels: pd.DataFrame, go: Callable[..., None]) -> None:
@@ -82,12 +93,17 @@ def _search(labels: pd.DataFrame, go: Callable[..., None]) -> None:
         return
     hits = labels[labels.label.str.contains(query, case=False, regex=False) & ~labels.outlier]
     hits = hits.sort_values(["size", "layer", "neuron", "cluster"], ascending=[False, True, True, True])
-    st.caption(f"{len(hits):,} feature clusters' labels contain {query!r}" +
-               (f"; the {HITS} largest:" if len(hits) > HITS else ":"))
+    st.caption(
+        f"{len(hits):,} feature clusters' labels contain {query!r}"
+        + (f"; the {HITS} largest:" if len(hits) > HITS else ":")
+    )
     for row in hits.head(HITS).itertuples():
-        st.button(f"L{row.layer} · N{row.neuron} · C{row.cluster} ({row.size} examples): {row.label}",
-                  key=f"hit_{row.layer}_{row.neuron}_{row.cluster}", on_click=go,
-                  args=(int(row.layer), int(row.neuron), int(row.cluster)))
+        st.button(
+            f"L{row.layer} · N{row.neuron} · C{row.cluster} ({row.size} examples): {row.label}",
+            key=f"hit_{row.layer}_{row.neuron}_{row.cluster}",
+            on_click=go,
+            args=(int(row.layer), int(row.neuron), int(row.cluster)),
+        )
 
 
 def _jump(layers: list[int], unit: str, go: Callable[..., None]) -> None:

@@ -15,8 +15,13 @@ import numpy as np
 from ne.explain import TokenUnits, of_extreme
 from ne.rundir.reader import Example
 
-CLUSTER_COLOURS = [("blue", "#1c83e1"), ("orange", "#ff8c00"), ("green", "#21c354"), ("red", "#ff4b4b"),
-                   ("violet", "#803df5")]
+CLUSTER_COLOURS = [
+    ("blue", "#1c83e1"),
+    ("orange", "#ff8c00"),
+    ("green", "#21c354"),
+    ("red", "#ff4b4b"),
+    ("violet", "#803df5"),
+]
 ABOVE_THRESHOLD = "#808495"
 NEWLINE = "⏎"
 
@@ -74,8 +79,9 @@ def example_html(
         else:
             colour = _activation_colour(act, scale)
         cls = "ne-tok ne-key" if i == example.pos else "ne-tok"
-        spans.append(f'<span class="{cls}" title="{html.escape(tip)}" style="background:{colour}">'
-                     f"{token_text(text)}</span>")
+        spans.append(
+            f'<span class="{cls}" title="{html.escape(tip)}" style="background:{colour}">{token_text(text)}</span>'
+        )
     return f'<div class="ne-ex" data-rank="{example.rank}">{"".join(spans)}</div>'
 
 
@@ -86,10 +92,15 @@ def explain_html(tokens: Sequence[TokenUnits], frac: float = 0.0, direction: str
     spans = []
     for t in tokens:
         strongest = 0.1 + 0.9 * max(0.0, t.units[0].of_max - frac) / max(1.0 - frac, 1e-9) if t.units else 0.0
-        tip = "; ".join(f"L{u.layer} N{u.neuron} {of_extreme(u, direction)}" +
-                        (f", cluster {u.cluster}" if u.cluster is not None else "") for u in t.units[:5])
-        spans.append(f'<span class="ne-tok" data-pos="{t.pos}" title="{html.escape(tip or "no unit fires")}" '
-                     f'style="background:{_activation_colour(strongest, 1.0)}">{token_text(t.token)}</span>')
+        tip = "; ".join(
+            f"L{u.layer} N{u.neuron} {of_extreme(u, direction)}"
+            + (f", cluster {u.cluster}" if u.cluster is not None else "")
+            for u in t.units[:5]
+        )
+        spans.append(
+            f'<span class="ne-tok" data-pos="{t.pos}" title="{html.escape(tip or "no unit fires")}" '
+            f'style="background:{_activation_colour(strongest, 1.0)}">{token_text(t.token)}</span>'
+        )
     return f'<div class="ne-ex ne-explained">{"".join(spans)}</div>'
 
 
@@ -158,8 +169,17 @@ def dendrogram_png(linkage: np.ndarray, leaf_clusters: Sequence[int], threshold:
     xs = 5.0 + 10.0 * np.arange(n)
     ax.scatter(xs, np.zeros(n), c=[cluster_colour(c)[1] for c in leaves], s=14, marker="s", clip_on=False, zorder=3)
     for c in sorted(set(leaves)):
-        ax.text(xs[np.array(leaves) == c].mean(), -0.06, str(c), transform=ax.get_xaxis_transform(),
-                ha="center", va="top", fontsize=8, color=cluster_colour(c)[1], fontweight="bold")
+        ax.text(
+            xs[np.array(leaves) == c].mean(),
+            -0.06,
+            str(c),
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="top",
+            fontsize=8,
+            color=cluster_colour(c)[1],
+            fontweight="bold",
+        )
     top = max(float(np.max(tree["dcoord"])) if n > 1 else 0.0, threshold) * 1.05
     ax.set_xlim(0, 10 * n)
     ax.set_ylim(0, top)

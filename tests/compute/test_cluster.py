@@ -36,8 +36,9 @@ def test_planted_features_recovered_by_neuron_embeddings_not_raw_h(seed):
 
 def test_raw_h_fails_at_every_threshold_where_neuron_embeddings_succeed():
     h, w, truth = planted_features(0)
-    best_raw = max(adjusted_rand_score(truth, cluster_examples(_distances(h), t).labels)
-                   for t in np.linspace(0.05, 1.0, 20))
+    best_raw = max(
+        adjusted_rand_score(truth, cluster_examples(_distances(h), t).labels) for t in np.linspace(0.05, 1.0, 20)
+    )
     assert best_raw < 0.6, best_raw
 
 

@@ -37,8 +37,11 @@ def test_strongest_keeps_the_top_of_each_token():
     token = rng.integers(0, 20, 300)
     strength = rng.random(300)
     kept = co.strongest(token, strength, 3)
-    want = sorted(i for t in np.unique(token)
-                  for i in np.flatnonzero(token == t)[np.argsort(-strength[token == t], kind="stable")][:3])
+    want = sorted(
+        i
+        for t in np.unique(token)
+        for i in np.flatnonzero(token == t)[np.argsort(-strength[token == t], kind="stable")][:3]
+    )
     assert kept.tolist() == want
     assert co.strongest(token, strength, None).tolist() == list(range(300))
 
@@ -78,8 +81,9 @@ def test_grouped_quantiles_equal_numpy():
 def test_feature_ids_are_dense_in_layer_neuron_cluster_order():
     # layer 0: units 0..2 with 2, 0, 1 clusters; layer 3: unit 0..1 with 1, 2
     starts = {0: np.array([0, 2, 2, 3]), 3: np.array([3, 4, 6])}
-    ids = co.FeatureIds(np.array([0, 0, 0, 3, 3, 3]), np.array([0, 0, 2, 0, 1, 1]), np.array([0, 1, 0, 0, 0, 1]),
-                        starts)
+    ids = co.FeatureIds(
+        np.array([0, 0, 0, 3, 3, 3]), np.array([0, 0, 2, 0, 1, 1]), np.array([0, 1, 0, 0, 0, 1]), starts
+    )
     assert ids.n == 6
     assert ids.ids(3, np.array([1, 0, 1]), np.array([1, 0, -1])).tolist() == [5, 3, -1]
     assert [ids.id_of(0, 0, 1), ids.id_of(0, 1, 0), ids.id_of(3, 1, 1), ids.id_of(5, 0, 0)] == [1, None, 5, None]

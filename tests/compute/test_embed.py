@@ -47,8 +47,9 @@ def test_w_none_gives_raw_pre_mlp_distances(batch):
     rows, index_lists, _ = batch
     h_bnd, _ = pad_rows(rows, index_lists[:1])
     dist = cosine_distances(h_bnd, None, device="cpu")[0].numpy()
-    np.testing.assert_allclose(dist, squareform(pdist(rows[index_lists[0]].astype(np.float64), "cosine")),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        dist, squareform(pdist(rows[index_lists[0]].astype(np.float64), "cosine")), atol=1e-5, rtol=0
+    )
     ones = torch.ones(1, rows.shape[1])
     assert torch.allclose(cosine_distances(h_bnd, ones, device="cpu")[0], torch.from_numpy(dist))
 
@@ -102,8 +103,10 @@ def test_read_h_returns_requested_rows_in_order(tmp_path, dtype):
     rows = rng.normal(size=(30, 6)).astype(dtype)
     ids = np.arange(30) * 7 + 3
     for part, sl in enumerate((slice(0, 12), slice(12, 30))):
-        table = pa.table({"h_id": ids[sl], "ctx_id": ids[sl] // 16, "pos": ids[sl] % 16, "h": list(rows[sl])},
-                         schema=schema.h_schema(6, dtype))
+        table = pa.table(
+            {"h_id": ids[sl], "ctx_id": ids[sl] // 16, "pos": ids[sl] % 16, "h": list(rows[sl])},
+            schema=schema.h_schema(6, dtype),
+        )
         run.write_parquet(f"{schema.layer_dir(schema.H_DIR, 1)}/{schema.part_name(part)}", table)
     want = ids[[25, 3, 3, 14, 0]]
     got = read_h(run, 1, want)
@@ -136,7 +139,7 @@ def test_concat_distances_equal_those_of_the_explicit_concatenation(batch):
         np.testing.assert_allclose(dist[b, : len(ix), : len(ix)], squareform(pdist(e, "cosine")), atol=1e-9)
     explicit = neuron_embeddings(h_bnd[:1], w_bpd[:1])
     assert explicit.shape == (1, h_bnd.shape[1], 2 * rows.shape[1])
-    assert torch.equal(explicit[0, 0, rows.shape[1]:], h_bnd[0, 0] * w_bpd[0, 1])
+    assert torch.equal(explicit[0, 0, rows.shape[1] :], h_bnd[0, 0] * w_bpd[0, 1])
 
 
 def test_weights_file_is_read_by_neuron_range(tmp_path):
@@ -148,8 +151,10 @@ def test_weights_file_is_read_by_neuron_range(tmp_path):
     g = torch.randn(16, 40)
     u = torch.randn(16, 40)
     run = RunDir(str(tmp_path))
-    run.write_bytes(schema.weights_path(3), weights_file({"W_gate": g, "b_gate": torch.zeros(40), "W_up": u,
-                                                          "b_up": torch.zeros(40)}))
+    run.write_bytes(
+        schema.weights_path(3),
+        weights_file({"W_gate": g, "b_gate": torch.zeros(40), "W_up": u, "b_up": torch.zeros(40)}),
+    )
     part = read_layer_weights(run, 3, 10, 17)
     assert part.gated and part.d_mlp == 40 and part.gate.shape == (7, 16)
     np.testing.assert_array_equal(part.unit_weights(np.arange(10, 17), "gate")[:, 0], g.numpy()[:, 10:17].T)
@@ -186,8 +191,11 @@ def test_planted_gated_features_concat_is_never_blind():
     """The measurement behind model.gated_embedding's default (benchmarks/gated_embedding.py prints it all):
     `gate` cannot see features that live in the up projection; `concat` sees features wherever they live."""
     seeds, spread = range(5), 0.15
-    got = {(where, mode): _planted_auc(where, mode, seeds, spread) for where in ("gate", "up", "both")
-           for mode in ("gate", "concat")}
+    got = {
+        (where, mode): _planted_auc(where, mode, seeds, spread)
+        for where in ("gate", "up", "both")
+        for mode in ("gate", "concat")
+    }
     assert got["up", "gate"][1] < 0.6 and got["up", "gate"][0] < 0.1  # blind
     for where in ("gate", "up", "both"):
         assert got[where, "concat"][1] > 0.95, (where, got[where, "concat"])

@@ -68,8 +68,7 @@ def test_causal_cut_is_exact(model, context):
         model.is_causal = True
     cut = token_importance(model, context, pos, layer, neuron, mask)
     np.testing.assert_allclose(cut, full, rtol=1e-4, atol=1e-5, equal_nan=True)
-    np.testing.assert_allclose(cut[1:], brute_force(model, context, pos, layer, neuron, mask)[1:], atol=1e-4,
-                               rtol=1e-4)
+    np.testing.assert_allclose(cut[1:], brute_force(model, context, pos, layer, neuron, mask)[1:], atol=1e-4, rtol=1e-4)
 
 
 def test_window_is_a_slice_and_one_forward(model, context, monkeypatch):

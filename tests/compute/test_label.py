@@ -54,18 +54,31 @@ def test_planted_clusters_get_the_rule_that_sets_them_apart():
     # A single cluster has nothing to contrast with: its commonest key tokens.
     assert best_rule(c, np.zeros((0, 3), np.int64)) == Rule((11, 12))
     # A mixed cluster (no key token on a tenth of it): its largest common trait, with the share it covers.
-    mixed = np.stack([np.r_[np.full(12, 1), rng.integers(20, 40, 18)], np.r_[[5, 5], np.arange(100, 128)],
-                      rng.integers(200, 260, 30)], 1)
+    mixed = np.stack(
+        [
+            np.r_[np.full(12, 1), rng.integers(20, 40, 18)],
+            np.r_[[5, 5], np.arange(100, 128)],
+            rng.integers(200, 260, 30),
+        ],
+        1,
+    )
     assert best_rule(mixed, np.zeros((0, 3), np.int64)) == Rule((), -1, 1)
     counts = CorpusCounts(*(np.zeros(300, np.int64),) * 3, np.zeros(0, np.int64), np.zeros(0, np.int64), 1)
-    table = label_clusters(0, np.zeros(30, int), np.zeros(30, int), np.zeros(30, bool), mixed, counts,
-                           lambda ids: [f" t{i}" for i in ids])
+    table = label_clusters(
+        0, np.zeros(30, int), np.zeros(30, int), np.zeros(30, bool), mixed, counts, lambda ids: [f" t{i}" for i in ids]
+    )
     assert table.column("label").to_pylist() == ['after "t1" (40%)']
 
 
 def test_tokens_are_spelled_for_labels():
-    assert shown([" t", "t", "\n", " ", "(", " " + "x" * 30], word_pieces=True) == \
-        ["t", "##t", "⏎", "␣", "(", "x" * 15 + "…"]
+    assert shown([" t", "t", "\n", " ", "(", " " + "x" * 30], word_pieces=True) == [
+        "t",
+        "##t",
+        "⏎",
+        "␣",
+        "(",
+        "x" * 15 + "…",
+    ]
     assert shown(["The", " for"], word_pieces=False) == ["The", "for"]  # BPE: a line's first word has no space
     from tokenizers import Tokenizer
     from tokenizers.models import WordPiece

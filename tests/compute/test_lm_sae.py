@@ -34,8 +34,9 @@ def test_saved_sae_loads_in_sae_lens_with_the_same_latents(tmp_path, arch):
         torch.testing.assert_close(f, naive)
         torch.testing.assert_close(loaded.encode(x), f, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loaded.decode(f), sae.decode(f) / scale, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(loaded.process_sae_in(x) * loaded.W_enc[:, 3], sae.embeddings(x * scale, 3),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            loaded.process_sae_in(x) * loaded.W_enc[:, 3], sae.embeddings(x * scale, 3), atol=1e-5, rtol=1e-5
+        )
     assert (f > 0).sum(1).max() == 5 if arch == "topk" else True
 
 
@@ -52,6 +53,7 @@ def test_jumprelu_gradients_are_sae_lens_straight_through_estimators():
     sae.threshold.grad = None
     pre = sae.pre_acts(x)
     theirs = (JumpReLU.apply(pre, sae.threshold, 0.05, False) ** 2).sum() + 0.7 * Step.apply(
-        pre, sae.threshold, 0.05, False).sum() / 30
+        pre, sae.threshold, 0.05, False
+    ).sum() / 30
     theirs.backward()
     torch.testing.assert_close(ours, sae.threshold.grad)

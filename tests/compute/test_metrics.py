@@ -29,8 +29,7 @@ def _random_case(seed, n=60, n_labels=5):
 @pytest.mark.parametrize("seed", range(4))
 def test_silhouette_equals_sklearn(seed):
     dist, labels = _random_case(seed)
-    assert silhouette(dist, labels) == pytest.approx(silhouette_score(dist, labels, metric="precomputed"),
-                                                     abs=1e-12)
+    assert silhouette(dist, labels) == pytest.approx(silhouette_score(dist, labels, metric="precomputed"), abs=1e-12)
 
 
 def test_silhouette_with_singleton_clusters_equals_sklearn():

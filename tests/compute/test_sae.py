@@ -58,8 +58,14 @@ def naive_loss(avg, seen, sae, a, f, examples="active", aggregate="pairs", dista
             return ((e - v) ** 2).sum()
         return 1 - F.cosine_similarity(e, v, dim=0)
 
-    per_neuron = {j: [dist(sae.embeddings(a, j)[i], avg[j]) for i in range(len(a))
-                      if seen[j] and (f[i, j] > 0 or examples == "all")] for j in range(M)}
+    per_neuron = {
+        j: [
+            dist(sae.embeddings(a, j)[i], avg[j])
+            for i in range(len(a))
+            if seen[j] and (f[i, j] > 0 or examples == "all")
+        ]
+        for j in range(M)
+    }
     if aggregate == "pairs":
         return torch.stack([t for terms in per_neuron.values() for t in terms]).mean()
     return torch.stack([torch.stack(terms).mean() for terms in per_neuron.values() if terms]).mean()
@@ -143,9 +149,22 @@ def test_ne_loss_switches_on_at_start_step():
 # The default recipe, and every alternative reading at once: both must not depend on the number of workers.
 WORKER_CONFIGS = [
     SAEConfig(expansion=4, batch_size=32, l1_coeff=0.01, ne_coeff=1.0, ne_start_step=5),
-    SAEConfig(expansion=4, batch_size=32, l1_coeff=0.01, ne_coeff=1.0, ne_start_step=5, optimizer="adamw",
-              l1_weighting="decoder_norm", decoder_norm="unit", b_dec_init="mean", w_dec_init="transpose",
-              ne_examples="all", ne_aggregate="neurons", ne_average="unit", ne_distance="euclidean"),
+    SAEConfig(
+        expansion=4,
+        batch_size=32,
+        l1_coeff=0.01,
+        ne_coeff=1.0,
+        ne_start_step=5,
+        optimizer="adamw",
+        l1_weighting="decoder_norm",
+        decoder_norm="unit",
+        b_dec_init="mean",
+        w_dec_init="transpose",
+        ne_examples="all",
+        ne_aggregate="neurons",
+        ne_average="unit",
+        ne_distance="euclidean",
+    ),
 ]
 
 
@@ -237,8 +256,9 @@ def test_build_sae_initialisations():
     for k, v in same.state_dict().items():
         assert torch.equal(default.state_dict()[k], v)
     assert not default.b_dec.any()
-    other = build_sae(SAEConfig(expansion=4, b_dec_init="mean", w_dec_init="transpose"), acts,
-                      torch.Generator().manual_seed(7))
+    other = build_sae(
+        SAEConfig(expansion=4, b_dec_init="mean", w_dec_init="transpose"), acts, torch.Generator().manual_seed(7)
+    )
     column_means = torch.tensor([sum(float(acts[i, d]) for i in range(50)) / 50 for d in range(8)])
     torch.testing.assert_close(other.b_dec, column_means)
     assert torch.equal(other.W_dec, other.W_enc.T) and torch.equal(other.W_enc, default.W_enc)

@@ -152,8 +152,11 @@ def test_missing_or_corrupt_index_files(run_dir, tmp_path):
     shutil.copytree(run_dir, path)
     good = (path / "index" / "faiss.index").read_bytes()
     (path / "index" / "faiss.index").write_bytes(b"not a faiss index")
-    with pytest.raises(DataError, match=r"faiss.index has 17 bytes where \d+ were written: it is truncated or "
-                                        r"replaced; redo stage 'index'.*--force index"):
+    with pytest.raises(
+        DataError,
+        match=r"faiss.index has 17 bytes where \d+ were written: it is truncated or "
+        r"replaced; redo stage 'index'.*--force index",
+    ):
         SimilarFeatures.load(str(path))
     (path / "index" / "faiss.index").write_bytes(good[:200])
     with pytest.raises(DataError, match="faiss.index has 200 bytes where"):
@@ -191,8 +194,9 @@ def test_cli_similar_cluster_and_index(run_dir, tmp_path, capsys):
     assert main(["similar", run_dir, "--layer", "0", "--neuron", "4", "--cluster", "0", "-k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("query: layer 0, neuron 4, cluster 0: ") and "[[" in lines[0]
-    assert lines[1].startswith("answered by vector: the nearest in the index, by neuron vectors (this run has no "
-                               "co-activation table")
+    assert lines[1].startswith(
+        "answered by vector: the nearest in the index, by neuron vectors (this run has no co-activation table"
+    )
     assert lines[2].split()[:4] == ["layer", "neuron", "cluster", "similarity"]
     expected = SimilarFeatures.load(run_dir).query(0, 4, 0, k=3)
     for line, hit in zip(lines[3:], expected, strict=True):
@@ -239,13 +243,16 @@ def test_query_vector_takes_only_the_direction_at_any_scale(run_dir):
         sf.query_vector(["a"] * sf.dim)
 
 
-@pytest.mark.parametrize("args, message", [
-    ((0, None, 0), "neuron is None (NoneType); it must be an integer"),
-    ((0, 5, True), "cluster is True (bool); it must be an integer"),
-    (("0", 4, 0), "layer is '0' (str); it must be an integer"),
-    ((0, 5.5, 0), "neuron is 5.5 (float); it must be an integer"),
-    ((0.0, 4, 0), "layer is 0.0 (float); it must be an integer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((0, None, 0), "neuron is None (NoneType); it must be an integer"),
+        ((0, 5, True), "cluster is True (bool); it must be an integer"),
+        (("0", 4, 0), "layer is '0' (str); it must be an integer"),
+        ((0, 5.5, 0), "neuron is 5.5 (float); it must be an integer"),
+        ((0.0, 4, 0), "layer is 0.0 (float); it must be an integer"),
+    ],
+)
 def test_query_arguments_of_the_wrong_type_name_themselves(run_dir, args, message):
     sf = SimilarFeatures.load(run_dir)
     with pytest.raises(ConfigError) as err:

@@ -38,8 +38,12 @@ from ne.mnist.config import MnistRunConfig
 
 WAIT_LIMIT_S = 600
 """Work off the victim waits at most this long for the victim to die (then the test fails)."""
-SYSTEM_CONFIG = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3,
-                 "max_direct_call_object_size": 1024}
+SYSTEM_CONFIG = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_failure_threshold": 3,
+    "max_direct_call_object_size": 1024,
+}
 """The GCS declares a silent node dead after ~1.5 s instead of ~30 s; results over 1 KiB go to the object store
 of the node that made them (as a real run's h slices do), not back to the driver inline."""
 
@@ -168,8 +172,10 @@ def main(work: str, config_path: str) -> None:
         nonlocal clock
         seconds[name], clock = round(time.time() - clock, 1), time.time()
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "_system_config": SYSTEM_CONFIG})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": SYSTEM_CONFIG},
+    )
     a, b = cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)  # three nodes
     ray.init(address=cluster.address)
     removed: dict = {}
@@ -189,7 +195,8 @@ def main(work: str, config_path: str) -> None:
     c = cluster.add_node(num_cpus=1)
     mark(marks, "cluster-victim", c.node_id)
     busy = occupy.options(scheduling_strategy=NodeAffinitySchedulingStrategy(b.node_id, soft=False)).remote(
-        marks, "cluster")
+        marks, "cluster"
+    )
     wait_for(os.path.join(marks, "cluster-occupied-occupy-*"))
     jobs.cluster.cluster_batch = hooked_cluster_batch(marks)
     jobs.cluster.load_h = hooked_load_h(marks)
@@ -199,8 +206,12 @@ def main(work: str, config_path: str) -> None:
     run_index(cfg)
     lap("cluster")
 
-    result = {"nodes": {"head": cluster.head_node.node_id, "a": a.node_id, "b": b.node_id, "c": c.node_id},
-              "alive_after_harvest": alive_after_harvest, "removed": removed, "seconds": seconds}
+    result = {
+        "nodes": {"head": cluster.head_node.node_id, "a": a.node_id, "b": b.node_id, "c": c.node_id},
+        "alive_after_harvest": alive_after_harvest,
+        "removed": removed,
+        "seconds": seconds,
+    }
     if "mnist" in conf:  # training: node d joins; the Ray Train worker's node dies once a checkpoint is registered
         d = cluster.add_node(num_cpus=1)
         mnist = from_dict(MnistRunConfig, conf["mnist"])

@@ -24,8 +24,11 @@ def _cfg(path, per_task=3):
 
 def _outputs(path, layers=(0, 2)) -> dict[str, pd.DataFrame]:
     run = RunDir(str(path))
-    keys = {"clusters": ["layer", "neuron", "rank"], "dendrograms": ["layer", "neuron"],
-            "centroids": ["layer", "neuron", "cluster"]}
+    keys = {
+        "clusters": ["layer", "neuron", "rank"],
+        "dendrograms": ["layer", "neuron"],
+        "centroids": ["layer", "neuron", "cluster"],
+    }
     out = {}
     for name, k in keys.items():
         tables = [run.read_parquet(schema.layer_dir(name, layer)).to_pandas() for layer in layers]
@@ -59,8 +62,9 @@ def test_outputs_equal_direct_clustering(reference):
     assert summary.neurons == 14 and summary.with_examples == 10
     assert len(out["metrics"]) == 14
     run = RunDir(str(path))
-    examples = pd.concat([run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer)).to_pandas()
-                          for layer in (0, 2)])
+    examples = pd.concat(
+        [run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer)).to_pandas() for layer in (0, 2)]
+    )
     contexts = run.read_parquet(schema.CONTEXTS_DIR).to_pandas()
     tokens = dict(zip(contexts.ctx_id, contexts.tokens))
     for (layer, neuron), (_, h) in truth.items():
@@ -176,8 +180,11 @@ def test_incomplete_harvest_files_are_named(tmp_path):
     run = RunDir(str(path))
     h = run.read_parquet(schema.layer_dir(schema.H_DIR, 2))
     run.write_parquet(f"{schema.layer_dir(schema.H_DIR, 2)}/{schema.part_name(0)}", h.slice(0, h.num_rows - 1))
-    with pytest.raises(DataError, match=r"h/layer=2/part-00000.parquet has \d+ bytes where \d+ were written.*"
-                                        r"redo stage 'examples'"):
+    with pytest.raises(
+        DataError,
+        match=r"h/layer=2/part-00000.parquet has \d+ bytes where \d+ were written.*"
+        r"redo stage 'examples'",
+    ):
         job.run_cluster(_cfg(path), in_process=True)
     path = tmp_path / "other"
     write_synthetic_run(str(path))
@@ -193,5 +200,6 @@ def test_a_run_too_small_for_any_silhouette_says_so_instead_of_nan(tmp_path):
     summary = job.run_cluster(RunConfig(run_dir=path), in_process=True)
     text = summary.describe()
     assert "nan" not in text.lower()
-    assert "the silhouettes of neuron and pre-MLP embeddings cannot be compared: no neuron has 2 to n - 1 clusters" \
-        in text
+    assert (
+        "the silhouettes of neuron and pre-MLP embeddings cannot be compared: no neuron has 2 to n - 1 clusters" in text
+    )

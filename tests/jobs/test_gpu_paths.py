@@ -71,6 +71,8 @@ def test_asking_for_gpus_a_cluster_lacks_is_an_error(local_ray):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert gpu_wanted(None, "cluster.use_gpu") is False and gpu_wanted(False, "cluster.use_gpu") is False
-    with pytest.raises(ConfigError, match="cluster.use_gpu is true but the Ray cluster has no GPU; set "
-                                          "cluster.use_gpu to null or false"):
+    with pytest.raises(
+        ConfigError,
+        match="cluster.use_gpu is true but the Ray cluster has no GPU; set cluster.use_gpu to null or false",
+    ):
         gpu_wanted(True, "cluster.use_gpu")

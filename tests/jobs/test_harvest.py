@@ -162,8 +162,9 @@ def test_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_cfg
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray"))  # Ray's socket paths must stay short
     env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), NE_RAY_NUM_CPUS="1", RAY_AUTH_MODE="disabled")
     cmd = [sys.executable, "-m", "ne.cli", "harvest", "--config", str(config)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     work = tmp_path / "run" / "_work" / "examples"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(work.glob("*.done"))) < 3:
@@ -177,8 +178,7 @@ def test_killed_job_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_cfg
     env_ref = dict(env, RAY_TMPDIR=tempfile.mkdtemp(prefix="ray"), NE_RAY_NUM_CPUS="2")
     ref_cfg = tmp_path / "ref.yaml"
     ref_cfg.write_text(yaml.safe_dump(to_dict(reference)))
-    subprocess.run([*cmd[:-1], str(ref_cfg)], cwd=REPO, env=env_ref, check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run([*cmd[:-1], str(ref_cfg)], cwd=REPO, env=env_ref, check=True, timeout=300, capture_output=True)
     for folder in (ray_tmp, env_ref["RAY_TMPDIR"]):
         shutil.rmtree(folder, ignore_errors=True)
     got, expected = read_examples(cfg.run_dir, [0, 1]), read_examples(reference.run_dir, [0, 1])
@@ -228,11 +228,18 @@ def hf_hook_capture(hf_dir, layers):
         hooks = []
         for layer in layers:
             block = hf.model.layers[layer]
-            hooks.append(block.mlp.down_proj.register_forward_pre_hook(
-                lambda m, a, layer=layer: seen.__setitem__(("act", layer), a[0][0])))
-            hooks.append(block.mlp.register_forward_pre_hook(
-                lambda m, a, layer=layer, w=block.post_attention_layernorm.weight: seen.__setitem__(
-                    ("h", layer), a[0][0] / w)))
+            hooks.append(
+                block.mlp.down_proj.register_forward_pre_hook(
+                    lambda m, a, layer=layer: seen.__setitem__(("act", layer), a[0][0])
+                )
+            )
+            hooks.append(
+                block.mlp.register_forward_pre_hook(
+                    lambda m, a, layer=layer, w=block.post_attention_layernorm.weight: seen.__setitem__(
+                        ("h", layer), a[0][0] / w
+                    )
+                )
+            )
         try:
             with torch.no_grad():
                 hf(input_ids=tokens)
@@ -258,8 +265,17 @@ def test_gated_ray_harvest_equals_naive_loop_on_hook_activations(tmp_path, llama
     model = load_model(model_cfg)
     ctx = run.read_parquet("contexts").to_pandas().sort_values("ctx_id")
     contexts = list(zip(ctx.ctx_id.tolist(), ctx.tokens.map(list).tolist()))
-    expected = naive_harvest(model, contexts, [0, 1], k=5, frac=0.5, before=3, after=2, direction=direction,
-                             capture=hf_hook_capture(llama_dir, [0, 1]))
+    expected = naive_harvest(
+        model,
+        contexts,
+        [0, 1],
+        k=5,
+        frac=0.5,
+        before=3,
+        after=2,
+        direction=direction,
+        capture=hf_hook_capture(llama_dir, [0, 1]),
+    )
     got = read_examples(cfg.run_dir, [0, 1])
     assert_same_rows(got, expected)
     assert sum(summary.examples.values()) == len(expected)
@@ -281,8 +297,11 @@ def test_direction_min_on_relu_model_is_refused(tmp_path, corpus):
 
     relu = write_tiny_model(tmp_path, {**TINY_ARCH, "act_fn": "relu"})
     cfg = make_cfg(tmp_path / "run", relu, corpus, direction="min", num_workers=0)
-    with pytest.raises(ConfigError, match=r"harvest.direction is 'min' but the activations of tiny-gpt2 \(relu\) "
-                                          r"are never negative; use harvest.direction: max"):
+    with pytest.raises(
+        ConfigError,
+        match=r"harvest.direction is 'min' but the activations of tiny-gpt2 \(relu\) "
+        r"are never negative; use harvest.direction: max",
+    ):
         run_harvest(cfg)
 
 
@@ -290,8 +309,11 @@ def test_gpus_per_worker_above_the_clusters_gpus_per_node(tmp_path, tiny_model_c
     from jobs.ray_utils import check_gpus_per_node
 
     cfg = make_cfg(tmp_path / "run", tiny_model_cfg, corpus, gpus_per_worker=2)
-    with pytest.raises(ConfigError, match=r"harvest.gpus_per_worker is 2 but the Ray cluster's nodes have at most 0 "
-                                          r"GPUs \(per node: 0\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"harvest.gpus_per_worker is 2 but the Ray cluster's nodes have at most 0 "
+        r"GPUs \(per node: 0\)",
+    ):
         run_harvest(cfg)
     with pytest.raises(ConfigError, match=r"is 8 but .* at most 4 GPUs \(per node: 4, 4\).* at most 4"):
         check_gpus_per_node(8, [4.0, 4.0])

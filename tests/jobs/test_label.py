@@ -52,7 +52,8 @@ def test_corpus_counts_and_rates_equal_naive_counts(lm_run):
     assert counts.rate(Rule((a, b))) == pytest.approx((uni[a] + uni[b]) / positions)
     assert counts.rate(Rule((a,), -1, b)) == pytest.approx(pairs[(b, a)] / positions)
     assert counts.rate(Rule((a, b), 1, common[2])) == pytest.approx(
-        (pairs[(a, common[2])] + pairs[(b, common[2])]) / positions)
+        (pairs[(a, common[2])] + pairs[(b, common[2])]) / positions
+    )
     assert counts.rate(Rule((), -1, b)) == pytest.approx(sum(n for (x, _), n in pairs.items() if x == b) / positions)
     assert counts.rate(Rule((), 1, b)) == pytest.approx(sum(n for (_, y), n in pairs.items() if y == b) / positions)
 
@@ -85,7 +86,8 @@ def test_every_cluster_has_a_label_whose_counts_are_true(lm_run):
                 t = tokens[ctx]
                 at = pos + rule.offset
                 return (not rule.keys or t[pos] in rule.keys) and (
-                    not rule.offset or (0 <= at < len(t) and t[at] == rule.context))
+                    not rule.offset or (0 <= at < len(t) and t[at] == rule.context)
+                )
 
             members = both[both.neuron == row.neuron]
             own = [hit(c, p) for c, p, k in zip(members.ctx_id, members.pos, members.cluster) if k == row.cluster]
@@ -152,16 +154,32 @@ def test_labels_are_shown_wherever_a_cluster_is(lm_run, capsys):
     assert main(["explain", lm_run, "--text", "The for statement is used to iterate over a list", "--top", "1"]) == 0
     u = units[0]
     assert f"cluster {u['cluster']} {u['label']} (" in capsys.readouterr().out
-    assert main(["similar", lm_run, "--layer", str(u["layer"]), "--neuron", str(u["neuron"]), "--cluster",
-                 str(u["cluster"]), "-k", "3"]) == 0
+    assert (
+        main(
+            [
+                "similar",
+                lm_run,
+                "--layer",
+                str(u["layer"]),
+                "--neuron",
+                str(u["neuron"]),
+                "--cluster",
+                str(u["cluster"]),
+                "-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"query: layer {u['layer']}, neuron {u['neuron']}, cluster {u['cluster']} "
-                               f"{u['label']}: ")
+    assert lines[0].startswith(
+        f"query: layer {u['layer']}, neuron {u['neuron']}, cluster {u['cluster']} {u['label']}: "
+    )
     assert "label" in lines[1].split()
     for line in lines[2:]:
         layer, neuron, cluster = map(int, line.split()[:3])
         assert labels[(layer, neuron, cluster)] in line
-    report = (run.path("report", "report.md"))
+    report = run.path("report", "report.md")
     text = open(report).read()
     assert "| labels |" in text and "C0: " in text
     tab = render.cluster_label(2, 7, False, '"*" / "[" after "_"')
@@ -169,18 +187,35 @@ def test_labels_are_shown_wherever_a_cluster_is(lm_run, capsys):
 
 
 def test_most_polysemantic_ranks_substantial_separated_clusters():
-    m = pd.DataFrame({"layer": [0, 0, 0, 1], "neuron": [1, 2, 3, 4], "n_examples": [92, 60, 100, 40],
-                      "n_clusters": [19, 3, 4, 3], "silhouette": [0.41, 0.7, 0.2, 0.6],
-                      "mean_dist": [0.8, 0.5, 0.6, 0.5]})
+    m = pd.DataFrame(
+        {
+            "layer": [0, 0, 0, 1],
+            "neuron": [1, 2, 3, 4],
+            "n_examples": [92, 60, 100, 40],
+            "n_clusters": [19, 3, 4, 3],
+            "silhouette": [0.41, 0.7, 0.2, 0.6],
+            "mean_dist": [0.8, 0.5, 0.6, 0.5],
+        }
+    )
     rows = [  # (layer, neuron, cluster sizes): neuron 1 is diffuse, neuron 3 badly separated
         (0, 1, [12, 9, 8, 8, 7, 6, 6, 5, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 1]),
-        (0, 2, [30, 20, 10]), (0, 3, [40, 30, 20, 10]), (1, 4, [20, 15, 5])]
-    clusters = pd.DataFrame([{"layer": layer, "neuron": n, "cluster": c, "size": s, "outlier": s < 2,
-                              "label": f'"t{n}{c}"'} for layer, n, sizes in rows for c, s in enumerate(sizes)])
+        (0, 2, [30, 20, 10]),
+        (0, 3, [40, 30, 20, 10]),
+        (1, 4, [20, 15, 5]),
+    ]
+    clusters = pd.DataFrame(
+        [
+            {"layer": layer, "neuron": n, "cluster": c, "size": s, "outlier": s < 2, "label": f'"t{n}{c}"'}
+            for layer, n, sizes in rows
+            for c, s in enumerate(sizes)
+        ]
+    )
     top = most_polysemantic(m, clusters, 4)
     # Substantial: not an outlier, >= 10% of the neuron's examples and >= 5 of them, counted by a naive loop.
-    naive = {n: sum(1 for s in sizes if s >= 2 and s >= max(5, 0.1 * m.n_examples[m.neuron == n].item()))
-             for _, n, sizes in rows}
+    naive = {
+        n: sum(1 for s in sizes if s >= 2 and s >= max(5, 0.1 * m.n_examples[m.neuron == n].item()))
+        for _, n, sizes in rows
+    }
     assert naive == {1: 1, 2: 3, 3: 4, 4: 3}
     assert top.neuron.tolist() == [2, 4, 1, 3]  # separated ones first (by count), then neuron 3 (silhouette 0.2)
     assert top.substantial.tolist() == [naive[n] for n in top.neuron]
@@ -207,8 +242,9 @@ def test_viewer_tabs_and_similar_features_show_labels(lm_run, monkeypatch):
         assert tab.endswith(f" · {render.markdown_escape(row.label)}")
     similar = [b.label for b in at.button if re.match(r"L\d+ · N\d+ · C\d+", b.label)]
     assert similar
-    every = {(layer, r.neuron, r.cluster): r.label
-             for layer in (0, 1) for r in _labels(RunDir(lm_run), layer).itertuples()}
+    every = {
+        (layer, r.neuron, r.cluster): r.label for layer in (0, 1) for r in _labels(RunDir(lm_run), layer).itertuples()
+    }
     for text in similar:
         l2, n2, c2 = (int(x) for x in re.match(r"L(\d+) · N(\d+) · C(\d+)", text).groups())
         assert f"C{c2} · {render.markdown_escape(every[(l2, n2, c2)])} — similarity" in text

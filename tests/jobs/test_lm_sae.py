@@ -19,8 +19,9 @@ from tests.lm_sae.common import sample_tokens, tiny_run_cfg, train_tiny  # noqa:
 
 
 @pytest.mark.ray
-def test_ray_train_resumes_a_killed_job_on_two_workers_to_the_one_process_weights(tmp_path, tiny_model_cfg, tiny,
-                                                                                  local_ray, monkeypatch):
+def test_ray_train_resumes_a_killed_job_on_two_workers_to_the_one_process_weights(
+    tmp_path, tiny_model_cfg, tiny, local_ray, monkeypatch
+):
     """One job: a worker count the cluster cannot place is refused; one worker, killed after its checkpoint at
     step 3; a restart with changed settings refused through the stage graph; the same settings on two workers
     resume at step 3. The SAE written, read back by SAELens, encodes as the uninterrupted in-process SAE."""
@@ -30,11 +31,15 @@ def test_ray_train_resumes_a_killed_job_on_two_workers_to_the_one_process_weight
     cfg = tiny_run_cfg(str(tmp_path / "run"), tiny_model_cfg, batch_size=128, loss="ne", ne_start=0.3)
 
     def with_trainer(cfg, **changes):
-        return dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, trainer=dataclasses.replace(
-            cfg.sae.trainer, **changes)))
+        return dataclasses.replace(
+            cfg, sae=dataclasses.replace(cfg.sae, trainer=dataclasses.replace(cfg.sae.trainer, **changes))
+        )
 
-    with pytest.raises(ConfigError, match=r"^sae.trainer.num_workers is 3 but the Ray cluster has 2 CPUs, one per "
-                                          r"worker; set sae.trainer.num_workers to at most 2$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^sae.trainer.num_workers is 3 but the Ray cluster has 2 CPUs, one per "
+        r"worker; set sae.trainer.num_workers to at most 2$",
+    ):
         run_harvest(with_trainer(cfg, num_workers=3))
     one = with_trainer(cfg, num_workers=1, max_failures=0)
     monkeypatch.setenv(FAIL_AT, "4")
@@ -43,11 +48,15 @@ def test_ray_train_resumes_a_killed_job_on_two_workers_to_the_one_process_weight
     monkeypatch.delenv(FAIL_AT)
     run = RunDir(cfg.run_dir)
     assert run.manifest()["stages"]["sae"]["status"] == "running"
-    changed = dataclasses.replace(one, sae=dataclasses.replace(one.sae, train=dataclasses.replace(one.sae.train,
-                                                                                                 lr=2e-3)))
-    with pytest.raises(ConfigError, match=r"^sae.train.lr is 0.002 in this config but was 0.001 when stage 'sae' of "
-                                          r".* was interrupted; resume it with the settings it started with, or start "
-                                          r"it over with `ne harvest --config CONFIG --force sae`"):
+    changed = dataclasses.replace(
+        one, sae=dataclasses.replace(one.sae, train=dataclasses.replace(one.sae.train, lr=2e-3))
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^sae.train.lr is 0.002 in this config but was 0.001 when stage 'sae' of "
+        r".* was interrupted; resume it with the settings it started with, or start "
+        r"it over with `ne harvest --config CONFIG --force sae`",
+    ):
         run_harvest(changed)
     run_harvest(with_trainer(cfg, num_workers=2))
     info = run.manifest()["stages"]["sae"]["info"]
@@ -80,8 +89,9 @@ def test_ne_run_compares_saes_over_seeds_with_paired_verdicts(tmp_path, tiny_mod
     from ne.config import to_dict
 
     cfg = tiny_run_cfg(str(tmp_path / "cmp"), tiny_model_cfg, loss="none")
-    cfg = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, compare=SAECompareConfig(seeds=[0, 1],
-                                                                                             ne_coeffs=[2.0])))
+    cfg = dataclasses.replace(
+        cfg, sae=dataclasses.replace(cfg.sae, compare=SAECompareConfig(seeds=[0, 1], ne_coeffs=[2.0]))
+    )
     (tmp_path / "cmp.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     assert main(["run", "--config", str(tmp_path / "cmp.yaml")]) == 0
     root = tmp_path / "cmp"

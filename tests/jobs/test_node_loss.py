@@ -42,7 +42,8 @@ def lm_config(run_dir, model_cfg, corpus_dir) -> RunConfig:
         path.write_text(pydoc_data.topics.topics[key])
         paths.append(str(path))
     return RunConfig(
-        run_dir=str(run_dir), model=model_cfg,
+        run_dir=str(run_dir),
+        model=model_cfg,
         data=DataConfig(source="files", paths=paths, n_ctx=24, max_contexts=40, contexts_per_part=6),
         harvest=HarvestConfig(k=5, frac=0.5, batch_size=4, num_workers=2, window_before=3, window_after=2),
         cluster=ClusterConfig(neurons_per_task=64),
@@ -82,8 +83,7 @@ def test_an_item_whose_actor_dies_goes_to_another_actor(tmp_path, local_ray):
     # A restarted actor rejoins: with restarts, both actors are still there at the end.
     (tmp_path / "life-5-0").touch()
     results = []
-    alive = run_on_actors(flaky_actors(2, tmp_path, restarts=1), "work", list(range(8)), (5,),
-                          on_done=results.append)
+    alive = run_on_actors(flaky_actors(2, tmp_path, restarts=1), "work", list(range(8)), (5,), on_done=results.append)
     assert sorted(results) == [i * 10 for i in range(8)] and len(alive) == 2
 
 
@@ -102,7 +102,7 @@ def test_losing_every_actor_or_an_item_that_kills_them_is_an_error(tmp_path, loc
 def marked(result: dict, stage: str, event: str, node: str) -> set[str]:
     """What `node` started or ended in `stage` (the hooks' marks: STAGE-EVENT-WHAT-NODE)."""
     prefix = f"{stage}-{event}-"
-    return {m[len(prefix):-len(node) - 1] for m in result["marks"] if m.startswith(prefix) and m.endswith(node)}
+    return {m[len(prefix) : -len(node) - 1] for m in result["marks"] if m.startswith(prefix) and m.endswith(node)}
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +113,38 @@ def node_loss(tmp_path_factory, tiny_model_cfg) -> tuple:
     conf = {"lm": to_dict(lm)}
     mnist = None
     if (shared_data_dir() / "mnist").exists():
-        mnist = load_config(REPO / "configs" / "mnist-sae.yaml", [
-            f"run_dir={tmp / 'mnist'}", f"data.dir={shared_data_dir() / 'mnist'}", "data.train_subset=640",
-            "data.test_subset=300", "mlp.epochs=2", "sae.batch_size=64", "sae.ne_start_step=4",
-            "trainer.threads_per_worker=1",
-        ], cls=MnistRunConfig)
+        mnist = load_config(
+            REPO / "configs" / "mnist-sae.yaml",
+            [
+                f"run_dir={tmp / 'mnist'}",
+                f"data.dir={shared_data_dir() / 'mnist'}",
+                "data.train_subset=640",
+                "data.test_subset=300",
+                "mlp.epochs=2",
+                "sae.batch_size=64",
+                "sae.ne_start_step=4",
+                "trainer.threads_per_worker=1",
+            ],
+            cls=MnistRunConfig,
+        )
         conf["mnist"] = to_dict(mnist)
     (tmp / "conf.json").write_text(json.dumps(conf))
     ray_tmp = tempfile.mkdtemp(prefix="ray")  # Ray's socket paths must stay short
-    env = dict(os.environ, RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        RAY_TMPDIR=ray_tmp,
+        RAY_AUTH_MODE="disabled",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     try:
-        proc = subprocess.run([sys.executable, str(REPO / "tests" / "jobs" / "node_loss_run.py"), str(tmp),
-                               str(tmp / "conf.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "jobs" / "node_loss_run.py"), str(tmp), str(tmp / "conf.json")],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

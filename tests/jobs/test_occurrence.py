@@ -40,8 +40,14 @@ def llama_dir(tmp_path_factory):
 
 
 def gated_run(root, llama_dir, paths, direction: str):
-    cfg = make_cfg(root, ModelConfig(backend="hf", name=str(llama_dir), device="cpu"), paths, num_workers=0, k=8,
-                   direction=direction)
+    cfg = make_cfg(
+        root,
+        ModelConfig(backend="hf", name=str(llama_dir), device="cpu"),
+        paths,
+        num_workers=0,
+        k=8,
+        direction=direction,
+    )
     cfg.occurrence = OCC
     harvest_job.run_harvest(cfg)
     cluster_job.run_cluster(cfg, in_process=True)
@@ -79,8 +85,17 @@ def naive_rows(run_dir: str, frac: float) -> pd.DataFrame:
         for ctx_id, tokens in read_heldout(run, part):
             for t in explainer.explain_tokens(tokens[first:].tolist(), top=10**6):
                 for u in t.units:
-                    rows.append((ctx_id, t.pos + first, u.layer, u.neuron, -1 if u.cluster is None else u.cluster,
-                                 u.act, np.nan if u.similarity is None else u.similarity))
+                    rows.append(
+                        (
+                            ctx_id,
+                            t.pos + first,
+                            u.layer,
+                            u.neuron,
+                            -1 if u.cluster is None else u.cluster,
+                            u.act,
+                            np.nan if u.similarity is None else u.similarity,
+                        )
+                    )
     frame = pd.DataFrame(rows, columns=["ctx_id", "pos", "layer", "unit", "cluster", "act", "similarity"])
     return frame.sort_values(["ctx_id", "pos", "layer", "unit"]).reset_index(drop=True)
 
@@ -97,8 +112,11 @@ def test_occurrences_equal_a_naive_explain_loop(any_run, monkeypatch):
     assert info["contexts"] == 9 and info["first_ctx_id"] >= n_harvest and len(heldout_parts(run)) == 3
     got, expected = occurrence_rows(cfg.run_dir, info["layers"]), naive_rows(cfg.run_dir, cfg.occurrence.frac)
     assert len(got) > 50 and (got.cluster >= 0).mean() > 0.9
-    pd.testing.assert_frame_equal(got[["ctx_id", "pos", "layer", "unit", "cluster"]],
-                                  expected[["ctx_id", "pos", "layer", "unit", "cluster"]], check_dtype=False)
+    pd.testing.assert_frame_equal(
+        got[["ctx_id", "pos", "layer", "unit", "cluster"]],
+        expected[["ctx_id", "pos", "layer", "unit", "cluster"]],
+        check_dtype=False,
+    )
     np.testing.assert_allclose(got.act, expected.act, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.similarity, expected.similarity, rtol=1e-5, atol=1e-6)
     assert (np.sign(got.act) == (-1 if cfg.harvest.direction == "min" else 1)).all()
@@ -124,8 +142,9 @@ def test_interrupted_stages_resume_without_loss_or_duplicates(plain, tmp_path, m
     _drop_occurrence_stages(reference.run_dir)
     _drop_occurrence_stages(cfg.run_dir)
     monkeypatch.setattr("ne.compute.coactivation.PAIR_ROW_BYTES", 2**20 // 40_000)  # several ranges of features
-    occurrence_job.run_occurrence(dataclasses.replace(reference, coactivation=dataclasses.replace(
-        reference.coactivation, memory_mb=1)))
+    occurrence_job.run_occurrence(
+        dataclasses.replace(reference, coactivation=dataclasses.replace(reference.coactivation, memory_mb=1))
+    )
 
     calls = {"n": 0}
     real = occurrence_job.OccurrenceProcessor.process
@@ -209,8 +228,11 @@ def test_bad_inputs_are_one_line_errors(plain, gated, tmp_path, capsys, corpus):
 
     model = load_model(plain.model)
     whole = dataclasses.replace(plain, data=dataclasses.replace(plain.data, max_contexts=None))
-    with pytest.raises(DataError, match=r"the held-out split is empty: data.max_contexts is null, so the harvest "
-                                        r"read the whole corpus; set data.max_contexts below"):
+    with pytest.raises(
+        DataError,
+        match=r"the held-out split is empty: data.max_contexts is null, so the harvest "
+        r"read the whole corpus; set data.max_contexts below",
+    ):
         write_heldout(RunDir(plain.run_dir), whole, model, 10**7)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -218,12 +240,16 @@ def test_bad_inputs_are_one_line_errors(plain, gated, tmp_path, capsys, corpus):
     with pytest.raises(DataError, match="the held-out split is empty: occurrence.corpus gives no contexts"):
         write_heldout(RunDir(plain.run_dir), dataclasses.replace(plain, occurrence=named), model, 48)
     # A named corpus that overlaps the harvest's contexts (the very files it read).
-    cfg = dataclasses.replace(gated, run_dir=str(tmp_path / "gated"),
-                              occurrence=dataclasses.replace(OCC, corpus=_corpus(corpus)))
+    cfg = dataclasses.replace(
+        gated, run_dir=str(tmp_path / "gated"), occurrence=dataclasses.replace(OCC, corpus=_corpus(corpus))
+    )
     shutil.copytree(gated.run_dir, cfg.run_dir, ignore=shutil.ignore_patterns(*_occurrence_outputs()))
     _drop_occurrence_stages(cfg.run_dir)
-    with pytest.raises(DataError, match=r"occurrence.corpus overlaps the harvest: its context 0 \(document 0\) is "
-                                        r"identical to a context the harvest used"):
+    with pytest.raises(
+        DataError,
+        match=r"occurrence.corpus overlaps the harvest: its context 0 \(document 0\) is "
+        r"identical to a context the harvest used",
+    ):
         occurrence_job.run_occurrence(cfg)
     assert RunDir(cfg.run_dir).manifest()["stages"]["occurrence"]["status"] == "running"  # nothing marked done
     # Through the CLI: one line on stderr, exit 2.
@@ -244,16 +270,22 @@ def test_a_named_corpus_is_fingerprinted(plain, tmp_path):
     with the fix, as the contexts stage does for the run's own corpus."""
     text = tmp_path / "heldout.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    cfg = dataclasses.replace(plain, run_dir=str(tmp_path / "run"),
-                              occurrence=dataclasses.replace(OCC, contexts=2, corpus=_corpus([str(text)])))
+    cfg = dataclasses.replace(
+        plain,
+        run_dir=str(tmp_path / "run"),
+        occurrence=dataclasses.replace(OCC, contexts=2, corpus=_corpus([str(text)])),
+    )
     shutil.copytree(plain.run_dir, cfg.run_dir, ignore=shutil.ignore_patterns(*_occurrence_outputs()))
     _drop_occurrence_stages(cfg.run_dir)
     occurrence_job.run_occurrence(cfg)
     assert list(RunDir(cfg.run_dir).manifest()["stages"]["occurrence"]["inputs"]) == [str(text)]
     occurrence_job.run_occurrence(cfg)  # unchanged: skipped
     text.write_text("The quick brown fox jumps over the lazy cat. " * 40)  # the same size: only the hash tells
-    with pytest.raises(DataError, match=rf"{text} \(its content differs from when it was read\): an input of stage "
-                                        r"'occurrence' of .* changed since it ran"):
+    with pytest.raises(
+        DataError,
+        match=rf"{text} \(its content differs from when it was read\): an input of stage "
+        r"'occurrence' of .* changed since it ran",
+    ):
         occurrence_job.run_occurrence(cfg)
 
 
@@ -266,8 +298,9 @@ def _corpus(paths):
 # --- co-activation and similar features ---------------------------------------------------------------------
 
 
-def brute_force_pairs(run_dir: str, layers, n_ctx: int, per_token: int | None
-                      ) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
+def brute_force_pairs(
+    run_dir: str, layers, n_ctx: int, per_token: int | None
+) -> tuple[pd.DataFrame, pd.Series, pd.DataFrame]:
     """(pairs with their counts, occurrences per feature, occurrences) by a pandas self-join on the token, among
     each token's `per_token` strongest occurrences (act / the unit's maximum; ties: the lower layer, unit)."""
     run = RunDir(run_dir)
@@ -285,13 +318,19 @@ def brute_force_pairs(run_dir: str, layers, n_ctx: int, per_token: int | None
 
 def coactivation_rows(run_dir: str) -> pd.DataFrame:
     run = RunDir(run_dir)
-    return pd.concat([run.read_parquet(schema.layer_dir(schema.COACTIVATION_DIR, layer)).to_pandas()
-                      for layer in run.layers(schema.COACTIVATION_DIR)], ignore_index=True)
+    return pd.concat(
+        [
+            run.read_parquet(schema.layer_dir(schema.COACTIVATION_DIR, layer)).to_pandas()
+            for layer in run.layers(schema.COACTIVATION_DIR)
+        ],
+        ignore_index=True,
+    )
 
 
 def expected_score(kind, c, na, nb, n):
-    return {"count": c, "jaccard": c / (na + nb - c), "cosine": c / np.sqrt(na * nb),
-            "pmi": np.log(c * n / (na * nb))}[kind]
+    return {"count": c, "jaccard": c / (na + nb - c), "cosine": c / np.sqrt(na * nb), "pmi": np.log(c * n / (na * nb))}[
+        kind
+    ]
 
 
 @pytest.mark.ray
@@ -303,8 +342,12 @@ def test_coactivation_job_equals_brute_force(plain, tmp_path, monkeypatch, local
     and activation quantiles (numpy's)."""
     occurrence_job.run_occurrence(plain)
     co_cfg = dataclasses.replace(plain.coactivation, memory_mb=1, score=score, max_per_token=6, partners=5)
-    cfg = dataclasses.replace(plain, run_dir=str(tmp_path / "run"), coactivation=co_cfg,
-                              harvest=dataclasses.replace(plain.harvest, num_workers=1))
+    cfg = dataclasses.replace(
+        plain,
+        run_dir=str(tmp_path / "run"),
+        coactivation=co_cfg,
+        harvest=dataclasses.replace(plain.harvest, num_workers=1),
+    )
     shutil.copytree(plain.run_dir, cfg.run_dir)
     monkeypatch.setattr("ne.compute.coactivation.PAIR_ROW_BYTES", 2**20 // 4_000)
     on_actors = score == "count"  # once is enough: the occurrences do not depend on the score
@@ -317,12 +360,18 @@ def test_coactivation_job_equals_brute_force(plain, tmp_path, monkeypatch, local
     pairs, n, occ = brute_force_pairs(cfg.run_dir, [0, 1], cfg.data.n_ctx, co_cfg.max_per_token)
     n_tokens = summary.occurrence["tokens"]
     kept = pairs[pairs["count"] >= co_cfg.min_count].copy()
-    kept["score"] = expected_score(score, kept["count"].to_numpy(),
-                                   n.loc[list(zip(kept.layer, kept.unit, kept.cluster))].to_numpy(),
-                                   n.loc[list(zip(kept.layer_b, kept.unit_b, kept.cluster_b))].to_numpy(), n_tokens)
+    kept["score"] = expected_score(
+        score,
+        kept["count"].to_numpy(),
+        n.loc[list(zip(kept.layer, kept.unit, kept.cluster))].to_numpy(),
+        n.loc[list(zip(kept.layer_b, kept.unit_b, kept.cluster_b))].to_numpy(),
+        n_tokens,
+    )
     kept["score"] = kept.score.astype(np.float32)
-    kept = kept.sort_values(["layer", "unit", "cluster", "score", "count", "layer_b", "unit_b", "cluster_b"],
-                            ascending=[True, True, True, False, False, True, True, True])
+    kept = kept.sort_values(
+        ["layer", "unit", "cluster", "score", "count", "layer_b", "unit_b", "cluster_b"],
+        ascending=[True, True, True, False, False, True, True, True],
+    )
     kept = kept[kept.groupby(["layer", "unit", "cluster"]).cumcount() < co_cfg.partners]
     got = coactivation_rows(cfg.run_dir).rename(columns={"neuron": "unit", "neuron_b": "unit_b"})
     keys = ["layer", "unit", "cluster", "layer_b", "unit_b", "cluster_b"]
@@ -332,16 +381,18 @@ def test_coactivation_job_equals_brute_force(plain, tmp_path, monkeypatch, local
     np.testing.assert_allclose(merged.score_got, merged.score, rtol=1e-5)
     assert kept.groupby(["layer", "unit", "cluster"]).size().max() == co_cfg.partners  # the cut binds
     # Each feature's statistics.
-    features = RunDir(cfg.run_dir).read_parquet(schema.FEATURES_DIR).to_pandas().set_index(
-        ["layer", "neuron", "cluster"])
+    features = (
+        RunDir(cfg.run_dir).read_parquet(schema.FEATURES_DIR).to_pandas().set_index(["layer", "neuron", "cluster"])
+    )
     assert len(features) == info["features"] and features.index.is_unique
     seen = features[features.occurrences > 0]
     assert len(seen) == len(n) == info["features_seen"]
     for (layer, unit, cluster), row in seen.sample(40, random_state=0).iterrows():
         acts = occ[(occ.layer == layer) & (occ.unit == unit) & (occ.cluster == cluster)].act.to_numpy(np.float64)
         assert row.occurrences == len(acts) and row.density == pytest.approx(len(acts) / n_tokens)
-        np.testing.assert_allclose([row.act_q10, row.act_q50, row.act_q90], np.quantile(acts, [0.1, 0.5, 0.9]),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            [row.act_q10, row.act_q50, row.act_q90], np.quantile(acts, [0.1, 0.5, 0.9]), rtol=1e-6
+        )
         assert row.act_peak == pytest.approx(acts.max())
     assert features[features.occurrences == 0].act_q50.isna().all()
 
@@ -357,10 +408,12 @@ def test_similar_features_answer_by_behaviour(plain, tmp_path, capsys):
     sf = SimilarFeatures.load(plain.run_dir)
     hits = sf.query(layer=layer, neuron=neuron, cluster=cluster, k=5)
     mine = table[(table.layer == layer) & (table.neuron == neuron) & (table.cluster == cluster)]
-    best = mine.sort_values(["score", "count", "layer_b", "neuron_b", "cluster_b"],
-                            ascending=[False, False, True, True, True]).head(5)
-    assert [(h.layer, h.neuron, h.cluster, h.count) for h in hits] == \
-        list(zip(best.layer_b, best.neuron_b, best.cluster_b, best["count"]))
+    best = mine.sort_values(
+        ["score", "count", "layer_b", "neuron_b", "cluster_b"], ascending=[False, False, True, True, True]
+    ).head(5)
+    assert [(h.layer, h.neuron, h.cluster, h.count) for h in hits] == list(
+        zip(best.layer_b, best.neuron_b, best.cluster_b, best["count"])
+    )
     assert all(h.by == "behaviour" for h in hits) and [h.similarity for h in hits] == pytest.approx(list(best.score))
     vector = sf.query(layer, neuron, cluster, k=5, by="vector")
     assert vector and all(h.by == "vector" for h in vector)
@@ -378,13 +431,33 @@ def test_similar_features_answer_by_behaviour(plain, tmp_path, capsys):
     with pytest.raises(ConfigError, match=rf"cluster 99 is out of range; neuron {neuron} of layer {layer} has "):
         sf.query(layer, neuron, 99)
     # `ne similar` says which answer it gave.
-    assert main(["similar", plain.run_dir, "--layer", str(layer), "--neuron", str(neuron), "--cluster",
-                 str(cluster), "-k", "3"]) == 0
+    assert (
+        main(
+            [
+                "similar",
+                plain.run_dir,
+                "--layer",
+                str(layer),
+                "--neuron",
+                str(neuron),
+                "--cluster",
+                str(cluster),
+                "-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
-    assert out[1].startswith("answered by behaviour") and out[2].split()[:6] == ["layer", "neuron", "cluster", "score",
-                                                                                  "together", "by"]
-    assert [tuple(map(int, line.split()[:3])) for line in out[3:]] == [(h.layer, h.neuron, h.cluster)
-                                                                       for h in hits[:3]]
+    assert out[1].startswith("answered by behaviour") and out[2].split()[:6] == [
+        "layer",
+        "neuron",
+        "cluster",
+        "score",
+        "together",
+        "by",
+    ]
+    assert [tuple(map(int, line.split()[:3])) for line in out[3:]] == [(h.layer, h.neuron, h.cluster) for h in hits[:3]]
     assert main(["similar", plain.run_dir, "--layer", str(layer), "--neuron", str(neuron), "--by", "vector"]) == 0
     assert "answered by vector" in capsys.readouterr().out
     # A run without an index still answers by behaviour (and says a vector query needs the index).
@@ -395,8 +468,9 @@ def test_similar_features_answer_by_behaviour(plain, tmp_path, capsys):
     RunDir(str(no_index)).write_manifest(m)
     shutil.rmtree(no_index / "index")
     alone = SimilarFeatures.load(str(no_index))
-    assert [(h.layer, h.neuron, h.cluster, h.ctx_id, h.pos) for h in alone.query(layer, neuron, cluster, k=5)] == \
-        [(h.layer, h.neuron, h.cluster, h.ctx_id, h.pos) for h in hits]
+    assert [(h.layer, h.neuron, h.cluster, h.ctx_id, h.pos) for h in alone.query(layer, neuron, cluster, k=5)] == [
+        (h.layer, h.neuron, h.cluster, h.ctx_id, h.pos) for h in hits
+    ]
     with pytest.raises(DataError, match="no similar-features index to search by vector; run `ne index"):
         alone.query_vector(np.ones(64))
 
@@ -411,8 +485,9 @@ def test_viewer_shows_density_and_what_fires_together(plain, monkeypatch):
     occurrence_job.run_occurrence(plain)
     table = coactivation_rows(plain.run_dir)
     layer, neuron, cluster = table.groupby(["layer", "neuron", "cluster"]).size().idxmax()
-    features = RunDir(plain.run_dir).read_parquet(schema.FEATURES_DIR).to_pandas().set_index(
-        ["layer", "neuron", "cluster"])
+    features = (
+        RunDir(plain.run_dir).read_parquet(schema.FEATURES_DIR).to_pandas().set_index(["layer", "neuron", "cluster"])
+    )
     monkeypatch.setattr(sys, "argv", ["app.py", plain.run_dir])
     at = AppTest.from_file(str(REPO / "ne" / "viewer" / "app.py"), default_timeout=60)
     at.query_params.update(layer=str(layer), neuron=str(neuron), cluster=str(cluster))
@@ -425,8 +500,10 @@ def test_viewer_shows_density_and_what_fires_together(plain, monkeypatch):
     assert radio.options == ["fires together", "vector"] and radio.value == "fires together"
     mine = table[(table.layer == layer) & (table.neuron == neuron) & (table.cluster == cluster)].head(5)
     labels = [b.label for b in at.button if b.key and b.key.startswith(f"sim_{layer}_{neuron}_{cluster}_")]
-    assert labels == [f"L{r.layer_b} · N{r.neuron_b} · C{r.cluster_b} — together on {r.count} tokens, count "
-                      f"{r.score:.3g}" for r in mine.itertuples()]
+    assert labels == [
+        f"L{r.layer_b} · N{r.neuron_b} · C{r.cluster_b} — together on {r.count} tokens, count {r.score:.3g}"
+        for r in mine.itertuples()
+    ]
     radio.set_value("vector").run()
     labels = [b.label for b in at.button if b.key and b.key.startswith(f"sim_{layer}_{neuron}_{cluster}_")]
     assert labels and all("similarity" in label for label in labels)

@@ -22,8 +22,9 @@ def test_a_cluster_smaller_than_asked_warns_with_the_real_numbers(local_ray, cap
     with caplog.at_level(logging.WARNING, logger="jobs.ray_utils"):
         n, threads, options = model_actor_options("importance", 50, False, 1, "neuron batches")
     assert (n, threads, options["num_cpus"]) == (1, 2, 2)
-    assert caplog.messages == ["importance.num_workers is 50 but the Ray cluster has 2 CPUs; using 1 worker "
-                               "(neuron batches to do: 1)"]
+    assert caplog.messages == [
+        "importance.num_workers is 50 but the Ray cluster has 2 CPUs; using 1 worker (neuron batches to do: 1)"
+    ]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="jobs.ray_utils"):
         assert cpu_workers(2, "harvest.num_workers", 1, "parts") == (1, 2)  # fewer parts than workers: no warning
@@ -39,8 +40,11 @@ def test_our_error_in_a_ray_train_worker_comes_out_as_itself(local_ray, tmp_path
     def loop(config):
         raise DataError("'train-images-idx3-ubyte.gz' holds 16 bytes but its header needs 15696; download it again")
 
-    trainer = TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
-                           run_config=ray.train.RunConfig(name="fails", storage_path=str(tmp_path)))
+    trainer = TorchTrainer(
+        loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=1),
+        run_config=ray.train.RunConfig(name="fails", storage_path=str(tmp_path)),
+    )
     with pytest.raises(DataError, match=r"^'train-images-idx3-ubyte.gz' holds 16 bytes") as err:
         fit(trainer)
     assert err.value.__suppress_context__  # raised as itself: no chain of Ray's own errors printed with it

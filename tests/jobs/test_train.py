@@ -67,12 +67,16 @@ def test_unknown_force_and_a_loss_that_never_starts_are_errors(tmp_path):
 
     data = require_shared("mnist")
     cfg = load_config(CONFIG, [f"run_dir={tmp_path / 'run'}", f"data.dir={data}"], cls=MnistRunConfig)
-    with pytest.raises(ConfigError, match="--force 'mlp' names no stage; this command's stages are: mnist_mlp, "
-                                          "mnist_sae_standard, mnist_sae_ne_loss, mnist_eval"):
+    with pytest.raises(
+        ConfigError,
+        match="--force 'mlp' names no stage; this command's stages are: mnist_mlp, "
+        "mnist_sae_standard, mnist_sae_ne_loss, mnist_eval",
+    ):
         run_train(cfg, force=["mlp"])
     short = replace(cfg, data=replace(cfg.data, train_subset=2000))
-    with pytest.raises(ConfigError, match="sae.ne_start_step is 200 but the SAEs train for only 16 steps .*would "
-                                          "never switch on"):
+    with pytest.raises(
+        ConfigError, match="sae.ne_start_step is 200 but the SAEs train for only 16 steps .*would never switch on"
+    ):
         run_train(short)
     assert not (tmp_path / "run").exists()
 
@@ -100,10 +104,20 @@ def test_ray_train_writes_authors_format_skips_and_resumes(tmp_path, local_ray):
     from jobs.train import run_train
 
     data = require_shared("mnist")
-    cfg = load_config(CONFIG, [
-        f"run_dir={tmp_path / 'run'}", f"data.dir={data}", "data.train_subset=640", "data.test_subset=300",
-        "mlp.epochs=1", "sae.batch_size=64", "sae.ne_start_step=4", "trainer.threads_per_worker=1",
-    ], cls=MnistRunConfig)
+    cfg = load_config(
+        CONFIG,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"data.dir={data}",
+            "data.train_subset=640",
+            "data.test_subset=300",
+            "mlp.epochs=1",
+            "sae.batch_size=64",
+            "sae.ne_start_step=4",
+            "trainer.threads_per_worker=1",
+        ],
+        cls=MnistRunConfig,
+    )
     first = run_train(cfg)
     assert first.trained == ["mlp", "sae_standard", "sae_ne_loss"] and first.steps == 10 + 10 + 10
     folder = f"{tmp_path / 'run'}/mnist"
@@ -154,21 +168,33 @@ def _no_ray_train(monkeypatch):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("setting, message", [
-    ("trainer.num_workers=8", "trainer.num_workers is 8 but the Ray cluster has 2 CPUs, one per worker; set "
-                              "trainer.num_workers to at most 2"),
-    ("trainer.use_gpu=true", "trainer.use_gpu is true but the Ray cluster has no GPU; set trainer.use_gpu to false"),
-])
-def test_workers_the_cluster_cannot_hold_are_one_line_before_any_stage_begins(tmp_path, local_ray, monkeypatch,
-                                                                             capsys, setting, message):
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "trainer.num_workers=8",
+            "trainer.num_workers is 8 but the Ray cluster has 2 CPUs, one per worker; set "
+            "trainer.num_workers to at most 2",
+        ),
+        (
+            "trainer.use_gpu=true",
+            "trainer.use_gpu is true but the Ray cluster has no GPU; set trainer.use_gpu to false",
+        ),
+    ],
+)
+def test_workers_the_cluster_cannot_hold_are_one_line_before_any_stage_begins(
+    tmp_path, local_ray, monkeypatch, capsys, setting, message
+):
     from ne.cli import main
 
     sets = _tiny_mnist(tmp_path) + [setting, "trainer.threads_per_worker=1"]
     _no_ray_train(monkeypatch)
     assert main(["train", *[a for s in sets for a in ("--set", s)]]) == 2
     assert capsys.readouterr().err.splitlines() == [f"ne train: error: {message}"]
-    assert not any(name.startswith("mnist_m") or name.startswith("mnist_s")
-                   for name in RunDir(str(tmp_path / "run")).manifest().get("stages", {}))
+    assert not any(
+        name.startswith("mnist_m") or name.startswith("mnist_s")
+        for name in RunDir(str(tmp_path / "run")).manifest().get("stages", {})
+    )
 
 
 def test_a_truncated_file_or_an_unreachable_hub_is_one_line_from_the_driver(tmp_path, monkeypatch, capsys):
@@ -184,8 +210,12 @@ def test_a_truncated_file_or_an_unreachable_hub_is_one_line_from_the_driver(tmp_
     images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:-100]))  # the labels are intact
     assert main(["train", *[a for s in sets for a in ("--set", s)]]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "train-images-idx3-ubyte.gz' holds 15596 bytes but its header [20, 28, 28] needs " \
-        "15696: the file is truncated; download it again" in err[0]
+    assert (
+        len(err) == 1
+        and "train-images-idx3-ubyte.gz' holds 15596 bytes but its header [20, 28, 28] needs "
+        "15696: the file is truncated; download it again"
+        in err[0]
+    )
 
     import datasets.config
     import huggingface_hub.constants

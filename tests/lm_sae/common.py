@@ -35,13 +35,27 @@ def random_sae(arch: str, d: int = 12, m: int = 40, seed: int = 0) -> LMSAE:
 
 def tiny_run_cfg(run_dir: str, model_cfg: ModelConfig, **train) -> RunConfig:
     train = {"architecture": "topk", "expansion": 2, "k": 8, "batch_size": 64, "buffer_tokens": 256, **train}
-    return RunConfig(run_dir=run_dir, model=model_cfg,
-                     data=DataConfig(source="pydoc", n_ctx=32, max_contexts=48, contexts_per_part=8),
-                     harvest=HarvestConfig(k=8, frac=0.5, batch_size=8, num_workers=0),
-                     sae=UnitsSAEConfig(train_hook="blocks.1.hook_resid_pre", train=LMSAEConfig(**train),
-                                        trainer=SAETrainerConfig(num_workers=0, checkpoint_every=3)))
+    return RunConfig(
+        run_dir=run_dir,
+        model=model_cfg,
+        data=DataConfig(source="pydoc", n_ctx=32, max_contexts=48, contexts_per_part=8),
+        harvest=HarvestConfig(k=8, frac=0.5, batch_size=8, num_workers=0),
+        sae=UnitsSAEConfig(
+            train_hook="blocks.1.hook_resid_pre",
+            train=LMSAEConfig(**train),
+            trainer=SAETrainerConfig(num_workers=0, checkpoint_every=3),
+        ),
+    )
 
 
 def train_tiny(cfg: RunConfig, model, steps=12, **kwargs):
-    return train_sae(model, RunDir(cfg.run_dir), cfg.sae.train_hook, cfg.sae.train, cfg.sae.eval.holdout_every,
-                     cfg.seed, steps, **kwargs)
+    return train_sae(
+        model,
+        RunDir(cfg.run_dir),
+        cfg.sae.train_hook,
+        cfg.sae.train,
+        cfg.sae.eval.holdout_every,
+        cfg.seed,
+        steps,
+        **kwargs,
+    )

@@ -26,8 +26,17 @@ def fake_stream(n_contexts: int = 40, seed: int = 0) -> list[StreamContext]:
 
 
 def fake_rows(contexts: list[StreamContext]) -> list[torch.Tensor]:
-    return [torch.stack([torch.full((c.n_rows,), float(c.ctx_id)), torch.arange(c.n_rows, dtype=torch.float32),
-                         torch.ones(c.n_rows)], dim=1) for c in contexts]
+    return [
+        torch.stack(
+            [
+                torch.full((c.n_rows,), float(c.ctx_id)),
+                torch.arange(c.n_rows, dtype=torch.float32),
+                torch.ones(c.n_rows),
+            ],
+            dim=1,
+        )
+        for c in contexts
+    ]
 
 
 def batches_of(stream, world: int, capacity=64, batch=16, steps=20, resume_at: int | None = None):
@@ -72,8 +81,11 @@ def test_buffer_batches_are_independent_of_workers_and_of_resuming():
 def test_stream_covers_each_training_context_once(tmp_path, tiny_model_cfg):
     from ne.rundir.contexts import read_contexts, write_contexts
 
-    cfg = RunConfig(run_dir=str(tmp_path / "run"), model=tiny_model_cfg,
-                    data=DataConfig(source="pydoc", n_ctx=16, max_contexts=60, contexts_per_part=7))
+    cfg = RunConfig(
+        run_dir=str(tmp_path / "run"),
+        model=tiny_model_cfg,
+        data=DataConfig(source="pydoc", n_ctx=16, max_contexts=60, contexts_per_part=7),
+    )
     run = RunDir(cfg.run_dir)
     write_contexts(run, cfg, load_model(tiny_model_cfg))
     stream = list(stream_contexts(run, seed=5, holdout_every=4, skip=1))

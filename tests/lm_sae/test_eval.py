@@ -44,8 +44,11 @@ def test_evaluation_against_naive_computations(tmp_path, tiny):
                 return torch.cat([act[:, :1], recon[None, 1:]], dim=1)
 
             ce_clean.append(tiny.model(t, return_type="loss", loss_per_token=True)[0])
-            ce_spliced.append(tiny.model.run_with_hooks(t, return_type="loss", loss_per_token=True,
-                                                        fwd_hooks=[("blocks.1.hook_resid_pre", splice)])[0])
+            ce_spliced.append(
+                tiny.model.run_with_hooks(
+                    t, return_type="loss", loss_per_token=True, fwd_hooks=[("blocks.1.hook_resid_pre", splice)]
+                )[0]
+            )
         x = torch.cat(xs)
         f = loaded.encode(x)
         err = (loaded.decode(f) - x).square().sum()
@@ -56,12 +59,14 @@ def test_evaluation_against_naive_computations(tmp_path, tiny):
     assert got.dead_pct == pytest.approx(100 * float(((f > 0).sum(0) == 0).float().mean()))
     assert got.dense_pct == pytest.approx(100 * float(((f > 0).float().mean(0) > 0.3).float().mean()))
     assert got.ce_clean == pytest.approx(float(torch.cat(ce_clean).mean()), rel=1e-4)
-    assert got.ce_increase == pytest.approx(float(torch.cat(ce_spliced).mean() - torch.cat(ce_clean).mean()), rel=1e-3,
-                                            abs=1e-4)
+    assert got.ce_increase == pytest.approx(
+        float(torch.cat(ce_spliced).mean() - torch.cat(ce_clean).mean()), rel=1e-3, abs=1e-4
+    )
     assert got.ce_increase > 0.01 and math.isnan(got.cosine)
     rows = loaded.W_enc.detach().T  # one encoder row per latent
-    assert got.enc_dims == pytest.approx(float(np.median([float(w.square().sum() ** 2 / (w**4).sum()) for w in rows])),
-                                         rel=1e-5)
+    assert got.enc_dims == pytest.approx(
+        float(np.median([float(w.square().sum() ** 2 / (w**4).sum()) for w in rows])), rel=1e-5
+    )
 
     # MiniLM: the sentence embedding, spliced at the last block's output, is the mean of the rows replaced.
     from ne.lm_sae.eval import downstream_model

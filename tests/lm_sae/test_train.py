@@ -31,8 +31,10 @@ def tiny_run(tmp_path_factory, tiny_model_cfg):
 
 def test_training_resumes_to_the_same_weights_and_the_ne_loss_starts_late(tiny_run, tiny):
     saved: list[TrainState] = []
-    cfg = dataclasses.replace(tiny_run, sae=dataclasses.replace(
-        tiny_run.sae, train=dataclasses.replace(tiny_run.sae.train, loss="ne", ne_start=0.5)))
+    cfg = dataclasses.replace(
+        tiny_run,
+        sae=dataclasses.replace(tiny_run.sae, train=dataclasses.replace(tiny_run.sae.train, loss="ne", ne_start=0.5)),
+    )
     sae, final = train_tiny(cfg, tiny, steps=8, checkpoint=saved.append, checkpoint_every=4)
     assert [s.step for s in saved] == [4] and final.step == 8 and final.summary()["l0"] == 8.0
     resumed, again = train_tiny(cfg, tiny, steps=8, state=TrainState.from_dict(saved[0].to_dict()))
@@ -41,8 +43,9 @@ def test_training_resumes_to_the_same_weights_and_the_ne_loss_starts_late(tiny_r
         torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=1e-5)
     # Until the NE loss switches on (step 4 of 8), it only tracks its averages: the standard SAE takes the same
     # steps, from the same initialisation on the same batches.
-    plain = dataclasses.replace(cfg, sae=dataclasses.replace(cfg.sae, train=dataclasses.replace(cfg.sae.train,
-                                                                                                  loss="none")))
+    plain = dataclasses.replace(
+        cfg, sae=dataclasses.replace(cfg.sae, train=dataclasses.replace(cfg.sae.train, loss="none"))
+    )
     _, last = train_tiny(plain, tiny, steps=8, checkpoint=saved.append, checkpoint_every=4)
     assert torch.equal(saved[0].sae["W_enc"], saved[1].sae["W_enc"])
     assert final.sums[2] > 0 and last.sums[2] == 0 and not torch.equal(final.sae["W_enc"], last.sae["W_enc"])
@@ -58,8 +61,12 @@ def test_bad_settings_are_one_line_errors(tiny_run, tiny, tmp_path):
     for key, value, message in [
         ("expansion", 0, r"sae.train.expansion is 0; it must be at least 1"),
         ("k", 0, r"sae.train.k is 0; it must be at least 1"),
-        ("buffer_tokens", 32, r"sae.train.buffer_tokens \(32\) is smaller than sae.train.batch_size \(64\): the "
-                              r"buffer must hold a whole batch"),
+        (
+            "buffer_tokens",
+            32,
+            r"sae.train.buffer_tokens \(32\) is smaller than sae.train.batch_size \(64\): the "
+            r"buffer must hold a whole batch",
+        ),
         ("ne_start", 1.0, r"sae.train.ne_start is 1.0; it is a fraction of the steps in \[0, 1\)"),
     ]:
         with pytest.raises(ConfigError, match=message):
@@ -68,22 +75,37 @@ def test_bad_settings_are_one_line_errors(tiny_run, tiny, tmp_path):
         LMSAEEvalConfig(holdout_every=1)
     with pytest.raises(ConfigError, match=r"sae.compare.seeds is set but sae.compare.ne_coeffs is empty"):
         SAECompareConfig(seeds=[0])
-    with pytest.raises(ConfigError, match=r"sae.train.k is 200 but the SAE has only 128 latents \(expansion 2 × 64, "
-                                          r"the width of blocks.1.hook_resid_pre\); lower k or raise expansion"):
+    with pytest.raises(
+        ConfigError,
+        match=r"sae.train.k is 200 but the SAE has only 128 latents \(expansion 2 × 64, "
+        r"the width of blocks.1.hook_resid_pre\); lower k or raise expansion",
+    ):
         LMSAEConfig(architecture="topk", expansion=2, k=200).check_width(64, "blocks.1.hook_resid_pre")
     long = tiny_run_cfg(tiny_run.run_dir, tiny_run.model, train_tokens=10**6)
-    with pytest.raises(DataError, match=r"sae.train.train_tokens is 1,000,000 but the corpus gives 1,3\d\d training "
-                                        r"tokens \(BOS excluded"):
+    with pytest.raises(
+        DataError,
+        match=r"sae.train.train_tokens is 1,000,000 but the corpus gives 1,3\d\d training "
+        r"tokens \(BOS excluded",
+    ):
         planned_steps(RunDir(tiny_run.run_dir), long, tiny)
-    lacking = dataclasses.replace(tiny_run, run_dir=str(tmp_path / "run"),
-                                  sae=dataclasses.replace(tiny_run.sae, train_hook="blocks.1.hook_nothing"))
-    with pytest.raises(ConfigError, match=r"^sae.train_hook is 'blocks.1.hook_nothing', which tiny-gpt2 has no hook "
-                                          r"named"):
+    lacking = dataclasses.replace(
+        tiny_run,
+        run_dir=str(tmp_path / "run"),
+        sae=dataclasses.replace(tiny_run.sae, train_hook="blocks.1.hook_nothing"),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^sae.train_hook is 'blocks.1.hook_nothing', which tiny-gpt2 has no hook "
+        r"named",
+    ):
         run_harvest(lacking)
     from ne.lm_sae.train import hook_width
 
-    with pytest.raises(ConfigError, match=r"sae.train_hook is 'blocks.0.attn.hook_q', whose activations have shape "
-                                          r"\[batch, pos, 4, 16\] in tiny-gpt2; an SAE reads one vector per token"):
+    with pytest.raises(
+        ConfigError,
+        match=r"sae.train_hook is 'blocks.0.attn.hook_q', whose activations have shape "
+        r"\[batch, pos, 4, 16\] in tiny-gpt2; an SAE reads one vector per token",
+    ):
         hook_width(tiny, "blocks.0.attn.hook_q")
 
 

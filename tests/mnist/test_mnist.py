@@ -207,8 +207,15 @@ def test_labels_outside_0_to_9_are_one_line_errors(tmp_path, command, capsys):
     (tmp_path / f"{mnist_data.FILES[('train', 'labels')]}.gz").write_bytes(gzip.compress(idx_bytes(labels)))
     with pytest.raises(DataError, match=r"train labels: label 11 at index 7 \(1 such\) lies outside 0..9"):
         mnist_data.load_idx(str(tmp_path), "train")
-    args = [command, "--set", f"data.dir={tmp_path}", "--set", f"run_dir={tmp_path / 'run'}",
-            "--set", "sae.ne_start_step=0"]
+    args = [
+        command,
+        "--set",
+        f"data.dir={tmp_path}",
+        "--set",
+        f"run_dir={tmp_path / 'run'}",
+        "--set",
+        "sae.ne_start_step=0",
+    ]
     if command == "sae-eval":
         args += ["--weights", str(tmp_path)]
     assert main(args) == 2
@@ -221,8 +228,10 @@ def test_figure_with_an_unknown_model_lists_the_valid_ones(capsys):
 
     assert main(["figure", "--model", "bogus", "--neuron", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("ne figure: error: --model 'bogus' is not a model of the MNIST run; choose one of mlp, "
-                   "sae_standard, sae_ne_loss")
+    assert err == (
+        "ne figure: error: --model 'bogus' is not a model of the MNIST run; choose one of mlp, "
+        "sae_standard, sae_ne_loss"
+    )
 
 
 @pytest.mark.parametrize("command", [["sae-eval", "--weights", "WEIGHTS"], ["figure", "--neuron", "1"]])
@@ -231,12 +240,15 @@ def test_out_naming_a_file_is_one_line_before_any_work(tmp_path, command, capsys
 
     (tmp_path / "table.md").write_text("keep me")
     args = [a.replace("WEIGHTS", str(tmp_path / "absent")) for a in command]
-    for out, where in ((tmp_path / "table.md", "is a file"),
-                       (tmp_path / "table.md" / "sub", f"lies under {str(tmp_path / 'table.md')!r}, which is a file")):
+    for out, where in (
+        (tmp_path / "table.md", "is a file"),
+        (tmp_path / "table.md" / "sub", f"lies under {str(tmp_path / 'table.md')!r}, which is a file"),
+    ):
         assert main([*args, "--out", str(out), "--set", f"run_dir={tmp_path / 'run'}"]) == 2
         err = capsys.readouterr().err.splitlines()
-        assert err == [f"ne {command[0]}: error: --out {str(out)!r} {where}; give a directory (it is created when "
-                       "missing)"]
+        assert err == [
+            f"ne {command[0]}: error: --out {str(out)!r} {where}; give a directory (it is created when missing)"
+        ]
     assert (tmp_path / "table.md").read_text() == "keep me"
 
 

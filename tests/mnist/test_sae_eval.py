@@ -96,8 +96,9 @@ def test_evaluate_matches_naive_computation():
 
 def test_tables_round_trip():
     mlp, sae = toy_models()
-    runs = [evaluate(mlp, sae, toy_split(100, s), toy_split(120, s + 10), SAEEvalConfig(max_examples=10))
-            for s in range(3)]
+    runs = [
+        evaluate(mlp, sae, toy_split(100, s), toy_split(120, s + 10), SAEEvalConfig(max_examples=10)) for s in range(3)
+    ]
     mean, std = summarise(runs)
     assert mean["mse"] == pytest.approx(np.mean([r.mse for r in runs]))
     assert std["mse"] == pytest.approx(np.std([r.mse for r in runs], ddof=1))
@@ -204,8 +205,12 @@ def test_sae_eval_never_writes_over_the_runs_own_tables(tmp_path, capsys):
     data, weights = require_shared("mnist"), require_shared("mechmnistic")
     run = RunDir(str(tmp_path / "run"))
     cfg = MnistRunConfig(run_dir=run.url, data=MnistDataConfig(dir=str(data), train_subset=300, test_subset=300))
-    for name, model in (("mnist_mlp", "mlp"), ("mnist_sae_standard", "sae_standard"),
-                        ("mnist_sae_ne_loss", "sae_ne_loss"), ("mnist_eval", None)):
+    for name, model in (
+        ("mnist_mlp", "mlp"),
+        ("mnist_sae_standard", "sae_standard"),
+        ("mnist_sae_ne_loss", "sae_ne_loss"),
+        ("mnist_eval", None),
+    ):
         stage = Stage(run, name, cfg)  # the stages as `ne train` records them, with the authors' weights
         stage.begin()
         if model:

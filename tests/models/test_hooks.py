@@ -29,8 +29,12 @@ def test_read_hook_equals_each_back_ends_own_activations(tiny, minilm, tmp_path)
         states = minilm.model(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states
         act = minilm.run(tokens, mask, [2])[2].act
         mlp_out = minilm.model.encoder.layer[2].output.dense(act)
-    for hook, expected in [("blocks.2.hook_resid_pre", states[2]), ("blocks.2.hook_resid_post", states[3]),
-                           ("blocks.2.mlp.hook_post", act), ("blocks.2.hook_mlp_out", mlp_out)]:
+    for hook, expected in [
+        ("blocks.2.hook_resid_pre", states[2]),
+        ("blocks.2.hook_resid_post", states[3]),
+        ("blocks.2.mlp.hook_post", act),
+        ("blocks.2.hook_mlp_out", mlp_out),
+    ]:
         torch.testing.assert_close(read_hook(minilm, tokens, mask, hook)[real], expected[real], atol=1e-5, rtol=1e-4)
 
     from tests.conftest import write_gated_hf
@@ -41,8 +45,11 @@ def test_read_hook_equals_each_back_ends_own_activations(tiny, minilm, tmp_path)
         states = llama.model(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states
         act = llama.run(tokens, mask, [0])[0].act
         mlp_out = llama.model.layers[0].mlp.down_proj(act)
-    for hook, expected in [("blocks.0.hook_resid_post", states[1]), ("blocks.0.mlp.hook_post", act),
-                           ("blocks.0.hook_mlp_out", mlp_out)]:
+    for hook, expected in [
+        ("blocks.0.hook_resid_post", states[1]),
+        ("blocks.0.mlp.hook_post", act),
+        ("blocks.0.hook_mlp_out", mlp_out),
+    ]:
         torch.testing.assert_close(read_hook(llama, tokens, mask, hook)[mask.bool()], expected[mask.bool()])
 
 
@@ -69,11 +76,17 @@ def test_a_splice_replaces_the_activation_downstream(tiny, minilm):
 
 
 def test_a_hook_the_model_lacks_is_one_line(tiny, minilm):
-    with pytest.raises(ConfigError, match=r"the SAE reads 'blocks.0.hook_nowhere', which tiny-gpt2 has no hook "
-                                          r"named; see its hook_dict"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the SAE reads 'blocks.0.hook_nowhere', which tiny-gpt2 has no hook "
+        r"named; see its hook_dict",
+    ):
         read_hook(tiny, torch.tensor([[1]]), torch.tensor([[1]]), "blocks.0.hook_nowhere")
-    with pytest.raises(ConfigError, match=r"the SAE reads 'blocks.7.hook_resid_pre', which the HFModel back end "
-                                          r"cannot reach; it reaches blocks.L.hook_resid_pre, "
-                                          r"blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.mlp.hook_post "
-                                          r"for L < 6"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the SAE reads 'blocks.7.hook_resid_pre', which the HFModel back end "
+        r"cannot reach; it reaches blocks.L.hook_resid_pre, "
+        r"blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.mlp.hook_post "
+        r"for L < 6",
+    ):
         read_hook(minilm, torch.tensor([[1]]), torch.tensor([[1]]), "blocks.7.hook_resid_pre")

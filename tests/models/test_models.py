@@ -38,8 +38,9 @@ def unfolded_tl(state, arch=TINY_ARCH):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     model = HookedTransformer(HookedTransformerConfig(**arch, device="cpu"))
-    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
-                                      fold_value_biases=False)
+    model.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
     return model
 
 
@@ -157,8 +158,9 @@ def test_by_name_wrapping(monkeypatch, tiny_model_cfg):
     out = model.run(tokens, mask, [0, 1])
     assert_identity(model, out, mask)
     _, cache = unfolded_tl(state).run_with_cache(tokens, attention_mask=mask)
-    torch.testing.assert_close(out[1].act[mask.bool()], cache["blocks.1.mlp.hook_post"][mask.bool()],
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        out[1].act[mask.bool()], cache["blocks.1.mlp.hook_post"][mask.bool()], atol=1e-5, rtol=1e-4
+    )
 
 
 def test_unfolded_model_is_refused():
@@ -190,8 +192,11 @@ def test_bad_weights_files(tmp_path, tiny_model_cfg):
     state["blocks.0.mlp.W_inn"] = state.pop("blocks.0.mlp.W_in")
     state["blocks.1.mlp.b_in"] = torch.zeros(7)
     save_file(state, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(DataError, match=r"missing tensors: blocks.0.mlp.W_in; unknown tensors: blocks.0.mlp.W_inn; "
-                                        r"wrong shapes: blocks.1.mlp.b_in \(7,\) \(expected \(256,\)\)"):
+    with pytest.raises(
+        DataError,
+        match=r"missing tensors: blocks.0.mlp.W_in; unknown tensors: blocks.0.mlp.W_inn; "
+        r"wrong shapes: blocks.1.mlp.b_in \(7,\) \(expected \(256,\)\)",
+    ):
         load(tmp_path / "bad.safetensors")
 
 
@@ -227,8 +232,16 @@ def test_hf_gpt2_identity_and_agrees_with_transformer_lens(tmp_path):
 
     state = convert_gpt2_weights(hf, HookedTransformerConfig(**arch))
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "gpt2.safetensors"))
-    tl_model = load_model(ModelConfig(backend="safetensors", name="gpt2-random", architecture=arch,
-                                      weights=str(tmp_path / "gpt2.safetensors"), tokenizer="gpt2", device="cpu"))
+    tl_model = load_model(
+        ModelConfig(
+            backend="safetensors",
+            name="gpt2-random",
+            architecture=arch,
+            weights=str(tmp_path / "gpt2.safetensors"),
+            tokenizer="gpt2",
+            device="cpu",
+        )
+    )
     tl_out = tl_model.run(tokens, mask, [0, 1])
     for layer in (0, 1):
         torch.testing.assert_close(tl_out[layer].act[mask.bool()], out[layer].act[mask.bool()], atol=1e-5, rtol=1e-4)
@@ -274,12 +287,15 @@ def test_token_decoder_by_name(monkeypatch):
     import transformers
 
     asked = []
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kw: asked.append(name) or
-                        gpt2_tokenizer())
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda name, **kw: asked.append(name) or gpt2_tokenizer()
+    )
     _no_weights(monkeypatch)
     ids = gpt2_tokenizer()("Hello world, again")["input_ids"]
-    assert "".join(load_token_decoder(ModelConfig(backend="transformer_lens", name="gpt2-small"))(ids)) == \
-        "Hello world, again"
+    assert (
+        "".join(load_token_decoder(ModelConfig(backend="transformer_lens", name="gpt2-small"))(ids))
+        == "Hello world, again"
+    )
     assert asked == []
     load_token_decoder(ModelConfig(backend="transformer_lens", name="pythia-70m"))
     assert asked == ["EleutherAI/pythia-70m"]

@@ -33,10 +33,23 @@ def hf_config(path) -> ModelConfig:
 def tl_arch(model_type: str) -> dict:
     """The TransformerLens architecture of `write_gated_hf`'s models."""
     s = GATED_SHAPE
-    return dict(n_layers=s["num_hidden_layers"], d_model=s["hidden_size"], d_head=16, n_heads=4, n_key_value_heads=2,
-                d_mlp=s["intermediate_size"], d_vocab=s["vocab_size"], n_ctx=s["max_position_embeddings"],
-                normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=16, gated_mlp=True,
-                final_rms=True, eps=1e-6, act_fn="silu" if model_type == "llama" else "gelu_pytorch_tanh")
+    return dict(
+        n_layers=s["num_hidden_layers"],
+        d_model=s["hidden_size"],
+        d_head=16,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=s["intermediate_size"],
+        d_vocab=s["vocab_size"],
+        n_ctx=s["max_position_embeddings"],
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=16,
+        gated_mlp=True,
+        final_rms=True,
+        eps=1e-6,
+        act_fn="silu" if model_type == "llama" else "gelu_pytorch_tanh",
+    )
 
 
 def tl_state(hf_dir, model_type: str) -> dict[str, torch.Tensor]:
@@ -52,10 +65,18 @@ def tl_state(hf_dir, model_type: str) -> dict[str, torch.Tensor]:
 # --- hf --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type,extra", [
-    ("llama", {"mlp_bias": True}), ("gemma", {}), ("mistral", {}), ("qwen2", {}), ("gemma2", {}), ("olmo", {}),
-    ("olmo2", {}),
-])
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [
+        ("llama", {"mlp_bias": True}),
+        ("gemma", {}),
+        ("mistral", {}),
+        ("qwen2", {}),
+        ("gemma2", {}),
+        ("olmo", {}),
+        ("olmo2", {}),
+    ],
+)
 def test_hf_gated_identity_against_the_models_own_modules(tmp_path, model_type, extra):
     from tests.conftest import write_gated_hf
 
@@ -66,8 +87,9 @@ def test_hf_gated_identity_against_the_models_own_modules(tmp_path, model_type, 
     assert_gated_identity(model, out, mask)
     # Independently of our normalisation and folding: the MLP module's own input and its own maps.
     seen = {}
-    hooks = [model.model.layers[i].mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0]))
-             for i in (0, 1)]
+    hooks = [
+        model.model.layers[i].mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0])) for i in (0, 1)
+    ]
     try:
         model.model(input_ids=tokens, attention_mask=mask)
     finally:
@@ -76,8 +98,9 @@ def test_hf_gated_identity_against_the_models_own_modules(tmp_path, model_type, 
     valid = mask.bool()
     for i in (0, 1):
         mlp, x = model.model.layers[i].mlp, seen[i]
-        torch.testing.assert_close(out[i].act[valid], (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))[valid],
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            out[i].act[valid], (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))[valid], atol=1e-5, rtol=1e-4
+        )
         site = model.gated_sites[i]
         folded = out[i].h if site.scale() is None else out[i].h * site.scale()
         torch.testing.assert_close(folded[valid], x[valid], atol=1e-5, rtol=1e-4)  # h is the MLP input, unweighted
@@ -102,8 +125,16 @@ def test_tl_gated_safetensors_identity_and_agrees_with_hf(tmp_path, model_type):
 
     hf_dir = write_gated_hf(tmp_path, model_type)
     save_file(tl_state(hf_dir, model_type), str(tmp_path / "tl.safetensors"))
-    tl = load_model(ModelConfig(backend="safetensors", name=f"tiny-{model_type}", architecture=tl_arch(model_type),
-                                weights=str(tmp_path / "tl.safetensors"), tokenizer="gpt2", device="cpu"))
+    tl = load_model(
+        ModelConfig(
+            backend="safetensors",
+            name=f"tiny-{model_type}",
+            architecture=tl_arch(model_type),
+            weights=str(tmp_path / "tl.safetensors"),
+            tokenizer="gpt2",
+            device="cpu",
+        )
+    )
     hf = load_model(hf_config(hf_dir))
     assert tl.gated and (tl.d_model, tl.d_mlp) == (hf.d_model, hf.d_mlp)
     tokens, mask = batch(tl)

@@ -81,39 +81,51 @@ def test_latents_equal_sae_lens_encode(tmp_path, tiny_model_cfg, kind, backend, 
         pre = reference.process_sae_in(x) @ reference.W_enc + reference.b_enc
         if ARCHITECTURES[kind][2].get("rescale_acts_by_decoder_norm"):
             pre = pre * reference.W_dec.norm(dim=-1)
-        torch.testing.assert_close(out.h @ units.W_in(units.layer) + units.b_in(units.layer), pre, atol=1e-4,
-                                   rtol=1e-4)
+        torch.testing.assert_close(out.h @ units.W_in(units.layer) + units.b_in(units.layer), pre, atol=1e-4, rtol=1e-4)
     assert units.d_mlp == 48 and units.check_layers(None) == [int(hook.split(".")[1])]
 
 
 def test_refused_architectures_and_unreachable_hooks(tmp_path, tiny_model_cfg):
     base = load_model(tiny_model_cfg)
     torch.manual_seed(0)
-    GatedSAE(GatedSAEConfig(d_in=base.d_model, d_sae=8, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre"))
-             ).save_model(str(tmp_path / "gated"))
-    with pytest.raises(ConfigError, match=r"is a 'gated' SAE; neuron embeddings need an encoder of the form "
-                                          r"act\(h @ W_enc \+ b_enc\), which standard, jumprelu, topk SAEs have"):
+    GatedSAE(
+        GatedSAEConfig(d_in=base.d_model, d_sae=8, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre"))
+    ).save_model(str(tmp_path / "gated"))
+    with pytest.raises(
+        ConfigError,
+        match=r"is a 'gated' SAE; neuron embeddings need an encoder of the form "
+        r"act\(h @ W_enc \+ b_enc\), which standard, jumprelu, topk SAEs have",
+    ):
         load_sae(str(tmp_path / "gated"))
     saelens_sae(tmp_path / "z", "standard", base.d_model, "blocks.0.hook_nowhere")
     with pytest.raises(ConfigError, match=r"the SAE reads 'blocks.0.hook_nowhere', which tiny-gpt2 has no hook named"):
         SAEUnits(base, load_sae(str(tmp_path / "z")), "z")
     saelens_sae(tmp_path / "q", "standard", base.d_model, "blocks.0.attn.hook_q")
-    with pytest.raises(ConfigError, match=r"the SAE reads blocks.0.attn.hook_q, whose activations have shape "
-                                          r"\[\.\.\., 4, 16\] in tiny-gpt2, but its d_in is 64"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the SAE reads blocks.0.attn.hook_q, whose activations have shape "
+        r"\[\.\.\., 4, 16\] in tiny-gpt2, but its d_in is 64",
+    ):
         SAEUnits(base, load_sae(str(tmp_path / "q")), "q")
     from ne.config import ModelConfig
 
     minilm = load_model(ModelConfig(backend="hf", name="all-MiniLM-L6-v2", device="cpu"))
     saelens_sae(tmp_path / "mlp", "standard", minilm.d_model, "blocks.1.attn.hook_q")
-    with pytest.raises(ConfigError, match=r"the SAE reads 'blocks.1.attn.hook_q', which the HFModel back end "
-                                          r"cannot reach; it reaches blocks.L.hook_resid_pre, "
-                                          r"blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.mlp.hook_post "
-                                          r"for L < 6"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the SAE reads 'blocks.1.attn.hook_q', which the HFModel back end "
+        r"cannot reach; it reaches blocks.L.hook_resid_pre, "
+        r"blocks.L.hook_resid_post, blocks.L.hook_mlp_out, blocks.L.mlp.hook_post "
+        r"for L < 6",
+    ):
         SAEUnits(minilm, load_sae(str(tmp_path / "mlp")), "mlp")
     saelens_sae(tmp_path / "ok", "standard", base.d_model, "blocks.1.hook_resid_post")
     units = SAEUnits(base, load_sae(str(tmp_path / "ok")), "ok")
-    with pytest.raises(ConfigError, match=r"harvest.layers is \[0\], but the SAE reads blocks.1.hook_resid_post: its "
-                                          r"units are layer 1; set harvest.layers to \[1\] or null"):
+    with pytest.raises(
+        ConfigError,
+        match=r"harvest.layers is \[0\], but the SAE reads blocks.1.hook_resid_post: its "
+        r"units are layer 1; set harvest.layers to \[1\] or null",
+    ):
         units.check_layers([0])
     with pytest.raises(Exception, match="not a SAELens SAE directory"):
         load_sae(str(tmp_path / "nothing"))
@@ -123,8 +135,9 @@ def test_read_hook_of_tl_equals_its_own_cache(tiny_model_cfg):
     base = load_model(tiny_model_cfg)
     tokens = _tokens(base)
     _, cache = base.model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_post"])
-    torch.testing.assert_close(read_hook(base, tokens, torch.ones_like(tokens), "blocks.1.hook_resid_post"),
-                               cache["blocks.1.hook_resid_post"])
+    torch.testing.assert_close(
+        read_hook(base, tokens, torch.ones_like(tokens), "blocks.1.hook_resid_post"), cache["blocks.1.hook_resid_post"]
+    )
 
 
 def test_a_run_on_latents_of_an_sae_trained_here(tmp_path, tiny_model_cfg):
@@ -138,11 +151,15 @@ def test_a_run_on_latents_of_an_sae_trained_here(tmp_path, tiny_model_cfg):
     from ne.rundir.reader import RunData
 
     cfg = RunConfig(
-        run_dir=str(tmp_path / "run"), model=tiny_model_cfg,
+        run_dir=str(tmp_path / "run"),
+        model=tiny_model_cfg,
         data=DataConfig(source="pydoc", n_ctx=32, max_contexts=32, contexts_per_part=8),
         harvest=HarvestConfig(k=8, frac=0.5, batch_size=8, num_workers=0),
-        sae=UnitsSAEConfig(train_hook="blocks.1.hook_resid_pre", trainer=SAETrainerConfig(num_workers=0),
-                           train=LMSAEConfig(expansion=2, batch_size=64, buffer_tokens=256, l1_coeff=1e-3)),
+        sae=UnitsSAEConfig(
+            train_hook="blocks.1.hook_resid_pre",
+            trainer=SAETrainerConfig(num_workers=0),
+            train=LMSAEConfig(expansion=2, batch_size=64, buffer_tokens=256, l1_coeff=1e-3),
+        ),
     )
     summary = run_harvest(cfg)
     assert summary.layers == [1] and summary.neurons == 128
@@ -175,8 +192,14 @@ def test_a_run_on_latents_of_an_sae_trained_here(tmp_path, tiny_model_cfg):
     tokens = Explainer.load(cfg.run_dir).explain("The for statement is used to iterate over a sequence.")
     assert any(u.cluster is not None for t in tokens for u in t.units)
     changed = RunConfig(**{**cfg.__dict__})
-    changed.sae = UnitsSAEConfig(train_hook="blocks.1.hook_resid_pre", trainer=SAETrainerConfig(num_workers=0),
-                                 train=LMSAEConfig(expansion=2, batch_size=64, buffer_tokens=256, l1_coeff=2e-3))
-    with pytest.raises(ConfigError, match=r"sae.train.l1_coeff is 0.002 in this config but was 0.001 when stage "
-                                          r"'sae'.*--force sae"):
+    changed.sae = UnitsSAEConfig(
+        train_hook="blocks.1.hook_resid_pre",
+        trainer=SAETrainerConfig(num_workers=0),
+        train=LMSAEConfig(expansion=2, batch_size=64, buffer_tokens=256, l1_coeff=2e-3),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"sae.train.l1_coeff is 0.002 in this config but was 0.001 when stage "
+        r"'sae'.*--force sae",
+    ):
         run_cluster(changed, in_process=True)

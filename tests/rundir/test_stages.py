@@ -37,7 +37,8 @@ from tests.conftest import REPO
 
 def _cfg(run_dir, model_cfg) -> RunConfig:
     return RunConfig(
-        run_dir=str(run_dir), model=model_cfg,
+        run_dir=str(run_dir),
+        model=model_cfg,
         data=DataConfig(source="pydoc", n_ctx=32, max_contexts=48, contexts_per_part=8),
         harvest=HarvestConfig(layers=[0, 1], k=8, frac=0.5, batch_size=8, num_workers=0),
         cluster=ClusterConfig(neurons_per_task=128),
@@ -95,8 +96,16 @@ def test_graph_is_consistent():
             assert name in ancestors(d)
         for out in spec.outputs:
             assert owner_of(out) == name
-    assert descendants("examples") == ["cluster", "label", "index", "occurrence", "coactivation", "importance",
-                                       "describe", "sae_eval"]
+    assert descendants("examples") == [
+        "cluster",
+        "label",
+        "index",
+        "occurrence",
+        "coactivation",
+        "importance",
+        "describe",
+        "sae_eval",
+    ]
     assert owner_of("report/report.md") == "label"
     assert owner_of("h/layer=3/part-00001.parquet") == "examples"
     assert owner_of("_work/cluster/metrics/layer=0/part-00000.parquet") == "cluster"
@@ -114,8 +123,11 @@ def test_1_forced_upstream_stage_makes_every_downstream_stage_stale(run_cfg, cap
     # Nothing built on the old examples is served: no labels from the old clustering, no old index.
     neuron = RunData(run_cfg.run_dir).neuron(1, int(RunData(run_cfg.run_dir).neurons(1)[0]))
     assert neuron.examples and all(e.cluster is None for e in neuron.examples) and neuron.linkage is None
-    with pytest.raises(DataError, match=r"stage 'index' of .* is stale \(stage 'examples' was redone.*\); run "
-                                        r"`ne cluster --config CONFIG` then `ne index --config CONFIG`"):
+    with pytest.raises(
+        DataError,
+        match=r"stage 'index' of .* is stale \(stage 'examples' was redone.*\); run "
+        r"`ne cluster --config CONFIG` then `ne index --config CONFIG`",
+    ):
         SimilarFeatures.load(run_cfg.run_dir)
     assert main(["similar", run_cfg.run_dir, "--layer", "1", "--neuron", "0"]) == 2
     assert "is stale" in capsys.readouterr().err
@@ -137,16 +149,24 @@ def test_2_reclustering_makes_the_index_stale(run_cfg):
     _index_agrees_with_clusters(new)
 
 
-@pytest.mark.parametrize("key, value, stage", [
-    ("harvest.k", 4, "examples"), ("data.n_ctx", 16, "contexts"), ("model.dtype", "bfloat16", "maxima"),
-])
+@pytest.mark.parametrize(
+    "key, value, stage",
+    [
+        ("harvest.k", 4, "examples"),
+        ("data.n_ctx", 16, "contexts"),
+        ("model.dtype", "bfloat16", "maxima"),
+    ],
+)
 @pytest.mark.parametrize("job", ["cluster", "index"])
 def test_3_changed_upstream_settings_are_errors(run_cfg, key, value, stage, job):
     old = repr(getattr(getattr(run_cfg, key.split(".")[0]), key.split(".")[1]))
     changed = _with(run_cfg, **{key: value})
-    with pytest.raises(ConfigError, match=rf"{key} is {value!r} in this config but was {old} when stage "
-                                          rf"'{stage}' .*ran\. Redo '{stage}' and everything after it .* with "
-                                          rf"`ne harvest --config CONFIG --force {stage}`, or use a new run_dir"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{key} is {value!r} in this config but was {old} when stage "
+        rf"'{stage}' .*ran\. Redo '{stage}' and everything after it .* with "
+        rf"`ne harvest --config CONFIG --force {stage}`, or use a new run_dir",
+    ):
         run_cluster(changed, in_process=True) if job == "cluster" else run_index(changed)
 
 
@@ -164,8 +184,11 @@ def test_4_unknown_force_names_are_errors(run_cfg, capsys):
 
 def test_6_a_missing_output_is_an_error_not_done(run_cfg):
     os.remove(Path(run_cfg.run_dir) / "index" / "faiss.index")
-    with pytest.raises(DataError, match=r"index/faiss.index is missing; redo stage 'index': `ne index --config "
-                                        r"CONFIG --force index`"):
+    with pytest.raises(
+        DataError,
+        match=r"index/faiss.index is missing; redo stage 'index': `ne index --config "
+        r"CONFIG --force index`",
+    ):
         run_index(run_cfg)
     run_index(run_cfg, force=["index"])
     _index_agrees_with_clusters(run_cfg)
@@ -203,8 +226,7 @@ def test_kill_a_forced_rerun_halfway_and_nothing_downstream_is_served(run_cfg, t
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     cmd = [sys.executable, "-m", "ne.cli", "harvest", "--config", str(config), "--force", "maxima"]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = RunDir(cfg.run_dir)
     deadline = time.time() + 120
     while time.time() < deadline and not run.ls("_work", "examples", suffix=".done"):
@@ -213,8 +235,12 @@ def test_kill_a_forced_rerun_halfway_and_nothing_downstream_is_served(run_cfg, t
     proc.wait()
     assert run.ls("_work", "examples", suffix=".done"), "the kill must land in pass 2"
     m = run.manifest()
-    assert [state_of(m, s)[0] for s in ("maxima", "examples", "cluster", "index")] == \
-        ["done", "running", "stale", "stale"]
+    assert [state_of(m, s)[0] for s in ("maxima", "examples", "cluster", "index")] == [
+        "done",
+        "running",
+        "stale",
+        "stale",
+    ]
     assert RunData(cfg.run_dir).status().errors  # the examples are half-written: the viewer shows none
     with pytest.raises(DataError, match="is stale"):
         SimilarFeatures.load(cfg.run_dir)
@@ -228,15 +254,18 @@ def test_kill_a_forced_rerun_halfway_and_nothing_downstream_is_served(run_cfg, t
 # --- integrity: damaged inputs of every stage ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rel, stage, job", [
-    ("contexts/part-00001.parquet", "contexts", "harvest"),
-    ("maxima.parquet", "maxima", "harvest"),
-    ("examples/layer=0/part-00000.parquet", "examples", "cluster"),
-    ("h/layer=0/part-00000.parquet", "examples", "cluster"),
-    ("weights/layer=1.safetensors", "weights", "cluster"),
-    ("clusters/layer=1/part-00000.parquet", "cluster", "index"),
-    ("metrics.parquet", "cluster", "index"),
-])
+@pytest.mark.parametrize(
+    "rel, stage, job",
+    [
+        ("contexts/part-00001.parquet", "contexts", "harvest"),
+        ("maxima.parquet", "maxima", "harvest"),
+        ("examples/layer=0/part-00000.parquet", "examples", "cluster"),
+        ("h/layer=0/part-00000.parquet", "examples", "cluster"),
+        ("weights/layer=1.safetensors", "weights", "cluster"),
+        ("clusters/layer=1/part-00000.parquet", "cluster", "index"),
+        ("metrics.parquet", "cluster", "index"),
+    ],
+)
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_damaged_or_missing_inputs_name_the_file_and_the_stage(run_cfg, rel, stage, job, damage):
     path = Path(run_cfg.run_dir) / rel
@@ -256,14 +285,20 @@ def test_missing_h_part_during_a_forced_recluster(run_cfg):
         run_cluster(run_cfg, force=["cluster"], in_process=True)
 
 
-@pytest.mark.parametrize("manifest, message", [
-    ("[1, 2]", "it holds a list, not an object"),
-    ('{"stages": []}', "'stages' is a list"),
-    ('{"stages": {"cluster": {"status": 5}}}', "stages.cluster.status is 5"),
-    ('{"stages": {"cluster": {"status": "done", "files": {"a": {}}}}}', "stages.cluster.files\\['a'\\] has no size"),
-    ('{"stages": {"cluster": {"status": "done", "info": {}}}}', "stages.cluster has no fingerprint"),  # item 22
-    ('{"stages": {"cluster": {"status": "done", "fingerprint": "0f"}}}', "stages.cluster is done but has no info"),
-])
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        ("[1, 2]", "it holds a list, not an object"),
+        ('{"stages": []}', "'stages' is a list"),
+        ('{"stages": {"cluster": {"status": 5}}}', "stages.cluster.status is 5"),
+        (
+            '{"stages": {"cluster": {"status": "done", "files": {"a": {}}}}}',
+            "stages.cluster.files\\['a'\\] has no size",
+        ),
+        ('{"stages": {"cluster": {"status": "done", "info": {}}}}', "stages.cluster has no fingerprint"),  # item 22
+        ('{"stages": {"cluster": {"status": "done", "fingerprint": "0f"}}}', "stages.cluster is done but has no info"),
+    ],
+)
 def test_a_manifest_of_the_wrong_shape(run_cfg, manifest, message, capsys):
     (Path(run_cfg.run_dir) / "manifest.json").write_text(manifest)
     with pytest.raises(DataError, match=rf"manifest.json is not a manifest of ne \({message}"):
@@ -286,9 +321,17 @@ def test_run_dir_that_is_a_file(tmp_path, tiny_model_cfg):
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(run_cfg, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from ne.rundir.store import RunDir\n"
-         "with RunDir(sys.argv[1]).lock('ne cluster'):\n    print('held', flush=True); time.sleep(60)",
-         run_cfg.run_dir], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from ne.rundir.store import RunDir\n"
+            "with RunDir(sys.argv[1]).lock('ne cluster'):\n    print('held', flush=True); time.sleep(60)",
+            run_cfg.run_dir,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(DataError, match=rf"run .* is in use by PID {holder.pid} on .* \(ne cluster, since"):
@@ -312,10 +355,21 @@ def test_status_shows_each_stage_with_its_settings(run_cfg, capsys):
     assert main(["status", run_cfg.run_dir]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if not line.startswith("      ")}
-    assert lines == {"contexts": "done", "sae": "done", "weights": "done", "maxima": "done", "examples": "done",
-                     "cluster": "done", "label": "missing", "index": "stale", "occurrence": "missing",
-                     "coactivation": "missing", "importance": "missing", "describe": "missing"}
-    assert 'cluster.threshold=0.4' in out and 'harvest.k=8' in out and "files intact" in out
+    assert lines == {
+        "contexts": "done",
+        "sae": "done",
+        "weights": "done",
+        "maxima": "done",
+        "examples": "done",
+        "cluster": "done",
+        "label": "missing",
+        "index": "stale",
+        "occurrence": "missing",
+        "coactivation": "missing",
+        "importance": "missing",
+        "describe": "missing",
+    }
+    assert "cluster.threshold=0.4" in out and "harvest.k=8" in out and "files intact" in out
     os.remove(Path(run_cfg.run_dir) / "maxima.parquet")
     assert main(["status", run_cfg.run_dir]) == 0
     assert "maxima              damaged" in capsys.readouterr().out
@@ -339,13 +393,19 @@ def test_a_folder_that_is_not_a_run_is_refused_and_nothing_in_it_removed(tmp_pat
         (user / sub).mkdir(parents=True)
         (user / sub / "keep.txt").write_text(sub)
     cfg = _cfg(user, tiny_model_cfg)
-    with pytest.raises(ConfigError, match=r"run_dir '.*/u' is not empty and holds no manifest.json, so it is not a "
-                                          r"run of ne; pick an empty or new folder for the run"):
+    with pytest.raises(
+        ConfigError,
+        match=r"run_dir '.*/u' is not empty and holds no manifest.json, so it is not a "
+        r"run of ne; pick an empty or new folder for the run",
+    ):
         run_harvest(cfg)
     assert main(["run", "--config", _config_file(cfg)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
-    assert sorted(p.relative_to(user).as_posix() for p in user.rglob("*") if p.is_file()) == \
-        ["index/keep.txt", "notes/keep.txt", "report/keep.txt"]
+    assert sorted(p.relative_to(user).as_posix() for p in user.rglob("*") if p.is_file()) == [
+        "index/keep.txt",
+        "notes/keep.txt",
+        "report/keep.txt",
+    ]
 
 
 def test_a_stage_removes_only_what_the_manifest_records_as_its_own(run_cfg):
@@ -355,8 +415,11 @@ def test_a_stage_removes_only_what_the_manifest_records_as_its_own(run_cfg):
     mine = Path(run_cfg.run_dir) / "dendrograms" / "mine.md"
     mine.write_text("my notes")
     before = run.manifest()
-    with pytest.raises(DataError, match=r"dendrograms/mine.md was not written by this run .* stage 'cluster' writes "
-                                        r"dendrograms; move it out of"):
+    with pytest.raises(
+        DataError,
+        match=r"dendrograms/mine.md was not written by this run .* stage 'cluster' writes "
+        r"dendrograms; move it out of",
+    ):
         run_cluster(run_cfg, force=["cluster"], in_process=True)
     assert run.manifest()["stages"] == before["stages"] and mine.read_text() == "my notes"
     assert (Path(run_cfg.run_dir) / "metrics.parquet").exists()
@@ -381,8 +444,11 @@ def test_checks_run_before_a_forced_stage_removes_anything(run_cfg):
             run_cluster(_with(run_cfg, **{"cluster.use_gpu": True}), force=["cluster"], in_process=True)
     from jobs.importance import run_importance
 
-    with pytest.raises(ConfigError, match=r"importance.mask_token is 99999999 but the tokenizer of tiny-gpt2 has "
-                                          r"token ids 0..50256"):
+    with pytest.raises(
+        ConfigError,
+        match=r"importance.mask_token is 99999999 but the tokenizer of tiny-gpt2 has "
+        r"token ids 0..50256",
+    ):
         run_importance(_with(run_cfg, **{"importance.mask_token": 99999999}), force=["importance"])
     assert run.manifest()["stages"] == before
     assert (Path(run_cfg.run_dir) / "metrics.parquet").exists() and run.ls("clusters", "layer=0")
@@ -401,14 +467,18 @@ def test_a_changed_corpus_file_is_noticed(tmp_path, tiny_model_cfg):
     a = tmp_path / "corpus" / "a.txt"
     a.write_text(topics["for"])
     cfg = _cfg(tmp_path / "run", tiny_model_cfg)
-    cfg.data = DataConfig(source="files", paths=[str(tmp_path / "corpus" / "*.txt")], n_ctx=32, max_contexts=6,
-                          contexts_per_part=3)
+    cfg.data = DataConfig(
+        source="files", paths=[str(tmp_path / "corpus" / "*.txt")], n_ctx=32, max_contexts=6, contexts_per_part=3
+    )
     run, model = RunDir(cfg.run_dir), load_model(tiny_model_cfg)
     n = write_contexts(run, cfg, model)
     a.write_text(topics["for"].replace("for", "FOR"))  # the same size: only the hash tells
-    with pytest.raises(DataError, match=rf"{a} \(its content differs from when it was read\): an input of stage "
-                                        r"'contexts' of .* changed since it ran. Redo 'contexts' and everything after "
-                                        r"it .* with `ne harvest --config CONFIG --force contexts`, or restore"):
+    with pytest.raises(
+        DataError,
+        match=rf"{a} \(its content differs from when it was read\): an input of stage "
+        r"'contexts' of .* changed since it ran. Redo 'contexts' and everything after "
+        r"it .* with `ne harvest --config CONFIG --force contexts`, or restore",
+    ):
         write_contexts(run, cfg, model)
     assert "contexts            changed" in describe_status(run)
     a.write_text(topics["for"])  # the same bytes again, at a new time: not a change
@@ -448,8 +518,9 @@ def test_range_reads_are_verified_by_chunk(run_cfg, monkeypatch):
     stage = Stage(run, "weights", run_cfg, force=["weights"])  # the weights stage, redone with a wider layer
     stage.begin()
     for layer in (0, 1):
-        run.write_bytes(schema.weights_path(layer), weights_file({"W_in": torch.from_numpy(w_in),
-                                                                 "b_in": torch.zeros(1024)}))
+        run.write_bytes(
+            schema.weights_path(layer), weights_file({"W_in": torch.from_numpy(w_in), "b_in": torch.zeros(1024)})
+        )
     stage.done(layers=[0, 1])
     path = Path(run.path(schema.weights_path(0)))
     data = bytearray(path.read_bytes())
@@ -458,8 +529,11 @@ def test_range_reads_are_verified_by_chunk(run_cfg, monkeypatch):
     data[start + 200 * 64 * 4 + 3] ^= 0x40  # an exponent bit of W_in[0, 200] (float32, little-endian)
     path.write_bytes(bytes(data))
     np.testing.assert_array_equal(read_layer_weights(run, 0, 0, 128).gate, w_in[:, :128].T)
-    with pytest.raises(DataError, match=r"weights/layer=0.safetensors is corrupt \(its content differs from what was "
-                                        r"written in bytes [\d,]+\.\.[\d,]+\); redo stage 'weights'"):
+    with pytest.raises(
+        DataError,
+        match=r"weights/layer=0.safetensors is corrupt \(its content differs from what was "
+        r"written in bytes [\d,]+\.\.[\d,]+\); redo stage 'weights'",
+    ):
         read_layer_weights(run, 0, 192, 256)
     with pytest.raises(DataError, match="weights/layer=0.safetensors is corrupt"):
         read_layer_weights(run, 0)
@@ -526,8 +600,11 @@ def test_a_manifest_without_config_is_an_error(run_cfg, capsys):
     m = run.manifest()
     del m["config"]
     run.write_manifest(m)
-    with pytest.raises(DataError, match=r"manifest.json has no config, so the settings the run was made with are "
-                                        r"unknown"):
+    with pytest.raises(
+        DataError,
+        match=r"manifest.json has no config, so the settings the run was made with are "
+        r"unknown",
+    ):
         RunData(run_cfg.run_dir).config()
     with pytest.raises(DataError, match="has no config"):
         Explainer.load(run_cfg.run_dir)
@@ -544,8 +621,11 @@ def test_an_explainer_racing_a_redo_of_its_clusters_stops(run_cfg):
     text = "The for statement is used to iterate over the elements of a sequence"
     assert any(u.cluster is not None for t in explainer.explain(text) for u in t.units)
     Stage(RunDir(run_cfg.run_dir), "cluster", run_cfg, force=["cluster"]).begin()  # the redo has started
-    with pytest.raises(DataError, match=r"stage 'cluster' of .* was redone while this reader used it \(it is now "
-                                        r"running\); read it again once `ne cluster --config CONFIG` has finished"):
+    with pytest.raises(
+        DataError,
+        match=r"stage 'cluster' of .* was redone while this reader used it \(it is now "
+        r"running\); read it again once `ne cluster --config CONFIG` has finished",
+    ):
         explainer.explain(text)
 
 
@@ -590,8 +670,9 @@ def test_an_open_viewer_shows_the_clusters_of_a_redone_stage(reclustered):
     assert [e.cluster for e in r.viewer.neuron(0, r.neuron).examples] == now
     for layer in (0, 1):
         for neuron in r.viewer.neurons(layer)[::7]:
-            assert [e.cluster for e in r.viewer.neuron(layer, int(neuron)).examples] == \
-                _clusters_of(r.cfg.run_dir, layer, int(neuron))
+            assert [e.cluster for e in r.viewer.neuron(layer, int(neuron)).examples] == _clusters_of(
+                r.cfg.run_dir, layer, int(neuron)
+            )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["app.py", r.cfg.run_dir])
         r.app.run()

@@ -115,13 +115,20 @@ def set_status(path, stage: str, status: str) -> None:
 
 def test_example_html_marks_key_token_newlines_and_hover():
     tokens = np.arange(30)
-    e = Example(rank=0, ctx_id=3, pos=25, act=2.0, window_start=5, window=np.linspace(0, 2, 26, dtype=np.float32),
-                tokens=tokens)
+    e = Example(
+        rank=0, ctx_id=3, pos=25, act=2.0, window_start=5, window=np.linspace(0, 2, 26, dtype=np.float32), tokens=tokens
+    )
     decode = lambda ids: ["\n" if i == 24 else f"<t{i}>" for i in ids]  # noqa: E731
     out = render.example_html(e, decode, scale=2.0, before=3, after=2)
     spans = re.findall(r'<span class="([^"]+)" title="([^"]+)"[^>]*>([^<]*)</span>', out)
-    assert [s[2] for s in spans] == ["&lt;t22&gt;", "&lt;t23&gt;", render.NEWLINE, "&lt;t25&gt;", "&lt;t26&gt;",
-                                     "&lt;t27&gt;"]
+    assert [s[2] for s in spans] == [
+        "&lt;t22&gt;",
+        "&lt;t23&gt;",
+        render.NEWLINE,
+        "&lt;t25&gt;",
+        "&lt;t26&gt;",
+        "&lt;t27&gt;",
+    ]
     assert [s[0] for s in spans].count("ne-tok ne-key") == 1 and spans[3][0] == "ne-tok ne-key"
     assert [s[1] for s in spans] == [f"activation {e.window[i - 5]:.4g}" for i in range(22, 28)]
     imp = render.example_html(e, decode, 2.0, 3, 2, importance=(23, np.array([0.5, np.nan, -0.25])))
@@ -261,15 +268,17 @@ def _break_model(lm_run, tmp_path, **model_fields) -> str:
     manifest = RunDir(str(run)).manifest()
     manifest["config"]["model"].update(model_fields)
     for entry in manifest["stages"].values():
-        entry["settings"].update({f"model.{k}": v for k, v in model_fields.items()
-                                  if f"model.{k}" in entry["settings"]})
+        entry["settings"].update(
+            {f"model.{k}": v for k, v in model_fields.items() if f"model.{k}" in entry["settings"]}
+        )
     RunDir(str(run)).write_json("manifest.json", manifest)
     return str(run)
 
 
 def test_app_falls_back_to_token_ids_without_the_tokenizer(lm_run, tmp_path, monkeypatch):
-    at = _app_test(_break_model(lm_run, tmp_path, tokenizer=str(tmp_path / "gone")), monkeypatch,
-                   **_first_neuron(lm_run))
+    at = _app_test(
+        _break_model(lm_run, tmp_path, tokenizer=str(tmp_path / "gone")), monkeypatch, **_first_neuron(lm_run)
+    )
     assert not at.exception and not at.error
     assert "tokens are shown as ids" in _texts(at)
     html = " ".join(str(el.proto) for el in at.get("html"))
@@ -277,8 +286,9 @@ def test_app_falls_back_to_token_ids_without_the_tokenizer(lm_run, tmp_path, mon
 
 
 def test_app_decodes_without_the_weights_and_says_importance_needs_them(lm_run, tmp_path, monkeypatch):
-    at = _app_test(_break_model(lm_run, tmp_path, weights=str(tmp_path / "gone.safetensors")), monkeypatch,
-                   **_first_neuron(lm_run))
+    at = _app_test(
+        _break_model(lm_run, tmp_path, weights=str(tmp_path / "gone.safetensors")), monkeypatch, **_first_neuron(lm_run)
+    )
     assert not at.exception and "tokens are shown as ids" not in _texts(at)
     html = " ".join(str(el.proto) for el in at.get("html"))
     assert not re.search(r"&gt;\[\d+\]&lt;|>\[\d+\]<", html), "decoded text, not ids"
@@ -304,8 +314,10 @@ def test_app_names_the_mask_token_the_importance_stage_ran_with(lm_run, tmp_path
     stage.begin()
     neuron = int(data.neurons(0)[0])
     batch = NeuronBatch(0, 0, (neuron,))
-    run.write_parquet(batch.file(schema.IMPORTANCE_DIR), importance_table(data, load_model(tiny_model_cfg), batch,
-                                                                        100, cfg.importance.window_before))
+    run.write_parquet(
+        batch.file(schema.IMPORTANCE_DIR),
+        importance_table(data, load_model(tiny_model_cfg), batch, 100, cfg.importance.window_before),
+    )
     stage.done(neurons={"0": 1})
     assert RunData(str(run_dir)).config().importance.mask_token == 100
     from streamlit.testing.v1 import AppTest
@@ -426,9 +438,17 @@ def test_browser_walkthrough(lm_run):
     server = subprocess.Popen(launch_command(lm_run, "127.0.0.1", port), stdout=log, stderr=subprocess.STDOUT)
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM,
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                ],
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
             deadline = time.time() + 30
             while True:

@@ -39,12 +39,19 @@ def pydoc_contexts(model, n_contexts: int, n_ctx: int) -> list[tuple[int, list[i
 
 
 def build_lm_run(
-    root: Path, model_cfg: ModelConfig, n_contexts: int = 48, n_ctx: int = 48, k: int = 12,
-    layers: tuple[int, ...] = (0, 1), threshold: float = 0.8, with_index: bool = True,
+    root: Path,
+    model_cfg: ModelConfig,
+    n_contexts: int = 48,
+    n_ctx: int = 48,
+    k: int = 12,
+    layers: tuple[int, ...] = (0, 1),
+    threshold: float = 0.8,
+    with_index: bool = True,
 ) -> RunConfig:
     torch.manual_seed(0)
     cfg = RunConfig(
-        run_dir=str(root), model=model_cfg,
+        run_dir=str(root),
+        model=model_cfg,
         data=DataConfig(n_ctx=n_ctx, max_contexts=n_contexts, contexts_per_part=n_contexts // 2),
         harvest=HarvestConfig(layers=list(layers), k=k, batch_size=16),
         cluster=ClusterConfig(threshold=threshold, neurons_per_task=128),
@@ -52,30 +59,50 @@ def build_lm_run(
     model = load_model(model_cfg)
     run = RunDir(str(root))
     run.set_manifest_entry("config", to_dict(cfg))
-    run.set_manifest_entry("model", {"name": model.name, "n_layers": model.n_layers, "d_model": model.d_model,
-                         "d_mlp": model.d_mlp, "bos_token_id": model.bos_token_id,
-                         "pad_token_id": model.pad_token_id})
+    run.set_manifest_entry(
+        "model",
+        {
+            "name": model.name,
+            "n_layers": model.n_layers,
+            "d_model": model.d_model,
+            "d_mlp": model.d_mlp,
+            "bos_token_id": model.bos_token_id,
+            "pad_token_id": model.pad_token_id,
+        },
+    )
     contexts = pydoc_contexts(model, n_contexts, n_ctx)
     per_part = cfg.data.contexts_per_part
     with stage(run, "contexts", cfg, n_contexts=n_contexts):
         for p in range(0, n_contexts, per_part):
             chunk = contexts[p : p + per_part]
-            run.write_parquet(f"{schema.CONTEXTS_DIR}/{schema.part_name(p // per_part)}", pa.Table.from_pydict(
-                {"ctx_id": [c for c, _ in chunk], "doc_id": [0] * len(chunk), "tokens": [t for _, t in chunk]},
-                schema=schema.CONTEXTS))
+            run.write_parquet(
+                f"{schema.CONTEXTS_DIR}/{schema.part_name(p // per_part)}",
+                pa.Table.from_pydict(
+                    {"ctx_id": [c for c, _ in chunk], "doc_id": [0] * len(chunk), "tokens": [t for _, t in chunk]},
+                    schema=schema.CONTEXTS,
+                ),
+            )
     with stage(run, "sae", cfg):  # no SAE: the model's own neurons are the units
         pass
     with stage(run, "weights", cfg, layers=list(layers)):
         for layer in layers:
-            run.write_bytes(schema.weights_path(layer), safetensors.numpy.save(
-                {"W_in": model.W_in(layer).float().numpy(), "b_in": model.b_in(layer).float().numpy()}))
+            run.write_bytes(
+                schema.weights_path(layer),
+                safetensors.numpy.save(
+                    {"W_in": model.W_in(layer).float().numpy(), "b_in": model.b_in(layer).float().numpy()}
+                ),
+            )
 
     maxima = harvest.shard_maxima(model, contexts, list(layers), 16)
     rows = [(layer, n, float(v)) for layer in layers for n, v in enumerate(maxima[layer].tolist())]
     with stage(run, "maxima", cfg, layers=list(layers)):
-        run.write_parquet(schema.MAXIMA, pa.Table.from_pydict(
-            {"layer": [r[0] for r in rows], "neuron": [r[1] for r in rows], "max_act": [r[2] for r in rows]},
-            schema=schema.MAXIMA_SCHEMA))
+        run.write_parquet(
+            schema.MAXIMA,
+            pa.Table.from_pydict(
+                {"layer": [r[0] for r in rows], "neuron": [r[1] for r in rows], "max_act": [r[2] for r in rows]},
+                schema=schema.MAXIMA_SCHEMA,
+            ),
+        )
     thresholds = {layer: harvest.thresholds_from_maxima(maxima[layer], cfg.harvest.frac) for layer in layers}
     if SILENT[0] in thresholds:
         thresholds[SILENT[0]][SILENT[1]] = float("inf")
@@ -86,8 +113,9 @@ def build_lm_run(
             examples, h = tables[layer]
             examples = harvest.merge_examples(examples, k)
             run.write_parquet(f"{schema.layer_dir(schema.EXAMPLES_DIR, layer)}/{schema.part_name(0)}", examples)
-            run.write_parquet(f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(0)}",
-                              harvest.select_h(h, examples))
+            run.write_parquet(
+                f"{schema.layer_dir(schema.H_DIR, layer)}/{schema.part_name(0)}", harvest.select_h(h, examples)
+            )
 
     run_cluster(cfg, in_process=True)
     run_label(cfg)
