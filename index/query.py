@@ -19,6 +19,7 @@ import pandas as pd
 from ne import schema
 from ne.checks import integer
 from ne.coactivation import CoActivation
+from ne.compute.embed import unit_rows
 from ne.errors import ConfigError, DataError
 from ne.rundir.reader import RunData, central_examples
 from ne.rundir.stages import require_done, state_of, version
@@ -221,7 +222,7 @@ class SimilarFeatures:
             raise ConfigError("the query vector is zero or not finite; give a vector with a direction")
         # Scaled by its largest entry first, so that neither 1e-30 nor 1e30 under- or overflows the norm.
         vec = vec / np.abs(vec).max()
-        return self._search((vec / np.linalg.norm(vec)).astype(np.float32), k)
+        return self._search(unit_rows(vec).astype(np.float32), k)
 
     def _search(self, vec: np.ndarray, k: int) -> list[SimilarFeature]:
         assert self.index is not None, "callers check that the run has an index"

@@ -26,7 +26,7 @@ from torch import Tensor
 from ne import schema
 from ne.checks import integer
 from ne.compute.device import CPU_CHUNK_BYTES
-from ne.compute.embed import LayerWeights, neuron_embeddings, unit_rows
+from ne.compute.embed import LayerWeights, cluster_means, neuron_embeddings, unit_rows
 from ne.compute.harvest import SIGNS, thresholds_from_maxima
 from ne.errors import ConfigError, DataError
 from ne.models.base import UnitModel
@@ -50,9 +50,7 @@ def cluster_vectors(
     unit = unit_rows(e_nd)
     if rule == "central":
         return unit[central]
-    one_hot = np.zeros((len(central), len(unit)), np.float32)
-    one_hot[labels, np.arange(len(unit))] = 1.0
-    return unit_rows(one_hot @ unit)
+    return cluster_means(torch.from_numpy(unit)[None], [labels])[0]
 
 
 def batch_cluster_vectors(
@@ -68,19 +66,8 @@ def batch_cluster_vectors(
     step = max(1, max_bytes // max(per_neuron, 1))
     out: list[np.ndarray] = []
     for lo in range(0, b, step):
-        chunk = labels[lo : lo + step]
         e = neuron_embeddings(h_bnd[lo : lo + step], w_bpd[lo : lo + step])
-        unit = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
-        n_clusters = max((int(lab.max()) + 1 for lab in chunk if len(lab)), default=1)
-        one_hot = torch.zeros(len(chunk), n_clusters, n)
-        for i, lab in enumerate(chunk):
-            one_hot[i, torch.from_numpy(lab.astype(np.int64)), torch.arange(len(lab))] = 1.0
-        sums = torch.bmm(one_hot, unit)
-        vectors = sums / torch.linalg.vector_norm(sums, dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
-        out += [
-            vectors[i, : int(lab.max()) + 1].numpy() if len(lab) else vectors[i, :0].numpy()
-            for i, lab in enumerate(chunk)
-        ]
+        out += cluster_means(unit_rows(e), labels[lo : lo + step])
     return out
 
 

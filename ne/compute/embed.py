@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, get_args, overload
 
 import numpy as np
 import torch
@@ -65,8 +65,7 @@ def cosine_distances(
     e = h_bnd.to(device=dev, dtype=dtype)
     if w_bd is not None:
         e = neuron_embeddings(e, gram_weights(w_bd.to(device=dev, dtype=dtype)))
-    norms = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
-    unit = e / norms.clamp_min(torch.finfo(dtype).tiny)
+    unit = unit_rows(e)
     dist = 1.0 - torch.bmm(unit, unit.transpose(1, 2))
     dist.clamp_(0.0, 2.0)
     dist.diagonal(dim1=1, dim2=2).zero_()
@@ -86,10 +85,28 @@ def neuron_distances(
         yield lo, cosine_distances(h_bnd[lo : lo + chunk], w, device=dev).cpu().double().numpy()
 
 
-def unit_rows(x_nd: Float[np.ndarray, "n d"]) -> Float[np.ndarray, "n d"]:
-    """Rows scaled to unit length, as float32 (an all-zero row stays zero)."""
-    x_nd = np.ascontiguousarray(x_nd, dtype=np.float32)
-    return x_nd / np.maximum(np.linalg.norm(x_nd, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+@overload
+def unit_rows(x: np.ndarray) -> np.ndarray: ...
+@overload
+def unit_rows(x: Tensor) -> Tensor: ...
+def unit_rows(x):
+    """Rows (the last axis) scaled to unit length; an all-zero row stays zero. Arrays come back as float32 (float64
+    stays float64), tensors in their own dtype and device: the one normalisation of every cosine in `ne`."""
+    if isinstance(x, Tensor):
+        return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    x = np.ascontiguousarray(x, dtype=np.result_type(x, np.float32))
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.finfo(x.dtype).tiny)
+
+
+def cluster_means(unit_bne: Float[Tensor, "b n e"], labels: Sequence[np.ndarray]) -> list[Float[np.ndarray, "C e"]]:
+    """Per neuron of a batch, the unit-length mean of each cluster's unit embeddings (`labels[i]`: the cluster of
+    each of neuron i's examples, 0..C-1): the vectors `ne explain` assigns to."""
+    n_clusters = max((int(lab.max()) + 1 for lab in labels if len(lab)), default=1)
+    one_hot = torch.zeros(len(labels), n_clusters, unit_bne.shape[1], dtype=unit_bne.dtype)
+    for i, lab in enumerate(labels):
+        one_hot[i, torch.from_numpy(np.asarray(lab, np.int64)), torch.arange(len(lab))] = 1.0
+    vectors = unit_rows(torch.bmm(one_hot, unit_bne))
+    return [vectors[i, : int(lab.max()) + 1 if len(lab) else 0].numpy() for i, lab in enumerate(labels)]
 
 
 def pad_rows(

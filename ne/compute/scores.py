@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from jaxtyping import Float, Int
 
+from ne.compute.embed import unit_rows
 from ne.compute.label import NONE, OFFSETS, Rule
 
 
@@ -157,11 +158,7 @@ def embedding_deltas(
     """For each held-out example of one unit: mean cosine to its own cluster's examples minus mean cosine to the
     examples of the unit's other clusters (NaN where either is empty). Rows need not be unit length."""
 
-    def unit(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float64)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    sims = unit(test_md) @ unit(train_nd).T
+    sims = unit_rows(np.asarray(test_md, np.float64)) @ unit_rows(np.asarray(train_nd, np.float64)).T
     out = np.full(len(test_md), np.nan)
     for i, c in enumerate(test_cluster):
         own, other = train_cluster == c, train_cluster != c
