@@ -179,7 +179,6 @@ def cmd_run(args) -> None:
     from jobs.harvest import run_harvest
     from jobs.label import run_label
     from jobs.occurrence import run_occurrence
-    from ne import schema
     from ne.rundir.labels import read_all_labels
     from ne.rundir.report import most_polysemantic, unit_comparison
     from ne.rundir.stages import check_force
@@ -218,7 +217,7 @@ def cmd_run(args) -> None:
         print(unit_comparison(compared).to_string(index=False), end="\n\n")
     top = most_polysemantic(metrics[metrics.n_examples > 0], labels, 10)
     if top.empty:
-        print(f"No neuron has dataset examples; report: {cfg.run_dir}/report/report.md")
+        print(f"No neuron has dataset examples; report: {cfg.run_dir}/{schema.REPORT_MD}")
         return
     print("The 10 most polysemantic neurons (by substantial, well-separated clusters; their labels below each):")
     print(_polysemantic_text(top))
@@ -228,7 +227,7 @@ def cmd_run(args) -> None:
         f"(ne similar {cfg.run_dir} --layer {layer} --neuron {neuron} --cluster {cluster} -k 5):"
     )
     print(describe_similar(cfg.run_dir, layer, neuron, cluster, 5))
-    print(f"\nreport: {cfg.run_dir}/report/report.md; browse it: ne view {cfg.run_dir}")
+    print(f"\nreport: {cfg.run_dir}/{schema.REPORT_MD}; browse it: ne view {cfg.run_dir}")
 
 
 def _polysemantic_text(top) -> str:

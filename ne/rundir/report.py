@@ -337,7 +337,7 @@ def write_report(
         ]
         + (["## Compared with other units at the same layer", _table(unit_comparison(compare))] if compare else [])
     )
-    rel = f"{schema.REPORT_DIR}/report.md"
+    rel = schema.REPORT_MD
     run.write_bytes(rel, (text + "\n").encode())
     log.info("report written to %s", run.path(rel))
     return run.path(rel)
