@@ -22,6 +22,7 @@ from ne.config import RunConfig, from_dict
 from ne.models import load_token_decoder
 from ne.rundir.contexts import tokens_at
 from ne.rundir.labels import corpus_counts
+from ne.rundir.reader import RunData
 from ne.rundir.report import most_polysemantic
 from ne.rundir.stages import state_of
 from ne.rundir.store import RunDir
@@ -175,8 +176,9 @@ def test_labels_are_shown_wherever_a_cluster_is(lm_run, capsys):
     assert lines[0].startswith(
         f"query: layer {u['layer']}, neuron {u['neuron']}, cluster {u['cluster']} {u['label']}: "
     )
-    assert "label" in lines[1].split()
-    for line in lines[2:]:
+    assert lines[1].startswith("answered by ")
+    assert "label" in lines[2].split()
+    for line in lines[3:]:
         layer, neuron, cluster = map(int, line.split()[:3])
         assert labels[(layer, neuron, cluster)] in line
     report = run.path("report", "report.md")
@@ -230,7 +232,9 @@ def test_viewer_tabs_and_similar_features_show_labels(lm_run, monkeypatch):
     from tests.conftest import REPO
 
     monkeypatch.setattr(sys, "argv", ["app.py", lm_run])
-    at = AppTest.from_file(str(REPO / "ne" / "viewer" / "app.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(REPO / "ne" / "viewer" / "app.py"), default_timeout=60)
+    at.query_params["layer"], at.query_params["neuron"] = "0", str(int(RunData(lm_run).neurons(0)[0]))
+    at.run()
     assert not at.exception
     layer, neuron = (int(x) for x in re.findall(r"\d+", at.header[0].value))
     labels = _labels(RunDir(lm_run), layer)
