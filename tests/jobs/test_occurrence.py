@@ -500,8 +500,17 @@ def test_viewer_shows_density_and_what_fires_together(plain, monkeypatch):
     assert radio.options == ["fires together", "vector"] and radio.value == "fires together"
     mine = table[(table.layer == layer) & (table.neuron == neuron) & (table.cluster == cluster)].head(5)
     labels = [b.label for b in at.button if b.key and b.key.startswith(f"sim_{layer}_{neuron}_{cluster}_")]
+    from ne.rundir.reader import RunData
+    from ne.viewer.render import markdown_escape
+
+    data = RunData(plain.run_dir)
+
+    def label(r) -> str:  # each hit shows its cluster's offline label
+        text = data.labels(int(r.layer_b), int(r.neuron_b)).get(int(r.cluster_b))
+        return f" · {markdown_escape(text)}" if text else ""
+
     assert labels == [
-        f"L{r.layer_b} · N{r.neuron_b} · C{r.cluster_b} — together on {r.count} tokens, count {r.score:.3g}"
+        f"L{r.layer_b} · N{r.neuron_b} · C{r.cluster_b}{label(r)} — together on {r.count} tokens, count {r.score:.3g}"
         for r in mine.itertuples()
     ]
     radio.set_value("vector").run()
