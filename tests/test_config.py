@@ -1,5 +1,6 @@
 """ne/config.py: strict YAML configs; every bad value gets a one-line error naming it."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,8 @@ def _float_keys(cls, prefix: str = "") -> list[str]:
         tp = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
             keys += _float_keys(tp, f"{prefix}{f.name}.")
+        elif typing.get_origin(tp) is list and typing.get_args(tp) == (float,):
+            keys.append(prefix + f.name + "[0]")  # a list of floats: its items are checked one by one
         elif float in (tp, *typing.get_args(tp)):
             keys.append(prefix + f.name)
     return keys
@@ -158,8 +161,9 @@ def test_nan_and_infinity_are_refused_for_every_float_setting(family):
     assert len(keys) >= 8  # the finder sees them: frac, threshold, lr, l1_coeff...
     for key in keys:
         for value, shown in ((".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf")):
-            with pytest.raises(ConfigError, match=f"^{key} is {shown}; it must be a finite number$"):
-                load_config(None, [f"{key}={value}"], cls=cls)
+            with pytest.raises(ConfigError, match=f"^{re.escape(key)} is {shown}; it must be a finite number$"):
+                name, listed = key.removesuffix("[0]"), key.endswith("[0]")
+                load_config(None, [f"{name}=[{value}]" if listed else f"{key}={value}"], cls=cls)
 
 
 @pytest.mark.parametrize(
