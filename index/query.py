@@ -84,6 +84,8 @@ class SimilarFeatures:
         self, index: faiss.Index | None, ids: pd.DataFrame, info: dict, coactivation: CoActivation | None = None
     ):
         self.index, self.ids, self.info, self.coactivation = index, ids, info, coactivation
+        self.no_index = "this run has no similar-features index; run `ne index --config CONFIG`"
+        """Why there is no index to answer by vector (the index stage's state, when `load` found it not done)."""
         self.d_mlp = {int(k): v for k, v in info["d_mlp"].items()}
         self._row = pd.Series(ids.index.to_numpy(), index=pd.MultiIndex.from_frame(ids[["layer", "neuron", "cluster"]]))
         self._clusters = ids.groupby(["layer", "neuron"]).size()
@@ -105,7 +107,12 @@ class SimilarFeatures:
             ignore_index=True,
         )
         d_mlp = {str(layer): read_layer_weights(run, layer, 0, 0).d_mlp for layer in layers}
-        return cls(None, ids, {"d_mlp": d_mlp}, coactivation)
+        answers = cls(None, ids, {"d_mlp": d_mlp}, coactivation)
+        try:
+            require_done(run, "index", manifest)
+        except DataError as exc:  # running, stale or missing: say which, should a vector answer be asked for
+            answers.no_index = str(exc)
+        return answers
 
     @property
     def dim(self) -> int:
@@ -165,9 +172,7 @@ class SimilarFeatures:
     ) -> list[SimilarFeature]:
         row = self.row_of(layer, neuron, cluster)
         if self.index is None:
-            raise DataError(
-                "this run has no similar-features index, so it cannot answer by vector; run `ne index --config CONFIG`"
-            )
+            raise DataError(f"no answer by vector: {self.no_index}")
         vec = np.asarray(self.index.reconstruct(row))[None]
         skip = int(self._clusters[(layer, neuron)]) if exclude_same_neuron else 0
         hits = self._search(vec, k + skip)
@@ -205,9 +210,7 @@ class SimilarFeatures:
         """The k feature clusters most similar to a vector in the indexed space: only its direction counts."""
         k = self._check_k(k)
         if self.index is None:
-            raise DataError(
-                "this run has no similar-features index to search by vector; run `ne index --config CONFIG`"
-            )
+            raise DataError(f"no search by vector: {self.no_index}")
         try:
             vec = np.asarray(vec, dtype=np.float64)
         except (TypeError, ValueError):

@@ -78,12 +78,18 @@ class RunDir:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def _fresh(self, path: str) -> str:
+        """`path`, with what this process's filesystem remembers of its listing forgotten: other processes (Ray
+        workers) write into the run, and a cached object-store listing would miss their files."""
+        self.fs.invalidate_cache(path)
+        return path
+
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
+        return self.fs.exists(self._fresh(self.path(*parts)))
 
     def ls(self, *parts: str, suffix: str = "") -> list[str]:
         """Names (not paths) of the files in a subfolder, sorted; empty when it does not exist."""
-        folder = self.path(*parts)
+        folder = self._fresh(self.path(*parts))
         if not self.fs.exists(folder):
             return []
         names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(folder, detail=False)]
@@ -91,7 +97,7 @@ class RunDir:
 
     def files(self, rel: str) -> list[str]:
         """Run-relative paths of every file at or under `rel`, sorted (temporary files left out)."""
-        path = self.path(rel)
+        path = self._fresh(self.path(rel))
         if not self.fs.exists(path):
             return []
         if not self.fs.isdir(path):

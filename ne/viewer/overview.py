@@ -111,4 +111,4 @@ def _jump(layers: list[int], unit: str, go: Callable[..., None]) -> None:
     left, mid, right = st.columns([2, 2, 1], vertical_alignment="bottom")
     layer = left.selectbox("Layer", layers, key="jump_layer")
     neuron = mid.number_input(unit.capitalize()[:-1], min_value=0, step=1, key="jump_neuron")
-    right.button("Open", key="jump_open", on_click=go, args=(int(layer), int(neuron)), width="stretch")
+    right.button(f"Open {unit[:-1]}", key="jump_open", on_click=go, args=(int(layer), int(neuron)), width="stretch")

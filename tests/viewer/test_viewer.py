@@ -459,17 +459,18 @@ def test_browser_walkthrough(lm_run):
                     if time.time() > deadline:
                         raise
                     time.sleep(0.3)
-            # 0. the run overview comes first; its "Open" button opens a neuron
+            # 0. the run overview comes first; its "Open neuron" button opens one
             expect(page.get_by_text("Run overview")).to_be_visible(timeout=60_000)
             top = page.get_by_role("button", name=re.compile(r"^Layer \d+ · \d+: \d+ substantial"))
             expect(top.first).to_be_visible()
             _settle(page)
             page.screenshot(path=ARTIFACTS / "0-overview.png", full_page=True)
-            page.get_by_role("button", name="Open", exact=True).click()
+            page.get_by_role("button", name="Open neuron", exact=True).click()
             expect(page.get_by_text("Layer 0 · Neuron 0")).to_be_visible(timeout=60_000)
+            _settle(page)  # the overview's own widgets are gone once the rerun has finished
 
             # 1. open a neuron through the picker
-            box = page.get_by_role("spinbutton", name="Neuron", exact=True)
+            box = page.get_by_test_id("stSidebarUserContent").get_by_role("spinbutton", name="Neuron", exact=True)
             box.fill(str(neuron))
             box.press("Enter")
             expect(page.get_by_text(f"Layer {layer} · Neuron {neuron}")).to_be_visible(timeout=30_000)
