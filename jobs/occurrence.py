@@ -43,12 +43,13 @@ from ne.occurrence import (
     write_heldout,
 )
 from ne.rundir.maxima import signed_extremes
-from ne.rundir.stages import Stage, check_force
+from ne.rundir.stages import Stage, check_force, state_of
 from ne.rundir.store import RunDir
+from ne.scores import write_scores
 
 log = logging.getLogger(__name__)
 
-STAGES = ("occurrence", "coactivation")
+STAGES = ("occurrence", "coactivation", "scores")
 WORK = schema.work_dir("coactivation")
 PAIR_ROW_GROUP = 262_144
 """Rows per row group of step 1's files: step 2 decodes only the groups whose keys fall in its range."""
@@ -86,6 +87,7 @@ class OccurrenceSummary:
     skipped: str = ""
     occurrence: dict = field(default_factory=dict)
     coactivation: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         if self.skipped:
@@ -99,7 +101,13 @@ class OccurrenceSummary:
             f"co-activation done in {c['seconds']:.1f} s: {c['features_seen']} of {c['features']} feature clusters "
             f"occur; {c['pairs']} pairs stored (each feature's best {c['partners']} by {c['score']} of those firing "
             f"together on at least {c['min_count']} tokens)\n"
-            f"outputs: {self.run_dir}/ (heldout/, occurrences/, features/, coactivation/)"
+            + (
+                f"scores done in {self.scores['seconds']:.1f} s: every feature cluster's label on "
+                f"{self.scores['tokens']} held-out tokens\n"
+                if self.scores
+                else "scores skipped: the run has no labels (`ne cluster` writes them)\n"
+            )
+            + f"outputs: {self.run_dir}/ (heldout/, occurrences/, features/, coactivation/, scores/)"
         )
 
 
@@ -120,8 +128,17 @@ def run_occurrence(cfg: RunConfig, force: Collection[str] = (), in_process: bool
         if second.needed():
             second.begin()
             second.done(**_coactivation(run, cfg, local))
+        scores: dict = {}
+        if state_of(run.manifest(), "label")[0] == "done":  # a run made before labels existed has none to score
+            third = Stage(run, "scores", cfg, force)
+            if third.needed():
+                third.begin()
+                third.done(**write_scores(run, list(run.manifest()["stages"]["occurrence"]["info"]["layers"])))
+            scores = run.manifest()["stages"]["scores"]["info"]
         m = run.manifest()["stages"]
-        return OccurrenceSummary(run.url, occurrence=m["occurrence"]["info"], coactivation=m["coactivation"]["info"])
+        return OccurrenceSummary(
+            run.url, occurrence=m["occurrence"]["info"], coactivation=m["coactivation"]["info"], scores=scores
+        )
 
 
 def _occurrences(run: RunDir, cfg: RunConfig, local: bool) -> dict:
