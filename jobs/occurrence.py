@@ -1,4 +1,5 @@
-"""The occurrence and co-activation stages: Ray actors scan held-out text, then Ray tasks count what fires together.
+"""The occurrence, co-activation and scores stages: Ray actors scan held-out text, Ray tasks count what fires
+together, then every label is scored on that text.
 
 occurrence    the held-out contexts into `heldout/`, then actors (one model replica each, as the harvest's)
               take held-out parts from a queue and write `occurrences/layer=L/part-N.parquet`. A part's file
@@ -9,6 +10,8 @@ coactivation  step 1, a task per held-out part: pair counts and activations unde
               a small histogram written last as the part's marker; step 2, a task per range of features (cut
               so one holds at most `coactivation.memory_mb` of pairs): `coactivation/` and `features/`, the
               features part last. Finished tasks are skipped on resume; the plan of ranges is kept in `_work`.
+scores        in this process, once the run has labels: every feature cluster's label against the held-out text
+              (`ne.scores`), one `scores/` part per layer.
 """
 
 from __future__ import annotations
