@@ -249,17 +249,13 @@ def run_rules(run: RunDir, layer: int, neuron: int) -> dict[int, Rule]:
 
 def occurrence_scores(run: RunDir, sample, special) -> None:
     """The run's own labels against every held-out token (the occurrence stage's contexts)."""
+    from ne.occurrence import heldout_parts, read_heldout
+
+    # Every held-out context (heldout/; its ctx_ids follow the harvest's, so contexts/ never holds them): tokens where
+    # nothing fires are negatives too.
+    contexts = {int(c): t for part in heldout_parts(run) for c, t in read_heldout(run, part)}
     total = Counts()
     for layer, group in sample.groupby("layer"):
-        occ_ctx = np.unique(
-            run.read_parquet(schema.layer_dir(schema.OCCURRENCES_DIR, int(layer)), columns=["ctx_id"])
-            .column("ctx_id")
-            .to_numpy()
-        )
-        ctx = run.read_parquet(
-            schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"], filters=[("ctx_id", "in", occ_ctx.tolist())]
-        ).to_pandas()
-        contexts = {int(c): np.asarray(t, np.int64) for c, t in zip(ctx.ctx_id, ctx.tokens)}
         for neuron in group.neuron:
             occ = run.read_parquet(
                 schema.layer_dir(schema.OCCURRENCES_DIR, int(layer)),

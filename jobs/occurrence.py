@@ -1,4 +1,5 @@
-"""The occurrence and co-activation stages: Ray actors scan held-out text, then Ray tasks count what fires together.
+"""The occurrence, co-activation and scores stages: Ray actors scan held-out text, Ray tasks count what fires
+together, then every label is scored on that text.
 
 occurrence    the held-out contexts into `heldout/`, then actors (one model replica each, as the harvest's)
               take held-out parts from a queue and write `occurrences/layer=L/part-N.parquet`. A part's file
@@ -9,6 +10,8 @@ coactivation  step 1, a task per held-out part: pair counts and activations unde
               a small histogram written last as the part's marker; step 2, a task per range of features (cut
               so one holds at most `coactivation.memory_mb` of pairs): `coactivation/` and `features/`, the
               features part last. Finished tasks are skipped on resume; the plan of ranges is kept in `_work`.
+scores        in this process, once the run has labels: every feature cluster's label against the held-out text
+              (`ne.scores`), one `scores/` part per layer.
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ from ne.occurrence import (
     write_heldout,
 )
 from ne.rundir.maxima import signed_extremes
-from ne.rundir.stages import Stage, check_force
+from ne.rundir.stages import Stage, check_force, state_of
 from ne.rundir.store import RunDir
+from ne.scores import write_scores
 
 log = logging.getLogger(__name__)
 
-STAGES = ("occurrence", "coactivation")
+STAGES = ("occurrence", "coactivation", "scores")
 WORK = schema.work_dir("coactivation")
 PAIR_ROW_GROUP = 262_144
 """Rows per row group of step 1's files: step 2 decodes only the groups whose keys fall in its range."""
@@ -86,6 +90,7 @@ class OccurrenceSummary:
     skipped: str = ""
     occurrence: dict = field(default_factory=dict)
     coactivation: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         if self.skipped:
@@ -99,7 +104,13 @@ class OccurrenceSummary:
             f"co-activation done in {c['seconds']:.1f} s: {c['features_seen']} of {c['features']} feature clusters "
             f"occur; {c['pairs']} pairs stored (each feature's best {c['partners']} by {c['score']} of those firing "
             f"together on at least {c['min_count']} tokens)\n"
-            f"outputs: {self.run_dir}/ (heldout/, occurrences/, features/, coactivation/)"
+            + (
+                f"scores done in {self.scores['seconds']:.1f} s: every feature cluster's label on "
+                f"{self.scores['tokens']} held-out tokens\n"
+                if self.scores
+                else "scores skipped: the run has no labels (`ne cluster` writes them)\n"
+            )
+            + f"outputs: {self.run_dir}/ (heldout/, occurrences/, features/, coactivation/, scores/)"
         )
 
 
@@ -120,8 +131,17 @@ def run_occurrence(cfg: RunConfig, force: Collection[str] = (), in_process: bool
         if second.needed():
             second.begin()
             second.done(**_coactivation(run, cfg, local))
+        scores: dict = {}
+        if state_of(run.manifest(), "label")[0] == "done":  # a run made before labels existed has none to score
+            third = Stage(run, "scores", cfg, force)
+            if third.needed():
+                third.begin()
+                third.done(**write_scores(run, list(run.manifest()["stages"]["occurrence"]["info"]["layers"])))
+            scores = run.manifest()["stages"]["scores"]["info"]
         m = run.manifest()["stages"]
-        return OccurrenceSummary(run.url, occurrence=m["occurrence"]["info"], coactivation=m["coactivation"]["info"])
+        return OccurrenceSummary(
+            run.url, occurrence=m["occurrence"]["info"], coactivation=m["coactivation"]["info"], scores=scores
+        )
 
 
 def _occurrences(run: RunDir, cfg: RunConfig, local: bool) -> dict:

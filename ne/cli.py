@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("index", "the FAISS index of similar features across neurons", cmd_index, stages_of("ne index")),
         (
             "occurrence",
-            "where every feature cluster fires in held-out text, and which fire together",
+            "where every feature cluster fires in held-out text, which fire together, and how well each label finds it",
             cmd_occurrence,
             stages_of("ne occurrence"),
         ),

@@ -9,8 +9,9 @@ examples) are left out.
 `locations` [N, 3] (row of `tokens`, position, latent - start; uint16, or uint32 when a value needs it),
 `activations` [N] (float16) and `tokens` [contexts, n_ctx] (int64, short contexts padded with the pad token), and a
 `config.json` with delphi's cache settings. The locations are where each cluster fires in held-out contexts (the
-`occurrence` stage's table) when the run has them, otherwise the key tokens of its dataset examples: then `tokens`
-holds the run's corpus, and a context where no example was kept may still hold a firing below the top k.
+`occurrence` stage's table; `tokens` then holds the held-out contexts of `heldout/` that it names) when the run has
+them, otherwise the key tokens of its dataset examples: then `tokens` holds the run's corpus, and a context where no
+example was kept may still hold a firing below the top k.
 
 **Neuronpedia** (`OUT/<model id>/<layer>-<source set>/`, as its `convert-saedashboard-to-neuronpedia-export.py`
 writes them and its importer reads them): `model.jsonl`, `sourceset.jsonl`, `source.jsonl`, and `features/`,
@@ -227,20 +228,25 @@ def write_delphi(view: RunView, out: RunDir, splits: int, from_occurrences: bool
     `occurrence` stage is done."""
     occurrences = view.occurrences_ready() if from_occurrences is None else from_occurrences
     source = "occurrences" if occurrences else "examples"
-    ctx_ids = occurrence_contexts(view.run, view.layers) if occurrences else None
-    tokens, ctx_ids = token_matrix(view.run, view.cfg.data.n_ctx, view.pad_id(), ctx_ids)
+    n_ctx, pad = view.cfg.data.n_ctx, view.pad_id()
+    if occurrences:  # held-out firings name held-out contexts: heldout/, not the harvest's contexts/
+        tokens, ctx_ids = heldout_matrix(view.run, n_ctx, pad, occurrence_contexts(view.run, view.layers))
+    else:
+        tokens, ctx_ids = token_matrix(view.run, n_ctx, pad)
+    folder_read = schema.HELDOUT_DIR if occurrences else schema.CONTEXTS_DIR
     c = view.per_unit
     latents = rows = 0
     for layer in view.layers:
         folder = f"latents/{delphi_module(layer)}"
         for lo, hi in unit_ranges(view.d_mlp, splits):
-            latents += len(view.kept_clusters(layer, lo, hi))
-            fired = read_occurrences(view.run, layer, lo, hi) if occurrences else view.examples(layer, lo, hi)
+            kept = view.kept_clusters(layer, lo, hi)
+            latents += len(kept)
+            fired = read_occurrences(view.run, kept, layer, lo, hi) if occurrences else view.examples(layer, lo, hi)
             unit = fired["unit" if "unit" in fired else "neuron"].to_numpy(np.int64)
             seq = np.searchsorted(ctx_ids, fired.ctx_id.to_numpy(np.int64))
             if len(seq) and (seq.max() >= len(ctx_ids) or not np.array_equal(ctx_ids[seq], fired.ctx_id.to_numpy())):
                 raise DataError(
-                    f"{view.run.url}: firings of layer {layer} name contexts that contexts/ does not hold; "
+                    f"{view.run.url}: firings of layer {layer} name contexts that {folder_read}/ does not hold; "
                     "redo the stage that wrote them"
                 )
             locations = np.stack(
@@ -288,28 +294,40 @@ def model_hub_id(cfg: RunConfig) -> str:
     return HUB_IDS.get(cfg.model.name, cfg.model.name)
 
 
-def token_matrix(run: RunDir, n_ctx: int, pad: int, ctx_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """([contexts, n_ctx] int64 tokens padded with `pad`, their sorted ctx_ids): the contexts `ctx_ids`, or all."""
-    filters = pc.field("ctx_id").isin(pa.array(ctx_ids, pa.int64())) if ctx_ids is not None else None
-    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"], filters=filters).sort_by("ctx_id")
-    ids = table.column("ctx_id").to_numpy()
+def token_matrix(run: RunDir, n_ctx: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """([contexts, n_ctx] int64 tokens padded with `pad`, their sorted ctx_ids) of every context of contexts/."""
+    table = run.read_parquet(schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"]).sort_by("ctx_id")
+    return padded(run, table.column("ctx_id").to_numpy(), table.column("tokens").combine_chunks(), n_ctx, pad)
+
+
+def heldout_matrix(run: RunDir, n_ctx: int, pad: int, ctx_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """As `token_matrix`, of the held-out contexts `ctx_ids` (heldout/; an id not held out is an error naming it)."""
+    ids = np.unique(np.asarray(ctx_ids, np.int64))
+    tokens = RunData(run.url).heldout_tokens(ids.tolist())
+    return padded(run, ids, pa.array([tokens[int(c)] for c in ids], pa.list_(pa.int64())), n_ctx, pad)
+
+
+def padded(run: RunDir, ids: np.ndarray, col: pa.ListArray, n_ctx: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The token lists `col` as rows of a [len(ids), n_ctx] int64 matrix padded with `pad`, and `ids` as int64."""
     out = np.full((len(ids), n_ctx), pad, np.int64)
-    col = table.column("tokens").combine_chunks()
-    flat, offsets = col.flatten().to_numpy(), col.offsets.to_numpy()
+    flat, offsets = col.flatten().to_numpy(), col.offsets.to_numpy() - col.offsets[0].as_py()
     lengths = np.diff(offsets)
     if len(lengths) and lengths.max() > n_ctx:
         raise DataError(f"{run.url}: a context holds {lengths.max()} tokens, more than data.n_ctx {n_ctx}")
     row = np.repeat(np.arange(len(ids)), lengths)
     col_index = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
     out[row, col_index] = flat
-    return out, ids.astype(np.int64)
+    return out, np.asarray(ids, np.int64)
 
 
-def read_occurrences(run: RunDir, layer: int, lo: int, hi: int) -> pd.DataFrame:
-    """The held-out firings of units lo..hi-1 of `layer` (`schema.OCCURRENCES`)."""
-    return run.read_parquet(
+def read_occurrences(run: RunDir, kept: pd.DataFrame, layer: int, lo: int, hi: int) -> pd.DataFrame:
+    """The held-out firings of units lo..hi-1 of `layer` (`schema.OCCURRENCES`) as one of the `kept` clusters
+    (neuron, cluster), in table order: a unit without clusters (cluster -1) or an outlier cluster is no latent."""
+    table = run.read_parquet(
         schema.layer_dir(schema.OCCURRENCES_DIR, layer), filters=[("unit", ">=", lo), ("unit", "<", hi)]
     ).to_pandas()
+    keys = kept[["neuron", "cluster"]].rename(columns={"neuron": "unit"}).astype(np.int64)
+    return table.astype({"unit": np.int64, "cluster": np.int64}).merge(keys, on=["unit", "cluster"], how="inner")
 
 
 def occurrence_contexts(run: RunDir, layers: Sequence[int]) -> np.ndarray:

@@ -24,6 +24,7 @@ RUN/
   occurrences/layer=L/part-NNNNN.parquet  one row per (held-out token, firing unit): the feature cluster it joins
   features/part-NNNNN.parquet        one row per feature cluster: its occurrences, density and activation quantiles
   coactivation/layer=L/part-NNNNN.parquet  one row per (feature, feature firing with it on a held-out token)
+  scores/layer=L/part-NNNNN.parquet  one row per feature cluster: its label's precision and recall on held-out text
 ```
 `h_id = ctx_id * n_ctx + pos` is global and deterministic, so shards never need to agree on ids.
 """
@@ -55,6 +56,7 @@ HELDOUT_DIR = "heldout"
 OCCURRENCES_DIR = "occurrences"
 FEATURES_DIR = "features"
 COACTIVATION_DIR = "coactivation"
+SCORES_DIR = "scores"
 WEIGHTS_DIR = "weights"
 SAE_DIR = "sae"
 """The run's own SAE (`sae.train_hook`), in SAELens's layout."""
@@ -298,6 +300,21 @@ OCCURRENCES = pa.schema(
 """occurrences/layer=L/part-NNNNN.parquet: part N covers heldout/part-N's contexts, rows sorted by unit, ctx_id,
 pos (a unit's rows are a few row groups of each part). Written by the `occurrence` stage (ne/occurrence.py); the
 exports and the description scores read it."""
+
+SCORES = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("occurrences", pa.int64()),  # held-out tokens where the cluster fires (occurrences/)
+        ("matched_tokens", pa.int64()),  # held-out tokens its label's rule matches (BOS and padding never count)
+        ("matched_occurrences", pa.int64()),  # of its occurrences, those the rule matches
+        ("precision", pa.float32()),  # matched_occurrences / matched_tokens (NaN: the rule matches no token)
+        ("recall", pa.float32()),  # matched_occurrences / occurrences (NaN: the cluster never fires there)
+    ]
+)
+"""scores/layer=L/part-00000.parquet, one row per feature cluster of labels/ in its order: the offline label as a
+detector of the cluster's held-out occurrences among all held-out tokens (the `scores` stage, `ne.scores`)."""
 
 FEATURES = pa.schema(
     [

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
@@ -11,18 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 from safetensors.numpy import load_file
 
 from ne import schema
 from ne.cli import main
 from ne.describe import PartWriter
-from ne.export import RunView, write_delphi
+from ne.export import RunView
 from ne.models import load_token_decoder
+from ne.occurrence import read_occurrences
+from ne.rundir.reader import RunData
 from ne.rundir.stages import Stage
 from ne.rundir.store import RunDir
 from tests.conftest import REPO
+from tests.jobs.test_occurrence import OCC
 
 FORMATS = json.loads((REPO / "tests" / "fixtures" / "export_formats.json").read_text())
 
@@ -128,52 +131,53 @@ def test_delphi_export_reads_back(lm_run, tmp_path, capsys):
         assert config["n_tokens"] == tokens.size and config["model_name"] == "gpt2"
 
 
-def test_delphi_export_from_held_out_occurrences(lm_run, tmp_path):
-    """Occurrence tables written by hand (issue 18's schema): the cache holds exactly their rows, over the contexts
-    they name."""
-    shutil.copytree(lm_run, tmp_path / "run")
-    run = RunDir(str(tmp_path / "run"))
-    rng = np.random.default_rng(0)
-    contexts = run.read_parquet(schema.CONTEXTS_DIR).to_pandas()
-    held = np.sort(rng.choice(contexts.ctx_id.to_numpy(), 7, replace=False))
-    tables = {}
+@pytest.fixture(scope="module")
+def occurrence_run(lm_run, tmp_path_factory) -> str:
+    """A copy of `lm_run` with finished occurrence and co-activation stages (test_occurrence's settings), in process."""
+    import jobs.occurrence as occurrence_job
+
+    root = tmp_path_factory.mktemp("export_occ") / "run"
+    shutil.copytree(lm_run, root)
+    cfg = RunData(str(root)).config()
+    occurrence_job.run_occurrence(
+        dataclasses.replace(cfg, occurrence=OCC, harvest=dataclasses.replace(cfg.harvest, num_workers=0))
+    )
+    return str(root)
+
+
+def test_delphi_export_from_held_out_occurrences(occurrence_run, tmp_path, capsys):
+    """A run with a finished occurrence stage: the cache's tokens are the held-out contexts (heldout/, ctx_ids after
+    the harvest's) its firings name, and its locations exactly the occurrence rows of kept clusters, each pointing
+    at its held-out token (brute force over the tables)."""
+    out = tmp_path / "delphi"
+    assert main(["export", occurrence_run, "--format", "delphi", str(out), "--splits", "4"]) == 0
+    assert "from the run's occurrences" in capsys.readouterr().out
+    run = RunDir(occurrence_run)
+    c, pad = _per_unit(run), run.manifest()["model"]["pad_token_id"]
+    min_size = RunData(occurrence_run).config().cluster.min_cluster_size
+    heldout = {
+        int(i): list(t) for i, t in run.read_parquet(schema.HELDOUT_DIR).to_pandas()[["ctx_id", "tokens"]].values
+    }
+    occ = {layer: read_occurrences(occurrence_run, layer).to_pandas() for layer in (0, 1)}
+    used = sorted({int(x) for t in occ.values() for x in t.ctx_id})
+    assert min(used) >= run.manifest()["stages"]["contexts"]["info"]["n_contexts"]  # never a harvest context
+    left_out = 0
     for layer in (0, 1):
+        _, loc, tokens = _delphi_read(out / "latents" / f"layers.{layer}.mlp")
+        assert [row[: len(heldout[x])].tolist() for row, x in zip(tokens, used)] == [heldout[x] for x in used]
+        assert all((row[len(heldout[x]) :] == pad).all() for row, x in zip(tokens, used))
         cents = run.read_parquet(schema.layer_dir(schema.CENTROIDS_DIR, layer)).to_pandas()
-        cents = cents[cents["size"] >= 2].reset_index(drop=True)
-        pick = cents.iloc[rng.choice(len(cents), 40)]
-        table = pa.table(
-            {
-                "ctx_id": rng.choice(held, 40),
-                "pos": rng.integers(1, 40, 40).astype(np.int16),
-                "layer": np.full(40, layer, np.int16),
-                "unit": pick.neuron.to_numpy(np.int32),
-                "cluster": pick.cluster.to_numpy(np.int32),
-                "act": rng.random(40).astype(np.float32),
-                "similarity": rng.random(40).astype(np.float32),
-            },
-            schema=schema.OCCURRENCES,
-        )
-        run.write_parquet(f"{schema.layer_dir(schema.OCCURRENCES_DIR, layer)}/{schema.part_name(0)}", table)
-        tables[layer] = table.to_pandas()
-    out = RunDir(str(tmp_path / "out"))
-    latents, rows, source = write_delphi(RunView(run, run.manifest()), out, splits=4, from_occurrences=True)
-    assert source == "occurrences" and rows == 80
-    c = _per_unit(run)
-    used = np.unique(np.concatenate([t.ctx_id for t in tables.values()]))
-    for layer, table in tables.items():
-        _, loc, tokens = _delphi_read(tmp_path / "out" / "latents" / f"layers.{layer}.mlp")
-        assert len(tokens) == len(used)  # the held-out contexts the tables name, in ctx_id order
-        first = contexts.set_index("ctx_id").tokens[used[0]]
-        assert tokens[0][: len(first)].tolist() == list(first)
-        expected = sorted(
-            zip(
-                np.searchsorted(used, table.ctx_id),
-                table.pos,
-                table.unit * c + table.cluster,
-                table.act.astype(np.float16).astype(np.float32),
-            )
-        )
-        assert sorted(zip(loc.seq, loc.pos, loc.latent, loc.act)) == expected
+        kept = {(int(n), int(k)) for n, k, size in zip(cents.neuron, cents.cluster, cents["size"]) if size >= min_size}
+        expected = []
+        for r in occ[layer].itertuples():
+            if (r.unit, r.cluster) in kept:
+                expected.append((used.index(r.ctx_id), r.pos, r.unit * c + r.cluster, np.float32(np.float16(r.act))))
+        assert len(expected) > 50
+        left_out += len(occ[layer]) - len(expected)
+        assert sorted(zip(loc.seq, loc.pos, loc.latent, loc.act)) == sorted(expected)
+        for seq, pos in zip(loc.seq, loc.pos):  # every location is a held-out token of its context
+            assert pos < len(heldout[used[seq]]) and tokens[seq][pos] == heldout[used[seq]][pos]
+    assert left_out > 0  # firings of units without clusters (cluster -1) or of outlier clusters: no latent
 
 
 def _jsonl(path: Path) -> list[dict]:

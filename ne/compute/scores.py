@@ -208,3 +208,92 @@ class SentenceEncoder:
                 mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
                 out.append(torch.nn.functional.normalize(mean, dim=-1).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+
+
+# --- every cluster's label on the whole held-out text (the `scores` stage) -----------------------------------
+
+TOKEN_KEY = np.int64(2**32)
+"""A held-out token as one key, ctx_id * TOKEN_KEY + pos."""
+_PAIR = np.int64(2**32)
+_NO_KEY = -2
+"""Fills a rule's unused key slots: no token id, and not `NONE` either."""
+
+
+def heldout_positions(
+    contexts: Sequence[tuple[int, np.ndarray]], skip: Sequence[int] = ()
+) -> tuple[Int[np.ndarray, " t"], Int[np.ndarray, "t 3"]]:
+    """(sorted keys `ctx_id * TOKEN_KEY + pos`, the tokens at `OFFSETS` around each) of every token of the held-out
+    `contexts` ((ctx_id, tokens) pairs) that is not in `skip` (BOS, padding: never an occurrence)."""
+    keys, toks = [np.zeros(0, np.int64)], [np.zeros((0, len(OFFSETS)), np.int64)]
+    for ctx, tokens in contexts:
+        tokens = np.asarray(tokens, np.int64)
+        pos = np.flatnonzero(~np.isin(tokens, skip))
+        keys.append(int(ctx) * TOKEN_KEY + pos)
+        toks.append(around(tokens, pos))
+    key_t, toks_t3 = np.concatenate(keys), np.concatenate(toks)
+    order = np.argsort(key_t, kind="stable")
+    return key_t[order], toks_t3[order]
+
+
+class TokenCounts:
+    """How often each token, and each (neighbour, token) pair, occurs among tokens given as `OFFSETS` rows: how many
+    of them a rule matches, without running it over each."""
+
+    def __init__(self, toks_t3: Int[np.ndarray, "t 3"]):
+        self.n = len(toks_t3)
+        self.column = [np.unique(toks_t3[:, j], return_counts=True) for j in range(len(OFFSETS))]
+        key = toks_t3[:, 1] * _PAIR
+        self.pair = {offset: np.unique(key + toks_t3[:, 1 + offset] + 1, return_counts=True) for offset in (-1, 1)}
+
+    @staticmethod
+    def _count(table: tuple[np.ndarray, np.ndarray], values: np.ndarray) -> int:
+        ids, counts = table
+        if not len(ids):
+            return 0
+        i = np.searchsorted(ids, values).clip(0, len(ids) - 1)
+        return int(np.where(ids[i] == values, counts[i], 0).sum())
+
+    def matched(self, rule: Rule) -> int:
+        """Tokens `rule` matches: as many as `rule.matches(toks_t3).sum()`."""
+        keys = np.asarray(rule.keys, np.int64)
+        if not rule.offset:
+            return self._count(self.column[1], keys) if len(keys) else self.n
+        if not len(keys):
+            return self._count(self.column[1 + rule.offset], np.array([rule.context], np.int64))
+        return self._count(self.pair[rule.offset], keys * _PAIR + rule.context + 1)
+
+
+@dataclass
+class RuleTable:
+    """Many rules as arrays, to run each occurrence's own rule over its tokens in one go."""
+
+    keys: Int[np.ndarray, "r k"]
+    offset: Int[np.ndarray, " r"]
+    context: Int[np.ndarray, " r"]
+
+    @classmethod
+    def of(cls, rules: Sequence[Rule]) -> RuleTable:
+        width = max([len(r.keys) for r in rules] + [1])
+        keys = np.full((len(rules), width), _NO_KEY, np.int64)
+        for i, rule in enumerate(rules):
+            keys[i, : len(rule.keys)] = rule.keys
+        offset = np.array([r.offset for r in rules], np.int64)
+        return cls(keys, offset, np.array([r.context for r in rules], np.int64))
+
+    def matches(self, rule_m: Int[np.ndarray, " m"], toks_m3: Int[np.ndarray, "m 3"]) -> np.ndarray:
+        """Whether rule `rule_m[i]` matches row i of `toks_m3`, for every i (as `Rule.matches` row by row)."""
+        keys = self.keys[rule_m]
+        hit = (keys == _NO_KEY).all(axis=1) | (keys == toks_m3[:, 1:2]).any(axis=1)
+        offset = self.offset[rule_m]
+        neighbour = toks_m3[np.arange(len(rule_m)), 1 + offset]
+        return hit & ((offset == 0) | (neighbour == self.context[rule_m]))
+
+
+def occurrence_counts(
+    table: RuleTable, rule_m: Int[np.ndarray, " m"], toks_m3: Int[np.ndarray, "m 3"]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per rule of `table`: (occurrences, those its rule matches), from occurrences given as the index of their
+    cluster's rule and the tokens around them."""
+    n = len(table.offset)
+    hit = table.matches(rule_m, toks_m3)
+    return np.bincount(rule_m, minlength=n), np.bincount(rule_m[hit], minlength=n)

@@ -11,6 +11,7 @@ label      <- cluster               an offline label for every feature cluster, 
 index      <- cluster               FAISS index of the feature clusters
 occurrence <- cluster               held-out text, and every feature cluster's occurrences in it
 coactivation <- occurrence          per-feature statistics and which features fire together
+scores     <- label, occurrence     every feature cluster's label scored on the held-out text (precision, recall)
 importance <- examples              token importance (adds neurons run by run)
 describe   <- cluster               LLM descriptions of feature clusters (optional; adds clusters run by run)
 sae_eval   <- sae, cluster          the run's SAE evaluated (only runs with an SAE)
@@ -148,6 +149,7 @@ GRAPH: dict[str, StageDef] = {
             ("coactivation.*", "-coactivation.memory_mb"),
             (s.FEATURES_DIR, s.COACTIVATION_DIR, s.work_dir("coactivation")),
         ),
+        StageDef("scores", "ne occurrence", ("label", "occurrence"), (), (s.SCORES_DIR,)),
         StageDef(
             "importance",
             "ne importance",

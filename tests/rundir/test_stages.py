@@ -102,6 +102,7 @@ def test_graph_is_consistent():
         "index",
         "occurrence",
         "coactivation",
+        "scores",
         "importance",
         "describe",
         "sae_eval",
@@ -366,6 +367,7 @@ def test_status_shows_each_stage_with_its_settings(run_cfg, capsys):
         "index": "stale",
         "occurrence": "missing",
         "coactivation": "missing",
+        "scores": "missing",
         "importance": "missing",
         "describe": "missing",
     }
