@@ -577,6 +577,7 @@ def _mnist(data: RunData, url: str) -> None:
     mnist_page(data)
 
 
+# Each page of the sidebar, by name. (No docstring here: Streamlit would print a bare string of its script.)
 PAGES = {
     "Overview": lambda data, url: overview_page(data, go),
     "Neuron": _neuron,
@@ -584,7 +585,6 @@ PAGES = {
     "Explain text": explain_page,
     "MNIST": _mnist,
 }
-"""Each page of the sidebar, by name: what it shows of the run."""
 
 
 def _guarded() -> None:

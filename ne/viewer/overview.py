@@ -75,7 +75,8 @@ def _worth_opening(metrics: pd.DataFrame, labels: pd.DataFrame, unit: str, go: C
     top = most_polysemantic(metrics[metrics.n_examples > 0], labels, TOP)
     for row in top.itertuples():
         sil = "" if pd.isna(row.silhouette) else f", silhouette {row.silhouette:.2f}"
-        text = f"Layer {row.layer} · {int(row.neuron)}: {int(row.substantial)} substantial clusters{sil}"
+        n = int(row.substantial)
+        text = f"Layer {row.layer} · {int(row.neuron)}: {n} substantial cluster{'s' * (n != 1)}{sil}"
         st.button(
             text + (f" · {row.labels}" if getattr(row, "labels", "") else ""),
             key=f"top_{row.layer}_{row.neuron}",
