@@ -149,17 +149,7 @@ def _harvest(run: RunDir, cfg: RunConfig, force: Collection[str]) -> HarvestSumm
     layers = model.check_layers(cfg.harvest.layers)
     check_direction(cfg.harvest.direction, model)
     run.set_manifest_entry(
-        "model",
-        {
-            "name": model.name,
-            "n_layers": model.n_layers,
-            "d_model": model.d_model,
-            "d_mlp": model.d_mlp,
-            "bos_token_id": model.bos_token_id,
-            "pad_token_id": model.pad_token_id,
-            "sae": sae_path(cfg),
-            "sae_hook": getattr(model, "hook", None),
-        },
+        "model", {**model.manifest_entry(), "sae": sae_path(cfg), "sae_hook": getattr(model, "hook", None)}
     )
     _write_weights(run, cfg, model, layers, force)
     pool = WorkerPool(cfg, run, model)

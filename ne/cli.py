@@ -31,6 +31,10 @@ def _config_args(p: argparse.ArgumentParser, stages: tuple[str, ...]) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set harvest.k=50 --set run_dir=s3://bucket/run",
     )
+    _force_arg(p, stages)
+
+
+def _force_arg(p: argparse.ArgumentParser, stages: tuple[str, ...]) -> None:
     p.add_argument(
         "--force",
         action="append",
@@ -448,13 +452,7 @@ def _mnist_commands(sub) -> None:
     """The MNIST experiment: train, sae-eval, figure."""
     p = sub.add_parser("train", help="MNIST: train the MLP and the SAEs with and without the NE loss (Ray Train)")
     _mnist_args(p)
-    p.add_argument(
-        "--force",
-        action="append",
-        default=[],
-        metavar="STAGE",
-        help=f"redo a finished stage ({', '.join(stages_of('ne train'))}) and every stage after it",
-    )
+    _force_arg(p, stages_of("ne train"))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sae-eval", help="MNIST: the paper's Tables 2 and 3 for a directory of SAE weights")

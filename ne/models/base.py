@@ -68,6 +68,17 @@ class UnitModel(ABC):
     def b_up(self, layer: int) -> Float[Tensor, " d_mlp"] | None:
         return None
 
+    def manifest_entry(self) -> dict:
+        """What a run records of its model (the manifest's `model`): readers need no model to know its shape."""
+        return {
+            "name": self.name,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "d_mlp": self.d_mlp,
+            "bos_token_id": self.bos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
     def input_weights(self, layer: int) -> dict[str, Tensor]:
         """What `weights/layer=L.safetensors` keeps: W_in, b_in; or W_gate, b_gate, W_up, b_up when gated."""
         if not self.gated:

@@ -59,17 +59,7 @@ def build_lm_run(
     model = load_model(model_cfg)
     run = RunDir(str(root))
     run.set_manifest_entry("config", to_dict(cfg))
-    run.set_manifest_entry(
-        "model",
-        {
-            "name": model.name,
-            "n_layers": model.n_layers,
-            "d_model": model.d_model,
-            "d_mlp": model.d_mlp,
-            "bos_token_id": model.bos_token_id,
-            "pad_token_id": model.pad_token_id,
-        },
-    )
+    run.set_manifest_entry("model", model.manifest_entry())
     contexts = pydoc_contexts(model, n_contexts, n_ctx)
     per_part = cfg.data.contexts_per_part
     with stage(run, "contexts", cfg, n_contexts=n_contexts):
