@@ -471,7 +471,9 @@ def test_similar_features_answer_by_behaviour(plain, tmp_path, capsys):
     assert [(h.layer, h.neuron, h.cluster, h.ctx_id, h.pos) for h in alone.query(layer, neuron, cluster, k=5)] == [
         (h.layer, h.neuron, h.cluster, h.ctx_id, h.pos) for h in hits
     ]
-    with pytest.raises(DataError, match="no similar-features index to search by vector; run `ne index"):
+    with pytest.raises(
+        DataError, match=r"no search by vector: stage .index. of .* is missing; run `ne index --config CONFIG`"
+    ):
         alone.query_vector(np.ones(64))
 
 
