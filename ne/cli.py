@@ -22,16 +22,26 @@ FIGURE_MODELS = ("mlp", "sae_standard", "sae_ne_loss")
 
 
 def _config_args(p: argparse.ArgumentParser, stages: tuple[str, ...]) -> None:
-    p.add_argument("--config", default="configs/demo.yaml", help="YAML experiment config (configs/*.yaml)")
+    _config_file_args(
+        p,
+        "configs/demo.yaml",
+        "YAML experiment config (configs/*.yaml)",
+        "--set harvest.k=50 --set run_dir=s3://bucket/run",
+    )
+    _force_arg(p, stages)
+
+
+def _config_file_args(p: argparse.ArgumentParser, default: str, what: str, example: str) -> None:
+    """--config FILE and repeatable --set KEY=VALUE overrides."""
+    p.add_argument("--config", default=default, help=what)
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set harvest.k=50 --set run_dir=s3://bucket/run",
+        help=f"override a config key, e.g. {example}",
     )
-    _force_arg(p, stages)
 
 
 def _force_arg(p: argparse.ArgumentParser, stages: tuple[str, ...]) -> None:
@@ -266,14 +276,8 @@ def _demo_query(run_dir: str, top) -> tuple[int, int, int]:
 
 
 def _mnist_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/mnist-sae.yaml", help="MNIST experiment config")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set sae.ne_coeff=3 --set trainer.num_workers=2",
+    _config_file_args(
+        p, "configs/mnist-sae.yaml", "MNIST experiment config", "--set sae.ne_coeff=3 --set trainer.num_workers=2"
     )
 
 
