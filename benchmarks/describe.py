@@ -45,7 +45,6 @@ from ne.compute.harvest import SIGNS  # noqa: E402
 from ne.compute.label import Rule, best_rule  # noqa: E402
 from ne.compute.scores import (  # noqa: E402
     Counts,
-    SentenceEncoder,
     around,
     below_threshold,
     embedding_deltas,
@@ -54,6 +53,7 @@ from ne.compute.scores import (  # noqa: E402
     occurrence_detection,
     unit_detection,
 )
+from ne.compute.sentence import SentenceEncoder  # noqa: E402
 from ne.config import RunConfig, from_dict, load_config  # noqa: E402
 from ne.explain import assign, cluster_vectors  # noqa: E402
 from ne.export import occurrences_ready  # noqa: E402

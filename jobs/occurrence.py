@@ -1,4 +1,4 @@
-"""The occurrence, co-activation and scores stages: Ray actors scan held-out text, Ray tasks count what fires
+"""The occurrence, co-activation and score stages: Ray actors scan held-out text, Ray tasks count what fires
 together, then every label is scored on that text.
 
 occurrence    the held-out contexts into `heldout/`, then actors (one model replica each, as the harvest's)
@@ -12,6 +12,8 @@ coactivation  step 1, a task per held-out part: pair counts and activations unde
               features part last. Finished tasks are skipped on resume; the plan of ranges is kept in `_work`.
 scores        in this process, once the run has labels: every feature cluster's label against the held-out text
               (`ne.scores`), one `scores/` part per layer.
+embedding_scores  in this process, unless scores.embedding is false: every feature cluster's held-out occurrences
+              against its examples by windows of text in a sentence encoder (`ne.embedding_scores`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ne import schema
 from ne.compute.coactivation import plan_ranges
 from ne.compute.harvest import SIGNS
 from ne.config import RunConfig
+from ne.embedding_scores import write_embedding_scores
 from ne.explain import Explainer
 from ne.models import UnitModel, load_model, units_on
 from ne.occurrence import (
@@ -45,6 +48,7 @@ from ne.occurrence import (
     read_heldout,
     write_heldout,
 )
+from ne.rundir.graph import stages_of
 from ne.rundir.maxima import signed_extremes
 from ne.rundir.stages import Stage, check_force, state_of
 from ne.rundir.store import RunDir
@@ -52,7 +56,7 @@ from ne.scores import write_scores
 
 log = logging.getLogger(__name__)
 
-STAGES = ("occurrence", "coactivation", "scores")
+STAGES = stages_of("ne occurrence")
 WORK = schema.work_dir("coactivation")
 PAIR_ROW_GROUP = 262_144
 """Rows per row group of step 1's files: step 2 decodes only the groups whose keys fall in its range."""
@@ -91,6 +95,7 @@ class OccurrenceSummary:
     occurrence: dict = field(default_factory=dict)
     coactivation: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
+    embedding_scores: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         if self.skipped:
@@ -110,7 +115,14 @@ class OccurrenceSummary:
                 if self.scores
                 else "scores skipped: the run has no labels (`ne cluster` writes them)\n"
             )
-            + f"outputs: {self.run_dir}/ (heldout/, occurrences/, features/, coactivation/, scores/)"
+            + (
+                f"embedding scores done in {e['seconds']:.1f} s: {e['heldout_scored']} held-out occurrences of "
+                f"{e['clusters']} feature clusters scored by their windows of text ({e['window'][0]} tokens before, "
+                f"{e['window'][1]} after)\n"
+                if (e := self.embedding_scores)
+                else "embedding scores skipped: scores.embedding is false\n"
+            )
+            + f"outputs: {self.run_dir}/ (heldout/, occurrences/, features/, coactivation/, scores/, embedding_scores/)"
         )
 
 
@@ -138,9 +150,22 @@ def run_occurrence(cfg: RunConfig, force: Collection[str] = (), in_process: bool
                 third.begin()
                 third.done(**write_scores(run, list(run.manifest()["stages"]["occurrence"]["info"]["layers"])))
             scores = run.manifest()["stages"]["scores"]["info"]
+        embedding: dict = {}
+        if cfg.scores.embedding:
+            fourth = Stage(run, "embedding_scores", cfg, force)
+            if fourth.needed():
+                fourth.begin()
+                fourth.done(
+                    **write_embedding_scores(run, cfg, list(run.manifest()["stages"]["occurrence"]["info"]["layers"]))
+                )
+            embedding = run.manifest()["stages"]["embedding_scores"]["info"]
         m = run.manifest()["stages"]
         return OccurrenceSummary(
-            run.url, occurrence=m["occurrence"]["info"], coactivation=m["coactivation"]["info"], scores=scores
+            run.url,
+            occurrence=m["occurrence"]["info"],
+            coactivation=m["coactivation"]["info"],
+            scores=scores,
+            embedding_scores=embedding,
         )
 
 

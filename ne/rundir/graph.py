@@ -12,6 +12,7 @@ index      <- cluster               FAISS index of the feature clusters
 occurrence <- cluster               held-out text, and every feature cluster's occurrences in it
 coactivation <- occurrence          per-feature statistics and which features fire together
 scores     <- label, occurrence     every feature cluster's label scored on the held-out text (precision, recall)
+embedding_scores <- cluster, occurrence  every feature cluster scored by example embeddings on the held-out text
 importance <- examples              token importance (adds neurons run by run)
 describe   <- cluster               LLM descriptions of feature clusters (optional; adds clusters run by run)
 sae_eval   <- sae, cluster          the run's SAE evaluated (only runs with an SAE)
@@ -150,6 +151,13 @@ GRAPH: dict[str, StageDef] = {
             (s.FEATURES_DIR, s.COACTIVATION_DIR, s.work_dir("coactivation")),
         ),
         StageDef("scores", "ne occurrence", ("label", "occurrence"), (), (s.SCORES_DIR,)),
+        StageDef(
+            "embedding_scores",
+            "ne occurrence",
+            ("cluster", "occurrence"),
+            ("scores.window_before", "scores.window_after"),
+            (s.EMBEDDING_SCORES_DIR, s.work_dir("embedding_scores")),
+        ),
         StageDef(
             "importance",
             "ne importance",

@@ -87,3 +87,39 @@ def test_embedding_score_is_delphis_measure_by_a_loop():
     assert np.isnan(embedding_deltas(test[:1], np.array([0]), train[:3], np.zeros(3, int))).all()  # nothing to contrast
     score = embedding_score([got, np.array([np.nan])])
     assert score.n == 8 and score.closer == pytest.approx(np.mean(got > 0)) and score.delta == pytest.approx(got.mean())
+
+
+def test_cluster_sums_margins_are_embedding_deltas():
+    """Three units (one with a single cluster, so nothing to contrast): every margin from the sums equals
+    `embedding_deltas` over the unit's examples, and tokens of unknown clusters or without text get NaN."""
+    from ne.compute.embed import unit_rows
+    from ne.compute.scores import CLUSTER_KEY, ClusterSums
+
+    rng = np.random.default_rng(2)
+    unit_n, cluster_n = rng.integers(0, 3, 60), rng.integers(0, 3, 60)
+    cluster_n[unit_n == 2] = 0
+    train = unit_rows(rng.normal(size=(60, 6)))
+    sums = ClusterSums(np.unique(unit_n * CLUSTER_KEY + cluster_n), 6)
+    for lo in (0, 25):  # added in two goes
+        sums.add(unit_n[lo : lo + 35] * CLUSTER_KEY + cluster_n[lo : lo + 35], train[lo : lo + 35])
+    sums.add(unit_n[60:], train[60:])
+    q = unit_rows(rng.normal(size=(10, 6)))
+    q[9] = 0
+    unit_m, cluster_m = rng.integers(0, 3, 40), rng.integers(0, 3, 40)
+    cluster_m[:3] = 7  # no such cluster
+    rows_m = rng.integers(0, 10, 40)
+    idx, margin = sums.margins(unit_m * CLUSTER_KEY + cluster_m, rows_m, q)
+    # the first 35 rows were added, then rows 25..59: 25..34 twice
+    twice = np.concatenate([np.arange(60), np.arange(25, 35)])
+    for i in range(40):
+        u, c, r = unit_m[i], cluster_m[i], rows_m[i]
+        mine = unit_n[twice] == u
+        want = embedding_deltas(q[r : r + 1], np.array([c]), train[twice][mine], cluster_n[twice][mine])[0]
+        if c == 7 or r == 9:
+            want = np.nan
+        if np.isnan(want):
+            assert np.isnan(margin[i])
+        else:
+            assert margin[i] == pytest.approx(want, abs=1e-9)
+            assert sums.keys[idx[i]] == u * CLUSTER_KEY + c
+    assert np.isfinite(margin).sum() > 15

@@ -103,6 +103,7 @@ def test_graph_is_consistent():
         "occurrence",
         "coactivation",
         "scores",
+        "embedding_scores",
         "importance",
         "describe",
         "sae_eval",
@@ -368,6 +369,7 @@ def test_status_shows_each_stage_with_its_settings(run_cfg, capsys):
         "occurrence": "missing",
         "coactivation": "missing",
         "scores": "missing",
+        "embedding_scores": "missing",
         "importance": "missing",
         "describe": "missing",
     }
