@@ -225,6 +225,8 @@ class FiringUnit:
     """The cluster's central example, key token in [[ ]]."""
     label: str | None = None
     """The cluster's offline label (`ne.compute.label`); None before the label stage ran."""
+    scores: dict[str, float | None] | None = None
+    """The cluster's scores on held-out text (`RunData.cluster_scores`); None before they ran."""
 
 
 @dataclass
@@ -266,6 +268,7 @@ class Explainer:
         self._clusters: dict[int, LayerClusters] = {}
         self._texts: dict[tuple[int, int, int], str | None] = {}
         self._labels: dict[tuple[int, int], dict[int, str]] = {}
+        self._scores: dict[tuple[int, int], dict[int, dict[str, float | None]]] = {}
 
     @classmethod
     def load(
@@ -392,12 +395,18 @@ class Explainer:
             size,
             self.central_text(layer, neuron, cluster),
             self.label(layer, neuron, cluster),
+            self.scores(layer, neuron, cluster),
         )
 
     def label(self, layer: int, neuron: int, cluster: int) -> str | None:
         if (layer, neuron) not in self._labels:
             self._labels[layer, neuron] = self.data.labels(layer, neuron)
         return self._labels[layer, neuron].get(cluster)
+
+    def scores(self, layer: int, neuron: int, cluster: int) -> dict[str, float | None] | None:
+        if (layer, neuron) not in self._scores:
+            self._scores[layer, neuron] = self.data.cluster_scores(layer, neuron)
+        return self._scores[layer, neuron].get(cluster)
 
     def central_text(self, layer: int, neuron: int, cluster: int) -> str | None:
         key = (layer, neuron, cluster)

@@ -154,3 +154,50 @@ def test_scores_embedding_false_skips_the_stage(occurrence_run, tmp_path):  # no
 def test_bad_scores_settings_are_named(key, value, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(RunConfig, {"scores": {key: value}})
+
+
+def test_cluster_scores_reach_explain_and_the_viewer(occurrence_run, monkeypatch, capsys):  # noqa: F811
+    """`RunData.cluster_scores` gives each cluster's rows of scores/ and embedding_scores/; `ne explain --json`
+    carries them with every firing unit, and the viewer's cluster tab says them."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from ne.cli import main
+
+    data, run = RunData(occurrence_run), RunDir(occurrence_run)
+    labels = run.read_parquet(schema.layer_dir(schema.SCORES_DIR, 1)).to_pandas().set_index(["neuron", "cluster"])
+    emb = (
+        run.read_parquet(schema.layer_dir(schema.EMBEDDING_SCORES_DIR, 1)).to_pandas().set_index(["neuron", "cluster"])
+    )
+    neuron = int(emb[emb.heldout > 0].index[0][0])
+    got = data.cluster_scores(1, neuron)
+    assert sorted(got) == sorted(c for n, c in labels.index if n == neuron)
+    for cluster, scores in got.items():
+        row = labels.loc[(neuron, cluster)]
+        for name, want in (("label_precision", row.precision), ("label_recall", row.recall)):
+            assert scores[name] == (None if np.isnan(want) else pytest.approx(want))
+        if (neuron, cluster) in emb.index:
+            e = emb.loc[(neuron, cluster)]
+            assert scores["heldout"] == e.heldout
+            assert scores["closer"] == (None if np.isnan(e.closer) else pytest.approx(e.closer))
+    from ne.models.tokenizers import gpt2_tokenizer
+
+    ids = [int(t) for t in run.read_parquet(schema.HELDOUT_DIR).to_pandas().tokens[0][:30]]
+    text = gpt2_tokenizer().decode(ids, skip_special_tokens=True)
+    assert main(["explain", occurrence_run, "--text", text, "--json"]) == 0
+    units = [u for r in json.loads(capsys.readouterr().out) for u in r["units"] if u["cluster"] is not None]
+    assert units and all(u["scores"] == data.cluster_scores(u["layer"], u["neuron"])[u["cluster"]] for u in units)
+
+    monkeypatch.setattr(sys, "argv", ["app.py", occurrence_run])
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "ne" / "viewer" / "app.py"), default_timeout=60)
+    at.query_params["layer"], at.query_params["neuron"] = "1", str(neuron)
+    at.run()
+    assert not at.exception
+    from ne.viewer import render
+
+    shown = render.scores_text(got[min(got)])
+    assert shown and shown.startswith("On held-out text: ")
+    assert shown in " ".join(str(c.value) for c in at.caption)

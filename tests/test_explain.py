@@ -145,6 +145,7 @@ def test_cli_text_and_json(run, capsys):
         "cluster_size",
         "central_text",
         "label",
+        "scores",
     }
 
 

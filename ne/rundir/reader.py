@@ -38,6 +38,11 @@ from ne.rundir.store import RunDir, file_records
 
 log = logging.getLogger(__name__)
 
+SCORE_COLUMNS = {
+    schema.SCORES_DIR: {"precision": "label_precision", "recall": "label_recall"},
+    schema.EMBEDDING_SCORES_DIR: {"closer": "closer", "heldout": "heldout"},
+}
+"""What `RunData.cluster_scores` takes from each table of scores: {column: name in its answer}."""
 _CACHE_BYTES = 256 * 2**20
 
 
@@ -165,6 +170,8 @@ class NeuronData:
     """Precomputed token importance by rank: (first position, values up to the key token)."""
     labels: dict[int, str] = field(default_factory=dict)
     """Offline label of each feature cluster (the label stage's); empty before it ran."""
+    scores: dict[int, dict[str, float | None]] = field(default_factory=dict)
+    """Each feature cluster's scores on held-out text (`RunData.cluster_scores`); empty before they ran."""
 
     @property
     def clustered(self) -> bool:
@@ -401,6 +408,7 @@ class RunData:
             self._add_dendrogram(data, m)
             data.metrics = self.metrics(layer, neuron, m)
             data.labels = self.labels(layer, neuron, m)
+            data.scores = self.cluster_scores(layer, neuron, m)
         data.importance = self.precomputed_importance(layer, neuron, m)
         return data
 
@@ -480,6 +488,24 @@ class RunData:
         if table.num_rows == 0:
             return {}
         return dict(zip(table.column("cluster").to_pylist(), table.column("label").to_pylist()))
+
+    def cluster_scores(
+        self, layer: int, neuron: int, manifest: dict | None = None
+    ) -> dict[int, dict[str, float | None]]:
+        """{cluster: scores on held-out text} of one neuron's feature clusters, from the stages that finished:
+        `label_precision` and `label_recall` of its label (`scores`), `closer` and `heldout` (the share of its
+        held-out occurrences closer to its own examples than to the unit's other clusters', of how many;
+        `embedding_scores`). None where a score is undefined."""
+        m = manifest if manifest is not None else self.manifest()
+        out: dict[int, dict[str, float | None]] = {}
+        for folder, names in SCORE_COLUMNS.items():
+            if not (self.ready(owner_of(folder) or "", m) and self.run.exists(schema.layer_dir(folder, layer))):
+                continue
+            for row in self._sorted(folder, layer, "neuron", m).read([neuron], ["cluster", *names]).to_pylist():
+                out.setdefault(row["cluster"], {}).update(
+                    {new: None if row[old] is None or row[old] != row[old] else row[old] for old, new in names.items()}
+                )
+        return out
 
     def precomputed_importance(
         self, layer: int, neuron: int, manifest: dict | None = None

@@ -290,22 +290,36 @@ def neuron_page(data: RunData, url: str) -> None:
         if tab.open is False:
             continue
         with tab:
-            left, right = st.columns([3, 2], gap="large")
-            if c >= 0:
-                st.query_params["cluster"] = str(c)
-                with right:
-                    similar_features(data, url, layer, neuron, c, decode, before, after, versions)
             imp = importance_for(nd, members, url, cfg, before, versions) if show_importance else None
-            left.caption(
-                "Central example first. Hover a token for its activation; the outlined token is the key "
-                "token."
-                + (" Blue: masking the token lowers the activation; red: raises it." if show_importance else "")
-            )
-            rows = [
-                render.example_html(e, decode, nd.scale, before, after, imp.get(e.rank) if imp else None)
-                for e in members
-            ]
-            left.html(render.EXAMPLE_CSS + f'<div class="ne-cluster" data-cluster="{c}">' + "".join(rows) + "</div>")
+            cluster_tab(data, url, nd, c, members, decode, (before, after), imp, versions)
+
+
+def cluster_tab(
+    data: RunData,
+    url: str,
+    nd: NeuronData,
+    c: int,
+    members: list[Example],
+    decode,
+    window: tuple[int, int],
+    imp,
+    versions,
+) -> None:
+    """One cluster's tab: its examples, its scores on held-out text, and its similar features."""
+    before, after = window
+    left, right = st.columns([3, 2], gap="large")
+    if c >= 0:
+        st.query_params["cluster"] = str(c)
+        with right:
+            similar_features(data, url, nd.layer, nd.neuron, c, decode, before, after, versions)
+    left.caption(
+        "Central example first. Hover a token for its activation; the outlined token is the key token."
+        + (" Blue: masking the token lowers the activation; red: raises it." if imp is not None else "")
+    )
+    if c >= 0 and (text := render.scores_text(nd.scores.get(c))):
+        left.caption(text)
+    rows = [render.example_html(e, decode, nd.scale, before, after, imp.get(e.rank) if imp else None) for e in members]
+    left.html(render.EXAMPLE_CSS + f'<div class="ne-cluster" data-cluster="{c}">' + "".join(rows) + "</div>")
 
 
 def mask_label(data: RunData, cfg) -> str:

@@ -40,6 +40,21 @@ def cluster_label(cluster: int, size: int, outlier: bool = False, label: str | N
     return f":{name}[Cluster {cluster}] ({size}{', outlier' if outlier else ''}){text}"
 
 
+def scores_text(scores: dict | None) -> str | None:
+    """A cluster's scores on held-out text (`RunData.cluster_scores`) in one line; None without any."""
+    parts = []
+    if scores and scores.get("label_precision") is not None:
+        parts.append(f"label precision {scores['label_precision']:.0%}")
+    if scores and scores.get("label_recall") is not None:
+        parts.append(f"label recall {scores['label_recall']:.0%}")
+    if scores and scores.get("closer") is not None:
+        parts.append(
+            f"{scores['closer']:.0%} of its {scores['heldout']:,} occurrences read closer to these examples than to "
+            "the neuron's other clusters' (MiniLM)"
+        )
+    return "On held-out text: " + ", ".join(parts) + "." if parts else None
+
+
 def markdown_escape(text: str) -> str:
     """Text shown literally where Streamlit renders Markdown (tab and button labels): tokens such as `*`, `_` or
     `[` must not format the label."""
