@@ -21,9 +21,8 @@ PRISM). Scores (`ne.compute.scores`), on held-out text only:
   than to the neuron's other clusters' (delphi's example-embedding measure), and the mean margin. This favours
   PRISM's clusters, which are built in that very space.
 When the run has a finished `occurrence` stage, the cluster score is also taken on the held-out occurrences
-(`ne.compute.scores.occurrence_detection`): the run's own labels against every held-out token. With --llm CONFIG (a
-config whose `describe` section names an endpoint), the run's LLM descriptions are scored by detection (balanced
-accuracy).
+(`ne.compute.scores.occurrence_detection`): the run's own labels against every held-out token. When the run has LLM
+detection scores (`ne describe --score`), their mean balanced accuracy over the sampled neurons' clusters.
 """
 
 from __future__ import annotations
@@ -54,11 +53,12 @@ from ne.compute.scores import (  # noqa: E402
     unit_detection,
 )
 from ne.compute.sentence import SentenceEncoder  # noqa: E402
-from ne.config import RunConfig, from_dict, load_config  # noqa: E402
+from ne.config import RunConfig, from_dict  # noqa: E402
 from ne.explain import assign, cluster_vectors  # noqa: E402
 from ne.export import occurrences_ready  # noqa: E402
 from ne.models import load_model_tokenizer  # noqa: E402
 from ne.rundir.h import load_h  # noqa: E402
+from ne.rundir.stages import state_of  # noqa: E402
 from ne.rundir.store import RunDir  # noqa: E402
 from ne.rundir.weights import read_layer_weights  # noqa: E402
 
@@ -113,9 +113,6 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5, help="k-means clusters per neuron for the PRISM-style method")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show", type=int, default=0, help="print this many labelled clusters with examples, and stop")
-    parser.add_argument(
-        "--llm", help="a config whose describe section names a chat endpoint: score the run's descriptions by detection"
-    )
     args = parser.parse_args()
     start = time.perf_counter()
     run = RunDir(args.run_dir)
@@ -228,8 +225,8 @@ def main() -> None:
         )
     if occurrences_ready(manifest):
         occurrence_scores(run, sample, special)
-    if args.llm:
-        llm_scores(run, load_config(args.llm).describe, tokenizer, sample, args.seed)
+    if state_of(manifest, "detection")[0] == "done":
+        detection_scores(run, sample)
     print(f"({time.perf_counter() - start:.0f} s)")
 
 
@@ -275,41 +272,18 @@ def occurrence_scores(run: RunDir, sample, special) -> None:
     )
 
 
-def llm_scores(run: RunDir, describe_cfg, tokenizer, sample, seed: int) -> None:
-    """Detection scoring of the run's LLM descriptions: examples of the cluster its prompt did not show (positives)
-    against unshown examples of the neuron's other clusters (negatives), each as its text window."""
-    from ne.describe import ChatClient, detection_score, read_descriptions
+def detection_scores(run: RunDir, sample) -> None:
+    """The run's LLM detection scores (`ne describe --score`) of the sampled neurons' clusters."""
+    from ne.detection import read_detection
 
-    described = read_descriptions(run)
-    client = ChatClient(describe_cfg, seed)
-    rng = np.random.default_rng(seed)
-    scores = []
-    for (layer, neuron, cluster), row in sorted(described.items()):
-        if neuron not in set(sample.neuron[sample.layer == layer]):
-            continue
-        ex = run.read_parquet(schema.layer_dir(schema.EXAMPLES_DIR, layer), filters=[("neuron", "=", neuron)])
-        cl = run.read_parquet(schema.layer_dir(schema.CLUSTERS_DIR, layer), filters=[("neuron", "=", neuron)])
-        ex = ex.to_pandas().merge(cl.to_pandas(), on=["layer", "neuron", "rank"]).sort_values("rank")
-        # Held out from the description: never an example its prompt showed (the first `examples` of the cluster by
-        # rank, the first `contrast_examples` of each other cluster; `ne.describe.describe_prompt`).
-        nth = ex.groupby("cluster").cumcount().to_numpy()
-        mine = (ex.cluster == cluster).to_numpy()
-        ex = ex[np.where(mine, nth >= describe_cfg.examples, nth >= describe_cfg.contrast_examples)]
-        ctx = run.read_parquet(
-            schema.CONTEXTS_DIR, columns=["ctx_id", "tokens"], filters=[("ctx_id", "in", ex.ctx_id.unique().tolist())]
-        ).to_pandas()
-        tokens = dict(zip(ctx.ctx_id, ctx.tokens))
-        text = [text_window(tokenizer, tokens[c], p) for c, p in zip(ex.ctx_id, ex.pos)]
-        pos = [t for t, c in zip(text, ex.cluster) if c == cluster]
-        neg = [t for t, c in zip(text, ex.cluster) if c != cluster]
-        if len(pos) < 2 or len(neg) < 2:
-            continue
-        pos = list(rng.choice(pos, min(5, len(pos)), replace=False))
-        neg = list(rng.choice(neg, min(5, len(neg)), replace=False))
-        scores.append(detection_score(client, row["description"], pos, neg, seed=seed).balanced_accuracy)
+    chosen = set(zip(sample.layer, sample.neuron))
+    scores = [
+        r["balanced_accuracy"] for (layer, neuron, _), r in read_detection(run).items() if (layer, neuron) in chosen
+    ]
+    scores = [x for x in scores if x == x]
     print(
-        f"LLM detection scoring of {len(scores)} descriptions: mean balanced accuracy "
-        f"{np.mean(scores) if scores else float('nan'):.3f}"
+        f"LLM detection scores of {len(scores)} descriptions of these neurons' clusters on held-out text: mean "
+        f"balanced accuracy {np.mean(scores) if scores else float('nan'):.3f}"
     )
 
 

@@ -161,9 +161,12 @@ def cmd_similar(args) -> None:
 def cmd_describe(args) -> None:
     from ne.describe import run_describe
 
-    print(
-        run_describe(_load(args), layers=args.layer, neurons=args.neuron, limit=args.limit, force=args.force).describe()
-    )
+    cfg, chosen = _load(args), {"layers": args.layer, "neurons": args.neuron, "limit": args.limit}
+    print(run_describe(cfg, **chosen, force=args.force).describe())
+    if args.score:
+        from ne.detection import run_detection
+
+        print(run_detection(cfg, **chosen, force=args.force).describe())
 
 
 def cmd_export(args) -> None:
@@ -402,6 +405,11 @@ def _run_commands(sub) -> None:
     p.add_argument("--neuron", type=int, action="append", help="only this neuron (repeatable); default all")
     p.add_argument(
         "--limit", type=int, help="describe at most this many clusters (the first, by layer, neuron, cluster)"
+    )
+    p.add_argument(
+        "--score",
+        action="store_true",
+        help="then score each description by LLM detection on the held-out text (needs `ne occurrence` first)",
     )
     p.set_defaults(func=cmd_describe)
 

@@ -468,6 +468,11 @@ class DescribeConfig:
     """Sampling temperature of the replies (0: the model's most likely description)."""
     flush_every: int = 32
     """Descriptions per Parquet part: at most this many finished descriptions are lost to a kill."""
+    detection_examples: int = 5
+    """`ne describe --score`: windows of held-out text where the cluster occurs, and as many where it does not (half
+    at occurrences of the unit's other clusters, the rest where the unit does not fire), per description."""
+    detection_batch: int = 10
+    """Texts per detection request."""
 
     def __post_init__(self):
         if not str(self.base_url).startswith(("http://", "https://")):
@@ -479,7 +484,14 @@ class DescribeConfig:
                 f"describe.api_key_env is {self.api_key_env!r}; give the NAME of an environment "
                 "variable (e.g. OPENAI_API_KEY), never the key itself"
             )
-        for key in ("max_concurrency", "examples", "max_tokens", "flush_every"):
+        for key in (
+            "max_concurrency",
+            "examples",
+            "max_tokens",
+            "flush_every",
+            "detection_examples",
+            "detection_batch",
+        ):
             at_least(f"describe.{key}", getattr(self, key), 1)
         for key in ("max_retries", "contrast_clusters", "contrast_examples", "window_before", "window_after"):
             at_least(f"describe.{key}", getattr(self, key), 0)

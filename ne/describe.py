@@ -34,6 +34,7 @@ import pyarrow as pa
 from ne import schema
 from ne.config import DescribeConfig, RunConfig
 from ne.errors import ConfigError, DataError
+from ne.rundir.graph import stages_of
 from ne.rundir.reader import NeuronData, RunData, key_token_snippet
 from ne.rundir.stages import Stage, check_force
 from ne.rundir.store import RunDir
@@ -217,13 +218,20 @@ def read_descriptions(run: RunDir) -> dict[tuple[int, int, int], dict]:
 
 
 class PartWriter:
-    """Finished descriptions, written `every` at a time as new numbered parts; thread-safe."""
+    """Finished rows (descriptions, or detection scores), written `every` at a time as new numbered parts of
+    `folder`; thread-safe."""
 
-    def __init__(self, run: RunDir, every: int):
-        self.run, self.every = run, every
+    def __init__(
+        self,
+        run: RunDir,
+        every: int,
+        folder: str = schema.DESCRIPTIONS_DIR,
+        rows_schema: pa.Schema = schema.DESCRIPTIONS,
+    ):
+        self.run, self.every, self.folder, self.schema = run, every, folder, rows_schema
         self.rows: list[dict] = []
         self.lock = threading.Lock()
-        parts = run.ls(schema.DESCRIPTIONS_DIR, suffix=".parquet")
+        parts = run.ls(folder, suffix=".parquet")
         self.next = max((int(name[5:10]) for name in parts), default=-1) + 1
         self.written = 0
 
@@ -240,8 +248,8 @@ class PartWriter:
     def _flush(self) -> None:
         if not self.rows:
             return
-        table = pa.Table.from_pylist(self.rows, schema=schema.DESCRIPTIONS)
-        self.run.write_parquet(schema.part_path(schema.DESCRIPTIONS_DIR, self.next), table)
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        self.run.write_parquet(schema.part_path(self.folder, self.next), table)
         self.next += 1
         self.written += len(self.rows)
         self.rows = []
@@ -265,7 +273,7 @@ class DescribeSummary:
         )
 
 
-def _run_until_failure(fn: Callable[[Any], None], items: Sequence, threads: int) -> BaseException | None:
+def run_until_failure(fn: Callable[[Any], None], items: Sequence, threads: int) -> BaseException | None:
     """`fn` of every item, `threads` at a time, until one fails: no call starts after that, the calls in flight
     finish, and the first failure is returned (None when all succeed)."""
     stop = threading.Event()
@@ -339,7 +347,7 @@ def describe_clusters(
             tokens[0] += reply.prompt_tokens
             tokens[1] += reply.completion_tokens
 
-    failure = _run_until_failure(describe_one, wanted, cfg.max_concurrency)
+    failure = run_until_failure(describe_one, wanted, cfg.max_concurrency)
     writer.flush()
     if failure is not None:
         kept = len(have) + writer.written
@@ -390,7 +398,7 @@ def run_describe(
     description yet; the `describe` stage adds to what is there, as `ne importance` does."""
     from ne.models import load_token_decoder
 
-    forced = check_force(force, ("describe",))
+    forced = check_force(force, stages_of("ne describe"))
     run = RunDir(cfg.run_dir)
     with run.lock("ne describe"):
         stage = Stage(run, "describe", cfg, forced)
@@ -445,6 +453,8 @@ class DetectionScore:
     true_negative_rate: float
     n_positive: int
     n_negative: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 def detection_score(
@@ -465,12 +475,14 @@ def detection_score(
     items = [(t, 1) for t in positives] + [(t, 0) for t in negatives]
     random.Random(seed).shuffle(items)
     guesses: list[int] = []
+    tokens = [0, 0]
     for lo in range(0, len(items), batch_size):
         texts = [t for t, _ in items[lo : lo + batch_size]]
         reply = client.complete(detection_prompt(description, texts), max_tokens=8 * len(texts) + 16)
         guesses += parse_detection(reply.text, len(texts), client.url)
+        tokens = [tokens[0] + reply.prompt_tokens, tokens[1] + reply.completion_tokens]
     truth = [y for _, y in items]
     tp = sum(g == y == 1 for g, y in zip(guesses, truth))
     tn = sum(g == y == 0 for g, y in zip(guesses, truth))
     tpr, tnr = tp / len(positives), tn / len(negatives)
-    return DetectionScore((tpr + tnr) / 2, tpr, tnr, len(positives), len(negatives))
+    return DetectionScore((tpr + tnr) / 2, tpr, tnr, len(positives), len(negatives), *tokens)

@@ -52,6 +52,7 @@ REPORT_DIR = "report"
 REPORT_MD = f"{REPORT_DIR}/report.md"
 LABELS_DIR = "labels"
 DESCRIPTIONS_DIR = "descriptions"
+DETECTION_DIR = "detection"
 HELDOUT_DIR = "heldout"
 OCCURRENCES_DIR = "occurrences"
 FEATURES_DIR = "features"
@@ -255,6 +256,26 @@ DESCRIPTIONS = pa.schema(
     ]
 )
 """descriptions/part-NNNNN.parquet: one row per described cluster, in the order they were finished."""
+
+
+DETECTION = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("neuron", pa.int32()),
+        ("cluster", pa.int32()),
+        ("description", pa.string()),  # the description scored (descriptions/ may hold a newer one later)
+        ("model", pa.string()),  # the chat model that judged
+        ("balanced_accuracy", pa.float32()),  # (true positive rate + true negative rate) / 2
+        ("true_positive_rate", pa.float32()),
+        ("true_negative_rate", pa.float32()),
+        ("positives", pa.list_(pa.int64())),  # held-out tokens where the cluster occurs, ctx_id * 2**32 + pos
+        ("negatives", pa.list_(pa.int64())),  # held-out tokens where it does not, the same way
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+    ]
+)
+"""detection/part-NNNNN.parquet: one row per scored description, in the order they were finished (`ne describe
+--score`, `ne.detection`): the LLM's detection of the cluster's held-out windows of text given only the description."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ scores     <- label, occurrence     every feature cluster's label scored on the 
 embedding_scores <- cluster, occurrence  every feature cluster scored by example embeddings on the held-out text
 importance <- examples              token importance (adds neurons run by run)
 describe   <- cluster               LLM descriptions of feature clusters (optional; adds clusters run by run)
+detection  <- occurrence            LLM detection scores of the descriptions on held-out text (`ne describe --score`)
 sae_eval   <- sae, cluster          the run's SAE evaluated (only runs with an SAE)
 mnist_mlp <- ; mnist_sae_standard, mnist_sae_ne_loss <- mnist_mlp ; mnist_eval <- both SAEs
 ```
@@ -180,6 +181,23 @@ GRAPH: dict[str, StageDef] = {
                 "describe.temperature",
             ),
             (s.DESCRIPTIONS_DIR,),
+        ),
+        # Not downstream of describe, whose runs extend it: each row names the description it scored, and a
+        # changed description is scored again, so describing more clusters keeps the scores already paid for.
+        StageDef(
+            "detection",
+            "ne describe",
+            ("occurrence",),
+            (
+                "describe.model",
+                "describe.detection_examples",
+                "describe.detection_batch",
+                "describe.window_before",
+                "describe.window_after",
+                "describe.temperature",
+                "seed",
+            ),
+            (s.DETECTION_DIR,),
         ),
         StageDef("sae_eval", "ne run", ("sae", "cluster"), ("sae.eval.*",), (s.SAE_EVAL, s.SAE_EVAL_MD)),
         StageDef(

@@ -106,6 +106,7 @@ def test_graph_is_consistent():
         "embedding_scores",
         "importance",
         "describe",
+        "detection",
         "sae_eval",
     ]
     assert owner_of("report/report.md") == "label"
@@ -372,6 +373,7 @@ def test_status_shows_each_stage_with_its_settings(run_cfg, capsys):
         "embedding_scores": "missing",
         "importance": "missing",
         "describe": "missing",
+        "detection": "missing",
     }
     assert "cluster.threshold=0.4" in out and "harvest.k=8" in out and "files intact" in out
     os.remove(Path(run_cfg.run_dir) / "maxima.parquet")
