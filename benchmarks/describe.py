@@ -52,11 +52,11 @@ from ne.compute.scores import (  # noqa: E402
     occurrence_detection,
     unit_detection,
 )
-from ne.compute.sentence import SentenceEncoder  # noqa: E402
 from ne.config import RunConfig, from_dict  # noqa: E402
 from ne.explain import assign, cluster_vectors  # noqa: E402
 from ne.export import occurrences_ready  # noqa: E402
 from ne.models import load_model_tokenizer  # noqa: E402
+from ne.models.sentence import SentenceEncoder  # noqa: E402
 from ne.rundir.h import load_h  # noqa: E402
 from ne.rundir.stages import state_of  # noqa: E402
 from ne.rundir.store import RunDir  # noqa: E402

@@ -102,7 +102,6 @@ def embedding_summary(frame: pd.DataFrame) -> dict:
 def check_embedding(run: RunDir, layers: list[int], n: int, seed: int) -> None:
     from ne.compute.scores import CLUSTER_KEY, TOKEN_KEY
     from ne.embedding_scores import Windows, cluster_sums
-    from ne.models.tokenizers import decode_each
     from ne.occurrence import heldout_parts, occurrence_file, read_heldout
     from ne.rundir.reader import RunData
 
@@ -136,7 +135,7 @@ def check_embedding(run: RunDir, layers: list[int], n: int, seed: int) -> None:
     texts = []
     for _, _, _, ctx, pos, _ in picked:
         ids = [int(t) for t in tokens[ctx][max(0, pos - before) : pos + after + 1]]
-        texts.append("".join(windows.pieces(ids, decode_each)))
+        texts.append("".join(windows.pieces(ids)))
     alone = windows.encoder.encode(texts)
     in_context = rows_td[[p[2] for p in picked]]
     agree = []

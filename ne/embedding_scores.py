@@ -2,9 +2,10 @@
 (no Ray, one process).
 
 An example's text is its window (scores.window_before run tokens before its key token to scores.window_after after),
-embedded by all-MiniLM-L6-v2 in its context (`ne.compute.sentence`). A held-out occurrence (`occurrences/`) of a
-cluster scores its margin: the mean cosine of its window's embedding to the cluster's dataset examples minus that to
-the examples of its unit's other clusters (delphi's example-embedding measure, `ne.compute.scores.ClusterSums`).
+embedded by all-MiniLM-L6-v2 in its context (`ne.models.sentence`, `ne.compute.scores.window_embeddings`). A
+held-out occurrence (`occurrences/`) of a cluster scores its margin: the mean cosine of its window's embedding to the
+cluster's dataset examples minus that to the examples of its unit's other clusters (delphi's example-embedding
+measure, `ne.compute.scores.ClusterSums`).
 
 Two passes, each one encoder pass over its contexts: the harvest's contexts give every cluster the sum of its
 examples' embeddings (kept under `_work/` once made), then each held-out part gives its occurrences' margins, summed
@@ -25,10 +26,11 @@ from tqdm.auto import tqdm
 from ne import schema
 from ne.compute.device import resolve_device
 from ne.compute.harvest import Context
-from ne.compute.scores import CLUSTER_KEY, TOKEN_KEY, ClusterSums
-from ne.compute.sentence import D_SENTENCE, SentenceEncoder, window_embeddings
+from ne.compute.scores import CLUSTER_KEY, TOKEN_KEY, ClusterSums, window_embeddings
 from ne.config import RunConfig
 from ne.errors import DataError
+from ne.models.sentence import D_SENTENCE, SentenceEncoder
+from ne.models.tokenizers import decode_each
 from ne.occurrence import heldout_parts, occurrence_file, read_heldout
 from ne.rundir.contexts import iter_context_parts
 from ne.rundir.store import RunDir
@@ -51,18 +53,16 @@ class Windows:
         self.encoder = SentenceEncoder(str(resolve_device(cfg.scores.device, "scores.device")))
         self.cfg = cfg.scores
 
-    def pieces(self, tokens: list[int], decode_each) -> list[str]:
+    def pieces(self, tokens: list[int]) -> list[str]:
         """Each run token's text; BOS and padding have none."""
         return ["" if t in self.special else p for t, p in zip(tokens, decode_each(self.tokenizer, tokens))]
 
     def of(self, contexts: Sequence[Context]) -> tuple[np.ndarray, np.ndarray]:
         """(token keys ctx_id * TOKEN_KEY + pos, sorted; their unit-length window embeddings [t, 384])."""
-        from ne.models.tokenizers import decode_each
-
         keys, rows = [], []
         for lo in range(0, len(contexts), self.cfg.batch_size):
             batch = contexts[lo : lo + self.cfg.batch_size]
-            pieces = [self.pieces(tokens.tolist(), decode_each) for _, tokens in batch]
+            pieces = [self.pieces(tokens.tolist()) for _, tokens in batch]
             for (ctx_id, tokens), (sums, counts) in zip(batch, self.encoder.states(pieces)):
                 keys.append(np.int64(ctx_id) * TOKEN_KEY + np.arange(len(tokens)))
                 rows.append(window_embeddings(sums, counts, self.cfg.window_before, self.cfg.window_after))

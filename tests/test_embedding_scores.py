@@ -27,19 +27,13 @@ def naive_windows(windows: Windows, table) -> dict[tuple[int, int], np.ndarray]:
     out = {}
     for ctx, tokens in zip(table.ctx_id, table.tokens):
         tokens = [int(t) for t in tokens]
-        [(sums, counts)] = windows.encoder.states([windows.pieces(tokens, _decode_each())])
+        [(sums, counts)] = windows.encoder.states([windows.pieces(tokens)])
         for pos in range(len(tokens)):
             lo, hi = max(0, pos - before), min(len(tokens), pos + after + 1)
             n = counts[lo:hi].sum()
             mean = sums[lo:hi].astype(np.float64).sum(0) / max(n, 1)
             out[(int(ctx), pos)] = mean / np.linalg.norm(mean) if n else mean
     return out
-
-
-def _decode_each():
-    from ne.models.tokenizers import decode_each
-
-    return decode_each
 
 
 def test_embedding_scores_equal_a_naive_loop(occurrence_run):  # noqa: F811

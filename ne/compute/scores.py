@@ -7,7 +7,9 @@
   the unit stays below its threshold (`label_detection`, `below_threshold`).
 - **Embedding score**, the measure of delphi's example-embedding scorer: embed each example's text with a sentence
   encoder (all-MiniLM-L6-v2, which the demo ships); a held-out example should lie closer, on average, to its own
-  cluster's examples than to the neuron's other clusters' (`embedding_score`).
+  cluster's examples than to the neuron's other clusters' (`embedding_deltas`, `embedding_score`). For a whole run,
+  windows come from encoder states summed per token (`window_embeddings`) and clusters are kept as sums of their
+  examples' embeddings (`ClusterSums`).
 """
 
 from __future__ import annotations
@@ -177,6 +179,21 @@ def embedding_score(deltas: Sequence[np.ndarray]) -> EmbeddingScore:
 
 
 # --- every feature cluster's examples as sums of embeddings (the `embedding_scores` stage) --------------------
+
+
+def window_embeddings(
+    sums_t_d: Float[np.ndarray, "t d"], counts_t: Int[np.ndarray, " t"], before: int, after: int
+) -> Float[np.ndarray, "t d"]:
+    """Row p: the unit-length mean of the encoder states of run tokens p - before .. p + after (clipped to the
+    context); a zero row where those tokens own no encoder token."""
+    t = len(counts_t)
+    csum = np.concatenate([np.zeros((1, sums_t_d.shape[1])), np.cumsum(sums_t_d, 0, dtype=np.float64)])
+    ccount = np.concatenate([[0], np.cumsum(counts_t)])
+    lo = np.clip(np.arange(t) - before, 0, t)
+    hi = np.clip(np.arange(t) + after + 1, 0, t)
+    n = (ccount[hi] - ccount[lo])[:, None]
+    return unit_rows((csum[hi] - csum[lo]) / np.maximum(n, 1)).astype(np.float32)
+
 
 CLUSTER_KEY = np.int64(2**32)
 """A feature cluster of one layer as one key, unit * CLUSTER_KEY + cluster."""

@@ -123,3 +123,22 @@ def test_cluster_sums_margins_are_embedding_deltas():
             assert margin[i] == pytest.approx(want, abs=1e-9)
             assert sums.keys[idx[i]] == u * CLUSTER_KEY + c
     assert np.isfinite(margin).sum() > 15
+
+
+def test_window_embeddings_are_window_means_by_a_loop():
+    rng = np.random.default_rng(0)
+    sums, counts = rng.normal(size=(9, 5)), rng.integers(0, 3, 9)
+    counts[[2, 3, 4]] = 0
+    sums[[2, 3, 4]] = 0
+    from ne.compute.scores import window_embeddings
+
+    got = window_embeddings(sums, counts, before=2, after=1)
+    for p in range(9):
+        window = range(max(0, p - 2), min(9, p + 2))
+        n = sum(counts[t] for t in window)
+        if n == 0:
+            assert not got[p].any()
+            continue
+        mean = sum(sums[t] for t in window) / n
+        np.testing.assert_allclose(got[p], mean / np.linalg.norm(mean), rtol=1e-5)
+    assert not window_embeddings(sums, counts, 0, 0)[3].any()  # a token with no encoder token, alone

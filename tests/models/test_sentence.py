@@ -1,35 +1,18 @@
-"""The sentence encoder's window embeddings against naive loops: encoder tokens given to run tokens by their
-characters, and window means taken token by token."""
+"""The sentence encoder against direct encoder passes: encoder tokens given to run tokens by their characters, and
+sentence-transformers' mean pooling."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ne.compute.sentence import SentenceEncoder, window_embeddings
+from ne.models.sentence import SentenceEncoder
 from ne.models.tokenizers import decode_each, gpt2_tokenizer
 
 
 @pytest.fixture(scope="module")
 def encoder():
     return SentenceEncoder()
-
-
-def test_window_embeddings_are_window_means_by_a_loop():
-    rng = np.random.default_rng(0)
-    sums, counts = rng.normal(size=(9, 5)), rng.integers(0, 3, 9)
-    counts[[2, 3, 4]] = 0
-    sums[[2, 3, 4]] = 0
-    got = window_embeddings(sums, counts, before=2, after=1)
-    for p in range(9):
-        window = range(max(0, p - 2), min(9, p + 2))
-        n = sum(counts[t] for t in window)
-        if n == 0:
-            assert not got[p].any()
-            continue
-        mean = sum(sums[t] for t in window) / n
-        np.testing.assert_allclose(got[p], mean / np.linalg.norm(mean), rtol=1e-5)
-    assert not window_embeddings(sums, counts, 0, 0)[3].any()  # a token with no encoder token, alone
 
 
 @pytest.mark.parametrize("piece", [128, 5])

@@ -1,24 +1,27 @@
-"""all-MiniLM-L6-v2 as a sentence encoder (the demo ships it): of short texts, and of every window of a context at once.
+"""all-MiniLM-L6-v2 as a sentence encoder (the demo ships it): of short texts, and of every token of a context at once.
 
 sentence-transformers embeds a text as the attention-masked mean of the encoder's last hidden states, L2-normalised
 (`SentenceEncoder.encode`). Encoding every token's window of text that way costs one forward pass per window: about
 30 windows a second on 2 CPU cores, hours for a run's held-out text. `SentenceEncoder.states` reads each context once
-instead, and `window_embeddings` takes a window's embedding as the mean of the states of the encoder tokens inside
-it, so the encoder sees the window in its context rather than alone (`benchmarks/scores.py --windows` measures how
-far apart the two are). The run's tokenizer need not be the encoder's: a run token owns the encoder tokens whose
-characters fall in its own decoded text.
+instead, and `ne.compute.scores.window_embeddings` takes a window's embedding as the mean of the states of the
+encoder tokens inside it, so the encoder sees the window in its context rather than alone (`benchmarks/scores.py
+--check` measures how far apart the two are). The run's tokenizer need not be the encoder's: a run token owns the
+encoder tokens whose characters fall in its own decoded text.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 from jaxtyping import Float, Int
 
-from ne.compute.embed import unit_rows
+log = logging.getLogger(__name__)
 
 D_SENTENCE = 384
+MAX_ENCODER_TOKENS = 512
+"""all-MiniLM-L6-v2's position embeddings."""
 
 
 class SentenceEncoder:
@@ -69,7 +72,16 @@ class SentenceEncoder:
         jobs = [(i, lo) for i, ctx in enumerate(contexts) for lo in range(0, len(ctx), piece)]
         texts = ["".join(contexts[i][lo : lo + piece]) for i, lo in jobs]
         out = [(np.zeros((len(c), D_SENTENCE), np.float32), np.zeros(len(c), np.int64)) for c in contexts]
-        hidden, mask, extra = self._hidden(texts, 512, offsets=True)
+        if not jobs:
+            return out
+        hidden, mask, extra = self._hidden(texts, MAX_ENCODER_TOKENS, offsets=True)
+        if int(mask.sum(1).max()) == MAX_ENCODER_TOKENS:
+            log.warning(
+                "a piece of %d run tokens reached the encoder's %d tokens: the tokens after that have no embedding "
+                "and score nothing; a smaller piece avoids it",
+                piece,
+                MAX_ENCODER_TOKENS,
+            )
         for row, (i, lo) in enumerate(jobs):
             pieces = contexts[i][lo : lo + piece]
             ends = np.cumsum([len(p) for p in pieces])
@@ -82,17 +94,3 @@ class SentenceEncoder:
             np.add.at(sums, lo + owner, hidden[row][real].cpu().numpy())
             np.add.at(counts, lo + owner, 1)
         return out
-
-
-def window_embeddings(
-    sums_t_d: Float[np.ndarray, "t d"], counts_t: Int[np.ndarray, " t"], before: int, after: int
-) -> Float[np.ndarray, "t d"]:
-    """Row p: the unit-length mean of the encoder states of run tokens p - before .. p + after (clipped to the
-    context); a zero row where those tokens own no encoder token."""
-    t = len(counts_t)
-    csum = np.concatenate([np.zeros((1, sums_t_d.shape[1])), np.cumsum(sums_t_d, 0, dtype=np.float64)])
-    ccount = np.concatenate([[0], np.cumsum(counts_t)])
-    lo = np.clip(np.arange(t) - before, 0, t)
-    hi = np.clip(np.arange(t) + after + 1, 0, t)
-    n = (ccount[hi] - ccount[lo])[:, None]
-    return unit_rows((csum[hi] - csum[lo]) / np.maximum(n, 1)).astype(np.float32)
