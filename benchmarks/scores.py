@@ -55,37 +55,35 @@ def main() -> None:
     args = parser.parse_args()
     run = RunDir(args.run_dir)
     info = require_done(run, "scores")["info"]
-    rows = {}
-    frames = []
+    frames = {}
     for layer in info["layers"]:
         scores = run.read_parquet(schema.layer_dir(schema.SCORES_DIR, layer)).to_pandas()
         labels = run.read_parquet(schema.layer_dir(schema.LABELS_DIR, layer), columns=["neuron", "cluster", "outlier"])
         kept = scores.merge(labels.to_pandas(), on=["neuron", "cluster"])
-        kept = kept[~kept.outlier]
-        rows[f"layer {layer}"] = summary(kept)
-        frames.append(kept)
-    rows["all"] = summary(pd.concat(frames))
-    table = pd.DataFrame(rows).T
-    table[["clusters", "occur"]] = table[["clusters", "occur"]].astype(int)
-    print(table.to_string(float_format=lambda x: f"{x:.3f}"))
+        frames[layer] = kept[~kept.outlier]
+    print_by_layer(frames, summary, ["clusters", "occur"])
     print(f"scores stage: {info['tokens']} held-out tokens, {info['seconds']:.1f} s\n")
     embedding = require_done(run, "embedding_scores")["info"]
-    rows, frames = {}, []
+    frames = {}
     for layer in embedding["layers"]:
         scored = run.read_parquet(schema.layer_dir(schema.EMBEDDING_SCORES_DIR, layer)).to_pandas()
-        scored = scored[scored.heldout > 0]
-        rows[f"layer {layer}"] = embedding_summary(scored)
-        frames.append(scored)
-    rows["all"] = embedding_summary(pd.concat(frames))
-    table = pd.DataFrame(rows).T
-    table[["clusters", "occurrences"]] = table[["clusters", "occurrences"]].astype(int)
-    print(table.to_string(float_format=lambda x: f"{x:.3f}"))
+        frames[layer] = scored[scored.heldout > 0]
+    print_by_layer(frames, embedding_summary, ["clusters", "occurrences"])
     print(
         f"embedding_scores stage: windows of {embedding['window'][0]} tokens before and {embedding['window'][1]} "
         f"after, {embedding['seconds']:.1f} s"
     )
     if args.check:
         check_embedding(run, embedding["layers"], args.check, args.seed)
+
+
+def print_by_layer(frames: dict[int, pd.DataFrame], summarise, counts: list[str]) -> None:
+    """One row of `summarise` per layer's frame, then one over all of them."""
+    rows = {f"layer {layer}": summarise(frame) for layer, frame in frames.items()}
+    rows["all"] = summarise(pd.concat(frames.values()))
+    table = pd.DataFrame(rows).T
+    table[counts] = table[counts].astype(int)
+    print(table.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
 def embedding_summary(frame: pd.DataFrame) -> dict:

@@ -39,11 +39,15 @@ from ne.rundir.store import RunDir
 
 
 def read_detection(run: RunDir) -> dict[tuple[int, int, int], dict]:
-    """{(layer, neuron, cluster): row} of every stored detection score (the last one where a cluster has two)."""
+    """{(layer, neuron, cluster): row} of the stored detection score of each cluster's current description; a
+    score of a description since replaced (`ne describe --force describe`) is never served."""
+    current = {key: row["description"] for key, row in read_descriptions(run).items()}
     out: dict[tuple[int, int, int], dict] = {}
     for name in run.ls(schema.DETECTION_DIR, suffix=".parquet"):
         for row in run.read_parquet(f"{schema.DETECTION_DIR}/{name}").to_pylist():
-            out[(row["layer"], row["neuron"], row["cluster"])] = row
+            key = (row["layer"], row["neuron"], row["cluster"])
+            if current.get(key) == row["description"]:
+                out[key] = row
     return out
 
 
@@ -130,7 +134,7 @@ def score_descriptions(
     start = time.perf_counter()
     d = cfg.describe
     have = read_detection(run)
-    wanted = [t for t in todo if have.get(t, {}).get("description") != described[t]["description"]]
+    wanted = [t for t in todo if t not in have]
     counts = {"prompt": 0, "completion": 0, "absent": 0}
     if not wanted:
         return _summary(run, todo, 0, len(todo), counts, start)
@@ -227,7 +231,7 @@ def run_detection(
             t for t in clusters_to_describe(run, layers, neurons, limit, cfg.cluster.min_cluster_size) if t in described
         ]
         have = {} if needed else read_detection(run)
-        if not needed and all(have.get(t, {}).get("description") == described[t]["description"] for t in todo):
+        if not needed and all(t in have for t in todo):
             return score_descriptions(run, todo, described, client, cfg, None)  # a finished step: nothing to ask
         stage.begin(extend=not needed)
         summary = score_descriptions(run, todo, described, client, cfg, load_token_decoder(cfg.model))

@@ -28,10 +28,9 @@ from ne.compute.device import resolve_device
 from ne.compute.harvest import Context
 from ne.compute.scores import CLUSTER_KEY, TOKEN_KEY, ClusterSums, window_embeddings
 from ne.config import RunConfig
-from ne.errors import DataError
 from ne.models.sentence import D_SENTENCE, SentenceEncoder
 from ne.models.tokenizers import decode_each
-from ne.occurrence import heldout_parts, occurrence_file, read_heldout
+from ne.occurrence import heldout_parts, occurrence_file, read_heldout, token_rows
 from ne.rundir.contexts import iter_context_parts
 from ne.rundir.store import RunDir
 
@@ -147,13 +146,7 @@ def score_part(run: RunDir, part: int, layers: list[int], sums: dict[int, Cluste
     out: dict[str, list] = {name: [] for name in ("layer", "key", "n", "closer", "margin_sum")}
     for layer in layers:
         occ = run.read_parquet(occurrence_file(layer, part), columns=["ctx_id", "pos", "unit", "cluster"])
-        token = occ.column("ctx_id").to_numpy().astype(np.int64) * TOKEN_KEY + occ.column("pos").to_numpy()
-        row = np.searchsorted(keys_t, token).clip(0, max(len(keys_t) - 1, 0))
-        if len(token) and not np.array_equal(keys_t[row], token):
-            raise DataError(
-                f"{run.url}: occurrences of layer {layer} name tokens that {schema.HELDOUT_DIR}/ does not hold; "
-                "redo them with `ne occurrence --config CONFIG --force occurrence`"
-            )
+        row = token_rows(run, layer, occ, keys_t)
         key = occ.column("unit").to_numpy().astype(np.int64) * CLUSTER_KEY + occ.column("cluster").to_numpy()
         idx, margin = sums[layer].margins(key, row, rows_td)
         ok = np.isfinite(margin)

@@ -272,6 +272,21 @@ def occurrence_file(layer: int, part: int) -> str:
 # --- reading ---------------------------------------------------------------------------------------------
 
 
+def token_rows(run: RunDir, layer: int, occ: pa.Table, key_t: np.ndarray) -> np.ndarray:
+    """For each row of an occurrences table of `layer`, its index in `key_t` (held-out token keys, ctx_id *
+    TOKEN_KEY + pos, sorted); an error when some occurrence names a token that `heldout/` does not hold."""
+    from ne.compute.scores import TOKEN_KEY
+
+    token = occ.column("ctx_id").to_numpy().astype(np.int64) * TOKEN_KEY + occ.column("pos").to_numpy()
+    row = np.searchsorted(key_t, token).clip(0, max(len(key_t) - 1, 0))
+    if len(token) and not np.array_equal(key_t[row], token):
+        raise DataError(
+            f"{run.url}: occurrences of layer {layer} name tokens that {schema.HELDOUT_DIR}/ does not hold; "
+            "redo them with `ne occurrence --config CONFIG --force occurrence`"
+        )
+    return row
+
+
 def read_occurrences(
     run_dir: str | RunDir, layer: int, units: Sequence[int] | None = None, ctx_ids: Sequence[int] | None = None
 ) -> pa.Table:

@@ -18,15 +18,11 @@ import pyarrow as pa
 
 from ne import schema
 from ne.compute.label import Rule
-from ne.compute.scores import TOKEN_KEY, RuleTable, TokenCounts, heldout_positions, occurrence_counts
-from ne.errors import DataError
-from ne.occurrence import heldout_parts, read_heldout
+from ne.compute.scores import CLUSTER_KEY, RuleTable, TokenCounts, heldout_positions, occurrence_counts
+from ne.occurrence import heldout_parts, read_heldout, token_rows
 from ne.rundir.store import RunDir
 
 log = logging.getLogger(__name__)
-
-_CLUSTER_KEY = np.int64(2**32)
-"""A feature cluster as one key, neuron * _CLUSTER_KEY + cluster (cluster -1, no cluster, matches no label)."""
 
 
 def write_scores(run: RunDir, layers: list[int]) -> dict:
@@ -59,21 +55,15 @@ def score_layer(run: RunDir, layer: int, key_t: np.ndarray, toks_t3: np.ndarray,
         for keys, offset, context in zip(labels.key_tokens, labels.context_offset, labels.context_token)
     ]
     table = RuleTable.of(rules)
-    label_key = labels.neuron.to_numpy(np.int64) * _CLUSTER_KEY + labels.cluster.to_numpy(np.int64)
+    label_key = labels.neuron.to_numpy(np.int64) * CLUSTER_KEY + labels.cluster.to_numpy(np.int64)
     occurrences, matched = np.zeros(len(rules), np.int64), np.zeros(len(rules), np.int64)
     folder = schema.layer_dir(schema.OCCURRENCES_DIR, layer)
     for name in run.ls(folder, suffix=".parquet"):
         part = run.read_parquet(f"{folder}/{name}", columns=["ctx_id", "pos", "unit", "cluster"])
-        cluster = part.column("unit").to_numpy().astype(np.int64) * _CLUSTER_KEY + part.column("cluster").to_numpy()
+        cluster = part.column("unit").to_numpy().astype(np.int64) * CLUSTER_KEY + part.column("cluster").to_numpy()
         rule_m = np.searchsorted(label_key, cluster).clip(0, max(len(label_key) - 1, 0))
         labelled = label_key[rule_m] == cluster if len(label_key) else np.zeros(len(cluster), bool)
-        token = part.column("ctx_id").to_numpy().astype(np.int64) * TOKEN_KEY + part.column("pos").to_numpy()
-        row = np.searchsorted(key_t, token).clip(0, max(len(key_t) - 1, 0))
-        if len(token) and not np.array_equal(key_t[row], token):
-            raise DataError(
-                f"{run.url}: occurrences of layer {layer} name tokens that {schema.HELDOUT_DIR}/ does not hold; "
-                "redo them with `ne occurrence --config CONFIG --force occurrence`"
-            )
+        row = token_rows(run, layer, part, key_t)
         n, hit = occurrence_counts(table, rule_m[labelled], toks_t3[row[labelled]])
         occurrences += n
         matched += hit

@@ -188,3 +188,20 @@ def test_ne_describe_score_prints_the_score_and_the_cost(described, capsys):
     assert f"= {tokens:,}" in out.splitlines()[-1]
     assert main(["describe", "--config", path, "--neuron", "1", "--score", "--force", "nothing"]) == 2
     assert "--force 'nothing' names no stage" in capsys.readouterr().err
+
+
+def test_scores_of_replaced_descriptions_are_never_served(described):
+    """`ne describe --force describe` writes new descriptions: the old ones' scores are not read, and the next
+    `--score` scores the new ones."""
+    run, cfg, judge, server = described
+    run_detection(cfg, neurons=list(range(12)))
+    before = read_detection(run)
+    run_describe(cfg, neurons=list(range(12)), force=["describe"])  # the judge numbers its answers on: new texts
+    now = read_descriptions(run)
+    assert all(now[k]["description"] != row["description"] for k, row in before.items())
+    assert read_detection(run) == {}
+    judge.by_description = {row["description"]: key for key, row in now.items()}
+    summary = run_detection(cfg, neurons=list(range(12)))
+    rows = read_detection(run)
+    assert summary.scored == len(now) and set(rows) == set(now)
+    assert all(rows[k]["description"] == now[k]["description"] for k in rows)

@@ -196,7 +196,8 @@ def window_embeddings(
 
 
 CLUSTER_KEY = np.int64(2**32)
-"""A feature cluster of one layer as one key, unit * CLUSTER_KEY + cluster."""
+"""A feature cluster of one layer as one key, unit * CLUSTER_KEY + cluster (cluster -1, an occurrence of a unit
+without clusters, is a key no cluster has)."""
 
 
 class ClusterSums:
@@ -208,6 +209,16 @@ class ClusterSums:
         self.keys = np.unique(np.asarray(keys, np.int64))
         self.sums = np.zeros((len(self.keys), d), np.float64)
         self.counts = np.zeros(len(self.keys), np.int64)
+        self._units: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def units(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(each key's unit row, each unit's summed examples, its example count), made once after the last `add`."""
+        if self._units is None:
+            units, unit_of = np.unique(self.keys // CLUSTER_KEY, return_inverse=True)
+            total = np.zeros((len(units), self.sums.shape[1]))
+            np.add.at(total, unit_of, self.sums)
+            self._units = unit_of, total, np.bincount(unit_of, weights=self.counts, minlength=len(units))
+        return self._units
 
     def add(self, keys_n: Int[np.ndarray, " n"], unit_nd: Float[np.ndarray, "n d"]) -> None:
         """Examples of clusters in `keys`, as unit-length rows."""
@@ -217,6 +228,7 @@ class ClusterSums:
         for lo in range(0, len(idx), 65_536):  # add.at in slices: its temporary is one slice
             np.add.at(self.sums, idx[lo : lo + 65_536], unit_nd[lo : lo + 65_536])
         self.counts += np.bincount(idx, minlength=len(self.keys))
+        self._units = None
 
     def margins(
         self, keys_m: Int[np.ndarray, " m"], rows_m: Int[np.ndarray, " m"], unit_td: Float[np.ndarray, "t d"]
@@ -225,10 +237,7 @@ class ClusterSums:
         `rows_m` of `unit_td` (unit-length token embeddings): the mean cosine of the token's embedding to its
         cluster's examples minus that to the examples of its unit's other clusters. NaN where the cluster or the
         other clusters have no examples, or the token has no embedding (a zero row)."""
-        units, unit_of = np.unique(self.keys // CLUSTER_KEY, return_inverse=True)
-        total = np.zeros((len(units), self.sums.shape[1]))
-        np.add.at(total, unit_of, self.sums)
-        n_total = np.bincount(unit_of, weights=self.counts, minlength=len(units))
+        unit_of, total, n_total = self.units()
         idx = np.searchsorted(self.keys, keys_m).clip(0, max(len(self.keys) - 1, 0))
         found = (self.keys[idx] == keys_m) if len(self.keys) else np.zeros(len(keys_m), bool)
         n_own, n_other = self.counts[idx], n_total[unit_of[idx]] - self.counts[idx]
